@@ -1,0 +1,327 @@
+import json
+import random
+import threading
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import pytest
+from conftest import topical
+from huggingface_hub import HfApi
+from safetensors.numpy import load_file
+
+from transformers_spring.memory import HashingEncoder, Interaction, LoGoMemory
+from transformers_spring.memory import logo as logo_module
+
+
+def populated(make_memory, users=6, per_user=8, **kwargs):
+    """Users u0..u{n-1}; even users write about cats, odd users about rockets."""
+    kwargs.setdefault("min_community_users", 2)
+    memory = make_memory(**kwargs)
+    memory.add_many(
+        topical(f"u{u}", "cats" if u % 2 == 0 else "rockets", i, ts=1e9 + 100 * u + i)
+        for u in range(users)
+        for i in range(per_user)
+    )
+    return memory
+
+
+def summary(hits):
+    return [(h.interaction.id, h.source, round(h.score, 6)) for h in hits]
+
+
+# --------------------------------------------------------------- round trip
+def test_save_load_round_trip(make_memory, tmp_path):
+    memory = populated(make_memory, gate="auto")
+    memory.set_buffer("u1", [topical("u1", "bread", 99)], scores=[1.5])
+    memory.set_sharing("u3", False)
+    queries = [("u0", "kitten purr report"), ("u1", "rocket orbit"), ("nobody", "meow whiskers")]
+    for user, query in queries * 5:  # warm the auto gate so its state matters
+        memory.retrieve(user, query, k=3)
+    before = [summary(memory.retrieve(u, q, k=3)) for u, q in queries]
+
+    memory.save_pretrained(tmp_path / "mem")
+    assert sorted(p.name for p in (tmp_path / "mem").iterdir()) == [
+        "README.md",
+        "config.json",
+        "embeddings.safetensors",
+        "records.jsonl",
+    ]
+    loaded = LoGoMemory.from_pretrained(tmp_path / "mem", num_threads=1)
+
+    assert loaded.users() == memory.users() and len(loaded) == len(memory)
+    for user in memory.users():
+        assert loaded.history(user) == memory.history(user)
+        assert loaded.buffer(user) == memory.buffer(user)
+        for rec in memory.history(user):
+            np.testing.assert_array_equal(
+                loaded._locals[user].history.vector(rec.id), memory._locals[user].history.vector(rec.id)
+            )
+    assert loaded.buffer_scores("u1") == {memory.buffer("u1")[0].id: 1.5}
+    assert not loaded.is_shared("u3")
+    assert [summary(loaded.retrieve(u, q, k=3)) for u, q in queries] == before
+    config = json.loads((tmp_path / "mem" / "config.json").read_text())
+    assert config["format_version"] == 1 and config["encoder"] == "hashing:64" and config["dim"] == 64
+    assert config["counts"]["records"] == len(memory) and config["counts"]["buffer_records"] == 1
+
+
+def test_model_card_has_library_counts_and_privacy(make_memory, tmp_path):
+    populated(make_memory).save_pretrained(tmp_path / "m")
+    card = (tmp_path / "m" / "README.md").read_text()
+    assert "library_name: transformers_spring" in card and "| history records | 48 |" in card
+    assert "hashing:64" in card and "Privacy" in card
+
+
+# --------------------------------------------------------- isolation/privacy
+def test_local_isolation_and_community_threshold(make_memory):
+    memory = populated(make_memory, users=6, use_global=False)
+    for user in memory.users():
+        hits = memory.retrieve(user, "cat kitten rocket orbit report", k=20)
+        assert hits and {h.interaction.user_id for h in hits} == {user}
+
+    # Cats: u0, u2, u4 (3 users). With min_community_users=4 the cats community may not feed anyone.
+    strict = populated(make_memory, users=6, min_community_users=4, n_communities=2)
+    ctx = strict.retrieve_context("newcomer", "kitten purr whiskers", k=4)
+    assert ctx.global_hits == []
+    ok = populated(make_memory, users=6, n_communities=2)
+    ctx = ok.retrieve_context("newcomer", "kitten purr whiskers", k=4)
+    assert ctx.global_hits and all(h.source == "global" for h in ctx.global_hits)
+
+
+def test_global_never_returns_own_items_and_respects_opt_out(make_memory):
+    memory = populated(make_memory, users=6, n_communities=2)
+    for user in memory.users():
+        ctx = memory.retrieve_context(user, "kitten rocket orbit purr report", k=10)
+        assert all(h.interaction.user_id != user for h in ctx.global_hits)
+    memory.set_sharing("u2", False)
+    seen = {h.interaction.user_id for u in memory.users() for h in memory.retrieve_context(u, "kitten", k=10).global_hits}
+    assert "u2" not in seen
+    assert memory.retrieve_context("u2", "kitten purr", k=10).global_hits  # opting out does not stop receiving
+
+
+def test_cold_start_falls_back_to_global(make_memory):
+    memory = populated(make_memory, users=6, n_communities=2)
+    ctx = memory.retrieve_context("brand-new", "rocket launch orbit booster", k=3)
+    assert ctx.cold_start and len(ctx.items) == 3 and all(h.source == "global" for h in ctx.items)
+    assert all("rockets" in h.interaction.response for h in ctx.items) and ctx.weight == 0.25
+    memory.add(topical("brand-new", "rockets", 1))  # one item: still cold start, own item first
+    ctx = memory.retrieve_context("brand-new", "rocket launch orbit booster", k=3)
+    assert ctx.cold_start and ctx.items[0].source == "local" and ctx.items[1].source == "global"
+
+
+def test_dedup_at_write(make_memory):
+    memory = make_memory()
+    first = memory.add(Interaction("a", "The cat sat on the mat", "Cat news"))
+    again = memory.add(Interaction("a", "the cat sat on the mat!", "cat news"))
+    other_user = memory.add(Interaction("b", "The cat sat on the mat", "Cat news"))
+    assert again == first and other_user != first and len(memory) == 2
+
+
+def test_delete_and_forget_user(make_memory, tmp_path):
+    memory = populated(make_memory, n_communities=2)
+    victim = memory.history("u0")[0]
+    assert memory.delete("u0", victim.id) and not memory.delete("u0", victim.id)
+    assert memory.get("u0", victim.id) is None and len(memory) == 47
+
+    memory.set_buffer("u2", [topical("u2", "bread", 50)])
+    assert memory.forget_user("u2") and not memory.forget_user("u2")
+    assert "u2" not in memory.users() and memory.buffer("u2") == [] and len(memory) == 39
+    assert memory.global_memory.user_labels("u2") == []
+    for user in memory.users() + ["stranger"]:
+        hits = memory.retrieve(user, "kitten purr whiskers cat report by u2", k=40)
+        assert all(h.interaction.user_id != "u2" for h in hits)
+    memory.save_pretrained(tmp_path / "m")
+    assert "u2" not in (tmp_path / "m" / "records.jsonl").read_text()
+
+
+# ------------------------------------------------------------- atomic saves
+def test_crash_mid_save_leaves_previous_version(make_memory, tmp_path, monkeypatch):
+    memory = populated(make_memory)
+    memory.save_pretrained(tmp_path / "m")
+    memory.add(topical("u0", "bread", 77))
+
+    def crash(*args, **kwargs):  # records.jsonl is already written when the embeddings write dies
+        raise OSError("disk full")
+
+    monkeypatch.setattr(logo_module, "save_file", crash)
+    with pytest.raises(OSError, match="disk full"):
+        memory.save_pretrained(tmp_path / "m")
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]  # no temp directory left behind
+    assert len(LoGoMemory.from_pretrained(tmp_path / "m")) == 48 and len(memory) == 49
+
+
+def test_interrupted_swap_is_recovered(make_memory, tmp_path):
+    memory = populated(make_memory)
+    memory.save_pretrained(tmp_path / "m")
+    (tmp_path / "m").rename(tmp_path / ".m.spring-old-abc")  # killed between the two renames
+    assert len(LoGoMemory.from_pretrained(tmp_path / "m")) == 48
+
+
+# --------------------------------------------------------------- threading
+def test_thread_storm_loses_nothing(make_memory, tmp_path):
+    memory = make_memory(n_communities=2, min_community_users=2, dedup_threshold=None)
+    written, errors = [[] for _ in range(8)], []
+
+    def worker(t):
+        rng = random.Random(t)
+        try:
+            for i in range(500):
+                op = rng.random()
+                if op < 0.6:
+                    rec = Interaction(f"user{t}", f"thread {t} item {i} unique{t}x{i}", f"r{t}-{i}", id=f"{t}-{i}")
+                    assert memory.add(rec) == rec.id
+                    written[t].append(rec.id)
+                elif op < 0.95:
+                    memory.retrieve(f"user{rng.randrange(8)}", f"item {rng.randrange(500)}", k=3)
+                else:
+                    memory.save_pretrained(tmp_path / "storm")
+        except Exception as err:  # surfaced below: pytest does not see thread exceptions
+            errors.append(err)
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    expected = {(f"user{t}", rid) for t in range(8) for rid in written[t]}
+    assert {(u, r.id) for u in memory.users() for r in memory.history(u)} == expected
+    memory.save_pretrained(tmp_path / "storm")
+    loaded = LoGoMemory.from_pretrained(tmp_path / "storm")
+    assert {(u, r.id) for u in loaded.users() for r in loaded.history(u)} == expected
+
+
+# --------------------------------------------------------------------- Hub
+def test_push_to_hub_is_one_commit_with_the_files(make_memory):
+    memory = populated(make_memory)
+    pushed = {}
+
+    def fake_upload(self, *, repo_id, folder_path, **kwargs):
+        pushed["repo"] = repo_id
+        pushed["files"] = sorted(p.name for p in Path(folder_path).iterdir())
+        pushed["records"] = len((Path(folder_path) / "records.jsonl").read_text().splitlines())
+        pushed["calls"] = pushed.get("calls", 0) + 1
+        return "https://huggingface.co/me/mem/commit/abc"
+
+    with (
+        mock.patch.object(HfApi, "create_repo", autospec=True) as create,
+        mock.patch.object(HfApi, "upload_folder", autospec=True, side_effect=fake_upload),
+    ):
+        create.return_value.repo_id = "me/mem"
+        url = memory.push_to_hub("me/mem", private=True)
+    assert url.endswith("abc") and pushed["calls"] == 1 and pushed["repo"] == "me/mem"
+    assert pushed["files"] == ["README.md", "config.json", "embeddings.safetensors", "records.jsonl"]
+    assert pushed["records"] == 48
+    assert create.call_args.kwargs["private"] is True
+
+
+def test_loads_from_hub_cache_offline(make_memory, tmp_path, monkeypatch):
+    memory = populated(make_memory)
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--me--mem" / "snapshots" / ("a" * 40)
+    memory.save_pretrained(snapshot)
+    (cache / "models--me--mem" / "refs").mkdir(parents=True)
+    (cache / "models--me--mem" / "refs" / "main").write_text("a" * 40)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    loaded = LoGoMemory.from_pretrained("me/mem", cache_dir=cache)
+    assert len(loaded) == 48 and loaded.users() == memory.users()
+
+
+# -------------------------------------------------------------- bad input
+@pytest.mark.parametrize(
+    "bad, field",
+    [
+        (dict(user_id="u0", prompt="", response="x"), "prompt"),
+        (dict(user_id="u0", prompt=None, response="x"), "prompt"),
+        (dict(user_id="u0", prompt="q", response=5), "response"),
+        (dict(user_id="", prompt="q", response="x"), "user_id"),
+        (dict(user_id="u0", prompt="q", response="x", timestamp=float("nan")), "timestamp"),
+        (dict(user_id="u0", prompt="q" * 30_000, response="x"), "prompt"),
+        (dict(user_id="u0", prompt="q"), "response"),
+    ],
+)
+def test_bad_records_are_refused_and_nothing_is_lost(make_memory, bad, field):
+    memory = populated(make_memory)
+    snapshot = {u: memory.history(u) for u in memory.users()}
+    with pytest.raises((TypeError, ValueError), match=field):
+        memory.add_many([topical("u0", "bread", 1000), bad])  # the good record must not land either
+    assert {u: memory.history(u) for u in memory.users()} == snapshot
+
+
+def test_bad_queries(make_memory):
+    memory = populated(make_memory)
+    for kwargs, field in [
+        (dict(user_id="", query="x"), "user_id"),
+        (dict(user_id="u0", query=""), "query"),
+        (dict(user_id="u0", query=None), "query"),
+        (dict(user_id="u0", query="x" * 20_001), "query"),
+        (dict(user_id="u0", query="x", k=0), "k"),
+        (dict(user_id="u0", query="x", k=2.5), "k"),
+        (dict(user_id="u0", query="x", region="attic"), "region"),
+        (dict(user_id="u0", query="x", before=float("nan")), "before"),
+    ]:
+        with pytest.raises((TypeError, ValueError), match=field):
+            memory.retrieve(**kwargs)
+    assert len(memory.retrieve("u0", "kitten", k=10_000, use_global=False)) == 8  # k beyond the memory: clamped
+
+
+def _saved(make_memory, tmp_path):
+    populated(make_memory).save_pretrained(tmp_path / "m")
+    return tmp_path / "m"
+
+
+def test_corrupt_or_missing_files_are_named(make_memory, tmp_path):
+    target = _saved(make_memory, tmp_path)
+    good = {name: (target / name).read_bytes() for name in ("config.json", "records.jsonl", "embeddings.safetensors")}
+
+    def expect(match):
+        with pytest.raises((ValueError, FileNotFoundError), match=match):
+            LoGoMemory.from_pretrained(target)
+        for name, data in good.items():
+            (target / name).write_bytes(data)
+
+    (target / "config.json").unlink()
+    expect("config.json")
+    (target / "records.jsonl").unlink()
+    expect("records.jsonl")
+    (target / "embeddings.safetensors").unlink()
+    expect("embeddings.safetensors")
+    (target / "config.json").write_text("{not json")
+    expect("config.json")
+    (target / "embeddings.safetensors").write_bytes(b"garbage" * 10)
+    expect("embeddings.safetensors")
+    (target / "records.jsonl").write_text('{"user_id": "u0"}\n')
+    expect("records.jsonl line 1")
+    lines = good["records.jsonl"].decode().splitlines()
+    (target / "records.jsonl").write_text("\n".join(lines[:-1]) + "\n")
+    expect("records.jsonl has 47 records")
+    config = json.loads(good["config.json"])
+    (target / "config.json").write_text(json.dumps({**config, "format_version": 99}))
+    expect("format_version")
+    assert len(LoGoMemory.from_pretrained(target)) == 48  # every failure above left the files loadable
+
+
+def test_dim_mismatch_on_load(make_memory, tmp_path):
+    target = _saved(make_memory, tmp_path)
+    with pytest.raises(ValueError, match="embedding dim mismatch"):
+        LoGoMemory.from_pretrained(target, encoder=HashingEncoder(32))
+    config = json.loads((target / "config.json").read_text())
+    (target / "config.json").write_text(json.dumps({**config, "dim": 32, "encoder": "hashing:32"}))
+    with pytest.raises(ValueError, match="embedding dim mismatch"):
+        LoGoMemory.from_pretrained(target)
+
+
+def test_custom_encoder_must_be_passed_back(tmp_path):
+    fn = HashingEncoder(16).encode
+    memory = LoGoMemory(lambda texts: fn(texts), gate=None)
+    memory.add(Interaction("a", "q", "r"))
+    memory.save_pretrained(tmp_path / "m")
+    with pytest.raises(ValueError, match="encoder"):
+        LoGoMemory.from_pretrained(tmp_path / "m")
+    assert len(LoGoMemory.from_pretrained(tmp_path / "m", encoder=lambda texts: fn(texts))) == 1
+
+
+def test_safetensors_holds_only_arrays(make_memory, tmp_path):
+    target = _saved(make_memory, tmp_path)
+    tensors = load_file(str(target / "embeddings.safetensors"))
+    assert tensors["embeddings"].shape == (48, 64) and tensors["labels"].dtype == np.int64

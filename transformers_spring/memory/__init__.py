@@ -1,0 +1,29 @@
+"""Memory: per-user local memories, a global collective memory, the relevance gate and the mediator (LoGo)."""
+
+from .bm25 import BM25Index, bm25_tokenize
+from .encoders import CallableEncoder, Encoder, HashingEncoder, SentenceTransformerEncoder, resolve_encoder
+from .gate import RelevanceGate
+from .global_memory import GlobalMemory
+from .interaction import Interaction, MediatedContext, RetrievedItem
+from .local import LocalMemory, VectorStore
+from .logo import LoGoMemory
+from .mediator import Mediator
+
+__all__ = [
+    "BM25Index",
+    "CallableEncoder",
+    "Encoder",
+    "GlobalMemory",
+    "HashingEncoder",
+    "Interaction",
+    "LoGoMemory",
+    "LocalMemory",
+    "MediatedContext",
+    "Mediator",
+    "RelevanceGate",
+    "RetrievedItem",
+    "SentenceTransformerEncoder",
+    "VectorStore",
+    "bm25_tokenize",
+    "resolve_encoder",
+]

@@ -1,0 +1,381 @@
+"""Collective memory: users grouped into communities, and an ANN index over the items they share."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import hnswlib
+import numpy as np
+from transformers.utils import logging
+
+from .local import top_k_indices
+
+logger = logging.get_logger(__name__)
+
+SCOPES = ("own", "all")
+
+
+class GlobalMemory:
+    """Items shared by users who opted in, grouped by communities of similar users.
+
+    - **User vector**: the normalised mean of the user's shared item embeddings.
+    - **Communities**: k-means over user vectors, with k chosen by silhouette score in `[2, max_communities]`
+      unless `n_communities` is given. They are recomputed lazily, at the next search, once the set of users has
+      changed or the shared items have grown by `recluster_growth` since the last clustering.
+    - **Privacy**: a community feeds retrieval only if it has at least `min_community_users` distinct users, and
+      a user never gets their own items back.
+    - **Search**: a query goes to the user's community (`scope="own"`; a user outside any community — cold start,
+      opted out, or in a community too small to share — goes to the eligible community nearest to their vector,
+      or to the query) or to every eligible community (`scope="all"`). An hnswlib index over all shared items is
+      queried with enough oversampling to survive the community/user/time filter; when the candidate set is small
+      (≤ `exact_below`) or the filtered ANN result is short, exact search over the candidates answers instead.
+    - **Deletion** marks the item deleted in hnswlib; the index is rebuilt once tombstones exceed
+      `rebuild_tombstone_ratio` of it. The index is a cache: [`LoGoMemory`] rebuilds it from embeddings on load.
+
+    Not thread-safe on its own: [`LoGoMemory`] serialises access.
+
+    Args:
+        dim (`int`): embedding dimension.
+        min_community_users (`int`, *optional*, defaults to 5): smallest community allowed to feed retrieval.
+        n_communities (`int`, *optional*): a fixed number of communities instead of the silhouette choice.
+        max_communities (`int`, *optional*, defaults to 10): upper end of the silhouette search.
+        recluster_growth (`float`, *optional*, defaults to 0.25): relative growth of shared items that marks
+            the communities stale.
+        M (`int`, *optional*, defaults to 16), ef_construction (`int`, *optional*, defaults to 200),
+        ef (`int`, *optional*, defaults to 64): hnswlib parameters (`ef` is re-applied after every (re)build,
+            since hnswlib does not persist it).
+        exact_below (`int`, *optional*, defaults to 2048): candidate-set size up to which search is exact.
+        rebuild_tombstone_ratio (`float`, *optional*, defaults to 0.2): deleted fraction that triggers a rebuild.
+        seed (`int`, *optional*, defaults to 0): seed for hnswlib and k-means.
+        num_threads (`int`, *optional*, defaults to 1): hnswlib insertion threads (1 keeps builds deterministic).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        min_community_users: int = 5,
+        n_communities: int | None = None,
+        max_communities: int = 10,
+        recluster_growth: float = 0.25,
+        M: int = 16,
+        ef_construction: int = 200,
+        ef: int = 64,
+        exact_below: int = 2048,
+        rebuild_tombstone_ratio: float = 0.2,
+        seed: int = 0,
+        num_threads: int = 1,
+    ):
+        if min_community_users < 1:
+            raise ValueError(f"`min_community_users` must be >= 1, got {min_community_users}.")
+        if n_communities is not None and n_communities < 1:
+            raise ValueError(f"`n_communities` must be >= 1, got {n_communities}.")
+        self.dim = dim
+        self.min_community_users = min_community_users
+        self.n_communities = n_communities
+        self.max_communities = max_communities
+        self.recluster_growth = recluster_growth
+        self.M, self.ef_construction, self.ef = M, ef_construction, ef
+        self.exact_below = exact_below
+        self.rebuild_tombstone_ratio = rebuild_tombstone_ratio
+        self.seed = seed
+        self.num_threads = num_threads
+
+        self._vectors = np.empty((64, dim), dtype=np.float32)
+        self._row_user = np.empty(64, dtype=np.int64)
+        self._row_ts = np.empty(64, dtype=np.float64)
+        self._row_label = np.empty(64, dtype=np.int64)
+        self._n = 0
+        self._label_row = np.full(64, -1, dtype=np.int64)  # label -> row, -1 when absent
+        self._users: list[str] = []  # user index -> id (indices are never reused within a session)
+        self._user_index: dict[str, int] = {}
+        self._user_count = np.zeros(16, dtype=np.int64)
+
+        self._index: hnswlib.Index | None = None
+        self._tombstones = 0
+
+        self._user_community = np.full(16, -1, dtype=np.int64)
+        self._centroids = np.empty((0, dim), dtype=np.float32)
+        self._community_sizes = np.empty(0, dtype=np.int64)
+        self._clustered_items = 0
+        self._stale = True
+
+    # ------------------------------------------------------------------ items
+    def __len__(self) -> int:
+        return self._n
+
+    def __contains__(self, label: int) -> bool:
+        return 0 <= label < self._label_row.shape[0] and self._label_row[label] >= 0
+
+    @property
+    def users(self) -> list[str]:
+        return [u for u, i in self._user_index.items() if self._user_count[i] > 0]
+
+    def _user_slot(self, user_id: str) -> int:
+        index = self._user_index.get(user_id)
+        if index is None:
+            index = self._user_index[user_id] = len(self._users)
+            self._users.append(user_id)
+            if index >= self._user_count.shape[0]:
+                grow = self._user_count.shape[0]
+                self._user_count = np.concatenate([self._user_count, np.zeros(grow, dtype=np.int64)])
+                self._user_community = np.concatenate([self._user_community, np.full(grow, -1, dtype=np.int64)])
+            self._stale = True
+        return index
+
+    def _reserve(self, extra: int, max_label: int) -> None:
+        need = self._n + extra
+        if need > self._vectors.shape[0]:
+            size = max(need, 2 * self._vectors.shape[0])
+            self._vectors = np.resize(self._vectors, (size, self.dim))
+            for name in ("_row_user", "_row_ts", "_row_label"):
+                setattr(self, name, np.resize(getattr(self, name), size))
+        if max_label >= self._label_row.shape[0]:
+            size = max(max_label + 1, 2 * self._label_row.shape[0])
+            grown = np.full(size, -1, dtype=np.int64)
+            grown[: self._label_row.shape[0]] = self._label_row
+            self._label_row = grown
+        if self._index is not None and self._index.get_current_count() + extra > self._index.get_max_elements():
+            self._index.resize_index(max(self._index.get_current_count() + extra, 2 * self._index.get_max_elements()))
+
+    def add(
+        self, labels: Sequence[int], user_ids: Sequence[str], vectors: np.ndarray, timestamps: Sequence[float]
+    ) -> None:
+        """Adds shared items (normalised vectors) under integer `labels` unique across the memory."""
+        labels = np.asarray(labels, dtype=np.int64)
+        if not labels.size:
+            return
+        if labels.min() < 0 or any(label in self for label in labels.tolist()):
+            raise ValueError("global labels must be new non-negative integers.")
+        self._reserve(labels.size, int(labels.max()))
+        rows = np.arange(self._n, self._n + labels.size)
+        self._vectors[rows] = vectors
+        self._row_ts[rows] = timestamps
+        self._row_label[rows] = labels
+        self._row_user[rows] = [self._user_slot(u) for u in user_ids]
+        np.add.at(self._user_count, self._row_user[rows], 1)
+        self._label_row[labels] = rows
+        self._n += labels.size
+        if self._index is None:
+            self._build_index()
+        else:
+            self._index.add_items(self._vectors[rows], labels, num_threads=self.num_threads)
+        if self._n > self._clustered_items * (1 + self.recluster_growth):
+            self._stale = True
+
+    def remove(self, labels: Sequence[int]) -> int:
+        """Deletes items by label; returns how many existed."""
+        removed = 0
+        for label in labels:
+            if label not in self:
+                continue
+            row = int(self._label_row[label])
+            user = int(self._row_user[row])
+            self._user_count[user] -= 1
+            if self._user_count[user] == 0:
+                self._stale = True
+            last = self._n - 1
+            if row != last:  # swap-remove keeps the live rows contiguous
+                for name in ("_vectors", "_row_user", "_row_ts", "_row_label"):
+                    array = getattr(self, name)
+                    array[row] = array[last]
+                self._label_row[self._row_label[row]] = row
+            self._label_row[label] = -1
+            self._n -= 1
+            self._index.mark_deleted(int(label))
+            self._tombstones += 1
+            removed += 1
+        if self._tombstones > self.rebuild_tombstone_ratio * (self._n + self._tombstones):
+            self._build_index()
+        return removed
+
+    def user_labels(self, user_id: str) -> list[int]:
+        index = self._user_index.get(user_id)
+        if index is None:
+            return []
+        return self._row_label[: self._n][self._row_user[: self._n] == index].tolist()
+
+    def _build_index(self) -> None:
+        """(Re)builds the hnswlib index from the live vectors: after load, and once tombstones pile up."""
+        index = hnswlib.Index(space="cosine", dim=self.dim)
+        index.init_index(
+            max_elements=max(1024, 2 * self._n), M=self.M, ef_construction=self.ef_construction, random_seed=self.seed
+        )
+        if self._n:
+            index.add_items(self._vectors[: self._n], self._row_label[: self._n], num_threads=self.num_threads)
+        index.set_ef(self.ef)
+        self._index = index
+        self._tombstones = 0
+
+    # ------------------------------------------------------------ communities
+    def user_vector(self, user_id: str) -> np.ndarray | None:
+        index = self._user_index.get(user_id)
+        if index is None or self._user_count[index] == 0:
+            return None
+        return self._user_vectors(np.array([index]))[0]
+
+    def _user_vectors(self, user_indices: np.ndarray) -> np.ndarray:
+        rows_user = self._row_user[: self._n]
+        # Rows in label order, so the mean is bit-identical after a save/load round trip.
+        order = np.argsort(self._row_label[: self._n], kind="stable")
+        out = np.zeros((len(user_indices), self.dim), dtype=np.float64)
+        position = {int(u): i for i, u in enumerate(user_indices)}
+        sorted_users = rows_user[order]
+        for user, i in position.items():
+            out[i] = self._vectors[order[sorted_users == user]].astype(np.float64).mean(axis=0)
+        out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+        return out.astype(np.float32)
+
+    def recluster(self) -> None:
+        """Recomputes communities from the current user vectors (k-means, k by silhouette unless fixed)."""
+        from sklearn.cluster import KMeans
+        from sklearn.metrics import silhouette_score
+
+        active = np.flatnonzero(self._user_count[: len(self._users)] > 0)
+        self._user_community[:] = -1
+        self._clustered_items, self._stale = self._n, False
+        if active.size == 0:
+            self._centroids = np.empty((0, self.dim), dtype=np.float32)
+            self._community_sizes = np.empty(0, dtype=np.int64)
+            return
+        vectors = self._user_vectors(active)
+        n_distinct = np.unique(vectors.round(6), axis=0).shape[0]
+        if self.n_communities is not None:
+            candidates = [min(self.n_communities, n_distinct)]
+        else:
+            candidates = list(range(2, min(self.max_communities, n_distinct - 1) + 1)) or [1]
+        best_labels, best_score = np.zeros(active.size, dtype=np.int64), -np.inf
+        for k in candidates:
+            if k == 1:
+                break
+            labels = KMeans(n_clusters=k, n_init=4, random_state=self.seed).fit_predict(vectors)
+            if len(candidates) == 1:
+                best_labels = labels
+                break
+            sample = min(active.size, 2000)  # silhouette is quadratic; a fixed sample keeps reclustering bounded
+            score = silhouette_score(vectors, labels, sample_size=sample, random_state=self.seed)
+            if score > best_score:
+                best_labels, best_score = labels, score
+        n_comm = int(best_labels.max()) + 1
+        self._user_community[active] = best_labels
+        self._community_sizes = np.bincount(best_labels, minlength=n_comm)
+        centroids = np.stack([vectors[best_labels == c].mean(axis=0) for c in range(n_comm)])
+        self._centroids = (centroids / np.linalg.norm(centroids, axis=1, keepdims=True)).astype(np.float32)
+        logger.info("global memory: %d users in %d communities (sizes %s)", active.size, n_comm, self._community_sizes)
+
+    def community_of(self, user_id: str) -> int | None:
+        if self._stale:
+            self.recluster()
+        index = self._user_index.get(user_id)
+        if index is None or self._user_community[index] < 0:
+            return None
+        return int(self._user_community[index])
+
+    def communities(self) -> dict[int, list[str]]:
+        """Community id -> member user ids (reclustering first if stale)."""
+        if self._stale:
+            self.recluster()
+        out: dict[int, list[str]] = {}
+        for user, index in self._user_index.items():
+            community = int(self._user_community[index])
+            if community >= 0:
+                out.setdefault(community, []).append(user)
+        return out
+
+    @property
+    def eligible_communities(self) -> np.ndarray:
+        if self._stale:
+            self.recluster()
+        return np.flatnonzero(self._community_sizes >= self.min_community_users)
+
+    def _target_communities(self, query: np.ndarray, user_id: str | None, user_vector, scope: str) -> np.ndarray:
+        eligible = self.eligible_communities
+        if scope == "all" or eligible.size == 0:
+            return eligible
+        own = self.community_of(user_id) if user_id is not None else None
+        if own is not None and own in eligible:
+            return np.array([own])
+        # Cold start, opted out, or own community too small: the nearest eligible community.
+        probe = user_vector if user_vector is not None else query
+        return eligible[[int(np.argmax(self._centroids[eligible] @ probe))]]
+
+    # ----------------------------------------------------------------- search
+    def search(
+        self,
+        query: np.ndarray,
+        k: int,
+        *,
+        user_id: str | None = None,
+        user_vector: np.ndarray | None = None,
+        before: float | None = None,
+        scope: str = "own",
+    ) -> list[tuple[int, float]]:
+        """Top-`k` shared items from other users in the target communities, as `(label, cosine)`, best first."""
+        if scope not in SCOPES:
+            raise ValueError(f"`scope` must be one of {SCOPES}, got {scope!r}.")
+        if self._n == 0:
+            return []
+        communities = self._target_communities(query, user_id, user_vector, scope)
+        if communities.size == 0:
+            return []
+        rows_user = self._row_user[: self._n]
+        row_ok = np.isin(self._user_community[rows_user], communities)
+        own = self._user_index.get(user_id) if user_id is not None else None
+        if own is not None:
+            row_ok &= rows_user != own
+        if before is not None:
+            row_ok &= self._row_ts[: self._n] < before
+        n_candidates = int(row_ok.sum())
+        if n_candidates == 0:
+            return []
+        k = min(k, n_candidates)
+        if n_candidates > self.exact_below:
+            hits = self._ann_search(query, k, row_ok, n_candidates)
+            if hits is not None:
+                return hits
+        rows = np.flatnonzero(row_ok)
+        rows = rows[np.argsort(self._row_label[rows], kind="stable")]  # ties go to the earliest write
+        scores = self._vectors[rows] @ query
+        best = top_k_indices(scores, k)
+        return [(int(self._row_label[rows[i]]), float(scores[i])) for i in best]
+
+    def _ann_search(self, query: np.ndarray, k: int, row_ok: np.ndarray, n_candidates: int):
+        # Oversample by the inverse candidate fraction (x2 margin) so the post-filter still leaves k hits.
+        want = min(self._n, math.ceil(2 * k * self._n / n_candidates) + 8)
+        try:
+            if want > self.ef:
+                self._index.set_ef(want)
+            labels, distances = self._index.knn_query(query, k=want, num_threads=1)
+        except RuntimeError:  # "contiguous 2D array": ef/M too small for this k; the exact path answers
+            return None
+        finally:
+            if want > self.ef:
+                self._index.set_ef(self.ef)
+        labels, distances = labels[0].astype(np.int64), distances[0]
+        keep = row_ok[self._label_row[labels]]
+        if int(keep.sum()) < k:
+            return None
+        labels, scores = labels[keep][:k], 1.0 - distances[keep][:k]
+        return [(int(label), float(score)) for label, score in zip(labels, scores, strict=True)]
+
+    # ------------------------------------------------------------ persistence
+    def community_state(self) -> dict:
+        """What to persist so a reloaded memory makes the same community decisions."""
+        return {
+            "user_community": {u: int(self._user_community[i]) for u, i in self._user_index.items()},
+            "centroids": self._centroids.copy(),
+            "sizes": self._community_sizes.tolist(),
+            "clustered_items": self._clustered_items,
+            "stale": self._stale,
+        }
+
+    def load_community_state(self, state: dict) -> None:
+        self._user_community[:] = -1
+        for user, community in state["user_community"].items():
+            if user in self._user_index:
+                self._user_community[self._user_index[user]] = community
+        self._centroids = np.asarray(state["centroids"], dtype=np.float32).reshape(-1, self.dim)
+        self._community_sizes = np.asarray(state["sizes"], dtype=np.int64)
+        self._clustered_items = int(state["clustered_items"])
+        self._stale = bool(state["stale"])

