@@ -319,28 +319,41 @@ class GlobalMemory:
         communities = self._target_communities(query, user_id, user_vector, scope)
         if communities.size == 0:
             return []
-        rows_user = self._row_user[: self._n]
-        row_ok = np.isin(self._user_community[rows_user], communities)
-        own = self._user_index.get(user_id) if user_id is not None else None
-        if own is not None:
-            row_ok &= rows_user != own
-        if before is not None:
-            row_ok &= self._row_ts[: self._n] < before
-        n_candidates = int(row_ok.sum())
+        own = self._user_index.get(user_id, -1) if user_id is not None else -1
+        if before is None:
+            # Candidate count from per-user counts: no pass over all rows on the ANN path.
+            in_scope = np.isin(self._user_community[: len(self._users)], communities)
+            in_scope[own] = False if own >= 0 else in_scope[own]
+            n_candidates = int(self._user_count[: len(self._users)][in_scope].sum())
+            row_ok = None
+        else:
+            row_ok = self._row_mask(communities, own, before)
+            n_candidates = int(row_ok.sum())
         if n_candidates == 0:
             return []
         k = min(k, n_candidates)
         if n_candidates > self.exact_below:
-            hits = self._ann_search(query, k, row_ok, n_candidates)
+            hits = self._ann_search(query, k, communities, own, row_ok, n_candidates)
             if hits is not None:
                 return hits
+        if row_ok is None:
+            row_ok = self._row_mask(communities, own, before)
         rows = np.flatnonzero(row_ok)
         rows = rows[np.argsort(self._row_label[rows], kind="stable")]  # ties go to the earliest write
         scores = self._vectors[rows] @ query
         best = top_k_indices(scores, k)
         return [(int(self._row_label[rows[i]]), float(scores[i])) for i in best]
 
-    def _ann_search(self, query: np.ndarray, k: int, row_ok: np.ndarray, n_candidates: int):
+    def _row_mask(self, communities: np.ndarray, own: int, before: float | None, rows=None) -> np.ndarray:
+        """Which rows (all live rows, or `rows`) may answer: in scope, not the asker's, early enough."""
+        rows = np.arange(self._n) if rows is None else rows
+        users = self._row_user[rows]
+        ok = np.isin(self._user_community[users], communities) & (users != own)
+        if before is not None:
+            ok &= self._row_ts[rows] < before
+        return ok
+
+    def _ann_search(self, query, k, communities, own, row_ok, n_candidates):
         # Oversample by the inverse candidate fraction (x2 margin) so the post-filter still leaves k hits.
         want = min(self._n, math.ceil(2 * k * self._n / n_candidates) + 8)
         try:
@@ -353,7 +366,8 @@ class GlobalMemory:
             if want > self.ef:
                 self._index.set_ef(self.ef)
         labels, distances = labels[0].astype(np.int64), distances[0]
-        keep = row_ok[self._label_row[labels]]
+        rows = self._label_row[labels]
+        keep = row_ok[rows] if row_ok is not None else self._row_mask(communities, own, None, rows)
         if int(keep.sum()) < k:
             return None
         labels, scores = labels[keep][:k], 1.0 - distances[keep][:k]

@@ -13,12 +13,29 @@ SCORERS = ("dense", "bm25")
 REGIONS = ("history", "buffer", "all")
 
 
+def top_k_candidates(scores: np.ndarray, k: int) -> np.ndarray:
+    """Indices of a small superset of the top-`k` scores: every score tied with or above the k-th largest.
+
+    The k-th largest of the per-block maxima is a lower bound on the k-th largest score (those maxima are k
+    distinct entries), and is much cheaper than a partition of the whole array; filtering by it keeps every
+    top-k entry and its ties.
+    """
+    n = scores.shape[0]
+    if k >= n:
+        return np.arange(n)
+    blocks = max(4 * k, 64)
+    if n >= 4 * blocks:
+        maxima = scores[: n - n % blocks].reshape(blocks, -1).max(axis=1)
+        bound = np.partition(maxima, blocks - k)[blocks - k]
+    else:
+        bound = np.partition(scores, n - k)[n - k]
+    return np.flatnonzero(scores >= bound)
+
+
 def top_k_indices(scores: np.ndarray, k: int) -> np.ndarray:
     """Indices of the `k` largest scores, best first; ties keep the earlier index (stable)."""
-    if k >= scores.shape[0]:
-        return np.argsort(-scores, kind="stable")
-    part = np.argpartition(-scores, k - 1)[:k]
-    return part[np.argsort(-scores[part], kind="stable")]
+    candidates = top_k_candidates(scores, k)
+    return candidates[np.argsort(-scores[candidates], kind="stable")][:k]
 
 
 class VectorStore:
@@ -114,13 +131,21 @@ class VectorStore:
         """Exact top-`k` as `(record_id, score)`, best first (ties: most recent first)."""
         if not self.ids:
             return []
-        scores = np.asarray(self.scores(query_vector, query_text, scorer, bm25_idf), dtype=np.float64)
+        scores = np.asarray(self.scores(query_vector, query_text, scorer, bm25_idf))
+        if before is not None:
+            scores = np.where(self.timestamps < before, scores, -np.inf)
+        candidates = np.flatnonzero(scores > -np.inf) if before is not None else np.arange(scores.shape[0])
+        k = min(k, candidates.shape[0])
+        if k == 0:
+            return []
+        if k < candidates.shape[0]:  # sort only the rows that can make the top k
+            candidates = top_k_candidates(scores, k)
         # Order on (score desc, timestamp desc, write order): recency breaks ties (spring-paper.md, open
         # question 15), and write order keeps the result identical after deletions and save/load round trips.
-        order = np.lexsort((self._seq[: len(self.ids)], -self.timestamps, -scores))
-        if before is not None:
-            order = order[self.timestamps[order] < before]
-        return [(self.ids[row], float(scores[row])) for row in order[:k]]
+        order = candidates[
+            np.lexsort((self._seq[candidates], -self._timestamps[candidates], -scores[candidates]))
+        ][:k]
+        return [(self.ids[row], float(scores[row])) for row in order]
 
 
 class LocalMemory:

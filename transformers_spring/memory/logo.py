@@ -254,6 +254,16 @@ class LoGoMemory(
             local = self._locals.get(check_user_id(user_id))
             return [local.buffer.records[i] for i in local.buffer.ids] if local else []
 
+    def history_embeddings(self, user_id: str) -> tuple[list[Interaction], np.ndarray]:
+        """A user's history records in write order and a copy of their normalised embeddings, `(n, dim)`."""
+        with self._lock:
+            local = self._locals.get(check_user_id(user_id))
+            if local is None:
+                return [], np.empty((0, self.dim), dtype=np.float32)
+            ids = local.history.ids_in_write_order()
+            rows = [local.history.rows[i] for i in ids]
+            return [local.history.records[i] for i in ids], local.history.vectors[rows].copy()
+
     def get(self, user_id: str, interaction_id: str) -> Interaction | None:
         with self._lock:
             local = self._locals.get(user_id)
