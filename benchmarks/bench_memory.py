@@ -72,7 +72,9 @@ def bench_writes(rng) -> None:
     start = time.perf_counter()
     batch = LoGoMemory(encoder, gate=None)
     batch.add_many(records)
-    print(f"write (add_many, 10k records in one call): {(time.perf_counter() - start) / len(records) * 1e3:.3f} ms/record")
+    print(
+        f"write (add_many, 10k records in one call): {(time.perf_counter() - start) / len(records) * 1e3:.3f} ms/record"
+    )
 
 
 def bench_local(rng) -> None:

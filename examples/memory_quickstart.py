@@ -76,5 +76,6 @@ def main() -> None:
             f"{pairs:.1%} of author pairs; own author ranked first for {rank1}/{n}"
         )
 
+
 if __name__ == "__main__":
     main()

@@ -43,7 +43,7 @@ def test_bad_fields_are_named(kwargs, field):
 def test_timestamps_are_normalised():
     day = Interaction("a", "q", "r", timestamp="2022-09-23").timestamp
     assert day == Interaction("a", "q", "r", timestamp=dt.date(2022, 9, 23)).timestamp
-    assert day == dt.datetime(2022, 9, 23, tzinfo=dt.timezone.utc).timestamp()
+    assert day == dt.datetime(2022, 9, 23, tzinfo=dt.UTC).timestamp()
 
 
 def test_from_dict_names_missing_fields():

@@ -8,7 +8,9 @@ ENC = HashingEncoder(64)
 
 
 def rec(i, text=None, ts=None, user="u"):
-    return Interaction(user, text or f"prompt number{i} token{i} word{i}", f"resp{i}", timestamp=ts or float(i), id=f"r{i}")
+    return Interaction(
+        user, text or f"prompt number{i} token{i} word{i}", f"resp{i}", timestamp=ts or float(i), id=f"r{i}"
+    )
 
 
 def add(local, item):

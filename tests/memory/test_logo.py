@@ -94,7 +94,9 @@ def test_global_never_returns_own_items_and_respects_opt_out(make_memory):
         ctx = memory.retrieve_context(user, "kitten rocket orbit purr report", k=10)
         assert all(h.interaction.user_id != user for h in ctx.global_hits)
     memory.set_sharing("u2", False)
-    seen = {h.interaction.user_id for u in memory.users() for h in memory.retrieve_context(u, "kitten", k=10).global_hits}
+    seen = {
+        h.interaction.user_id for u in memory.users() for h in memory.retrieve_context(u, "kitten", k=10).global_hits
+    }
     assert "u2" not in seen
     assert memory.retrieve_context("u2", "kitten purr", k=10).global_hits  # opting out does not stop receiving
 

@@ -48,10 +48,10 @@ def to_timestamp(value: Any, name: str = "timestamp") -> float:
         raise TypeError(f"`{name}` must be a number, datetime or ISO string, got bool.")
     if isinstance(value, _dt.datetime):
         if value.tzinfo is None:
-            value = value.replace(tzinfo=_dt.timezone.utc)
+            value = value.replace(tzinfo=_dt.UTC)
         return value.timestamp()
     if isinstance(value, _dt.date):
-        return _dt.datetime(value.year, value.month, value.day, tzinfo=_dt.timezone.utc).timestamp()
+        return _dt.datetime(value.year, value.month, value.day, tzinfo=_dt.UTC).timestamp()
     if isinstance(value, str):
         try:
             return to_timestamp(_dt.datetime.fromisoformat(value), name)

@@ -142,9 +142,7 @@ class VectorStore:
             candidates = top_k_candidates(scores, k)
         # Order on (score desc, timestamp desc, write order): recency breaks ties (spring-paper.md, open
         # question 15), and write order keeps the result identical after deletions and save/load round trips.
-        order = candidates[
-            np.lexsort((self._seq[candidates], -self._timestamps[candidates], -scores[candidates]))
-        ][:k]
+        order = candidates[np.lexsort((self._seq[candidates], -self._timestamps[candidates], -scores[candidates]))][:k]
         return [(self.ids[row], float(scores[row])) for row in order]
 
 

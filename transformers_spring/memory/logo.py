@@ -38,7 +38,12 @@ from .mediator import Mediator
 logger = logging.get_logger(__name__)
 
 FORMAT_VERSION = 1
-CONFIG_FILE, RECORDS_FILE, EMBEDDINGS_FILE, CARD_FILE = "config.json", "records.jsonl", "embeddings.safetensors", "README.md"
+CONFIG_FILE, RECORDS_FILE, EMBEDDINGS_FILE, CARD_FILE = (
+    "config.json",
+    "records.jsonl",
+    "embeddings.safetensors",
+    "README.md",
+)
 MEMORY_FILES = (CONFIG_FILE, RECORDS_FILE, EMBEDDINGS_FILE, CARD_FILE)
 _OLD_SUFFIX = ".spring-old-"
 
