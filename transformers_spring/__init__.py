@@ -2,6 +2,12 @@
 
 __version__ = "0.1.0.dev0"
 
+from .generation import (  # noqa: E402
+    Personalization,
+    RetrievalInterpolationLogitsProcessor,
+    SpringConfig,
+    SpringForCausalLM,
+)
 from .memory import (  # noqa: E402
     BM25Index,
     HashingEncoder,
@@ -21,8 +27,12 @@ __all__ = [
     "LoGoMemory",
     "MediatedContext",
     "Mediator",
+    "Personalization",
     "RelevanceGate",
+    "RetrievalInterpolationLogitsProcessor",
     "RetrievedItem",
+    "SpringConfig",
+    "SpringForCausalLM",
     "__version__",
     "resolve_encoder",
 ]

@@ -6,8 +6,8 @@ from unittest import mock
 
 import numpy as np
 import pytest
-from conftest import topical
 from huggingface_hub import HfApi
+from memory_testing import topical
 from safetensors.numpy import load_file
 
 from transformers_spring.memory import HashingEncoder, Interaction, LoGoMemory

@@ -1,0 +1,333 @@
+"""SpringForCausalLM: delegation, argument handling, chat-aware history, per-user adapters, save / load / push."""
+
+import json
+import os
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from spring_testing import PAD, FakeMemory, make_model, make_tokenizer
+from transformers import AutoModelForCausalLM, LogitsProcessorList
+
+from transformers_spring.generation import (
+    HistoryPromptBuilder,
+    Personalization,
+    RetrievalInterpolationLogitsProcessor,
+    SpringConfig,
+    SpringForCausalLM,
+)
+from transformers_spring.memory.interaction import Interaction
+
+NEW = 8
+GREEDY = {"max_new_tokens": NEW, "do_sample": False, "pad_token_id": PAD}
+
+
+def encode(texts, tokenizer=None):
+    return (tokenizer or make_tokenizer())(texts, return_tensors="pt", padding=True)
+
+
+@pytest.fixture
+def llama():
+    return make_model("llama")
+
+
+@pytest.fixture
+def wrapper(llama, memory, tokenizer):
+    return SpringForCausalLM(llama, memory=memory, tokenizer=tokenizer)
+
+
+# ------------------------------------------------------------------------------------------------ basics
+def test_attribute_access_falls_through(wrapper, llama):
+    assert wrapper.config is llama.config
+    assert wrapper.get_base_model() is llama
+    assert wrapper.generation_config is llama.generation_config
+    assert wrapper.spring_config.interpolation_weight == 0.5
+    ids = torch.tensor([[5, 6, 7]])
+    torch.testing.assert_close(wrapper(input_ids=ids).logits, llama(input_ids=ids).logits)
+
+
+def test_without_personalization_output_is_the_wrapped_generate(wrapper, llama):
+    batch = encode(["cats rain sun", "dogs"])
+    assert torch.equal(wrapper.generate(**batch, **GREEDY), llama.generate(**batch, **GREEDY))
+    assert torch.equal(
+        wrapper.generate(**batch, personalization=None, repetition_penalty=1.2, **GREEDY),
+        llama.generate(**batch, repetition_penalty=1.2, **GREEDY),
+    )
+    assert wrapper.memory.calls == []
+    # A list of Nones is "no personalization" too.
+    assert torch.equal(
+        wrapper.generate(**batch, personalization=[None, None], **GREEDY), llama.generate(**batch, **GREEDY)
+    )
+
+
+@pytest.mark.parametrize(
+    "personalization, error, match",
+    [
+        (42, TypeError, "personalization"),
+        (["alice"], ValueError, "one entry per row"),
+        (["alice", "bob", None], ValueError, "personalization"),
+        ([{"user": "alice", "colour": 1}, None], TypeError, "personalization\\[0\\]"),
+        (Personalization(user="alice", weight=0.5), None, None),
+    ],
+)
+def test_bad_personalization_is_named(wrapper, personalization, error, match):
+    batch = encode(["cats rain sun", "dogs"])
+    if error is None:
+        wrapper.generate(**batch, personalization=personalization, **GREEDY)
+        return
+    with pytest.raises(error, match=match):
+        wrapper.generate(**batch, personalization=personalization, **GREEDY)
+
+
+def test_bad_weight_and_settings_are_named(wrapper):
+    batch = encode(["cats rain sun"])
+    with pytest.raises(ValueError, match="weight"):
+        wrapper.generate(**batch, personalization=Personalization(user="alice", weight=1.5), **GREEDY)
+    with pytest.raises(ValueError, match="num_beams"):
+        wrapper.generate(**batch, personalization="alice", num_beams=2, max_new_tokens=3, pad_token_id=PAD)
+    with pytest.raises(ValueError, match="inputs_embeds"):
+        wrapper.generate(inputs_embeds=torch.zeros(1, 3, 32), personalization="alice", max_new_tokens=3)
+    with pytest.raises(ValueError, match="interpolation_weight"):
+        SpringConfig(interpolation_weight=2.0)
+    with pytest.raises(TypeError, match="memory"):
+        SpringForCausalLM(wrapper.base_model, memory=object())
+
+
+def test_missing_memory_or_tokenizer_is_explained(llama, memory):
+    batch = encode(["cats rain sun"])
+    with pytest.raises(ValueError, match="memory"):
+        SpringForCausalLM(llama, tokenizer=make_tokenizer()).generate(**batch, personalization="alice", **GREEDY)
+    with pytest.raises(ValueError, match="tokenizer"):
+        SpringForCausalLM(llama, memory=memory).generate(**batch, personalization="alice", **GREEDY)
+
+
+def test_retrieval_arguments(wrapper, memory):
+    batch = encode(["cats rain sun", "dogs vote"])
+    wrapper.generate(
+        **batch,
+        personalization=[
+            "alice",
+            Personalization(user="bob", query="sun", top_k=1, use_global=False, retrieval_kwargs={"before": 5}),
+        ],
+        **GREEDY,
+    )
+    assert memory.calls[0] == {"user_id": "alice", "query": "cats rain sun", "k": 2, "use_global": True}
+    assert memory.calls[1] == {"user_id": "bob", "query": "sun", "k": 1, "use_global": False, "before": 5}
+    alice, bob = wrapper.last_personalization
+    assert [hit.interaction.prompt for hit in alice.items] == ["cats rain", "cats sun"]
+    assert [hit.interaction.prompt for hit in bob.items] == ["sun"]
+
+
+def test_float_gate_and_memory_weight(llama, tokenizer):
+    memory = FakeMemory({"alice": [("cats rain", "w1"), ("w2", "w3")]}, weight=0.2)
+    wrapper = SpringForCausalLM(llama, memory=memory, config=SpringConfig(gate=1.5), tokenizer=tokenizer)
+    wrapper.generate(**encode(["cats rain sun"]), personalization="alice", **GREEDY)
+    info = wrapper.last_personalization[0]
+    assert [hit.score > 1.5 for hit in info.items] == [True]  # the second item (score 0.5) is gated out
+    assert info.weight == 0.5
+    wrapper.spring_config = SpringConfig(use_memory_weight=True)
+    wrapper.generate(**encode(["cats rain sun"]), personalization="alice", **GREEDY)
+    assert wrapper.last_personalization[0].weight == 0.2
+    # A per-call gate closes it entirely: plain generation.
+    out = wrapper.generate(**encode(["cats rain sun"]), personalization=Personalization("alice", gate=99.0), **GREEDY)
+    assert not wrapper.last_personalization[0].gate_open
+    assert torch.equal(out, llama.generate(**encode(["cats rain sun"]), **GREEDY))
+
+
+def test_explicit_history_skips_retrieval(wrapper, memory):
+    batch = encode(["cats rain sun"])
+    wrapper.generate(**batch, personalization=Personalization(history=["dogs vote", "w1 w2"]), **GREEDY)
+    assert memory.calls == []
+    text = make_tokenizer().decode(wrapper.last_personalization[0].history_ids)
+    assert "dogs vote" in text and text.endswith("cats rain sun")
+
+
+# ------------------------------------------------------------------------------------------------ history prompts
+def test_history_goes_inside_the_last_user_turn(chat_tokenizer):
+    config = SpringConfig(retrieval_template="history : {history} ;", history_item_template="{prompt} : {response}")
+    builder = HistoryPromptBuilder(chat_tokenizer, config)
+    messages = [
+        {"role": "user", "content": "w1 w2"},
+        {"role": "assistant", "content": "w3"},
+        {"role": "user", "content": "cats rain"},
+    ]
+    ids = chat_tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
+    assert builder.query_text(ids) == "cats rain"
+    items = [Interaction("alice", "dogs", "vote")]
+    expected = chat_tokenizer.apply_chat_template(
+        messages[:2] + [{"role": "user", "content": "history : dogs : vote ; cats rain"}],
+        add_generation_prompt=True,
+        return_dict=True,
+    )["input_ids"]
+    assert builder.build(ids, items) == expected
+
+
+def test_history_without_chat_template_goes_after_bos(tokenizer):
+    config = SpringConfig(retrieval_template="history : {history} ;", history_item_template="{response}")
+    builder = HistoryPromptBuilder(tokenizer, config)
+    ids = tokenizer("<s> cats rain", add_special_tokens=False)["input_ids"]
+    assert builder.query_text(ids) == "cats rain"
+    built = builder.build(ids, [Interaction("alice", "dogs", "vote")])
+    assert tokenizer.decode(built) == "<s> history : vote ; cats rain"
+
+
+def test_history_token_budget(tokenizer):
+    config = SpringConfig(retrieval_template="history : {history} ;", history_item_template="{response}")
+    items = [Interaction("a", "p", "w1 w2 w3"), Interaction("a", "p", "w4 w5 w6")]
+    builder = HistoryPromptBuilder(tokenizer, SpringConfig(**{**config.to_dict(), "max_history_tokens": 8}))
+    assert tokenizer.decode(builder.history_block_ids(items)) == "history : w1 w2 w3 ;"  # the second does not fit
+    builder = HistoryPromptBuilder(tokenizer, SpringConfig(**{**config.to_dict(), "max_history_tokens": 5}))
+    assert tokenizer.decode(builder.history_block_ids(items)) == "history : w1 w2 ;"  # the first is cut
+    assert builder.history_block_ids([]) == []
+
+
+# ------------------------------------------------------------------------------------------------ adapters
+def add_user_adapters(base):
+    """Two random (non-zero) LoRA adapters named after users."""
+    torch.manual_seed(0)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    model = get_peft_model(base, config, adapter_name="alice")
+    torch.manual_seed(1)
+    model.add_adapter(
+        "bob", LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
+    return model.eval()
+
+
+@pytest.fixture
+def peft_llama():
+    return add_user_adapters(make_model("llama"))
+
+
+@pytest.mark.parametrize("mode", ["fused", "processor"])
+def test_mixed_batch_of_user_adapters_equals_each_alone(peft_llama, memory, mode):
+    wrapper = SpringForCausalLM(peft_llama, memory=memory, config=SpringConfig(mode=mode), tokenizer=make_tokenizer())
+    texts, users = ["cats rain sun", "dogs vote", "w1 w2 w3"], ["alice", "bob", "carol"]
+    batch = encode(texts)
+    together = wrapper.generate(**batch, personalization=users, **GREEDY)[:, batch["input_ids"].shape[1] :]
+    assert [info.adapter for info in wrapper.last_personalization] == ["alice", "bob", "__base__"]
+    for row, (text, user) in enumerate(zip(texts, users, strict=True)):
+        single = encode([text])
+        alone = wrapper.generate(**single, personalization=user, **GREEDY)[:, single["input_ids"].shape[1] :]
+        assert together[row].tolist() == alone[0].tolist()
+
+
+def test_user_adapter_is_active_on_both_paths(peft_llama, memory):
+    wrapper = SpringForCausalLM(peft_llama, memory=memory, tokenizer=make_tokenizer())
+    batch = encode(["cats rain sun"])
+    out = wrapper.generate(**batch, personalization="bob", **GREEDY)
+    history_ids = torch.tensor([wrapper.last_personalization[0].history_ids])
+    peft_llama.set_adapter("bob")
+    processor = RetrievalInterpolationLogitsProcessor(peft_llama, history_ids, None, 0.5)
+    expected = peft_llama.generate(**batch, logits_processor=LogitsProcessorList([processor]), **GREEDY)
+    assert torch.equal(out, expected)
+    # Gate closed for an unknown user: the base model, adapters off.
+    closed = wrapper.generate(**batch, personalization=Personalization("carol", history=[]), **GREEDY)
+    with peft_llama.disable_adapter():
+        assert torch.equal(closed, peft_llama.generate(**batch, **GREEDY))
+    # No personalization: the model exactly as it is (active adapter "bob").
+    assert torch.equal(wrapper.generate(**batch, **GREEDY), peft_llama.generate(**batch, **GREEDY))
+
+
+# ------------------------------------------------------------------------------------------------ persistence
+def test_config_json_round_trip(tmp_path):
+    config = SpringConfig(interpolation_weight=0.3, top_k=4, gate=1.25, mode="processor", early_exit_epsilon=0.01)
+    config.save_pretrained(tmp_path)
+    assert SpringConfig.from_pretrained(tmp_path) == config
+    assert json.loads((tmp_path / "spring_config.json").read_text())["spring_config_version"] == 1
+    with pytest.raises(ValueError, match="gate"):
+        SpringConfig(gate="sometimes")
+    with pytest.raises(ValueError, match="mode"):
+        SpringConfig(mode="parallel")
+    with pytest.raises(ValueError, match="retrieval_template"):
+        SpringConfig(retrieval_template="no placeholder")
+    with pytest.raises(ValueError, match="history_item_template"):
+        SpringConfig(history_item_template="{title}")
+
+
+def test_save_and_load_with_adapters_and_memory(tmp_path, tokenizer):
+    pytest.importorskip("hnswlib")
+    from transformers_spring.memory import HashingEncoder, LoGoMemory
+
+    base_dir = tmp_path / "base"
+    make_model("llama").save_pretrained(base_dir)
+    model = add_user_adapters(AutoModelForCausalLM.from_pretrained(base_dir))
+
+    memory = LoGoMemory(HashingEncoder(64), gate=None, num_threads=1, use_global=False)
+    memory.add_many([Interaction("alice", "cats rain", "cats w1", timestamp=1e9)])
+    config = SpringConfig(interpolation_weight=0.4, use_global=False)
+    wrapper = SpringForCausalLM(model, memory=memory, config=config, tokenizer=tokenizer)
+    batch = encode(["cats rain sun"])
+    expected = wrapper.generate(**batch, personalization="alice", **GREEDY)
+
+    out_dir = tmp_path / "spring"
+    wrapper.save_pretrained(out_dir)
+    assert (out_dir / "spring_config.json").is_file()
+    assert (out_dir / "adapters" / "alice" / "adapter_config.json").is_file()
+    assert (out_dir / "adapters" / "bob" / "adapter_config.json").is_file()
+    assert (out_dir / "memory").is_dir()
+    assert "library_name: transformers_spring" in (out_dir / "README.md").read_text()
+    saved = json.loads((out_dir / "spring_config.json").read_text())
+    assert saved["base_model_name_or_path"] == str(base_dir) and saved["interpolation_weight"] == 0.4
+
+    loaded = SpringForCausalLM.from_pretrained(out_dir, memory_kwargs={"encoder": HashingEncoder(64)})
+    assert loaded.spring_config == SpringConfig(**{**config.to_dict(), "base_model_name_or_path": str(base_dir)})
+    assert sorted(loaded.base_model.peft_config) == ["alice", "bob"]
+    assert len(loaded.memory) == 1
+    assert torch.equal(loaded.generate(**batch, personalization="alice", **GREEDY), expected)
+
+
+def test_from_pretrained_wraps_a_plain_model(tmp_path, llama, tokenizer):
+    llama.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    wrapper = SpringForCausalLM.from_pretrained(tmp_path, spring_config=SpringConfig(top_k=3))
+    assert wrapper.spring_config.top_k == 3 and wrapper.spring_config.base_model_name_or_path == str(tmp_path)
+    assert wrapper.tokenizer is not None and wrapper.memory is None
+    batch = encode(["cats rain sun"])
+    assert torch.equal(wrapper.generate(**batch, **GREEDY), llama.generate(**batch, **GREEDY))
+
+
+def test_push_to_hub_uploads_the_saved_folder(monkeypatch, wrapper):
+    seen = {}
+
+    class FakeApi:
+        def create_repo(self, repo_id, **kwargs):
+            return type("Repo", (), {"repo_id": repo_id})()
+
+    def fake_upload(self, working_dir, repo_id, **kwargs):
+        seen["files"] = sorted(os.listdir(working_dir))
+        seen["repo_id"] = repo_id
+        return "url"
+
+    monkeypatch.setattr("transformers.utils.hub.hf_api", lambda: FakeApi())
+    monkeypatch.setattr("transformers.utils.hub.create_and_tag_model_card", lambda *a, **k: _Card())
+    monkeypatch.setattr(SpringForCausalLM, "_upload_modified_files", fake_upload)
+    wrapper.memory = None
+    assert wrapper.push_to_hub("me/spring-test") == "url"
+    assert seen["repo_id"] == "me/spring-test"
+    assert "spring_config.json" in seen["files"] and "README.md" in seen["files"]
+
+
+class _Card:
+    def save(self, path):
+        with open(path, "w") as handle:
+            handle.write("---\nlibrary_name: transformers_spring\n---\n")
+
+
+@pytest.mark.parametrize("mode", ["fused", "processor"])
+def test_finished_rows_are_padded_and_leave_the_history_path(llama, memory, mode):
+    wrapper = SpringForCausalLM(llama, memory=memory, config=SpringConfig(mode=mode), tokenizer=make_tokenizer())
+    batch = encode(["cats rain sun", "dogs vote"])
+    plain = wrapper.generate(**batch, personalization="alice", max_new_tokens=10, do_sample=False, pad_token_id=PAD)
+    eos = int(plain[0, batch["input_ids"].shape[1] + 2])  # row 0 emits this token at step 3
+    out = wrapper.generate(
+        **batch, personalization="alice", max_new_tokens=10, do_sample=False, pad_token_id=PAD, eos_token_id=eos
+    )
+    new = out[:, batch["input_ids"].shape[1] :].tolist()
+    stats = wrapper.last_generation_stats
+    for row in new:
+        if eos in row:
+            assert all(token == PAD for token in row[row.index(eos) + 1 :])
+    finished_early = [row for row in new if eos in row[:-1]]
+    assert finished_early, new
+    assert stats["history_row_steps"] < 2 * stats["steps"]  # a finished row stopped its history path

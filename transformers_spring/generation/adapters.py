@@ -1,0 +1,114 @@
+"""Per-row LoRA adapter routing for generation (peft's `adapter_names` mechanism, with a mutable name list)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import torch.nn as nn
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+BASE_ADAPTER = "__base__"  # peft's placeholder for "no adapter" in `adapter_names`
+
+
+def _lora_layer_classes() -> tuple[type, ...]:
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:  # peft is a dependency, but keep generation usable without it
+        return ()
+    classes: list[type] = [LoraLayer]
+    try:
+        from peft.utils.other import AuxiliaryTrainingWrapper
+
+        classes.append(AuxiliaryTrainingWrapper)
+    except ImportError:
+        pass
+    return tuple(classes)
+
+
+def find_adapter_layers(model: nn.Module) -> tuple[list[nn.Module], set[str]]:
+    """Returns the modules that accept `adapter_names` and the adapter names found in LoRA layers."""
+    classes = _lora_layer_classes()
+    if not classes:
+        return [], set()
+    layers, names = [], set()
+    for module in model.modules():
+        if isinstance(module, classes):
+            layers.append(module)
+            for attr in ("lora_A", "lora_embedding_A"):
+                names |= set(getattr(module, attr, {}).keys())
+    return layers, names
+
+
+def sanitize_adapter_name(name: str) -> str:
+    """peft adapter names become module keys, so characters such as '.' or ' ' are replaced by '_'."""
+    return re.sub(r"[^A-Za-z0-9_\-]", "_", name)
+
+
+class AdapterRouter:
+    """
+    Injects a per-row `adapter_names` list into every LoRA layer of a model, like `PeftModel.generate(adapter_names=)`,
+    but with a list that can be changed between forwards. The dual-path decoders need that: the history path runs on
+    a subset of the rows (rows with a closed gate are skipped), so its forward needs a different list than the main
+    forward of the same step.
+
+    Args:
+        model (`nn.Module`): a model containing peft LoRA layers (a `PeftModel` or a transformers model with adapters
+            loaded through `load_adapter`).
+    """
+
+    def __init__(self, model: nn.Module):
+        self.layers, self.adapters = find_adapter_layers(model)
+        self.names: list[str] | None = None
+        self._handles: list = []
+
+    @property
+    def has_adapters(self) -> bool:
+        return bool(self.adapters)
+
+    def resolve(self, user_id: str | None, template: str = "{user_id}") -> str:
+        """The adapter name of `user_id`, or `"__base__"` when the user has none (or `user_id` is None)."""
+        if user_id is None:
+            return BASE_ADAPTER
+        for candidate in (template.format(user_id=user_id), template.format(user_id=sanitize_adapter_name(user_id))):
+            if candidate in self.adapters:
+                return candidate
+        return BASE_ADAPTER
+
+    def _hook(self, module, args, kwargs):
+        if self.names is not None:
+            kwargs["adapter_names"] = self.names
+        return args, kwargs
+
+    @contextmanager
+    def activate(self, names: Sequence[str]) -> Iterator[AdapterRouter]:
+        """Registers the hooks with `names` (one per row of the forwards that follow) and removes them on exit."""
+        unknown = {name for name in names if name != BASE_ADAPTER} - self.adapters
+        if unknown:
+            raise ValueError(f"unknown adapter(s) {sorted(unknown)}; the model has {sorted(self.adapters)}.")
+        if self._handles:
+            raise RuntimeError("AdapterRouter.activate() is not re-entrant; use override() inside it.")
+        self.names = list(names)
+        self._handles = [layer.register_forward_pre_hook(self._hook, with_kwargs=True) for layer in self.layers]
+        try:
+            yield self
+        finally:
+            for handle in self._handles:
+                handle.remove()
+            self._handles = []
+            self.names = None
+
+    @contextmanager
+    def override(self, names: Sequence[str] | None) -> Iterator[None]:
+        """Temporarily uses `names` for the forwards inside the block (no-op when `names` is None or inactive)."""
+        if names is None or not self._handles:
+            yield
+            return
+        previous, self.names = self.names, list(names)
+        try:
+            yield
+        finally:
+            self.names = previous

@@ -1,0 +1,415 @@
+"""The retrieval-interpolation logits processor: SPRInG's dual-path decoding inside a plain `model.generate()`."""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Iterable, Sequence
+
+import torch
+import torch.nn as nn
+from transformers import LogitsProcessor
+from transformers.utils import logging
+
+from .adapters import AdapterRouter
+from .config import PENALTY_MODES, check_early_exit, check_weight
+
+logger = logging.get_logger(__name__)
+
+_LOG2 = math.log(2.0)
+
+
+def apply_repetition_penalty(
+    input_ids: torch.LongTensor, scores: torch.Tensor, penalty: float, valid: torch.Tensor | None = None
+) -> torch.Tensor:
+    """
+    HF's `RepetitionPenaltyLogitsProcessor` (same arithmetic, so the same floats), returning a new tensor, with an
+    optional `valid` mask: ids at positions where `valid` is False (padding) are not penalised, which keeps batched
+    and unbatched generation equal.
+
+    Args:
+        input_ids (`torch.LongTensor` of shape `(batch, seq)`): the sequences whose tokens are penalised.
+        scores (`torch.Tensor` of shape `(batch, vocab)`): logits (or log-probs).
+        penalty (`float`): > 1 discourages repetition.
+        valid (`torch.BoolTensor` of shape `(batch, seq)`, *optional*): which positions count.
+    """
+    if valid is None:
+        score = torch.gather(scores, 1, input_ids)
+        score = torch.where(score < 0, score * penalty, score / penalty)
+        return scores.scatter(1, input_ids, score)
+    vocab = scores.shape[-1]
+    # Padding positions point at an extra dummy column that is dropped afterwards.
+    ids = input_ids.masked_fill(~valid, vocab)
+    padded = torch.cat([scores, scores.new_zeros(scores.shape[0], 1)], dim=-1)
+    score = torch.gather(padded, 1, ids)
+    score = torch.where(score < 0, score * penalty, score / penalty)
+    return padded.scatter(1, ids, score)[:, :vocab]
+
+
+def js_divergence(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """Row-wise Jensen–Shannon divergence (nats, in [0, ln 2]) between two log-probability tensors."""
+    log_m = torch.logaddexp(log_p, log_q) - _LOG2
+
+    def _kl(log_a: torch.Tensor) -> torch.Tensor:
+        terms = log_a.exp() * (log_a - log_m)
+        return torch.nan_to_num(terms, nan=0.0).sum(-1)  # 0 · log 0 = 0 where a token has zero mass
+
+    return (0.5 * _kl(log_p) + 0.5 * _kl(log_q)).clamp_min(0.0)
+
+
+def left_padded_positions(attention_mask: torch.Tensor) -> torch.LongTensor:
+    """Position ids for a left-padded batch, exactly as `generate()` builds them (padding gets position 0)."""
+    position_ids = attention_mask.long().cumsum(-1) - 1
+    return position_ids.masked_fill(attention_mask == 0, 0)
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The transformers model inside a peft wrapper (or the model itself)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def supports_logits_to_keep(model: nn.Module) -> bool:
+    return "logits_to_keep" in inspect.signature(unwrap_model(model).forward).parameters
+
+
+class RetrievalInterpolationLogitsProcessor(LogitsProcessor):
+    r"""
+    SPRInG's retrieval interpolation (paper Eq. 6–8) as a [`~transformers.LogitsProcessor`]:
+    `log p = log(λ · p(· | history, prompt) + (1 − λ) · p(· | prompt))`.
+
+    The main `generate()` loop provides the parametric path (`scores`); this processor runs the history-conditioned
+    path itself, with its own KV cache: it prefills `history_input_ids` on its first call and afterwards feeds it the
+    token the main loop chose at the previous step. It returns normalised log-probabilities of the mixture, never
+    mixes raw logits and never modifies `scores` in place.
+
+    Rows whose weight is 0 (a closed gate) get no second forward at all: their output is `log_softmax(scores)`.
+
+    Ordering with the other processors: `generate()` runs its built-in processors (repetition penalty, bad words,
+    min length, ...) *before* user processors, so `scores` arrive already processed for the main path. Tokens that an
+    earlier processor banned (`-inf`) stay banned after the mix. Pass `repetition_penalty` *here* (and not to
+    `generate`) to penalise each path over its own sequence before the mix (`penalty_mode="per_path"`, the default)
+    or the mixture once (`penalty_mode="mixture"`). Sampling warpers (temperature, top-k/p) run after the mix.
+
+    Beam search is not supported: a reordering of the rows between two calls (or a batch that is not the history
+    batch) raises an error instead of silently mixing the wrong cache rows.
+
+    Build a fresh instance for every `generate()` call: it is stateful and single-use.
+
+    Args:
+        model (`nn.Module`):
+            The model that decodes (the same, possibly adapted, model for both paths).
+        history_input_ids (`torch.LongTensor` of shape `(batch, history_len)`):
+            Per row, the history-conditioned input (retrieved history + the prompt), **left-padded**.
+        history_attention_mask (`torch.LongTensor` of shape `(batch, history_len)`, *optional*):
+            Its attention mask; all ones when omitted.
+        weight (`float` or sequence of `float`, *optional*, defaults to 0.5):
+            λ, one value or one per row, in `[0, 1]`. A 0 closes the row's gate.
+        repetition_penalty (`float`, *optional*):
+            Repetition penalty applied inside the processor (see `penalty_mode`).
+        penalty_mode (`str`, *optional*, defaults to `"per_path"`):
+            `"per_path"` or `"mixture"`.
+        prompt_attention_mask (`torch.LongTensor` of shape `(batch, prompt_len)`, *optional*):
+            The main prompt's attention mask; padding is then excluded from the main path's repetition penalty.
+        early_exit_epsilon (`float`, *optional*, defaults to 0.0):
+            Stop a row's history path once the Jensen–Shannon divergence between the two paths stayed below this for
+            `early_exit_patience` steps; 0 disables it.
+        early_exit_patience (`int`, *optional*, defaults to 4):
+            Consecutive low-divergence steps before a row exits.
+        eos_token_id (`int` or list of `int`, *optional*):
+            When given, a row that produced one of these tokens stops computing its history path (its later tokens are
+            padding anyway).
+        adapter_router ([`AdapterRouter`], *optional*):
+            Routes per-row LoRA adapters; `adapter_names` must then be given too.
+        adapter_names (list of `str`, *optional*):
+            The adapter of each row (`"__base__"` for none), used for this processor's own forwards.
+    """
+
+    # The paged / continuous-batching path passes 3-D scores and has no notion of our per-request cache.
+    supports_continuous_batching = False
+
+    def __init__(
+        self,
+        model: nn.Module,
+        history_input_ids: torch.LongTensor,
+        history_attention_mask: torch.LongTensor | None = None,
+        weight: float | Sequence[float] | torch.Tensor = 0.5,
+        *,
+        repetition_penalty: float | None = None,
+        penalty_mode: str = "per_path",
+        prompt_attention_mask: torch.LongTensor | None = None,
+        early_exit_epsilon: float = 0.0,
+        early_exit_patience: int = 4,
+        eos_token_id: int | Iterable[int] | None = None,
+        adapter_router: AdapterRouter | None = None,
+        adapter_names: Sequence[str] | None = None,
+    ):
+        if not isinstance(history_input_ids, torch.Tensor) or history_input_ids.dim() != 2:
+            raise ValueError("`history_input_ids` must be a 2-D LongTensor of shape (batch, history_len).")
+        batch, length = history_input_ids.shape
+        if history_attention_mask is None:
+            history_attention_mask = torch.ones_like(history_input_ids)
+        if history_attention_mask.shape != history_input_ids.shape:
+            raise ValueError(
+                f"`history_attention_mask` has shape {tuple(history_attention_mask.shape)}, expected "
+                f"{tuple(history_input_ids.shape)} like `history_input_ids`."
+            )
+        # A real token must sit in the last column of every used row: the next position is read from there.
+        if length and bool(((history_attention_mask[:, -1] == 0) & (history_attention_mask.sum(-1) > 0)).any()):
+            raise ValueError("`history_input_ids` must be left-padded (its attention mask ends with 0 in some row).")
+        if isinstance(weight, torch.Tensor):
+            weights = [float(w) for w in weight.reshape(-1).tolist()]
+        elif isinstance(weight, (int, float)) and not isinstance(weight, bool):
+            weights = [weight] * batch
+        elif isinstance(weight, Sequence) and not isinstance(weight, str):
+            weights = list(weight)
+        else:
+            raise TypeError(f"`weight` must be a float or a sequence of floats, got {type(weight).__name__}.")
+        if len(weights) != batch:
+            raise ValueError(f"`weight` has {len(weights)} values but `history_input_ids` has {batch} rows.")
+        weights = [check_weight(w, "weight") for w in weights]
+        if penalty_mode not in PENALTY_MODES:
+            raise ValueError(f"`penalty_mode` must be one of {PENALTY_MODES}, got {penalty_mode!r}.")
+        if repetition_penalty is not None and (not repetition_penalty > 0 or math.isinf(repetition_penalty)):
+            raise ValueError(f"`repetition_penalty` must be a positive float, got {repetition_penalty!r}.")
+        check_early_exit(early_exit_epsilon, early_exit_patience)
+        if prompt_attention_mask is not None and prompt_attention_mask.shape[0] != batch:
+            raise ValueError(f"`prompt_attention_mask` has {prompt_attention_mask.shape[0]} rows, expected {batch}.")
+        if adapter_router is not None and (adapter_names is None or len(adapter_names) != batch):
+            raise ValueError("`adapter_names` must give one adapter per row when `adapter_router` is set.")
+
+        self.model = model
+        self.batch_size = batch
+        self.weights = torch.tensor(weights, dtype=torch.float32)
+        self.repetition_penalty = None if repetition_penalty in (None, 1.0) else float(repetition_penalty)
+        self.penalty_mode = penalty_mode
+        self.prompt_attention_mask = prompt_attention_mask
+        self.early_exit_epsilon = float(early_exit_epsilon)
+        self.early_exit_patience = early_exit_patience
+        if eos_token_id is None:
+            self.eos_token_ids = None
+        else:
+            ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+            self.eos_token_ids = torch.tensor(ids, dtype=torch.long)
+        self.adapter_router = adapter_router
+        self.adapter_names = list(adapter_names) if adapter_names is not None else None
+        self._logits_to_keep = supports_logits_to_keep(model)
+
+        # Rows whose gate is open and that have something to condition on.
+        open_rows = [r for r in range(batch) if weights[r] > 0 and int(history_attention_mask[r].sum()) > 0]
+        self._active = torch.tensor(open_rows, dtype=torch.long)
+        self._full_history_ids = history_input_ids
+        self._full_history_mask = history_attention_mask
+        ids, mask = self._trim_left(history_input_ids[self._active], history_attention_mask[self._active])
+        self._hist_ids, self._hist_mask = ids, mask  # the active rows' history inputs, for prefill and the penalty
+
+        # Decoding state.
+        self.external = False  # True inside the fused loop, which computes the history logits itself
+        self._external_logits: torch.Tensor | None = None
+        self._external_rows: torch.Tensor | None = None
+        self._cache = None
+        self._cache_mask: torch.Tensor | None = None
+        self._next_positions: torch.Tensor | None = None
+        self._prompt_len: int | None = None
+        self._prev_input_ids: torch.Tensor | None = None
+        self._streak = torch.zeros(batch, dtype=torch.long)
+        self.steps = 0
+        self.history_forward_calls = 0
+        self.history_row_steps = 0  # sum over steps of rows whose history path was mixed in
+        self.exit_steps: dict[int, int] = {}
+
+    # ------------------------------------------------------------------------------------------------------- helpers
+    @staticmethod
+    def _trim_left(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Drops leading columns that are padding in every row (a subset of rows may need less padding)."""
+        if ids.shape[0] == 0:
+            return ids[:, :0], mask[:, :0]
+        used = (mask != 0).any(0).nonzero()
+        start = int(used[0]) if used.numel() else ids.shape[1]
+        return ids[:, start:], mask[:, start:]
+
+    @property
+    def active_rows(self) -> list[int]:
+        """The rows whose history path is still computed, in the order of the history batch."""
+        return self._active.tolist()
+
+    @property
+    def has_active_rows(self) -> bool:
+        return self._active.numel() > 0
+
+    def history_prefill_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The left-padded history inputs of the active rows (used by the fused decoder for its prefill)."""
+        return self._hist_ids, self._hist_mask
+
+    def provide_history_logits(self, logits: torch.Tensor, rows: Sequence[int]) -> None:
+        """Fused mode: hands over the history path's next-token logits of `rows` for the coming call."""
+        self._external_logits = logits
+        self._external_rows = torch.as_tensor(list(rows), dtype=torch.long)
+
+    def deactivate(self, rows: Iterable[int]) -> None:
+        """Stops computing the history path of `rows` (finished or converged); their output becomes parametric."""
+        drop = set(int(r) for r in rows)
+        if not drop:
+            return
+        keep = [i for i, r in enumerate(self._active.tolist()) if r not in drop]
+        if len(keep) == self._active.numel():
+            return
+        keep_t = torch.tensor(keep, dtype=torch.long)
+        self._active = self._active[keep_t]
+        self._hist_ids, self._hist_mask = self._hist_ids[keep_t], self._hist_mask[keep_t]
+        if self._cache is not None:
+            if keep:
+                self._cache.batch_select_indices(keep_t.to(self._next_positions.device))
+                self._next_positions = self._next_positions[keep_t.to(self._next_positions.device)]
+                if self._cache_mask is not None:
+                    self._cache_mask = self._cache_mask[keep_t.to(self._cache_mask.device)]
+            else:
+                self._cache, self._cache_mask, self._next_positions = None, None, None
+
+    def _check_batch(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> None:
+        if scores.dim() != 2:
+            raise ValueError(
+                f"{type(self).__name__} expects 2-D scores (batch, vocab), got shape {tuple(scores.shape)}; "
+                "continuous batching / paged generation is not supported."
+            )
+        if input_ids.shape[0] != self.batch_size:
+            raise ValueError(
+                f"{type(self).__name__} was built for {self.batch_size} row(s) but generate() passed "
+                f"{input_ids.shape[0]}. Beam search (`num_beams` > 1) is not supported; for "
+                "`num_return_sequences` > 1, repeat the history rows with `repeat_interleave` (SpringForCausalLM "
+                "does this for you)."
+            )
+        if self._prev_input_ids is not None:
+            prev = self._prev_input_ids
+            if input_ids.shape[1] != prev.shape[1] + 1:
+                raise RuntimeError(
+                    f"{type(self).__name__} must see exactly one new token per call (got {input_ids.shape[1]} after "
+                    f"{prev.shape[1]}); assisted / speculative decoding is not supported, and the processor is "
+                    "single-use: build a fresh one for every generate() call."
+                )
+            if not torch.equal(input_ids[:, :-1], prev):
+                raise RuntimeError(
+                    f"{type(self).__name__}: the rows were reordered between two steps (beam search?). Its history "
+                    "cache cannot follow reordered rows; use greedy decoding or sampling (`num_beams=1`)."
+                )
+
+    def _own_history_forward(self, input_ids: torch.LongTensor, first: bool) -> torch.Tensor:
+        """Serial mode: one forward of the history path for the active rows, with this processor's own cache."""
+        active = self._active.to(input_ids.device)
+        kwargs = {"use_cache": True}
+        if self._logits_to_keep:
+            kwargs["logits_to_keep"] = 1
+        if first:
+            ids = self._hist_ids.to(input_ids.device)
+            mask = self._hist_mask.to(input_ids.device)
+            positions = left_padded_positions(mask)
+            # Like generate(): an all-ones mask is dropped, so λ = 1 reproduces plain generate() bit for bit.
+            self._cache_mask = None if bool((mask == 1).all()) else mask
+            step_ids, past = ids, None
+        else:
+            step_ids, past = input_ids[active, -1:], self._cache
+            positions = self._next_positions
+            if self._cache_mask is not None:
+                self._cache_mask = torch.cat([self._cache_mask, self._cache_mask.new_ones(len(active), 1)], dim=-1)
+        names = [self.adapter_names[r] for r in self._active.tolist()] if self.adapter_router is not None else None
+        with self._adapter_override(names):
+            outputs = self.model(
+                input_ids=step_ids,
+                attention_mask=self._cache_mask,
+                position_ids=positions,
+                past_key_values=past,
+                **kwargs,
+            )
+        self.history_forward_calls += 1
+        self._cache = outputs.past_key_values
+        self._next_positions = positions[:, -1:] + 1
+        return outputs.logits[:, -1].to(dtype=torch.float32)
+
+    def _adapter_override(self, names):
+        if self.adapter_router is None:
+            from contextlib import nullcontext
+
+            return nullcontext()
+        return self.adapter_router.override(names)
+
+    def _valid_mask(
+        self, prefix_mask: torch.Tensor | None, n_rows: int, generated: int, device
+    ) -> torch.Tensor | None:
+        if prefix_mask is None:
+            return None
+        tail = torch.ones(n_rows, generated, dtype=torch.bool, device=device)
+        return torch.cat([prefix_mask.to(device).bool(), tail], dim=-1)
+
+    # ------------------------------------------------------------------------------------------------------- __call__
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        self._check_batch(input_ids, scores)
+        first = self._prompt_len is None
+        if first:
+            self._prompt_len = input_ids.shape[1]
+        elif self.eos_token_ids is not None and self.has_active_rows:
+            # Rows that just finished: generate() pads them from now on, so their history path is wasted work.
+            done = torch.isin(input_ids[:, -1], self.eos_token_ids.to(input_ids.device))
+            self.deactivate(done.nonzero().flatten().tolist())
+        self._prev_input_ids = input_ids
+        self.steps += 1
+        generated = input_ids.shape[1] - self._prompt_len
+
+        main = scores
+        if self.repetition_penalty is not None and self.penalty_mode == "per_path":
+            valid = self._valid_mask(self.prompt_attention_mask, input_ids.shape[0], generated, input_ids.device)
+            main = apply_repetition_penalty(input_ids, scores, self.repetition_penalty, valid)
+        log_main = torch.log_softmax(main.float(), dim=-1)
+        output = log_main
+
+        if self.has_active_rows:
+            if self.external:
+                hist_logits = self._take_external_logits()
+            else:
+                hist_logits = self._own_history_forward(input_ids, first)
+            active = self._active.to(scores.device)
+            hist_logits = hist_logits.to(scores.device).float()
+            if self.repetition_penalty is not None and self.penalty_mode == "per_path":
+                hist_seq = torch.cat([self._hist_ids.to(input_ids.device), input_ids[active, self._prompt_len :]], -1)
+                valid = self._valid_mask(self._hist_mask, len(active), generated, input_ids.device)
+                hist_logits = apply_repetition_penalty(hist_seq, hist_logits, self.repetition_penalty, valid)
+            log_hist = torch.log_softmax(hist_logits, dim=-1)
+            weight = self.weights.to(scores.device)[active].unsqueeze(-1)
+            mixed = torch.logaddexp(log_hist + torch.log(weight), log_main[active] + torch.log1p(-weight))
+            output = log_main.index_copy(0, active, mixed)
+            # Tokens banned upstream (min length, bad words, forced tokens...) must stay banned after the mix.
+            output = output.masked_fill(torch.isneginf(scores), -math.inf)
+            self.history_row_steps += len(active)
+            if self.early_exit_epsilon > 0:
+                self._update_early_exit(log_hist, log_main[active])
+
+        if self.repetition_penalty is not None and self.penalty_mode == "mixture":
+            valid = self._valid_mask(self.prompt_attention_mask, input_ids.shape[0], generated, input_ids.device)
+            output = apply_repetition_penalty(input_ids, output, self.repetition_penalty, valid)
+        return output
+
+    def _take_external_logits(self) -> torch.Tensor:
+        if self._external_logits is None:
+            raise RuntimeError(
+                f"{type(self).__name__} is in external (fused) mode but no history logits were provided for this step."
+            )
+        logits, rows = self._external_logits, self._external_rows.tolist()
+        self._external_logits = self._external_rows = None
+        wanted = self._active.tolist()
+        if rows != wanted:
+            position = {r: i for i, r in enumerate(rows)}
+            missing = [r for r in wanted if r not in position]
+            if missing:
+                raise RuntimeError(f"fused decoder provided no history logits for active row(s) {missing}.")
+            logits = logits[torch.tensor([position[r] for r in wanted], device=logits.device)]
+        return logits
+
+    def _update_early_exit(self, log_hist: torch.Tensor, log_main: torch.Tensor) -> None:
+        divergence = js_divergence(log_hist, log_main).cpu()
+        active = self._active
+        close = divergence < self.early_exit_epsilon
+        streak = torch.where(close, self._streak[active] + 1, torch.zeros_like(self._streak[active]))
+        self._streak[active] = streak
+        exiting = active[streak >= self.early_exit_patience].tolist()
+        for row in exiting:
+            self.exit_steps[row] = self.steps
+        self.deactivate(exiting)

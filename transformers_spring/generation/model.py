@@ -1,0 +1,585 @@
+"""`SpringForCausalLM`: a PeftModel-style wrapper whose `generate()` accepts `personalization=`."""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Sequence
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+import torch.nn as nn
+from transformers import GenerationConfig, LogitsProcessorList
+from transformers.utils import PushToHubMixin, logging
+
+from .adapters import BASE_ADAPTER, AdapterRouter
+from .config import SPRING_CONFIG_NAME, SpringConfig
+from .fused import FusedDualPathDecoder
+from .logits_process import RetrievalInterpolationLogitsProcessor
+from .personalization import Personalization, RowPersonalization, normalize_personalization
+from .prompting import HistoryPromptBuilder
+
+logger = logging.get_logger(__name__)
+
+ADAPTERS_DIR = "adapters"
+MEMORY_DIR = "memory"
+_UNSUPPORTED_WITH_PERSONALIZATION = ("assistant_model", "prompt_lookup_num_tokens", "inputs_embeds")
+
+_MODEL_CARD = """---
+library_name: transformers_spring
+tags:
+- transformers_spring
+- spring
+- personalization
+{base_model_line}---
+
+# SPRInG personalization for `{base}`
+
+Saved by [`transformers_spring`](https://pypi.org/project/transformers-spring/): the `SpringConfig`
+(`spring_config.json`){extras}. Load it with:
+
+```python
+from transformers_spring.generation import SpringForCausalLM
+
+model = SpringForCausalLM.from_pretrained("<this repo or directory>")
+model.generate(**inputs, personalization="<user id>")
+```
+
+**Privacy:** per-user adapters and memories are derived from users' own text. Share them only with their consent.
+"""
+
+
+class SpringForCausalLM(PushToHubMixin, nn.Module):
+    r"""
+    Wraps any causal LM (a transformers model or a `PeftModel` with per-user LoRA adapters) so that
+    `generate(..., personalization=...)` runs SPRInG's gated dual-path decoding. Attribute access falls through to the
+    wrapped model, like `PeftModel`; without `personalization`, `generate` *is* the wrapped model's `generate`.
+
+    For each personalized row, `generate`:
+      1. retrieves from `memory.retrieve_context(user, query, k)` (the memory applies its relevance gate and its
+         local/global mediator; a float `SpringConfig.gate` filters on top);
+      2. inserts the retrieved history into the row's prompt (chat-template aware, see [`HistoryPromptBuilder`]);
+      3. routes the user's LoRA adapter to that row (both paths) when the model has one (unknown users: the base);
+      4. decodes with `p = λ · p(· | history, prompt) + (1 − λ) · p(· | prompt)` — rows whose gate stays closed decode
+         with the parametric path only and cost no second forward.
+
+    Args:
+        model (`nn.Module`):
+            The causal LM to wrap (anything with `generate`).
+        memory (*optional*):
+            Any object with `retrieve_context(user_id, query, k=..., use_global=...) -> MediatedContext`, e.g.
+            `transformers_spring.memory.LoGoMemory`.
+        config ([`SpringConfig`], *optional*):
+            Decoding settings; defaults to the paper's (λ = 0.5, k = 2).
+        tokenizer (`PreTrainedTokenizerBase`, *optional*):
+            Needed to render history and to decode retrieval queries.
+
+    Example:
+
+    ```python
+    >>> spring = SpringForCausalLM(model, memory=memory, tokenizer=tokenizer)
+    >>> out = spring.generate(**inputs, personalization="alice", max_new_tokens=32, repetition_penalty=1.2)
+    ```
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        memory: Any = None,
+        config: SpringConfig | None = None,
+        tokenizer: Any = None,
+    ):
+        super().__init__()
+        if not hasattr(model, "generate"):
+            raise TypeError(
+                f"`model` must be a generative model with a `generate` method, got {type(model).__name__}."
+            )
+        if config is not None and not isinstance(config, SpringConfig):
+            raise TypeError(f"`config` must be a SpringConfig, got {type(config).__name__}.")
+        if memory is not None and not callable(getattr(memory, "retrieve_context", None)):
+            raise TypeError(f"`memory` must have a `retrieve_context` method, got {type(memory).__name__}.")
+        self.base_model = model
+        self.memory = memory
+        self.spring_config = config if config is not None else SpringConfig()
+        self.tokenizer = tokenizer
+        self.last_personalization: list[RowPersonalization | None] = []
+        self.last_generation_stats: dict[str, Any] = {}
+
+    # ---------------------------------------------------------------------------------------------- delegation
+    def __getattr__(self, name: str):
+        """Forward missing attributes to the wrapped model."""
+        try:
+            return super().__getattr__(name)  # nn.Module's lookup of parameters, buffers and submodules
+        except AttributeError:
+            if name == "base_model":  # not yet set: avoid infinite recursion
+                raise
+            return getattr(self.base_model, name)
+
+    def get_base_model(self) -> nn.Module:
+        return self.base_model
+
+    def forward(self, *args, **kwargs):
+        return self.base_model(*args, **kwargs)
+
+    # ---------------------------------------------------------------------------------------------- generate
+    @torch.no_grad()
+    def generate(self, *args, personalization: Any = None, **kwargs):
+        r"""
+        `generate()` of the wrapped model, personalised per row.
+
+        Args:
+            personalization (`str`, [`Personalization`], `dict` or list of those, *optional*):
+                A user id (or [`Personalization`]) for every row, or a list with one entry per row (`None` = that row
+                is not personalised). `None` (the default) delegates to the wrapped model's `generate` unchanged.
+            args, kwargs:
+                As for `transformers.GenerationMixin.generate`. Pass `attention_mask` for left-padded batches.
+                `repetition_penalty` is applied per path before the mixture (`SpringConfig.penalty_mode`).
+
+        Returns:
+            What the wrapped model's `generate` returns (token ids of the prompt + the continuation by default).
+
+        Raises:
+            `ValueError` / `TypeError` naming the argument for unsupported settings (`num_beams` > 1, assisted
+            decoding, `inputs_embeds`), a `personalization` list whose length is not the batch size, an unknown
+            `personalization` type, or a λ outside `[0, 1]`.
+        """
+        if personalization is None:
+            return self.base_model.generate(*args, **kwargs)
+
+        input_ids, kwargs = self._pop_input_ids(args, kwargs)
+        batch = input_ids.shape[0]
+        rows = normalize_personalization(personalization, batch)
+        attention_mask = kwargs.get("attention_mask")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        elif attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"`attention_mask` has shape {tuple(attention_mask.shape)}, expected {tuple(input_ids.shape)}."
+            )
+        generation_config = self._effective_generation_config(kwargs)
+        self._check_generation_settings(generation_config, kwargs)
+
+        infos = self._retrieve(input_ids, attention_mask, rows)
+        self.last_personalization = infos
+        names = self._adapter_names(infos)
+        router = names[0] if names is not None else None
+        names = names[1] if names is not None else None
+
+        expand = max(1, generation_config.num_return_sequences or 1)
+        open_rows = [i for i, info in enumerate(infos) if info is not None and info.gate_open]
+        self.last_generation_stats = {"open_rows": open_rows, "mode": "plain" if not open_rows else None}
+        if not open_rows:
+            # Every gate is closed: this *is* plain generation (plus the users' adapters, if any).
+            with router.activate(_repeat(names, expand)) if router is not None else nullcontext():
+                return self.base_model.generate(input_ids, **kwargs)
+
+        processor = self._build_processor(infos, attention_mask, generation_config, expand, router, names)
+        kwargs = dict(kwargs)
+        if processor.repetition_penalty is not None:
+            kwargs["repetition_penalty"] = 1.0  # applied inside the processor instead (per path or on the mixture)
+        user_processors = kwargs.pop("logits_processor", None) or []
+        # First among the user processors: anything the caller adds sees the mixture.
+        kwargs["logits_processor"] = LogitsProcessorList([processor, *user_processors])
+        decoder = None
+        if self.spring_config.mode == "fused":
+            # generate() does not hand `streamer` to a custom_generate callable: the decoder gets it directly.
+            streamer = kwargs.pop("streamer", None)
+            decoder = FusedDualPathDecoder(processor, router, _repeat(names, expand) if names else None, streamer)
+            kwargs["custom_generate"] = decoder
+            if streamer is not None:
+                streamer.put(input_ids.cpu())
+        with router.activate(_repeat(names, expand)) if router is not None else nullcontext():
+            output = self.base_model.generate(input_ids, **kwargs)
+        self.last_generation_stats = {
+            "mode": self.spring_config.mode,
+            "open_rows": open_rows,
+            "steps": processor.steps,
+            "history_row_steps": processor.history_row_steps,
+            "history_forward_calls": processor.history_forward_calls,
+            "fused_forward_calls": decoder.forward_calls if decoder is not None else 0,
+            "early_exit_steps": dict(processor.exit_steps),
+        }
+        return output
+
+    # ---------------------------------------------------------------------------------------------- helpers
+    @staticmethod
+    def _pop_input_ids(args: tuple, kwargs: dict) -> tuple[torch.Tensor, dict]:
+        kwargs = dict(kwargs)
+        if len(args) > 1:
+            raise TypeError(
+                "SpringForCausalLM.generate takes the inputs as its only positional argument; pass the others by "
+                "keyword."
+            )
+        for name in _UNSUPPORTED_WITH_PERSONALIZATION:
+            if kwargs.get(name) is not None:
+                raise ValueError(f"`{name}` is not supported together with `personalization`.")
+        given = [name for name in ("inputs", "input_ids") if kwargs.get(name) is not None]
+        if args and given or len(given) > 1:
+            raise ValueError("pass the prompt once: positionally, as `inputs=` or as `input_ids=`.")
+        input_ids = args[0] if args else kwargs.pop(given[0], None) if given else None
+        for name in ("inputs", "input_ids"):
+            kwargs.pop(name, None)
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
+            raise ValueError("`input_ids` must be a 2-D LongTensor (batch, seq_len) when `personalization` is given.")
+        return input_ids, kwargs
+
+    def _effective_generation_config(self, kwargs: dict) -> GenerationConfig:
+        base = kwargs.get("generation_config") or getattr(self.base_model, "generation_config", None)
+        config = copy.deepcopy(base) if base is not None else GenerationConfig()
+        config.update(**{k: v for k, v in kwargs.items() if k != "generation_config" and hasattr(config, k)})
+        return config
+
+    def _check_generation_settings(self, config: GenerationConfig, kwargs: dict) -> None:
+        if (config.num_beams or 1) > 1:
+            raise ValueError(
+                f"`num_beams`={config.num_beams} is not supported with `personalization`: the history path's cache "
+                "cannot follow beam reordering. Use greedy decoding or sampling."
+            )
+        if self.spring_config.mode == "fused" and kwargs.get("custom_generate") is not None:
+            raise ValueError("`custom_generate` cannot be combined with `personalization` in fused mode.")
+        if config.use_cache is False:
+            logger.warning_once("`use_cache=False` is ignored by the history path, which always keeps a KV cache.")
+
+    def _retrieve(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: list[Personalization | None]
+    ) -> list[RowPersonalization | None]:
+        cfg = self.spring_config
+        builder = None
+        infos: list[RowPersonalization | None] = []
+        for index, row in enumerate(rows):
+            if row is None:
+                infos.append(None)
+                continue
+            if self.tokenizer is None:
+                raise ValueError(
+                    "SpringForCausalLM needs a tokenizer to render retrieved history: pass `tokenizer=` to "
+                    "SpringForCausalLM(...) or from_pretrained(...)."
+                )
+            builder = builder or HistoryPromptBuilder(self.tokenizer, cfg)
+            ids = input_ids[index][attention_mask[index].bool()].tolist()
+            info = RowPersonalization(user=row.user)
+            context = None
+            if row.history is not None:
+                items = list(row.history)
+            else:
+                if self.memory is None:
+                    raise ValueError(
+                        f"`personalization` for user {row.user!r} needs a memory: pass `memory=` to SpringForCausalLM "
+                        "or give the history explicitly with Personalization(history=...)."
+                    )
+                info.query = row.query if row.query is not None else builder.query_text(ids)
+                if info.query.strip():
+                    context = self.memory.retrieve_context(
+                        row.user,
+                        info.query,
+                        k=row.top_k or cfg.top_k,
+                        use_global=cfg.use_global if row.use_global is None else row.use_global,
+                        **(row.retrieval_kwargs or {}),
+                    )
+                    items = list(context.items)
+                else:
+                    logger.warning(f"Row {index} has an empty retrieval query; it is not personalised.")
+                    items = []
+            gate = row.gate if row.gate is not None else cfg.gate
+            if not isinstance(gate, str):
+                # Eq. 5: keep items strictly above the threshold (explicit strings/interactions carry no score).
+                items = [it for it in items if getattr(it, "score", None) is None or it.score > gate]
+            if row.weight is not None:
+                weight = row.weight
+            elif cfg.use_memory_weight and context is not None:
+                weight = float(context.weight)
+            else:
+                weight = cfg.interpolation_weight
+            info.items, info.weight, info.context = items, weight, context
+            if info.gate_open:
+                history_ids = builder.build(ids, items)
+                if len(history_ids) == len(ids):  # the budget left no room for any history
+                    info.items = []
+                else:
+                    info.history_ids = history_ids
+            infos.append(info)
+        return infos
+
+    def _adapter_names(self, infos: list[RowPersonalization | None]) -> tuple[AdapterRouter, list[str]] | None:
+        """Per-row adapter names, or None when nothing needs routing (no adapters, or nobody has one)."""
+        router = AdapterRouter(self.base_model)
+        if not router.has_adapters:
+            return None
+        default = _active_adapter(router)
+        names = []
+        for info in infos:
+            if info is None:
+                names.append(default)
+            else:
+                info.adapter = router.resolve(info.user, self.spring_config.adapter_name_template)
+                names.append(info.adapter)
+        if all(name == default for name in names) and default is not None:
+            return None  # the model as it is already does the right thing
+        if any(name is None for name in names):
+            raise ValueError(
+                "the model has several adapters active at once; rows without personalization cannot be routed. "
+                "Activate a single adapter (set_adapter) or personalise every row."
+            )
+        return router, names
+
+    def _build_processor(
+        self,
+        infos: list[RowPersonalization | None],
+        attention_mask: torch.Tensor,
+        generation_config: GenerationConfig,
+        expand: int,
+        router: AdapterRouter | None,
+        names: list[str] | None,
+    ) -> RetrievalInterpolationLogitsProcessor:
+        cfg = self.spring_config
+        rows_ids = [getattr(info, "history_ids", None) if info is not None else None for info in infos]
+        weights = [info.weight if info is not None and info.gate_open else 0.0 for info in infos]
+        width = max(len(ids) for ids in rows_ids if ids is not None)
+        pad = _pad_id(generation_config, self.tokenizer)
+        history = torch.full((len(infos), width), pad, dtype=torch.long)
+        history_mask = torch.zeros((len(infos), width), dtype=torch.long)
+        for index, ids in enumerate(rows_ids):
+            if ids is not None:
+                history[index, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+                history_mask[index, width - len(ids) :] = 1
+        device = attention_mask.device
+        history, history_mask = history.to(device), history_mask.to(device)
+        if expand > 1:  # num_return_sequences: generate() repeats each row
+            history = history.repeat_interleave(expand, 0)
+            history_mask = history_mask.repeat_interleave(expand, 0)
+            attention_mask = attention_mask.repeat_interleave(expand, 0)
+            weights = [w for w in weights for _ in range(expand)]
+        penalty = generation_config.repetition_penalty
+        return RetrievalInterpolationLogitsProcessor(
+            self.base_model,
+            history,
+            history_mask,
+            weights,
+            repetition_penalty=penalty if penalty not in (None, 1.0) else None,
+            penalty_mode=cfg.penalty_mode,
+            prompt_attention_mask=attention_mask,
+            early_exit_epsilon=cfg.early_exit_epsilon,
+            early_exit_patience=cfg.early_exit_patience,
+            eos_token_id=generation_config.eos_token_id,
+            adapter_router=router,
+            adapter_names=_repeat(names, expand) if names is not None else None,
+        )
+
+    # ---------------------------------------------------------------------------------------------- persistence
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        safe_serialization: bool = True,
+        save_memory: bool = True,
+        save_tokenizer: bool = True,
+        **kwargs,
+    ) -> None:
+        """
+        Saves the Spring config, and when present the LoRA adapters (`adapters/`, peft layout), the memory
+        (`memory/`, through its own `save_pretrained`) and the tokenizer. The base model's weights are not saved: the
+        config records `base_model_name_or_path`.
+
+        Args:
+            save_directory (`str` or `os.PathLike`): target directory (created if needed).
+            safe_serialization (`bool`, *optional*, defaults to `True`): adapters as safetensors.
+            save_memory (`bool`, *optional*, defaults to `True`): also save the memory.
+            save_tokenizer (`bool`, *optional*, defaults to `True`): also save the tokenizer.
+        """
+        if os.path.isfile(save_directory):
+            raise ValueError(f"`save_directory` ({save_directory}) must be a directory, not a file.")
+        os.makedirs(save_directory, exist_ok=True)
+        config = copy.deepcopy(self.spring_config)
+        if config.base_model_name_or_path is None:
+            config.base_model_name_or_path = _base_name_or_path(self.base_model)
+        config.save_pretrained(save_directory)
+        extras = []
+        if _is_peft_model(self.base_model):
+            self.base_model.save_pretrained(
+                os.path.join(save_directory, ADAPTERS_DIR), safe_serialization=safe_serialization
+            )
+            extras.append("the LoRA adapters (`adapters/`, peft layout)")
+        elif AdapterRouter(self.base_model).has_adapters:
+            logger.warning("The model has adapters but is not a PeftModel; wrap it with peft to save them.")
+        if save_memory and self.memory is not None:
+            if callable(getattr(self.memory, "save_pretrained", None)):
+                self.memory.save_pretrained(os.path.join(save_directory, MEMORY_DIR))
+                extras.append("the memory (`memory/`)")
+            else:
+                logger.warning(f"{type(self.memory).__name__} has no save_pretrained; the memory is not saved.")
+        if save_tokenizer and self.tokenizer is not None and hasattr(self.tokenizer, "save_pretrained"):
+            self.tokenizer.save_pretrained(save_directory)
+        base = config.base_model_name_or_path or "unknown"
+        base_line = f"base_model: {base}\n" if config.base_model_name_or_path else ""
+        with open(os.path.join(save_directory, "README.md"), "w", encoding="utf-8") as handle:
+            handle.write(
+                _MODEL_CARD.format(
+                    base=base, base_model_line=base_line, extras=("; " + ", ".join(extras)) if extras else ""
+                )
+            )
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_id_or_path: str | os.PathLike,
+        memory: Any = None,
+        spring_config: SpringConfig | None = None,
+        tokenizer: Any = None,
+        *,
+        load_adapters: bool = True,
+        load_memory: bool = True,
+        memory_kwargs: dict | None = None,
+        is_trainable: bool = False,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        **hf_kwargs,
+    ) -> SpringForCausalLM:
+        r"""
+        Loads a wrapper from a directory / Hub repo written by [`save_pretrained`] (config, adapters, memory,
+        tokenizer; the base model comes from `base_model_name_or_path`), or wraps a plain transformers model id/path.
+
+        Args:
+            model_id_or_path (`str` or `os.PathLike`): a Spring directory or repo, or any causal LM id or path.
+            memory (*optional*): a memory to use instead of the saved one.
+            spring_config ([`SpringConfig`], *optional*): overrides the saved config.
+            tokenizer (*optional*): a tokenizer to use instead of loading one.
+            load_adapters (`bool`, *optional*, defaults to `True`): load saved LoRA adapters.
+            load_memory (`bool`, *optional*, defaults to `True`): load a saved memory (needs
+                `transformers_spring.memory.LoGoMemory`).
+            memory_kwargs (`dict`, *optional*): passed to `LoGoMemory.from_pretrained` (e.g. `encoder=` for a memory
+                saved with a custom encoder).
+            is_trainable (`bool`, *optional*, defaults to `False`): load adapters trainable.
+            revision, token: Hub options.
+            hf_kwargs: passed to `AutoModelForCausalLM.from_pretrained` (e.g. `dtype`); `base_model_name_or_path`
+                overrides the saved one.
+        """
+        from transformers import AutoModelForCausalLM
+
+        base_override = hf_kwargs.pop("base_model_name_or_path", None)
+        spring_dir = _resolve_spring_dir(model_id_or_path, revision, token)
+        if spring_dir is not None:
+            config = SpringConfig.from_pretrained(spring_dir)
+            base_id = base_override or config.base_model_name_or_path
+            if not base_id:
+                raise ValueError(
+                    f"{SPRING_CONFIG_NAME} in {model_id_or_path!r} names no base model; pass `base_model_name_or_path=`."
+                )
+            model = AutoModelForCausalLM.from_pretrained(base_id, token=token, **hf_kwargs)
+            adapters_dir = os.path.join(spring_dir, ADAPTERS_DIR)
+            if load_adapters and os.path.isdir(adapters_dir):
+                model = _load_adapters(model, adapters_dir, is_trainable)
+            if memory is None and load_memory and os.path.isdir(os.path.join(spring_dir, MEMORY_DIR)):
+                memory = _load_memory(os.path.join(spring_dir, MEMORY_DIR), memory_kwargs or {})
+            tokenizer_sources = [spring_dir, base_id]
+        else:
+            base_id = base_override or str(model_id_or_path)
+            model = AutoModelForCausalLM.from_pretrained(base_id, revision=revision, token=token, **hf_kwargs)
+            config = SpringConfig()
+            tokenizer_sources = [base_id]
+        if spring_config is not None:
+            config = copy.deepcopy(spring_config)
+        if config.base_model_name_or_path is None:
+            config.base_model_name_or_path = base_id
+        if tokenizer is None:
+            tokenizer = _load_tokenizer(tokenizer_sources)
+        return cls(model, memory=memory, config=config, tokenizer=tokenizer)
+
+
+# -------------------------------------------------------------------------------------------------- module helpers
+def _repeat(names: Sequence[str] | None, expand: int) -> list[str] | None:
+    if names is None:
+        return None
+    return [name for name in names for _ in range(expand)]
+
+
+def _pad_id(generation_config: GenerationConfig, tokenizer: Any) -> int:
+    for value in (generation_config.pad_token_id, getattr(tokenizer, "pad_token_id", None)):
+        if value is not None:
+            return int(value[0] if isinstance(value, (list, tuple)) else value)
+    eos = generation_config.eos_token_id
+    if eos is not None:
+        return int(eos[0] if isinstance(eos, (list, tuple)) else eos)
+    return 0  # masked out anyway
+
+
+def _active_adapter(router: AdapterRouter) -> str | None:
+    """The adapter a non-personalised row uses today: the single active adapter, the base, or None (several)."""
+    layer = next((layer for layer in router.layers if hasattr(layer, "active_adapters")), None)
+    if layer is None:
+        return BASE_ADAPTER
+    if getattr(layer, "disable_adapters", False):
+        return BASE_ADAPTER
+    active = [name for name in layer.active_adapters if name in router.adapters]
+    if not active:
+        return BASE_ADAPTER
+    return active[0] if len(active) == 1 else None
+
+
+def _is_peft_model(model: nn.Module) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return False
+    return isinstance(model, PeftModel)
+
+
+def _base_name_or_path(model: nn.Module) -> str | None:
+    inner = model.get_base_model() if _is_peft_model(model) else model
+    config = getattr(inner, "config", None)
+    name = getattr(config, "_name_or_path", None) or getattr(config, "name_or_path", None)
+    return name or None
+
+
+def _resolve_spring_dir(model_id_or_path, revision, token) -> str | None:
+    """A local directory holding spring_config.json (downloading a Hub repo when needed), or None."""
+    path = os.fspath(model_id_or_path)
+    if os.path.isdir(path):
+        return path if os.path.isfile(os.path.join(path, SPRING_CONFIG_NAME)) else None
+    from huggingface_hub import hf_hub_download, snapshot_download
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
+
+    try:
+        hf_hub_download(path, SPRING_CONFIG_NAME, revision=revision, token=token)
+    except (EntryNotFoundError, LocalEntryNotFoundError, HfHubHTTPError, HFValidationError, OSError, ValueError):
+        return None  # not a Spring repo (or unreachable): treat it as a plain model id
+    return snapshot_download(path, revision=revision, token=token)
+
+
+def _load_adapters(model: nn.Module, adapters_dir: str, is_trainable: bool) -> nn.Module:
+    from peft import PeftModel
+
+    found = []
+    if os.path.isfile(os.path.join(adapters_dir, "adapter_config.json")):
+        found.append(("default", adapters_dir))
+    for name in sorted(os.listdir(adapters_dir)):
+        sub = os.path.join(adapters_dir, name)
+        if os.path.isfile(os.path.join(sub, "adapter_config.json")):
+            found.append((name, sub))
+    if not found:
+        return model
+    (first_name, first_path), rest = found[0], found[1:]
+    model = PeftModel.from_pretrained(model, first_path, adapter_name=first_name, is_trainable=is_trainable)
+    for name, path in rest:
+        model.load_adapter(path, adapter_name=name, is_trainable=is_trainable)
+    return model
+
+
+def _load_memory(path: str, kwargs: dict):
+    try:
+        from transformers_spring.memory import LoGoMemory
+    except ImportError as err:
+        logger.warning(f"A memory is saved in {path} but LoGoMemory cannot be imported ({err}); it is not loaded.")
+        return None
+    return LoGoMemory.from_pretrained(path, **kwargs)
+
+
+def _load_tokenizer(sources: list[str]):
+    from transformers import AutoTokenizer
+
+    for source in sources:
+        try:
+            return AutoTokenizer.from_pretrained(source)
+        except (OSError, ValueError, TypeError):
+            continue
+    logger.warning("No tokenizer could be loaded; pass `tokenizer=` to personalise generation.")
+    return None

@@ -1,0 +1,124 @@
+"""The `personalization=` argument of [`SpringForCausalLM.generate`]."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..memory.interaction import Interaction, MediatedContext, RetrievedItem
+from .config import check_gate, check_weight
+
+
+@dataclass
+class Personalization:
+    r"""
+    Per-call personalization of one row (or of every row, when passed alone).
+
+    Args:
+        user (`str`, *optional*):
+            The user id. `None` means no personalization for the row.
+        query (`str`, *optional*):
+            The retrieval query. Defaults to the row's prompt content (decoded, without chat markers).
+        weight (`float`, *optional*):
+            λ for this call, in `[0, 1]`; overrides the config and the memory's suggestion.
+        top_k (`int`, *optional*):
+            Number of items to retrieve for this call.
+        gate (`float` or `"auto"`, *optional*):
+            Gate for this call (see [`SpringConfig.gate`]).
+        use_global (`bool`, *optional*):
+            Whether the memory may add other users' items for this call.
+        history (list of `RetrievedItem`, `Interaction` or `str`, *optional*):
+            Explicit history to condition on; skips retrieval (the memory is not queried). An empty list closes the
+            gate.
+        retrieval_kwargs (`dict`, *optional*):
+            Extra keyword arguments for `memory.retrieve_context`, e.g. `{"before": "2022-01-01"}` (no temporal
+            leakage) or `{"region": "buffer"}` (SPRInG's replay buffer only).
+    """
+
+    user: str | None = None
+    query: str | None = None
+    weight: float | None = None
+    top_k: int | None = None
+    gate: float | str | None = None
+    use_global: bool | None = None
+    history: list[RetrievedItem | Interaction | str] | None = field(default=None, repr=False)
+    retrieval_kwargs: dict[str, Any] | None = None
+
+    def __post_init__(self):
+        if self.user is not None and (not isinstance(self.user, str) or not self.user.strip()):
+            raise ValueError(f"`Personalization.user` must be a non-empty str or None, got {self.user!r}.")
+        if self.query is not None and not isinstance(self.query, str):
+            raise TypeError(f"`Personalization.query` must be a str, got {type(self.query).__name__}.")
+        if self.weight is not None:
+            self.weight = check_weight(self.weight, "Personalization.weight")
+        if self.top_k is not None and (
+            not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 1
+        ):
+            raise ValueError(f"`Personalization.top_k` must be a positive int, got {self.top_k!r}.")
+        if self.gate is not None:
+            self.gate = check_gate(self.gate, "Personalization.gate")
+        if self.history is not None:
+            if isinstance(self.history, (str, Interaction, RetrievedItem)) or not isinstance(self.history, Sequence):
+                raise TypeError("`Personalization.history` must be a list of RetrievedItem, Interaction or str.")
+            self.history = list(self.history)
+        if self.retrieval_kwargs is not None:
+            if not isinstance(self.retrieval_kwargs, dict):
+                raise TypeError("`Personalization.retrieval_kwargs` must be a dict.")
+            clash = sorted({"user_id", "query", "k", "use_global"} & set(self.retrieval_kwargs))
+            if clash:
+                raise ValueError(f"`Personalization.retrieval_kwargs` must not set {clash}; use the dedicated fields.")
+
+    @property
+    def is_active(self) -> bool:
+        return self.user is not None or self.history is not None
+
+
+@dataclass
+class RowPersonalization:
+    """What [`SpringForCausalLM.generate`] did for one row (see `SpringForCausalLM.last_personalization`)."""
+
+    user: str | None
+    query: str | None = None
+    items: list[Any] = field(default_factory=list, repr=False)
+    weight: float = 0.0
+    adapter: str | None = None
+    context: MediatedContext | None = field(default=None, repr=False)
+    history_ids: list[int] | None = field(default=None, repr=False)
+
+    @property
+    def gate_open(self) -> bool:
+        return bool(self.items) and self.weight > 0
+
+
+def _one(value: Any, where: str) -> Personalization | None:
+    if value is None:
+        return None
+    if isinstance(value, Personalization):
+        return value if value.is_active else None
+    if isinstance(value, str):
+        return Personalization(user=value)
+    if isinstance(value, dict):
+        known = {f.name for f in dataclasses.fields(Personalization)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise TypeError(f"`{where}` has unknown key(s) {unknown}; allowed: {sorted(known)}.")
+        return _one(Personalization(**value), where)
+    raise TypeError(
+        f"`{where}` must be a user id (str), a Personalization, a dict, None, or a list of those (one per row); got "
+        f"{type(value).__name__}."
+    )
+
+
+def normalize_personalization(personalization: Any, batch_size: int) -> list[Personalization | None]:
+    """Turns the `personalization=` argument into one entry per row (None = no personalization for that row)."""
+    if isinstance(personalization, (list, tuple)):
+        if len(personalization) != batch_size:
+            raise ValueError(
+                f"`personalization` has {len(personalization)} entries but the batch has {batch_size} row(s); pass "
+                "one entry per row (None for rows without personalization)."
+            )
+        return [_one(value, f"personalization[{i}]") for i, value in enumerate(personalization)]
+    row = _one(personalization, "personalization")
+    return [row] * batch_size
