@@ -225,4 +225,6 @@ def test_wrapper_early_exit_and_outputs(memory, mode):
     assert len(out.scores) == NEW
     assert streamer.ended and [t for chunk in streamer.chunks[1:] for t in chunk] == out.sequences[0, -NEW:].tolist()
     no_exit = spring(model, memory, mode=mode).generate(**batch, personalization="alice", **kwargs)
-    assert torch.equal(out.sequences[:, : batch["input_ids"].shape[1] + 3], no_exit[:, : batch["input_ids"].shape[1] + 3])
+    assert torch.equal(
+        out.sequences[:, : batch["input_ids"].shape[1] + 3], no_exit[:, : batch["input_ids"].shape[1] + 3]
+    )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import time
 from collections.abc import Sequence
 from contextlib import nullcontext
 from typing import Any
@@ -147,6 +148,7 @@ class SpringForCausalLM(PushToHubMixin, nn.Module):
         if personalization is None:
             return self.base_model.generate(*args, **kwargs)
 
+        started = time.perf_counter()
         input_ids, kwargs = self._pop_input_ids(args, kwargs)
         batch = input_ids.shape[0]
         rows = normalize_personalization(personalization, batch)
@@ -162,14 +164,13 @@ class SpringForCausalLM(PushToHubMixin, nn.Module):
 
         infos = self._retrieve(input_ids, attention_mask, rows)
         self.last_personalization = infos
-        names = self._adapter_names(infos)
-        router = names[0] if names is not None else None
-        names = names[1] if names is not None else None
+        router, names = self._adapter_names(infos) or (None, None)
 
         expand = max(1, generation_config.num_return_sequences or 1)
         open_rows = [i for i, info in enumerate(infos) if info is not None and info.gate_open]
-        self.last_generation_stats = {"open_rows": open_rows, "mode": "plain" if not open_rows else None}
         if not open_rows:
+            # Time spent on retrieval and prompt building before decoding (the whole overhead of a closed gate).
+            self.last_generation_stats = {"mode": "plain", "open_rows": [], "prepare_s": time.perf_counter() - started}
             # Every gate is closed: this *is* plain generation (plus the users' adapters, if any).
             with router.activate(_repeat(names, expand)) if router is not None else nullcontext():
                 return self.base_model.generate(input_ids, **kwargs)
@@ -189,6 +190,7 @@ class SpringForCausalLM(PushToHubMixin, nn.Module):
             kwargs["custom_generate"] = decoder
             if streamer is not None:
                 streamer.put(input_ids.cpu())
+        prepare_s = time.perf_counter() - started
         with router.activate(_repeat(names, expand)) if router is not None else nullcontext():
             output = self.base_model.generate(input_ids, **kwargs)
         self.last_generation_stats = {
@@ -199,6 +201,7 @@ class SpringForCausalLM(PushToHubMixin, nn.Module):
             "history_forward_calls": processor.history_forward_calls,
             "fused_forward_calls": decoder.forward_calls if decoder is not None else 0,
             "early_exit_steps": dict(processor.exit_steps),
+            "prepare_s": prepare_s,
         }
         return output
 
@@ -309,7 +312,7 @@ class SpringForCausalLM(PushToHubMixin, nn.Module):
         default = _active_adapter(router)
         names = []
         for info in infos:
-            if info is None:
+            if info is None or info.user is None:  # not personalised, or explicit history without a user
                 names.append(default)
             else:
                 info.adapter = router.resolve(info.user, self.spring_config.adapter_name_template)
