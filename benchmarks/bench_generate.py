@@ -37,17 +37,12 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
+from transformers_spring.data import DEFAULT_NEWS_PATH  # noqa: E402
 from transformers_spring.generation import Personalization, SpringConfig, SpringForCausalLM  # noqa: E402
 from transformers_spring.memory import Interaction, LoGoMemory  # noqa: E402
 from transformers_spring.utils import load_smollm2  # noqa: E402
 
-DEFAULT_DATA = (
-    Path(__file__).resolve().parents[1].parent
-    / "shared"
-    / "data"
-    / "news-category-v3"
-    / "News_Category_Dataset_v3.first10000.jsonl"
-)
+DEFAULT_DATA = DEFAULT_NEWS_PATH
 TASK = "Write a headline for this news article: {article}"
 BASE = {
     "interpolation_weight": 0.5,
