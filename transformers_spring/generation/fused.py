@@ -73,7 +73,7 @@ class FusedDualPathDecoder:
         if processor not in logits_processor:
             raise ValueError("the fused decoder's processor must be in `logits_processor`.")
         if synced_gpus:
-            raise ValueError("fused dual-path decoding does not support `synced_gpus=True`; use `SpringConfig(mode="processor")`.")
+            raise ValueError("fused dual-path decoding does not support `synced_gpus=True`; use `SpringConfig(mode='processor')`.")
         unsupported = sorted(k for k, v in model_kwargs.items() if v is not None and k not in _HANDLED_MODEL_KWARGS)
         if unsupported:
             raise ValueError(f"fused dual-path decoding does not support the model kwarg(s) {unsupported}.")
