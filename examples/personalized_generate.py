@@ -17,14 +17,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # read at import time by huggingfa
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 import time  # noqa: E402
 from collections import defaultdict  # noqa: E402
+from datetime import UTC, datetime  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
-from transformers_spring.data import DEFAULT_NEWS_PATH  # noqa: E402
+from transformers_spring.data import DEFAULT_NEWS_PATH, read_news_jsonl  # noqa: E402
 from transformers_spring.generation import Personalization, SpringConfig, SpringForCausalLM  # noqa: E402
 from transformers_spring.memory import Interaction, LoGoMemory  # noqa: E402
 from transformers_spring.utils import load_smollm2  # noqa: E402
@@ -41,19 +41,12 @@ SPRING = SpringConfig(
 )
 
 
-def load_news(path: Path) -> dict[str, list[dict]]:
-    """Records per author, newest first (the file's order), skipping empty fields."""
+def load_news(path: Path) -> dict[str, list[Interaction]]:
+    """Items per author, newest first."""
     by_author = defaultdict(list)
-    with open(path, encoding="utf-8") as handle:
-        for line in handle:
-            row = json.loads(line)
-            if row["authors"].strip() and row["short_description"].strip() and row["headline"].strip():
-                by_author[row["authors"].strip()].append(row)
+    for item in reversed(read_news_jsonl(path)):
+        by_author[item.user_id].append(item)
     return by_author
-
-
-def to_interaction(row: dict) -> Interaction:
-    return Interaction(row["authors"].strip(), row["short_description"], row["headline"], timestamp=row["date"])
 
 
 def rouge1(prediction: str, reference: str) -> float:
@@ -84,9 +77,9 @@ def main():
     for author in args.authors:
         latest, *earlier = news[author]
         held_out[author] = latest
-        records += [to_interaction(row) for row in earlier[: args.max_history]]
+        records += earlier[: args.max_history]
     others = [row for author, rows in news.items() if author not in args.authors and len(rows) >= 5 for row in rows]
-    records += [to_interaction(row) for row in others[: args.global_records]]
+    records += others[: args.global_records]
     start = time.perf_counter()
     memory = LoGoMemory(gate=None)  # the packaged all-MiniLM-L6-v2; gating happens in SpringConfig(gate=...)
     memory.add_many(records)
@@ -98,7 +91,7 @@ def main():
 
     for author in args.authors:
         article = held_out[author]
-        messages = [{"role": "user", "content": TASK.format(article=article["short_description"])}]
+        messages = [{"role": "user", "content": TASK.format(article=article.prompt)}]
         inputs = tokenizer.apply_chat_template(
             messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
         )
@@ -108,22 +101,23 @@ def main():
             **inputs,
             personalization=Personalization(
                 user=author,
-                query=article["short_description"],
-                retrieval_kwargs={"before": article["date"]},  # only what the author wrote before this article
+                query=article.prompt,
+                retrieval_kwargs={"before": article.timestamp},  # only what the author wrote before this article
             ),
             **decoding,
         )
         info = spring.last_personalization[0]
         plain_text = tokenizer.decode(plain[0, prompt_len:], skip_special_tokens=True).strip()
         personal_text = tokenizer.decode(personal[0, prompt_len:], skip_special_tokens=True).strip()
-        print(f"\n=== {author} ({article['date']}) ===")
-        print(f"article:          {article['short_description']}")
-        print(f"real headline:    {article['headline']}")
+        date = datetime.fromtimestamp(article.timestamp, tz=UTC).date()
+        print(f"\n=== {author} ({date}) ===")
+        print(f"article:          {article.prompt}")
+        print(f"real headline:    {article.response}")
         for hit in info.items:
             print(f"  retrieved ({hit.source}, {hit.score:.2f}): {hit.interaction.response}")
         print(f"gate open: {info.gate_open}, lambda = {info.weight}, adapter: {info.adapter or 'none'}")
-        print(f"without:          {plain_text}   [ROUGE-1 {rouge1(plain_text, article['headline']):.2f}]")
-        print(f"with:             {personal_text}   [ROUGE-1 {rouge1(personal_text, article['headline']):.2f}]")
+        print(f"without:          {plain_text}   [ROUGE-1 {rouge1(plain_text, article.response):.2f}]")
+        print(f"with:             {personal_text}   [ROUGE-1 {rouge1(personal_text, article.response):.2f}]")
 
 
 if __name__ == "__main__":

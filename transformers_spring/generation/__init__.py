@@ -2,6 +2,7 @@
 
 from .adapters import AdapterRouter
 from .config import SPRING_CONFIG_NAME, SpringConfig
+from .cpu_linear import skinny_cpu_linear
 from .fused import FusedDualPathDecoder
 from .logits_process import RetrievalInterpolationLogitsProcessor, js_divergence
 from .model import SpringForCausalLM
@@ -19,4 +20,5 @@ __all__ = [
     "SpringConfig",
     "SpringForCausalLM",
     "js_divergence",
+    "skinny_cpu_linear",
 ]

@@ -186,7 +186,13 @@ class SpringForCausalLM(PushToHubMixin, nn.Module):
         if self.spring_config.mode == "fused":
             # generate() does not hand `streamer` to a custom_generate callable: the decoder gets it directly.
             streamer = kwargs.pop("streamer", None)
-            decoder = FusedDualPathDecoder(processor, router, _repeat(names, expand) if names else None, streamer)
+            decoder = FusedDualPathDecoder(
+                processor,
+                router,
+                _repeat(names, expand) if names else None,
+                streamer,
+                skinny_cpu_linear=self.spring_config.skinny_cpu_linear,
+            )
             kwargs["custom_generate"] = decoder
             if streamer is not None:
                 streamer.put(input_ids.cpu())
