@@ -2,11 +2,16 @@
 
 __version__ = "0.1.0.dev0"
 
+from .data import read_news_jsonl  # noqa: E402
 from .generation import (  # noqa: E402
+    AdapterRouter,
+    FusedDualPathDecoder,
+    HistoryPromptBuilder,
     Personalization,
     RetrievalInterpolationLogitsProcessor,
     SpringConfig,
     SpringForCausalLM,
+    skinny_cpu_linear,
 )
 from .memory import (  # noqa: E402
     BM25Index,
@@ -19,10 +24,25 @@ from .memory import (  # noqa: E402
     RetrievedItem,
     resolve_encoder,
 )
+from .training import (  # noqa: E402
+    BaseLogProbCache,
+    ContinualPersonalizer,
+    SpringPeriodOutput,
+    SpringTrainer,
+    SpringTrainingArguments,
+    drift_scores,
+    find_lora_target_modules,
+)
+from .utils import load_smollm2  # noqa: E402
 
 __all__ = [
+    "AdapterRouter",
     "BM25Index",
+    "BaseLogProbCache",
+    "ContinualPersonalizer",
+    "FusedDualPathDecoder",
     "HashingEncoder",
+    "HistoryPromptBuilder",
     "Interaction",
     "LoGoMemory",
     "MediatedContext",
@@ -33,6 +53,14 @@ __all__ = [
     "RetrievedItem",
     "SpringConfig",
     "SpringForCausalLM",
+    "SpringPeriodOutput",
+    "SpringTrainer",
+    "SpringTrainingArguments",
     "__version__",
+    "drift_scores",
+    "find_lora_target_modules",
+    "load_smollm2",
+    "read_news_jsonl",
     "resolve_encoder",
+    "skinny_cpu_linear",
 ]

@@ -257,7 +257,7 @@ class LoGoMemory(
         """A user's pinned buffer records (SPRInG's residual buffer), in the order they were set."""
         with self._lock:
             local = self._locals.get(check_user_id(user_id))
-            return [local.buffer.records[i] for i in local.buffer.ids] if local else []
+            return [local.buffer.records[i] for i in local.buffer.ids] if local is not None else []
 
     def history_embeddings(self, user_id: str) -> tuple[list[Interaction], np.ndarray]:
         """A user's history records in write order and a copy of their normalised embeddings, `(n, dim)`."""
@@ -431,7 +431,7 @@ class LoGoMemory(
     def buffer_scores(self, user_id: str) -> dict[str, float]:
         with self._lock:
             local = self._locals.get(user_id)
-            return dict(local.buffer.extras) if local else {}
+            return dict(local.buffer.extras) if local is not None else {}
 
     # ------------------------------------------------------------------ reads
     def retrieve_context(
@@ -472,7 +472,7 @@ class LoGoMemory(
         query_vector = self._encode([query])[0]
         with self._lock:
             local = self._locals.get(user_id)
-            hits = local.search(query_vector, query, k, self.scorer, region, before) if local else []
+            hits = local.search(query_vector, query, k, self.scorer, region, before) if local is not None else []
             passed, threshold = self.gate(hits)
             global_hits = []
             if self.use_global if use_global is None else use_global:

@@ -1,0 +1,90 @@
+"""Runs SPRInG on a tiny model and writes what it did as JSON, one file per process (`<out>/rank<i>.json`).
+
+`python dist_selection_script.py OUT`: one period (period 1) of one user, from a fixed previous adapter.
+`python dist_selection_script.py OUT continual`: a ContinualPersonalizer over 2 users x 2 periods with one resident
+adapter (trainers re-wrap the same model in DDP again and again), then a save from the main process.
+
+Launched by `test_distributed_training.py` as a plain process and with 2 processes.
+"""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+from accelerate import PartialState  # noqa: E402
+from peft import LoraConfig  # noqa: E402
+from training_testing import make_args, make_interactions, make_memory, make_model, make_tokenizer  # noqa: E402
+
+from transformers_spring.training import SpringTrainer  # noqa: E402
+from transformers_spring.training.lora import create_adapter  # noqa: E402
+
+
+def continual(out_dir: str) -> None:
+    import hashlib
+
+    from transformers_spring.training import ContinualPersonalizer
+
+    torch.set_num_threads(1)
+    state = PartialState()
+    args = make_args(Path(out_dir), buffer_size=3, per_device_train_batch_size=2)
+    personalizer = ContinualPersonalizer(
+        make_model("llama"), make_tokenizer(), args, make_memory(), max_resident_adapters=1
+    )
+    selected = {}
+    for period in range(2):
+        for user in ("alice", "bob"):
+            output = personalizer.observe(user, make_interactions(user, 7, start=100 * period))
+            selected[f"{user}/{period}"] = output.selected_ids
+    digests = {}
+    for user in ("alice", "bob"):
+        weights = personalizer.state_dict(user)
+        digests[user] = hashlib.sha256(b"".join(weights[k].numpy().tobytes() for k in sorted(weights))).hexdigest()
+    personalizer.save_pretrained(Path(out_dir) / "state")
+    result = {"num_processes": state.num_processes, "selected": selected, "digests": digests}
+    with open(os.path.join(out_dir, f"rank{state.process_index}.json"), "w") as handle:
+        json.dump(result, handle)
+    state.wait_for_everyone()
+
+
+def main(out_dir: str) -> None:
+    torch.set_num_threads(1)
+    state = PartialState()
+    # The same "previous" adapter in every run: a fixed non-zero LoRA, so that the scores are distinct.
+    model = create_adapter(
+        make_model("llama"), "alice", LoraConfig(r=8, lora_alpha=8, target_modules=["q_proj", "v_proj"]), 0
+    )
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+    memory = make_memory(buffer_size=4)
+    memory.set_buffer("alice", make_interactions("alice", 3, start=500), scores=[0.0, 0.0, 0.0])
+    args = make_args(Path(out_dir), scoring_batch_size=2, buffer_size=4, per_device_train_batch_size=2)
+    trainer = SpringTrainer(
+        model=model, args=args, user_id="alice", period=1, train_interactions=make_interactions("alice", 13),
+        memory=memory, processing_class=make_tokenizer(),
+    )  # fmt: skip
+    output = trainer.run_period()
+    result = {
+        "num_processes": state.num_processes,
+        "selected_ids": output.selected_ids,
+        "scores": output.scores,
+        "buffer_ids": output.buffer_ids,
+        "steps": output.train_output.global_step,
+    }
+    with open(os.path.join(out_dir, f"rank{state.process_index}.json"), "w") as handle:
+        json.dump(result, handle)
+    state.wait_for_everyone()
+
+
+if __name__ == "__main__":
+    if sys.argv[2:] == ["continual"]:
+        continual(sys.argv[1])
+    else:
+        main(sys.argv[1])

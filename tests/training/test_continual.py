@@ -1,0 +1,254 @@
+import json
+from unittest import mock
+
+import pytest
+import torch
+from huggingface_hub import HfApi
+from training_testing import make_args, make_interactions, make_memory, make_model, make_tokenizer
+
+from transformers_spring.memory import HashingEncoder
+from transformers_spring.training import ContinualPersonalizer
+
+USERS = ("alice", "bob", "carol")
+
+
+def stream(user, period, n=6):
+    return make_interactions(user, n, start=100 * period)
+
+
+def personalizer(tmp_path, **kwargs):
+    kwargs.setdefault("max_resident_adapters", 8)
+    args = kwargs.pop("args", None) or make_args(tmp_path, buffer_size=3)
+    return ContinualPersonalizer(make_model("llama"), make_tokenizer(), args, make_memory(), **kwargs)
+
+
+def adapters_of(p):
+    return {user: p.state_dict(user) for user in p.users}
+
+
+def assert_same_adapters(a, b):
+    assert a.keys() == b.keys()
+    for user in a:
+        assert a[user].keys() == b[user].keys()
+        for key in a[user]:
+            assert torch.equal(a[user][key], b[user][key]), (user, key)
+
+
+def test_observe_counts_periods_and_keeps_buffers(tmp_path):
+    p = personalizer(tmp_path)
+    assert p.period("alice") == 0
+    out0 = p.observe("alice", stream("alice", 0))
+    assert out0.period == 0 and len(out0.selected_ids) == 6 and p.period("alice") == 1
+    out1 = p.observe("alice", stream("alice", 1))
+    assert out1.period == 1 and len(out1.selected_ids) == 2 and p.period("alice") == 2
+    assert [i.id for i in p.memory.buffer("alice")] == out1.buffer_ids
+    assert p.users == ["alice"] and p.adapter_name("alice") == "alice"
+
+
+def test_bounded_residency_is_bit_exact(tmp_path):
+    resident = personalizer(tmp_path / "a", max_resident_adapters=8)
+    swapping = personalizer(tmp_path / "b", max_resident_adapters=1)
+    for period in range(3):
+        for user in USERS:
+            resident.observe(user, stream(user, period))
+            swapping.observe(user, stream(user, period))
+            assert len(swapping.resident_users) == 1 and swapping.resident_users == [user]
+            assert len(swapping.model.peft_config) == 1
+    assert resident.resident_users == list(USERS)
+    assert_same_adapters(adapters_of(resident), adapters_of(swapping))
+    for user in USERS:
+        assert [i.id for i in resident.memory.buffer(user)] == [i.id for i in swapping.memory.buffer(user)]
+
+
+def test_training_one_user_leaves_the_others_bit_identical(tmp_path):
+    p = personalizer(tmp_path, max_resident_adapters=2)
+    for user in USERS:
+        p.observe(user, stream(user, 0))
+    before = adapters_of(p)
+    p.observe("bob", stream("bob", 1))
+    after = adapters_of(p)
+    for user in ("alice", "carol"):
+        assert all(torch.equal(before[user][k], after[user][k]) for k in before[user])
+    assert any(not torch.equal(before["bob"][k], after["bob"][k]) for k in before["bob"])
+
+
+def test_save_load_continue_equals_uninterrupted(tmp_path):
+    straight = personalizer(tmp_path / "a", max_resident_adapters=2)
+    resumed = personalizer(tmp_path / "b", max_resident_adapters=2)
+    for period in range(2):
+        for user in USERS:
+            straight.observe(user, stream(user, period))
+            resumed.observe(user, stream(user, period))
+    resumed.save_pretrained(tmp_path / "state")
+    del resumed
+    loaded = ContinualPersonalizer.from_pretrained(
+        tmp_path / "state", model=make_model("llama"), memory_kwargs={"encoder": HashingEncoder(32)}
+    )
+    assert loaded.users == list(USERS) and [loaded.period(u) for u in USERS] == [2, 2, 2]
+    assert loaded.resident_users == [] and loaded.args.buffer_size == 3 and loaded.args.learning_rate == 5e-2
+    assert loaded.max_resident_adapters == 2
+    for user in USERS:
+        assert [i.id for i in loaded.memory.buffer(user)] == [i.id for i in straight.memory.buffer(user)]
+    for user in USERS:
+        a = straight.observe(user, stream(user, 2))
+        b = loaded.observe(user, stream(user, 2))
+        assert a.selected_ids == b.selected_ids and a.buffer_ids == b.buffer_ids
+        assert a.scores == b.scores  # the base log-prob cache came back exactly
+    # Exact, not approximate: the same seeds, the same data order and bit-exact safetensors round trips.
+    assert_same_adapters(adapters_of(straight), adapters_of(loaded))
+
+
+def test_saved_layout_is_peft_multi_adapter(tmp_path):
+    from peft import PeftModel
+
+    p = personalizer(tmp_path, max_resident_adapters=1)
+    for user in ("alice", "Ron Dicker"):
+        p.observe(user, make_interactions(user, 4, prefix=user.replace(" ", "")))
+    p.save_pretrained(tmp_path / "state")
+    root = tmp_path / "state"
+    for name in ("alice", "Ron_Dicker"):
+        assert (root / "adapters" / name / "adapter_model.safetensors").is_file()
+    for name in ("continual_state.json", "training_args.json", "base_logprobs.json", "spring_config.json",
+                 "README.md", "memory/config.json"):  # fmt: skip
+        assert (root / name).is_file(), name
+    state = json.loads((root / "continual_state.json").read_text())
+    assert state["users"]["Ron Dicker"] == {"adapter": "Ron_Dicker", "next_period": 1, "num_observed": 4}
+    for user, name in (("alice", "alice"), ("Ron Dicker", "Ron_Dicker")):
+        loaded = PeftModel.from_pretrained(make_model("llama"), root / "adapters", subfolder=name, adapter_name=name)
+        from peft import get_peft_model_state_dict
+
+        got = get_peft_model_state_dict(loaded, adapter_name=name)
+        expected = p.state_dict(user)
+        assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
+
+
+def test_spring_model_routes_users_to_their_adapters(tmp_path):
+    p = personalizer(tmp_path)
+    p.observe("alice", stream("alice", 0))
+    p.observe("bob", stream("bob", 0))
+    spring = p.to_spring_model()
+    tok = p.tokenizer
+    inputs = tok.apply_chat_template([{"role": "user", "content": "cats w1"}], add_generation_prompt=True,
+                                     return_tensors="pt", return_dict=True)  # fmt: skip
+    out = spring.generate(**inputs, personalization="bob", max_new_tokens=3, do_sample=False)
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 3
+    assert spring.last_personalization[0].adapter == "bob"
+
+
+def test_directory_loads_as_spring_for_causal_lm(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from transformers_spring.generation import SpringForCausalLM
+
+    make_model("llama").save_pretrained(tmp_path / "base")
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    p = ContinualPersonalizer(base, make_tokenizer(), make_args(tmp_path, buffer_size=3), make_memory())
+    p.observe("alice", stream("alice", 0))
+    p.observe("alice", stream("alice", 1))
+    p.save_pretrained(tmp_path / "state")
+    spring = SpringForCausalLM.from_pretrained(tmp_path / "state", memory_kwargs={"encoder": HashingEncoder(32)})
+    assert "alice" in spring.base_model.peft_config
+    assert [i.id for i in spring.memory.buffer("alice")] == [i.id for i in p.memory.buffer("alice")]
+
+
+def test_push_to_hub_is_one_private_commit(tmp_path):
+    p = personalizer(tmp_path)
+    p.observe("alice", stream("alice", 0))
+    uploaded = {}
+
+    def fake_upload(self, *, repo_id, folder_path, **kwargs):
+        from pathlib import Path
+
+        uploaded["files"] = sorted(
+            str(f.relative_to(folder_path)) for f in Path(folder_path).rglob("*") if f.is_file()
+        )
+        uploaded["repo_id"] = repo_id
+        return "commit"
+
+    create = mock.MagicMock(return_value=mock.Mock(repo_id="me/spring"))
+    with (
+        mock.patch.object(HfApi, "create_repo", create),
+        mock.patch.object(HfApi, "upload_folder", autospec=True, side_effect=fake_upload) as upload,
+    ):
+        assert p.push_to_hub("me/spring") == "commit"
+    assert upload.call_count == 1 and create.call_args.kwargs["private"] is True
+    assert uploaded["repo_id"] == "me/spring"
+    assert (
+        "continual_state.json" in uploaded["files"] and "adapters/alice/adapter_model.safetensors" in uploaded["files"]
+    )
+
+
+def test_interrupted_save_keeps_the_previous_version(tmp_path):
+    p = personalizer(tmp_path)
+    p.observe("alice", stream("alice", 0))
+    target = tmp_path / "state"
+    p.save_pretrained(target)
+    p.observe("alice", stream("alice", 1))
+
+    def crash(directory, save_tokenizer):
+        directory.mkdir(parents=True)
+        (directory / "partial").write_text("x")
+        raise OSError("disk full")
+
+    with mock.patch.object(p, "_write", side_effect=crash), pytest.raises(OSError, match="disk full"):
+        p.save_pretrained(target)
+    state = json.loads((target / "continual_state.json").read_text())
+    assert state["users"]["alice"]["next_period"] == 1  # the previous version is intact
+    assert sorted(x.name for x in tmp_path.iterdir() if x.name.startswith(".state")) == []
+    p.save_pretrained(target)
+    assert json.loads((target / "continual_state.json").read_text())["users"]["alice"]["next_period"] == 2
+
+
+def test_bad_inputs_are_clear_and_lose_nothing(tmp_path):
+    p = personalizer(tmp_path)
+    p.observe("alice", stream("alice", 0))
+    before = p.state_dict("alice")
+    with pytest.raises(KeyError, match="unknown user 'zoe'"):
+        p.adapter_name("zoe")
+    with pytest.raises(KeyError, match="unknown user 'zoe'"):
+        p.state_dict("zoe")
+    with pytest.raises(ValueError, match=r"interactions\[0\]\.user_id"):
+        p.observe("alice", stream("bob", 1))
+    with pytest.raises(ValueError, match=r"missing"):
+        p.observe("alice", [{"user_id": "alice", "prompt": "w1"}])
+    with pytest.raises(TypeError, match="user_id"):
+        p.observe(42, stream("alice", 1))
+    out = p.observe("alice", [])
+    assert out.skipped and p.period("alice") == 1
+    p.observe("a b", make_interactions("a b", 2, prefix="ab"))
+    with pytest.raises(ValueError, match="same adapter name 'a_b'"):
+        p.observe("a_b", make_interactions("a_b", 2))
+    after = p.state_dict("alice")
+    assert all(torch.equal(before[k], after[k]) for k in before) and p.period("alice") == 1
+    with pytest.raises(FileNotFoundError):
+        ContinualPersonalizer.from_pretrained(tmp_path / "nothing-here", model=make_model("llama"))
+    with pytest.raises(ValueError, match="max_resident_adapters"):
+        personalizer(tmp_path, max_resident_adapters=0)
+
+
+def test_failed_first_period_can_be_retried(tmp_path):
+    from transformers import TrainerCallback
+
+    class Boom(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            raise RuntimeError("boom")
+
+    clean = personalizer(tmp_path / "a")
+    clean.observe("alice", stream("alice", 0))
+    p = personalizer(tmp_path / "b")
+    with pytest.raises(RuntimeError, match="boom"):
+        p.observe("alice", stream("alice", 0), callbacks=[Boom()])  # the very first adapter: peft cannot delete it
+    assert p.users == [] and p.period("alice") == 0
+    p.observe("alice", stream("alice", 0))
+    assert_same_adapters(adapters_of(clean), adapters_of(p))
+
+
+def test_users_keep_their_order_through_save_and_load(tmp_path):
+    p = personalizer(tmp_path)
+    for user in ("zoe", "alice", "mike"):
+        p.observe(user, make_interactions(user, 2))
+    p.save_pretrained(tmp_path / "state")
+    loaded = ContinualPersonalizer.from_pretrained(
+        tmp_path / "state", model=make_model("llama"), memory_kwargs={"encoder": HashingEncoder(32)}
+    )
+    assert loaded.users == ["zoe", "alice", "mike"]

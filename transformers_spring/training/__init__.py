@@ -1,0 +1,41 @@
+"""SPRInG's parametric half: drift-selective per-user LoRA updates with a residual replay buffer."""
+
+from .continual import ContinualPersonalizer
+from .data import EncodedSample, SpringDataCollator, SpringDataset, SpringFormatter
+from .drift import (
+    BaseLogProbCache,
+    DriftScores,
+    LogProb,
+    compute_logprobs,
+    drift_score,
+    drift_scores,
+    num_selected,
+    response_nll,
+    select_top,
+)
+from .lora import adapter_name_for, build_lora_config, find_lora_target_modules
+from .spring_config import SpringTrainingArguments
+from .spring_trainer import SpringPeriodOutput, SpringTrainer
+
+__all__ = [
+    "BaseLogProbCache",
+    "ContinualPersonalizer",
+    "DriftScores",
+    "EncodedSample",
+    "LogProb",
+    "SpringDataCollator",
+    "SpringDataset",
+    "SpringFormatter",
+    "SpringPeriodOutput",
+    "SpringTrainer",
+    "SpringTrainingArguments",
+    "adapter_name_for",
+    "build_lora_config",
+    "compute_logprobs",
+    "drift_score",
+    "drift_scores",
+    "find_lora_target_modules",
+    "num_selected",
+    "response_nll",
+    "select_top",
+]

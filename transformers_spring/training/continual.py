@@ -1,0 +1,612 @@
+"""`ContinualPersonalizer`: SPRInG updates for many users over time, with bounded resident adapters and persistence."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+import uuid
+import weakref
+from collections import OrderedDict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers.utils import logging
+
+from .. import __version__
+from ..generation.config import SpringConfig
+from ..memory.interaction import Interaction, check_user_id
+from .data import coerce_interactions
+from .drift import BaseLogProbCache
+from .lora import adapter_name_for, adapter_names, is_peft_model
+from .spring_config import SPRING_FIELDS, SpringTrainingArguments
+from .spring_trainer import SpringPeriodOutput, SpringTrainer
+
+logger = logging.get_logger(__name__)
+
+STATE_FILE = "continual_state.json"
+ARGS_FILE = "training_args.json"
+CACHE_FILE = "base_logprobs.json"
+ADAPTERS_DIR = "adapters"  # the same layout SpringForCausalLM.save_pretrained writes and from_pretrained reads
+MEMORY_DIR = "memory"
+FORMAT_VERSION = 1
+_OLD_SUFFIX = ".spring-old-"
+
+_MODEL_CARD = """---
+library_name: transformers_spring
+tags:
+- transformers_spring
+- spring
+- personalization
+- lora
+{base_model_line}---
+
+# SPRInG continual personalization state
+
+Per-user LoRA adapters (`adapters/<user>/`, peft layout), their residual replay buffers (`memory/`), the base
+log-prob cache and the per-user period counters, saved by
+[`transformers_spring`](https://pypi.org/project/transformers-spring/) for {num_users} user(s).
+
+```python
+from transformers_spring import ContinualPersonalizer, SpringForCausalLM
+
+personalizer = ContinualPersonalizer.from_pretrained("<this repo or directory>", model=base_model)  # resume
+model = SpringForCausalLM.from_pretrained("<this repo or directory>")  # or generate with every adapter loaded
+```
+
+One user's adapter alone: `PeftModel.from_pretrained(base_model, "<dir>/adapters", subfolder="<user>",
+adapter_name="<user>")`.
+
+**Privacy:** adapters and buffers are derived from users' own text. Share them only with their consent.
+"""
+
+
+class ContinualPersonalizer:
+    r"""
+    SPRInG for many users over time: call [`~ContinualPersonalizer.observe`] with each user's new interactions, once
+    per period; it runs a [`SpringTrainer`] (score → select → train → rebuild the buffer) on that user's adapter and
+    counts the user's periods (the first call is period 0, which trains on everything).
+
+    All users share one base model; each has a LoRA adapter in it named after the user (the name
+    [`SpringForCausalLM`] routes `personalization=user_id` to). Only `max_resident_adapters` adapters stay loaded
+    (least recently used first out): peft's `add_adapter` and `set_adapter` get slower with every adapter loaded, so
+    the rest are offloaded to disk and loaded back when their user comes again (a bit-exact safetensors round trip).
+    Swapping uses peft's load/delete rather than `hotswap_adapter`, because routing at generation is by adapter name
+    and a hot-swapped slot would keep its old name.
+
+    Everything is saved by [`~ContinualPersonalizer.save_pretrained`] (atomically) and resumed by
+    [`~ContinualPersonalizer.from_pretrained`]:
+
+    ```
+    <dir>/adapters/<user>/adapter_config.json, adapter_model.safetensors   # peft multi-adapter layout
+    <dir>/memory/                                                          # LoGoMemory with the residual buffers
+    <dir>/continual_state.json                                             # users, adapter names, period counters
+    <dir>/training_args.json, base_logprobs.json, spring_config.json, README.md, tokenizer files
+    ```
+
+    The directory is also a [`SpringForCausalLM`] checkpoint (`SpringForCausalLM.from_pretrained(dir)` loads every
+    adapter and the memory), and one user's adapter loads with
+    `PeftModel.from_pretrained(base, f"{dir}/adapters", subfolder=user, adapter_name=user)`.
+
+    Args:
+        model (`PreTrainedModel` or `PeftModel`):
+            The base causal LM (it is wrapped with peft at the first user; `personalizer.model` is the wrapped one).
+        tokenizer (`PreTrainedTokenizerBase`):
+            Its tokenizer.
+        args ([`SpringTrainingArguments`], *optional*):
+            Training and SPRInG settings for every user; defaults to the paper's, with `output_dir` in a temporary
+            directory.
+        memory (`LoGoMemory`, *optional*):
+            Holds the residual buffers. Defaults to a `LoGoMemory(scorer="bm25", gate=None,
+            buffer_size=args.buffer_size)` (SPRInG retrieves from the buffer with BM25) with the default encoder.
+        spring_config ([`SpringConfig`], *optional*):
+            Decoding settings used by [`~ContinualPersonalizer.to_spring_model`] and saved with the state.
+        max_resident_adapters (`int`, *optional*, defaults to 8):
+            How many user adapters stay loaded in the model.
+        offload_dir (`str`, *optional*):
+            Where offloaded adapters are kept; a private temporary directory (removed with the object) by default.
+        callbacks (`list[TrainerCallback]`, *optional*):
+            Passed to every [`SpringTrainer`].
+        score_cache ([`BaseLogProbCache`], *optional*):
+            Base log-probs already computed.
+
+    Example:
+
+    ```python
+    >>> personalizer = ContinualPersonalizer(model, tokenizer, SpringTrainingArguments(output_dir="out"), memory)
+    >>> for period in periods:
+    ...     for user, items in period.items():
+    ...         personalizer.observe(user, items)
+    >>> personalizer.save_pretrained("spring-state")
+    >>> spring = personalizer.to_spring_model()
+    >>> spring.generate(**inputs, personalization="alice")
+    ```
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        args: SpringTrainingArguments | None = None,
+        memory: Any = None,
+        *,
+        spring_config: SpringConfig | None = None,
+        max_resident_adapters: int = 8,
+        offload_dir: str | os.PathLike | None = None,
+        callbacks: list | None = None,
+        score_cache: BaseLogProbCache | None = None,
+    ):
+        if model is None or not isinstance(model, torch.nn.Module):
+            raise TypeError(f"`model` must be a causal LM (nn.Module), got {type(model).__name__}.")
+        if tokenizer is None or not callable(tokenizer):
+            raise TypeError(f"`tokenizer` must be a tokenizer, got {type(tokenizer).__name__}.")
+        if isinstance(max_resident_adapters, bool) or not isinstance(max_resident_adapters, int):
+            raise TypeError(f"`max_resident_adapters` must be an int, got {type(max_resident_adapters).__name__}.")
+        if max_resident_adapters < 1:
+            raise ValueError(f"`max_resident_adapters` must be >= 1, got {max_resident_adapters}.")
+        if spring_config is not None and not isinstance(spring_config, SpringConfig):
+            raise TypeError(f"`spring_config` must be a SpringConfig, got {type(spring_config).__name__}.")
+        if offload_dir is None:
+            self._workdir = Path(tempfile.mkdtemp(prefix="spring-personalizer-"))
+            self._cleanup = weakref.finalize(self, shutil.rmtree, str(self._workdir), True)
+        else:
+            self._workdir = Path(offload_dir)
+            self._workdir.mkdir(parents=True, exist_ok=True)
+        if args is None:
+            args = SpringTrainingArguments(output_dir=str(self._workdir / "trainer_output"))
+        if not isinstance(args, SpringTrainingArguments):
+            raise TypeError(f"`args` must be a SpringTrainingArguments, got {type(args).__name__}.")
+        if memory is None:
+            from ..memory import LoGoMemory
+
+            memory = LoGoMemory(scorer="bm25", gate=None, buffer_size=max(args.buffer_size, 1))
+        self.model = model
+        self.tokenizer = tokenizer
+        self.args = args
+        self.memory = memory
+        self.spring_config = spring_config
+        self.max_resident_adapters = max_resident_adapters
+        self.callbacks = callbacks
+        self.score_cache = score_cache if score_cache is not None else BaseLogProbCache(_base_name(model))
+        self._users: dict[str, dict[str, Any]] = {}
+        self._resident: OrderedDict[str, bool] = OrderedDict()  # adapter name -> changed since last offloaded
+        self._offloaded: dict[str, Path] = {}  # adapter name -> its latest copy on disk
+        self._offload_root = self._workdir / "offloaded"
+        # Adapters a failed first period left behind (peft cannot delete a model's only adapter); they hold their
+        # fresh initial weights again, so the user's next period 0 reuses them.
+        self._orphans: set[str] = set()
+
+    # ------------------------------------------------------------------------------------------------ users
+    @property
+    def users(self) -> list[str]:
+        """Users with an adapter, in first-observed order."""
+        return list(self._users)
+
+    @property
+    def resident_users(self) -> list[str]:
+        """Users whose adapter is loaded in the model, least recently used first."""
+        by_name = {entry["adapter"]: user for user, entry in self._users.items()}
+        return [by_name[name] for name in self._resident if name in by_name]
+
+    def period(self, user_id: str) -> int:
+        """The period index the user's next [`~ContinualPersonalizer.observe`] call will run (0 for a new user)."""
+        entry = self._users.get(check_user_id(user_id))
+        return entry["next_period"] if entry else 0
+
+    def adapter_name(self, user_id: str) -> str:
+        """The user's adapter name in `model`. Raises `KeyError` for an unknown user."""
+        return self._entry(user_id)["adapter"]
+
+    def _entry(self, user_id: str) -> dict[str, Any]:
+        user_id = check_user_id(user_id)
+        if user_id not in self._users:
+            raise KeyError(f"unknown user {user_id!r}: no period was observed for it (known: {len(self._users)}).")
+        return self._users[user_id]
+
+    def state_dict(self, user_id: str) -> dict[str, torch.Tensor]:
+        """A copy of the user's adapter weights (peft state-dict keys), loading it from disk when offloaded."""
+        from peft import get_peft_model_state_dict
+
+        name = self.load_user(user_id)
+        return {k: v.detach().clone() for k, v in get_peft_model_state_dict(self.model, adapter_name=name).items()}
+
+    # ------------------------------------------------------------------------------------------------ periods
+    def observe(
+        self,
+        user_id: str,
+        interactions: Sequence[Interaction | dict],
+        *,
+        eval_interactions: Sequence[Interaction | dict] | None = None,
+        **trainer_kwargs,
+    ) -> SpringPeriodOutput:
+        """Runs the user's next SPRInG period on `interactions` (the period's new training samples).
+
+        Args:
+            user_id (`str`): the user; new users start at period 0.
+            interactions (`Sequence[Interaction | dict]`): the user's new samples, all with this `user_id`. An empty
+                sequence is a logged no-op (the period counter does not move).
+            eval_interactions (`Sequence[Interaction | dict]`, *optional*): held-out samples for the trainer.
+            trainer_kwargs: passed to [`SpringTrainer`].
+
+        Returns:
+            [`SpringPeriodOutput`]. On any error the user's adapter, buffer and period counter are unchanged.
+        """
+        user_id = check_user_id(user_id)
+        records = coerce_interactions(interactions, user_id, "interactions")
+        name = adapter_name_for(user_id)
+        entry = self._users.get(user_id)
+        clash = next((u for u, e in self._users.items() if e["adapter"] == name and u != user_id), None)
+        if clash is not None:
+            raise ValueError(
+                f"`user_id` {user_id!r} and {clash!r} map to the same adapter name {name!r}; use ids that differ in "
+                "[A-Za-z0-9_-] characters."
+            )
+        if entry is None and name in adapter_names(self.model) and name not in self._orphans:
+            raise ValueError(
+                f"the model already has an adapter named {name!r} that this personalizer does not manage; "
+                f"new user {user_id!r} would overwrite it."
+            )
+        period = entry["next_period"] if entry else 0
+        if not records:
+            logger.info(f"user {user_id!r}: empty period; nothing to do (next period stays {period}).")
+            return SpringPeriodOutput(user_id, period, name, skipped=True)
+        if entry is not None:
+            self._make_resident(name)
+        callbacks = list(self.callbacks or []) + list(trainer_kwargs.pop("callbacks", None) or [])
+        trainer = SpringTrainer(
+            model=self.model,
+            args=self.args,
+            user_id=user_id,
+            period=period,
+            train_interactions=records,
+            memory=self.memory,
+            processing_class=self.tokenizer,
+            score_cache=self.score_cache,
+            adapter_name=name,
+            eval_interactions=eval_interactions,
+            callbacks=callbacks or None,
+            **trainer_kwargs,
+        )
+        try:
+            output = trainer.run_period()
+        except BaseException:
+            if entry is None and name in adapter_names(trainer.model):
+                self._orphans.add(name)
+            raise
+        finally:
+            self.model = trainer.model  # wrapped with peft at the first user
+        self._orphans.discard(name)
+        self._users[user_id] = {
+            "adapter": name,
+            "next_period": period + 1,
+            "num_observed": (entry["num_observed"] if entry else 0) + len(records),
+        }
+        self._resident[name] = True
+        self._resident.move_to_end(name)
+        self._evict(protect=name)
+        return output
+
+    # ------------------------------------------------------------------------------------------------ residency
+    def load_user(self, user_id: str) -> str:
+        """Makes the user's adapter resident (loading it from disk if offloaded); returns its name."""
+        name = self._entry(user_id)["adapter"]
+        self._make_resident(name)
+        return name
+
+    def _make_resident(self, name: str) -> None:
+        if name in self._resident:
+            self._resident.move_to_end(name)
+            return
+        path = self._offloaded.get(name)
+        if path is None:
+            raise KeyError(f"adapter {name!r} is neither loaded nor offloaded.")
+        if is_peft_model(self.model):
+            self.model.load_adapter(str(path), adapter_name=name, is_trainable=True)
+        else:
+            from peft import PeftModel
+
+            self.model = PeftModel.from_pretrained(self.model, str(path), adapter_name=name, is_trainable=True)
+        self.model.set_adapter(name)  # never leave a soon-evicted adapter active
+        self._resident[name] = False
+        self._evict(protect=name)
+
+    def _evict(self, protect: str) -> None:
+        while len(self._resident) > self.max_resident_adapters:
+            victim = next(name for name in self._resident if name != protect)
+            if self._resident[victim] or victim not in self._offloaded:
+                self._offload_root.mkdir(parents=True, exist_ok=True)
+                self.model.save_pretrained(str(self._offload_root), selected_adapters=[victim])
+                self._offloaded[victim] = self._offload_root / victim
+            self.model.delete_adapter(victim)
+            del self._resident[victim]
+            logger.debug(f"offloaded adapter {victim!r} to {self._offloaded[victim]}")
+
+    # ------------------------------------------------------------------------------------------------ persistence
+    def _state(self) -> dict[str, Any]:
+        return {
+            "format_version": FORMAT_VERSION,
+            "library": "transformers_spring",
+            "library_version": __version__,
+            "base_model_name_or_path": _base_name(self.model),
+            "max_resident_adapters": self.max_resident_adapters,
+            "spring_args": self.args.spring_dict(),
+            "users": self._users,
+        }
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *, save_tokenizer: bool = True) -> None:
+        """Saves every adapter, the memory, the base log-prob cache, the settings and the per-user period counters.
+
+        The files are written to a temporary sibling directory that then replaces `save_directory`, so an
+        interrupted save leaves the previous version in place. Under `accelerate launch` only the main process
+        writes.
+
+        Args:
+            save_directory (`str` or `os.PathLike`): the target directory.
+            save_tokenizer (`bool`, *optional*, defaults to `True`): also save the tokenizer.
+        """
+        from accelerate import PartialState
+
+        state = PartialState()
+        if state.is_main_process:
+            target = Path(save_directory).absolute()
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:12]}"
+            try:
+                self._write(tmp, save_tokenizer)
+                _swap_in(tmp, target)
+            finally:
+                if tmp.exists():
+                    shutil.rmtree(tmp, ignore_errors=True)
+        state.wait_for_everyone()
+
+    def _write(self, directory: Path, save_tokenizer: bool) -> None:
+        directory.mkdir(parents=True)
+        adapters = directory / ADAPTERS_DIR
+        adapters.mkdir()
+        managed = {entry["adapter"] for entry in self._users.values()}
+        resident = [name for name in self._resident if name in managed]
+        if resident:
+            self.model.save_pretrained(str(adapters), selected_adapters=resident)
+            (adapters / "README.md").unlink(missing_ok=True)  # the top-level card describes the whole state
+        for name in sorted(managed - set(resident)):
+            shutil.copytree(self._offloaded[name], adapters / name)
+        if self.memory is not None:
+            if callable(getattr(self.memory, "save_pretrained", None)):
+                self.memory.save_pretrained(directory / MEMORY_DIR)
+            else:
+                logger.warning(f"{type(self.memory).__name__} has no save_pretrained; the buffers are not saved.")
+        self.score_cache.save(directory / CACHE_FILE)
+        # not sort_keys: users stay in first-observed order
+        (directory / STATE_FILE).write_text(json.dumps(self._state(), indent=2), encoding="utf-8")
+        (directory / ARGS_FILE).write_text(json.dumps(_args_diff(self.args), indent=2, sort_keys=True), "utf-8")
+        config = dataclasses.replace(self.spring_config) if self.spring_config is not None else SpringConfig()
+        if config.base_model_name_or_path is None:
+            config.base_model_name_or_path = _base_name(self.model)
+        config.save_pretrained(directory)
+        if save_tokenizer and hasattr(self.tokenizer, "save_pretrained"):
+            self.tokenizer.save_pretrained(str(directory))
+        base = _base_name(self.model)
+        (directory / "README.md").write_text(
+            _MODEL_CARD.format(base_model_line=f"base_model: {base}\n" if base else "", num_users=len(self._users)),
+            encoding="utf-8",
+        )
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        private: bool = True,
+        token: str | None = None,
+        commit_message: str = "Upload SPRInG personalization state",
+        revision: str | None = None,
+        create_pr: bool = False,
+    ):
+        """Saves to a temporary directory and uploads it to `repo_id` in one commit (the repo is created if needed,
+        private by default: adapters and buffers are derived from users' text).
+
+        Returns:
+            The `CommitInfo` of the upload.
+        """
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+        repo = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp) / "state"
+            self.save_pretrained(folder)
+            return api.upload_folder(
+                repo_id=getattr(repo, "repo_id", repo_id),
+                folder_path=str(folder),
+                commit_message=commit_message,
+                revision=revision,
+                create_pr=create_pr,
+                repo_type="model",
+            )
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_name_or_path: str | os.PathLike,
+        model: torch.nn.Module,
+        tokenizer: Any = None,
+        args: SpringTrainingArguments | None = None,
+        memory: Any = None,
+        *,
+        memory_kwargs: dict | None = None,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        **kwargs,
+    ) -> ContinualPersonalizer:
+        """Resumes from a directory (or Hub repo) written by [`~ContinualPersonalizer.save_pretrained`].
+
+        Adapters are loaded lazily: they are copied to the offload directory and loaded into `model` when their user
+        is observed again (or by [`~ContinualPersonalizer.load_user`]).
+
+        Args:
+            pretrained_name_or_path (`str` or `os.PathLike`): a saved directory or a Hub repo id.
+            model (`PreTrainedModel`): the same base model the state was trained on (without the saved adapters).
+            tokenizer (*optional*): defaults to the saved tokenizer.
+            args ([`SpringTrainingArguments`], *optional*): defaults to the saved ones (training settings included).
+            memory (*optional*): defaults to the saved `LoGoMemory` (pass `memory_kwargs={"encoder": ...}` for a
+                memory saved with a custom encoder).
+            revision, token: Hub options.
+            kwargs: passed to the constructor (`max_resident_adapters`, `offload_dir`, `callbacks`, ...).
+        """
+        directory = _resolve_directory(pretrained_name_or_path, revision, token)
+        state = json.loads((directory / STATE_FILE).read_text(encoding="utf-8"))
+        if state.get("format_version") != FORMAT_VERSION:
+            raise ValueError(
+                f"{STATE_FILE} in {directory} has format_version {state.get('format_version')!r}; this version reads "
+                f"{FORMAT_VERSION}."
+            )
+        users = state.get("users")
+        if not isinstance(users, dict):
+            raise ValueError(f"{STATE_FILE} in {directory} is missing the field 'users'.")
+        if args is None:
+            args = _args_from_diff(json.loads((directory / ARGS_FILE).read_text(encoding="utf-8")))
+        else:
+            saved = state.get("spring_args", {})
+            changed = {
+                k: (saved[k], getattr(args, k)) for k in SPRING_FIELDS if k in saved and saved[k] != getattr(args, k)
+            }
+            if changed:
+                logger.warning(f"`args` differ from the saved SPRInG settings (saved, given): {changed}.")
+        if tokenizer is None:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(str(directory))
+        if memory is None and (directory / MEMORY_DIR).is_dir():
+            from ..memory import LoGoMemory
+
+            memory = LoGoMemory.from_pretrained(directory / MEMORY_DIR, **(memory_kwargs or {}))
+        spring_config = kwargs.pop("spring_config", None)
+        if spring_config is None and (directory / "spring_config.json").is_file():
+            spring_config = SpringConfig.from_pretrained(directory)
+        cache = None
+        if (directory / CACHE_FILE).is_file():
+            cache = BaseLogProbCache.load(directory / CACHE_FILE, model_name=_base_name(model))
+        kwargs.setdefault("max_resident_adapters", state.get("max_resident_adapters", 8))
+        personalizer = cls(model, tokenizer, args, memory, spring_config=spring_config, score_cache=cache, **kwargs)
+        present = set(adapter_names(model))
+        root = personalizer._offload_root
+        root.mkdir(parents=True, exist_ok=True)
+        for user_id, entry in users.items():
+            name = entry.get("adapter")
+            if not isinstance(name, str) or not (directory / ADAPTERS_DIR / name / "adapter_config.json").is_file():
+                raise ValueError(f"{STATE_FILE}: user {user_id!r} has no saved adapter ({name!r}) in {directory}.")
+            if name in present:
+                raise ValueError(f"`model` already has an adapter named {name!r}; pass the plain base model.")
+            # A private copy: the saved directory may be overwritten later (e.g. by saving back to it).
+            shutil.copytree(directory / ADAPTERS_DIR / name, root / name, dirs_exist_ok=True)
+            personalizer._offloaded[name] = root / name
+            personalizer._users[check_user_id(user_id)] = {
+                "adapter": name,
+                "next_period": int(entry["next_period"]),
+                "num_observed": int(entry.get("num_observed", 0)),
+            }
+        return personalizer
+
+    # ------------------------------------------------------------------------------------------------ inference
+    def to_spring_model(self, spring_config: SpringConfig | None = None, users: Sequence[str] | None = None):
+        """A [`SpringForCausalLM`] over the shared model and memory, for `generate(..., personalization=user)`.
+
+        Args:
+            spring_config ([`SpringConfig`], *optional*): decoding settings (default: the personalizer's, else the
+                paper's).
+            users (`Sequence[str]`, *optional*): users whose adapters must be loaded (default: every user when they
+                fit in `max_resident_adapters`, else the resident ones). Users whose adapter is not loaded decode with
+                the base model.
+
+        Note: rows without `personalization` use the model's active adapter (the last one trained or loaded), as
+        `PeftModel.generate` does; wrap calls in `model.disable_adapter()` for the plain base model.
+        """
+        from ..generation import SpringForCausalLM
+
+        if users is None:
+            users = self.users if len(self._users) <= self.max_resident_adapters else []
+            if len(self._users) > self.max_resident_adapters:
+                logger.warning(
+                    f"{len(self._users)} users but only {self.max_resident_adapters} resident adapters; pass `users=` "
+                    "to choose whose adapters to load (others decode with the base model)."
+                )
+        users = list(users)
+        if len(users) > self.max_resident_adapters:
+            raise ValueError(f"`users` has {len(users)} users; at most `max_resident_adapters` = "
+                             f"{self.max_resident_adapters} can be loaded.")  # fmt: skip
+        for user in users:
+            self.load_user(user)
+        self.model.eval()
+        config = spring_config or self.spring_config or SpringConfig()
+        return SpringForCausalLM(self.model, memory=self.memory, config=config, tokenizer=self.tokenizer)
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+def _base_name(model: torch.nn.Module) -> str | None:
+    inner = model.get_base_model() if is_peft_model(model) else model
+    config = getattr(inner, "config", None)
+    return getattr(config, "_name_or_path", None) or None
+
+
+def _swap_in(tmp: Path, target: Path) -> None:
+    """Replaces `target` by `tmp` with two renames; in between, the old version survives as a hidden sibling."""
+    if target.exists():
+        backup = target.parent / f".{target.name}{_OLD_SUFFIX}{uuid.uuid4().hex[:12]}"
+        os.rename(target, backup)
+        os.rename(tmp, target)
+        shutil.rmtree(backup, ignore_errors=True)
+    else:
+        os.rename(tmp, target)
+
+
+def _resolve_directory(path: str | os.PathLike, revision: str | None, token: str | bool | None) -> Path:
+    local = Path(path)
+    if local.is_dir():
+        if not (local / STATE_FILE).is_file():
+            raise FileNotFoundError(f"{local} has no {STATE_FILE}; it is not a ContinualPersonalizer directory.")
+        return local
+    leftovers = sorted(local.parent.glob(f".{local.name}{_OLD_SUFFIX}*")) if local.parent.is_dir() else []
+    if leftovers:  # a save was interrupted between its two renames: the previous version is intact here
+        logger.warning(f"{local} is missing; loading the previous version from {leftovers[-1]}.")
+        return leftovers[-1]
+    name = os.fspath(path)
+    if os.path.isabs(name) or name.startswith(".") or name.count("/") > 1:
+        raise FileNotFoundError(f"no ContinualPersonalizer directory at {name}.")
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(name, revision=revision, token=token))
+
+
+_SECRET_FIELDS = ("hub_token", "push_to_hub_token")
+
+
+def _args_diff(args: SpringTrainingArguments) -> dict[str, Any]:
+    """The fields of `args` that differ from their declared defaults (secrets excluded). The defaults are read from
+    the dataclass fields: building a second `TrainingArguments` would re-initialise accelerate's process state, which
+    breaks a distributed run."""
+    current = args.to_dict()
+    diff = {}
+    for f in dataclasses.fields(SpringTrainingArguments):
+        if not f.init or f.name in _SECRET_FIELDS or f.name not in current:
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = dataclasses.MISSING
+        default = getattr(default, "value", default)  # enums are saved as their values
+        if current[f.name] != default or f.name == "output_dir":
+            diff[f.name] = current[f.name]
+    return diff
+
+
+def _args_from_diff(data: dict[str, Any]) -> SpringTrainingArguments:
+    init_fields = {f.name for f in dataclasses.fields(SpringTrainingArguments) if f.init}
+    unknown = sorted(set(data) - init_fields)
+    if unknown:
+        logger.warning(f"{ARGS_FILE}: ignoring unknown field(s) {unknown}.")
+    return SpringTrainingArguments(**{k: v for k, v in data.items() if k in init_fields})
