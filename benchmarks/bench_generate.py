@@ -150,6 +150,8 @@ def speed_one_batch(spring, tokenizer, users, arts, configs, decoding, args) -> 
         prepare.append(spring.last_generation_stats["prepare_s"])
 
     variants["gate closed"] = closed
+    if args.variants:
+        variants = {name: fn for name, fn in variants.items() if name == "plain" or name in args.variants}
     times = {name: [] for name in variants}
     for fn in variants.values():  # warm-up (first-call allocations, retrieval caches)
         fn()
@@ -243,6 +245,7 @@ def main():
     parser.add_argument("--max-history", type=int, default=100)
     parser.add_argument("--skip-quality", action="store_true")
     parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument("--variants", nargs="*", help="time only these variants (and plain), e.g. 'gate closed'")
     args = parser.parse_args()
 
     authors = load_authors(args.data, min_items=20)

@@ -1,8 +1,8 @@
 """Two processes on CPU (gloo) select exactly what one process selects."""
 
+import importlib.util
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -31,15 +31,16 @@ def _launch(out: Path, processes: int, *extra: str) -> list[dict]:
     out.mkdir(parents=True)
     if processes == 1:
         cmd = [sys.executable, str(SCRIPT), str(out), *extra]
-    elif shutil.which("accelerate"):
+    elif importlib.util.find_spec("accelerate") is not None:
         # `accelerate launch --cpu` alone starts the MPI launcher; `--multi_gpu` starts torchrun-style processes,
-        # which on a machine without (visible) GPUs run on CPU with the gloo backend.
-        cmd = ["accelerate", "launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
+        # which on a machine without (visible) GPUs run on CPU with the gloo backend. Run through this interpreter so
+        # that an `accelerate` script of another environment on PATH is never picked up.
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0", str(SCRIPT), str(out), *extra]  # fmt: skip
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port", "0",
                str(SCRIPT), str(out), *extra]  # fmt: skip
-    result = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300, cwd=str(ROOT))
+    result = subprocess.run(cmd, env=_env(), capture_output=True, text=True, cwd=str(ROOT))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     files = sorted(out.glob("rank*.json"))
     assert len(files) == processes
