@@ -1,7 +1,7 @@
 """Speed (and early-exit quality) of personalized generate() on SmolLM2-135M-Instruct, measured side by side.
 
 Speed: for batch sizes 1 and 4 and 64 new tokens (EOS suppressed with `min_new_tokens` so every run decodes the same
-number of tokens), greedy with repetition penalty 1.2, five variants are timed interleaved in one process and
+number of tokens), greedy with repetition penalty 1.2, these variants are timed interleaved in one process and
 reported as ratios to plain `generate()`:
 
 - plain:              the wrapped model's generate (no personalization);
@@ -33,12 +33,11 @@ import argparse  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
-from collections import defaultdict  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
-from transformers_spring.data import DEFAULT_NEWS_PATH, read_news_jsonl  # noqa: E402
+from transformers_spring.data import DEFAULT_NEWS_PATH, group_by_user, read_news_jsonl  # noqa: E402
 from transformers_spring.generation import (  # noqa: E402
     Personalization,
     SpringConfig,
@@ -48,7 +47,6 @@ from transformers_spring.generation import (  # noqa: E402
 from transformers_spring.memory import Interaction, LoGoMemory  # noqa: E402
 from transformers_spring.utils import load_smollm2  # noqa: E402
 
-DEFAULT_DATA = DEFAULT_NEWS_PATH
 TASK = "Write a headline for this news article: {article}"
 BASE = {
     "interpolation_weight": 0.5,
@@ -61,9 +59,8 @@ BASE = {
 
 def load_authors(path: Path, min_items: int) -> dict[str, list[Interaction]]:
     """Per author with at least `min_items` items, newest first; authors with the most items first."""
-    by_author = defaultdict(list)
-    for item in reversed(read_news_jsonl(path, min_items=min_items)):
-        by_author[item.user_id].append(item)
+    # Grouped over the reversed stream, so authors with equally many items keep the newest-first file order.
+    by_author = group_by_user(reversed(read_news_jsonl(path, min_items=min_items)))
     return dict(sorted(by_author.items(), key=lambda entry: -len(entry[1])))
 
 
@@ -188,11 +185,12 @@ def quality(spring, tokenizer, authors, articles, args) -> None:
     settings = {"plain (no personalization)": None, "fused, eps=0": 0.0, "processor (serial), eps=0": "processor"}
     settings.update({f"fused + early exit, eps={eps}": eps for eps in args.quality_epsilons})
     outputs, seconds, history_share = {}, {}, {}
+    starts = range(0, len(articles), args.quality_batch)
+    batches = [chat_inputs(tokenizer, articles[start : start + args.quality_batch]) for start in starts]
     for name, eps in settings.items():
         texts, total, row_steps, possible = [], 0.0, 0, 0
-        for start in range(0, len(articles), args.quality_batch):
+        for start, inputs in zip(starts, batches, strict=True):
             users, arts = authors[start : start + args.quality_batch], articles[start : start + args.quality_batch]
-            inputs = chat_inputs(tokenizer, arts)
             kwargs = dict(decoding)
             if eps == "processor":
                 spring.spring_config = SpringConfig(**BASE, mode="processor")
@@ -233,7 +231,7 @@ def quality(spring, tokenizer, authors, articles, args) -> None:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--data", type=Path, default=DEFAULT_NEWS_PATH)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)

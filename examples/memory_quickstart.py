@@ -10,14 +10,13 @@ import argparse
 import os
 import tempfile
 import time
-from collections import defaultdict
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 
 from transformers_spring import LoGoMemory  # noqa: E402
-from transformers_spring.data import DEFAULT_NEWS_PATH, read_news_jsonl  # noqa: E402
+from transformers_spring.data import DEFAULT_NEWS_PATH, group_by_user, read_news_jsonl  # noqa: E402
 
 
 def main() -> None:
@@ -27,10 +26,7 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="where to save the memory (default: a temporary directory)")
     args = parser.parse_args()
 
-    items = read_news_jsonl(args.data, min_items=20)
-    by_author = defaultdict(list)
-    for item in items:
-        by_author[item.user_id].append(item)
+    by_author = group_by_user(read_news_jsonl(args.data, min_items=20))
     authors = sorted(by_author, key=lambda a: (-len(by_author[a]), a))[: args.authors]
     history = [item for a in authors for item in by_author[a][:-1]]  # each author's latest item is held out
     held_out = {a: by_author[a][-1] for a in authors}

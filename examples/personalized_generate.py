@@ -18,18 +18,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import argparse  # noqa: E402
 import time  # noqa: E402
-from collections import defaultdict  # noqa: E402
 from datetime import UTC, datetime  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
-from transformers_spring.data import DEFAULT_NEWS_PATH, read_news_jsonl  # noqa: E402
+from transformers_spring.data import DEFAULT_NEWS_PATH, group_by_user, read_news_jsonl  # noqa: E402
 from transformers_spring.generation import Personalization, SpringConfig, SpringForCausalLM  # noqa: E402
-from transformers_spring.memory import Interaction, LoGoMemory  # noqa: E402
+from transformers_spring.memory import LoGoMemory  # noqa: E402
 from transformers_spring.utils import load_smollm2  # noqa: E402
 
-DEFAULT_DATA = DEFAULT_NEWS_PATH
 TASK = "Write a headline for this news article: {article}"
 SPRING = SpringConfig(
     interpolation_weight=0.5,
@@ -39,14 +37,6 @@ SPRING = SpringConfig(
     history_item_template="Article: {prompt}\nHeadline: {response}",
     max_history_tokens=384,
 )
-
-
-def load_news(path: Path) -> dict[str, list[Interaction]]:
-    """Items per author, newest first."""
-    by_author = defaultdict(list)
-    for item in reversed(read_news_jsonl(path)):
-        by_author[item.user_id].append(item)
-    return by_author
 
 
 def rouge1(prediction: str, reference: str) -> float:
@@ -59,7 +49,7 @@ def rouge1(prediction: str, reference: str) -> float:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--data", type=Path, default=DEFAULT_NEWS_PATH)
     parser.add_argument("--authors", nargs="+", default=["Mary Papenfuss", "Lee Moran", "Ron Dicker"])
     parser.add_argument("--max-history", type=int, default=150, help="earlier items per author in the memory")
     parser.add_argument("--global-records", type=int, default=300, help="other authors' items (global memory)")
@@ -67,7 +57,7 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
 
-    news = load_news(args.data)
+    news = group_by_user(read_news_jsonl(args.data), newest_first=True)
     missing = [author for author in args.authors if len(news.get(author, [])) < 2]
     if missing:
         raise SystemExit(f"authors without enough items in {args.data}: {missing}")

@@ -42,7 +42,7 @@ import torch  # noqa: E402
 from transformers import HfArgumentParser  # noqa: E402
 from transformers.utils import logging  # noqa: E402
 
-from transformers_spring.data import DEFAULT_NEWS_PATH, read_news_jsonl  # noqa: E402
+from transformers_spring.data import DEFAULT_NEWS_PATH, group_by_user, read_news_jsonl  # noqa: E402
 from transformers_spring.memory import HashingEncoder, LoGoMemory  # noqa: E402
 from transformers_spring.training import (  # noqa: E402
     ContinualPersonalizer,
@@ -103,14 +103,13 @@ def split_periods(items: list, periods: int, test_fraction: float) -> list[tuple
     return chunks
 
 
-def held_out_loss(model, formatter, items, adapter: str | None, batch_size: int) -> float:
-    """Mean NLL per response token of `items` under `adapter` (None: the base model)."""
-    samples = formatter.encode_many(items)
+def held_out_loss(model, samples, adapter: str | None, batch_size: int, pad_token_id: int) -> float:
+    """Mean NLL per response token of the encoded `samples` under `adapter` (None: the base model)."""
     if adapter is not None:
         model.set_adapter(adapter)
     base = adapter is None and hasattr(model, "disable_adapter")
     with model.disable_adapter() if base else contextlib.nullcontext():
-        values = compute_logprobs(model, samples, batch_size=batch_size, pad_token_id=formatter.pad_token_id)
+        values = compute_logprobs(model, samples, batch_size=batch_size, pad_token_id=pad_token_id)
     return response_nll(values)
 
 
@@ -125,6 +124,9 @@ def main():
         logging_strategy="no",  # the Trainer still prints each update's end-of-training metrics; the table is reprinted
     )  # fmt: skip
     script, args = parser.parse_args_into_dataclasses()
+    # The All-100 % baseline's settings. A new TrainingArguments re-initialises accelerate's process state, so it is
+    # built here, before any trainer exists.
+    all_args = dataclasses.replace(args, selection_ratio=1.0, buffer_size=0)
     logging.set_verbosity_warning()
     torch.set_num_threads(script.threads or os.cpu_count() or 1)
     torch.manual_seed(args.seed)
@@ -135,10 +137,7 @@ def main():
     chosen = [author for author, _ in counts.most_common(script.authors)]
     if len(chosen) < script.authors:
         raise SystemExit(f"only {len(chosen)} authors have >= {script.min_items_per_author} items in the file.")
-    by_author = defaultdict(list)
-    for item in items:  # oldest first
-        if item.user_id in chosen:
-            by_author[item.user_id].append(item)
+    by_author = group_by_user(items)  # each author's items oldest first
     splits = {}
     for author in chosen:
         stream = by_author[author]
@@ -160,8 +159,14 @@ def main():
         model, tokenizer, args, memory, max_resident_adapters=script.max_resident_adapters
     )
     formatter = SpringFormatter.from_args(tokenizer, args)
-    eval_bs = args.effective_scoring_batch_size
-    all_args = dataclasses.replace(args, selection_ratio=1.0, buffer_size=0)
+    # Each held-out split, tokenized once: test[author][period].
+    test_samples = {author: [formatter.encode_many(test) for _, test in splits[author]] for author in chosen}
+
+    def loss(samples, adapter: str | None) -> float:
+        return held_out_loss(
+            personalizer.model, samples, adapter, args.effective_scoring_batch_size, formatter.pad_token_id
+        )
+
     all_name = {author: f"{adapter_name_for(author)}__all100" for author in chosen}
     results = {"script": dataclasses.asdict(script), "spring_args": args.spring_dict(), "periods": []}
 
@@ -169,11 +174,11 @@ def main():
     start = time.perf_counter()
     init_before, init_after = [], []
     for author in chosen:
-        train, test = splits[author][0]
-        init_before.append(held_out_loss(personalizer.model, formatter, test, None, eval_bs))
+        train, test = splits[author][0][0], test_samples[author][0]
+        init_before.append(loss(test, None))
         personalizer.observe(author, train)
         peft_model = personalizer.model
-        init_after.append(held_out_loss(peft_model, formatter, test, personalizer.adapter_name(author), eval_bs))
+        init_after.append(loss(test, personalizer.adapter_name(author)))
         if script.compare_all:  # the All-100 % chain starts from the same period-0 adapter
             from peft import set_peft_model_state_dict
 
@@ -193,16 +198,18 @@ def main():
 
     # ---------------------------------------------------------------------------------------------- periods 1..
     total_spring = total_all = 0.0
+    # test(t) before period t's update is test(t+1) after period t - 1's: the adapter does not change in between.
+    loss_after_previous = {}
     for period in range(1, script.periods):
         row = defaultdict(list)
         for author in chosen:
-            train, test = splits[author][period]
-            following = splits[author][period + 1][1] if period + 1 < script.periods else []
+            train, test = splits[author][period][0], test_samples[author][period]
+            following = test_samples[author][period + 1] if period + 1 < script.periods else []
             name = personalizer.load_user(author)
-            model_ = personalizer.model
-            row["before"].append(held_out_loss(model_, formatter, test, name, eval_bs))
+            before = loss_after_previous.pop(author, None)
+            row["before"].append(before if before is not None else loss(test, name))
             if following:
-                row["before_next"].append(held_out_loss(model_, formatter, following, name, eval_bs))
+                row["before_next"].append(loss(following, name))
 
             tick = time.perf_counter()
             output = personalizer.observe(author, train)
@@ -210,24 +217,22 @@ def main():
             for part in ("scoring", "train", "buffer"):
                 row[f"{part}_s"].append(output.metrics[f"spring/{part}_seconds"])
             row["selected"].append(len(output.selected_ids) / max(output.num_new, 1))
-            model_ = personalizer.model
-            row["after"].append(held_out_loss(model_, formatter, test, name, eval_bs))
+            row["after"].append(loss(test, name))
             if following:
-                row["after_next"].append(held_out_loss(model_, formatter, following, name, eval_bs))
+                loss_after_previous[author] = loss(following, name)
+                row["after_next"].append(loss_after_previous[author])
 
             if script.compare_all:
                 tick = time.perf_counter()
                 trainer = SpringTrainer(
-                    model=model_, args=all_args, user_id=author, period=period, train_interactions=train,
+                    model=personalizer.model, args=all_args, user_id=author, period=period, train_interactions=train,
                     processing_class=tokenizer, adapter_name=all_name[author],
                 )  # fmt: skip
                 trainer.run_period()
                 row["all_s"].append(time.perf_counter() - tick)
-                row["all_after"].append(held_out_loss(model_, formatter, test, all_name[author], eval_bs))
+                row["all_after"].append(loss(test, all_name[author]))
                 if following:
-                    row["all_after_next"].append(
-                        held_out_loss(model_, formatter, following, all_name[author], eval_bs)
-                    )
+                    row["all_after_next"].append(loss(following, all_name[author]))
 
         spring_s, all_s = sum(row["spring_s"]), sum(row["all_s"])
         total_spring, total_all = total_spring + spring_s, total_all + all_s

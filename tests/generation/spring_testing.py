@@ -4,81 +4,30 @@ from __future__ import annotations
 
 import math
 
+import tiny_models
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import (
-    GPT2Config,
-    GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-    PreTrainedTokenizerFast,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-)
 
 from transformers_spring.memory.interaction import Interaction, MediatedContext, RetrievedItem
 
 VOCAB = 64
-PAD, BOS, EOS = 0, 1, 2
+PAD, BOS, EOS = tiny_models.PAD, tiny_models.BOS, tiny_models.EOS
 ARCHS = ("llama", "qwen2", "gpt2")
-# A larger init than the default 0.02 gives peaked, varied next-token distributions, so greedy equality tests
-# compare real decisions instead of near-ties.
-_COMMON = {
-    "vocab_size": VOCAB,
-    "pad_token_id": PAD,
-    "bos_token_id": BOS,
-    "eos_token_id": EOS,
-    "initializer_range": 0.2,
-}
 
 
 def make_model(arch: str, seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    if arch == "llama":
-        config = LlamaConfig(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            **_COMMON,
-        )  # fmt: skip
-        model = LlamaForCausalLM(config)
-    elif arch == "qwen2":
-        config = Qwen2Config(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            **_COMMON,
-        )  # fmt: skip
-        model = Qwen2ForCausalLM(config)
-    elif arch == "gpt2":
-        model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=256, **_COMMON))
-    else:
-        raise ValueError(arch)
-    return model.eval()
+    return tiny_models.make_model(arch, VOCAB, seed)
 
 
 # ------------------------------------------------------------------------------------------------------ tokenizer
-SPECIALS = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "[UNK]"]
+SPECIALS = tiny_models.SPECIALS
 WORDS = ["user", "assistant", ":", "history", ";", "headline", "article", "cats", "dogs", "rain", "sun", "vote"]
 WORDS += [f"w{i}" for i in range(VOCAB - len(SPECIALS) - len(WORDS))]
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|> {{ m.role }} : {{ m.content }} <|im_end|> {% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|> assistant : {% endif %}"
-)
+CHAT_TEMPLATE = tiny_models.chat_template(" ")
 
 
-def make_tokenizer(chat: bool = False) -> PreTrainedTokenizerFast:
-    vocab = {token: i for i, token in enumerate(SPECIALS + WORDS)}
-    assert len(vocab) == VOCAB
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-        unk_token="[UNK]",
-        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
-    )
-    tokenizer.padding_side = "left"
-    if chat:
-        tokenizer.chat_template = CHAT_TEMPLATE
+def make_tokenizer(chat: bool = False):
+    tokenizer = tiny_models.make_tokenizer(WORDS, chat_template=CHAT_TEMPLATE if chat else None, padding_side="left")
+    assert len(tokenizer.get_vocab()) == VOCAB
     return tokenizer
 
 

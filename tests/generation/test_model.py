@@ -93,6 +93,15 @@ def test_bad_weight_and_settings_are_named(wrapper):
         SpringForCausalLM(wrapper.base_model, memory=object())
 
 
+def test_fused_mode_refuses_synced_gpus_through_the_wrapper(wrapper):
+    # generate() drops `synced_gpus` before calling a custom_generate callable, so the wrapper must refuse it.
+    batch = encode(["cats rain sun"])
+    with pytest.raises(ValueError, match="synced_gpus"):
+        wrapper.generate(**batch, personalization="alice", synced_gpus=True, **GREEDY)
+    wrapper.spring_config = SpringConfig(mode="processor")
+    wrapper.generate(**batch, personalization="alice", synced_gpus=False, **GREEDY)
+
+
 def test_missing_memory_or_tokenizer_is_explained(llama, memory):
     batch = encode(["cats rain sun"])
     with pytest.raises(ValueError, match="memory"):

@@ -327,3 +327,17 @@ def test_safetensors_holds_only_arrays(make_memory, tmp_path):
     target = _saved(make_memory, tmp_path)
     tensors = load_file(str(target / "embeddings.safetensors"))
     assert tensors["embeddings"].shape == (48, 64) and tensors["labels"].dtype == np.int64
+
+
+def test_set_buffer_encodes_only_new_items(make_memory):
+    memory = make_memory()
+    first = [topical("u1", "bread", i) for i in range(3)]
+    memory.set_buffer("u1", first)
+    before = {item.id: memory.retrieve("u1", item.text, k=1, region="buffer")[0].score for item in first}
+    kept, new = first[1:], topical("u1", "cats", 7)
+    with mock.patch.object(memory, "_encode", wraps=memory._encode) as encode:
+        memory.set_buffer("u1", [*kept, new], scores=[1.0, 2.0, 3.0])
+    assert encode.call_args.args[0] == [new.text]  # the kept items reuse their stored vectors
+    assert [item.id for item in memory.buffer("u1")] == [kept[0].id, kept[1].id, new.id]
+    for item in kept:
+        assert memory.retrieve("u1", item.text, k=1, region="buffer")[0].score == pytest.approx(before[item.id])

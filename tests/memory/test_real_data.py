@@ -1,13 +1,12 @@
 """Real encoder (packaged all-MiniLM-L6-v2) on the real news stream; skipped where either is missing."""
 
 import importlib.util
-from collections import defaultdict
 
 import numpy as np
 import pytest
 
 from transformers_spring import LoGoMemory
-from transformers_spring.data import DEFAULT_NEWS_PATH, read_news_jsonl
+from transformers_spring.data import DEFAULT_NEWS_PATH, group_by_user, read_news_jsonl
 
 pytestmark = [
     pytest.mark.slow,
@@ -18,9 +17,7 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def news_memory():
-    by_author = defaultdict(list)
-    for item in read_news_jsonl(min_items=20):
-        by_author[item.user_id].append(item)
+    by_author = group_by_user(read_news_jsonl(min_items=20))
     # The 10 smallest authors with >= 20 items keep the test to a few hundred encodings.
     authors = sorted(by_author, key=lambda a: (len(by_author[a]), a))[:10]
     memory = LoGoMemory(gate=None, min_community_users=2)

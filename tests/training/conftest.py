@@ -1,7 +1,7 @@
 """Fixtures for the trainer tests (helpers live in `training_testing.py`)."""
 
 import pytest
-from training_testing import make_memory, make_model, make_tokenizer
+from training_testing import make_buffer_memory, make_model, make_tokenizer
 
 
 @pytest.fixture
@@ -16,7 +16,7 @@ def model():
 
 @pytest.fixture
 def memory():
-    return make_memory()
+    return make_buffer_memory()
 
 
 @pytest.fixture(autouse=True)

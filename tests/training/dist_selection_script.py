@@ -13,15 +13,21 @@ import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [HERE, os.path.dirname(HERE)]  # training_testing, and the shared tiny_models under tests/
 
 import torch  # noqa: E402
 from accelerate import PartialState  # noqa: E402
-from peft import LoraConfig  # noqa: E402
-from training_testing import make_args, make_interactions, make_memory, make_model, make_tokenizer  # noqa: E402
+from training_testing import (  # noqa: E402
+    make_adapted_model,
+    make_args,
+    make_buffer_memory,
+    make_interactions,
+    make_model,
+    make_tokenizer,
+)
 
 from transformers_spring.training import SpringTrainer  # noqa: E402
-from transformers_spring.training.lora import create_adapter  # noqa: E402
 
 
 def continual(out_dir: str) -> None:
@@ -33,7 +39,7 @@ def continual(out_dir: str) -> None:
     state = PartialState()
     args = make_args(Path(out_dir), buffer_size=3, per_device_train_batch_size=2)
     personalizer = ContinualPersonalizer(
-        make_model("llama"), make_tokenizer(), args, make_memory(), max_resident_adapters=1
+        make_model("llama"), make_tokenizer(), args, make_buffer_memory(), max_resident_adapters=1
     )
     selected = {}
     for period in range(2):
@@ -55,15 +61,8 @@ def main(out_dir: str) -> None:
     torch.set_num_threads(1)
     state = PartialState()
     # The same "previous" adapter in every run: a fixed non-zero LoRA, so that the scores are distinct.
-    model = create_adapter(
-        make_model("llama"), "alice", LoraConfig(r=8, lora_alpha=8, target_modules=["q_proj", "v_proj"]), 0
-    )
-    generator = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
-    memory = make_memory(buffer_size=4)
+    model = make_adapted_model("llama", r=8, lora_seed=3)
+    memory = make_buffer_memory(buffer_size=4)
     memory.set_buffer("alice", make_interactions("alice", 3, start=500), scores=[0.0, 0.0, 0.0])
     args = make_args(Path(out_dir), scoring_batch_size=2, buffer_size=4, per_device_train_batch_size=2)
     trainer = SpringTrainer(

@@ -4,7 +4,7 @@ from unittest import mock
 import pytest
 import torch
 from huggingface_hub import HfApi
-from training_testing import make_args, make_interactions, make_memory, make_model, make_tokenizer
+from training_testing import make_args, make_buffer_memory, make_interactions, make_model, make_tokenizer
 
 from transformers_spring.memory import HashingEncoder
 from transformers_spring.training import ContinualPersonalizer
@@ -19,7 +19,7 @@ def stream(user, period, n=6):
 def personalizer(tmp_path, **kwargs):
     kwargs.setdefault("max_resident_adapters", 8)
     args = kwargs.pop("args", None) or make_args(tmp_path, buffer_size=3)
-    return ContinualPersonalizer(make_model("llama"), make_tokenizer(), args, make_memory(), **kwargs)
+    return ContinualPersonalizer(make_model("llama"), make_tokenizer(), args, make_buffer_memory(), **kwargs)
 
 
 def adapters_of(p):
@@ -142,7 +142,7 @@ def test_directory_loads_as_spring_for_causal_lm(tmp_path):
 
     make_model("llama").save_pretrained(tmp_path / "base")
     base = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
-    p = ContinualPersonalizer(base, make_tokenizer(), make_args(tmp_path, buffer_size=3), make_memory())
+    p = ContinualPersonalizer(base, make_tokenizer(), make_args(tmp_path, buffer_size=3), make_buffer_memory())
     p.observe("alice", stream("alice", 0))
     p.observe("alice", stream("alice", 1))
     p.save_pretrained(tmp_path / "state")

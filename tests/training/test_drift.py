@@ -4,7 +4,7 @@ import random
 
 import pytest
 import torch
-from training_testing import make_interactions, make_model
+from training_testing import make_adapted_model, make_interactions, make_model
 
 from transformers_spring.training import (
     BaseLogProbCache,
@@ -20,17 +20,7 @@ from transformers_spring.training.lora import create_adapter
 
 def peft_model(arch="llama", seed=0):
     """A tiny model with a non-trivial adapter "alice" (LoRA B is zero at init, which would make p_adap = p_base)."""
-    from peft import LoraConfig
-
-    model = make_model(arch, seed)
-    targets = ["c_attn"] if arch == "gpt2" else ["q_proj", "v_proj"]
-    model = create_adapter(model, "alice", LoraConfig(r=4, lora_alpha=8, target_modules=targets), seed=0)
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
-    return model.eval()
+    return make_adapted_model(arch, seed).eval()
 
 
 def hand_logprob(model, sample) -> tuple[float, int]:

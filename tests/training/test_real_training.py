@@ -13,7 +13,7 @@ pytestmark = [
 
 
 def test_smollm2_news_periods(tmp_path):
-    from training_testing import make_memory
+    from training_testing import make_buffer_memory
 
     from transformers_spring.training import (
         ContinualPersonalizer,
@@ -36,7 +36,7 @@ def test_smollm2_news_periods(tmp_path):
     response = tokenizer.decode(list(sample.input_ids[sample.prompt_length :]))
     assert response == stream[0].response + "<|im_end|>"  # chat-formatted, the end-of-turn marker is learned
 
-    personalizer = ContinualPersonalizer(model, tokenizer, args, make_memory())
+    personalizer = ContinualPersonalizer(model, tokenizer, args, make_buffer_memory())
     personalizer.observe("Lee Moran", stream[:6])
     peft_model = personalizer.model
     new = formatter.encode_many(stream[6:])

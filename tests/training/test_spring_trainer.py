@@ -1,6 +1,6 @@
 import pytest
 import torch
-from training_testing import lora_params, make_args, make_interactions, make_memory, make_model
+from training_testing import lora_params, make_args, make_buffer_memory, make_interactions, make_model
 from transformers import TrainerCallback
 
 from transformers_spring.training import (
@@ -56,7 +56,7 @@ def test_selection_keeps_the_top_ceil_by_pre_update_score(tmp_path, model, token
 @pytest.mark.parametrize("rescore", ["when_full", "always"])
 def test_buffer_keeps_the_top_n_of_the_rescored_pool(tmp_path, model, tokenizer, rescore):
     args = make_args(tmp_path, buffer_size=4, rescore_buffer=rescore)
-    memory, cache = make_memory(), BaseLogProbCache()
+    memory, cache = make_buffer_memory(), BaseLogProbCache()
     trainer, _ = run(model, args, "alice", 0, make_interactions("alice", 6), memory, tokenizer, cache)
     peft_model = trainer.model
     _, first = run(peft_model, args, "alice", 1, make_interactions("alice", 10, start=6), memory, tokenizer, cache)
@@ -218,7 +218,7 @@ def test_bad_inputs_raise_before_anything_changes(tmp_path, model, tokenizer, me
     with pytest.raises(ValueError, match="period"):
         run(peft_model, args, "alice", -1, make_interactions("alice", 3), memory, tokenizer)
     with pytest.raises(ValueError, match="buffer_size"):
-        run(peft_model, make_args(tmp_path, buffer_size=10), "alice", 1, make_interactions("alice", 3), make_memory(5),
+        run(peft_model, make_args(tmp_path, buffer_size=10), "alice", 1, make_interactions("alice", 3), make_buffer_memory(5),
             tokenizer)  # fmt: skip
     with pytest.raises(TypeError, match="args"):
         SpringTrainer(model=peft_model, args=object(), user_id="alice", processing_class=tokenizer)
@@ -231,7 +231,9 @@ def test_bad_inputs_raise_before_anything_changes(tmp_path, model, tokenizer, me
 def test_all_100_mode_skips_scoring(tmp_path, model, tokenizer):
     args = make_args(tmp_path, selection_ratio=1.0, buffer_size=0)
     trainer, _ = run(model, args, "alice", 0, make_interactions("alice", 4), None, tokenizer)
-    _, out = run(trainer.model, args, "alice", 1, make_interactions("alice", 5, start=4), make_memory(), tokenizer)
+    _, out = run(
+        trainer.model, args, "alice", 1, make_interactions("alice", 5, start=4), make_buffer_memory(), tokenizer
+    )
     assert out.scores == {} and len(out.selected_ids) == 5 and out.buffer_ids == []
 
 

@@ -4,72 +4,43 @@ from __future__ import annotations
 
 import random
 
+import tiny_models
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import (
-    GPT2Config,
-    GPT2LMHeadModel,
-    GPTNeoXConfig,
-    GPTNeoXForCausalLM,
-    LlamaConfig,
-    LlamaForCausalLM,
-    PreTrainedTokenizerFast,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-)
 
 from transformers_spring.memory import HashingEncoder, Interaction, LoGoMemory
 from transformers_spring.training import SpringTrainingArguments
 
-SPECIALS = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "[UNK]"]
+SPECIALS = tiny_models.SPECIALS
 WORDS = ["user", "assistant", "system", ":", "write", "a", "headline", "for", "cats", "dogs", "rain", "sun", "vote"]
 WORDS += [f"w{i}" for i in range(80)]
 VOCAB = len(SPECIALS) + len(WORDS)
-PAD, BOS, EOS = 0, 1, 2
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|> {{ m.role }} : {{ m.content }} <|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|> assistant : {% endif %}"
-)
-_COMMON = {
-    "vocab_size": VOCAB,
-    "pad_token_id": PAD,
-    "bos_token_id": BOS,
-    "eos_token_id": EOS,
-    "initializer_range": 0.2,
-}
+PAD, BOS, EOS = tiny_models.PAD, tiny_models.BOS, tiny_models.EOS
+CHAT_TEMPLATE = tiny_models.chat_template("\n")
 
 
 def make_model(arch: str = "llama", seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    small = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
-    if arch == "llama":
-        model = LlamaForCausalLM(LlamaConfig(num_key_value_heads=2, **small, **_COMMON))
-    elif arch == "qwen2":
-        model = Qwen2ForCausalLM(Qwen2Config(num_key_value_heads=2, **small, **_COMMON))
-    elif arch == "gpt2":
-        model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=256, **_COMMON))
-    elif arch == "gpt_neox":
-        model = GPTNeoXForCausalLM(GPTNeoXConfig(**small, **_COMMON))
-    else:
-        raise ValueError(arch)
-    return model.eval()
+    return tiny_models.make_model(arch, VOCAB, seed)
 
 
-def make_tokenizer(chat: bool = True) -> PreTrainedTokenizerFast:
-    vocab = {token: i for i, token in enumerate(SPECIALS + WORDS)}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-        unk_token="[UNK]",
-        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
-    )
-    if chat:
-        tokenizer.chat_template = CHAT_TEMPLATE
-    return tokenizer
+def make_tokenizer(chat: bool = True):
+    return tiny_models.make_tokenizer(WORDS, chat_template=CHAT_TEMPLATE if chat else None)
+
+
+def make_adapted_model(arch: str = "llama", seed: int = 0, *, r: int = 4, lora_seed: int = 1) -> torch.nn.Module:
+    """A tiny model with a non-trivial LoRA adapter "alice" on the query/value projections: its LoRA B weights are
+    drawn from `N(0, 0.5²)` under `lora_seed` (B is zero at init, which would make p_adap = p_base)."""
+    from peft import LoraConfig
+
+    from transformers_spring.training.lora import create_adapter
+
+    targets = ["c_attn"] if arch == "gpt2" else ["q_proj", "v_proj"]
+    model = create_adapter(make_model(arch, seed), "alice", LoraConfig(r=r, lora_alpha=8, target_modules=targets), 0)
+    generator = torch.Generator().manual_seed(lora_seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+    return model
 
 
 def make_interactions(
@@ -102,7 +73,8 @@ def make_args(tmp_path, **kwargs) -> SpringTrainingArguments:
     return SpringTrainingArguments(**defaults)
 
 
-def make_memory(buffer_size: int = 50) -> LoGoMemory:
+def make_buffer_memory(buffer_size: int = 50) -> LoGoMemory:
+    """A LoGoMemory holding residual buffers (BM25, no gate), single-threaded."""
     return LoGoMemory(HashingEncoder(32), scorer="bm25", gate=None, buffer_size=buffer_size, num_threads=1)
 
 

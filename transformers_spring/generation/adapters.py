@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import torch.nn as nn
 from transformers.utils import logging
@@ -112,3 +112,13 @@ class AdapterRouter:
             yield
         finally:
             self.names = previous
+
+
+def activate_adapters(router: AdapterRouter | None, names: Sequence[str] | None) -> AbstractContextManager:
+    """`router.activate(names)`, or a no-op context when there is nothing to route (`router` or `names` is None)."""
+    return router.activate(names) if router is not None and names is not None else nullcontext()
+
+
+def override_adapters(router: AdapterRouter | None, names: Sequence[str] | None) -> AbstractContextManager:
+    """`router.override(names)`, or a no-op context when there is no router."""
+    return router.override(names) if router is not None else nullcontext()

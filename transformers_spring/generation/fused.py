@@ -6,14 +6,16 @@ from contextlib import nullcontext
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 from transformers.utils import logging
 
-from .adapters import AdapterRouter
+from ..utils.modeling import supports_logits_to_keep
+from .adapters import override_adapters
 from .cpu_linear import skinny_cpu_linear
-from .logits_process import RetrievalInterpolationLogitsProcessor, left_padded_positions, supports_logits_to_keep
+from .logits_process import RetrievalInterpolationLogitsProcessor, left_padded_positions, none_if_full
 
 logger = logging.get_logger(__name__)
 
@@ -40,10 +42,6 @@ class FusedDualPathDecoder:
     Args:
         processor ([`RetrievalInterpolationLogitsProcessor`]):
             The processor that is also passed in `logits_processor`; it holds the history inputs and the weights.
-        adapter_router ([`AdapterRouter`], *optional*):
-            Routes per-row LoRA adapters; the fused batch gets `main names + names of the active history rows`.
-        adapter_names (list of `str`, *optional*):
-            One adapter name per main row (required with `adapter_router`).
         streamer (`BaseStreamer`, *optional*):
             Receives the new tokens; `generate()` does not pass its `streamer` to a `custom_generate` callable.
         skinny_cpu_linear (`bool`, *optional*, defaults to `True`):
@@ -55,16 +53,12 @@ class FusedDualPathDecoder:
     def __init__(
         self,
         processor: RetrievalInterpolationLogitsProcessor,
-        adapter_router: AdapterRouter | None = None,
-        adapter_names: list[str] | None = None,
         streamer=None,
         skinny_cpu_linear: bool = True,
     ):
         self.processor = processor
         self.streamer = streamer
         self.skinny_cpu_linear = skinny_cpu_linear
-        self.adapter_router = adapter_router
-        self.adapter_names = adapter_names
         self.forward_calls = 0
 
     def __call__(
@@ -74,28 +68,20 @@ class FusedDualPathDecoder:
         logits_processor: LogitsProcessorList,
         stopping_criteria: StoppingCriteriaList,
         generation_config: GenerationConfig,
-        synced_gpus: bool = False,
-        streamer=None,
         **model_kwargs,
     ) -> GenerateDecoderOnlyOutput | torch.LongTensor:
+        # generate() hands a custom_generate callable neither `synced_gpus` nor `streamer` (only the keys of its own
+        # signature that `_sample` lacks): SpringForCausalLM refuses synced GPUs before delegating, and the streamer
+        # comes in through the constructor.
         with skinny_cpu_linear(model) if self.skinny_cpu_linear else nullcontext():
-            return self._decode(
-                model, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus, streamer,
-                **model_kwargs,
-            )  # fmt: skip
+            return self._decode(model, input_ids, logits_processor, stopping_criteria, generation_config, model_kwargs)
 
-    def _decode(
-        self, model, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus, streamer,
-        **model_kwargs,
-    ):  # fmt: skip
-        processor = self.processor
-        streamer = streamer if streamer is not None else self.streamer
+    def _decode(self, model, input_ids, logits_processor, stopping_criteria, generation_config, model_kwargs):
+        processor, streamer = self.processor, self.streamer
         if processor not in logits_processor:
             raise ValueError("the fused decoder's processor must be in `logits_processor`.")
-        if synced_gpus:
-            raise ValueError(
-                "fused dual-path decoding does not support `synced_gpus=True`; use `SpringConfig(mode='processor')`."
-            )
+        if streamer is not None:
+            streamer.put(input_ids.cpu())  # the prompt, as generate() sends it
         unsupported = sorted(k for k, v in model_kwargs.items() if v is not None and k not in _HANDLED_MODEL_KWARGS)
         if unsupported:
             raise ValueError(f"fused dual-path decoding does not support the model kwarg(s) {unsupported}.")
@@ -121,16 +107,25 @@ class FusedDualPathDecoder:
         if supports_logits_to_keep(model):
             forward_kwargs["logits_to_keep"] = 1
         processor.external = True
+        router, row_names = processor.adapter_router, processor.adapter_names
         hist_rows = processor.active_rows
         hist_ids, hist_mask = processor.history_prefill_inputs()
         cache, logits, attention_mask, positions = self._prefill(
-            model, input_ids, main_mask, hist_ids.to(device), hist_mask.to(device), hist_rows, forward_kwargs
+            model,
+            input_ids,
+            main_mask,
+            hist_ids.to(device),
+            hist_mask.to(device),
+            hist_rows,
+            row_names,
+            forward_kwargs,
         )
+        hist_index, names = self._fused_rows(hist_rows, row_names, device)
         unfinished = torch.ones(batch, dtype=torch.long, device=device)
         while True:
             main_logits = logits[:batch]
             if hist_rows:
-                processor.provide_history_logits(logits[batch:], hist_rows)
+                processor.provide_history_logits(logits[batch:])
             next_token_scores = logits_processor(input_ids, main_logits)
             if return_dict:
                 if scores_out is not None:
@@ -149,11 +144,12 @@ class FusedDualPathDecoder:
             if streamer is not None:
                 streamer.put(next_tokens.cpu())
             unfinished = unfinished & ~stopping_criteria(input_ids, scores_out)
-            if unfinished.max() == 0:
+            finished = [row for row, flag in enumerate(unfinished.tolist()) if not flag]  # one device sync per step
+            if len(finished) == batch:
                 break
 
             # Finished rows need no history path any more; the processor may also have dropped rows (early exit).
-            processor.deactivate((unfinished == 0).nonzero().flatten().tolist())
+            processor.deactivate(finished)
             new_rows = processor.active_rows
             if new_rows != hist_rows:
                 keep = list(range(batch)) + [batch + hist_rows.index(r) for r in new_rows]
@@ -163,16 +159,13 @@ class FusedDualPathDecoder:
                 if attention_mask is not None:
                     attention_mask = attention_mask[keep_t]
                 hist_rows = new_rows
+                hist_index, names = self._fused_rows(hist_rows, row_names, device)
 
-            hist_index = torch.tensor(hist_rows, dtype=torch.long, device=device)
             step_ids = torch.cat([next_tokens, next_tokens[hist_index]], dim=0)[:, None]
             positions = positions[:, -1:] + 1
             if attention_mask is not None:
                 attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(step_ids), 1)], dim=-1)
-            names = None
-            if self.adapter_router is not None:
-                names = list(self.adapter_names) + [self.adapter_names[r] for r in hist_rows]
-            outputs = self._forward(model, names, step_ids, attention_mask, positions, cache, forward_kwargs)
+            outputs = self._forward(model, router, names, step_ids, attention_mask, positions, cache, forward_kwargs)
             cache = outputs.past_key_values
             logits = outputs.logits[:, -1].to(copy=True, dtype=torch.float32, device=device)
             del outputs
@@ -183,8 +176,14 @@ class FusedDualPathDecoder:
             return GenerateDecoderOnlyOutput(sequences=input_ids, scores=scores_out, logits=logits_out)
         return input_ids
 
-    def _forward(self, model, names, input_ids, attention_mask, position_ids, cache, forward_kwargs):
-        with _maybe_override(self.adapter_router, names):
+    @staticmethod
+    def _fused_rows(hist_rows: list[int], row_names: list[str] | None, device) -> tuple[torch.Tensor, list | None]:
+        """Index of the history rows among the main rows, and the adapter names of the fused batch."""
+        names = None if row_names is None else list(row_names) + [row_names[r] for r in hist_rows]
+        return torch.tensor(hist_rows, dtype=torch.long, device=device), names
+
+    def _forward(self, model, router, names, input_ids, attention_mask, position_ids, cache, forward_kwargs):
+        with override_adapters(router, names):
             outputs = model(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
@@ -195,7 +194,7 @@ class FusedDualPathDecoder:
         self.forward_calls += 1
         return outputs
 
-    def _prefill(self, model, input_ids, main_mask, hist_ids, hist_mask, hist_rows, forward_kwargs):
+    def _prefill(self, model, input_ids, main_mask, hist_ids, hist_mask, hist_rows, row_names, forward_kwargs):
         """
         Prefills both paths and returns `(cache, last-position logits, attention mask, position ids)` of the fused
         batch `[main rows ; history rows]`.
@@ -207,48 +206,36 @@ class FusedDualPathDecoder:
         """
         device = input_ids.device
         width = max(input_ids.shape[1], hist_ids.shape[1])
-        mask = torch.cat([_left_pad(main_mask, width, 0), _left_pad(hist_mask, width, 0)], dim=0)
+        mask = torch.cat([_left_pad(main_mask, width), _left_pad(hist_mask, width)], dim=0)
         positions = left_padded_positions(mask)
-        main_names = list(self.adapter_names) if self.adapter_router is not None else None
-        hist_names = [self.adapter_names[r] for r in hist_rows] if self.adapter_router is not None else None
+        router = self.processor.adapter_router
+        main_names = None if row_names is None else list(row_names)
+        hist_names = None if row_names is None else [row_names[r] for r in hist_rows]
 
         if hist_rows:
             main_out = self._forward(
-                model, main_names, input_ids, _none_if_full(main_mask), left_padded_positions(main_mask), None,
+                model, router, main_names, input_ids, none_if_full(main_mask), left_padded_positions(main_mask), None,
                 forward_kwargs,
             )  # fmt: skip
             hist_out = self._forward(
-                model, hist_names, hist_ids, _none_if_full(hist_mask), left_padded_positions(hist_mask), None,
+                model, router, hist_names, hist_ids, none_if_full(hist_mask), left_padded_positions(hist_mask), None,
                 forward_kwargs,
             )  # fmt: skip
             cache = _stack_caches(main_out.past_key_values, hist_out.past_key_values, width)
             if cache is not None:
                 logits = torch.cat([main_out.logits[:, -1], hist_out.logits[:, -1]], dim=0)
-                return cache, logits.to(dtype=torch.float32, device=device), _none_if_full(mask), positions
+                return cache, logits.to(dtype=torch.float32, device=device), none_if_full(mask), positions
             logger.warning_once("This model's KV cache cannot be stacked; fused prefill runs on padded rows.")
-        ids = torch.cat([_left_pad(input_ids, width, 0), _left_pad(hist_ids, width, 0)], dim=0)
+        ids = torch.cat([_left_pad(input_ids, width), _left_pad(hist_ids, width)], dim=0)
         names = main_names + hist_names if main_names is not None else None
-        outputs = self._forward(model, names, ids, _none_if_full(mask), positions, None, forward_kwargs)
+        outputs = self._forward(model, router, names, ids, none_if_full(mask), positions, None, forward_kwargs)
         logits = outputs.logits[:, -1].to(dtype=torch.float32, device=device)
-        return outputs.past_key_values, logits, _none_if_full(mask), positions
+        return outputs.past_key_values, logits, none_if_full(mask), positions
 
 
-def _left_pad(tensor: torch.Tensor, width: int, value: int) -> torch.Tensor:
-    if tensor.shape[1] >= width:
-        return tensor
-    pad = tensor.new_full((tensor.shape[0], width - tensor.shape[1]), value)
-    return torch.cat([pad, tensor], dim=-1)
-
-
-def _maybe_override(router: AdapterRouter | None, names):
-    if router is None:
-        return nullcontext()
-    return router.override(names)
-
-
-def _none_if_full(mask: torch.Tensor) -> torch.Tensor | None:
-    """generate() drops an all-ones mask (fastest attention path); doing the same keeps results identical."""
-    return None if bool((mask == 1).all()) else mask
+def _left_pad(tensor: torch.Tensor, width: int) -> torch.Tensor:
+    """(batch, length) -> (batch, width) with zeros on the left (masked positions / pad ids)."""
+    return F.pad(tensor, (width - tensor.shape[1], 0)) if tensor.shape[1] < width else tensor
 
 
 def _stack_caches(main: Cache, hist: Cache, width: int) -> Cache | None:
@@ -268,6 +255,4 @@ def _stack_caches(main: Cache, hist: Cache, width: int) -> Cache | None:
 def _left_pad_kv(states: torch.Tensor, width: int) -> torch.Tensor:
     """(batch, heads, length, dim) -> (batch, heads, width, dim) with zeros on the left (masked positions)."""
     missing = width - states.shape[-2]
-    if missing <= 0:
-        return states
-    return torch.cat([states.new_zeros(*states.shape[:-2], missing, states.shape[-1]), states], dim=-2)
+    return F.pad(states, (0, 0, missing, 0)) if missing > 0 else states

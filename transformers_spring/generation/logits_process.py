@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Iterable, Sequence
 
@@ -11,7 +10,8 @@ import torch.nn as nn
 from transformers import LogitsProcessor
 from transformers.utils import logging
 
-from .adapters import AdapterRouter
+from ..utils.modeling import supports_logits_to_keep
+from .adapters import AdapterRouter, override_adapters
 from .config import PENALTY_MODES, check_early_exit, check_weight
 
 logger = logging.get_logger(__name__)
@@ -57,20 +57,15 @@ def js_divergence(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     return (0.5 * _kl(log_p) + 0.5 * _kl(log_q)).clamp_min(0.0)
 
 
+def none_if_full(mask: torch.Tensor) -> torch.Tensor | None:
+    """generate() drops an all-ones mask (fastest attention path); doing the same keeps results identical."""
+    return None if bool((mask == 1).all()) else mask
+
+
 def left_padded_positions(attention_mask: torch.Tensor) -> torch.LongTensor:
     """Position ids for a left-padded batch, exactly as `generate()` builds them (padding gets position 0)."""
     position_ids = attention_mask.long().cumsum(-1) - 1
     return position_ids.masked_fill(attention_mask == 0, 0)
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The transformers model inside a peft wrapper (or the model itself)."""
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
-
-
-def supports_logits_to_keep(model: nn.Module) -> bool:
-    return "logits_to_keep" in inspect.signature(unwrap_model(model).forward).parameters
 
 
 class RetrievalInterpolationLogitsProcessor(LogitsProcessor):
@@ -181,6 +176,7 @@ class RetrievalInterpolationLogitsProcessor(LogitsProcessor):
         self.model = model
         self.batch_size = batch
         self.weights = torch.tensor(weights, dtype=torch.float32)
+        self._log_weights: tuple[torch.Tensor, torch.Tensor] | None = None
         self.repetition_penalty = None if repetition_penalty in (None, 1.0) else float(repetition_penalty)
         self.penalty_mode = penalty_mode
         self.prompt_attention_mask = prompt_attention_mask
@@ -198,15 +194,12 @@ class RetrievalInterpolationLogitsProcessor(LogitsProcessor):
         # Rows whose gate is open and that have something to condition on.
         open_rows = [r for r in range(batch) if weights[r] > 0 and int(history_attention_mask[r].sum()) > 0]
         self._active = torch.tensor(open_rows, dtype=torch.long)
-        self._full_history_ids = history_input_ids
-        self._full_history_mask = history_attention_mask
         ids, mask = self._trim_left(history_input_ids[self._active], history_attention_mask[self._active])
         self._hist_ids, self._hist_mask = ids, mask  # the active rows' history inputs, for prefill and the penalty
 
         # Decoding state.
         self.external = False  # True inside the fused loop, which computes the history logits itself
         self._external_logits: torch.Tensor | None = None
-        self._external_rows: torch.Tensor | None = None
         self._cache = None
         self._cache_mask: torch.Tensor | None = None
         self._next_positions: torch.Tensor | None = None
@@ -241,10 +234,10 @@ class RetrievalInterpolationLogitsProcessor(LogitsProcessor):
         """The left-padded history inputs of the active rows (used by the fused decoder for its prefill)."""
         return self._hist_ids, self._hist_mask
 
-    def provide_history_logits(self, logits: torch.Tensor, rows: Sequence[int]) -> None:
-        """Fused mode: hands over the history path's next-token logits of `rows` for the coming call."""
+    def provide_history_logits(self, logits: torch.Tensor) -> None:
+        """Fused mode: hands over the history path's next-token logits of the active rows (in `active_rows` order)
+        for the coming call."""
         self._external_logits = logits
-        self._external_rows = torch.as_tensor(list(rows), dtype=torch.long)
 
     def deactivate(self, rows: Iterable[int]) -> None:
         """Stops computing the history path of `rows` (finished or converged); their output becomes parametric."""
@@ -304,7 +297,7 @@ class RetrievalInterpolationLogitsProcessor(LogitsProcessor):
             mask = self._hist_mask.to(input_ids.device)
             positions = left_padded_positions(mask)
             # Like generate(): an all-ones mask is dropped, so λ = 1 reproduces plain generate() bit for bit.
-            self._cache_mask = None if bool((mask == 1).all()) else mask
+            self._cache_mask = none_if_full(mask)
             step_ids, past = ids, None
         else:
             step_ids, past = input_ids[active, -1:], self._cache
@@ -312,7 +305,7 @@ class RetrievalInterpolationLogitsProcessor(LogitsProcessor):
             if self._cache_mask is not None:
                 self._cache_mask = torch.cat([self._cache_mask, self._cache_mask.new_ones(len(active), 1)], dim=-1)
         names = [self.adapter_names[r] for r in self._active.tolist()] if self.adapter_router is not None else None
-        with self._adapter_override(names):
+        with override_adapters(self.adapter_router, names):
             outputs = self.model(
                 input_ids=step_ids,
                 attention_mask=self._cache_mask,
@@ -324,13 +317,6 @@ class RetrievalInterpolationLogitsProcessor(LogitsProcessor):
         self._cache = outputs.past_key_values
         self._next_positions = positions[:, -1:] + 1
         return outputs.logits[:, -1].to(dtype=torch.float32)
-
-    def _adapter_override(self, names):
-        if self.adapter_router is None:
-            from contextlib import nullcontext
-
-            return nullcontext()
-        return self.adapter_router.override(names)
 
     def _valid_mask(
         self, prefix_mask: torch.Tensor | None, n_rows: int, generated: int, device
@@ -346,8 +332,9 @@ class RetrievalInterpolationLogitsProcessor(LogitsProcessor):
         first = self._prompt_len is None
         if first:
             self._prompt_len = input_ids.shape[1]
-        elif self.eos_token_ids is not None and self.has_active_rows:
-            # Rows that just finished: generate() pads them from now on, so their history path is wasted work.
+        elif self.eos_token_ids is not None and self.has_active_rows and not self.external:
+            # Rows that just finished: generate() pads them from now on, so their history path is wasted work. (The
+            # fused decoder drops finished rows itself, before its next forward.)
             done = torch.isin(input_ids[:, -1], self.eos_token_ids.to(input_ids.device))
             self.deactivate(done.nonzero().flatten().tolist())
         self._prev_input_ids = input_ids
@@ -373,8 +360,14 @@ class RetrievalInterpolationLogitsProcessor(LogitsProcessor):
                 valid = self._valid_mask(self._hist_mask, len(active), generated, input_ids.device)
                 hist_logits = apply_repetition_penalty(hist_seq, hist_logits, self.repetition_penalty, valid)
             log_hist = torch.log_softmax(hist_logits, dim=-1)
-            weight = self.weights.to(scores.device)[active].unsqueeze(-1)
-            mixed = torch.logaddexp(log_hist + torch.log(weight), log_main[active] + torch.log1p(-weight))
+            if self._log_weights is None or self._log_weights[0].device != scores.device:
+                weights = self.weights.to(scores.device).unsqueeze(-1)
+                self._log_weights = (
+                    torch.log(weights),
+                    torch.log1p(-weights),
+                )  # log λ, log(1 − λ), once per generation
+            log_w, log_1mw = self._log_weights
+            mixed = torch.logaddexp(log_hist + log_w[active], log_main[active] + log_1mw[active])
             output = log_main.index_copy(0, active, mixed)
             # Tokens banned upstream (min length, bad words, forced tokens...) must stay banned after the mix.
             output = output.masked_fill(torch.isneginf(scores), -math.inf)
@@ -388,19 +381,12 @@ class RetrievalInterpolationLogitsProcessor(LogitsProcessor):
         return output
 
     def _take_external_logits(self) -> torch.Tensor:
-        if self._external_logits is None:
+        logits, self._external_logits = self._external_logits, None
+        if logits is None or logits.shape[0] != self._active.numel():
             raise RuntimeError(
-                f"{type(self).__name__} is in external (fused) mode but no history logits were provided for this step."
+                f"{type(self).__name__} is in external (fused) mode but the decoder provided no history logits for "
+                f"this step's {self._active.numel()} active row(s)."
             )
-        logits, rows = self._external_logits, self._external_rows.tolist()
-        self._external_logits = self._external_rows = None
-        wanted = self._active.tolist()
-        if rows != wanted:
-            position = {r: i for i, r in enumerate(rows)}
-            missing = [r for r in wanted if r not in position]
-            if missing:
-                raise RuntimeError(f"fused decoder provided no history logits for active row(s) {missing}.")
-            logits = logits[torch.tensor([position[r] for r in wanted], device=logits.device)]
         return logits
 
     def _update_early_exit(self, log_hist: torch.Tensor, log_main: torch.Tensor) -> None:

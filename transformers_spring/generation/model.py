@@ -6,15 +6,18 @@ import copy
 import os
 import time
 from collections.abc import Sequence
-from contextlib import nullcontext
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 from transformers import GenerationConfig, LogitsProcessorList
 from transformers.utils import PushToHubMixin, logging
 
-from .adapters import BASE_ADAPTER, AdapterRouter
+from ..memory import LoGoMemory
+from ..utils.io import resolve_saved_directory
+from ..utils.modeling import base_name_or_path, is_peft_model
+from .adapters import BASE_ADAPTER, AdapterRouter, activate_adapters
 from .config import SPRING_CONFIG_NAME, SpringConfig
 from .fused import FusedDualPathDecoder
 from .logits_process import RetrievalInterpolationLogitsProcessor
@@ -165,14 +168,14 @@ class SpringForCausalLM(PushToHubMixin, nn.Module):
         infos = self._retrieve(input_ids, attention_mask, rows)
         self.last_personalization = infos
         router, names = self._adapter_names(infos) or (None, None)
-
         expand = max(1, generation_config.num_return_sequences or 1)
+        names = _repeat(names, expand)  # generate() repeats each row `num_return_sequences` times
         open_rows = [i for i, info in enumerate(infos) if info is not None and info.gate_open]
         if not open_rows:
             # Time spent on retrieval and prompt building before decoding (the whole overhead of a closed gate).
             self.last_generation_stats = {"mode": "plain", "open_rows": [], "prepare_s": time.perf_counter() - started}
             # Every gate is closed: this *is* plain generation (plus the users' adapters, if any).
-            with router.activate(_repeat(names, expand)) if router is not None else nullcontext():
+            with activate_adapters(router, names):
                 return self.base_model.generate(input_ids, **kwargs)
 
         processor = self._build_processor(infos, attention_mask, generation_config, expand, router, names)
@@ -185,19 +188,12 @@ class SpringForCausalLM(PushToHubMixin, nn.Module):
         decoder = None
         if self.spring_config.mode == "fused":
             # generate() does not hand `streamer` to a custom_generate callable: the decoder gets it directly.
-            streamer = kwargs.pop("streamer", None)
             decoder = FusedDualPathDecoder(
-                processor,
-                router,
-                _repeat(names, expand) if names else None,
-                streamer,
-                skinny_cpu_linear=self.spring_config.skinny_cpu_linear,
+                processor, kwargs.pop("streamer", None), skinny_cpu_linear=self.spring_config.skinny_cpu_linear
             )
             kwargs["custom_generate"] = decoder
-            if streamer is not None:
-                streamer.put(input_ids.cpu())
         prepare_s = time.perf_counter() - started
-        with router.activate(_repeat(names, expand)) if router is not None else nullcontext():
+        with activate_adapters(router, names):
             output = self.base_model.generate(input_ids, **kwargs)
         self.last_generation_stats = {
             "mode": self.spring_config.mode,
@@ -247,6 +243,12 @@ class SpringForCausalLM(PushToHubMixin, nn.Module):
             )
         if self.spring_config.mode == "fused" and kwargs.get("custom_generate") is not None:
             raise ValueError("`custom_generate` cannot be combined with `personalization` in fused mode.")
+        if self.spring_config.mode == "fused" and _needs_synced_gpus(self.base_model, kwargs.get("synced_gpus")):
+            # Checked here: generate() does not pass `synced_gpus` on to a custom_generate callable.
+            raise ValueError(
+                "fused dual-path decoding does not support synced GPUs (`synced_gpus=True`, or DeepSpeed ZeRO-3 / FSDP "
+                "across processes); use `SpringConfig(mode='processor')`."
+            )
         if config.use_cache is False:
             logger.warning_once("`use_cache=False` is ignored by the history path, which always keeps a KV cache.")
 
@@ -342,7 +344,7 @@ class SpringForCausalLM(PushToHubMixin, nn.Module):
         names: list[str] | None,
     ) -> RetrievalInterpolationLogitsProcessor:
         cfg = self.spring_config
-        rows_ids = [getattr(info, "history_ids", None) if info is not None else None for info in infos]
+        rows_ids = [info.history_ids if info is not None else None for info in infos]
         weights = [info.weight if info is not None and info.gate_open else 0.0 for info in infos]
         width = max(len(ids) for ids in rows_ids if ids is not None)
         pad = _pad_id(generation_config, self.tokenizer)
@@ -359,20 +361,19 @@ class SpringForCausalLM(PushToHubMixin, nn.Module):
             history_mask = history_mask.repeat_interleave(expand, 0)
             attention_mask = attention_mask.repeat_interleave(expand, 0)
             weights = [w for w in weights for _ in range(expand)]
-        penalty = generation_config.repetition_penalty
         return RetrievalInterpolationLogitsProcessor(
             self.base_model,
             history,
             history_mask,
             weights,
-            repetition_penalty=penalty if penalty not in (None, 1.0) else None,
+            repetition_penalty=generation_config.repetition_penalty,  # None / 1.0 = off
             penalty_mode=cfg.penalty_mode,
             prompt_attention_mask=attention_mask,
             early_exit_epsilon=cfg.early_exit_epsilon,
             early_exit_patience=cfg.early_exit_patience,
             eos_token_id=generation_config.eos_token_id,
             adapter_router=router,
-            adapter_names=_repeat(names, expand) if names is not None else None,
+            adapter_names=names,
         )
 
     # ---------------------------------------------------------------------------------------------- persistence
@@ -398,26 +399,21 @@ class SpringForCausalLM(PushToHubMixin, nn.Module):
         if os.path.isfile(save_directory):
             raise ValueError(f"`save_directory` ({save_directory}) must be a directory, not a file.")
         os.makedirs(save_directory, exist_ok=True)
-        config = copy.deepcopy(self.spring_config)
-        if config.base_model_name_or_path is None:
-            config.base_model_name_or_path = _base_name_or_path(self.base_model)
-        config.save_pretrained(save_directory)
-        extras = []
-        if _is_peft_model(self.base_model):
+        config, memory_saved = save_spring_files(
+            save_directory,
+            self.spring_config,
+            self.base_model,
+            self.memory if save_memory else None,
+            self.tokenizer if save_tokenizer else None,
+        )
+        extras = ["the memory (`memory/`)"] if memory_saved else []
+        if is_peft_model(self.base_model):
             self.base_model.save_pretrained(
                 os.path.join(save_directory, ADAPTERS_DIR), safe_serialization=safe_serialization
             )
             extras.append("the LoRA adapters (`adapters/`, peft layout)")
         elif AdapterRouter(self.base_model).has_adapters:
             logger.warning("The model has adapters but is not a PeftModel; wrap it with peft to save them.")
-        if save_memory and self.memory is not None:
-            if callable(getattr(self.memory, "save_pretrained", None)):
-                self.memory.save_pretrained(os.path.join(save_directory, MEMORY_DIR))
-                extras.append("the memory (`memory/`)")
-            else:
-                logger.warning(f"{type(self.memory).__name__} has no save_pretrained; the memory is not saved.")
-        if save_tokenizer and self.tokenizer is not None and hasattr(self.tokenizer, "save_pretrained"):
-            self.tokenizer.save_pretrained(save_directory)
         base = config.base_model_name_or_path or "unknown"
         base_line = f"base_model: {base}\n" if config.base_model_name_or_path else ""
         with open(os.path.join(save_directory, "README.md"), "w", encoding="utf-8") as handle:
@@ -478,7 +474,7 @@ class SpringForCausalLM(PushToHubMixin, nn.Module):
             if load_adapters and os.path.isdir(adapters_dir):
                 model = _load_adapters(model, adapters_dir, is_trainable)
             if memory is None and load_memory and os.path.isdir(os.path.join(spring_dir, MEMORY_DIR)):
-                memory = _load_memory(os.path.join(spring_dir, MEMORY_DIR), memory_kwargs or {})
+                memory = LoGoMemory.from_pretrained(os.path.join(spring_dir, MEMORY_DIR), **(memory_kwargs or {}))
             tokenizer_sources = [spring_dir, base_id]
         else:
             base_id = base_override or str(model_id_or_path)
@@ -495,6 +491,32 @@ class SpringForCausalLM(PushToHubMixin, nn.Module):
 
 
 # -------------------------------------------------------------------------------------------------- module helpers
+def save_spring_files(
+    directory: str | os.PathLike, spring_config: SpringConfig | None, model: nn.Module, memory: Any, tokenizer: Any
+) -> tuple[SpringConfig, bool]:
+    """
+    Writes what every SPRInG directory holds besides its adapters: `spring_config.json` (with the base model's id
+    filled in), the memory under `memory/` and the tokenizer (each when not None).
+
+    Returns:
+        `(SpringConfig, bool)`: the config as written, and whether the memory was saved.
+    """
+    config = copy.deepcopy(spring_config) if spring_config is not None else SpringConfig()
+    if config.base_model_name_or_path is None:
+        config.base_model_name_or_path = base_name_or_path(model)
+    config.save_pretrained(directory)
+    memory_saved = False
+    if memory is not None:
+        if callable(getattr(memory, "save_pretrained", None)):
+            memory.save_pretrained(os.path.join(directory, MEMORY_DIR))
+            memory_saved = True
+        else:
+            logger.warning(f"{type(memory).__name__} has no save_pretrained; the memory is not saved.")
+    if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
+        tokenizer.save_pretrained(str(directory))
+    return config, memory_saved
+
+
 def _repeat(names: Sequence[str] | None, expand: int) -> list[str] | None:
     if names is None:
         return None
@@ -524,26 +546,24 @@ def _active_adapter(router: AdapterRouter) -> str | None:
     return active[0] if len(active) == 1 else None
 
 
-def _is_peft_model(model: nn.Module) -> bool:
-    try:
-        from peft import PeftModel
-    except ImportError:
+def _needs_synced_gpus(model: nn.Module, synced_gpus: bool | None) -> bool:
+    """`synced_gpus` as generate() would resolve it (unset: on under DeepSpeed ZeRO-3 or FSDP with > 1 process)."""
+    if synced_gpus is not None:
+        return bool(synced_gpus)
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return False
-    return isinstance(model, PeftModel)
+    from transformers.integrations import is_deepspeed_zero3_enabled
+    from transformers.integrations.fsdp import is_fsdp_managed_module
 
-
-def _base_name_or_path(model: nn.Module) -> str | None:
-    inner = model.get_base_model() if _is_peft_model(model) else model
-    config = getattr(inner, "config", None)
-    name = getattr(config, "_name_or_path", None) or getattr(config, "name_or_path", None)
-    return name or None
+    return is_deepspeed_zero3_enabled() or is_fsdp_managed_module(model)
 
 
 def _resolve_spring_dir(model_id_or_path, revision, token) -> str | None:
     """A local directory holding spring_config.json (downloading a Hub repo when needed), or None."""
     path = os.fspath(model_id_or_path)
-    if os.path.isdir(path):
-        return path if os.path.isfile(os.path.join(path, SPRING_CONFIG_NAME)) else None
+    local = resolve_saved_directory(path)  # also recovers a directory whose atomic save was interrupted
+    if local is not None:
+        return str(local) if (local / SPRING_CONFIG_NAME).is_file() else None
     from huggingface_hub import hf_hub_download, snapshot_download
     from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
 
@@ -571,15 +591,6 @@ def _load_adapters(model: nn.Module, adapters_dir: str, is_trainable: bool) -> n
     for name, path in rest:
         model.load_adapter(path, adapter_name=name, is_trainable=is_trainable)
     return model
-
-
-def _load_memory(path: str, kwargs: dict):
-    try:
-        from transformers_spring.memory import LoGoMemory
-    except ImportError as err:
-        logger.warning(f"A memory is saved in {path} but LoGoMemory cannot be imported ({err}); it is not loaded.")
-        return None
-    return LoGoMemory.from_pretrained(path, **kwargs)
 
 
 def _load_tokenizer(sources: list[str]):

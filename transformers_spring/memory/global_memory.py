@@ -323,7 +323,8 @@ class GlobalMemory:
         if before is None:
             # Candidate count from per-user counts: no pass over all rows on the ANN path.
             in_scope = np.isin(self._user_community[: len(self._users)], communities)
-            in_scope[own] = False if own >= 0 else in_scope[own]
+            if own >= 0:
+                in_scope[own] = False
             n_candidates = int(self._user_count[: len(self._users)][in_scope].sum())
             row_ok = None
         else:

@@ -186,6 +186,11 @@ class LocalMemory:
     def __len__(self) -> int:
         return len(self.history)
 
+    def __bool__(self) -> bool:
+        # A user's memory exists even when its history is empty (a SPRInG user may hold only a buffer):
+        # `if local` must mean "this user has a memory", never "this user has history".
+        return True
+
     def __contains__(self, record_id: str) -> bool:
         return record_id in self.history or record_id in self.buffer
 

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import threading
 import time
-import uuid
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +17,7 @@ from tqdm.auto import tqdm
 from transformers.utils import logging
 
 from .. import __version__
+from ..utils.io import atomic_directory, looks_like_repo_id, resolve_saved_directory
 from .encoders import Encoder, resolve_encoder
 from .gate import RelevanceGate
 from .global_memory import SCOPES, GlobalMemory
@@ -45,7 +43,6 @@ CONFIG_FILE, RECORDS_FILE, EMBEDDINGS_FILE, CARD_FILE = (
     "README.md",
 )
 MEMORY_FILES = (CONFIG_FILE, RECORDS_FILE, EMBEDDINGS_FILE, CARD_FILE)
-_OLD_SUFFIX = ".spring-old-"
 
 _CARD = """---
 library_name: transformers_spring
@@ -250,7 +247,7 @@ class LoGoMemory(
         """A user's history records, oldest first."""
         with self._lock:
             local = self._locals.get(check_user_id(user_id))
-            records = list(local.history.records.values()) if local else []
+            records = list(local.history.records.values()) if local is not None else []
         return sorted(records, key=lambda r: r.timestamp)
 
     def buffer(self, user_id: str) -> list[Interaction]:
@@ -424,9 +421,30 @@ class LoGoMemory(
         for record in records:
             if record.user_id != user_id:
                 raise ValueError(f"buffer item {record.id!r} belongs to user {record.user_id!r}, not {user_id!r}.")
-        vectors = self._encode([r.text for r in records])
+        with self._lock:
+            known = self._known_vectors(user_id, records)
+        # Kept buffer items (most of a buffer, period after period) reuse their stored vector; only new ones encode.
+        new = [i for i, vector in enumerate(known) if vector is None]
+        encoded = self._encode([records[i].text for i in new])
+        for i, vector in zip(new, encoded, strict=True):
+            known[i] = vector
+        vectors = np.stack(known) if known else np.empty((0, self.dim), dtype=np.float32)
         with self._lock:
             self._local(user_id).set_buffer(records, vectors, scores)
+
+    def _known_vectors(self, user_id: str, records: Sequence[Interaction]) -> list[np.ndarray | None]:
+        """Per record, the vector this user's memory already stores for the same id and text, or None."""
+        local = self._locals.get(user_id)
+        vectors = []
+        for record in records:
+            vector = None
+            for store in (local.buffer, local.history) if local is not None else ():
+                stored = store.records.get(record.id)
+                if stored is not None and stored.text == record.text:
+                    vector = store.vector(record.id)
+                    break
+            vectors.append(vector)
+        return vectors
 
     def buffer_scores(self, user_id: str) -> dict[str, float]:
         with self._lock:
@@ -480,12 +498,12 @@ class LoGoMemory(
                     query_vector,
                     k,
                     user_id=user_id,
-                    user_vector=local.centroid() if local else None,
+                    user_vector=local.centroid() if local is not None else None,
                     before=before,
                     scope=scope,
                 )
                 global_hits = [self._global_item(label, score) for label, score in found]
-            context = self.mediator.mediate(passed, global_hits, len(local) if local else 0, k)
+            context = self.mediator.mediate(passed, global_hits, len(local) if local is not None else 0, k)
         context.gate_threshold = threshold
         return context
 
@@ -606,33 +624,10 @@ class LoGoMemory(
             kwargs: passed on to `ModelHubMixin.save_pretrained` (and to `push_to_hub`).
         """
         target = Path(save_directory).absolute()
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with self._save_lock:
-            tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:12]}"
-            try:
-                super().save_pretrained(tmp, **{k: v for k, v in kwargs.items() if k in ("config",)})
-                if target.exists():
-                    backup = target.parent / f".{target.name}{_OLD_SUFFIX}{uuid.uuid4().hex[:12]}"
-                    os.rename(target, backup)
-                    os.rename(tmp, target)
-                    shutil.rmtree(backup, ignore_errors=True)
-                else:
-                    os.rename(tmp, target)
-            finally:
-                if tmp.exists():
-                    shutil.rmtree(tmp, ignore_errors=True)
+        with self._save_lock, atomic_directory(target) as tmp:
+            super().save_pretrained(tmp, **{k: v for k, v in kwargs.items() if k in ("config",)})
         if push_to_hub:
             return self.push_to_hub(repo_id or target.name, **kwargs)
-        return None
-
-    @staticmethod
-    def _resolve_directory(path: Path) -> Path | None:
-        if path.is_dir():
-            return path
-        leftovers = sorted(path.parent.glob(f".{path.name}{_OLD_SUFFIX}*")) if path.parent.is_dir() else []
-        if leftovers:  # a save was interrupted between its two renames: the previous version is intact here
-            logger.warning("%s is missing; loading the previous version from %s", path, leftovers[-1])
-            return leftovers[-1]
         return None
 
     @classmethod
@@ -656,10 +651,10 @@ class LoGoMemory(
             model_kwargs: `encoder=` (required when the memory was saved with a custom encoder) and any
                 constructor argument to override the saved one.
         """
-        directory = cls._resolve_directory(Path(pretrained_model_name_or_path))
+        directory = resolve_saved_directory(pretrained_model_name_or_path)
         if directory is None:
             name = str(pretrained_model_name_or_path)
-            if os.path.isabs(name) or name.startswith(".") or name.count("/") > 1 or Path(name).exists():
+            if not looks_like_repo_id(name):
                 raise FileNotFoundError(f"no LoGoMemory directory at {name}.")
             directory = Path(
                 snapshot_download(

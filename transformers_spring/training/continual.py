@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import tempfile
-import uuid
 import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -18,11 +17,15 @@ import torch
 from transformers.utils import logging
 
 from .. import __version__
-from ..generation.config import SpringConfig
+from ..generation.config import SPRING_CONFIG_NAME, SpringConfig
+from ..generation.model import ADAPTERS_DIR, MEMORY_DIR, save_spring_files
+from ..memory import LoGoMemory
 from ..memory.interaction import Interaction, check_user_id
+from ..utils.io import atomic_directory, looks_like_repo_id, resolve_saved_directory
+from ..utils.modeling import base_name_or_path, is_peft_model
 from .data import coerce_interactions
 from .drift import BaseLogProbCache
-from .lora import adapter_name_for, adapter_names, is_peft_model
+from .lora import adapter_name_for, adapter_names
 from .spring_config import SPRING_FIELDS, SpringTrainingArguments
 from .spring_trainer import SpringPeriodOutput, SpringTrainer
 
@@ -31,10 +34,7 @@ logger = logging.get_logger(__name__)
 STATE_FILE = "continual_state.json"
 ARGS_FILE = "training_args.json"
 CACHE_FILE = "base_logprobs.json"
-ADAPTERS_DIR = "adapters"  # the same layout SpringForCausalLM.save_pretrained writes and from_pretrained reads
-MEMORY_DIR = "memory"
 FORMAT_VERSION = 1
-_OLD_SUFFIX = ".spring-old-"
 
 _MODEL_CARD = """---
 library_name: transformers_spring
@@ -161,8 +161,6 @@ class ContinualPersonalizer:
         if not isinstance(args, SpringTrainingArguments):
             raise TypeError(f"`args` must be a SpringTrainingArguments, got {type(args).__name__}.")
         if memory is None:
-            from ..memory import LoGoMemory
-
             memory = LoGoMemory(scorer="bm25", gate=None, buffer_size=max(args.buffer_size, 1))
         self.model = model
         self.tokenizer = tokenizer
@@ -171,7 +169,7 @@ class ContinualPersonalizer:
         self.spring_config = spring_config
         self.max_resident_adapters = max_resident_adapters
         self.callbacks = callbacks
-        self.score_cache = score_cache if score_cache is not None else BaseLogProbCache(_base_name(model))
+        self.score_cache = score_cache if score_cache is not None else BaseLogProbCache(base_name_or_path(model))
         self._users: dict[str, dict[str, Any]] = {}
         self._resident: OrderedDict[str, bool] = OrderedDict()  # adapter name -> changed since last offloaded
         self._offloaded: dict[str, Path] = {}  # adapter name -> its latest copy on disk
@@ -331,7 +329,7 @@ class ContinualPersonalizer:
             "format_version": FORMAT_VERSION,
             "library": "transformers_spring",
             "library_version": __version__,
-            "base_model_name_or_path": _base_name(self.model),
+            "base_model_name_or_path": base_name_or_path(self.model),
             "max_resident_adapters": self.max_resident_adapters,
             "spring_args": self.args.spring_dict(),
             "users": self._users,
@@ -352,15 +350,8 @@ class ContinualPersonalizer:
 
         state = PartialState()
         if state.is_main_process:
-            target = Path(save_directory).absolute()
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:12]}"
-            try:
+            with atomic_directory(save_directory) as tmp:
                 self._write(tmp, save_tokenizer)
-                _swap_in(tmp, target)
-            finally:
-                if tmp.exists():
-                    shutil.rmtree(tmp, ignore_errors=True)
         state.wait_for_everyone()
 
     def _write(self, directory: Path, save_tokenizer: bool) -> None:
@@ -374,22 +365,14 @@ class ContinualPersonalizer:
             (adapters / "README.md").unlink(missing_ok=True)  # the top-level card describes the whole state
         for name in sorted(managed - set(resident)):
             shutil.copytree(self._offloaded[name], adapters / name)
-        if self.memory is not None:
-            if callable(getattr(self.memory, "save_pretrained", None)):
-                self.memory.save_pretrained(directory / MEMORY_DIR)
-            else:
-                logger.warning(f"{type(self.memory).__name__} has no save_pretrained; the buffers are not saved.")
+        config, _ = save_spring_files(
+            directory, self.spring_config, self.model, self.memory, self.tokenizer if save_tokenizer else None
+        )
         self.score_cache.save(directory / CACHE_FILE)
         # not sort_keys: users stay in first-observed order
         (directory / STATE_FILE).write_text(json.dumps(self._state(), indent=2), encoding="utf-8")
         (directory / ARGS_FILE).write_text(json.dumps(_args_diff(self.args), indent=2, sort_keys=True), "utf-8")
-        config = dataclasses.replace(self.spring_config) if self.spring_config is not None else SpringConfig()
-        if config.base_model_name_or_path is None:
-            config.base_model_name_or_path = _base_name(self.model)
-        config.save_pretrained(directory)
-        if save_tokenizer and hasattr(self.tokenizer, "save_pretrained"):
-            self.tokenizer.save_pretrained(str(directory))
-        base = _base_name(self.model)
+        base = config.base_model_name_or_path
         (directory / "README.md").write_text(
             _MODEL_CARD.format(base_model_line=f"base_model: {base}\n" if base else "", num_users=len(self._users)),
             encoding="utf-8",
@@ -480,15 +463,13 @@ class ContinualPersonalizer:
 
             tokenizer = AutoTokenizer.from_pretrained(str(directory))
         if memory is None and (directory / MEMORY_DIR).is_dir():
-            from ..memory import LoGoMemory
-
             memory = LoGoMemory.from_pretrained(directory / MEMORY_DIR, **(memory_kwargs or {}))
         spring_config = kwargs.pop("spring_config", None)
-        if spring_config is None and (directory / "spring_config.json").is_file():
+        if spring_config is None and (directory / SPRING_CONFIG_NAME).is_file():
             spring_config = SpringConfig.from_pretrained(directory)
         cache = None
         if (directory / CACHE_FILE).is_file():
-            cache = BaseLogProbCache.load(directory / CACHE_FILE, model_name=_base_name(model))
+            cache = BaseLogProbCache.load(directory / CACHE_FILE, model_name=base_name_or_path(model))
         kwargs.setdefault("max_resident_adapters", state.get("max_resident_adapters", 8))
         personalizer = cls(model, tokenizer, args, memory, spring_config=spring_config, score_cache=cache, **kwargs)
         present = set(adapter_names(model))
@@ -545,35 +526,14 @@ class ContinualPersonalizer:
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
-def _base_name(model: torch.nn.Module) -> str | None:
-    inner = model.get_base_model() if is_peft_model(model) else model
-    config = getattr(inner, "config", None)
-    return getattr(config, "_name_or_path", None) or None
-
-
-def _swap_in(tmp: Path, target: Path) -> None:
-    """Replaces `target` by `tmp` with two renames; in between, the old version survives as a hidden sibling."""
-    if target.exists():
-        backup = target.parent / f".{target.name}{_OLD_SUFFIX}{uuid.uuid4().hex[:12]}"
-        os.rename(target, backup)
-        os.rename(tmp, target)
-        shutil.rmtree(backup, ignore_errors=True)
-    else:
-        os.rename(tmp, target)
-
-
 def _resolve_directory(path: str | os.PathLike, revision: str | None, token: str | bool | None) -> Path:
-    local = Path(path)
-    if local.is_dir():
+    local = resolve_saved_directory(path)
+    if local is not None:
         if not (local / STATE_FILE).is_file():
             raise FileNotFoundError(f"{local} has no {STATE_FILE}; it is not a ContinualPersonalizer directory.")
         return local
-    leftovers = sorted(local.parent.glob(f".{local.name}{_OLD_SUFFIX}*")) if local.parent.is_dir() else []
-    if leftovers:  # a save was interrupted between its two renames: the previous version is intact here
-        logger.warning(f"{local} is missing; loading the previous version from {leftovers[-1]}.")
-        return leftovers[-1]
     name = os.fspath(path)
-    if os.path.isabs(name) or name.startswith(".") or name.count("/") > 1:
+    if not looks_like_repo_id(name):
         raise FileNotFoundError(f"no ContinualPersonalizer directory at {name}.")
     from huggingface_hub import snapshot_download
 

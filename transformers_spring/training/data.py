@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -39,7 +40,7 @@ class EncodedSample:
     def response_length(self) -> int:
         return len(self.input_ids) - self.prompt_length
 
-    @property
+    @functools.cached_property  # computed once (a frozen dataclass without slots still has an instance __dict__)
     def cache_key(self) -> str:
         """Identifies the exact scored text: user, id and a hash of the token ids and the prompt/response split. Any
         change of text, tokenizer, template or `max_length` gives a new key."""
@@ -248,6 +249,16 @@ class SpringDataset(torch.utils.data.Dataset):
         ids = list(sample.input_ids)
         cut = sample.prompt_length if self.response_only_loss else 1
         return {"input_ids": ids, "labels": [IGNORE_INDEX] * cut + ids[cut:]}
+
+
+def label_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The positions that predict a target token and those tokens, from `(batch, seq)` labels (-100 = no target).
+
+    Position `t` predicts label `t + 1`. Returns `keep`, a `(batch, seq)` bool mask of those positions, and the target
+    ids, flattened row-major in the order of `keep` (the layout of [`response_logits`])."""
+    is_target = labels[:, 1:] != IGNORE_INDEX
+    keep = torch.cat([is_target, torch.zeros_like(is_target[:, :1])], dim=1)
+    return keep, labels[:, 1:][is_target]
 
 
 @dataclass

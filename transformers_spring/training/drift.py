@@ -7,7 +7,6 @@ serves both: the base pass runs inside `model.disable_adapter()`.
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import os
@@ -18,7 +17,8 @@ from pathlib import Path
 import torch
 from transformers.utils import logging
 
-from .data import EncodedSample
+from ..utils.modeling import supports_logits_to_keep
+from .data import EncodedSample, SpringDataCollator, SpringDataset, label_targets
 
 logger = logging.get_logger(__name__)
 
@@ -115,16 +115,6 @@ class BaseLogProbCache:
         return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")), model_name=model_name)
 
 
-def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
-    inner = model
-    while hasattr(inner, "get_base_model"):
-        inner = inner.get_base_model()
-    try:
-        return "logits_to_keep" in inspect.signature(inner.forward).parameters
-    except (TypeError, ValueError):
-        return False
-
-
 def response_logits(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
@@ -138,7 +128,7 @@ def response_logits(
     which saves most of the head's cost (the vocabulary projection) on the prompt tokens.
     """
     if use_logits_to_keep is None:
-        use_logits_to_keep = _accepts_logits_to_keep(model)
+        use_logits_to_keep = supports_logits_to_keep(model)
     if use_logits_to_keep:
         logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits
         if logits.dim() == 2 and logits.shape[0] == int(keep.sum()):
@@ -150,19 +140,13 @@ def response_logits(
 
 
 def _batch(samples: Sequence[EncodedSample], pad_token_id: int) -> tuple[torch.Tensor, ...]:
-    longest = max(len(s.input_ids) for s in samples)
-    input_ids = torch.full((len(samples), longest), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(samples), longest), dtype=torch.long)
-    keep = torch.zeros((len(samples), longest), dtype=torch.bool)
-    targets = []
-    for row, sample in enumerate(samples):
-        n = len(sample.input_ids)
-        input_ids[row, :n] = torch.as_tensor(sample.input_ids)
-        attention_mask[row, :n] = 1
-        # Position t predicts token t + 1: the response tokens [p, n) are predicted from positions [p - 1, n - 1).
-        keep[row, sample.prompt_length - 1 : n - 1] = True
-        targets.extend(sample.input_ids[sample.prompt_length :])
-    return input_ids, attention_mask, keep, torch.as_tensor(targets, dtype=torch.long)
+    """`input_ids`, `attention_mask`, the positions predicting a response token and those tokens: the training batch
+    layout (`SpringDataCollator` over response-only labels), with positions and targets read from the labels exactly
+    as `SpringTrainer.compute_loss` reads them."""
+    features = SpringDataset(samples, response_only_loss=True)
+    batch = SpringDataCollator(pad_token_id)([features[i] for i in range(len(features))])
+    keep, targets = label_targets(batch["labels"])
+    return batch["input_ids"], batch["attention_mask"], keep, targets
 
 
 def _fixed_batches(samples: Sequence[EncodedSample], batch_size: int) -> list[list[int]]:
@@ -213,20 +197,19 @@ def compute_logprobs(
     if n == 0:
         return []
     device = next(model.parameters()).device
-    use_keep = _accepts_logits_to_keep(model)
+    use_keep = supports_logits_to_keep(model)
     was_training = model.training
     model.eval()
     try:
         for batch in _fixed_batches(samples, batch_size)[rank::world]:
-            rows = [samples[i] for i in batch]
-            input_ids, attention_mask, keep, targets = _batch(rows, pad_token_id)
+            input_ids, attention_mask, keep, targets = _batch([samples[i] for i in batch], pad_token_id)
             logits = response_logits(
                 model, input_ids.to(device), attention_mask.to(device), keep.to(device), use_keep
             ).float()
             token_logp = logits.log_softmax(-1).gather(-1, targets.to(device)[:, None]).squeeze(-1).double().cpu()
-            lengths = torch.as_tensor([r.response_length for r in rows])
-            row_of_token = torch.repeat_interleave(torch.arange(len(rows)), lengths)
-            sums = torch.zeros(len(rows), dtype=torch.float64).index_add_(0, row_of_token, token_logp)
+            lengths = keep.sum(dim=1)  # response tokens per row
+            row_of_token = torch.repeat_interleave(torch.arange(len(batch)), lengths)
+            sums = torch.zeros(len(batch), dtype=torch.float64).index_add_(0, row_of_token, token_logp)
             index = torch.as_tensor(batch)
             totals[index] = sums
             counts[index] = lengths.double()
@@ -324,9 +307,7 @@ def num_selected(n: int, ratio: float) -> int:
 
 def select_top(scores: Sequence[float], ratio: float) -> list[int]:
     """Eq. 2: the indices of the `ceil(ratio · n)` highest scores (ties: the earlier sample first), in input order."""
-    k = num_selected(len(scores), ratio)
-    ranked = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
-    return sorted(ranked[:k])
+    return sorted(top_n(scores, num_selected(len(scores), ratio)))
 
 
 def top_n(scores: Sequence[float], n: int) -> list[int]:

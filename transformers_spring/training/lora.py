@@ -11,6 +11,7 @@ import torch.nn as nn
 from transformers.utils import logging
 
 from ..generation.adapters import BASE_ADAPTER, sanitize_adapter_name
+from ..utils.modeling import is_peft_model
 
 logger = logging.get_logger(__name__)
 
@@ -104,14 +105,6 @@ def adapter_seed(seed: int, name: str) -> int:
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
-def is_peft_model(model: Any) -> bool:
-    try:
-        from peft import PeftModel
-    except ImportError:
-        return False
-    return isinstance(model, PeftModel)
-
-
 def adapter_names(model: nn.Module) -> list[str]:
     """The adapters a `PeftModel` holds (empty for anything else)."""
     return list(getattr(model, "peft_config", {}) or {}) if is_peft_model(model) else []
@@ -137,15 +130,10 @@ def create_adapter(model: nn.Module, name: str, lora_config: Any, seed: int) -> 
 
 
 def activate_adapter(model: nn.Module, name: str) -> None:
-    """Makes `name` the single active adapter and its weights (only its weights) trainable."""
+    """Makes `name` the single active adapter and its weights (only its weights) trainable: peft's `set_adapter`
+    unfreezes the active adapter (even one loaded with `is_trainable=False`) and freezes the others."""
     model.set_adapter(name)
-    config = model.peft_config[name]
-    config.inference_mode = False
-    for param_name, param in model.named_parameters():
-        if _belongs_to(param_name, [name]):
-            param.requires_grad_(True)
-        elif any(part.startswith("lora_") for part in param_name.split(".")):
-            param.requires_grad_(False)
+    model.peft_config[name].inference_mode = False
 
 
 def _belongs_to(param_name: str, names: Sequence[str]) -> bool:

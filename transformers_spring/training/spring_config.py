@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 from transformers import TrainingArguments
 from transformers.utils import logging
@@ -177,32 +179,19 @@ class SpringTrainingArguments(TrainingArguments):
         super().__post_init__()
 
     def _check_spring_fields(self) -> None:
-        def number(name: str, integer: bool = False) -> float:
+        for name, kind, valid, requirement in _FIELD_CHECKS:
             value = getattr(self, name)
-            kinds = (int,) if integer else (int, float)
-            if isinstance(value, bool) or not isinstance(value, kinds):
-                kind = "an int" if integer else "a number"
-                raise TypeError(f"`{name}` must be {kind}, got {type(value).__name__} ({value!r}).")
-            if not math.isfinite(value):
-                raise ValueError(f"`{name}` must be finite, got {value}.")
-            return value
-
-        if not 0.0 < number("selection_ratio") <= 1.0:
-            raise ValueError(f"`selection_ratio` must be in (0, 1], got {self.selection_ratio}.")
-        if number("drift_alpha") < 0:
-            raise ValueError(f"`drift_alpha` must be >= 0, got {self.drift_alpha}.")
-        if self.score_reduction not in SCORE_REDUCTIONS:
-            raise ValueError(f"`score_reduction` must be one of {SCORE_REDUCTIONS}, got {self.score_reduction!r}.")
-        if number("buffer_size", integer=True) < 0:
-            raise ValueError(f"`buffer_size` must be >= 0, got {self.buffer_size}.")
-        if self.rescore_buffer not in RESCORE_MODES:
-            raise ValueError(f"`rescore_buffer` must be one of {RESCORE_MODES}, got {self.rescore_buffer!r}.")
-        if number("lora_r", integer=True) < 1:
-            raise ValueError(f"`lora_r` must be >= 1, got {self.lora_r}.")
-        if number("lora_alpha") <= 0:
-            raise ValueError(f"`lora_alpha` must be > 0, got {self.lora_alpha}.")
-        if not 0.0 <= number("lora_dropout") < 1.0:
-            raise ValueError(f"`lora_dropout` must be in [0, 1), got {self.lora_dropout}.")
+            if kind == "int_or_none" and value is None:
+                continue
+            if kind != "choice":
+                integer = kind != "number"
+                if isinstance(value, bool) or not isinstance(value, (int,) if integer else (int, float)):
+                    article = "an int" if integer else "a number"
+                    raise TypeError(f"`{name}` must be {article}, got {type(value).__name__} ({value!r}).")
+                if not math.isfinite(value):
+                    raise ValueError(f"`{name}` must be finite, got {value}.")
+            if not valid(value):  # repr of an int or float is its str: the number messages read `got 1.5`
+                raise ValueError(f"`{name}` must be {requirement}, got {value!r}.")
         targets = self.lora_target_modules
         if isinstance(targets, tuple):
             self.lora_target_modules = targets = list(targets)
@@ -213,8 +202,6 @@ class SpringTrainingArguments(TrainingArguments):
             raise ValueError(
                 f"`lora_target_modules` must be None, a regex string or a non-empty list of module names, got {targets!r}."
             )
-        if number("max_length", integer=True) < 2:
-            raise ValueError(f"`max_length` must be >= 2 (one prompt and one response token), got {self.max_length}.")
         if not isinstance(self.prompt_template, str) or "{prompt}" not in self.prompt_template:
             raise ValueError(f"`prompt_template` must be a str containing '{{prompt}}', got {self.prompt_template!r}.")
         try:
@@ -226,8 +213,6 @@ class SpringTrainingArguments(TrainingArguments):
             ) from err
         if self.system_prompt is not None and not isinstance(self.system_prompt, str):
             raise TypeError(f"`system_prompt` must be a str or None, got {type(self.system_prompt).__name__}.")
-        if self.scoring_batch_size is not None and number("scoring_batch_size", integer=True) < 1:
-            raise ValueError(f"`scoring_batch_size` must be >= 1 or None, got {self.scoring_batch_size}.")
 
     def get_warmup_steps(self, num_training_steps: int) -> int:
         """Warmup steps; a ratio in [0, 1) is rounded **down** (transformers rounds up).
@@ -250,20 +235,23 @@ class SpringTrainingArguments(TrainingArguments):
         return {name: getattr(self, name) for name in SPRING_FIELDS}
 
 
-SPRING_FIELDS = (
-    "selection_ratio",
-    "drift_alpha",
-    "score_reduction",
-    "buffer_size",
-    "rescore_buffer",
-    "lora_r",
-    "lora_alpha",
-    "lora_dropout",
-    "lora_target_modules",
-    "max_length",
-    "prompt_template",
-    "use_chat_template",
-    "system_prompt",
-    "response_only_loss",
-    "scoring_batch_size",
+# The bounded and multiple-choice SPRInG fields, checked in this order: (field, kind, valid, requirement). Kinds
+# "number", "int" and "int_or_none" first raise a TypeError for another type and a ValueError for inf/nan; then an
+# invalid value raises "`<field>` must be <requirement>, got <value>.".
+_FIELD_CHECKS: tuple[tuple[str, str, Callable[[Any], bool], str], ...] = (
+    ("selection_ratio", "number", lambda v: 0.0 < v <= 1.0, "in (0, 1]"),
+    ("drift_alpha", "number", lambda v: v >= 0, ">= 0"),
+    ("score_reduction", "choice", lambda v: v in SCORE_REDUCTIONS, f"one of {SCORE_REDUCTIONS}"),
+    ("buffer_size", "int", lambda v: v >= 0, ">= 0"),
+    ("rescore_buffer", "choice", lambda v: v in RESCORE_MODES, f"one of {RESCORE_MODES}"),
+    ("lora_r", "int", lambda v: v >= 1, ">= 1"),
+    ("lora_alpha", "number", lambda v: v > 0, "> 0"),
+    ("lora_dropout", "number", lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+    ("max_length", "int", lambda v: v >= 2, ">= 2 (one prompt and one response token)"),
+    ("scoring_batch_size", "int_or_none", lambda v: v >= 1, ">= 1 or None"),
+)
+
+# The SPRInG-specific fields: those `TrainingArguments` does not have, in declaration order.
+SPRING_FIELDS = tuple(
+    f.name for f in fields(SpringTrainingArguments) if f.name not in {g.name for g in fields(TrainingArguments)}
 )

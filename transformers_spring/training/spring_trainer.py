@@ -14,12 +14,18 @@ from transformers.trainer_utils import TrainOutput
 from transformers.utils import logging
 
 from ..memory.interaction import Interaction, check_user_id
-from .data import IGNORE_INDEX, EncodedSample, SpringDataCollator, SpringDataset, SpringFormatter, coerce_interactions
+from ..utils.modeling import supports_logits_to_keep
+from .data import (
+    EncodedSample,
+    SpringDataCollator,
+    SpringDataset,
+    SpringFormatter,
+    coerce_interactions,
+    label_targets,
+)
 from .drift import (
     BaseLogProbCache,
-    _accepts_logits_to_keep,
     drift_scores,
-    num_selected,
     response_logits,
     score_stats,
     select_top,
@@ -231,7 +237,7 @@ class SpringTrainer(Trainer):
         # compute_loss normalises by `num_items_in_batch` itself; the Trainer only counts it for models that take loss
         # kwargs, so ask for the count whatever the model's forward signature.
         self.model_accepts_loss_kwargs = True
-        self._use_logits_to_keep = _accepts_logits_to_keep(self.model)
+        self._use_logits_to_keep = supports_logits_to_keep(self.model)
         self.period_output: SpringPeriodOutput | None = None
         if hasattr(self.model, "add_model_tags"):
             try:
@@ -251,10 +257,7 @@ class SpringTrainer(Trainer):
         `num_items_in_batch`: the token count of the whole gradient-accumulation batch over all processes, so the
         result is already scaled for accumulation. DDP averages gradients over processes, hence the
         `num_processes` factor when token counts are averaged across devices (as `Trainer.compute_loss` does)."""
-        labels = inputs["labels"]
-        is_target = labels[:, 1:] != IGNORE_INDEX
-        keep = torch.cat([is_target, torch.zeros_like(is_target[:, :1])], dim=1)  # position t predicts label t + 1
-        targets = labels[:, 1:][is_target]
+        keep, targets = label_targets(inputs["labels"])
         logits = response_logits(model, inputs["input_ids"], inputs["attention_mask"], keep, self._use_logits_to_keep)
         loss_sum = F.cross_entropy(logits.float(), targets, reduction="sum")
         if num_items_in_batch is None:
@@ -342,7 +345,8 @@ class SpringTrainer(Trainer):
         if kept is not None:
             output.buffer_ids = [item.id for item in kept]
             output.buffer_scores = dict(zip(output.buffer_ids, map(float, kept_scores), strict=True))
-            output.evicted_ids = [i for i in old_ids if i not in set(output.buffer_ids)]
+            kept_ids = set(output.buffer_ids)
+            output.evicted_ids = [i for i in old_ids if i not in kept_ids]
         else:
             output.buffer_ids = old_ids
             output.buffer_scores = dict(old_scores)
@@ -425,9 +429,8 @@ class SpringTrainer(Trainer):
         }
         for key, value in score_stats(scores or []).items():
             metrics[f"spring/score_{key}"] = value
-        if scores is not None:
-            k = num_selected(n, self.args.selection_ratio)
-            metrics["spring/threshold"] = sorted(scores, reverse=True)[k - 1]
+        if scores is not None:  # the lowest selected score
+            metrics["spring/threshold"] = min(output.scores[i] for i in output.selected_ids)
         kept = set(output.buffer_ids)
         metrics.update(
             {
@@ -445,10 +448,12 @@ class SpringTrainer(Trainer):
 
     def _release_wrapped_model(self) -> None:
         """Drops the distributed wrapper (DDP) and the accelerator's references after the period, so that the next
-        trainer on the same model wraps it afresh instead of stacking gradient hooks."""
+        trainer on the same model wraps it afresh instead of stacking gradient hooks. Only a wrapper needs the garbage
+        collection (and device-cache flush) of `free_memory()`; otherwise the accelerator's references go with this
+        trainer."""
         if self.model_wrapped is not self.model:
             self.model_wrapped = self.model
-        self.accelerator.free_memory()
+            self.accelerator.free_memory()
         self.optimizer, self.lr_scheduler = None, None
 
 
