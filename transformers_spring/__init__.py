@@ -2,7 +2,17 @@
 
 __version__ = "0.1.0.dev0"
 
-from .data import read_news_jsonl  # noqa: E402
+from .data import (  # noqa: E402
+    PeriodSplit,
+    convert_news_category,
+    read_interactions_jsonl,
+    read_lamp,
+    read_news_jsonl,
+    select_users,
+    temporal_split,
+    write_interactions_jsonl,
+)
+from .evaluation import BenchmarkArguments, ContinualBenchmark, rouge_scores, run_benchmark  # noqa: E402
 from .generation import (  # noqa: E402
     AdapterRouter,
     FusedDualPathDecoder,
@@ -39,6 +49,8 @@ __all__ = [
     "AdapterRouter",
     "BM25Index",
     "BaseLogProbCache",
+    "BenchmarkArguments",
+    "ContinualBenchmark",
     "ContinualPersonalizer",
     "FusedDualPathDecoder",
     "HashingEncoder",
@@ -47,6 +59,7 @@ __all__ = [
     "LoGoMemory",
     "MediatedContext",
     "Mediator",
+    "PeriodSplit",
     "Personalization",
     "RelevanceGate",
     "RetrievalInterpolationLogitsProcessor",
@@ -57,10 +70,18 @@ __all__ = [
     "SpringTrainer",
     "SpringTrainingArguments",
     "__version__",
+    "convert_news_category",
     "drift_scores",
     "find_lora_target_modules",
     "load_smollm2",
+    "read_interactions_jsonl",
+    "read_lamp",
     "read_news_jsonl",
     "resolve_encoder",
+    "rouge_scores",
+    "run_benchmark",
+    "select_users",
     "skinny_cpu_linear",
+    "temporal_split",
+    "write_interactions_jsonl",
 ]

@@ -1,9 +1,12 @@
-"""Atomic directory saves: write a sibling temporary directory, then swap it in with two renames."""
+"""Atomic saves: files via a temporary sibling and `os.replace`; directories via a sibling temporary directory swapped
+in with two renames."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -66,3 +69,33 @@ def resolve_saved_directory(path: str | os.PathLike) -> Path | None:
 def looks_like_repo_id(name: str) -> bool:
     """Whether `name` can be a Hub repo id rather than a (missing) local path."""
     return not (os.path.isabs(name) or name.startswith(".") or name.count("/") > 1 or Path(name).exists())
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Writes `data` to `path` atomically: a temporary file in the same directory, then `os.replace`, so a reader (or
+    a crash) never sees a half-written file and an existing file is only replaced by a complete one."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename makes it visible
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the permissions open() would
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """[`atomic_write_bytes`] of `text` encoded as UTF-8."""
+    return atomic_write_bytes(path, text.encode("utf-8"))

@@ -1,0 +1,241 @@
+"""The benchmark runner on tiny models: routing of every method, temporal hygiene, scoring, outputs."""
+
+import json
+import math
+
+import pytest
+import torch
+from training_testing import make_interactions, make_model, make_tokenizer
+
+from transformers_spring.evaluation import (
+    METHODS,
+    BenchmarkArguments,
+    ContinualBenchmark,
+    markdown_table,
+    resolve_methods,
+    save_results,
+    summarize,
+)
+from transformers_spring.generation import HistoryPromptBuilder, SpringConfig
+from transformers_spring.training import SpringFormatter
+
+TEMPLATE = "write a headline for {prompt}"
+
+
+def bench_args(tmp_path, **kwargs):
+    defaults = dict(
+        users=2, min_items=10, max_items=0, methods="all", prompt_template=TEMPLATE, max_new_tokens=4,
+        generation_batch_size=1, encoder="hashing", learning_rate=5e-2, num_train_epochs=1, out=str(tmp_path / "out"),
+    )  # fmt: skip
+    defaults.update(kwargs)
+    return BenchmarkArguments(**defaults)
+
+
+def stream():
+    # Two users, 20 items each (4 per period: 3 train, 1 test), interleaved in time.
+    items = make_interactions("alice", 20, seed=1) + make_interactions("bob", 20, seed=2)
+    return sorted(items, key=lambda it: it.timestamp)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("bench")
+    bench = ContinualBenchmark(bench_args(tmp_path), make_model("llama"), make_tokenizer(), stream())
+    captured = []
+    original = bench._generate
+
+    def spy(rows):  # keep each row with the adapter state of the moment it was decoded
+        outputs = original(rows)
+        for row, text in zip(rows, outputs, strict=True):
+            captured.append((row, text, plain_reference(bench, row)))
+        return outputs
+
+    bench._generate = spy
+    results = bench.run(progress=False)
+    return bench, results, captured
+
+
+def plain_reference(bench, row):
+    """Slow reference: plain generate() of the row's model (its adapter, or the base) on the row's prompt with the
+    history inserted when λ = 1 (RAG), or on the bare prompt when nothing is retrieved or λ = 0."""
+    tok = bench.tokenizer
+    prompt = SpringFormatter(tok, prompt_template=TEMPLATE).prompt_text(row.item)
+    ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    if row.history and row.weight == 1.0:
+        config = SpringConfig(history_item_template=bench.args.history_item_template)
+        ids = HistoryPromptBuilder(tok, config).build(ids, row.history)
+    elif row.history:
+        return None  # a real mixture: covered by the generation tests' slow reference
+    model = bench.peft_model
+    input_ids = torch.tensor([ids])
+    kwargs = dict(max_new_tokens=4, do_sample=False, repetition_penalty=1.2, pad_token_id=tok.pad_token_id)
+    with torch.no_grad():
+        if row.adapter == "__base__":
+            with model.disable_adapter():
+                out = model.generate(input_ids=input_ids, **kwargs)
+        else:
+            model.set_adapter(row.adapter)
+            out = model.generate(input_ids=input_ids, **kwargs)
+    from transformers_spring.evaluation.benchmark import first_line
+
+    return first_line(tok.decode(out[0, len(ids) :], skip_special_tokens=True))
+
+
+def test_every_method_decodes_every_test_item(run):
+    _, results, _ = run
+    records = results["records"]
+    for name in METHODS:
+        own = [r for r in records if r["method"] == name]
+        assert len([r for r in own if r["phase"] == "period"]) == 2 * 4  # 2 users x periods 1..4 x 1 test item
+        assert len([r for r in own if r["phase"] == "forgetting"]) == 2
+        assert all(0.0 <= r["rougeL"] <= 1.0 for r in own)
+    assert set(results["summary"]) == set(METHODS)
+
+
+def test_rows_match_plain_generation_with_their_adapter_and_prompt(run):
+    _, _, captured = run
+    checked = 0
+    for row, text, reference in captured:
+        if reference is not None:
+            assert text == reference, (row.method, row.adapter)
+            checked += 1
+    methods = {row.method for row, _, reference in captured if reference is not None}
+    assert {"base", "rag-bm25-each", "rag-dense-accum", "oppu-each", "all-100", "spring-lambda0"} <= methods
+    assert checked >= 40
+
+
+def test_routing_uses_the_right_adapter_chain(run):
+    _, _, captured = run
+    for row, _, _ in captured:
+        spec = METHODS[row.method]
+        if spec.adapter is None:
+            assert row.adapter == "__base__"
+        else:
+            assert row.adapter.endswith(f"__{spec.adapter}"), (row.method, row.adapter)
+
+
+def test_histories_respect_time_and_scope(run):
+    _, _, captured = run
+    from transformers_spring.data import temporal_split
+
+    splits = temporal_split(stream(), num_periods=5, test_fraction=0.1)
+    test_ids = {it.id for periods in splits.values() for s in periods for it in s.test}
+    for row, _, _ in captured:
+        spec = METHODS[row.method]
+        for hit in row.history:
+            assert hit.interaction.id not in test_ids  # never a test item
+            if hit.source == "global":
+                assert hit.interaction.user_id != row.item.user_id
+                assert hit.interaction.timestamp < row.item.timestamp
+            else:
+                assert hit.interaction.user_id == row.item.user_id
+        if spec.scope == "accum":
+            assert len(row.history) == 4  # rag_k: at least 4 training items exist from period 0 on
+        if spec.scope == "each":
+            assert len(row.history) == 3  # the period's 3 training items
+
+
+def test_rag_each_reads_only_the_current_period(run):
+    from transformers_spring.data import temporal_split
+
+    _, results, captured = run
+    splits = temporal_split(stream(), num_periods=5, test_fraction=0.1)
+    for row, _, _ in captured:
+        if row.method != "rag-bm25-each":
+            continue
+        periods = splits[row.item.user_id]
+        own = {it.id for s in periods for it in s.train}
+        assert {hit.interaction.id for hit in row.history} <= own
+        # Each history is exactly one period's training split (the evaluated one, or the last for forgetting).
+        assert any({hit.interaction.id for hit in row.history} == {it.id for it in s.train} for s in periods[1:])
+
+
+def test_spring_gate_filters_buffer_items_below_sigma(run):
+    bench, results, captured = run
+    assert math.isfinite(results["gate_sigma"])
+    gated = [row for row, _, _ in captured if row.method == "spring"]
+    ungated = [row for row, _, _ in captured if row.method == "spring-nogate"]
+    # σ is computed from training queries seen so far, so it moves; each row records the one it was gated with.
+    assert all(row.gate_threshold is not None for row in gated)
+    assert all(hit.score > row.gate_threshold for row in gated for hit in row.history)
+    assert all(row.gate_threshold is None for row in ungated)
+    assert sum(len(r.history) for r in ungated) >= sum(len(r.history) for r in gated)
+    assert any(r.history for r in ungated)
+
+
+def test_summary_matches_a_hand_computation():
+    records = [
+        {"method": "m", "user": "a", "period": 1, "phase": "period", "test_id": "x", "n_train": 3,
+         "rouge1": 0.5, "rougeL": 0.4},
+        {"method": "m", "user": "b", "period": 1, "phase": "period", "test_id": "y", "n_train": 9,
+         "rouge1": 0.1, "rougeL": 0.2},
+        {"method": "m", "user": "a", "period": 2, "phase": "period", "test_id": "z", "n_train": 3,
+         "rouge1": 0.3, "rougeL": 0.3},
+        {"method": "m", "user": "a", "period": 1, "phase": "forgetting", "test_id": "x", "n_train": 3,
+         "rouge1": 0.2, "rougeL": 0.1},
+    ]  # fmt: skip
+    s = summarize(records, ["m"], num_periods=3, cold_start_max_train=5)["m"]
+    assert s["periods"][1]["rougeL"] == pytest.approx(0.3) and s["periods"][1]["n"] == 2
+    assert s["periods"][2]["rougeL"] == pytest.approx(0.3)
+    assert s["average"]["rougeL"] == pytest.approx(0.3)  # mean of the period means
+    assert s["average"]["rouge1"] == pytest.approx((0.3 + 0.3) / 2)
+    assert s["forgetting"]["rougeL"] == pytest.approx(0.4 - 0.1) and s["forgetting"]["n"] == 1
+    assert s["cold_start"]["rougeL"] == pytest.approx(0.35) and s["cold_start"]["n"] == 2
+    assert s["warm"]["n"] == 1
+
+
+def test_save_results_writes_json_table_and_plot(run, tmp_path):
+    _, results, _ = run
+    paths = save_results(results, tmp_path / "saved")
+    loaded = json.loads(paths["json"].read_text())
+    assert loaded["summary"].keys() == results["summary"].keys()
+    table = paths["markdown"].read_text()
+    assert "| SPRInG |" in table and "**" in table
+    assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in (tmp_path / "saved").iterdir()) == [
+        "results.json", "results.md", "rouge_l_per_period.png"
+    ]  # fmt: skip
+    assert markdown_table(loaded).splitlines()[2:] == table.splitlines()[2:]  # JSON round trip (str period keys)
+
+
+def test_bad_arguments_name_the_field(tmp_path):
+    with pytest.raises(ValueError, match="unknown method"):
+        bench_args(tmp_path, methods="base,sprung")
+    with pytest.raises(ValueError, match="`num_periods`"):
+        bench_args(tmp_path, num_periods=1)
+    with pytest.raises(ValueError, match="`prompt_template`"):
+        bench_args(tmp_path, prompt_template="no placeholder")
+    with pytest.raises(ValueError, match="`data_format`"):
+        bench_args(tmp_path, data_format="csv")
+    with pytest.raises(FileNotFoundError, match="`data`"):
+        ContinualBenchmark(bench_args(tmp_path, data=str(tmp_path / "missing.jsonl"))).run(progress=False)
+    assert [m.name for m in resolve_methods("base, spring")] == ["base", "spring"]
+
+
+def test_load_interactions_detects_the_format(tmp_path):
+    from transformers_spring.data import write_interactions_jsonl
+    from transformers_spring.evaluation import load_interactions
+
+    news = tmp_path / "news.jsonl"
+    row = {"link": "l", "headline": "Cats Win", "category": "C", "short_description": "Cats won.", "authors": "Ann",
+           "date": "2022-01-02"}  # fmt: skip
+    news.write_text(json.dumps(row) + "\n")
+    (item,) = load_interactions(bench_args(tmp_path, data=str(news)))
+    assert (item.user_id, item.prompt, item.response) == ("Ann", "Cats won.", "Cats Win")
+
+    stream_path = tmp_path / "stream.jsonl"
+    write_interactions_jsonl(make_interactions("alice", 3), stream_path)
+    assert [it.id for it in load_interactions(bench_args(tmp_path, data=str(stream_path)))] == [
+        "alice-0", "alice-1", "alice-2"
+    ]  # fmt: skip
+
+    lamp = tmp_path / "questions.json"
+    profile = [{"id": "p1", "text": "Cats won.", "title": "Cats Win", "date": "2022-01-02"}]
+    lamp.write_text(json.dumps([{"id": "q1", "input": "x", "profile": profile}]))
+    (item,) = load_interactions(bench_args(tmp_path, data=str(lamp), lamp_task="LaMP_4"))
+    assert (item.prompt, item.response) == ("Cats won.", "Cats Win")
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("not json\n")
+    with pytest.raises(ValueError, match="first line is not a JSON object"):
+        load_interactions(bench_args(tmp_path, data=str(bad)))

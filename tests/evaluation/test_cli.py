@@ -1,0 +1,51 @@
+"""`spring` command line: dispatch, help, and `spring bench` end to end on a tiny saved model."""
+
+import json
+
+import pytest
+from training_testing import make_interactions, make_model, make_tokenizer
+
+from transformers_spring.cli import main
+from transformers_spring.data import write_interactions_jsonl
+
+
+def test_usage_and_unknown_command(capsys):
+    assert main([]) == 2
+    assert "spring demo" in capsys.readouterr().out
+    assert main(["--help"]) == 0
+    assert main(["benchmark"]) == 2
+    assert "unknown command 'benchmark'" in capsys.readouterr().err
+
+
+def test_bench_help_lists_the_options(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "--methods" in out and "--users" in out and "spring-logo" in out
+
+
+def test_bench_end_to_end_on_a_tiny_saved_model(tmp_path, capsys):
+    model_dir = tmp_path / "tiny"
+    make_model("llama").save_pretrained(model_dir)
+    make_tokenizer().save_pretrained(model_dir)
+    data = tmp_path / "stream.jsonl"
+    write_interactions_jsonl(make_interactions("alice", 12, seed=1) + make_interactions("bob", 10, seed=2), data)
+    out = tmp_path / "out"
+    code = main([
+        "bench", "--data", str(data), "--model", str(model_dir), "--users", "2", "--min_items", "10",
+        "--methods", "base,rag-bm25-accum,spring", "--prompt_template", "write a headline for {prompt}",
+        "--max_new_tokens", "3", "--num_train_epochs", "1", "--encoder", "hashing", "--out", str(out),
+    ])  # fmt: skip
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "| SPRInG |" in printed and "| RAG BM25 accum |" in printed
+    results = json.loads((out / "results.json").read_text())
+    assert results["methods"] == ["base", "rag-bm25-accum", "spring"]
+    assert sorted(results["users"]) == ["alice", "bob"]
+    assert (out / "rouge_l_per_period.png").stat().st_size > 1000
+
+
+def test_bench_missing_data_file_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="`data` file not found"):
+        main(["bench", "--data", str(tmp_path / "nope.jsonl"), "--model", "unused"])

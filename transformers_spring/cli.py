@@ -1,0 +1,79 @@
+"""The `spring` command: `spring demo` (the project's main job) and `spring bench` (the full benchmark)."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Sequence
+
+USAGE = """usage: spring {demo,bench} [options]
+
+  spring demo   SPRInG end to end on the shipped news subset (SmolLM2-135M-Instruct, a few authors, 5 periods):
+                prints the per-period ROUGE table against Base and RAG and saves results + a PNG plot.
+  spring bench  the continual-personalization benchmark: every method on the same model, users and splits
+                (`spring bench --help` lists the options).
+"""
+
+# The demo: every author of the shipped subset, the paper's settings, the methods users compare SPRInG with first.
+DEMO_DEFAULTS = {
+    "users": 6,
+    "min_items": 10,
+    "methods": "base,rag-bm25-each,rag-bm25-accum,spring",
+    "out": "spring-demo",
+}
+
+
+def _parse(argv: Sequence[str], defaults: dict, prog: str):
+    from transformers import HfArgumentParser
+
+    from .evaluation import BenchmarkArguments
+
+    parser = HfArgumentParser(BenchmarkArguments, prog=prog)
+    parser.set_defaults(**defaults)
+    (args,) = parser.parse_args_into_dataclasses(args=list(argv))
+    return args
+
+
+def _run(args, title: str) -> int:
+    from transformers.utils import logging
+
+    from .evaluation import markdown_table, run_benchmark
+
+    logging.set_verbosity_warning()
+    started = time.perf_counter()
+    results = run_benchmark(args)
+    minutes = (time.perf_counter() - started) / 60
+    users = results["users"]
+    print(f"\n{title}: {len(users)} users, {args.num_periods} periods, model {args.model}, {minutes:.1f} min\n")
+    print(markdown_table(results))
+    print(f"\nSaved to {args.out}/: results.json (every prediction), results.md, rouge_l_per_period.png")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `spring` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command == "demo":
+        from .data import NEWS_SUBSET_PATH
+
+        args = _parse(rest, {**DEMO_DEFAULTS, "data": str(NEWS_SUBSET_PATH)}, "spring demo")
+        return _run(args, "SPRInG demo")
+    if command == "bench":
+        args = _parse(rest, {}, "spring bench")
+        if not args.data:
+            from .data import DEFAULT_NEWS_PATH
+
+            args.data = str(DEFAULT_NEWS_PATH)
+        return _run(args, "SPRInG benchmark")
+    print(f"spring: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

