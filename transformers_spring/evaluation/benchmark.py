@@ -12,7 +12,7 @@ import statistics
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -558,8 +558,14 @@ def save_results(results: dict[str, Any], out_dir: str | os.PathLike, plot: bool
     return paths
 
 
-def run_benchmark(args: BenchmarkArguments, progress: bool = True, **kwargs: Callable) -> dict[str, Any]:
-    """[`ContinualBenchmark`]`(args, **kwargs).run()`, saved to `args.out`."""
+def run_benchmark(args: BenchmarkArguments, progress: bool = True, **kwargs: Any) -> dict[str, Any]:
+    """Runs [`ContinualBenchmark`]`(args, **kwargs)` and saves its results to `args.out` (see [`save_results`]).
+
+    Args:
+        args ([`BenchmarkArguments`]): the settings.
+        progress (`bool`, *optional*, defaults to `True`): show a tqdm bar over users.
+        kwargs: `model`, `tokenizer`, `interactions` for [`ContinualBenchmark`].
+    """
     results = ContinualBenchmark(args, **kwargs).run(progress=progress)
     save_results(results, args.out)
     return results
