@@ -42,7 +42,7 @@ import torch  # noqa: E402
 from transformers import HfArgumentParser  # noqa: E402
 from transformers.utils import logging  # noqa: E402
 
-from transformers_spring.data import DEFAULT_NEWS_PATH, group_by_user, read_news_jsonl  # noqa: E402
+from transformers_spring.data import DEFAULT_NEWS_PATH, group_by_user, read_news_jsonl, temporal_split  # noqa: E402
 from transformers_spring.memory import HashingEncoder, LoGoMemory  # noqa: E402
 from transformers_spring.training import (  # noqa: E402
     ContinualPersonalizer,
@@ -92,17 +92,6 @@ class ScriptArguments:
     )
 
 
-def split_periods(items: list, periods: int, test_fraction: float) -> list[tuple[list, list]]:
-    """Cuts a time-sorted stream into `periods` contiguous chunks; each chunk is (earliest train, latest test)."""
-    bounds = [round(i * len(items) / periods) for i in range(periods + 1)]
-    chunks = []
-    for start, end in zip(bounds, bounds[1:], strict=False):
-        chunk = items[start:end]
-        n_test = max(1, round(test_fraction * len(chunk)))
-        chunks.append((chunk[: len(chunk) - n_test], chunk[len(chunk) - n_test :]))
-    return chunks
-
-
 def held_out_loss(model, samples, adapter: str | None, batch_size: int, pad_token_id: int) -> float:
     """Mean NLL per response token of the encoded `samples` under `adapter` (None: the base model)."""
     if adapter is not None:
@@ -143,7 +132,8 @@ def main():
         stream = by_author[author]
         if script.max_items_per_author:
             stream = stream[-script.max_items_per_author :]  # the most recent N, still oldest first
-        splits[author] = split_periods(stream, script.periods, script.test_fraction)
+        periods = temporal_split(stream, script.periods, script.test_fraction)[author]
+        splits[author] = [(split.train, split.test) for split in periods]
     sizes = [len(train) for author in chosen for train, _ in splits[author]]
     print(
         f"{len(chosen)} authors, {script.periods} periods each; train items per author-period: min {min(sizes)}, "

@@ -7,6 +7,7 @@ root `conftest.py`, and scripts run as subprocesses add it themselves.
 
 from __future__ import annotations
 
+import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
@@ -80,3 +81,14 @@ def make_tokenizer(
     if chat_template is not None:
         tokenizer.chat_template = chat_template
     return tokenizer
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP spinning makes each forward
+    ~100x slower; restored after each test so other test directories are unaffected. Autouse in the directories whose
+    conftest imports it."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

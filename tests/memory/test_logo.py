@@ -341,3 +341,21 @@ def test_set_buffer_encodes_only_new_items(make_memory):
     assert [item.id for item in memory.buffer("u1")] == [kept[0].id, kept[1].id, new.id]
     for item in kept:
         assert memory.retrieve("u1", item.text, k=1, region="buffer")[0].score == pytest.approx(before[item.id])
+
+
+def test_bm25_reads_do_not_run_the_encoder(make_memory):
+    """A BM25 read of the local memory needs no embedding: the encoder (a transformer forward with the default
+    MiniLM) runs only for dense scores or the global memory."""
+    encoder = HashingEncoder(64)
+    memory = make_memory(encoder=encoder, scorer="bm25", use_global=False)
+    memory.add_many([Interaction("alice", f"rates and inflation {i}", f"Fed {i}", timestamp=i) for i in range(5)])
+    with mock.patch.object(encoder, "encode", wraps=encoder.encode) as encode:
+        hits = memory.retrieve("alice", "inflation rates", k=2)
+        assert len(hits) == 2 and encode.call_count == 0
+        memory.retrieve("alice", "inflation rates", k=2, use_global=True)
+        assert encode.call_count == 1
+    dense = make_memory(encoder=encoder, scorer="dense", use_global=False)
+    dense.add_many([Interaction("alice", "rates", "Fed", timestamp=1)])
+    with mock.patch.object(encoder, "encode", wraps=encoder.encode) as encode:
+        dense.retrieve("alice", "inflation rates", k=1)
+        assert encode.call_count == 1

@@ -205,18 +205,11 @@ class ContinualBenchmark:
             if self.tokenizer is None:
                 raise ValueError("`tokenizer` is required when `model` is given.")
             return
-        if self.args.model == "smollm2":
-            from ..utils import load_smollm2
+        from ..utils import load_causal_lm, load_smollm2
 
-            self.model, self.tokenizer = load_smollm2()
-            return
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        self.model = AutoModelForCausalLM.from_pretrained(self.args.model, dtype=torch.float32).eval()
-        self.tokenizer = AutoTokenizer.from_pretrained(self.args.model)
-        self.tokenizer.padding_side = "left"
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model, self.tokenizer = (
+            load_smollm2() if self.args.model == "smollm2" else load_causal_lm(self.args.model)
+        )
 
     def _splits(self) -> dict[str, list]:
         from ..data import select_users, temporal_split
@@ -359,17 +352,17 @@ class ContinualBenchmark:
         names = {kind: f"{stem}__{kind}" for kind in ("spring", "all100", "random30", "oppu_each")}
         rng = random.Random(f"{args.seed}:{user}")
         records: list[dict[str, Any]] = []
-        needs_memory = any(m.retrieval in ("buffer", "buffer+global") for m in self.methods)
         try:
-            # Period 0: one adapter on all of it, the common starting point of every continual LoRA chain.
-            if needed - {"oppu_each"} or needs_memory:
+            # Period 0: one adapter on all of it, the common starting point of every continual LoRA chain (every
+            # method reading SPRInG's buffer decodes with the "spring" chain, so `needed` covers them too).
+            if needed - {"oppu_each"}:
                 self._train(spring_args, user, 0, periods[0].train, names["spring"], self.memory)
                 for kind in ("all100", "random30"):
                     if kind in needed:
                         self._copy_adapter(names["spring"], names[kind], spring_args)
             for t in range(1, len(periods)):
                 train = periods[t].train
-                if "spring" in needed or needs_memory:
+                if "spring" in needed:
                     self._train(spring_args, user, t, train, names["spring"], self.memory)
                     self._observe_gate(user, train)
                 if "all100" in needed:
@@ -402,13 +395,10 @@ class ContinualBenchmark:
             return None
         return float(np.quantile(np.asarray(self._gate_pool), self.args.gate_quantile))
 
-    def _history(self, user: str, periods, t: int, scope: str) -> list[Interaction]:
-        if scope == "each":
-            return list(periods[t].train)
-        return [it for s in periods[: t + 1] for it in s.train]
-
-    def _rag_items(self, method: MethodSpec, user: str, periods, t: int, item: Interaction) -> list:
-        candidates = self._history(user, periods, t, method.scope)
+    def _rag_items(self, method: MethodSpec, user: str, periods, t: int, item: Interaction, query_vector) -> list:
+        """RAG's top `rag_k` of the user's training items of period `t` ("each") or periods `0..t` ("accum")."""
+        first = t if method.scope == "each" else 0
+        candidates = [it for split in periods[first : t + 1] for it in split.train]
         if method.retrieval == "bm25":
             scores = BM25Index([c.text for c in candidates]).scores(item.prompt)
         else:
@@ -416,9 +406,7 @@ class ContinualBenchmark:
             stored, vectors = self.memory.history_embeddings(user)
             keep = [i for i, c in enumerate(stored) if c.id in ids]
             candidates, vectors = [stored[i] for i in keep], vectors[keep]
-            query = np.asarray(self.memory.encoder.encode([item.prompt]), dtype=np.float32)[0]
-            query /= np.linalg.norm(query) or 1.0
-            scores = vectors @ query
+            scores = vectors @ query_vector
         # Highest score first; ties go to the more recent item (the paper's open question #15).
         order = sorted(range(len(candidates)), key=lambda i: (-scores[i], -i))[: self.args.rag_k]
         return [RetrievedItem(candidates[i], float(scores[i]), "local") for i in order]
@@ -438,12 +426,17 @@ class ContinualBenchmark:
     # ------------------------------------------------------------------------------------------------ decoding
     def _evaluate(self, user: str, periods, test_period: int, state_period: int, names, phase: str):
         rows: list[_Row] = []
+        dense = any(m.retrieval == "dense" for m in self.methods)
         for item in periods[test_period].test:
+            query_vector = None
+            if dense:  # once per test item, shared by the dense "each" and "accum" baselines
+                query_vector = np.asarray(self.memory.encoder.encode([item.prompt]), dtype=np.float32)[0]
+                query_vector /= np.linalg.norm(query_vector) or 1.0
             for method in self.methods:
                 adapter = names[method.adapter] if method.adapter else BASE_ROW
                 history, sigma = [], None
                 if method.retrieval in ("bm25", "dense"):
-                    history = self._rag_items(method, user, periods, state_period, item)
+                    history = self._rag_items(method, user, periods, state_period, item, query_vector)
                 elif method.retrieval is not None:
                     history, sigma = self._buffer_items(method, user, item)
                 rows.append(_Row(method.name, item, adapter, history, method.weight, sigma))
@@ -529,8 +522,9 @@ def summarize(records: Sequence[dict[str, Any]], methods: Sequence[str], num_per
         later = {(r["user"], r["test_id"]): r for r in own if r["phase"] == "forgetting"}
         first = [r for r in own if r["phase"] == "period" and r["period"] == 1 and (r["user"], r["test_id"]) in later]
         after = [later[(r["user"], r["test_id"])] for r in first]
-        forgetting = {name: mean_rouge(first)[name] - mean_rouge(after)[name] for name in ROUGE_TYPES}
-        forgetting.update(n=len(first), after_last=mean_rouge(after))
+        before_mean, after_mean = mean_rouge(first), mean_rouge(after)
+        forgetting = {name: before_mean[name] - after_mean[name] for name in ROUGE_TYPES}
+        forgetting.update(n=len(first), after_last=after_mean)
         cold = [r for r in own if r["phase"] == "period" and r["n_train"] <= cold_start_max_train]
         warm = [r for r in own if r["phase"] == "period" and r["n_train"] > cold_start_max_train]
         summary[method] = {

@@ -487,13 +487,16 @@ class LoGoMemory(
         if scope not in SCOPES:
             raise ValueError(f"`scope` must be one of {SCOPES}, got {scope!r}.")
         before = None if before is None else to_timestamp(before, "before")
-        query_vector = self._encode([query])[0]
+        use_global = self.use_global if use_global is None else use_global
+        # BM25 reads of the local memory need no embedding: skip the encoder (a transformer forward per query, on
+        # the decoding path of SpringForCausalLM) unless dense scores or the global memory need it.
+        query_vector = self._encode([query])[0] if self.scorer == "dense" or use_global else None
         with self._lock:
             local = self._locals.get(user_id)
             hits = local.search(query_vector, query, k, self.scorer, region, before) if local is not None else []
             passed, threshold = self.gate(hits)
             global_hits = []
-            if self.use_global if use_global is None else use_global:
+            if use_global:
                 found = self.global_memory.search(
                     query_vector,
                     k,

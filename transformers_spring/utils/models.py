@@ -97,26 +97,41 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
             shutil.rmtree(staging, ignore_errors=True)
 
 
-def load_smollm2(
-    dtype: torch.dtype = torch.float32, cache_dir: str | os.PathLike | None = None, **kwargs
+def load_causal_lm(
+    name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float32, **kwargs
 ) -> tuple[torch.nn.Module, object]:
     r"""
-    Loads SmolLM2-135M-Instruct and its tokenizer offline (see [`smollm2_path`]).
+    Loads a causal LM and its tokenizer, ready for batched generation.
 
     Args:
+        name_or_path (`str` or `os.PathLike`): a Hub id or a local directory.
         dtype (`torch.dtype`, *optional*, defaults to `torch.float32`): the weights' dtype (fp32 for CPU).
-        cache_dir (`str` or `os.PathLike`, *optional*): where the converted copy lives.
         kwargs: passed to `AutoModelForCausalLM.from_pretrained`.
 
     Returns:
-        `(model, tokenizer)`; the model is in eval mode and the tokenizer pads on the left (for batched generation).
+        `(model, tokenizer)`; the model is in eval mode and the tokenizer pads on the left (with EOS as its pad token
+        when it has none).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = smollm2_path(cache_dir)
+    path = name_or_path
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def load_smollm2(
+    dtype: torch.dtype = torch.float32, cache_dir: str | os.PathLike | None = None, **kwargs
+) -> tuple[torch.nn.Module, object]:
+    r"""
+    Loads SmolLM2-135M-Instruct and its tokenizer offline (see [`smollm2_path`] and [`load_causal_lm`]).
+
+    Args:
+        dtype (`torch.dtype`, *optional*, defaults to `torch.float32`): the weights' dtype (fp32 for CPU).
+        cache_dir (`str` or `os.PathLike`, *optional*): where the converted copy lives.
+        kwargs: passed to `AutoModelForCausalLM.from_pretrained`.
+    """
+    return load_causal_lm(smollm2_path(cache_dir), dtype, **kwargs)
