@@ -14,7 +14,14 @@ from transformers_spring.training import (
     num_selected,
     select_top,
 )
-from transformers_spring.training.drift import LogProb, base_logprobs, response_logits, top_n
+from transformers_spring.training.drift import (
+    LogProb,
+    _SharedPrefix,
+    base_logprobs,
+    response_logits,
+    shared_prefix_length,
+    top_n,
+)
 from transformers_spring.training.lora import create_adapter
 
 
@@ -35,12 +42,17 @@ def hand_logprob(model, sample) -> tuple[float, int]:
     return total, count
 
 
+SYSTEM = "w1 w2 w3 w4 w5 w6"  # a system turn: every sample starts with the same tokens (the shared-prefix path)
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("alpha", [1.0, 0.5])
-def test_drift_score_equals_hand_computation(tokenizer, arch, reduction, alpha):
+@pytest.mark.parametrize("system", [None, SYSTEM])
+def test_drift_score_equals_hand_computation(tokenizer, arch, reduction, alpha, system):
     model = peft_model(arch)
-    samples = SpringFormatter(tokenizer).encode_many(make_interactions("alice", 7))
+    samples = SpringFormatter(tokenizer, system_prompt=system).encode_many(make_interactions("alice", 7))
+    assert (shared_prefix_length(samples) >= 4) == (system is not None)
     result = drift_scores(model, samples, alpha=alpha, reduction=reduction, batch_size=3)
     for sample, score in zip(samples, result.scores, strict=True):
         adapted, n = hand_logprob(model, sample)
@@ -78,6 +90,71 @@ def test_batching_does_not_change_logprobs(tokenizer):
     many = compute_logprobs(model, samples, batch_size=4)
     for a, b in zip(one, many, strict=True):
         assert a.num_tokens == b.num_tokens and a.total == pytest.approx(b.total, abs=1e-4)
+
+
+def spy_on_prefix(monkeypatch) -> list:
+    """Records what every `_SharedPrefix.build` returns (None: full forwards)."""
+    built, original = [], _SharedPrefix.build.__func__
+
+    def build(cls, *args, **kwargs):
+        built.append(original(cls, *args, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(_SharedPrefix, "build", classmethod(build))
+    return built
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_shared_prefix_equals_full_forwards(tokenizer, arch, monkeypatch):
+    model = peft_model(arch)
+    samples = SpringFormatter(tokenizer, system_prompt=SYSTEM).encode_many(make_interactions("alice", 9))
+    built = spy_on_prefix(monkeypatch)
+    full = compute_logprobs(model, samples, batch_size=4, shared_prefix=False)
+    assert built == []
+    shared = compute_logprobs(model, samples, batch_size=4)
+    assert len(built) == 1 and built[0] is not None and built[0].length == shared_prefix_length(samples) >= 4
+    with model.disable_adapter():  # the base pass builds its own prefix cache
+        base_full = compute_logprobs(model, samples, batch_size=4, shared_prefix=False)
+        base_shared = compute_logprobs(model, samples, batch_size=4)
+    for a, b in zip(full + base_full, shared + base_shared, strict=True):
+        assert a.num_tokens == b.num_tokens and a.total == pytest.approx(b.total, abs=1e-5)
+    assert all(abs(a.total - b.total) > 1e-3 for a, b in zip(shared, base_shared, strict=True))
+
+
+def test_shared_prefix_length_stops_before_the_first_predicting_position(tokenizer):
+    formatter = SpringFormatter(tokenizer, system_prompt=SYSTEM)
+    samples = formatter.encode_many(make_interactions("alice", 6))
+    length = shared_prefix_length(samples)
+    assert all(s.input_ids[:length] == samples[0].input_ids[:length] for s in samples)
+    assert len({s.input_ids[length] for s in samples}) > 1  # the longest common prefix...
+    # ...unless a prompt ends first: the position predicting a sample's first response token stays out
+    one = samples[:1]
+    assert shared_prefix_length(one) == one[0].prompt_length - 1
+    assert shared_prefix_length([]) == 0
+    other = formatter.encode_many(make_interactions("alice", 1, start=50))
+    assert shared_prefix_length([*one, *other]) <= min(one[0].prompt_length, other[0].prompt_length) - 1
+
+
+def test_short_prefix_or_single_sample_batches_fall_back_or_agree(tokenizer, monkeypatch):
+    model = peft_model()
+    built = spy_on_prefix(monkeypatch)
+    samples = SpringFormatter(tokenizer).encode_many(make_interactions("alice", 5))  # 3 shared tokens
+    compute_logprobs(model, samples, batch_size=2)
+    assert built == [None]  # below `min_shared_prefix`: full forwards
+    one = SpringFormatter(tokenizer, system_prompt=SYSTEM).encode_many(make_interactions("alice", 1))
+    got = compute_logprobs(model, one)
+    assert built[-1] is not None
+    assert got[0].total == pytest.approx(hand_logprob(model, one[0])[0], abs=1e-5)
+
+
+def test_scoring_dtype_autocasts_the_forwards(tokenizer):
+    model = peft_model()
+    samples = SpringFormatter(tokenizer, system_prompt=SYSTEM).encode_many(make_interactions("alice", 6))
+    exact = compute_logprobs(model, samples, batch_size=3)
+    low = compute_logprobs(model, samples, batch_size=3, dtype="bfloat16")
+    assert compute_logprobs(model, samples, batch_size=3, dtype=None) == exact
+    differences = [abs(a.total - b.total) / a.num_tokens for a, b in zip(exact, low, strict=True)]
+    assert 0 < max(differences) < 0.1  # bf16 really ran, and stays close per token
 
 
 def test_logits_to_keep_matches_full_logits(tokenizer):

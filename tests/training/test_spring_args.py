@@ -51,6 +51,7 @@ def test_every_spring_field_has_help():
         ("prompt_template", "no placeholder", ValueError),
         ("prompt_template", "{prompt} {other}", ValueError),
         ("scoring_batch_size", 0, ValueError),
+        ("scoring_dtype", "float8", ValueError),
     ],
 )
 def test_invalid_values_name_the_field(tmp_path, field, value, error):
@@ -62,9 +63,11 @@ def test_hf_argument_parser(tmp_path):
     parser = HfArgumentParser(SpringTrainingArguments)
     (args,) = parser.parse_args_into_dataclasses(
         ["--output_dir", str(tmp_path), "--selection_ratio", "0.5", "--score_reduction", "sum", "--lora_target_modules",
-         "q_proj", "k_proj", "--num_train_epochs", "1", "--warmup_steps", "0"]
+         "q_proj", "k_proj", "--num_train_epochs", "1", "--warmup_steps", "0", "--scoring_dtype", "bfloat16",
+         "--scoring_shared_prefix", "false"]
     )  # fmt: skip
     assert args.selection_ratio == 0.5 and args.score_reduction == "sum"
+    assert args.scoring_dtype == "bfloat16" and args.scoring_shared_prefix is False
     assert args.lora_target_modules == ["q_proj", "k_proj"]
     assert args.num_train_epochs == 1 and args.warmup_steps == 0
 

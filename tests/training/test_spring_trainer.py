@@ -53,6 +53,26 @@ def test_selection_keeps_the_top_ceil_by_pre_update_score(tmp_path, model, token
     assert metrics["spring/threshold"] == pytest.approx(min(out.scores[i] for i in out.selected_ids))
 
 
+@pytest.mark.parametrize("options", [{}, {"scoring_shared_prefix": False, "scoring_dtype": "bfloat16"}])
+def test_scoring_options_reach_every_scoring_pass(tmp_path, model, tokenizer, monkeypatch, options):
+    import transformers_spring.training.spring_trainer as spring_trainer
+
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return drift_scores(*args, **kwargs)
+
+    monkeypatch.setattr(spring_trainer, "drift_scores", spy)
+    args = make_args(tmp_path, buffer_size=2, **options)
+    memory = make_buffer_memory()
+    trainer, _ = run(model, args, "alice", 0, make_interactions("alice", 4), memory, tokenizer)
+    run(trainer.model, args, "alice", 1, make_interactions("alice", 10, start=4), memory, tokenizer)
+    assert len(calls) == 2  # the selection and the buffer re-scoring (3 candidates > 2)
+    expected = (options.get("scoring_shared_prefix", True), options.get("scoring_dtype"))
+    assert all((kwargs["shared_prefix"], kwargs["dtype"]) == expected for kwargs in calls)
+
+
 @pytest.mark.parametrize("rescore", ["when_full", "always"])
 def test_buffer_keeps_the_top_n_of_the_rescored_pool(tmp_path, model, tokenizer, rescore):
     args = make_args(tmp_path, buffer_size=4, rescore_buffer=rescore)

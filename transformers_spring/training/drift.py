@@ -7,6 +7,8 @@ serves both: the base pass runs inside `model.disable_adapter()`.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import math
 import os
@@ -121,22 +123,80 @@ def response_logits(
     attention_mask: torch.Tensor,
     keep: torch.Tensor,
     use_logits_to_keep: bool | None = None,
+    **model_kwargs,
 ) -> torch.Tensor:
-    """Logits at the positions `keep` (a `(batch, seq)` bool mask), flattened row-major to `(keep.sum(), vocab)`.
+    """Logits at the positions `keep` (a `(batch, seq)` bool mask over `input_ids`), flattened row-major to
+    `(keep.sum(), vocab)`.
 
     When the model takes `logits_to_keep` (transformers v5 causal LMs), only those positions go through the LM head,
-    which saves most of the head's cost (the vocabulary projection) on the prompt tokens.
+    which saves most of the head's cost (the vocabulary projection) on the prompt tokens. `model_kwargs` go to the
+    forward (e.g. `past_key_values`, in which case `attention_mask` also covers the cached positions).
     """
     if use_logits_to_keep is None:
         use_logits_to_keep = supports_logits_to_keep(model)
     if use_logits_to_keep:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep, **model_kwargs).logits
         if logits.dim() == 2 and logits.shape[0] == int(keep.sum()):
             return logits
         if logits.shape[:2] == keep.shape:  # the model ignored the mask
             return logits[keep]
         raise RuntimeError(f"unexpected logits shape {tuple(logits.shape)} for a keep mask of {tuple(keep.shape)}.")
-    return model(input_ids=input_ids, attention_mask=attention_mask).logits[keep]
+    return model(input_ids=input_ids, attention_mask=attention_mask, **model_kwargs).logits[keep]
+
+
+def shared_prefix_length(samples: Sequence[EncodedSample]) -> int:
+    """How many leading tokens all `samples` have in common, stopping before the last prompt token of the shortest
+    prompt: that position predicts the first response token, so it must be computed per sample."""
+    if not samples:
+        return 0
+    common = os.path.commonprefix([sample.input_ids for sample in samples])
+    return max(0, min(len(common), min(sample.prompt_length for sample in samples) - 1))
+
+
+class _SharedPrefix:
+    """The KV cache of the token prefix that every scored sample starts with (with a chat template: the system turn
+    and the start of the user turn), computed once per scoring call and expanded for each batch, so only the
+    per-sample suffix goes through the model. Scores equal a full forward's up to float rounding.
+
+    Used only for caches made of plain `DynamicLayer`s (full attention); sliding-window, linear-attention or legacy
+    tuple caches fall back to full forwards (`build` returns None)."""
+
+    def __init__(self, length: int, cache):
+        self.length = length
+        self.cache = cache
+
+    @classmethod
+    def build(cls, model: torch.nn.Module, samples: Sequence[EncodedSample], device, min_length: int):
+        length = shared_prefix_length(samples)
+        if length < max(min_length, 1):
+            return None
+        from transformers.cache_utils import Cache, DynamicLayer
+
+        prefix = torch.tensor([samples[0].input_ids[:length]], dtype=torch.long, device=device)
+        kwargs = {"logits_to_keep": 1} if supports_logits_to_keep(model) else {}  # the prefix's logits are unused
+        try:
+            out = model(input_ids=prefix, attention_mask=torch.ones_like(prefix), use_cache=True, **kwargs)
+        except TypeError:  # a forward without `use_cache`
+            return None
+        cache = getattr(out, "past_key_values", None)
+        layers = getattr(cache, "layers", None)
+        if not isinstance(cache, Cache) or not layers or any(type(layer) is not DynamicLayer for layer in layers):
+            return None
+        return cls(length, cache)
+
+    def inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict:
+        """The model inputs for a right-padded batch of whole samples: their suffixes, the prefix cache repeated per
+        row, and an attention mask over prefix + suffix."""
+        rows = input_ids.shape[0]
+        cache = copy.deepcopy(self.cache)  # the forward appends to the cache it is given
+        cache.batch_repeat_interleave(rows)
+        prefix_mask = torch.ones(rows, self.length, dtype=attention_mask.dtype, device=attention_mask.device)
+        return {
+            "input_ids": input_ids[:, self.length :],
+            "attention_mask": torch.cat([prefix_mask, attention_mask[:, self.length :]], dim=1),
+            "past_key_values": cache,
+            "use_cache": True,
+        }
 
 
 def _batch(samples: Sequence[EncodedSample], pad_token_id: int) -> tuple[torch.Tensor, ...]:
@@ -165,6 +225,9 @@ def compute_logprobs(
     batch_size: int = 8,
     pad_token_id: int = 0,
     distributed: bool = True,
+    shared_prefix: bool = True,
+    min_shared_prefix: int = 4,
+    dtype: torch.dtype | str | None = None,
 ) -> list[LogProb]:
     """Response log-probs of `samples` under `model` as it is (adapter state untouched), batched.
 
@@ -179,12 +242,21 @@ def compute_logprobs(
         pad_token_id (`int`, *optional*, defaults to 0): right-padding id (masked out).
         distributed (`bool`, *optional*, defaults to `True`): split the work across processes when launched with
             several; `False` computes everything locally.
+        shared_prefix (`bool`, *optional*, defaults to `True`): run the tokens that all samples start with (the chat
+            template's system turn, the instruction) once and reuse their KV cache for every batch. The result equals
+            full forwards up to float rounding; models whose cache is not plain full attention always use full
+            forwards.
+        min_shared_prefix (`int`, *optional*, defaults to 4): shorter common prefixes are not worth a cache.
+        dtype (`torch.dtype` or `str`, *optional*): run the forwards under `torch.autocast` in this precision
+            (`"bfloat16"`, `"float16"`); log-softmax stays in float32. `None` (default) keeps the model's own
+            precision.
 
     Returns:
         `list[LogProb]`, one per sample, in order.
     """
     if batch_size < 1:
         raise ValueError(f"`batch_size` must be >= 1, got {batch_size}.")
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     n = len(samples)
     totals = torch.zeros(n, dtype=torch.float64)
     counts = torch.zeros(n, dtype=torch.float64)
@@ -200,12 +272,19 @@ def compute_logprobs(
     use_keep = supports_logits_to_keep(model)
     was_training = model.training
     model.eval()
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
     try:
+        with autocast:
+            # The prefix is that of ALL samples (not of this process's share): every batch runs alike on any world size.
+            prefix = _SharedPrefix.build(model, samples, device, min_shared_prefix) if shared_prefix else None
         for batch in _fixed_batches(samples, batch_size)[rank::world]:
             input_ids, attention_mask, keep, targets = _batch([samples[i] for i in batch], pad_token_id)
-            logits = response_logits(
-                model, input_ids.to(device), attention_mask.to(device), keep.to(device), use_keep
-            ).float()
+            inputs = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
+            if prefix is not None:
+                inputs = prefix.inputs(**inputs)
+                keep = keep[:, prefix.length :]  # no target lies in the prefix (see shared_prefix_length)
+            with autocast:
+                logits = response_logits(model, keep=keep.to(device), use_logits_to_keep=use_keep, **inputs).float()
             token_logp = logits.log_softmax(-1).gather(-1, targets.to(device)[:, None]).squeeze(-1).double().cpu()
             lengths = keep.sum(dim=1)  # response tokens per row
             row_of_token = torch.repeat_interleave(torch.arange(len(batch)), lengths)
@@ -279,6 +358,7 @@ def drift_scores(
     batch_size: int = 8,
     pad_token_id: int = 0,
     distributed: bool = True,
+    **logprob_kwargs,
 ) -> DriftScores:
     """Eq. 1 for every sample: one adapter pass (the model's active adapter) and one base pass (adapter disabled,
     skipped for cached samples), both batched.
@@ -289,9 +369,10 @@ def drift_scores(
         alpha (`float`, *optional*, defaults to 1.0): α, the weight of the quality term.
         reduction (`str`, *optional*, defaults to `"mean"`): `"mean"` per token or `"sum"`.
         cache ([`BaseLogProbCache`], *optional*): base log-probs already known; new ones are added.
-        batch_size, pad_token_id, distributed: see [`compute_logprobs`].
+        batch_size, pad_token_id, distributed, logprob_kwargs: see [`compute_logprobs`] (e.g. `shared_prefix`,
+            `dtype`).
     """
-    kwargs = {"batch_size": batch_size, "pad_token_id": pad_token_id, "distributed": distributed}
+    kwargs = {"batch_size": batch_size, "pad_token_id": pad_token_id, "distributed": distributed, **logprob_kwargs}
     adapted = compute_logprobs(model, samples, **kwargs)
     base = base_logprobs(model, samples, cache, **kwargs)
     scores = [drift_score(b, a, alpha, reduction) for b, a in zip(base, adapted, strict=True)]
@@ -349,5 +430,6 @@ __all__ = [
     "response_nll",
     "score_stats",
     "select_top",
+    "shared_prefix_length",
     "top_n",
 ]

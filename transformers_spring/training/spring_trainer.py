@@ -370,6 +370,8 @@ class SpringTrainer(Trainer):
             "cache": self.score_cache,
             "batch_size": self.args.effective_scoring_batch_size,
             "pad_token_id": self.formatter.pad_token_id,
+            "shared_prefix": self.args.scoring_shared_prefix,
+            "dtype": self.args.scoring_dtype,
         }
 
     def _old_buffer(self) -> tuple[list[Interaction], list[EncodedSample], dict[str, float]]:
