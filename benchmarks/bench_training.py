@@ -30,7 +30,13 @@ from dataclasses import replace  # noqa: E402
 import torch  # noqa: E402
 from transformers.utils import logging  # noqa: E402
 
-from transformers_spring.data import DEFAULT_NEWS_PATH, group_by_user, read_news_jsonl, temporal_split  # noqa: E402
+from transformers_spring.data import (  # noqa: E402
+    DEFAULT_NEWS_PATH,
+    group_by_user,
+    read_news_jsonl,
+    select_users,
+    temporal_split,
+)
 from transformers_spring.memory import HashingEncoder, LoGoMemory  # noqa: E402
 from transformers_spring.training import SpringTrainer, SpringTrainingArguments  # noqa: E402
 from transformers_spring.training.lora import adapter_state, restore_adapter_state  # noqa: E402
@@ -59,8 +65,8 @@ def main():
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
 
     items = read_news_jsonl(args.data, min_items=50)
-    authors = [a for a, _ in Counter(i.user_id for i in items).most_common(args.authors)]
     streams = group_by_user(items)
+    authors = select_users(streams, args.authors, strategy="top")
     model, tokenizer = load_smollm2()
     base_args = SpringTrainingArguments(
         output_dir="bench_training_output", prompt_template=PROMPT, num_train_epochs=args.epochs, use_cpu=True,

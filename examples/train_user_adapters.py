@@ -38,7 +38,7 @@ import json  # noqa: E402
 import math  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
-from collections import Counter, defaultdict  # noqa: E402
+from collections import defaultdict  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -46,7 +46,13 @@ import torch  # noqa: E402
 from transformers import HfArgumentParser  # noqa: E402
 from transformers.utils import logging  # noqa: E402
 
-from transformers_spring.data import DEFAULT_NEWS_PATH, group_by_user, read_news_jsonl, temporal_split  # noqa: E402
+from transformers_spring.data import (  # noqa: E402
+    DEFAULT_NEWS_PATH,
+    group_by_user,
+    read_news_jsonl,
+    select_users,
+    temporal_split,
+)
 from transformers_spring.memory import HashingEncoder, LoGoMemory  # noqa: E402
 from transformers_spring.training import (  # noqa: E402
     ContinualPersonalizer,
@@ -126,11 +132,10 @@ def main():
 
     # ---------------------------------------------------------------------------------------------- data
     items = read_news_jsonl(script.data_path, min_items=script.min_items_per_author)
-    counts = Counter(item.user_id for item in items)
-    chosen = [author for author, _ in counts.most_common(script.authors)]
-    if len(chosen) < script.authors:
-        raise SystemExit(f"only {len(chosen)} authors have >= {script.min_items_per_author} items in the file.")
     by_author = group_by_user(items)  # each author's items oldest first
+    if len(by_author) < script.authors:
+        raise SystemExit(f"only {len(by_author)} authors have >= {script.min_items_per_author} items in the file.")
+    chosen = select_users(by_author, script.authors, strategy="top")
     splits = {}
     for author in chosen:
         stream = by_author[author]

@@ -16,12 +16,7 @@ USAGE = """usage: spring {demo,bench} [options]
 """
 
 # The demo: every author of the shipped subset, the paper's settings, the methods users compare SPRInG with first.
-DEMO_DEFAULTS = {
-    "users": 6,
-    "min_items": 10,
-    "methods": "base,rag-bm25-each,rag-bm25-accum,spring",
-    "out": "spring-demo",
-}
+DEMO_DEFAULTS = {"users": 6, "min_items": 10, "out": "spring-demo"}  # methods: `DEMO_METHODS`
 
 
 def _parse(argv: Sequence[str], defaults: dict, prog: str):
@@ -61,15 +56,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     if command == "demo":
         from .data import NEWS_SUBSET_PATH
+        from .evaluation.methods import DEMO_METHODS
 
-        args = _parse(rest, {**DEMO_DEFAULTS, "data": str(NEWS_SUBSET_PATH)}, "spring demo")
+        defaults = {**DEMO_DEFAULTS, "methods": ",".join(DEMO_METHODS), "data": str(NEWS_SUBSET_PATH)}
+        args = _parse(rest, defaults, "spring demo")
         return _run(args, "SPRInG demo")
     if command == "bench":
         args = _parse(rest, {}, "spring bench")
-        if not args.data:
-            from .data import DEFAULT_NEWS_PATH
-
-            args.data = str(DEFAULT_NEWS_PATH)
         return _run(args, "SPRInG benchmark")
     print(f"spring: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2

@@ -1,5 +1,6 @@
 """The benchmark runner on tiny models: routing of every method, temporal hygiene, scoring, outputs."""
 
+import dataclasses
 import json
 import math
 
@@ -102,6 +103,27 @@ def test_rows_match_plain_generation_with_their_adapter_and_prompt(run):
     methods = {row.method for row, _, reference in captured if reference is not None}
     assert {"base", "rag-bm25-each", "rag-dense-accum", "oppu-each", "all-100", "spring-lambda0"} <= methods
     assert checked >= 40
+
+
+def test_identical_rows_share_one_generation(run, monkeypatch):
+    bench, _, captured = run
+    row = next(r for r, _, _ in captured if r.method == "all-100")
+    twin = dataclasses.replace(row, method="oppu-accum")  # the same adapter, history and λ
+    other = next(r for r, _, _ in captured if r.method == "base" and r.item.id == row.item.id)
+    sizes, original = [], bench.spring_model.generate
+
+    def counting(**kwargs):
+        sizes.append(kwargs["input_ids"].shape[0])
+        return original(**kwargs)
+
+    monkeypatch.setattr(bench.spring_model, "generate", counting)
+    out = ContinualBenchmark._generate(bench, [row, twin, other])
+    assert sum(sizes) == 2 and out[0] == out[1]
+
+
+def test_spring_methods_take_the_benchmark_lambda():
+    assert METHODS["spring"].mixture_weight(0.3) == 0.3 and METHODS["spring-logo"].mixture_weight(0.7) == 0.7
+    assert METHODS["rag-bm25-each"].mixture_weight(0.3) == 1.0 and METHODS["base"].mixture_weight(0.3) == 0.0
 
 
 def test_routing_uses_the_right_adapter_chain(run):

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 from ..memory.interaction import Interaction
 from ..utils.io import atomic_write_text
@@ -17,6 +18,19 @@ JSONL_FIELDS = ("user_id", "prompt", "response", "timestamp", "id", "metadata")
 def _reject_constant(name: str):
     # JSON has no NaN or Infinity; Python's json module accepts them unless told not to.
     raise ValueError(f"{name} is not valid JSON")
+
+
+def jsonl_rows(lines: Iterable[str], where: str | os.PathLike, strict: bool = False) -> Iterator[tuple[int, Any]]:
+    """The parsed rows of JSON Lines text with their 1-based line numbers, blank lines skipped; a line that is not
+    JSON raises `ValueError("<where>, line <n>: not valid JSON (...)")`. `strict` also refuses NaN and Infinity, which
+    Python's json module accepts but JSON does not have."""
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            yield number, json.loads(line, parse_constant=_reject_constant if strict else None)
+        except ValueError as err:  # JSONDecodeError is a ValueError; so is the NaN refusal
+            raise ValueError(f"{where}, line {number}: not valid JSON ({err}).") from err
 
 
 def _interaction_from_row(row, path: Path, number: int, fields: dict[str, str | None]) -> Interaction:
@@ -106,16 +120,8 @@ def read_interactions_jsonl(
     for attribute in ("user_id", "prompt", "response"):
         if not isinstance(fields[attribute], str) or not fields[attribute]:
             raise ValueError(f"`{attribute.replace('user_id', 'user')}_field` must be a non-empty str.")
-    items = []
     with open(path, encoding="utf-8-sig") as f:  # -sig: tolerate a byte-order mark some editors add
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line, parse_constant=_reject_constant)
-            except ValueError as err:  # JSONDecodeError is a ValueError; so is the NaN refusal above
-                raise ValueError(f"{path}, line {number}: not valid JSON ({err}).") from err
-            items.append(_interaction_from_row(row, path, number, fields))
+        items = [_interaction_from_row(row, path, number, fields) for number, row in jsonl_rows(f, path, strict=True)]
     return sorted(items, key=lambda item: item.timestamp)
 
 
@@ -141,14 +147,8 @@ def write_interactions_jsonl(interactions: Iterable[Interaction], path: str | os
     for item in interactions:
         if not isinstance(item, Interaction):
             raise TypeError(f"expected Interaction objects, got {type(item).__name__}.")
-        row = {
-            "user_id": item.user_id,
-            "prompt": item.prompt,
-            "response": item.response,
-            "timestamp": item.timestamp,
-            "id": item.id,
-            "metadata": item.metadata,
-        }
+        fields = item.to_dict()
+        row = {key: fields[key] for key in JSONL_FIELDS}
         lines.append(json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n")
     atomic_write_text(path, "".join(lines))
     return len(lines)

@@ -12,6 +12,7 @@ from pathlib import Path
 from transformers.utils import logging
 
 from ..memory.interaction import Interaction
+from .jsonl import jsonl_rows
 
 logger = logging.get_logger(__name__)
 
@@ -101,15 +102,7 @@ def _read_rows(path: Path) -> list:
             return json.loads(text)
         except json.JSONDecodeError as err:
             raise ValueError(f"{path}: not valid JSON ({err}).") from err
-    rows = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}, line {number}: not valid JSON ({err}).") from err
-    return rows
+    return [row for _, row in jsonl_rows(text.splitlines(), path)]
 
 
 def _read_outputs(path: Path) -> tuple[str | None, dict[str, str]]:

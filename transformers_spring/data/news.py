@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
 from ..memory.interaction import Interaction
-from .jsonl import write_interactions_jsonl
+from .jsonl import jsonl_rows, write_interactions_jsonl
 from .streams import group_by_user
 
 # Where the project's shared checkout keeps the first 10,000 records (beside the repository).
@@ -41,13 +40,7 @@ def read_news_jsonl(path: str | Path = DEFAULT_NEWS_PATH, min_items: int = 1) ->
         raise FileNotFoundError(f"news file not found: {path}")
     items = []
     with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path.name} line {number}: not valid JSON ({err}).") from err
+        for number, row in jsonl_rows(f, path):
             author = (row.get("authors") or "").strip()
             prompt, response = (row.get("short_description") or "").strip(), (row.get("headline") or "").strip()
             if not author or not prompt or not response:

@@ -20,16 +20,13 @@ from typing import Any
 import numpy as np
 import torch
 from tqdm.auto import tqdm
-from transformers.utils import logging
 
-from ..data import read_news_jsonl
+from ..data import DEFAULT_NEWS_PATH, read_news_jsonl
 from ..memory.bm25 import BM25Index
 from ..memory.interaction import Interaction, RetrievedItem
 from ..utils.io import atomic_write_text
 from .methods import METHODS, MethodSpec, resolve_methods
 from .metrics import ROUGE_TYPES, mean_rouge, rouge_scores
-
-logger = logging.get_logger(__name__)
 
 BASE_ROW = "__base__"  # a routing id no adapter has: the row decodes with the base model
 NEWS_PROMPT = "Write a headline for this news article: {prompt}"
@@ -43,7 +40,7 @@ class BenchmarkArguments:
     """Settings of [`ContinualBenchmark`] (the `spring bench` command line)."""
 
     data: str = field(
-        default="",
+        default=str(DEFAULT_NEWS_PATH),
         metadata={
             "help": "Interaction data: a News Category .jsonl, a JSONL interaction "
             "stream (user_id/prompt/response/timestamp) or a LaMP/LongLaMP .json."
@@ -439,7 +436,8 @@ class ContinualBenchmark:
                     history = self._rag_items(method, user, periods, state_period, item, query_vector)
                 elif method.retrieval is not None:
                     history, sigma = self._buffer_items(method, user, item)
-                rows.append(_Row(method.name, item, adapter, history, method.weight, sigma))
+                weight = method.mixture_weight(self.args.interpolation_weight)
+                rows.append(_Row(method.name, item, adapter, history, weight, sigma))
         tick = time.perf_counter()
         predictions = self._generate(rows)
         self._timing["generate"] += time.perf_counter() - tick
@@ -468,9 +466,13 @@ class ContinualBenchmark:
 
         args = self.args
         formatter = SpringFormatter(self.tokenizer, prompt_template=args.prompt_template)
+        # Methods that decode an item identically (the same adapter, history and λ: e.g. OPPU accum and All-100 %, or
+        # SPRInG with and without the gate when the gate drops nothing) share one generation.
+        first_of: dict[tuple, int] = {}
+        source = [first_of.setdefault(_decoding_key(row), i) for i, row in enumerate(rows)]
         outputs: list[str] = [""] * len(rows)
         # Rows of similar history length together: less padding per batch.
-        order = sorted(range(len(rows)), key=lambda i: len(rows[i].history))
+        order = sorted(first_of.values(), key=lambda i: len(rows[i].history))
         for start in range(0, len(order), args.generation_batch_size):
             chunk = order[start : start + args.generation_batch_size]
             prompts = [formatter.prompt_text(rows[i].item) for i in chunk]
@@ -487,7 +489,13 @@ class ContinualBenchmark:
             texts = self.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
             for i, text in zip(chunk, texts, strict=True):
                 outputs[i] = first_line(text)
-        return outputs
+        return [outputs[i] for i in source]
+
+
+def _decoding_key(row: _Row) -> tuple:
+    """What a row's generation depends on: the item, the adapter, the history (in order) and λ."""
+    history = tuple((hit.interaction.id, hit.source) for hit in row.history)
+    return row.item.id, row.item.prompt, row.adapter, history, row.weight
 
 
 def first_line(text: str) -> str:

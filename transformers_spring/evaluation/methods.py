@@ -20,7 +20,8 @@ class MethodSpec:
             (the buffer plus LoGo's global memory through the mediator) or `None` (no retrieval).
         scope (`str` or `None`): for raw-history retrieval, `"each"` (the current period's training items) or
             `"accum"` (every training item up to the current period).
-        weight (`float`): λ of the probability mixture (1.0 = the history in the prompt, as RAG does).
+        weight (`float` or `None`): λ of the probability mixture (1.0 = the history in the prompt, as RAG does);
+            `None` = the benchmark's `interpolation_weight` (SPRInG's λ, 0.5 by default).
         gate (`bool`): whether SPRInG's relevance gate (σ = a quantile of training-query retrieval scores) filters
             the retrieved buffer items.
         description (`str`): one line for `--help` and the docs.
@@ -31,9 +32,13 @@ class MethodSpec:
     adapter: str | None = None
     retrieval: str | None = None
     scope: str | None = None
-    weight: float = 0.0
+    weight: float | None = 0.0
     gate: bool = False
     description: str = ""
+
+    def mixture_weight(self, interpolation_weight: float) -> float:
+        """λ of this method's rows: its own `weight`, or the benchmark's `interpolation_weight` when that is None."""
+        return interpolation_weight if self.weight is None else self.weight
 
 
 METHODS: dict[str, MethodSpec] = {
@@ -66,8 +71,8 @@ METHODS: dict[str, MethodSpec] = {
         ),
         MethodSpec("all-100", "All-100 %", "all100", description="continual LoRA updated on every new sample"),
         MethodSpec(
-            "spring", "SPRInG", "spring", "buffer", None, 0.5, True,
-            description="drift top-30 % LoRA updates + gated residual-buffer retrieval, λ = 0.5",
+            "spring", "SPRInG", "spring", "buffer", None, None, True,
+            description="drift top-30 % LoRA updates + gated residual-buffer retrieval, λ = `interpolation_weight` (0.5)",
         ),
         MethodSpec(
             "spring-lambda0", "SPRInG λ=0", "spring", description="SPRInG's adapter alone (parametric path only)"
@@ -77,11 +82,11 @@ METHODS: dict[str, MethodSpec] = {
             description="continual LoRA on a random 30 % of each period, parametric path only (paper Table 2)",
         ),
         MethodSpec(
-            "spring-nogate", "SPRInG no gate", "spring", "buffer", None, 0.5, False,
+            "spring-nogate", "SPRInG no gate", "spring", "buffer", None, None, False,
             description="SPRInG without the relevance gate",
         ),
         MethodSpec(
-            "spring-logo", "SPRInG + LoGo", "spring", "buffer+global", None, 0.5, True,
+            "spring-logo", "SPRInG + LoGo", "spring", "buffer+global", None, None, True,
             description="SPRInG with LoGo's global memory on (other users' earlier items through the mediator)",
         ),
     )

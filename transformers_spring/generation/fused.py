@@ -8,11 +8,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
-from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+from transformers.cache_utils import Cache
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 from transformers.utils import logging
 
-from ..utils.modeling import supports_logits_to_keep
+from ..utils.modeling import is_plain_dynamic_cache, supports_logits_to_keep
 from .adapters import override_adapters
 from .cpu_linear import skinny_cpu_linear
 from .logits_process import RetrievalInterpolationLogitsProcessor, left_padded_positions, none_if_full
@@ -240,9 +240,7 @@ def _left_pad(tensor: torch.Tensor, width: int) -> torch.Tensor:
 
 def _stack_caches(main: Cache, hist: Cache, width: int) -> Cache | None:
     """Stacks two dynamic KV caches along the batch, left-padding each to `width` positions; None if unsupported."""
-    if type(main) is not DynamicCache or type(hist) is not DynamicCache or len(main.layers) != len(hist.layers):
-        return None
-    if any(type(layer) is not DynamicLayer for layer in (*main.layers, *hist.layers)):
+    if not (is_plain_dynamic_cache(main) and is_plain_dynamic_cache(hist)) or len(main.layers) != len(hist.layers):
         return None
     if not all(layer.is_initialized for layer in (*main.layers, *hist.layers)):
         return None

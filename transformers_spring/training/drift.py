@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from transformers.utils import logging
 
-from ..utils.modeling import supports_logits_to_keep
+from ..utils.modeling import is_plain_dynamic_cache, supports_logits_to_keep
 from .data import EncodedSample, SpringDataCollator, SpringDataset, label_targets
 
 logger = logging.get_logger(__name__)
@@ -158,7 +158,7 @@ class _SharedPrefix:
     and the start of the user turn), computed once per scoring call and expanded for each batch, so only the
     per-sample suffix goes through the model. Scores equal a full forward's up to float rounding.
 
-    Used only for caches made of plain `DynamicLayer`s (full attention); sliding-window, linear-attention or legacy
+    Used only for plain full-attention caches (`is_plain_dynamic_cache`); sliding-window, linear-attention or legacy
     tuple caches fall back to full forwards (`build` returns None)."""
 
     def __init__(self, length: int, cache):
@@ -170,8 +170,6 @@ class _SharedPrefix:
         length = shared_prefix_length(samples)
         if length < max(min_length, 1):
             return None
-        from transformers.cache_utils import Cache, DynamicLayer
-
         prefix = torch.tensor([samples[0].input_ids[:length]], dtype=torch.long, device=device)
         kwargs = {"logits_to_keep": 1} if supports_logits_to_keep(model) else {}  # the prefix's logits are unused
         try:
@@ -179,10 +177,7 @@ class _SharedPrefix:
         except TypeError:  # a forward without `use_cache`
             return None
         cache = getattr(out, "past_key_values", None)
-        layers = getattr(cache, "layers", None)
-        if not isinstance(cache, Cache) or not layers or any(type(layer) is not DynamicLayer for layer in layers):
-            return None
-        return cls(length, cache)
+        return cls(length, cache) if is_plain_dynamic_cache(cache) else None
 
     def inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict:
         """The model inputs for a right-padded batch of whole samples: their suffixes, the prefix cache repeated per
@@ -277,21 +272,21 @@ def compute_logprobs(
         with autocast:
             # The prefix is that of ALL samples (not of this process's share): every batch runs alike on any world size.
             prefix = _SharedPrefix.build(model, samples, device, min_shared_prefix) if shared_prefix else None
-        for batch in _fixed_batches(samples, batch_size)[rank::world]:
-            input_ids, attention_mask, keep, targets = _batch([samples[i] for i in batch], pad_token_id)
-            inputs = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
-            if prefix is not None:
-                inputs = prefix.inputs(**inputs)
-                keep = keep[:, prefix.length :]  # no target lies in the prefix (see shared_prefix_length)
-            with autocast:
+            for batch in _fixed_batches(samples, batch_size)[rank::world]:
+                input_ids, attention_mask, keep, targets = _batch([samples[i] for i in batch], pad_token_id)
+                inputs = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
+                if prefix is not None:
+                    inputs = prefix.inputs(**inputs)
+                    keep = keep[:, prefix.length :]  # no target lies in the prefix (see shared_prefix_length)
                 logits = response_logits(model, keep=keep.to(device), use_logits_to_keep=use_keep, **inputs).float()
-            token_logp = logits.log_softmax(-1).gather(-1, targets.to(device)[:, None]).squeeze(-1).double().cpu()
-            lengths = keep.sum(dim=1)  # response tokens per row
-            row_of_token = torch.repeat_interleave(torch.arange(len(batch)), lengths)
-            sums = torch.zeros(len(batch), dtype=torch.float64).index_add_(0, row_of_token, token_logp)
-            index = torch.as_tensor(batch)
-            totals[index] = sums
-            counts[index] = lengths.double()
+                token_logp = logits.log_softmax(-1).gather(-1, targets.to(device)[:, None]).squeeze(-1)
+                token_logp = token_logp.double().cpu()
+                lengths = keep.sum(dim=1)  # response tokens per row
+                row_of_token = torch.repeat_interleave(torch.arange(len(batch)), lengths)
+                sums = torch.zeros(len(batch), dtype=torch.float64).index_add_(0, row_of_token, token_logp)
+                index = torch.as_tensor(batch)
+                totals[index] = sums
+                counts[index] = lengths.double()
     finally:
         model.train(was_training)
     if world > 1:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import tempfile
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -71,23 +70,19 @@ def looks_like_repo_id(name: str) -> bool:
     return not (os.path.isabs(name) or name.startswith(".") or name.count("/") > 1 or Path(name).exists())
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Writes `data` to `path` atomically: a temporary file in the same directory, then `os.replace`, so a reader (or
     a crash) never sees a half-written file and an existing file is only replaced by a complete one."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp"
+    # Mode 0o666 through os.open: the kernel applies the umask, so the file gets the permissions open() would give
+    # (and no thread ever sees a changed process umask).
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())  # on disk before the rename makes it visible
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the permissions open() would
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

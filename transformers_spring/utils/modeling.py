@@ -37,3 +37,12 @@ def base_name_or_path(model: nn.Module) -> str | None:
     """The id or path the (wrapped) model was loaded from, or None."""
     config = getattr(unwrap_model(model), "config", None)
     return getattr(config, "_name_or_path", None) or getattr(config, "name_or_path", None) or None
+
+
+def is_plain_dynamic_cache(cache) -> bool:
+    """Whether `cache` is a transformers `DynamicCache` of full-attention layers only (`DynamicLayer`, no sliding window
+    or linear attention): the layout whose per-layer keys/values can be padded, stacked or repeated along the batch."""
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+
+    layers = getattr(cache, "layers", None)
+    return type(cache) is DynamicCache and bool(layers) and all(type(layer) is DynamicLayer for layer in layers)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from transformers.utils import logging
+
+from .io import atomic_directory
 
 logger = logging.get_logger(__name__)
 
@@ -81,20 +81,11 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     if hasattr(plain.config, "quantization_config"):
         del plain.config.quantization_config
     plain.generation_config = quantized.generation_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Write into a temporary sibling and rename, so an interrupted conversion never leaves a half-written model.
-    staging = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
-    os.chmod(staging, 0o755)  # mkdtemp creates it private; the converted model is not secret
-    try:
+    # A temporary sibling swapped in at the end: an interrupted conversion never leaves a half-written model.
+    with atomic_directory(target) as staging:
         plain.to(torch.bfloat16).save_pretrained(staging, max_shard_size="100MB")
         tokenizer.save_pretrained(staging)
         (staging / _DONE_MARKER).write_text(f"{gguf.name}\n")
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
 
 
 def load_causal_lm(
