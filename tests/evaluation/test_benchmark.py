@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from training_testing import make_interactions, make_model, make_tokenizer
+from testing_utils import TRAINING_VOCAB, make_interactions, make_model, make_tokenizer
 
 from transformers_spring.evaluation import (
     METHODS,
@@ -41,7 +41,8 @@ def stream():
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("bench")
-    bench = ContinualBenchmark(bench_args(tmp_path), make_model("llama"), make_tokenizer(), stream())
+    model, tokenizer = make_model("llama", TRAINING_VOCAB.size), make_tokenizer(TRAINING_VOCAB, chat=True)
+    bench = ContinualBenchmark(bench_args(tmp_path), model, tokenizer, stream())
     captured = []
     original = bench._generate
 
@@ -119,11 +120,6 @@ def test_identical_rows_share_one_generation(run, monkeypatch):
     monkeypatch.setattr(bench.spring_model, "generate", counting)
     out = ContinualBenchmark._generate(bench, [row, twin, other])
     assert sum(sizes) == 2 and out[0] == out[1]
-
-
-def test_spring_methods_take_the_benchmark_lambda():
-    assert METHODS["spring"].mixture_weight(0.3) == 0.3 and METHODS["spring-logo"].mixture_weight(0.7) == 0.7
-    assert METHODS["rag-bm25-each"].mixture_weight(0.3) == 1.0 and METHODS["base"].mixture_weight(0.3) == 0.0
 
 
 def test_routing_uses_the_right_adapter_chain(run):

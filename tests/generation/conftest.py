@@ -1,7 +1,7 @@
-"""Fixtures for the generation tests (helpers live in `spring_testing.py`)."""
+"""Fixtures for the generation tests (helpers live in `tests/testing_utils.py`)."""
 
 import pytest
-from spring_testing import ARCHS, FakeMemory, make_model, make_tokenizer
+from testing_utils import ARCHS, FakeMemory, make_model, make_tokenizer
 
 
 @pytest.fixture(params=ARCHS)

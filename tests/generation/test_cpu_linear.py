@@ -3,10 +3,9 @@
 import pytest
 import torch
 import torch.nn as nn
-from spring_testing import make_model
-from test_equivalence import run_processor
+from testing_utils import make_model, run_processor
 
-from transformers_spring.generation import FusedDualPathDecoder, SpringConfig, skinny_cpu_linear
+from transformers_spring.generation import FusedDualPathDecoder, skinny_cpu_linear
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 16), (2, 1, 16), (3, 16), (2, 4, 16), (9, 16), (1, 40, 16)])
@@ -56,21 +55,16 @@ def test_rejects_bad_max_rows():
             pass
 
 
-def test_config_rejects_non_bool():
-    with pytest.raises(TypeError, match="skinny_cpu_linear"):
-        SpringConfig(skinny_cpu_linear="yes")
-
-
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_fused_tokens_same_with_and_without(arch, monkeypatch):
     model = make_model(arch)
-    with_skinny, _ = run_processor(model, 0.5, penalty=1.2, fused=True)
+    with_skinny, _, _ = run_processor(model, 0.5, penalty=1.2, fused=True)
     original = FusedDualPathDecoder.__init__
 
     def without(self, *args, **kwargs):
         original(self, *args, **{**kwargs, "skinny_cpu_linear": False})
 
     monkeypatch.setattr(FusedDualPathDecoder, "__init__", without)
-    plain_kernel, _ = run_processor(model, 0.5, penalty=1.2, fused=True)
+    plain_kernel, _, _ = run_processor(model, 0.5, penalty=1.2, fused=True)
     assert torch.equal(with_skinny, plain_kernel)
     assert all("forward" not in m.__dict__ for m in model.modules())

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from spring_testing import PAD, make_model
+from testing_utils import PAD, make_model
 from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
 
 from transformers_spring.generation import FusedDualPathDecoder, RetrievalInterpolationLogitsProcessor, js_divergence

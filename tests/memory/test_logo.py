@@ -7,8 +7,8 @@ from unittest import mock
 import numpy as np
 import pytest
 from huggingface_hub import HfApi
-from memory_testing import topical
 from safetensors.numpy import load_file
+from testing_utils import topical
 
 from transformers_spring.memory import HashingEncoder, Interaction, LoGoMemory
 from transformers_spring.memory import logo as logo_module

@@ -1,18 +1,17 @@
-"""Fixtures for the trainer tests (helpers live in `training_testing.py`)."""
+"""Fixtures for the trainer tests (helpers live in `tests/testing_utils.py`)."""
 
 import pytest
-from tiny_models import single_thread  # noqa: F401  (autouse: one torch thread per test)
-from training_testing import make_buffer_memory, make_model, make_tokenizer
+from testing_utils import TRAINING_VOCAB, make_buffer_memory, make_model, make_tokenizer
 
 
 @pytest.fixture
 def tokenizer():
-    return make_tokenizer(chat=True)
+    return make_tokenizer(TRAINING_VOCAB, chat=True)
 
 
 @pytest.fixture
 def model():
-    return make_model("llama")
+    return make_model("llama", TRAINING_VOCAB.size)
 
 
 @pytest.fixture

@@ -4,7 +4,8 @@
 `python dist_selection_script.py OUT continual`: a ContinualPersonalizer over 2 users x 2 periods with one resident
 adapter (trainers re-wrap the same model in DDP again and again), then a save from the main process.
 
-Launched by `test_distributed_training.py` as a plain process and with 2 processes.
+Launched by `test_distributed_training.py` as a plain process and with 2 processes, with `tests/` on `PYTHONPATH`
+(for `testing_utils`).
 """
 
 import json
@@ -13,12 +14,11 @@ import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [HERE, os.path.dirname(HERE)]  # training_testing, and the shared tiny_models under tests/
 
 import torch  # noqa: E402
 from accelerate import PartialState  # noqa: E402
-from training_testing import (  # noqa: E402
+from testing_utils import (  # noqa: E402
+    TRAINING_VOCAB,
     make_adapted_model,
     make_args,
     make_buffer_memory,
@@ -39,7 +39,11 @@ def continual(out_dir: str) -> None:
     state = PartialState()
     args = make_args(Path(out_dir), buffer_size=3, per_device_train_batch_size=2)
     personalizer = ContinualPersonalizer(
-        make_model("llama"), make_tokenizer(), args, make_buffer_memory(), max_resident_adapters=1
+        make_model("llama", TRAINING_VOCAB.size),
+        make_tokenizer(TRAINING_VOCAB, chat=True),
+        args,
+        make_buffer_memory(),
+        max_resident_adapters=1,
     )
     selected = {}
     for period in range(2):
@@ -61,13 +65,13 @@ def main(out_dir: str) -> None:
     torch.set_num_threads(1)
     state = PartialState()
     # The same "previous" adapter in every run: a fixed non-zero LoRA, so that the scores are distinct.
-    model = make_adapted_model("llama", r=8, lora_seed=3)
+    model = make_adapted_model("llama", vocab_size=TRAINING_VOCAB.size, r=8, lora_seed=3)
     memory = make_buffer_memory(buffer_size=4)
     memory.set_buffer("alice", make_interactions("alice", 3, start=500), scores=[0.0, 0.0, 0.0])
     args = make_args(Path(out_dir), scoring_batch_size=2, buffer_size=4, per_device_train_batch_size=2)
     trainer = SpringTrainer(
         model=model, args=args, user_id="alice", period=1, train_interactions=make_interactions("alice", 13),
-        memory=memory, processing_class=make_tokenizer(),
+        memory=memory, processing_class=make_tokenizer(TRAINING_VOCAB, chat=True),
     )  # fmt: skip
     output = trainer.run_period()
     result = {

@@ -4,7 +4,7 @@ from unittest import mock
 import pytest
 import torch
 from huggingface_hub import HfApi
-from training_testing import make_args, make_buffer_memory, make_interactions, make_model, make_tokenizer
+from testing_utils import TRAINING_VOCAB, make_args, make_buffer_memory, make_interactions, make_model, make_tokenizer
 
 from transformers_spring.memory import HashingEncoder
 from transformers_spring.training import ContinualPersonalizer
@@ -19,7 +19,13 @@ def stream(user, period, n=6):
 def personalizer(tmp_path, **kwargs):
     kwargs.setdefault("max_resident_adapters", 8)
     args = kwargs.pop("args", None) or make_args(tmp_path, buffer_size=3)
-    return ContinualPersonalizer(make_model("llama"), make_tokenizer(), args, make_buffer_memory(), **kwargs)
+    return ContinualPersonalizer(
+        make_model("llama", TRAINING_VOCAB.size),
+        make_tokenizer(TRAINING_VOCAB, chat=True),
+        args,
+        make_buffer_memory(),
+        **kwargs,
+    )
 
 
 def adapters_of(p):
@@ -82,7 +88,9 @@ def test_save_load_continue_equals_uninterrupted(tmp_path):
     resumed.save_pretrained(tmp_path / "state")
     del resumed
     loaded = ContinualPersonalizer.from_pretrained(
-        tmp_path / "state", model=make_model("llama"), memory_kwargs={"encoder": HashingEncoder(32)}
+        tmp_path / "state",
+        model=make_model("llama", TRAINING_VOCAB.size),
+        memory_kwargs={"encoder": HashingEncoder(32)},
     )
     assert loaded.users == list(USERS) and [loaded.period(u) for u in USERS] == [2, 2, 2]
     assert loaded.resident_users == [] and loaded.args.buffer_size == 3 and loaded.args.learning_rate == 5e-2
@@ -114,7 +122,9 @@ def test_saved_layout_is_peft_multi_adapter(tmp_path):
     state = json.loads((root / "continual_state.json").read_text())
     assert state["users"]["Ron Dicker"] == {"adapter": "Ron_Dicker", "next_period": 1, "num_observed": 4}
     for user, name in (("alice", "alice"), ("Ron Dicker", "Ron_Dicker")):
-        loaded = PeftModel.from_pretrained(make_model("llama"), root / "adapters", subfolder=name, adapter_name=name)
+        loaded = PeftModel.from_pretrained(
+            make_model("llama", TRAINING_VOCAB.size), root / "adapters", subfolder=name, adapter_name=name
+        )
         from peft import get_peft_model_state_dict
 
         got = get_peft_model_state_dict(loaded, adapter_name=name)
@@ -140,9 +150,11 @@ def test_directory_loads_as_spring_for_causal_lm(tmp_path):
 
     from transformers_spring.generation import SpringForCausalLM
 
-    make_model("llama").save_pretrained(tmp_path / "base")
+    make_model("llama", TRAINING_VOCAB.size).save_pretrained(tmp_path / "base")
     base = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
-    p = ContinualPersonalizer(base, make_tokenizer(), make_args(tmp_path, buffer_size=3), make_buffer_memory())
+    p = ContinualPersonalizer(
+        base, make_tokenizer(TRAINING_VOCAB, chat=True), make_args(tmp_path, buffer_size=3), make_buffer_memory()
+    )
     p.observe("alice", stream("alice", 0))
     p.observe("alice", stream("alice", 1))
     p.save_pretrained(tmp_path / "state")
@@ -221,7 +233,9 @@ def test_bad_inputs_are_clear_and_lose_nothing(tmp_path):
     after = p.state_dict("alice")
     assert all(torch.equal(before[k], after[k]) for k in before) and p.period("alice") == 1
     with pytest.raises(FileNotFoundError):
-        ContinualPersonalizer.from_pretrained(tmp_path / "nothing-here", model=make_model("llama"))
+        ContinualPersonalizer.from_pretrained(
+            tmp_path / "nothing-here", model=make_model("llama", TRAINING_VOCAB.size)
+        )
     with pytest.raises(ValueError, match="max_resident_adapters"):
         personalizer(tmp_path, max_resident_adapters=0)
 
@@ -249,6 +263,8 @@ def test_users_keep_their_order_through_save_and_load(tmp_path):
         p.observe(user, make_interactions(user, 2))
     p.save_pretrained(tmp_path / "state")
     loaded = ContinualPersonalizer.from_pretrained(
-        tmp_path / "state", model=make_model("llama"), memory_kwargs={"encoder": HashingEncoder(32)}
+        tmp_path / "state",
+        model=make_model("llama", TRAINING_VOCAB.size),
+        memory_kwargs={"encoder": HashingEncoder(32)},
     )
     assert loaded.users == ["zoe", "alice", "mike"]

@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 
 SCRIPT = Path(__file__).with_name("dist_selection_script.py")
 ROOT = Path(__file__).resolve().parents[2]
+TESTS = ROOT / "tests"  # the script imports `testing_utils`
 
 
 def _env() -> dict:
@@ -21,10 +23,17 @@ def _env() -> dict:
             "CUDA_VISIBLE_DEVICES": "",  # CPU processes talking over gloo, even where a GPU exists
             "OMP_NUM_THREADS": "1",
             "TOKENIZERS_PARALLELISM": "false",
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])),
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), str(TESTS), env.get("PYTHONPATH")])),
         }
     )
     return env
+
+
+def _free_port() -> str:
+    """A free local port: accelerate 1.3 passes port 0 to torchrun as is, and the rendezvous never completes."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return str(sock.getsockname()[1])
 
 
 def _launch(out: Path, processes: int, *extra: str) -> list[dict]:
@@ -36,9 +45,9 @@ def _launch(out: Path, processes: int, *extra: str) -> list[dict]:
         # which on a machine without (visible) GPUs run on CPU with the gloo backend. Run through this interpreter so
         # that an `accelerate` script of another environment on PATH is never picked up.
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0", str(SCRIPT), str(out), *extra]  # fmt: skip
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", _free_port(), str(SCRIPT), str(out), *extra]  # fmt: skip
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port", "0",
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port", _free_port(),
                str(SCRIPT), str(out), *extra]  # fmt: skip
     result = subprocess.run(cmd, env=_env(), capture_output=True, text=True, cwd=str(ROOT))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -4,7 +4,7 @@ import random
 
 import pytest
 import torch
-from training_testing import make_adapted_model, make_interactions, make_model
+from testing_utils import TRAINING_VOCAB, make_adapted_model, make_interactions, make_model
 
 from transformers_spring.training import (
     BaseLogProbCache,
@@ -23,11 +23,12 @@ from transformers_spring.training.drift import (
     top_n,
 )
 from transformers_spring.training.lora import create_adapter
+from transformers_spring.utils.compat import supports_logits_to_keep_mask
 
 
 def peft_model(arch="llama", seed=0):
     """A tiny model with a non-trivial adapter "alice" (LoRA B is zero at init, which would make p_adap = p_base)."""
-    return make_adapted_model(arch, seed).eval()
+    return make_adapted_model(arch, seed, vocab_size=TRAINING_VOCAB.size).eval()
 
 
 def hand_logprob(model, sample) -> tuple[float, int]:
@@ -66,7 +67,7 @@ def test_drift_score_equals_hand_computation(tokenizer, arch, reduction, alpha, 
 
 
 def test_base_pass_is_the_model_without_adapter(tokenizer):
-    plain = make_model("llama")
+    plain = make_model("llama", TRAINING_VOCAB.size)
     reference = copy.deepcopy(plain)
     from peft import LoraConfig
 
@@ -159,6 +160,8 @@ def test_scoring_dtype_autocasts_the_forwards(tokenizer):
 
 def test_logits_to_keep_matches_full_logits(tokenizer):
     model = peft_model()
+    if not supports_logits_to_keep_mask(model):
+        pytest.skip("this transformers' logits_to_keep takes no (batch, seq) mask")
     samples = SpringFormatter(tokenizer).encode_many(make_interactions("alice", 3))
     from transformers_spring.training.drift import _batch
 

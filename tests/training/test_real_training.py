@@ -13,7 +13,7 @@ pytestmark = [
 
 
 def test_smollm2_news_periods(tmp_path):
-    from training_testing import make_buffer_memory
+    from testing_utils import make_buffer_memory
 
     from transformers_spring.training import (
         ContinualPersonalizer,

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from training_testing import lora_params, make_args, make_buffer_memory, make_interactions, make_model
+from testing_utils import TRAINING_VOCAB, lora_params, make_args, make_buffer_memory, make_interactions, make_model
 from transformers import TrainerCallback
 
 from transformers_spring.training import (
@@ -127,7 +127,7 @@ def test_gradient_accumulation_gives_the_same_update(tmp_path, tokenizer):
     for batch, steps in ((4, 1), (2, 2), (1, 4)):
         args = make_args(tmp_path, per_device_train_batch_size=batch, gradient_accumulation_steps=steps,
                          warmup_steps=0, num_train_epochs=1, learning_rate=1e-2, optim="sgd")  # fmt: skip
-        trainer, out = run(make_model("llama"), args, "alice", 0, items, None, tokenizer)
+        trainer, out = run(make_model("llama", TRAINING_VOCAB.size), args, "alice", 0, items, None, tokenizer)
         assert out.train_output.global_step == 2 and trainer.loss_is_scaled_for_ga is True
         results.append(lora_params(trainer.model, "alice"))
     for other in results[1:]:

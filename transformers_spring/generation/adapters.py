@@ -9,38 +9,11 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 import torch.nn as nn
 from transformers.utils import logging
 
+from ..utils.compat import add_adapter_names_hook, find_adapter_layers
+
 logger = logging.get_logger(__name__)
 
 BASE_ADAPTER = "__base__"  # peft's placeholder for "no adapter" in `adapter_names`
-
-
-def _lora_layer_classes() -> tuple[type, ...]:
-    try:
-        from peft.tuners.lora import LoraLayer
-    except ImportError:  # peft is a dependency, but keep generation usable without it
-        return ()
-    classes: list[type] = [LoraLayer]
-    try:
-        from peft.utils.other import AuxiliaryTrainingWrapper
-
-        classes.append(AuxiliaryTrainingWrapper)
-    except ImportError:
-        pass
-    return tuple(classes)
-
-
-def find_adapter_layers(model: nn.Module) -> tuple[list[nn.Module], set[str]]:
-    """Returns the modules that accept `adapter_names` and the adapter names found in LoRA layers."""
-    classes = _lora_layer_classes()
-    if not classes:
-        return [], set()
-    layers, names = [], set()
-    for module in model.modules():
-        if isinstance(module, classes):
-            layers.append(module)
-            for attr in ("lora_A", "lora_embedding_A"):
-                names |= set(getattr(module, attr, {}).keys())
-    return layers, names
 
 
 def sanitize_adapter_name(name: str) -> str:
@@ -78,11 +51,6 @@ class AdapterRouter:
                 return candidate
         return BASE_ADAPTER
 
-    def _hook(self, module, args, kwargs):
-        if self.names is not None:
-            kwargs["adapter_names"] = self.names
-        return args, kwargs
-
     @contextmanager
     def activate(self, names: Sequence[str]) -> Iterator[AdapterRouter]:
         """Registers the hooks with `names` (one per row of the forwards that follow) and removes them on exit."""
@@ -92,7 +60,7 @@ class AdapterRouter:
         if self._handles:
             raise RuntimeError("AdapterRouter.activate() is not re-entrant; use override() inside it.")
         self.names = list(names)
-        self._handles = [layer.register_forward_pre_hook(self._hook, with_kwargs=True) for layer in self.layers]
+        self._handles = [add_adapter_names_hook(layer, lambda: self.names) for layer in self.layers]
         try:
             yield self
         finally:

@@ -8,19 +8,33 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
-from transformers.cache_utils import Cache
-from transformers.generation.utils import GenerateDecoderOnlyOutput
+from transformers.generation import GenerateDecoderOnlyOutput
 from transformers.utils import logging
 
-from ..utils.modeling import is_plain_dynamic_cache, supports_logits_to_keep
+from ..utils.compat import (
+    cache_kwargs,
+    has_unstackable_layers,
+    is_stackable_cache,
+    left_padded_positions,
+    none_if_full,
+    output_cache,
+    pad_token_tensor,
+    pop_cache,
+    sample_loop,
+    select_cache_rows,
+    stack_cache_rows,
+    supports_logits_to_keep,
+)
 from .adapters import override_adapters
 from .cpu_linear import skinny_cpu_linear
-from .logits_process import RetrievalInterpolationLogitsProcessor, left_padded_positions, none_if_full
+from .logits_process import RetrievalInterpolationLogitsProcessor
 
 logger = logging.get_logger(__name__)
 
-# Model kwargs that generate() prepares and that this loop rebuilds itself.
-_HANDLED_MODEL_KWARGS = {"attention_mask", "position_ids", "past_key_values", "use_cache", "logits_to_keep"}
+# Model kwargs that generate() prepares and that this loop rebuilds itself (the cache, under either name, is taken
+# out first). Any other non-None kwarg sends the request to processor mode, so a kwarg added by a future
+# generate() changes the speed, never the result.
+_HANDLED_MODEL_KWARGS = {"attention_mask", "position_ids", "use_cache", "logits_to_keep"}
 
 
 class FusedDualPathDecoder:
@@ -38,6 +52,12 @@ class FusedDualPathDecoder:
 
     Rows leave the history half of the batch (their cache rows are dropped) when they finish or when the processor's
     early exit fires, so the fused batch shrinks back to `B` rows.
+
+    The decoder steps aside instead of failing: when `generate()` hands it a model kwarg it does not handle, or the
+    model's KV cache cannot be stacked along the batch (sliding-window or hybrid layers, e.g. Gemma 3), it logs once
+    and decodes the request with `generate()`'s own loop and the processor running its own history forward
+    (processor mode), which gives the same tokens. `fallback_reason` then says why (`"kwarg:<name>"` or
+    `"cache"`); it is None when the fused loop ran.
 
     Args:
         processor ([`RetrievalInterpolationLogitsProcessor`]):
@@ -60,6 +80,7 @@ class FusedDualPathDecoder:
         self.streamer = streamer
         self.skinny_cpu_linear = skinny_cpu_linear
         self.forward_calls = 0
+        self.fallback_reason: str | None = None
 
     def __call__(
         self,
@@ -73,26 +94,60 @@ class FusedDualPathDecoder:
         # generate() hands a custom_generate callable neither `synced_gpus` nor `streamer` (only the keys of its own
         # signature that `_sample` lacks): SpringForCausalLM refuses synced GPUs before delegating, and the streamer
         # comes in through the constructor.
-        with skinny_cpu_linear(model) if self.skinny_cpu_linear else nullcontext():
-            return self._decode(model, input_ids, logits_processor, stopping_criteria, generation_config, model_kwargs)
-
-    def _decode(self, model, input_ids, logits_processor, stopping_criteria, generation_config, model_kwargs):
         processor, streamer = self.processor, self.streamer
         if processor not in logits_processor:
             raise ValueError("the fused decoder's processor must be in `logits_processor`.")
         if streamer is not None:
             streamer.put(input_ids.cpu())  # the prompt, as generate() sends it
-        unsupported = sorted(k for k, v in model_kwargs.items() if v is not None and k not in _HANDLED_MODEL_KWARGS)
-        if unsupported:
-            raise ValueError(f"fused dual-path decoding does not support the model kwarg(s) {unsupported}.")
+        fused_kwargs = dict(model_kwargs)
+        prepared_cache = pop_cache(fused_kwargs)  # generate()'s empty cache; the fused loop builds its own
+        self.fallback_reason = self._fallback_reason(model, fused_kwargs, prepared_cache)
+        output = None
+        if self.fallback_reason is None:
+            with skinny_cpu_linear(model) if self.skinny_cpu_linear else nullcontext():
+                output = self._decode(
+                    model, input_ids, logits_processor, stopping_criteria, generation_config, fused_kwargs
+                )
+        if output is None:  # processor mode, outside the skinny kernel so that tokens equal processor mode's
+            processor.external = False
+            output = sample_loop(
+                model, input_ids, logits_processor, stopping_criteria, generation_config, streamer, **model_kwargs
+            )
+        return output
+
+    def _fallback_reason(self, model: nn.Module, model_kwargs: dict, prepared_cache) -> str | None:
+        """Why this request cannot run fused (logged once per reason), or None."""
+        unknown = sorted(k for k, v in model_kwargs.items() if v is not None and k not in _HANDLED_MODEL_KWARGS)
+        if unknown:
+            logger.warning_once(
+                f"fused dual-path decoding does not handle the model kwarg(s) {unknown}; these requests decode in "
+                "processor mode (same tokens, one more forward per step)."
+            )
+            return f"kwarg:{unknown[0]}"
+        # Known before any forward: from the config, or from the empty cache generate() prepared when its layers are
+        # already typed. Otherwise the prefill finds out (and the request falls back then).
+        layers = getattr(prepared_cache, "layers", None)
+        if has_unstackable_layers(model) or (layers and not is_stackable_cache(prepared_cache)):
+            self._log_cache_fallback()
+            return "cache"
+        return None
+
+    @staticmethod
+    def _log_cache_fallback() -> None:
+        logger.warning_once(
+            "fused dual-path decoding cannot stack this model's KV cache (sliding-window, hybrid or static layers); "
+            "it decodes in processor mode (same tokens, one more forward per step)."
+        )
+
+    def _decode(self, model, input_ids, logits_processor, stopping_criteria, generation_config, model_kwargs):
+        """The fused loop; returns None (before any token is chosen) when the cache turns out not to be stackable."""
+        processor, streamer = self.processor, self.streamer
         if generation_config.output_attentions or generation_config.output_hidden_states:
             logger.warning_once("fused decoding returns no attentions / hidden states; they are ignored.")
 
         batch, prompt_len = input_ids.shape
         device = input_ids.device
-        pad_token_id = generation_config._pad_token_tensor
-        if pad_token_id is not None:
-            pad_token_id = pad_token_id.to(device)
+        pad_token_id = pad_token_tensor(generation_config, device)
         has_eos_stopping_criteria = any(hasattr(criteria, "eos_token_id") for criteria in stopping_criteria)
         return_dict = generation_config.return_dict_in_generate
         scores_out = () if (return_dict and generation_config.output_scores) else None
@@ -106,11 +161,10 @@ class FusedDualPathDecoder:
         forward_kwargs = {"use_cache": True}
         if supports_logits_to_keep(model):
             forward_kwargs["logits_to_keep"] = 1
-        processor.external = True
         router, row_names = processor.adapter_router, processor.adapter_names
         hist_rows = processor.active_rows
         hist_ids, hist_mask = processor.history_prefill_inputs()
-        cache, logits, attention_mask, positions = self._prefill(
+        prefilled = self._prefill(
             model,
             input_ids,
             main_mask,
@@ -120,6 +174,12 @@ class FusedDualPathDecoder:
             row_names,
             forward_kwargs,
         )
+        if prefilled is None:
+            self.fallback_reason = "cache"
+            self._log_cache_fallback()
+            return None
+        processor.external = True
+        cache, logits, attention_mask, positions = prefilled
         hist_index, names = self._fused_rows(hist_rows, row_names, device)
         unfinished = torch.ones(batch, dtype=torch.long, device=device)
         while True:
@@ -154,7 +214,7 @@ class FusedDualPathDecoder:
             if new_rows != hist_rows:
                 keep = list(range(batch)) + [batch + hist_rows.index(r) for r in new_rows]
                 keep_t = torch.tensor(keep, dtype=torch.long, device=device)
-                cache.batch_select_indices(keep_t)
+                select_cache_rows(cache, keep_t)
                 positions = positions[keep_t]
                 if attention_mask is not None:
                     attention_mask = attention_mask[keep_t]
@@ -166,7 +226,7 @@ class FusedDualPathDecoder:
             if attention_mask is not None:
                 attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(step_ids), 1)], dim=-1)
             outputs = self._forward(model, router, names, step_ids, attention_mask, positions, cache, forward_kwargs)
-            cache = outputs.past_key_values
+            cache = output_cache(outputs)
             logits = outputs.logits[:, -1].to(copy=True, dtype=torch.float32, device=device)
             del outputs
 
@@ -188,7 +248,7 @@ class FusedDualPathDecoder:
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 position_ids=position_ids,
-                past_key_values=cache,
+                **cache_kwargs(model, cache),
                 **forward_kwargs,
             )
         self.forward_calls += 1
@@ -197,60 +257,36 @@ class FusedDualPathDecoder:
     def _prefill(self, model, input_ids, main_mask, hist_ids, hist_mask, hist_rows, row_names, forward_kwargs):
         """
         Prefills both paths and returns `(cache, last-position logits, attention mask, position ids)` of the fused
-        batch `[main rows ; history rows]`.
+        batch `[main rows ; history rows]`, or None when the two caches cannot be stacked.
 
         The two halves have different lengths. Padding the main rows to the history length and running one forward
         would spend compute on padding (prefill is compute-bound), so each half is prefilled on its own and the
-        two KV caches are stacked, the shorter one left-padded with masked zeros. Caches that cannot be stacked this
-        way (sliding-window or other non-dynamic layers) fall back to one padded forward.
+        two KV caches are stacked, the shorter one left-padded with masked zeros.
         """
         device = input_ids.device
-        width = max(input_ids.shape[1], hist_ids.shape[1])
-        mask = torch.cat([_left_pad(main_mask, width), _left_pad(hist_mask, width)], dim=0)
-        positions = left_padded_positions(mask)
         router = self.processor.adapter_router
         main_names = None if row_names is None else list(row_names)
+        main_positions = left_padded_positions(main_mask)
+        main_out = self._forward(
+            model, router, main_names, input_ids, none_if_full(main_mask), main_positions, None, forward_kwargs
+        )
+        if not hist_rows:
+            logits = main_out.logits[:, -1].to(dtype=torch.float32, device=device)
+            return output_cache(main_out), logits, none_if_full(main_mask), main_positions
+        width = max(input_ids.shape[1], hist_ids.shape[1])
         hist_names = None if row_names is None else [row_names[r] for r in hist_rows]
-
-        if hist_rows:
-            main_out = self._forward(
-                model, router, main_names, input_ids, none_if_full(main_mask), left_padded_positions(main_mask), None,
-                forward_kwargs,
-            )  # fmt: skip
-            hist_out = self._forward(
-                model, router, hist_names, hist_ids, none_if_full(hist_mask), left_padded_positions(hist_mask), None,
-                forward_kwargs,
-            )  # fmt: skip
-            cache = _stack_caches(main_out.past_key_values, hist_out.past_key_values, width)
-            if cache is not None:
-                logits = torch.cat([main_out.logits[:, -1], hist_out.logits[:, -1]], dim=0)
-                return cache, logits.to(dtype=torch.float32, device=device), none_if_full(mask), positions
-            logger.warning_once("This model's KV cache cannot be stacked; fused prefill runs on padded rows.")
-        ids = torch.cat([_left_pad(input_ids, width), _left_pad(hist_ids, width)], dim=0)
-        names = main_names + hist_names if main_names is not None else None
-        outputs = self._forward(model, router, names, ids, none_if_full(mask), positions, None, forward_kwargs)
-        logits = outputs.logits[:, -1].to(dtype=torch.float32, device=device)
-        return outputs.past_key_values, logits, none_if_full(mask), positions
+        hist_out = self._forward(
+            model, router, hist_names, hist_ids, none_if_full(hist_mask), left_padded_positions(hist_mask), None,
+            forward_kwargs,
+        )  # fmt: skip
+        cache = stack_cache_rows(output_cache(main_out), output_cache(hist_out), width)
+        if cache is None:
+            return None
+        mask = torch.cat([_left_pad(main_mask, width), _left_pad(hist_mask, width)], dim=0)
+        logits = torch.cat([main_out.logits[:, -1], hist_out.logits[:, -1]], dim=0)
+        return cache, logits.to(dtype=torch.float32, device=device), none_if_full(mask), left_padded_positions(mask)
 
 
 def _left_pad(tensor: torch.Tensor, width: int) -> torch.Tensor:
     """(batch, length) -> (batch, width) with zeros on the left (masked positions / pad ids)."""
     return F.pad(tensor, (width - tensor.shape[1], 0)) if tensor.shape[1] < width else tensor
-
-
-def _stack_caches(main: Cache, hist: Cache, width: int) -> Cache | None:
-    """Stacks two dynamic KV caches along the batch, left-padding each to `width` positions; None if unsupported."""
-    if not (is_plain_dynamic_cache(main) and is_plain_dynamic_cache(hist)) or len(main.layers) != len(hist.layers):
-        return None
-    if not all(layer.is_initialized for layer in (*main.layers, *hist.layers)):
-        return None
-    for layer, other in zip(main.layers, hist.layers, strict=True):
-        layer.keys = torch.cat([_left_pad_kv(layer.keys, width), _left_pad_kv(other.keys, width)], dim=0)
-        layer.values = torch.cat([_left_pad_kv(layer.values, width), _left_pad_kv(other.values, width)], dim=0)
-    return main
-
-
-def _left_pad_kv(states: torch.Tensor, width: int) -> torch.Tensor:
-    """(batch, heads, length, dim) -> (batch, heads, width, dim) with zeros on the left (masked positions)."""
-    missing = width - states.shape[-2]
-    return F.pad(states, (0, 0, missing, 0)) if missing > 0 else states

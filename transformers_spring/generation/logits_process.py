@@ -10,7 +10,14 @@ import torch.nn as nn
 from transformers import LogitsProcessor
 from transformers.utils import logging
 
-from ..utils.modeling import supports_logits_to_keep
+from ..utils.compat import (
+    cache_kwargs,
+    left_padded_positions,
+    none_if_full,
+    output_cache,
+    select_cache_rows,
+    supports_logits_to_keep,
+)
 from .adapters import AdapterRouter, override_adapters
 from .config import PENALTY_MODES, check_early_exit, check_weight
 
@@ -55,17 +62,6 @@ def js_divergence(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
         return torch.nan_to_num(terms, nan=0.0).sum(-1)  # 0 · log 0 = 0 where a token has zero mass
 
     return (0.5 * _kl(log_p) + 0.5 * _kl(log_q)).clamp_min(0.0)
-
-
-def none_if_full(mask: torch.Tensor) -> torch.Tensor | None:
-    """generate() drops an all-ones mask (fastest attention path); doing the same keeps results identical."""
-    return None if bool((mask == 1).all()) else mask
-
-
-def left_padded_positions(attention_mask: torch.Tensor) -> torch.LongTensor:
-    """Position ids for a left-padded batch, exactly as `generate()` builds them (padding gets position 0)."""
-    position_ids = attention_mask.long().cumsum(-1) - 1
-    return position_ids.masked_fill(attention_mask == 0, 0)
 
 
 class RetrievalInterpolationLogitsProcessor(LogitsProcessor):
@@ -252,7 +248,7 @@ class RetrievalInterpolationLogitsProcessor(LogitsProcessor):
         self._hist_ids, self._hist_mask = self._hist_ids[keep_t], self._hist_mask[keep_t]
         if self._cache is not None:
             if keep:
-                self._cache.batch_select_indices(keep_t.to(self._next_positions.device))
+                select_cache_rows(self._cache, keep_t.to(self._next_positions.device))
                 self._next_positions = self._next_positions[keep_t.to(self._next_positions.device)]
                 if self._cache_mask is not None:
                     self._cache_mask = self._cache_mask[keep_t.to(self._cache_mask.device)]
@@ -310,11 +306,11 @@ class RetrievalInterpolationLogitsProcessor(LogitsProcessor):
                 input_ids=step_ids,
                 attention_mask=self._cache_mask,
                 position_ids=positions,
-                past_key_values=past,
+                **cache_kwargs(self.model, past),
                 **kwargs,
             )
         self.history_forward_calls += 1
-        self._cache = outputs.past_key_values
+        self._cache = output_cache(outputs)
         self._next_positions = positions[:, -1:] + 1
         return outputs.logits[:, -1].to(dtype=torch.float32)
 

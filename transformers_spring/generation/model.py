@@ -9,12 +9,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 from transformers import GenerationConfig, LogitsProcessorList
 from transformers.utils import PushToHubMixin, logging
 
 from ..memory import LoGoMemory
+from ..utils.compat import active_adapter_of, merged_generation_config, needs_synced_gpus
 from ..utils.io import resolve_saved_directory
 from ..utils.modeling import base_name_or_path, is_peft_model
 from .adapters import BASE_ADAPTER, AdapterRouter, activate_adapters
@@ -162,7 +162,7 @@ class SpringForCausalLM(PushToHubMixin, nn.Module):
             raise ValueError(
                 f"`attention_mask` has shape {tuple(attention_mask.shape)}, expected {tuple(input_ids.shape)}."
             )
-        generation_config = self._effective_generation_config(kwargs)
+        generation_config = merged_generation_config(self.base_model, kwargs)
         self._check_generation_settings(generation_config, kwargs)
 
         infos = self._retrieve(input_ids, attention_mask, rows)
@@ -202,6 +202,7 @@ class SpringForCausalLM(PushToHubMixin, nn.Module):
             "history_row_steps": processor.history_row_steps,
             "history_forward_calls": processor.history_forward_calls,
             "fused_forward_calls": decoder.forward_calls if decoder is not None else 0,
+            "fallback_reason": decoder.fallback_reason if decoder is not None else None,
             "early_exit_steps": dict(processor.exit_steps),
             "prepare_s": prepare_s,
         }
@@ -229,12 +230,6 @@ class SpringForCausalLM(PushToHubMixin, nn.Module):
             raise ValueError("`input_ids` must be a 2-D LongTensor (batch, seq_len) when `personalization` is given.")
         return input_ids, kwargs
 
-    def _effective_generation_config(self, kwargs: dict) -> GenerationConfig:
-        base = kwargs.get("generation_config") or getattr(self.base_model, "generation_config", None)
-        config = copy.deepcopy(base) if base is not None else GenerationConfig()
-        config.update(**{k: v for k, v in kwargs.items() if k != "generation_config" and hasattr(config, k)})
-        return config
-
     def _check_generation_settings(self, config: GenerationConfig, kwargs: dict) -> None:
         if (config.num_beams or 1) > 1:
             raise ValueError(
@@ -243,7 +238,7 @@ class SpringForCausalLM(PushToHubMixin, nn.Module):
             )
         if self.spring_config.mode == "fused" and kwargs.get("custom_generate") is not None:
             raise ValueError("`custom_generate` cannot be combined with `personalization` in fused mode.")
-        if self.spring_config.mode == "fused" and _needs_synced_gpus(self.base_model, kwargs.get("synced_gpus")):
+        if self.spring_config.mode == "fused" and needs_synced_gpus(self.base_model, kwargs.get("synced_gpus")):
             # Checked here: generate() does not pass `synced_gpus` on to a custom_generate callable.
             raise ValueError(
                 "fused dual-path decoding does not support synced GPUs (`synced_gpus=True`, or DeepSpeed ZeRO-3 / FSDP "
@@ -317,7 +312,7 @@ class SpringForCausalLM(PushToHubMixin, nn.Module):
         router = AdapterRouter(self.base_model)
         if not router.has_adapters:
             return None
-        default = _active_adapter(router)
+        default = active_adapter_of(router.layers, router.adapters, BASE_ADAPTER)
         names = []
         for info in infos:
             if info is None or info.user is None:  # not personalised, or explicit history without a user
@@ -531,31 +526,6 @@ def _pad_id(generation_config: GenerationConfig, tokenizer: Any) -> int:
     if eos is not None:
         return int(eos[0] if isinstance(eos, (list, tuple)) else eos)
     return 0  # masked out anyway
-
-
-def _active_adapter(router: AdapterRouter) -> str | None:
-    """The adapter a non-personalised row uses today: the single active adapter, the base, or None (several)."""
-    layer = next((layer for layer in router.layers if hasattr(layer, "active_adapters")), None)
-    if layer is None:
-        return BASE_ADAPTER
-    if getattr(layer, "disable_adapters", False):
-        return BASE_ADAPTER
-    active = [name for name in layer.active_adapters if name in router.adapters]
-    if not active:
-        return BASE_ADAPTER
-    return active[0] if len(active) == 1 else None
-
-
-def _needs_synced_gpus(model: nn.Module, synced_gpus: bool | None) -> bool:
-    """`synced_gpus` as generate() would resolve it (unset: on under DeepSpeed ZeRO-3 or FSDP with > 1 process)."""
-    if synced_gpus is not None:
-        return bool(synced_gpus)
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return False
-    from transformers.integrations import is_deepspeed_zero3_enabled
-    from transformers.integrations.fsdp import is_fsdp_managed_module
-
-    return is_deepspeed_zero3_enabled() or is_fsdp_managed_module(model)
 
 
 def _resolve_spring_dir(model_id_or_path, revision, token) -> str | None:

@@ -11,6 +11,8 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 from transformers.utils import logging
 
+from ..utils.compat import embedding_dimension
+
 logger = logging.get_logger(__name__)
 
 DEFAULT_ENCODER_ID = "sentence-transformers/all-MiniLM-L6-v2"
@@ -81,7 +83,7 @@ class SentenceTransformerEncoder:
 
     def __init__(self, model: Any, name: str | None = None, batch_size: int = 64):
         self.model = model
-        self.dim = int(model.get_embedding_dimension())
+        self.dim = embedding_dimension(model)
         self.name = name or "sentence-transformers:custom"
         self.batch_size = batch_size
 
@@ -160,7 +162,9 @@ def resolve_encoder(encoder: Any = None, device: str | None = None) -> Encoder:
         if not encoder.strip():
             raise ValueError("`encoder` is an empty string.")
         return _load_sentence_transformer(encoder, device)
-    if hasattr(encoder, "get_embedding_dimension") and hasattr(encoder, "encode"):
+    if hasattr(encoder, "encode") and any(
+        hasattr(encoder, name) for name in ("get_embedding_dimension", "get_sentence_embedding_dimension")
+    ):
         return SentenceTransformerEncoder(encoder)
     if hasattr(encoder, "encode") and hasattr(encoder, "dim"):
         return encoder

@@ -8,7 +8,6 @@ serves both: the base pass runs inside `model.disable_adapter()`.
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import math
 import os
@@ -19,7 +18,14 @@ from pathlib import Path
 import torch
 from transformers.utils import logging
 
-from ..utils.modeling import is_plain_dynamic_cache, supports_logits_to_keep
+from ..utils.compat import (
+    cache_kwargs,
+    is_stackable_cache,
+    output_cache,
+    repeat_cache_rows,
+    supports_logits_to_keep,
+    supports_logits_to_keep_mask,
+)
 from .data import EncodedSample, SpringDataCollator, SpringDataset, label_targets
 
 logger = logging.get_logger(__name__)
@@ -130,10 +136,10 @@ def response_logits(
 
     When the model takes `logits_to_keep` (transformers v5 causal LMs), only those positions go through the LM head,
     which saves most of the head's cost (the vocabulary projection) on the prompt tokens. `model_kwargs` go to the
-    forward (e.g. `past_key_values`, in which case `attention_mask` also covers the cached positions).
+    forward (e.g. the KV cache, in which case `attention_mask` also covers the cached positions).
     """
     if use_logits_to_keep is None:
-        use_logits_to_keep = supports_logits_to_keep(model)
+        use_logits_to_keep = supports_logits_to_keep_mask(model)
     if use_logits_to_keep:
         logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep, **model_kwargs).logits
         if logits.dim() == 2 and logits.shape[0] == int(keep.sum()):
@@ -158,12 +164,13 @@ class _SharedPrefix:
     and the start of the user turn), computed once per scoring call and expanded for each batch, so only the
     per-sample suffix goes through the model. Scores equal a full forward's up to float rounding.
 
-    Used only for plain full-attention caches (`is_plain_dynamic_cache`); sliding-window, linear-attention or legacy
+    Used only for plain full-attention caches (`is_stackable_cache`); sliding-window, linear-attention or legacy
     tuple caches fall back to full forwards (`build` returns None)."""
 
-    def __init__(self, length: int, cache):
+    def __init__(self, length: int, cache, model: torch.nn.Module):
         self.length = length
         self.cache = cache
+        self.model = model
 
     @classmethod
     def build(cls, model: torch.nn.Module, samples: Sequence[EncodedSample], device, min_length: int):
@@ -176,20 +183,25 @@ class _SharedPrefix:
             out = model(input_ids=prefix, attention_mask=torch.ones_like(prefix), use_cache=True, **kwargs)
         except TypeError:  # a forward without `use_cache`
             return None
-        cache = getattr(out, "past_key_values", None)
-        return cls(length, cache) if is_plain_dynamic_cache(cache) else None
+        cache = output_cache(out)
+        if not is_stackable_cache(cache):
+            logger.warning_once(
+                "drift scoring cannot reuse a shared-prefix KV cache for this model (sliding-window, hybrid or static "
+                "layers); it scores with full forwards (same scores)."
+            )
+            return None
+        return cls(length, cache, model)
 
     def inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict:
         """The model inputs for a right-padded batch of whole samples: their suffixes, the prefix cache repeated per
         row, and an attention mask over prefix + suffix."""
         rows = input_ids.shape[0]
-        cache = copy.deepcopy(self.cache)  # the forward appends to the cache it is given
-        cache.batch_repeat_interleave(rows)
+        cache = repeat_cache_rows(self.cache, rows)  # a copy: the forward appends to the cache it is given
         prefix_mask = torch.ones(rows, self.length, dtype=attention_mask.dtype, device=attention_mask.device)
         return {
             "input_ids": input_ids[:, self.length :],
             "attention_mask": torch.cat([prefix_mask, attention_mask[:, self.length :]], dim=1),
-            "past_key_values": cache,
+            **cache_kwargs(self.model, cache),
             "use_cache": True,
         }
 
@@ -264,7 +276,7 @@ def compute_logprobs(
     if n == 0:
         return []
     device = next(model.parameters()).device
-    use_keep = supports_logits_to_keep(model)
+    use_keep = supports_logits_to_keep_mask(model)
     was_training = model.training
     model.eval()
     autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -11,6 +10,7 @@ import torch.nn as nn
 from transformers.utils import logging
 
 from ..generation.adapters import BASE_ADAPTER, sanitize_adapter_name
+from ..utils.compat import is_lora_parameter_of, set_adapter_trainable
 from ..utils.modeling import is_peft_model
 
 logger = logging.get_logger(__name__)
@@ -132,19 +132,12 @@ def create_adapter(model: nn.Module, name: str, lora_config: Any, seed: int) -> 
 def activate_adapter(model: nn.Module, name: str) -> None:
     """Makes `name` the single active adapter and its weights (only its weights) trainable: peft's `set_adapter`
     unfreezes the active adapter (even one loaded with `is_trainable=False`) and freezes the others."""
-    model.set_adapter(name)
-    model.peft_config[name].inference_mode = False
-
-
-def _belongs_to(param_name: str, names: Sequence[str]) -> bool:
-    """Whether a parameter is a LoRA weight of one of `names` (`...q_proj.lora_A.<name>.weight`)."""
-    parts = param_name.split(".")
-    return any(part.startswith("lora_") and parts[i + 1] in names for i, part in enumerate(parts[:-1]))
+    set_adapter_trainable(model, name)
 
 
 def adapter_state(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
     """A detached copy of adapter `name`'s weights (LoRA A/B of every targeted layer), keyed by parameter name."""
-    return {n: p.detach().clone() for n, p in model.named_parameters() if _belongs_to(n, [name])}
+    return {n: p.detach().clone() for n, p in model.named_parameters() if is_lora_parameter_of(n, [name])}
 
 
 @torch.no_grad()

@@ -14,7 +14,7 @@ from transformers.trainer_utils import TrainOutput
 from transformers.utils import logging
 
 from ..memory.interaction import Interaction, check_user_id
-from ..utils.modeling import supports_logits_to_keep
+from ..utils.compat import supports_logits_to_keep_mask
 from .data import (
     EncodedSample,
     SpringDataCollator,
@@ -237,7 +237,7 @@ class SpringTrainer(Trainer):
         # compute_loss normalises by `num_items_in_batch` itself; the Trainer only counts it for models that take loss
         # kwargs, so ask for the count whatever the model's forward signature.
         self.model_accepts_loss_kwargs = True
-        self._use_logits_to_keep = supports_logits_to_keep(self.model)
+        self._use_logits_to_keep = supports_logits_to_keep_mask(self.model)
         self.period_output: SpringPeriodOutput | None = None
         if hasattr(self.model, "add_model_tags"):
             try:

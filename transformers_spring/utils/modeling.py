@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
-
 import torch.nn as nn
 
 
@@ -25,24 +23,7 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     return model
 
 
-def supports_logits_to_keep(model: nn.Module) -> bool:
-    """Whether the model's forward takes `logits_to_keep` (computing the LM head on the last positions only)."""
-    try:
-        return "logits_to_keep" in inspect.signature(unwrap_model(model).forward).parameters
-    except (TypeError, ValueError):
-        return False
-
-
 def base_name_or_path(model: nn.Module) -> str | None:
     """The id or path the (wrapped) model was loaded from, or None."""
     config = getattr(unwrap_model(model), "config", None)
     return getattr(config, "_name_or_path", None) or getattr(config, "name_or_path", None) or None
-
-
-def is_plain_dynamic_cache(cache) -> bool:
-    """Whether `cache` is a transformers `DynamicCache` of full-attention layers only (`DynamicLayer`, no sliding window
-    or linear attention): the layout whose per-layer keys/values can be padded, stacked or repeated along the batch."""
-    from transformers.cache_utils import DynamicCache, DynamicLayer
-
-    layers = getattr(cache, "layers", None)
-    return type(cache) is DynamicCache and bool(layers) and all(type(layer) is DynamicLayer for layer in layers)

@@ -2,7 +2,7 @@ import logging as std_logging
 
 import pytest
 import torch
-from training_testing import make_interactions, make_tokenizer
+from testing_utils import TRAINING_VOCAB, make_interactions, make_tokenizer
 
 from transformers_spring.memory import Interaction
 from transformers_spring.training import SpringDataCollator, SpringDataset, SpringFormatter
@@ -22,9 +22,9 @@ def test_chat_prompt_is_exactly_the_generation_prompt(tokenizer):
 
 def test_system_prompt_and_plain_format():
     item = Interaction("alice", "cats", "w1", id="a")
-    chat = SpringFormatter(make_tokenizer(chat=True), system_prompt="w9")
+    chat = SpringFormatter(make_tokenizer(TRAINING_VOCAB, chat=True), system_prompt="w9")
     assert "system" in chat.prompt_text(item)
-    plain = SpringFormatter(make_tokenizer(chat=False))
+    plain = SpringFormatter(make_tokenizer(TRAINING_VOCAB))
     sample = plain.encode(item)
     tokens = plain.tokenizer.convert_ids_to_tokens(list(sample.input_ids))
     assert tokens == ["cats", "w1", "</s>"] and sample.prompt_length == 1

@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from training_testing import make_interactions, make_model, make_tokenizer
+from testing_utils import TRAINING_VOCAB, make_interactions, make_model, make_tokenizer
 
 from transformers_spring.cli import main
 from transformers_spring.data import write_interactions_jsonl
@@ -27,8 +27,8 @@ def test_bench_help_lists_the_options(capsys):
 
 def test_bench_end_to_end_on_a_tiny_saved_model(tmp_path, capsys):
     model_dir = tmp_path / "tiny"
-    make_model("llama").save_pretrained(model_dir)
-    make_tokenizer().save_pretrained(model_dir)
+    make_model("llama", TRAINING_VOCAB.size).save_pretrained(model_dir)
+    make_tokenizer(TRAINING_VOCAB, chat=True).save_pretrained(model_dir)
     data = tmp_path / "stream.jsonl"
     write_interactions_jsonl(make_interactions("alice", 12, seed=1) + make_interactions("bob", 10, seed=2), data)
     out = tmp_path / "out"

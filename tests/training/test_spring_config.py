@@ -1,13 +1,9 @@
+"""`SpringTrainingArguments`: the paper's defaults, validation naming the field, argument parsing, warmup."""
+
 import pytest
-from training_testing import make_model
 from transformers import HfArgumentParser
 
-from transformers_spring.training import (
-    SpringTrainingArguments,
-    adapter_name_for,
-    build_lora_config,
-    find_lora_target_modules,
-)
+from transformers_spring.training import SpringTrainingArguments
 
 
 def test_paper_defaults(tmp_path):
@@ -70,57 +66,6 @@ def test_hf_argument_parser(tmp_path):
     assert args.scoring_dtype == "bfloat16" and args.scoring_shared_prefix is False
     assert args.lora_target_modules == ["q_proj", "k_proj"]
     assert args.num_train_epochs == 1 and args.warmup_steps == 0
-
-
-@pytest.mark.parametrize(
-    "arch, expected",
-    [("llama", ["q_proj", "v_proj"]), ("qwen2", ["q_proj", "v_proj"]), ("gpt2", ["c_attn"]),
-     ("gpt_neox", ["query_key_value"])],
-)  # fmt: skip
-def test_target_detection_per_architecture(arch, expected, tmp_path):
-    model = make_model(arch)
-    assert find_lora_target_modules(model) == expected
-    config = build_lora_config(SpringTrainingArguments(output_dir=str(tmp_path)), model)
-    assert sorted(config.target_modules) == sorted(expected)
-    assert (config.r, config.lora_alpha, config.lora_dropout, config.bias) == (8, 8, 0.05, "none")
-
-
-def test_target_detection_error_names_the_field():
-    import torch.nn as nn
-
-    class Odd(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.mixer = nn.Linear(4, 4)
-
-    with pytest.raises(ValueError, match="lora_target_modules"):
-        find_lora_target_modules(Odd())
-
-
-def test_target_detection_restricts_to_language_model():
-    import torch.nn as nn
-
-    class Attn(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.q_proj, self.v_proj = nn.Linear(4, 4), nn.Linear(4, 4)
-
-    class Multimodal(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.vision_tower = Attn()
-            self.language_model = Attn()
-
-    targets = find_lora_target_modules(Multimodal())
-    assert isinstance(targets, str) and "language_model" in targets
-
-
-def test_adapter_name_matches_generation_routing():
-    from transformers_spring.generation.adapters import sanitize_adapter_name
-
-    assert adapter_name_for("Ron Dicker") == sanitize_adapter_name("Ron Dicker") == "Ron_Dicker"
-    with pytest.raises(ValueError, match="user_id"):
-        adapter_name_for("__base__")
 
 
 def test_warmup_ratio_rounds_down(tmp_path):

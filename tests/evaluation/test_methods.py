@@ -1,0 +1,53 @@
+"""The benchmark's method table: `METHODS`, `MethodSpec.mixture_weight`, `resolve_methods`, `DEMO_METHODS`."""
+
+import pytest
+
+from transformers_spring.evaluation import METHODS, resolve_methods
+from transformers_spring.evaluation.methods import DEMO_METHODS, MethodSpec
+
+
+def test_spring_methods_take_the_benchmark_lambda():
+    assert METHODS["spring"].mixture_weight(0.3) == 0.3 and METHODS["spring-logo"].mixture_weight(0.7) == 0.7
+    assert METHODS["rag-bm25-each"].mixture_weight(0.3) == 1.0 and METHODS["base"].mixture_weight(0.3) == 0.0
+
+
+def test_method_table_is_consistent():
+    assert DEMO_METHODS and set(DEMO_METHODS) <= set(METHODS)
+    for name, spec in METHODS.items():
+        assert spec.name == name and spec.label and spec.description
+        assert spec.adapter in (None, "spring", "all100", "random30", "oppu_each"), name
+        assert spec.retrieval in (None, "bm25", "dense", "buffer", "buffer+global"), name
+        assert (spec.scope is not None) == (spec.retrieval in ("bm25", "dense")), name  # raw history needs a scope
+        assert spec.gate is False or spec.retrieval in ("buffer", "buffer+global"), name
+    rag = [spec for spec in METHODS.values() if spec.name.startswith("rag-")]
+    assert rag and all(spec.weight == 1.0 and spec.adapter is None for spec in rag)  # history in the prompt
+    assert METHODS["spring"].gate and not METHODS["spring-nogate"].gate
+
+
+def test_method_spec_is_frozen():
+    spec = MethodSpec("x", "X")
+    assert (spec.adapter, spec.retrieval, spec.weight, spec.gate) == (None, None, 0.0, False)
+    with pytest.raises(AttributeError):
+        spec.weight = 0.5
+
+
+@pytest.mark.parametrize("names", [None, "all", ["all"]])
+def test_all_methods(names):
+    assert resolve_methods(names) == list(METHODS.values())
+
+
+def test_names_keep_their_order_once():
+    assert [m.name for m in resolve_methods("base, spring")] == ["base", "spring"]
+    assert [m.name for m in resolve_methods(["spring", "base,spring", " rag-bm25-each "])] == [
+        "spring", "base", "rag-bm25-each"
+    ]  # fmt: skip
+    assert resolve_methods(("base",)) == [METHODS["base"]]
+
+
+def test_unknown_or_empty_names_are_errors():
+    with pytest.raises(ValueError, match=r"unknown method\(s\) \['sprung'\].*known: base"):
+        resolve_methods("base,sprung")
+    with pytest.raises(ValueError, match="empty"):
+        resolve_methods(" , ")
+    with pytest.raises(ValueError, match="empty"):
+        resolve_methods([])

@@ -1,0 +1,60 @@
+"""`markdown_table` and `plot_rouge_l` on a hand-written results dict."""
+
+import json
+import math
+
+import pytest
+
+from transformers_spring.evaluation import markdown_table
+from transformers_spring.evaluation.report import plot_rouge_l
+
+
+def scores(r1, rl, n=2):
+    return {"rouge1": r1, "rougeL": rl, "n": n}
+
+
+def results():
+    def summary(p0, p1, forgetting):
+        return {
+            "periods": {0: scores(*p0), 1: scores(*p1)},
+            "average": {"rouge1": (p0[0] + p1[0]) / 2, "rougeL": (p0[1] + p1[1]) / 2},
+            "forgetting": {"rougeL": forgetting, "n": 2},
+            "cold_start": scores(0.1, 0.2, 1),
+            "warm": scores(0.3, 0.4, 3),
+        }
+
+    return {
+        "summary": {
+            "base": summary((0.1, 0.1), (0.2, 0.2), math.nan),
+            "spring": summary((0.3, 0.25), (0.4, 0.35), 0.05),
+            "my-method": summary((0.0, 0.0), (0.0, 0.0), 0.0),
+        },
+        "users": {"alice": {}, "bob": {}},
+        "config": {"model": "tiny"},
+    }
+
+
+def test_markdown_table_rows_labels_and_best():
+    table = markdown_table(results())
+    lines = table.splitlines()
+    assert lines[0] == "| Method | P0 R-1 | P0 R-L | P1 R-1 | P1 R-L | Avg R-1 | Avg R-L |"
+    assert lines[2] == "| Base | 0.1000 | 0.1000 | 0.2000 | 0.2000 | 0.1500 | 0.1500 |"
+    assert lines[3] == "| SPRInG | 0.3000 | 0.2500 | 0.4000 | 0.3500 | 0.3500 | **0.3000** |"  # the best average R-L
+    assert lines[4].startswith("| my-method |")  # unknown methods keep their id
+    assert "Test items per period: P0 2, P1 2." in lines
+    assert "| Base | – | 0.2000 (1) | 0.4000 (3) |" in lines  # NaN forgetting is a dash
+    assert "| SPRInG | 0.0500 | 0.2000 (1) | 0.4000 (3) |" in lines
+    assert table.count("**") == 2
+
+
+def test_markdown_table_reads_json_round_tripped_results():
+    loaded = json.loads(json.dumps(results()))  # period keys become strings
+    assert markdown_table(loaded) == markdown_table(results())
+
+
+def test_plot_rouge_l_writes_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    path = plot_rouge_l(results(), tmp_path / "rouge.png")
+    assert path == tmp_path / "rouge.png"
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p.name for p in path.parent.iterdir()] == ["rouge.png"]  # written atomically, nothing left behind
