@@ -49,7 +49,8 @@ def run(tmp_path_factory):
     def spy(rows):  # keep each row with the adapter state of the moment it was decoded
         outputs = original(rows)
         for row, text in zip(rows, outputs, strict=True):
-            captured.append((row, text, plain_reference(bench, row)))
+            reference = None if row.prediction is not None else plain_reference(bench, row)
+            captured.append((row, text, reference))
         return outputs
 
     bench._generate = spy
@@ -104,6 +105,89 @@ def test_rows_match_plain_generation_with_their_adapter_and_prompt(run):
     methods = {row.method for row, _, reference in captured if reference is not None}
     assert {"base", "rag-bm25-each", "rag-dense-accum", "oppu-each", "all-100", "spring-lambda0"} <= methods
     assert checked >= 40
+
+
+def test_floors_equal_hand_computations(run):
+    """copy input = the test input; last response = the latest earlier training response; BM25-nearest = the
+    response of the earlier training item whose input shares the most (BM25) with the test input. None reads a test
+    item, none has a likelihood."""
+    from transformers_spring.data import temporal_split
+    from transformers_spring.memory.bm25 import BM25Index
+
+    _, results, _ = run
+    splits = temporal_split(stream(), num_periods=5, test_fraction=0.1)
+    by_id = {it.id: it for it in stream()}
+    checked = 0
+    for r in results["records"]:
+        if not METHODS[r["method"]].is_floor:
+            continue
+        assert r["nll"] is None
+        item = by_id[r["test_id"]]
+        last = r["period"] if r["phase"] == "period" else 4
+        earlier = [it for s in splits[r["user"]][: last + 1] for it in s.train if it.timestamp <= item.timestamp]
+        if r["method"] == "copy-input":
+            expected = item.prompt
+        elif r["method"] == "last-response":
+            expected = max(earlier, key=lambda it: it.timestamp).response
+        else:
+            scores = BM25Index([it.prompt for it in earlier]).scores(item.prompt)
+            best = max(range(len(earlier)), key=lambda i: (scores[i], earlier[i].timestamp, i))
+            expected = earlier[best].response
+        assert r["prediction"] == expected, r["method"]
+        checked += 1
+    assert checked == 3 * 10
+
+
+def test_nll_equals_score_of_the_gold_response(run):
+    """Every model method has an NLL: the mean of -log p of the gold response tokens under its decoding, which is
+    `SpringForCausalLM.score` (tested against a slow hand computation in the generation tests)."""
+    _, results, _ = run
+    for r in results["records"]:
+        if METHODS[r["method"]].is_floor:
+            continue
+        assert r["nll"] is not None and math.isfinite(r["nll"]) and r["nll"] > 0, r["method"]
+    summary = results["summary"]
+    assert math.isfinite(summary["spring"]["average"]["nll"])
+    assert math.isnan(summary["copy-input"]["average"]["nll"])
+    assert set(results["bootstrap"]) == set(METHODS) - {"spring"}
+    assert results["bootstrap"]["base"]["nll"]["n"] == 8 and results["bootstrap"]["copy-input"]["nll"]["n"] == 0
+
+
+def test_no_test_item_reaches_training_budget_or_gate(tmp_path):
+    """A leak test over every method: test items never reach a trainer, the buffer, σ calibration or the decoding
+    budget (their responses are made much longer than any training response: a leaked one would raise the
+    budget)."""
+    from transformers_spring.data import temporal_split
+
+    items = stream()
+    splits = temporal_split(items, num_periods=5, test_fraction=0.1)
+    test_ids = {it.id for periods in splits.values() for s in periods for it in s.test}
+    long_tail = " ".join(["w1"] * 60)
+    items = [
+        dataclasses.replace(it, response=f"{it.response} {long_tail}") if it.id in test_ids else it for it in items
+    ]
+    model, tokenizer = make_model("llama", TRAINING_VOCAB.size), make_tokenizer(TRAINING_VOCAB, chat=True)
+    bench = ContinualBenchmark(bench_args(tmp_path, max_new_tokens=0), model, tokenizer, items)
+    trained, observed = [], []
+    original_train, original_observe = bench._train, bench._observe_gate
+
+    def train(args, user, period, batch, name, memory=None):
+        trained.extend(it.id for it in batch)
+        return original_train(args, user, period, batch, name, memory)
+
+    def observe(user, train_items):
+        observed.extend(it.id for it in train_items)
+        return original_observe(user, train_items)
+
+    bench._train, bench._observe_gate = train, observe
+    results = bench.run(progress=False)
+    assert trained and not set(trained) & test_ids
+    assert observed and not set(observed) & test_ids
+    buffered = {it.id for user in splits for it in bench.memory.buffer(user)}
+    assert not buffered & test_ids
+    stored = {it.id for user in splits for it in bench.memory.history(user)}
+    assert not stored & test_ids
+    assert results["decoding"]["max_new_tokens"] <= 8  # training responses have 1-6 words (+1)
 
 
 def test_identical_rows_share_one_generation(run, monkeypatch):
@@ -184,13 +268,13 @@ def test_spring_gate_filters_buffer_items_below_sigma(run):
 def test_summary_matches_a_hand_computation():
     records = [
         {"method": "m", "user": "a", "period": 1, "phase": "period", "test_id": "x", "n_train": 3,
-         "rouge1": 0.5, "rougeL": 0.4},
+         "rouge1": 0.5, "rougeL": 0.4, "rougeL_stemmed": 0.5, "nll": 2.0},
         {"method": "m", "user": "b", "period": 1, "phase": "period", "test_id": "y", "n_train": 9,
-         "rouge1": 0.1, "rougeL": 0.2},
+         "rouge1": 0.1, "rougeL": 0.2, "rougeL_stemmed": 0.2, "nll": 4.0},
         {"method": "m", "user": "a", "period": 2, "phase": "period", "test_id": "z", "n_train": 3,
-         "rouge1": 0.3, "rougeL": 0.3},
+         "rouge1": 0.3, "rougeL": 0.3, "rougeL_stemmed": 0.3, "nll": None},
         {"method": "m", "user": "a", "period": 1, "phase": "forgetting", "test_id": "x", "n_train": 3,
-         "rouge1": 0.2, "rougeL": 0.1},
+         "rouge1": 0.2, "rougeL": 0.1, "rougeL_stemmed": 0.1, "nll": 5.0},
     ]  # fmt: skip
     s = summarize(records, ["m"], num_periods=3, cold_start_max_train=5)["m"]
     assert s["periods"][1]["rougeL"] == pytest.approx(0.3) and s["periods"][1]["n"] == 2
@@ -200,6 +284,8 @@ def test_summary_matches_a_hand_computation():
     assert s["forgetting"]["rougeL"] == pytest.approx(0.4 - 0.1) and s["forgetting"]["n"] == 1
     assert s["cold_start"]["rougeL"] == pytest.approx(0.35) and s["cold_start"]["n"] == 2
     assert s["warm"]["n"] == 1
+    assert s["periods"][1]["nll"] == pytest.approx(3.0) and math.isnan(s["periods"][2]["nll"])  # no NLL: NaN
+    assert s["forgetting"]["nll"] == pytest.approx(2.0 - 5.0)
 
 
 def test_save_results_writes_json_table_and_plot(run, tmp_path):
@@ -211,8 +297,14 @@ def test_save_results_writes_json_table_and_plot(run, tmp_path):
     assert "| SPRInG |" in table and "**" in table
     assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in (tmp_path / "saved").iterdir()) == [
-        "results.json", "results.md", "rouge_l_per_period.png"
+        "lamp", "results.json", "results.md", "rouge_l_per_period.png"
     ]  # fmt: skip
+    golds = json.loads((tmp_path / "saved" / "lamp" / "golds.json").read_text())
+    preds = json.loads((tmp_path / "saved" / "lamp" / "spring.json").read_text())
+    assert golds["task"] == preds["task"] == "LaMP_4"
+    assert sorted(g["id"] for g in golds["golds"]) == sorted(p["id"] for p in preds["golds"])
+    assert len(golds["golds"]) == 8
+    assert "Paired bootstrap" in table and "NLL" in table
     assert markdown_table(loaded).splitlines()[2:] == table.splitlines()[2:]  # JSON round trip (str period keys)
 
 

@@ -45,7 +45,7 @@ def test_names_keep_their_order_once():
 
 
 def test_unknown_or_empty_names_are_errors():
-    with pytest.raises(ValueError, match=r"unknown method\(s\) \['sprung'\].*known: base"):
+    with pytest.raises(ValueError, match=r"unknown method\(s\) \['sprung'\].*known: copy-input, .*base"):
         resolve_methods("base,sprung")
     with pytest.raises(ValueError, match="empty"):
         resolve_methods(" , ")

@@ -14,10 +14,15 @@ def scores(r1, rl, n=2):
 
 
 def results():
-    def summary(p0, p1, forgetting):
+    def summary(p0, p1, forgetting, nll=math.nan):
         return {
             "periods": {0: scores(*p0), 1: scores(*p1)},
-            "average": {"rouge1": (p0[0] + p1[0]) / 2, "rougeL": (p0[1] + p1[1]) / 2},
+            "average": {
+                "rouge1": (p0[0] + p1[0]) / 2,
+                "rougeL": (p0[1] + p1[1]) / 2,
+                "rougeL_stemmed": p1[1],
+                "nll": nll,
+            },  # fmt: skip
             "forgetting": {"rougeL": forgetting, "n": 2},
             "cold_start": scores(0.1, 0.2, 1),
             "warm": scores(0.3, 0.4, 3),
@@ -25,10 +30,20 @@ def results():
 
     return {
         "summary": {
-            "base": summary((0.1, 0.1), (0.2, 0.2), math.nan),
-            "spring": summary((0.3, 0.25), (0.4, 0.35), 0.05),
+            "base": summary((0.1, 0.1), (0.2, 0.2), math.nan, 3.5),
+            "spring": summary((0.3, 0.25), (0.4, 0.35), 0.05, 3.0),
             "my-method": summary((0.0, 0.0), (0.0, 0.0), 0.0),
         },
+        "bootstrap": {
+            "base": {
+                "rougeL": {"mean": 0.15, "low": 0.1, "high": 0.2, "n": 4},
+                "nll": {"mean": -0.5, "low": -0.7, "high": -0.3, "n": 4},
+            },
+            "my-method": {
+                "rougeL": {"mean": 0.3, "low": 0.2, "high": 0.4, "n": 4},
+                "nll": {"mean": math.nan, "low": math.nan, "high": math.nan, "n": 0},
+            },
+        },  # fmt: skip
         "users": {"alice": {}, "bob": {}},
         "config": {"model": "tiny"},
     }
@@ -37,14 +52,17 @@ def results():
 def test_markdown_table_rows_labels_and_best():
     table = markdown_table(results())
     lines = table.splitlines()
-    assert lines[0] == "| Method | P0 R-1 | P0 R-L | P1 R-1 | P1 R-L | Avg R-1 | Avg R-L |"
-    assert lines[2] == "| Base | 0.1000 | 0.1000 | 0.2000 | 0.2000 | 0.1500 | 0.1500 |"
-    assert lines[3] == "| SPRInG | 0.3000 | 0.2500 | 0.4000 | 0.3500 | 0.3500 | **0.3000** |"  # the best average R-L
-    assert lines[4].startswith("| my-method |")  # unknown methods keep their id
-    assert "Test items per period: P0 2, P1 2." in lines
+    assert lines[0] == ("| Method | P0 R-1 | P0 R-L | P1 R-1 | P1 R-L | Avg R-1 | Avg R-L | Avg R-L stem | NLL |")
+    assert lines[2] == "| Base | 0.1000 | 0.1000 | 0.2000 | 0.2000 | 0.1500 | 0.1500 | 0.2000 | 3.5000 |"
+    # the best average R-L and the lowest NLL in bold
+    assert lines[3] == "| SPRInG | 0.3000 | 0.2500 | 0.4000 | 0.3500 | 0.3500 | **0.3000** | 0.3500 | **3.0000** |"
+    assert lines[4].startswith("| my-method |") and lines[4].endswith("| – |")  # unknown id kept; no NLL: a dash
+    assert any("Test items per period: P0 2, P1 2." in line for line in lines)
     assert "| Base | – | 0.2000 (1) | 0.4000 (3) |" in lines  # NaN forgetting is a dash
     assert "| SPRInG | 0.0500 | 0.2000 (1) | 0.4000 (3) |" in lines
-    assert table.count("**") == 2
+    assert table.count("**") == 4
+    assert "| Base | +0.1500 [+0.1000, +0.2000] (n=4) | -0.5000 [-0.7000, -0.3000] (n=4) |" in lines
+    assert "| my-method | +0.3000 [+0.2000, +0.4000] (n=4) | – |" in lines
 
 
 def test_markdown_table_reads_json_round_tripped_results():

@@ -287,3 +287,52 @@ def test_finished_rows_are_padded_and_leave_the_history_path(llama, memory, mode
     finished_early = [row for row in new if eos in row[:-1]]
     assert finished_early, new
     assert stats["history_row_steps"] < 2 * stats["steps"]  # a finished row stopped its history path
+
+
+# ------------------------------------------------------------------------------------------------ score (NLL)
+def _slow_logprobs(model, prefix, continuation):
+    """log p(continuation | prefix), one full forward per token (no cache, no batching)."""
+    out, ids = [], list(prefix)
+    for token in continuation:
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0, -1].float()
+        out.append(float(torch.log_softmax(logits, -1)[token]))
+        ids.append(token)
+    return torch.tensor(out)
+
+
+@pytest.mark.parametrize("weight", [0.0, 0.3, 0.5, 1.0])
+def test_score_equals_a_slow_hand_computation(llama, memory, weight):
+    """The mixture log(λ p_hist + (1 − λ) p_main) token by token, against full forwards per token; λ = 0 (a closed
+    gate) is the parametric path alone, λ = 1 the history path alone."""
+    wrapper = SpringForCausalLM(llama, memory=memory, tokenizer=make_tokenizer())
+    batch = encode(["cats rain sun", "dogs vote"])
+    continuations = [[9, 10, 11], [12, 13]]
+    rows = [Personalization(user="alice", weight=weight), Personalization(user="bob", weight=weight)]
+    got = wrapper.score(batch["input_ids"], continuations, batch["attention_mask"], personalization=rows)
+    for row, info in enumerate(wrapper.last_personalization):
+        prompt = batch["input_ids"][row][batch["attention_mask"][row].bool()].tolist()
+        main = _slow_logprobs(llama, prompt, continuations[row])
+        if weight == 0.0:
+            assert not info.gate_open
+            expected = main
+        else:
+            assert info.gate_open and info.history_ids
+            hist = _slow_logprobs(llama, info.history_ids, continuations[row])
+            expected = torch.log(weight * hist.exp() + (1 - weight) * main.exp())
+        assert torch.allclose(got[row], expected, atol=1e-5), (row, got[row], expected)
+
+
+def test_score_with_closed_gate_and_without_personalization(llama, memory):
+    wrapper = SpringForCausalLM(llama, memory=memory, tokenizer=make_tokenizer())
+    batch = encode(["cats rain sun"])
+    prompt = batch["input_ids"][0].tolist()
+    plain = wrapper.score(batch["input_ids"], [[9, 10]])
+    assert torch.allclose(plain[0], _slow_logprobs(llama, prompt, [9, 10]), atol=1e-5)
+    closed = wrapper.score(batch["input_ids"], [[9, 10]], personalization=Personalization(user="alice", gate=1e9))
+    assert not wrapper.last_personalization[0].gate_open
+    assert torch.allclose(closed[0], plain[0])
+    with pytest.raises(ValueError, match="continuations"):
+        wrapper.score(batch["input_ids"], [[9], [10]])
+    with pytest.raises(ValueError, match="at least one token"):
+        wrapper.score(batch["input_ids"], [[]])

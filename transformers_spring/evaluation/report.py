@@ -31,25 +31,39 @@ def _periods(results: dict[str, Any]) -> list[int]:
 
 
 def markdown_table(results: dict[str, Any]) -> str:
-    """The per-period table (ROUGE-1 / ROUGE-L per period and their period average), then forgetting and the
-    cold-start bucket, as GitHub markdown. The best period-average ROUGE-L is in bold."""
+    """The per-period table (unstemmed ROUGE-1 / ROUGE-L per period; their period average, stemmed ROUGE-L and
+    the gold response's per-token NLL), then forgetting and the cold-start bucket, then the paired bootstrap of
+    SPRInG against every other method, as GitHub markdown. The best period-average ROUGE-L and the lowest NLL are
+    in bold."""
     summary = results["summary"]
     periods = _periods(results)
-    header = ["Method"] + [f"P{t} R-1 | P{t} R-L" for t in periods] + ["Avg R-1 | Avg R-L"]
+    header = ["Method"] + [f"P{t} R-1 | P{t} R-L" for t in periods] + ["Avg R-1 | Avg R-L | Avg R-L stem | NLL"]
     head = "| " + " | ".join(header) + " |"
-    lines = [head, "|" + "---|" * (1 + 2 * len(periods) + 2)]
+    lines = [head, "|" + "---|" * (1 + 2 * len(periods) + 4)]
     best = max((s["average"]["rougeL"] for s in summary.values()), default=math.nan)
+    nlls = [s["average"].get("nll", math.nan) for s in summary.values()]
+    lowest = min((v for v in nlls if not math.isnan(v)), default=math.nan)
     for method, s in summary.items():
         cells = [_label(method)]
         for t in periods:
             p = _period(s, t)
             cells += [_fmt(p["rouge1"]), _fmt(p["rougeL"])]
-        avg_l = _fmt(s["average"]["rougeL"])
-        cells += [_fmt(s["average"]["rouge1"]), f"**{avg_l}**" if s["average"]["rougeL"] == best else avg_l]
+        avg = s["average"]
+        avg_l, nll = _fmt(avg["rougeL"]), _fmt(avg.get("nll", math.nan))
+        cells += [
+            _fmt(avg["rouge1"]),
+            f"**{avg_l}**" if avg["rougeL"] == best else avg_l,
+            _fmt(avg.get("rougeL_stemmed", math.nan)),
+            f"**{nll}**" if avg.get("nll") == lowest else nll,
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     n = {t: _period(next(iter(summary.values())), t)["n"] for t in periods}
     lines.append("")
-    lines.append("Test items per period: " + ", ".join(f"P{t} {n[t]}" for t in periods) + ".")
+    lines.append(
+        "ROUGE F-measures are unstemmed (LaMP's official setting) except the stemmed column; NLL is the gold "
+        "response's per-token negative log-likelihood under what each method decodes with (floors have none). "
+        "Test items per period: " + ", ".join(f"P{t} {n[t]}" for t in periods) + "."
+    )
     lines += ["", "| Method | Forgetting R-L (P1 after P1 − after last) | Cold-start R-L (n) | Others R-L (n) |",
               "|---|---|---|---|"]  # fmt: skip
     for method, s in summary.items():
@@ -57,7 +71,19 @@ def markdown_table(results: dict[str, Any]) -> str:
         lines.append(
             f"| {_label(method)} | {_fmt(f['rougeL'])} | {_fmt(c['rougeL'])} ({c['n']}) | {_fmt(w['rougeL'])} ({w['n']}) |"
         )
+    bootstrap = results.get("bootstrap") or {}
+    if bootstrap:
+        lines += ["", "Paired bootstrap (95 %) of SPRInG minus each method, over the same test items:", "",
+                  "| Method | Δ R-L [95 % CI] | Δ NLL [95 % CI] (negative: SPRInG more likely) |", "|---|---|---|"]  # fmt: skip
+        for method, entry in bootstrap.items():
+            lines.append(f"| {_label(method)} | {_interval(entry['rougeL'])} | {_interval(entry['nll'])} |")
     return "\n".join(lines)
+
+
+def _interval(stat: dict[str, Any]) -> str:
+    if not stat.get("n"):
+        return "–"
+    return f"{stat['mean']:+.4f} [{stat['low']:+.4f}, {stat['high']:+.4f}] (n={stat['n']})"
 
 
 def plot_rouge_l(results: dict[str, Any], path: str | os.PathLike) -> Path | None:
@@ -84,7 +110,7 @@ def plot_rouge_l(results: dict[str, Any], path: str | os.PathLike) -> Path | Non
                 label=f"{_label(method)} (avg {s['average']['rougeL']:.3f})")  # fmt: skip
     ax.set_xticks(periods, [f"P{t}" for t in periods])
     ax.set_xlabel("period")
-    ax.set_ylabel("ROUGE-L (F, stemmed)")
+    ax.set_ylabel("ROUGE-L (F, unstemmed)")
     config = results.get("config", {})
     ax.set_title(f"ROUGE-L per period — {len(results.get('users', {}))} users, {config.get('model', '')}")
     ax.grid(alpha=0.3)
@@ -94,3 +120,19 @@ def plot_rouge_l(results: dict[str, Any], path: str | os.PathLike) -> Path | Non
     fig.savefig(buffer, format="png")
     plt.close(fig)
     return atomic_write_bytes(path, buffer.getvalue())
+
+
+def lamp_predictions(results: dict[str, Any], method: str, task: str = "LaMP_4") -> dict[str, Any]:
+    """One method's predictions of the period phase in LaMP's format, `{"task", "golds": [{"id", "output"}]}`,
+    which LaMP's `eval/eval_task.py --preds_json` reads (ids are the test items' ids)."""
+    rows = [r for r in results["records"] if r["method"] == method and r["phase"] == "period"]
+    return {"task": task, "golds": [{"id": str(r["test_id"]), "output": r["prediction"]} for r in rows]}
+
+
+def lamp_golds(results: dict[str, Any], task: str = "LaMP_4") -> dict[str, Any]:
+    """The gold outputs of the same test items, in LaMP's outputs format (`--golds_json`)."""
+    seen: dict[str, str] = {}
+    for r in results["records"]:
+        if r["phase"] == "period":
+            seen.setdefault(str(r["test_id"]), r["reference"])
+    return {"task": task, "golds": [{"id": key, "output": value} for key, value in seen.items()]}

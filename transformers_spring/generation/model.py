@@ -208,6 +208,71 @@ class SpringForCausalLM(PushToHubMixin, nn.Module):
         }
         return output
 
+    @torch.no_grad()
+    def score(
+        self,
+        input_ids: torch.LongTensor,
+        continuations: Sequence[Sequence[int]],
+        attention_mask: torch.LongTensor | None = None,
+        personalization: Any = None,
+    ) -> list[torch.Tensor]:
+        r"""
+        Per-token log-probabilities of given continuations under exactly what `generate(personalization=...)` would
+        decode with: each row's adapter, its retrieved (and gated) history and its λ, mixed token by token as
+        `log(λ · p(· | history, prompt) + (1 − λ) · p(· | prompt))`. A closed gate (λ = 0 or no history) scores the
+        parametric path alone; λ = 1 the history path alone. This is the likelihood of a user's real text that the
+        benchmark reports as NLL. No repetition penalty or other logits processor is applied: it is the model's own
+        probability, not a decoding heuristic's.
+
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch, seq)`): left-padded prompts, as for `generate`.
+            continuations (sequence of sequences of `int`): per row, the token ids to score after the prompt.
+            attention_mask (`torch.LongTensor` of shape `(batch, seq)`, *optional*): the prompts' mask.
+            personalization: as for [`generate`]; `None` scores every row with the wrapped model alone.
+
+        Returns:
+            `list[torch.Tensor]`: per row, a float32 tensor of `len(continuations[row])` log-probabilities.
+        """
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
+            raise ValueError("`input_ids` must be a 2-D LongTensor (batch, seq_len).")
+        batch = input_ids.shape[0]
+        if isinstance(continuations, (str, bytes)) or len(continuations) != batch:
+            raise ValueError(f"`continuations` must give one list of token ids per row ({batch} rows).")
+        continuations = [[int(t) for t in row] for row in continuations]
+        if any(not row for row in continuations):
+            raise ValueError("every row of `continuations` needs at least one token.")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        elif attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"`attention_mask` has shape {tuple(attention_mask.shape)}, expected {tuple(input_ids.shape)}."
+            )
+        rows = normalize_personalization(personalization, batch) if personalization is not None else [None] * batch
+        infos = self._retrieve(input_ids, attention_mask, rows)
+        self.last_personalization = infos
+        router, names = self._adapter_names(infos) or (None, None)
+        device = input_ids.device
+        out = []
+        for index, info in enumerate(infos):
+            prompt = input_ids[index][attention_mask[index].bool()].tolist()
+            name = [names[index]] if names is not None else None
+            with activate_adapters(router, name):
+                log_main = self._continuation_logprobs(prompt, continuations[index], device)
+                if info is None or not info.gate_open or info.weight <= 0:
+                    out.append(log_main)
+                    continue
+                log_hist = self._continuation_logprobs(info.history_ids, continuations[index], device)
+            weight = torch.tensor(float(info.weight))
+            out.append(torch.logaddexp(log_hist + torch.log(weight), log_main + torch.log1p(-weight)))
+        return out
+
+    def _continuation_logprobs(self, prefix: list[int], continuation: list[int], device) -> torch.Tensor:
+        """log p(continuation | prefix) token by token, from one teacher-forced forward."""
+        ids = torch.tensor([prefix + continuation], dtype=torch.long, device=device)
+        logits = self.base_model(input_ids=ids).logits[0, len(prefix) - 1 : -1].float()
+        targets = torch.tensor(continuation, dtype=torch.long, device=logits.device)
+        return torch.log_softmax(logits, dim=-1).gather(-1, targets[:, None])[:, 0].cpu()
+
     # ---------------------------------------------------------------------------------------------- helpers
     @staticmethod
     def _pop_input_ids(args: tuple, kwargs: dict) -> tuple[torch.Tensor, dict]:

