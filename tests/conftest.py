@@ -57,6 +57,7 @@ def no_deprecations_from_our_code(monkeypatch):
             module = _deprecated_by_us()
             if module is not None:
                 raise AssertionError(f"{module} uses a deprecated API: {msg}")
+        kwargs["stacklevel"] = kwargs.get("stacklevel", 1) + 1  # records keep their caller's location
         return real_warning(self, msg, *args, **kwargs)
 
     monkeypatch.setattr(warnings, "warn", warn)

@@ -349,3 +349,15 @@ def test_load_interactions_detects_the_format(tmp_path):
     bad.write_text("not json\n")
     with pytest.raises(ValueError, match="first line is not a JSON object"):
         load_interactions(bench_args(tmp_path, data=str(bad)))
+
+
+def test_line_end_criteria_stops_after_the_first_visible_line():
+    from transformers_spring.evaluation.benchmark import LineEndCriteria
+
+    # ids: 0 "a", 1 "\n", 2 "b\n", 3 " "; per id: holds a line break / visible text before it / visible at all
+    tokens = (torch.tensor([False, True, True, False]), torch.tensor([False, False, True, False]),
+              torch.tensor([True, False, True, False]))  # fmt: skip
+    criteria = LineEndCriteria(tokens)
+    steps = [[1, 1], [0, 2], [1, 3]]  # row 0: "\n" "a" "\n"; row 1: "\n" "b\n" " "
+    seen = [criteria(torch.tensor([step]).T, None).tolist() for step in steps]
+    assert seen == [[False, False], [False, True], [True, False]]  # a leading newline never stops a row

@@ -222,14 +222,12 @@ class ContinualBenchmark:
 
     def _setup_decoding(self, train_items: Sequence[Interaction]) -> None:
         """The token budget (from the training split only) and the line-end stop, the same for every method."""
-        from transformers import StoppingCriteriaList
-
         from ..training import SpringFormatter
 
         args = self.args
         self._formatter = SpringFormatter(self.tokenizer, prompt_template=args.prompt_template)
         self._budget = args.max_new_tokens or decoding_budget(self.tokenizer, train_items, args.budget_quantile)
-        self._stopping = StoppingCriteriaList([LineEndCriteria(self.tokenizer)]) if args.stop_at_newline else None
+        self._line_end_tokens = line_end_tokens(self.tokenizer) if args.stop_at_newline else None
 
     # ------------------------------------------------------------------------------------------------ per user
     def _needed_adapters(self) -> set[str]:
@@ -359,7 +357,8 @@ class ContinualBenchmark:
                 query_vector /= np.linalg.norm(query_vector) or 1.0
             for method in self.methods:
                 if method.is_floor:
-                    floor = floor_prediction(method.floor, _earlier_training_items(periods, state_period, item), item)
+                    # Floors read the test period's and earlier training items only, in both phases.
+                    floor = floor_prediction(method.floor, _earlier_training_items(periods, test_period, item), item)
                     rows.append(_Row(method.name, item, BASE_ROW, prediction=floor))
                     continue
                 adapter = names[method.adapter] if method.adapter else BASE_ROW
@@ -415,10 +414,18 @@ class ContinualBenchmark:
             chunk = order[start : start + self.args.generation_batch_size]
             prompts = [self._formatter.prompt_text(rows[i].item) for i in chunk]
             inputs = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+            inputs = inputs.to(self.peft_model.device)
             personalization = [
                 Personalization(user=rows[i].adapter, history=rows[i].history, weight=rows[i].weight) for i in chunk
             ]
             yield chunk, inputs, personalization
+
+    def _stopping_criteria(self):
+        from transformers import StoppingCriteriaList
+
+        if self._line_end_tokens is None:
+            return None
+        return StoppingCriteriaList([LineEndCriteria(self._line_end_tokens)])
 
     def _generate(self, rows: list[_Row]) -> list[str]:
         args = self.args
@@ -429,7 +436,7 @@ class ContinualBenchmark:
                 out = self.spring_model.generate(
                     **inputs, personalization=personalization, max_new_tokens=self._budget, do_sample=False,
                     repetition_penalty=args.repetition_penalty, pad_token_id=self._formatter.pad_token_id,
-                    stopping_criteria=self._stopping, temperature=None, top_p=None, top_k=None,
+                    stopping_criteria=self._stopping_criteria(), temperature=None, top_p=None, top_k=None,
                 )  # fmt: skip
             texts = self.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
             for i, text in zip(chunk, texts, strict=True):
@@ -469,21 +476,36 @@ def first_line(text: str) -> str:
     return ""
 
 
+def line_end_tokens(tokenizer: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For every token id: whether its text holds a line break, whether it has visible text before that break,
+    and whether it has visible text at all (the inputs of [`LineEndCriteria`]). Decodes the vocabulary once."""
+    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+    ends = torch.tensor(["\n" in text for text in texts])
+    visible_before = torch.tensor([bool(text.split("\n", 1)[0].strip()) for text in texts])
+    visible = torch.tensor([bool(text.strip()) for text in texts])
+    return ends, visible_before, visible
+
+
 class LineEndCriteria(StoppingCriteria):
-    """Stops a row once it generated a token whose text holds a line break (the output's first line is complete).
-    Unlike `StopStringCriteria`, it needs nothing of the tokenizer but `batch_decode`, so it works with any
-    vocabulary, word-level ones included.
+    """Stops a row at the line break that ends the first line with visible text (leading blank lines do not count,
+    so a model that starts with a newline still gets its line). Needs nothing of the tokenizer but `batch_decode`
+    (see [`line_end_tokens`]), so it works with any vocabulary, word-level ones included. Build one per `generate`
+    call: it remembers, per row, whether visible text came already.
 
     Args:
-        tokenizer (`PreTrainedTokenizerBase`): the model's tokenizer.
+        tokens (`tuple` of three `torch.BoolTensor`): what [`line_end_tokens`] returns for the tokenizer.
     """
 
-    def __init__(self, tokenizer: Any):
-        texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
-        self.line_end_ids = torch.tensor([i for i, text in enumerate(texts) if "\n" in text], dtype=torch.long)
+    def __init__(self, tokens: tuple[torch.Tensor, torch.Tensor, torch.Tensor]):
+        self.ends, self.visible_before, self.visible = tokens
+        self.seen: torch.Tensor | None = None
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
-        return torch.isin(input_ids[:, -1], self.line_end_ids.to(input_ids.device))
+        last = input_ids[:, -1].cpu()
+        seen = self.seen if self.seen is not None else torch.zeros(len(last), dtype=torch.bool)
+        stop = self.ends[last] & (seen | self.visible_before[last])
+        self.seen = seen | self.visible[last]
+        return stop.to(input_ids.device)
 
 
 def decoding_budget(tokenizer: Any, train_items: Sequence[Interaction], quantile: float = 0.95) -> int:
@@ -495,10 +517,10 @@ def decoding_budget(tokenizer: Any, train_items: Sequence[Interaction], quantile
     return max(1, math.ceil(float(np.quantile(np.asarray(lengths), quantile))))
 
 
-def _earlier_training_items(periods, state_period: int, item: Interaction) -> list[Interaction]:
-    """The user's training items of periods `0..state_period` that are not later than `item`: what a floor may
-    read (never a test item)."""
-    return [it for split in periods[: state_period + 1] for it in split.train if it.timestamp <= item.timestamp]
+def _earlier_training_items(periods, period: int, item: Interaction) -> list[Interaction]:
+    """The user's training items of periods `0..period` that are not later than `item`: what a floor may read
+    (never a test item)."""
+    return [it for split in periods[: period + 1] for it in split.train if it.timestamp <= item.timestamp]
 
 
 def floor_prediction(kind: str, history: Sequence[Interaction], item: Interaction) -> str:

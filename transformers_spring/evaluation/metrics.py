@@ -83,7 +83,11 @@ def paired_bootstrap(
     if diff.size == 0:
         return {"mean": math.nan, "low": math.nan, "high": math.nan, "n": 0}
     rng = np.random.default_rng(seed)
-    means = diff[rng.integers(0, diff.size, size=(samples, diff.size))].mean(axis=1)
+    chunk = max(1, 2_000_000 // diff.size)  # resamples per batch: a few MB of indices at any item count
+    means = np.concatenate(
+        [diff[rng.integers(0, diff.size, size=(min(chunk, samples - start), diff.size))].mean(axis=1)
+         for start in range(0, samples, chunk)]
+    )  # fmt: skip
     tail = (1 - confidence) / 2 * 100
     low, high = np.percentile(means, [tail, 100 - tail])
     return {"mean": float(diff.mean()), "low": float(low), "high": float(high), "n": int(diff.size)}

@@ -127,6 +127,11 @@ class FusedDualPathDecoder:
         # Known before any forward: from the config, or from the empty cache generate() prepared when its layers are
         # already typed. Otherwise the prefill finds out (and the request falls back then).
         layers = getattr(prepared_cache, "layers", None)
+        if callable(getattr(prepared_cache, "get_seq_length", None)) and prepared_cache.get_seq_length() > 0:
+            logger.warning_once(
+                "fused dual-path decoding starts from an empty cache; a filled one decodes in processor mode."
+            )
+            return "cache"
         if has_unstackable_layers(model) or (layers and not is_stackable_cache(prepared_cache)):
             self._log_cache_fallback()
             return "cache"

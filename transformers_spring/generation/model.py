@@ -251,7 +251,7 @@ class SpringForCausalLM(PushToHubMixin, nn.Module):
         infos = self._retrieve(input_ids, attention_mask, rows)
         self.last_personalization = infos
         router, names = self._adapter_names(infos) or (None, None)
-        device = input_ids.device
+        device = getattr(self.base_model, "device", input_ids.device)
         out = []
         for index, info in enumerate(infos):
             prompt = input_ids[index][attention_mask[index].bool()].tolist()

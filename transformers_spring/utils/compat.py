@@ -4,7 +4,7 @@ Every use of a transformers or peft internal, in one place.
 The rest of the package talks to models through public calls (`model(...)`, `generate()`, peft's `PeftModel`) and
 through the helpers below. Each helper says in one line which versions need it, so a rename upstream is mended here
 once. CI runs the test suite on the newest releases and on the lower bounds of `setup.cfg`
-(`constraints/lower-bounds.txt`).
+(`.ci/lower-bounds.txt`).
 """
 
 from __future__ import annotations
