@@ -150,7 +150,7 @@ class FusedDualPathDecoder:
         if generation_config.output_attentions or generation_config.output_hidden_states:
             logger.warning_once("fused decoding returns no attentions / hidden states; they are ignored.")
 
-        batch, prompt_len = input_ids.shape
+        batch = input_ids.shape[0]
         device = input_ids.device
         pad_token_id = pad_token_tensor(generation_config, device)
         has_eos_stopping_criteria = any(hasattr(criteria, "eos_token_id") for criteria in stopping_criteria)

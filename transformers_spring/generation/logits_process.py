@@ -64,6 +64,15 @@ def js_divergence(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     return (0.5 * _kl(log_p) + 0.5 * _kl(log_q)).clamp_min(0.0)
 
 
+def log_mixture(
+    log_hist: torch.Tensor, log_main: torch.Tensor, log_weight: torch.Tensor, log_one_minus_weight: torch.Tensor
+) -> torch.Tensor:
+    """SPRInG's mixture in log space, `log(λ · p_hist + (1 − λ) · p_main)` from log-probabilities and `log λ`,
+    `log(1 − λ)`: the one place decoding (the processor) and scoring (`SpringForCausalLM.score`) compute it. λ = 1
+    gives `log_hist` exactly (`log(1 − λ)` is −inf), λ = 0 `log_main`."""
+    return torch.logaddexp(log_hist + log_weight, log_main + log_one_minus_weight)
+
+
 class RetrievalInterpolationLogitsProcessor(LogitsProcessor):
     r"""
     SPRInG's retrieval interpolation (paper Eq. 6–8) as a [`~transformers.LogitsProcessor`]:
@@ -363,7 +372,7 @@ class RetrievalInterpolationLogitsProcessor(LogitsProcessor):
                     torch.log1p(-weights),
                 )  # log λ, log(1 − λ), once per generation
             log_w, log_1mw = self._log_weights
-            mixed = torch.logaddexp(log_hist + log_w[active], log_main[active] + log_1mw[active])
+            mixed = log_mixture(log_hist, log_main[active], log_w[active], log_1mw[active])
             output = log_main.index_copy(0, active, mixed)
             # Tokens banned upstream (min length, bad words, forced tokens...) must stay banned after the mix.
             output = output.masked_fill(torch.isneginf(scores), -math.inf)

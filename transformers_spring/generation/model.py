@@ -20,7 +20,7 @@ from ..utils.modeling import base_name_or_path, is_peft_model
 from .adapters import BASE_ADAPTER, AdapterRouter, activate_adapters
 from .config import SPRING_CONFIG_NAME, SpringConfig
 from .fused import FusedDualPathDecoder
-from .logits_process import RetrievalInterpolationLogitsProcessor
+from .logits_process import RetrievalInterpolationLogitsProcessor, log_mixture
 from .personalization import Personalization, RowPersonalization, normalize_personalization
 from .prompting import HistoryPromptBuilder
 
@@ -155,13 +155,7 @@ class SpringForCausalLM(PushToHubMixin, nn.Module):
         input_ids, kwargs = self._pop_input_ids(args, kwargs)
         batch = input_ids.shape[0]
         rows = normalize_personalization(personalization, batch)
-        attention_mask = kwargs.get("attention_mask")
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        elif attention_mask.shape != input_ids.shape:
-            raise ValueError(
-                f"`attention_mask` has shape {tuple(attention_mask.shape)}, expected {tuple(input_ids.shape)}."
-            )
+        attention_mask = _prompt_mask(input_ids, kwargs.get("attention_mask"))
         generation_config = merged_generation_config(self.base_model, kwargs)
         self._check_generation_settings(generation_config, kwargs)
 
@@ -233,20 +227,14 @@ class SpringForCausalLM(PushToHubMixin, nn.Module):
         Returns:
             `list[torch.Tensor]`: per row, a float32 tensor of `len(continuations[row])` log-probabilities.
         """
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
-            raise ValueError("`input_ids` must be a 2-D LongTensor (batch, seq_len).")
+        _check_input_ids(input_ids)
         batch = input_ids.shape[0]
         if isinstance(continuations, (str, bytes)) or len(continuations) != batch:
             raise ValueError(f"`continuations` must give one list of token ids per row ({batch} rows).")
         continuations = [[int(t) for t in row] for row in continuations]
         if any(not row for row in continuations):
             raise ValueError("every row of `continuations` needs at least one token.")
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        elif attention_mask.shape != input_ids.shape:
-            raise ValueError(
-                f"`attention_mask` has shape {tuple(attention_mask.shape)}, expected {tuple(input_ids.shape)}."
-            )
+        attention_mask = _prompt_mask(input_ids, attention_mask)
         rows = normalize_personalization(personalization, batch) if personalization is not None else [None] * batch
         infos = self._retrieve(input_ids, attention_mask, rows)
         self.last_personalization = infos
@@ -263,7 +251,7 @@ class SpringForCausalLM(PushToHubMixin, nn.Module):
                     continue
                 log_hist = self._continuation_logprobs(info.history_ids, continuations[index], device)
             weight = torch.tensor(float(info.weight))
-            out.append(torch.logaddexp(log_hist + torch.log(weight), log_main + torch.log1p(-weight)))
+            out.append(log_mixture(log_hist, log_main, torch.log(weight), torch.log1p(-weight)))
         return out
 
     def _continuation_logprobs(self, prefix: list[int], continuation: list[int], device) -> torch.Tensor:
@@ -291,8 +279,7 @@ class SpringForCausalLM(PushToHubMixin, nn.Module):
         input_ids = args[0] if args else kwargs.pop(given[0], None) if given else None
         for name in ("inputs", "input_ids"):
             kwargs.pop(name, None)
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
-            raise ValueError("`input_ids` must be a 2-D LongTensor (batch, seq_len) when `personalization` is given.")
+        _check_input_ids(input_ids)
         return input_ids, kwargs
 
     def _check_generation_settings(self, config: GenerationConfig, kwargs: dict) -> None:
@@ -575,6 +562,22 @@ def save_spring_files(
     if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
         tokenizer.save_pretrained(str(directory))
     return config, memory_saved
+
+
+def _check_input_ids(input_ids: Any) -> None:
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
+        raise ValueError("`input_ids` must be a 2-D LongTensor (batch, seq_len) to personalise or score.")
+
+
+def _prompt_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """The prompts' attention mask (all ones when omitted), checked against `input_ids`."""
+    if attention_mask is None:
+        return torch.ones_like(input_ids)
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"`attention_mask` has shape {tuple(attention_mask.shape)}, expected {tuple(input_ids.shape)}."
+        )
+    return attention_mask
 
 
 def _repeat(names: Sequence[str] | None, expand: int) -> list[str] | None:

@@ -162,9 +162,7 @@ def resolve_encoder(encoder: Any = None, device: str | None = None) -> Encoder:
         if not encoder.strip():
             raise ValueError("`encoder` is an empty string.")
         return _load_sentence_transformer(encoder, device)
-    if hasattr(encoder, "encode") and any(
-        hasattr(encoder, name) for name in ("get_embedding_dimension", "get_sentence_embedding_dimension")
-    ):
+    if hasattr(encoder, "encode") and embedding_dimension(encoder) is not None:
         return SentenceTransformerEncoder(encoder)
     if hasattr(encoder, "encode") and hasattr(encoder, "dim"):
         return encoder

@@ -19,7 +19,8 @@ import torch
 from transformers.utils import logging
 
 from ..utils.compat import (
-    cache_kwargs,
+    cache_kwarg_name,
+    has_unstackable_layers,
     is_stackable_cache,
     output_cache,
     repeat_cache_rows,
@@ -167,15 +168,25 @@ class _SharedPrefix:
     Used only for plain full-attention caches (`is_stackable_cache`); sliding-window, linear-attention or legacy
     tuple caches fall back to full forwards (`build` returns None)."""
 
-    def __init__(self, length: int, cache, model: torch.nn.Module):
+    def __init__(self, length: int, cache, cache_name: str):
         self.length = length
         self.cache = cache
-        self.model = model
+        self.cache_name = cache_name  # the forward's keyword for it (`cache` or `past_key_values`)
+
+    @staticmethod
+    def _no_reuse() -> None:
+        logger.warning_once(
+            "drift scoring cannot reuse a shared-prefix KV cache for this model (sliding-window, hybrid or static "
+            "layers); it scores with full forwards (same scores)."
+        )
 
     @classmethod
     def build(cls, model: torch.nn.Module, samples: Sequence[EncodedSample], device, min_length: int):
         length = shared_prefix_length(samples)
         if length < max(min_length, 1):
+            return None
+        if has_unstackable_layers(model):  # known from the config: spare the prefix forward
+            cls._no_reuse()
             return None
         prefix = torch.tensor([samples[0].input_ids[:length]], dtype=torch.long, device=device)
         kwargs = {"logits_to_keep": 1} if supports_logits_to_keep(model) else {}  # the prefix's logits are unused
@@ -185,12 +196,9 @@ class _SharedPrefix:
             return None
         cache = output_cache(out)
         if not is_stackable_cache(cache):
-            logger.warning_once(
-                "drift scoring cannot reuse a shared-prefix KV cache for this model (sliding-window, hybrid or static "
-                "layers); it scores with full forwards (same scores)."
-            )
+            cls._no_reuse()
             return None
-        return cls(length, cache, model)
+        return cls(length, cache, cache_kwarg_name(model))
 
     def inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict:
         """The model inputs for a right-padded batch of whole samples: their suffixes, the prefix cache repeated per
@@ -201,7 +209,7 @@ class _SharedPrefix:
         return {
             "input_ids": input_ids[:, self.length :],
             "attention_mask": torch.cat([prefix_mask, attention_mask[:, self.length :]], dim=1),
-            **cache_kwargs(self.model, cache),
+            self.cache_name: cache,
             "use_cache": True,
         }
 
