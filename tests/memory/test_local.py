@@ -88,14 +88,3 @@ def test_before_filters_by_time():
         add(local, rec(i, ts=float(i)))
     q = ENC.encode(["prompt"])[0]
     assert {h.interaction.id for h in local.search(q, "prompt", k=10, before=3.0)} == {"r1", "r2"}
-
-
-@pytest.mark.parametrize("n, k", [(5, 10), (100, 3), (5000, 10), (5003, 1), (10_000, 64)])
-def test_top_k_candidates_keeps_every_top_entry_and_ties(n, k):
-    from transformers_spring.memory.local import top_k_candidates, top_k_indices
-
-    rng = np.random.default_rng(n + k)
-    scores = np.round(rng.normal(size=n), 2)  # rounding makes ties
-    kth = np.sort(scores)[::-1][min(k, n) - 1]
-    assert set(top_k_candidates(scores, k)) >= set(np.flatnonzero(scores >= kth))
-    np.testing.assert_array_equal(top_k_indices(scores, k), np.argsort(-scores, kind="stable")[:k])

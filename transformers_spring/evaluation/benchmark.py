@@ -21,14 +21,19 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 from transformers import StoppingCriteria
+from transformers.utils import logging
 
 from ..data import read_news_jsonl
 from ..memory.bm25 import BM25Index
+from ..memory.gate import RelevanceGate
 from ..memory.interaction import Interaction, RetrievedItem
 from ..utils.io import atomic_write_text
+from ..utils.ranking import top_k_indices
 from .benchmark_config import BenchmarkArguments
 from .methods import MethodSpec, resolve_methods
 from .metrics import ROUGE_TYPES, mean_rouge, paired_bootstrap, rouge_scores
+
+logger = logging.get_logger(__name__)
 
 BASE_ROW = "__base__"  # a routing id no adapter has: the row decodes with the base model
 
@@ -129,28 +134,136 @@ class ContinualBenchmark:
             splits = temporal_split(recent, args.num_periods, args.test_fraction, min_items=least)
         return {user: splits[user] for user in chosen}
 
-    def _training_args(self, out_dir: str):
+    def _training_args(self, out_dir: str) -> dict[tuple[float, float], tuple[Any, Any]]:
+        """Per `(learning_rate, num_train_epochs)` that may be used (the selection grid and the fixed setting):
+        SPRInG's arguments and the plain ones (every sample, no buffer) of the other LoRA methods and the selection."""
         from ..training import SpringTrainingArguments
 
         args = self.args
         common = dict(
-            output_dir=out_dir, prompt_template=args.prompt_template, num_train_epochs=args.num_train_epochs,
-            learning_rate=args.learning_rate, per_device_train_batch_size=args.per_device_train_batch_size,
-            seed=args.seed, use_cpu=not torch.cuda.is_available(), disable_tqdm=True, logging_strategy="no",
-            report_to="none", save_strategy="no",
+            output_dir=out_dir, prompt_template=args.prompt_template,
+            per_device_train_batch_size=args.per_device_train_batch_size, seed=args.seed,
+            use_cpu=not torch.cuda.is_available(), disable_tqdm=True, logging_strategy="no", report_to="none",
+            save_strategy="no",
         )  # fmt: skip
-        spring = SpringTrainingArguments(selection_ratio=args.selection_ratio, buffer_size=args.buffer_size, **common)
-        # Built now, before any trainer exists: a new TrainingArguments re-initialises accelerate's process state.
-        plain = dataclasses.replace(spring, selection_ratio=1.0, buffer_size=0)
-        return spring, plain
+        built = {}
+        for lr, epochs in dict.fromkeys([*args.selection_grid(), (args.learning_rate, args.num_train_epochs)]):
+            spring = SpringTrainingArguments(
+                selection_ratio=args.selection_ratio, buffer_size=args.buffer_size, learning_rate=lr,
+                num_train_epochs=epochs, **common,
+            )  # fmt: skip
+            # All built now, before any trainer exists: a new TrainingArguments re-initialises accelerate's state.
+            built[(lr, epochs)] = (spring, dataclasses.replace(spring, selection_ratio=1.0, buffer_size=0))
+        return built
+
+    # ------------------------------------------------------------------------------------------------ selection
+    def _select_hyperparameters(self, splits: dict[str, list], training_args: dict) -> dict[str, Any]:
+        """Picks the LoRA learning rate and epochs on validation data only.
+
+        For each selection user, the latest `validation_fraction` of the period-0 *training* split is held out; a
+        fresh LoRA per grid point trains (on every sample, as period 0 does) on the rest, and the held-out gold
+        responses are scored (per-token NLL, adapter only). The grid point of the lowest mean NLL over all held-out
+        items wins (ties: the earlier). No test item is read.
+        """
+        from ..data import select_users
+
+        args = self.args
+        grid = args.selection_grid()
+        counts = {user: sum(len(s.train) + len(s.test) for s in periods) for user, periods in splits.items()}
+        n_users = min(args.selection_users or len(counts), len(counts))
+        folds = {}
+        for user in select_users(counts, n_users, strategy="stratified"):
+            train = list(splits[user][0].train)
+            n_val = max(1, round(args.validation_fraction * len(train)))
+            if len(train) - n_val >= 1:
+                folds[user] = (train[:-n_val], train[-n_val:])
+        if not folds:
+            logger.warning(
+                "no selection user has 2 period-0 training items to hold one out: the validation selection is skipped "
+                f"and `learning_rate`={args.learning_rate:g}, `num_train_epochs`={args.num_train_epochs:g} are used."
+            )
+            fixed = {"learning_rate": args.learning_rate, "num_train_epochs": args.num_train_epochs}
+            return {"chosen": fixed, "grid": [], "rule": "fixed (too few period-0 training items to hold any out)"}
+        tick = time.perf_counter()
+        name = "bench_select"
+        scores = []
+        for lr, epochs in tqdm(grid, desc="validation grid", disable=not self._progress):
+            plain = training_args[(lr, epochs)][1]
+            nlls: list[float] = []
+            for user, (fit, val) in folds.items():
+                self._drop_adapters([name])
+                self._train(plain, user, 0, fit, name)
+                nlls += self._nll([_Row("select", item, name) for item in val])
+            scores.append({"learning_rate": lr, "num_train_epochs": epochs, "validation_nll": statistics.fmean(nlls)})
+        self._drop_adapters([name])
+        best = min(range(len(scores)), key=lambda i: (scores[i]["validation_nll"], i))
+        self._timing["selection"] += time.perf_counter() - tick
+        return {
+            "chosen": {key: scores[best][key] for key in ("learning_rate", "num_train_epochs")},
+            "grid": scores,
+            "users": list(folds),
+            "fit_items": sum(len(fit) for fit, _ in folds.values()),
+            "validation_items": sum(len(val) for _, val in folds.values()),
+            "validation_ids": sorted(item.id for _, val in folds.values() for item in val),
+            "rule": f"the latest {args.validation_fraction:g} of each selection user's period-0 training split held "
+            "out; lowest mean per-token NLL of its gold responses under a fresh LoRA trained on the rest",
+        }
+
+    # ------------------------------------------------------------------------------------------------ checkpoint
+    def _fingerprint(self) -> dict[str, Any]:
+        """The settings a checkpoint must match to be continued (where output goes and thread counts don't count)."""
+        config = dataclasses.asdict(self.args)
+        for key in ("out", "threads", "resume"):
+            config.pop(key, None)
+        return config
+
+    def _matches(self, saved: Any) -> bool:
+        """Whether a checkpoint's settings are this run's. A setting the checkpoint lacks (added by a later version
+        of the package) matches when it is at its default."""
+        if not isinstance(saved, dict):
+            return False
+        defaults = {f.name: f.default for f in dataclasses.fields(BenchmarkArguments)}
+        current = self._fingerprint()
+        return all(
+            saved[key] == value if key in saved else value == defaults.get(key, object())
+            for key, value in current.items()
+        ) and set(saved) <= set(current)
+
+    def _load_checkpoint(self, path: Path | None) -> dict[str, Any] | None:
+        if path is None or not path.is_file():
+            return None
+        try:
+            state = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            logger.warning(f"ignoring the unreadable benchmark checkpoint {path} ({err}); starting over.")
+            return None
+        if not isinstance(state, dict) or not self._matches(state.get("fingerprint")):
+            logger.warning(f"the benchmark checkpoint {path} was made with other settings; starting over.")
+            return None
+        return state
+
+    def _save_checkpoint(self, path: Path | None, state: dict[str, Any]) -> None:
+        if path is None:
+            return
+        state["gate_scores"] = self._gate.observed().tolist()
+        state["timing_s"] = dict(self._timing)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(state, ensure_ascii=False))
 
     # ------------------------------------------------------------------------------------------------ run
-    def run(self, progress: bool = True) -> dict[str, Any]:
-        """Runs every method for every user and period.
+    def run(self, progress: bool = True, checkpoint: str | os.PathLike | None = None) -> dict[str, Any]:
+        """Runs the validation selection, then every method for every user and period.
+
+        Args:
+            progress (`bool`, *optional*, defaults to `True`): tqdm bars over the grid and the users.
+            checkpoint (`str` or `os.PathLike`, *optional*): a JSON file written (atomically) after the selection
+                and after every user; given an existing one made with the same settings, the run continues after its
+                last finished user, with its selection and gate state.
 
         Returns:
-            `dict`: `config`, `users` (with their per-period train/test counts), `records` (one per decoded test item:
-            method, user, period, phase, prediction, reference, scores) and `summary` (see [`summarize`]).
+            `dict`: `config`, `selection` (the validation grid and the chosen learning rate and epochs), `users` (with
+            their per-period train/test counts), `records` (one per decoded test item: method, user, period, phase,
+            prediction, reference, scores, NLL), `summary` (see [`summarize`]) and `bootstrap`.
         """
         from peft import get_peft_model
 
@@ -160,17 +273,28 @@ class ContinualBenchmark:
 
         args = self.args
         started = time.perf_counter()
+        self._progress = progress
         if args.threads:
             torch.set_num_threads(args.threads)
+        checkpoint = Path(checkpoint) if checkpoint is not None else None
+        state = self._load_checkpoint(checkpoint)
+        resumed = state is not None
+        state = state or {"fingerprint": self._fingerprint(), "done": [], "records": [], "elapsed_s": 0.0}
         splits = self._splits()
         self._load_model()
         self.tokenizer.padding_side = "left"
         train_items = [it for periods in splits.values() for split in periods for it in split.train]
         self._setup_decoding(train_items)
+        # σ is the memory's own online-quantile gate, fed only training-query scores, and read (never fed) at test
+        # time; the window is unbounded so every observed score counts.
+        self._gate = RelevanceGate("auto", quantile=args.gate_quantile, min_observations=1, window=10**12)
+        self._gate.load_observed(np.asarray(state.get("gate_scores", []), dtype=np.float64))
+        self._timing: dict[str, float] = defaultdict(float, state.get("timing_s", {}))
         with tempfile.TemporaryDirectory(prefix="spring-bench-") as workdir:
-            spring_args, plain_args = self._training_args(workdir)
+            training_args = self._training_args(workdir)
             # An anchor adapter no row uses: peft cannot delete a model's last adapter, and users' adapters come and go.
-            self.peft_model = get_peft_model(self.model, build_lora_config(spring_args, self.model), "bench_anchor")
+            anchor = training_args[(args.learning_rate, args.num_train_epochs)][0]
+            self.peft_model = get_peft_model(self.model, build_lora_config(anchor, self.model), "bench_anchor")
             self.score_cache = BaseLogProbCache(str(args.model))
             encoder = HashingEncoder(256) if args.encoder == "hashing" else None
             self.memory = LoGoMemory(
@@ -179,7 +303,7 @@ class ContinualBenchmark:
             )  # fmt: skip
             # Every user's training items (never a test item) are the history the RAG baselines and LoGo's global
             # memory read from; reads are restricted by period (RAG) or by date (`before=`, global memory).
-            self.memory.add_many([it for periods in splits.values() for s in periods for it in s.train])
+            self.memory.add_many(train_items)
             self.spring_model = SpringForCausalLM(
                 self.peft_model, memory=self.memory, tokenizer=self.tokenizer,
                 config=SpringConfig(
@@ -187,16 +311,32 @@ class ContinualBenchmark:
                     history_item_template=args.history_item_template,
                 ),
             )  # fmt: skip
-            self._gate_pool: list[float] = []
-            self._timing: dict[str, float] = defaultdict(float)
-            records: list[dict[str, Any]] = []
-            users = list(splits)
-            for user in tqdm(users, desc="users", disable=not progress):
-                records += self._run_user(user, splits[user], spring_args, plain_args)
+            if "selection" not in state:
+                if args.selection_grid() and any(m.adapter is not None for m in self.methods):
+                    state["selection"] = self._select_hyperparameters(splits, training_args)
+                else:
+                    fixed = {"learning_rate": args.learning_rate, "num_train_epochs": args.num_train_epochs}
+                    state["selection"] = {"chosen": fixed, "grid": [], "rule": "fixed (no selection)"}
+                self._save_checkpoint(checkpoint, state)
+            chosen = state["selection"]["chosen"]
+            spring_args, plain_args = training_args[(chosen["learning_rate"], chosen["num_train_epochs"])]
+            done = set(state["done"])
+            for user in tqdm(list(splits), desc="users", disable=not progress):
+                if user in done:
+                    continue
+                state["records"] += self._run_user(user, splits[user], spring_args, plain_args)
+                state["done"].append(user)
+                now = time.perf_counter()
+                state["elapsed_s"] += now - started
+                started = now
+                self._save_checkpoint(checkpoint, state)
+        state["elapsed_s"] += time.perf_counter() - started
+        records = state["records"]
         names = [m.name for m in self.methods]
         return {
             "config": dataclasses.asdict(args),
             "methods": names,
+            "selection": state["selection"],
             "users": {
                 user: [{"train": len(s.train), "test": len(s.test)} for s in periods]
                 for user, periods in splits.items()
@@ -204,10 +344,8 @@ class ContinualBenchmark:
             "records": records,
             "summary": summarize(records, names, args.num_periods, args.cold_start_max_train),
             "bootstrap": bootstrap_table(records, names, "spring") if "spring" in names else {},
-            "timing_s": {
-                **{k: round(v, 1) for k, v in self._timing.items()},
-                "total": round(time.perf_counter() - started, 1),
-            },  # fmt: skip
+            "timing_s": {**{k: round(v, 1) for k, v in self._timing.items()}, "total": round(state["elapsed_s"], 1)},
+            "resumed": resumed,
             "gate_sigma": self._sigma(),
             "decoding": {
                 "max_new_tokens": self._budget,
@@ -311,12 +449,11 @@ class ContinualBenchmark:
             hits = self.memory.retrieve_context(
                 user, item.prompt, k=self.args.spring_k + 1, region="buffer", use_global=False
             ).items
-            self._gate_pool += [hit.score for hit in hits if hit.interaction.id != item.id][: self.args.spring_k]
+            self._gate.observe([hit.score for hit in hits if hit.interaction.id != item.id][: self.args.spring_k])
 
     def _sigma(self) -> float | None:
-        if not self._gate_pool:
-            return None
-        return float(np.quantile(np.asarray(self._gate_pool), self.args.gate_quantile))
+        threshold = self._gate.current_threshold()
+        return None if threshold is None else float(threshold)
 
     def _rag_items(self, method: MethodSpec, user: str, periods, t: int, item: Interaction, query_vector) -> list:
         """RAG's top `rag_k` of the user's training items of period `t` ("each") or periods `0..t` ("accum")."""
@@ -331,7 +468,7 @@ class ContinualBenchmark:
             candidates, vectors = [stored[i] for i in keep], vectors[keep]
             scores = vectors @ query_vector
         # Highest score first; ties go to the more recent item (the paper's open question #15).
-        order = sorted(range(len(candidates)), key=lambda i: (-scores[i], -i))[: self.args.rag_k]
+        order = top_k_indices(scores, self.args.rag_k, ties="last")
         return [RetrievedItem(candidates[i], float(scores[i]), "local") for i in order]
 
     def _buffer_items(self, method: MethodSpec, user: str, item: Interaction) -> tuple[list, float | None]:
@@ -343,7 +480,7 @@ class ContinualBenchmark:
         items = list(context.items)
         sigma = self._sigma() if method.gate else None
         if sigma is not None:  # Eq. 5 on the buffer's BM25 scores; global items are cosines, the mediator's business
-            items = [it for it in items if it.source != "local" or it.score > sigma]
+            items = [it for it in items if it.source != "local" or RelevanceGate.passes(it.score, sigma)]
         return items, sigma
 
     # ------------------------------------------------------------------------------------------------ decoding
@@ -648,6 +785,9 @@ def run_benchmark(args: BenchmarkArguments, progress: bool = True, **kwargs: Any
         progress (`bool`, *optional*, defaults to `True`): show a tqdm bar over users.
         kwargs: `model`, `tokenizer`, `interactions` for [`ContinualBenchmark`].
     """
-    results = ContinualBenchmark(args, **kwargs).run(progress=progress)
+    checkpoint = Path(args.out) / "checkpoint.json" if args.resume else None
+    results = ContinualBenchmark(args, **kwargs).run(progress=progress, checkpoint=checkpoint)
     save_results(results, args.out)
+    if checkpoint is not None:
+        checkpoint.unlink(missing_ok=True)  # the results hold everything it did
     return results

@@ -13,6 +13,50 @@ NEWS_PROMPT = "Write a headline for this news article: {prompt}"
 NEWS_HISTORY_ITEM = '"{response}" is the headline for "{prompt}"'
 
 
+@dataclass(frozen=True)
+class TaskPreset:
+    """What a task fixes in the benchmark: the data reader, the user message, how a retrieved history item is
+    written into the history path's prompt, and whether decoding stops at the end of the first line.
+
+    Args:
+        prompt_template (`str`): the user message, with `{prompt}`.
+        history_item_template (`str`): one retrieved item; `{response}` and optionally `{prompt}`. Tasks whose
+            profile items hold only text (LaMP-7) use `{response}` alone.
+        stop_at_newline (`bool`): one-line outputs (headlines, tweets) stop at the line end; long-form ones don't.
+        data_format (`str`): the reader (`"news"`, `"lamp"`, ...).
+        lamp_task (`str` or `None`): the LaMP / LongLaMP task the reader maps profile items with.
+    """
+
+    prompt_template: str
+    history_item_template: str
+    stop_at_newline: bool
+    data_format: str = "auto"
+    lamp_task: str | None = None
+
+
+# The instructions follow each benchmark's own question wording (LaMP: Salemi et al., 2023; LongLaMP: Kumar et al.,
+# 2024), with the item's input in `{prompt}`.
+PRESETS: dict[str, TaskPreset] = {
+    "news": TaskPreset(NEWS_PROMPT, NEWS_HISTORY_ITEM, True, "auto"),
+    "LaMP_4": TaskPreset(
+        "Generate a headline for the following article: {prompt}", '"{response}" is the title for "{prompt}"', True,
+        "lamp", "LaMP_4",
+    ),
+    "LaMP_7": TaskPreset(
+        "Paraphrase the following tweet without any explanation before or after it: {prompt}", '"{response}"', True,
+        "lamp", "LaMP_7",
+    ),
+    "abstract_generation": TaskPreset(
+        'Generate an abstract for the title "{prompt}".', '"{response}" is the abstract for the title "{prompt}"',
+        False, "lamp", "abstract_generation",
+    ),
+    "product_review": TaskPreset(
+        'Generate the review text of a product review whose summary is "{prompt}".',
+        '"{response}" is the review text for the summary "{prompt}"', False, "lamp", "product_review",
+    ),
+}  # fmt: skip
+
+
 @dataclass
 class BenchmarkArguments:
     """Settings of [`ContinualBenchmark`] (the `spring bench` command line)."""
@@ -24,9 +68,20 @@ class BenchmarkArguments:
             "stream (user_id/prompt/response/timestamp) or a LaMP/LongLaMP .json."
         },
     )
-    data_format: str = field(default="auto", metadata={"help": "'auto', 'news', 'jsonl' or 'lamp'."})
+    preset: str = field(
+        default="auto",
+        metadata={
+            "help": f"Task preset ({', '.join(PRESETS)}): the reader, the prompt and history templates and the "
+            "line-end stop; 'auto': from `lamp_task` when given, else 'news'. Explicit options override it."
+        },
+    )
+    data_format: str | None = field(
+        default=None, metadata={"help": "'auto', 'news', 'jsonl' or 'lamp' (default: the preset's)."}
+    )
     lamp_outputs: str | None = field(default=None, metadata={"help": "LaMP outputs file (golds), if any."})
-    lamp_task: str | None = field(default=None, metadata={"help": "LaMP task preset, e.g. 'LaMP_4'."})
+    lamp_task: str | None = field(
+        default=None, metadata={"help": "LaMP / LongLaMP task, e.g. 'LaMP_4' (default: the preset's)."}
+    )
     model: str = field(
         default="smollm2",
         metadata={
@@ -44,12 +99,14 @@ class BenchmarkArguments:
     num_periods: int = field(default=5, metadata={"help": "Periods per user; period 0 initialises."})
     test_fraction: float = field(default=0.1, metadata={"help": "Latest fraction of each period held out."})
     methods: str = field(default="all", metadata={"help": f"Comma-separated methods or 'all': {', '.join(METHODS)}."})
-    prompt_template: str = field(default=NEWS_PROMPT, metadata={"help": "User message; must contain '{prompt}'."})
-    history_item_template: str = field(
-        default=NEWS_HISTORY_ITEM,
+    prompt_template: str | None = field(
+        default=None, metadata={"help": "User message; must contain '{prompt}' (default: the preset's)."}
+    )
+    history_item_template: str | None = field(
+        default=None,
         metadata={
             "help": "How a retrieved item is written into the prompt (RAG and SPRInG's history path); "
-            "placeholders {prompt}, {response}."
+            "placeholders {prompt}, {response} (default: the preset's)."
         },
     )
     max_new_tokens: int = field(
@@ -62,9 +119,11 @@ class BenchmarkArguments:
     budget_quantile: float = field(
         default=0.95, metadata={"help": "Quantile of training response lengths that sets the token budget."}
     )
-    stop_at_newline: bool = field(
-        default=True, metadata={"help": "Stop each generation at the end of its first line (headlines, tweets)."}
-    )
+    stop_at_newline: bool | None = field(
+        default=None,
+        metadata={"help": "Stop each generation at the end of its first line (default: the preset's; on for "
+                  "headlines and tweets, off for LongLaMP)."},
+    )  # fmt: skip
     nll: bool = field(
         default=True,
         metadata={
@@ -89,8 +148,41 @@ class BenchmarkArguments:
     )
     selection_ratio: float = field(default=0.3, metadata={"help": "SPRInG's drift top-p (paper: 0.3)."})
     buffer_size: int = field(default=50, metadata={"help": "Residual buffer size (paper: 50)."})
-    num_train_epochs: float = field(default=2.0, metadata={"help": "Epochs per period (paper: 2)."})
-    learning_rate: float = field(default=1e-4, metadata={"help": "LoRA learning rate (paper: 1e-4)."})
+    num_train_epochs: float = field(
+        default=2.0, metadata={"help": "Epochs per period (paper: 2) when `learning_rates` is empty (no selection)."}
+    )
+    learning_rate: float = field(
+        default=1e-4, metadata={"help": "LoRA learning rate (paper: 1e-4) when `learning_rates` is empty."}
+    )
+    learning_rates: str = field(
+        default="1e-4,3e-4,1e-3,3e-3",
+        metadata={
+            "help": "Comma-separated LoRA learning rates tried on the validation split; the one (with `epoch_grid`) "
+            "of lowest validation NLL trains every LoRA method. Empty: no selection, `learning_rate` is used."
+        },
+    )
+    epoch_grid: str = field(
+        default="1,2", metadata={"help": "Comma-separated epochs per period tried with each of `learning_rates`."}
+    )
+    validation_fraction: float = field(
+        default=0.2,
+        metadata={
+            "help": "Validation split: the latest fraction of each selection user's period-0 training split (never "
+            "a test item). The rest trains a fresh LoRA per grid point; after the selection the whole training "
+            "split trains as usual."
+        },
+    )
+    selection_users: int = field(
+        default=8,
+        metadata={"help": "Users the selection runs on, evenly spaced by item count among the chosen ones (0: all)."},
+    )
+    resume: bool = field(
+        default=True,
+        metadata={
+            "help": "Keep `out`/checkpoint.json after the selection and after every user, and continue from it when "
+            "its settings match (a long run survives a stop); it is removed once the results are saved."
+        },
+    )
     per_device_train_batch_size: int = field(default=4, metadata={"help": "Training batch size (paper: 4)."})
     cold_start_max_train: int = field(
         default=5, metadata={"help": "Cold-start bucket: users with at most this many training items in the period."}
@@ -107,6 +199,7 @@ class BenchmarkArguments:
     )
 
     def __post_init__(self):
+        self._apply_preset()
         if self.data_format not in ("auto", "news", "jsonl", "lamp"):
             raise ValueError(f"`data_format` must be 'auto', 'news', 'jsonl' or 'lamp', got {self.data_format!r}.")
         if self.user_selection not in ("stratified", "top"):
@@ -128,4 +221,43 @@ class BenchmarkArguments:
             raise ValueError(f"`interpolation_weight` must be in [0, 1], got {self.interpolation_weight}.")
         if not 0.0 <= self.gate_quantile <= 1.0:
             raise ValueError(f"`gate_quantile` must be in [0, 1], got {self.gate_quantile}.")
+        if not 0.0 < self.validation_fraction < 1.0:
+            raise ValueError(f"`validation_fraction` must be in (0, 1), got {self.validation_fraction}.")
+        if self.selection_users < 0:
+            raise ValueError(f"`selection_users` must be >= 0 (0: all), got {self.selection_users}.")
+        self.selection_grid()  # fails early on a malformed grid
         resolve_methods(self.methods)  # fails early on an unknown name
+
+    def _apply_preset(self) -> None:
+        """Fills every option left at `None` from the task preset."""
+        from ..data.lamp import normalize_task
+
+        if self.preset == "auto":
+            self.preset = normalize_task(self.lamp_task) if self.lamp_task else "news"
+        else:
+            self.preset = normalize_task(self.preset) if self.preset != "news" else "news"
+        if self.preset not in PRESETS:
+            raise ValueError(f"`preset` must be 'auto' or one of {list(PRESETS)}, got {self.preset!r}.")
+        preset = PRESETS[self.preset]
+        for name in ("prompt_template", "history_item_template", "stop_at_newline", "data_format", "lamp_task"):
+            if getattr(self, name) is None:
+                setattr(self, name, getattr(preset, name))
+
+    def selection_grid(self) -> list[tuple[float, float]]:
+        """The `(learning_rate, num_train_epochs)` pairs the validation selection tries, in order (ties: the
+        first). Empty when `learning_rates` is empty: no selection."""
+
+        def numbers(name: str) -> list[float]:
+            text = getattr(self, name).strip()
+            try:
+                values = [float(v) for v in text.split(",") if v.strip()] if text else []
+            except ValueError as err:
+                raise ValueError(f"`{name}` must be comma-separated numbers, got {text!r}.") from err
+            if any(not v > 0 or v != v or v == float("inf") for v in values):
+                raise ValueError(f"`{name}` must hold positive finite numbers, got {text!r}.")
+            return list(dict.fromkeys(values))
+
+        rates, epochs = numbers("learning_rates"), numbers("epoch_grid")
+        if rates and not epochs:
+            raise ValueError("`epoch_grid` is empty but `learning_rates` is not.")
+        return [(lr, ep) for lr in rates for ep in epochs]

@@ -77,10 +77,15 @@ class RelevanceGate:
                 oldest = self._order.popleft()
                 del self._sorted[bisect.bisect_left(self._sorted, oldest)]
 
+    @staticmethod
+    def passes(score: float, threshold: float | None) -> bool:
+        """Eq. 5's test: a hit passes when its score is strictly above the threshold (`None`: gate open)."""
+        return threshold is None or score > threshold
+
     def __call__(self, hits: list) -> tuple[list, float | None]:
         """Gates `hits` (objects with `.score`); returns `(passed, threshold used)` and observes their scores."""
         threshold = self.current_threshold()
-        passed = list(hits) if threshold is None else [hit for hit in hits if hit.score > threshold]
+        passed = [hit for hit in hits if self.passes(hit.score, threshold)]
         self.observe([hit.score for hit in hits])
         return passed, threshold
 

@@ -9,7 +9,7 @@ import hnswlib
 import numpy as np
 from transformers.utils import logging
 
-from .local import top_k_indices
+from ..utils.ranking import top_k_indices
 
 logger = logging.get_logger(__name__)
 

@@ -6,36 +6,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ..utils.ranking import top_k_candidates
 from .bm25 import BM25Index
 from .interaction import Interaction, RetrievedItem
 
 SCORERS = ("dense", "bm25")
 REGIONS = ("history", "buffer", "all")
-
-
-def top_k_candidates(scores: np.ndarray, k: int) -> np.ndarray:
-    """Indices of a small superset of the top-`k` scores: every score tied with or above the k-th largest.
-
-    The k-th largest of the per-block maxima is a lower bound on the k-th largest score (those maxima are k
-    distinct entries), and is much cheaper than a partition of the whole array; filtering by it keeps every
-    top-k entry and its ties.
-    """
-    n = scores.shape[0]
-    if k >= n:
-        return np.arange(n)
-    blocks = max(4 * k, 64)
-    if n >= 4 * blocks:
-        maxima = scores[: n - n % blocks].reshape(blocks, -1).max(axis=1)
-        bound = np.partition(maxima, blocks - k)[blocks - k]
-    else:
-        bound = np.partition(scores, n - k)[n - k]
-    return np.flatnonzero(scores >= bound)
-
-
-def top_k_indices(scores: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the `k` largest scores, best first; ties keep the earlier index (stable)."""
-    candidates = top_k_candidates(scores, k)
-    return candidates[np.argsort(-scores[candidates], kind="stable")][:k]
 
 
 class VectorStore:

@@ -27,6 +27,7 @@ from ..utils.compat import (
     supports_logits_to_keep,
     supports_logits_to_keep_mask,
 )
+from ..utils.ranking import top_k_indices
 from .data import EncodedSample, SpringDataCollator, SpringDataset, label_targets
 
 logger = logging.get_logger(__name__)
@@ -408,7 +409,7 @@ def select_top(scores: Sequence[float], ratio: float) -> list[int]:
 
 def top_n(scores: Sequence[float], n: int) -> list[int]:
     """The indices of the `n` highest scores (ties: the earlier first), best first."""
-    return sorted(range(len(scores)), key=lambda i: (-scores[i], i))[: max(n, 0)]
+    return [int(i) for i in top_k_indices(scores, n)]
 
 
 def score_stats(scores: Sequence[float]) -> dict[str, float]:
