@@ -16,7 +16,7 @@ USAGE = """usage: spring {demo,bench} [options]
 """
 
 # The demo: every author of the shipped subset, the paper's settings, the methods users compare SPRInG with first.
-DEMO_DEFAULTS = {"users": 6, "min_items": 10, "out": "spring-demo"}  # methods: `DEMO_METHODS`
+DEMO_DEFAULTS = {"users": 6, "min_items": 10, "max_items": 40, "out": "spring-demo"}  # methods: `DEMO_METHODS`
 
 
 def _parse(argv: Sequence[str], defaults: dict, prog: str):

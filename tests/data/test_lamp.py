@@ -86,9 +86,42 @@ def test_lamp4_profiles_become_timed_streams(lamp4, warnings_seen):
 def test_include_queries_appends_the_question_after_the_profile(lamp4):
     items = read_lamp(*lamp4, include_queries=True)
     ana = [i for i in items if i.user_id == "310"]
-    assert [i.prompt for i in ana][-1].startswith("Generate a headline")
+    assert ana[-1].prompt == "Markets rallied today."  # LaMP's fixed instruction stripped, as profile items have none
     assert ana[-1].response == "Markets Rally" and ana[-1].metadata["query"] is True and ana[-1].id == "310"
     assert ana[-1].timestamp >= ana[-2].timestamp
+
+
+LAMP7_QUESTIONS = [  # LaMP-7's layout: profile items hold only the user's tweets (text, id, date)
+    {
+        "id": "700",
+        "input": "Paraphrase the following tweet without any explanation before or after it: my cat is so cute",
+        "profile": [
+            {"text": "rainy monday again", "id": "7000", "date": "2009-04-07"},
+            {"text": "coffee first, then work", "id": "7001", "date": "2009-04-06"},
+            {"text": "", "id": "7002", "date": "2009-04-08"},
+        ],
+    }
+]
+
+
+def test_lamp7_tweets_are_text_only_items_and_the_question_is_the_bare_tweet(tmp_path):
+    questions = dump(tmp_path / "dev_questions.json", LAMP7_QUESTIONS)
+    outputs = dump(tmp_path / "dev_outputs.json", {"task": "LaMP_7", "golds": [{"id": "700", "output": "my cat!!"}]})
+    items = read_lamp(questions, outputs, include_queries=True)
+    assert [(i.prompt, i.response, i.metadata.get("text_only")) for i in items] == [
+        ("coffee first, then work", "coffee first, then work", True),
+        ("rainy monday again", "rainy monday again", True),
+        ("my cat is so cute", "my cat!!", None),
+    ]
+    assert items[0].metadata["date"] == "2009-04-06" and items[-1].metadata["query"] is True
+    assert normalize_task("LaMP-7") == "LaMP_7"
+
+
+def test_a_question_that_is_only_the_instruction_keeps_it(tmp_path):
+    rows = [dict(LAMP4_QUESTIONS[1], input="Generate a headline for the following article: ")]
+    outputs = dump(tmp_path / "o.json", {"task": "LaMP_4", "golds": [{"id": "311", "output": "Rain"}]})
+    items = read_lamp(dump(tmp_path / "q.json", rows), outputs, include_queries=True)
+    assert items[-1].prompt == "Generate a headline for the following article: "
 
 
 def test_include_queries_needs_golds(lamp4, tmp_path):
@@ -106,8 +139,8 @@ def test_task_required_without_outputs(lamp4):
 def test_task_conflict_and_unknown_task(lamp4):
     with pytest.raises(ValueError, match="dev_outputs.json"):
         read_lamp(*lamp4, task="LaMP_5")
-    with pytest.raises(ValueError, match="LaMP_7.*no \\(prompt, response\\) field preset"):
-        read_lamp(lamp4[0], task="LaMP_7")
+    with pytest.raises(ValueError, match="LaMP_2.*no \\(prompt, response\\) field preset"):
+        read_lamp(lamp4[0], task="LaMP_2")
     with pytest.raises(ValueError, match="'made_up'"):
         read_lamp(lamp4[0], task="made_up")
 

@@ -142,3 +142,21 @@ def test_select_errors():
         select_users(COUNTS, 2, strategy="best")
     with pytest.raises(ValueError, match="`n`"):
         select_users(COUNTS, 0)
+
+
+def test_testable_keeps_untestable_items_out_of_both_splits():
+    """A held-out item that may not be tested (a text-only LaMP-7 tweet) is neither tested nor trained on: every test
+    item still comes after every training item, and a period may have no test item."""
+    items = [Interaction("u", f"p{i}", f"r{i}", timestamp=float(i), id=f"i{i}",
+                         metadata={} if i in (9, 19) else {"text_only": True}) for i in range(20)]  # fmt: skip
+    periods = temporal_split(
+        items, num_periods=4, test_fraction=0.2, testable=lambda it: "text_only" not in it.metadata
+    )
+    periods = periods["u"]
+    for p in periods:
+        assert all(not it.metadata for it in p.test)
+        assert all(t.timestamp > it.timestamp for t in p.test for it in p.train)
+    chunks = [items[0:5], items[5:10], items[10:15], items[15:20]]
+    for p, chunk in zip(periods, chunks, strict=True):
+        assert [it.id for it in p.train] == [it.id for it in chunk[:4]]
+    assert [[it.id for it in p.test] for p in periods] == [[], ["i9"], [], ["i19"]]

@@ -27,6 +27,7 @@ def bench_args(tmp_path, **kwargs):
     defaults = dict(
         users=2, min_items=10, max_items=0, methods="all", prompt_template=TEMPLATE, max_new_tokens=4,
         generation_batch_size=1, encoder="hashing", learning_rate=5e-2, num_train_epochs=1, out=str(tmp_path / "out"),
+        learning_rates="",
     )  # fmt: skip
     defaults.update(kwargs)
     return BenchmarkArguments(**defaults)
@@ -167,7 +168,9 @@ def test_no_test_item_reaches_training_budget_or_gate(tmp_path):
         dataclasses.replace(it, response=f"{it.response} {long_tail}") if it.id in test_ids else it for it in items
     ]
     model, tokenizer = make_model("llama", TRAINING_VOCAB.size), make_tokenizer(TRAINING_VOCAB, chat=True)
-    bench = ContinualBenchmark(bench_args(tmp_path, max_new_tokens=0), model, tokenizer, items)
+    # With the validation selection on: it trains and scores too, and must see only training items.
+    args = bench_args(tmp_path, max_new_tokens=0, learning_rates="1e-2,5e-2", epoch_grid="1", selection_users=0)
+    bench = ContinualBenchmark(args, model, tokenizer, items)
     trained, observed = [], []
     original_train, original_observe = bench._train, bench._observe_gate
 
@@ -188,6 +191,177 @@ def test_no_test_item_reaches_training_budget_or_gate(tmp_path):
     stored = {it.id for user in splits for it in bench.memory.history(user)}
     assert not stored & test_ids
     assert results["decoding"]["max_new_tokens"] <= 8  # training responses have 1-6 words (+1)
+    validation = set(results["selection"]["validation_ids"])
+    assert validation and not validation & test_ids
+    assert validation <= {it.id for periods in splits.values() for it in periods[0].train}
+
+
+def test_selection_picks_the_lowest_validation_nll_on_the_latest_training_items(tmp_path):
+    """One fresh LoRA per grid point trained on each user's period-0 training split minus its latest 20 % (the
+    validation items), scored on those; the lowest mean NLL wins and trains every LoRA method."""
+    from transformers_spring.data import temporal_split
+
+    model, tokenizer = make_model("llama", TRAINING_VOCAB.size), make_tokenizer(TRAINING_VOCAB, chat=True)
+    items = sorted(make_interactions("alice", 50, seed=1) + make_interactions("bob", 50, seed=2),
+                   key=lambda it: it.timestamp)  # fmt: skip
+    args = bench_args(tmp_path, methods="base,all-100", learning_rates="1e-4,5e-2", epoch_grid="1,2",
+                      selection_users=0)  # fmt: skip
+    bench = ContinualBenchmark(args, model, tokenizer, items)
+    used = []
+    original = bench._train
+
+    def train(train_args, user, period, batch, name, memory=None):
+        used.append((name, train_args.learning_rate, train_args.num_train_epochs, [it.id for it in batch]))
+        return original(train_args, user, period, batch, name, memory)
+
+    bench._train = train
+    results = bench.run(progress=False)
+    selection = results["selection"]
+    grid = selection["grid"]
+    assert [(g["learning_rate"], g["num_train_epochs"]) for g in grid] == [(1e-4, 1), (1e-4, 2), (5e-2, 1), (5e-2, 2)]
+    best = min(grid, key=lambda g: g["validation_nll"])
+    assert selection["chosen"] == {
+        "learning_rate": best["learning_rate"],
+        "num_train_epochs": best["num_train_epochs"],
+    }
+    assert grid[0]["validation_nll"] != grid[-1]["validation_nll"]  # the grid points really differ
+    splits = temporal_split(items, num_periods=5, test_fraction=0.1)
+    expected_val = set()
+    for user in ("alice", "bob"):
+        train = splits[user][0].train  # 10 items: the latest 2 validate
+        expected_val |= {it.id for it in train[-2:]}
+        fits = [ids for name, _, _, ids in used if name == "bench_select" and ids[0].startswith(user)]
+        assert fits and all(ids == [it.id for it in train[:-2]] for ids in fits)
+    assert set(selection["validation_ids"]) == expected_val
+    lora_runs = [(lr, ep) for name, lr, ep, _ in used if name.endswith("__all100")]
+    assert lora_runs and set(lora_runs) == {(best["learning_rate"], best["num_train_epochs"])}
+
+
+def tiny():
+    """A fresh tiny model and tokenizer (a benchmark wraps its model with peft, so each run gets its own)."""
+    return make_model("llama", TRAINING_VOCAB.size), make_tokenizer(TRAINING_VOCAB, chat=True)
+
+
+def _interrupt_after_first_user(bench):
+    original, calls = bench._run_user, []
+
+    def run_user(user, *args):
+        if calls:
+            raise KeyboardInterrupt("stopped")
+        calls.append(user)
+        return original(user, *args)
+
+    bench._run_user = run_user
+
+
+def test_a_stopped_run_resumes_from_its_checkpoint_with_the_same_results(tmp_path):
+    args = bench_args(tmp_path, methods="copy-input,base,spring,all-100", learning_rates="1e-2,5e-2", epoch_grid="1")
+    full = ContinualBenchmark(args, *tiny(), stream()).run(progress=False)
+
+    checkpoint = tmp_path / "ckpt" / "checkpoint.json"
+    bench = ContinualBenchmark(args, *tiny(), stream())
+    _interrupt_after_first_user(bench)
+    with pytest.raises(KeyboardInterrupt):
+        bench.run(progress=False, checkpoint=checkpoint)
+    state = json.loads(checkpoint.read_text())
+    assert state["done"] == [list(full["users"])[0]] and state["selection"] == full["selection"]
+
+    resumed_bench = ContinualBenchmark(args, *tiny(), stream())
+    resumed_users = []
+    original = resumed_bench._run_user
+    resumed_bench._run_user = lambda user, *a: resumed_users.append(user) or original(user, *a)
+    resumed_bench._select_hyperparameters = lambda *a: pytest.fail("the selection must come from the checkpoint")
+    resumed = resumed_bench.run(progress=False, checkpoint=checkpoint)
+    assert resumed["resumed"] and resumed_users == [list(full["users"])[1]]
+    key = lambda r: (r["method"], r["user"], r["period"], r["phase"], r["test_id"])  # noqa: E731
+    assert sorted(map(key, resumed["records"])) == sorted(map(key, full["records"]))
+    by_key = {key(r): r for r in full["records"]}
+    for r in resumed["records"]:
+        assert r["prediction"] == by_key[key(r)]["prediction"]
+        assert r["nll"] == pytest.approx(by_key[key(r)]["nll"], abs=1e-5)
+    assert resumed["gate_sigma"] == pytest.approx(full["gate_sigma"])
+
+
+def test_a_checkpoint_of_other_settings_is_not_continued(tmp_path, caplog):
+    checkpoint = tmp_path / "checkpoint.json"
+    bench = ContinualBenchmark(bench_args(tmp_path, methods="copy-input,base"), *tiny(), stream())
+    _interrupt_after_first_user(bench)
+    with pytest.raises(KeyboardInterrupt):
+        bench.run(progress=False, checkpoint=checkpoint)
+    other = ContinualBenchmark(bench_args(tmp_path, methods="copy-input,base", rag_k=3), *tiny(), stream())
+    results = other.run(progress=False, checkpoint=checkpoint)
+    assert not results["resumed"] and len(results["users"]) == 2
+    checkpoint.write_text("{not json")
+    assert not ContinualBenchmark(bench_args(tmp_path, methods="copy-input"), *tiny(), stream()).run(
+        progress=False, checkpoint=checkpoint
+    )["resumed"]
+
+
+def test_run_benchmark_removes_its_checkpoint_once_results_are_saved(tmp_path):
+    from transformers_spring.evaluation import run_benchmark
+
+    model, tokenizer = make_model("llama", TRAINING_VOCAB.size), make_tokenizer(TRAINING_VOCAB, chat=True)
+    args = bench_args(tmp_path, methods="copy-input,base")
+    run_benchmark(args, progress=False, model=model, tokenizer=tokenizer, interactions=stream())
+    out = tmp_path / "out"
+    assert (out / "results.json").is_file() and not (out / "checkpoint.json").exists()
+
+
+def _lamp7_files(tmp_path, users=2, tweets=14):
+    """A LaMP-7 split in its published layout: questions with text-only profile items, golds in their own file."""
+    import random
+
+    rng = random.Random(7)
+    words = [f"w{i}" for i in range(80)]
+    questions, golds = [], []
+    for u in range(users):
+        profile = [
+            {"text": " ".join(rng.choice(words) for _ in range(rng.randint(2, 6))), "id": f"7{u}{i:02d}",
+             "date": f"2012-01-{i + 1:02d}"}
+            for i in range(tweets)
+        ]  # fmt: skip
+        tweet = " ".join(rng.choice(words) for _ in range(5))
+        questions.append({
+            "id": f"70{u}", "profile": profile,
+            "input": f"Paraphrase the following tweet without any explanation before or after it: {tweet}",
+        })  # fmt: skip
+        golds.append({"id": f"70{u}", "output": " ".join(rng.choice(words) for _ in range(4))})
+    (tmp_path / "dev_questions.json").write_text(json.dumps(questions))
+    (tmp_path / "dev_outputs.json").write_text(json.dumps({"task": "LaMP_7", "golds": golds}))
+    return tmp_path / "dev_questions.json", tmp_path / "dev_outputs.json"
+
+
+def test_lamp7_preset_tests_only_the_questions_and_renders_history_from_text(tmp_path):
+    questions, outputs = _lamp7_files(tmp_path)
+    args = bench_args(
+        tmp_path, data=str(questions), lamp_outputs=str(outputs), preset="LaMP_7", prompt_template=None,
+        methods="copy-input,last-response,base,rag-bm25-accum,spring", min_items=10,
+    )  # fmt: skip
+    assert args.data_format == "lamp" and args.lamp_queries and args.history_item_template == '"{response}"'
+    model, tokenizer = make_model("llama", TRAINING_VOCAB.size), make_tokenizer(TRAINING_VOCAB, chat=True)
+    bench = ContinualBenchmark(args, model, tokenizer)
+    prompts = []
+    original = bench._generate
+
+    def spy(rows):
+        prompts.extend((row.method, row.history) for row in rows)
+        return original(rows)
+
+    bench._generate = spy
+    results = bench.run(progress=False)
+    tested = {r["test_id"] for r in results["records"]}
+    assert tested == {"700", "701"}  # the questions, never a text-only tweet
+    copy = [r for r in results["records"] if r["method"] == "copy-input"]
+    assert {r["prediction"] for r in copy} == {
+        q["input"].split(": ", 1)[1] for q in json.loads(questions.read_text())
+    }  # the bare tweet: the LaMP instruction is stripped from the question
+    rag_histories = [history for method, history in prompts if method == "rag-bm25-accum"]
+    assert rag_histories and all(hit.interaction.metadata.get("text_only") for h in rag_histories for hit in h)
+    config = SpringConfig(history_item_template=args.history_item_template)
+    hit = rag_histories[0][0]
+    from transformers_spring.generation.prompting import render_item
+
+    assert render_item(hit, config.history_item_template) == f'"{hit.interaction.response}"'
 
 
 def test_identical_rows_share_one_generation(run, monkeypatch):

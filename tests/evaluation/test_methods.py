@@ -1,9 +1,12 @@
-"""The benchmark's method table: `METHODS`, `MethodSpec.mixture_weight`, `resolve_methods`, `DEMO_METHODS`."""
+"""The benchmark's method table (`METHODS`, `MethodSpec.mixture_weight`, `resolve_methods`, `DEMO_METHODS`) and the
+scorers beside it: floors and RAG retrieval."""
 
+import numpy as np
 import pytest
 
-from transformers_spring.evaluation import METHODS, resolve_methods
+from transformers_spring.evaluation import METHODS, floor_prediction, rag_items, resolve_methods
 from transformers_spring.evaluation.methods import DEMO_METHODS, MethodSpec
+from transformers_spring.memory import Interaction
 
 
 def test_spring_methods_take_the_benchmark_lambda():
@@ -51,3 +54,37 @@ def test_unknown_or_empty_names_are_errors():
         resolve_methods(" , ")
     with pytest.raises(ValueError, match="empty"):
         resolve_methods([])
+
+
+def _history():
+    return [
+        Interaction("u", "cats and dogs", "Pets Rule", timestamp=1.0, id="a"),
+        Interaction("u", "rain in spain", "Wet Spain", timestamp=2.0, id="b"),
+        Interaction("u", "cats and dogs", "Pets Again", timestamp=3.0, id="c"),
+    ]
+
+
+def test_floors_by_hand():
+    test = Interaction("u", "dogs bark at cats", "Dogs Bark", timestamp=4.0, id="t")
+    assert floor_prediction("copy_input", _history(), test) == "dogs bark at cats"
+    assert floor_prediction("last_response", _history(), test) == "Pets Again"
+    # "a" and "c" tie on BM25; the later one wins.
+    assert floor_prediction("bm25_nearest", _history(), test) == "Pets Again"
+    assert floor_prediction("last_response", [], test) == "" and floor_prediction("bm25_nearest", [], test) == ""
+    with pytest.raises(ValueError, match="unknown floor"):
+        floor_prediction("echo", _history(), test)
+
+
+def test_rag_items_rank_by_score_and_prefer_the_recent_on_ties():
+    history = _history()
+    hits = rag_items(METHODS["rag-bm25-accum"], history, "cats and dogs", 2)
+    assert [hit.interaction.id for hit in hits] == ["c", "a"] and hits[0].score == hits[1].score > 0
+    vectors = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
+    dense = rag_items(METHODS["rag-dense-each"], history, "q", 3, vectors=vectors, query_vector=np.array([0.6, 0.8]))
+    assert [hit.interaction.id for hit in dense] == ["b", "c", "a"]
+    assert dense[0].score == pytest.approx(0.8) and dense[0].source == "local"
+    assert rag_items(METHODS["rag-bm25-each"], [], "q", 4) == []
+    with pytest.raises(ValueError, match="vectors"):
+        rag_items(METHODS["rag-dense-each"], history, "q", 2)
+    with pytest.raises(ValueError, match="no raw history"):
+        rag_items(METHODS["spring"], history, "q", 2)

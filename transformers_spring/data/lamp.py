@@ -22,12 +22,27 @@ class _Preset:
     prompt: str
     response: str
     timestamps: tuple[str, ...] = ()  # candidate time keys, first present wins
+    # Profile items hold only text (LaMP-7's tweets): the item is its own (prompt, response) pair, and it is marked
+    # `metadata["text_only"]` so a benchmark never tests on it (its input would be its answer).
+    text_only: bool = False
+    # The instruction LaMP writes in front of a question's input; stripped so that a query's prompt is the bare
+    # input, as a profile item's is (the benchmark's prompt template adds the instruction back).
+    query_prefix: str = ""
 
 
-# Only tasks whose profile items hold a (prompt, response) pair; LaMP_1/2/3/7 profiles do not map to one.
+# Tasks whose profile items hold a (prompt, response) pair, or only text (LaMP_7); LaMP_1/2/3 profiles map to neither.
 TASK_PRESETS = {
-    "LaMP_4": _Preset("text", "title", ("date",)),  # news headline generation
-    "LaMP_5": _Preset("abstract", "title", ("date",)),  # scholarly title generation
+    "LaMP_4": _Preset("text", "title", ("date",), query_prefix="Generate a headline for the following article: "),
+    "LaMP_5": _Preset(
+        "abstract", "title", ("date",), query_prefix="Generate a title for the following abstract of a paper: "
+    ),
+    "LaMP_7": _Preset(
+        "text",
+        "text",
+        ("date",),
+        text_only=True,
+        query_prefix="Paraphrase the following tweet without any explanation before or after it: ",
+    ),  # fmt: skip
     "abstract_generation": _Preset("title", "abstract", ("year",)),  # LongLaMP
     "product_review": _Preset("summary", "reviewText", ("unixReviewTime", "reviewTime")),  # LongLaMP
     "topic_writing": _Preset("summary", "content"),  # LongLaMP (Reddit posts carry no time)
@@ -143,7 +158,7 @@ def _resolve_fields(task, prompt_field, response_field, timestamp_field) -> tupl
             )
         raise ValueError(
             f"task {task!r} has no (prompt, response) field preset; supported tasks are {sorted(TASK_PRESETS)} "
-            "(LaMP_1/2/3/7 profiles hold no such pair). Pass both `prompt_field` and `response_field` to read it "
+            "(LaMP_1/2/3 profiles hold no such pair). Pass both `prompt_field` and `response_field` to read it "
             "anyway."
         )
     prompt = prompt_field if prompt_field is not None else preset.prompt
@@ -173,7 +188,8 @@ def read_lamp(
     or `author`; a `.json` list or `.jsonl` rows are both accepted. The user id is the first of `user_id`,
     `reviewerId`, `name`, `author` present in the row, else the question `id`.
 
-    Presets (prompt, response, time): `LaMP_4` (text, title, date), `LaMP_5` (abstract, title, date), LongLaMP
+    Presets (prompt, response, time): `LaMP_4` (text, title, date), `LaMP_5` (abstract, title, date), `LaMP_7`
+    (text, text, date: a tweet is its own pair, marked `metadata["text_only"]`, never a test item), LongLaMP
     `abstract_generation` (title, abstract, year), `product_review` (summary, reviewText, unixReviewTime or
     reviewTime) and `topic_writing` (summary, content, none). Times are normalised to sortable date strings (ISO dates
     stay, integer years become `"YYYY"`, unix seconds an ISO date), kept in `metadata["date"]`, and converted to the
@@ -197,7 +213,8 @@ def read_lamp(
         timestamp_field (`str`, *optional*):
             Overrides the preset's time key; items without it are then skipped.
         include_queries (`bool`, *optional*, defaults to `False`):
-            Also append each question itself (its `input` as the prompt, its gold output as the response) after the
+            Also append each question itself (its `input` as the prompt, without the task's fixed LaMP instruction
+            such as `"Generate a headline for the following article: "`; its gold output as the response) after the
             user's profile, with `metadata["query"] = True`. Needs gold outputs (the outputs file or LongLaMP's
             `output`).
 
@@ -227,6 +244,9 @@ def read_lamp(
     prompt_key, response_key, time_keys, time_required = _resolve_fields(
         task, prompt_field, response_field, timestamp_field
     )
+    preset = TASK_PRESETS.get(task) if task is not None else None
+    text_only = prompt_key == response_key
+    query_prefix = preset.query_prefix if preset is not None else ""
 
     rows = _read_rows(questions_path)
     if not isinstance(rows, list):
@@ -259,6 +279,8 @@ def read_lamp(
                 continue
             prompt, response = _text(entry.get(prompt_key)), _text(entry.get(response_key))
             metadata = {"task": task} if task else {}
+            if text_only:
+                metadata["text_only"] = True
             if timed:
                 when = next((_normalize_time(entry[key]) for key in time_keys if entry.get(key) is not None), None)
                 if when is None:
@@ -301,8 +323,11 @@ def read_lamp(
             else:
                 latest = float(len(profile))
             metadata = {"task": task, "query": True} if task else {"query": True}
+            query_input = row["input"]
+            if query_prefix and query_input.startswith(query_prefix) and query_input[len(query_prefix) :].strip():
+                query_input = query_input[len(query_prefix) :]
             try:
-                query = Interaction(user_id, row["input"], gold, timestamp=latest, metadata=metadata, id=base_id)
+                query = Interaction(user_id, query_input, gold, timestamp=latest, metadata=metadata, id=base_id)
             except (TypeError, ValueError) as err:
                 raise ValueError(f"{where}: invalid query: {err}") from err
             items.append(query)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from transformers.utils import logging
@@ -61,6 +61,7 @@ def temporal_split(
     num_periods: int = 5,
     test_fraction: float = 0.1,
     min_items: int | None = None,
+    testable: Callable[[Interaction], bool] | None = None,
 ) -> dict[str, list[PeriodSplit]]:
     """
     Splits every user's stream into `num_periods` consecutive periods and holds out the latest items of each.
@@ -81,6 +82,10 @@ def temporal_split(
         min_items (`int`, *optional*):
             Users with fewer items are dropped (one info log line says how many). Defaults to `2 * num_periods`, the
             least that leaves every period one training and one test item, and may not be set lower.
+        testable (`Callable[[Interaction], bool]`, *optional*):
+            Which items may be test items. A held-out item that may not (e.g. a LaMP-7 tweet whose input is its own
+            answer) is neither tested nor trained on, so every test item still comes after every training item; a
+            period can then have no test item. Defaults to every item.
 
     Returns:
         `dict[str, list[PeriodSplit]]`: per user (in order of first appearance), the `num_periods` periods in order.
@@ -117,7 +122,10 @@ def temporal_split(
             chunk = items[bounds[period] : bounds[period + 1]]
             # min_items >= 2 * num_periods makes every chunk at least 2 long, so one training item always remains.
             num_test = min(max(1, round(test_fraction * len(chunk))), len(chunk) - 1)
-            periods.append(PeriodSplit(period, tuple(chunk[:-num_test]), tuple(chunk[-num_test:])))
+            held_out = chunk[-num_test:]
+            if testable is not None:
+                held_out = [item for item in held_out if testable(item)]
+            periods.append(PeriodSplit(period, tuple(chunk[:-num_test]), tuple(held_out)))
         splits[user_id] = periods
     if dropped:
         logger.info(f"temporal_split: dropped {dropped} user(s) with fewer than {min_items} interactions.")

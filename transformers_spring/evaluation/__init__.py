@@ -1,27 +1,20 @@
 """Evaluation: ROUGE metrics and the continual-personalization benchmark (`spring bench` / `spring demo`)."""
 
-from .benchmark import (
-    ContinualBenchmark,
-    bootstrap_table,
-    decoding_budget,
-    floor_prediction,
-    load_interactions,
-    run_benchmark,
-    save_results,
-    summarize,
-)
-from .benchmark_config import BenchmarkArguments
-from .methods import DEMO_METHODS, FLOORS, METHODS, MethodSpec, resolve_methods
+from .benchmark import ContinualBenchmark, decoding_budget, load_interactions, run_benchmark, save_results
+from .benchmark_config import PRESETS, BenchmarkArguments, TaskPreset
+from .methods import DEMO_METHODS, FLOORS, METHODS, MethodSpec, floor_prediction, rag_items, resolve_methods
 from .metrics import mean_rouge, paired_bootstrap, rouge_scores
-from .report import lamp_golds, lamp_predictions, markdown_table, plot_rouge_l
+from .report import bootstrap_table, lamp_golds, lamp_predictions, markdown_table, plot_rouge_l, summarize
 
 __all__ = [
     "DEMO_METHODS",
     "FLOORS",
     "METHODS",
+    "PRESETS",
     "BenchmarkArguments",
     "ContinualBenchmark",
     "MethodSpec",
+    "TaskPreset",
     "bootstrap_table",
     "decoding_budget",
     "floor_prediction",
@@ -32,6 +25,7 @@ __all__ = [
     "mean_rouge",
     "paired_bootstrap",
     "plot_rouge_l",
+    "rag_items",
     "resolve_methods",
     "rouge_scores",
     "run_benchmark",

@@ -24,14 +24,13 @@ from transformers import StoppingCriteria
 from transformers.utils import logging
 
 from ..data import read_news_jsonl
-from ..memory.bm25 import BM25Index
 from ..memory.gate import RelevanceGate
-from ..memory.interaction import Interaction, RetrievedItem
+from ..memory.interaction import Interaction
 from ..utils.io import atomic_write_text
-from ..utils.ranking import top_k_indices
 from .benchmark_config import BenchmarkArguments
-from .methods import MethodSpec, resolve_methods
-from .metrics import ROUGE_TYPES, mean_rouge, paired_bootstrap, rouge_scores
+from .methods import MethodSpec, earlier_training_items, floor_prediction, rag_items, resolve_methods
+from .metrics import rouge_scores
+from .report import bootstrap_table, summarize
 
 logger = logging.get_logger(__name__)
 
@@ -61,7 +60,7 @@ def load_interactions(args: BenchmarkArguments) -> list[Interaction]:
         return read_news_jsonl(path)
     if fmt == "jsonl":
         return read_interactions_jsonl(path)
-    return read_lamp(path, args.lamp_outputs, task=args.lamp_task)
+    return read_lamp(path, args.lamp_outputs, task=args.lamp_task, include_queries=bool(args.lamp_queries))
 
 
 @dataclass
@@ -123,7 +122,11 @@ class ContinualBenchmark:
         args = self.args
         items = self.interactions if self.interactions is not None else load_interactions(args)
         least = 2 * args.num_periods  # every period keeps one training and one test item
-        splits = temporal_split(items, args.num_periods, args.test_fraction, min_items=max(args.min_items, least))
+        # A text-only item (a LaMP-7 tweet) has no input of its own: it trains and is history, and is never tested.
+        testable = _is_testable
+        splits = temporal_split(
+            items, args.num_periods, args.test_fraction, min_items=max(args.min_items, least), testable=testable
+        )
         # Users are picked on their full counts (so "stratified" spans heavy and light users), then capped.
         chosen = select_users(splits, args.users, strategy=args.user_selection, seed=args.seed)
         if args.max_items:  # each chosen user's most recent N items, split again
@@ -131,7 +134,7 @@ class ContinualBenchmark:
             for user in chosen:
                 stream = [it for split in splits[user] for it in split.train + split.test]
                 recent += stream[-args.max_items :]
-            splits = temporal_split(recent, args.num_periods, args.test_fraction, min_items=least)
+            splits = temporal_split(recent, args.num_periods, args.test_fraction, min_items=least, testable=testable)
         return {user: splits[user] for user in chosen}
 
     def _training_args(self, out_dir: str) -> dict[tuple[float, float], tuple[Any, Any]]:
@@ -222,7 +225,7 @@ class ContinualBenchmark:
         of the package) matches when it is at its default."""
         if not isinstance(saved, dict):
             return False
-        defaults = {f.name: f.default for f in dataclasses.fields(BenchmarkArguments)}
+        defaults = dataclasses.asdict(BenchmarkArguments(preset=self.args.preset))  # preset-resolved defaults
         current = self._fingerprint()
         return all(
             saved[key] == value if key in saved else value == defaults.get(key, object())
@@ -459,17 +462,13 @@ class ContinualBenchmark:
         """RAG's top `rag_k` of the user's training items of period `t` ("each") or periods `0..t` ("accum")."""
         first = t if method.scope == "each" else 0
         candidates = [it for split in periods[first : t + 1] for it in split.train]
-        if method.retrieval == "bm25":
-            scores = BM25Index([c.text for c in candidates]).scores(item.prompt)
-        else:
+        vectors = None
+        if method.retrieval == "dense":
             ids = {c.id for c in candidates}
-            stored, vectors = self.memory.history_embeddings(user)
+            stored, stored_vectors = self.memory.history_embeddings(user)
             keep = [i for i, c in enumerate(stored) if c.id in ids]
-            candidates, vectors = [stored[i] for i in keep], vectors[keep]
-            scores = vectors @ query_vector
-        # Highest score first; ties go to the more recent item (the paper's open question #15).
-        order = top_k_indices(scores, self.args.rag_k, ties="last")
-        return [RetrievedItem(candidates[i], float(scores[i]), "local") for i in order]
+            candidates, vectors = [stored[i] for i in keep], stored_vectors[keep]
+        return rag_items(method, candidates, item.prompt, self.args.rag_k, vectors=vectors, query_vector=query_vector)
 
     def _buffer_items(self, method: MethodSpec, user: str, item: Interaction) -> tuple[list, float | None]:
         use_global = method.retrieval == "buffer+global"
@@ -495,7 +494,7 @@ class ContinualBenchmark:
             for method in self.methods:
                 if method.is_floor:
                     # Floors read the test period's and earlier training items only, in both phases.
-                    floor = floor_prediction(method.floor, _earlier_training_items(periods, test_period, item), item)
+                    floor = floor_prediction(method.floor, earlier_training_items(periods, test_period, item), item)
                     rows.append(_Row(method.name, item, BASE_ROW, prediction=floor))
                     continue
                 adapter = names[method.adapter] if method.adapter else BASE_ROW
@@ -598,6 +597,10 @@ class ContinualBenchmark:
         return [values[i] for i in source]
 
 
+def _is_testable(item: Interaction) -> bool:
+    return not item.metadata.get("text_only")
+
+
 def _decoding_key(row: _Row) -> tuple:
     """What a row's generation depends on: the item, the adapter, the history (in order) and λ."""
     history = tuple((hit.interaction.id, hit.source) for hit in row.history)
@@ -652,108 +655,6 @@ def decoding_budget(tokenizer: Any, train_items: Sequence[Interaction], quantile
         raise ValueError("the decoding budget needs training items; got none.")
     lengths = [len(tokenizer(item.response, add_special_tokens=False)["input_ids"]) + 1 for item in train_items]
     return max(1, math.ceil(float(np.quantile(np.asarray(lengths), quantile))))
-
-
-def _earlier_training_items(periods, period: int, item: Interaction) -> list[Interaction]:
-    """The user's training items of periods `0..period` that are not later than `item`: what a floor may read
-    (never a test item)."""
-    return [it for split in periods[: period + 1] for it in split.train if it.timestamp <= item.timestamp]
-
-
-def floor_prediction(kind: str, history: Sequence[Interaction], item: Interaction) -> str:
-    """A trivial prediction that needs no model (see [`MethodSpec.floor`]).
-
-    Args:
-        kind (`str`): `"copy_input"`, `"last_response"` or `"bm25_nearest"`.
-        history (`Sequence[Interaction]`): the user's earlier items, oldest first.
-        item (`Interaction`): the test item.
-    """
-    if kind == "copy_input":
-        return item.prompt
-    if not history:
-        return ""
-    if kind == "last_response":
-        return max(enumerate(history), key=lambda pair: (pair[1].timestamp, pair[0]))[1].response
-    if kind == "bm25_nearest":
-        scores = BM25Index([it.prompt for it in history]).scores(item.prompt)
-        best = max(range(len(history)), key=lambda i: (scores[i], history[i].timestamp, i))  # ties: the latest
-        return history[best].response
-    raise ValueError(f"unknown floor {kind!r}; expected 'copy_input', 'last_response' or 'bm25_nearest'.")
-
-
-def _means(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
-    """Per-sample means of the ROUGE columns and of the NLL (NaN when no row has one)."""
-    nlls = [r["nll"] for r in rows if r.get("nll") is not None]
-    return {**mean_rouge(rows), "nll": statistics.fmean(nlls) if nlls else math.nan}
-
-
-def summarize(records: Sequence[dict[str, Any]], methods: Sequence[str], num_periods: int,
-              cold_start_max_train: int = 5) -> dict[str, Any]:  # fmt: skip
-    """Per method: ROUGE and NLL per period (per-sample mean), the period average (mean of the period means),
-    forgetting (period 1's test split after period 1 minus after the last period) and the cold-start bucket.
-
-    Args:
-        records (`Sequence[dict]`): the benchmark's records.
-        methods (`Sequence[str]`): method ids, in table order.
-        num_periods (`int`): periods per user (period 0 is not evaluated).
-        cold_start_max_train (`int`, *optional*, defaults to 5): the cold-start bucket's training-item limit.
-    """
-    metrics = (*ROUGE_TYPES, "nll")
-    summary: dict[str, Any] = {}
-    for method in methods:
-        own = [r for r in records if r["method"] == method]
-        periods = {}
-        for t in range(1, num_periods):
-            rows = [r for r in own if r["phase"] == "period" and r["period"] == t]
-            periods[t] = {**_means(rows), "n": len(rows)}
-        average = {}
-        for name in metrics:  # the mean of the period means (periods without a value, e.g. no NLL, left out)
-            values = [p[name] for p in periods.values() if p["n"] and not math.isnan(p[name])]
-            average[name] = statistics.fmean(values) if values else math.nan
-        later = {(r["user"], r["test_id"]): r for r in own if r["phase"] == "forgetting"}
-        first = [r for r in own if r["phase"] == "period" and r["period"] == 1 and (r["user"], r["test_id"]) in later]
-        after = [later[(r["user"], r["test_id"])] for r in first]
-        before_mean, after_mean = _means(first), _means(after)
-        forgetting = {name: before_mean[name] - after_mean[name] for name in metrics}
-        forgetting.update(n=len(first), after_last=after_mean)
-        cold = [r for r in own if r["phase"] == "period" and r["n_train"] <= cold_start_max_train]
-        warm = [r for r in own if r["phase"] == "period" and r["n_train"] > cold_start_max_train]
-        summary[method] = {
-            "periods": periods,
-            "average": average,
-            "forgetting": forgetting,
-            "cold_start": {**_means(cold), "n": len(cold)},
-            "warm": {**_means(warm), "n": len(warm)},
-        }
-    return summary
-
-
-def bootstrap_table(
-    records: Sequence[dict[str, Any]], methods: Sequence[str], reference: str = "spring", seed: int = 0
-) -> dict[str, dict[str, Any]]:
-    """Paired-bootstrap 95 % intervals of `reference` minus each other method, over the test items both decoded
-    (phase "period"): unstemmed ROUGE-L (higher is better) and per-token NLL (lower is better; floors have none).
-
-    Returns:
-        `dict`: per other method, `{"rougeL": {...}, "nll": {...}}` with `mean`, `low`, `high` and `n`.
-    """
-    keyed: dict[str, dict[tuple, dict[str, Any]]] = defaultdict(dict)
-    for r in records:
-        if r["phase"] == "period":
-            keyed[r["method"]][(r["user"], r["period"], r["test_id"])] = r
-    ref = keyed.get(reference, {})
-    table = {}
-    for method in methods:
-        if method == reference:
-            continue
-        shared = [key for key in ref if key in keyed[method]]
-        entry = {"rougeL": paired_bootstrap([ref[k]["rougeL"] for k in shared],
-                                            [keyed[method][k]["rougeL"] for k in shared], seed=seed)}  # fmt: skip
-        with_nll = [k for k in shared if ref[k].get("nll") is not None and keyed[method][k].get("nll") is not None]
-        entry["nll"] = paired_bootstrap([ref[k]["nll"] for k in with_nll],
-                                        [keyed[method][k]["nll"] for k in with_nll], seed=seed)  # fmt: skip
-        table[method] = entry
-    return table
 
 
 def save_results(results: dict[str, Any], out_dir: str | os.PathLike, plot: bool = True) -> dict[str, Path]:

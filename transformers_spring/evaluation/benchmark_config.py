@@ -25,6 +25,8 @@ class TaskPreset:
         stop_at_newline (`bool`): one-line outputs (headlines, tweets) stop at the line end; long-form ones don't.
         data_format (`str`): the reader (`"news"`, `"lamp"`, ...).
         lamp_task (`str` or `None`): the LaMP / LongLaMP task the reader maps profile items with.
+        lamp_queries (`bool`): also read each LaMP question (its input and gold output) as the user's latest item.
+            LaMP-7 needs it: its profile tweets hold no input of their own, so its questions are the only test items.
     """
 
     prompt_template: str
@@ -32,6 +34,7 @@ class TaskPreset:
     stop_at_newline: bool
     data_format: str = "auto"
     lamp_task: str | None = None
+    lamp_queries: bool = False
 
 
 # The instructions follow each benchmark's own question wording (LaMP: Salemi et al., 2023; LongLaMP: Kumar et al.,
@@ -44,7 +47,7 @@ PRESETS: dict[str, TaskPreset] = {
     ),
     "LaMP_7": TaskPreset(
         "Paraphrase the following tweet without any explanation before or after it: {prompt}", '"{response}"', True,
-        "lamp", "LaMP_7",
+        "lamp", "LaMP_7", True,
     ),
     "abstract_generation": TaskPreset(
         'Generate an abstract for the title "{prompt}".', '"{response}" is the abstract for the title "{prompt}"',
@@ -82,6 +85,13 @@ class BenchmarkArguments:
     lamp_task: str | None = field(
         default=None, metadata={"help": "LaMP / LongLaMP task, e.g. 'LaMP_4' (default: the preset's)."}
     )
+    lamp_queries: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Also read each LaMP question (input and gold output) as its user's latest item, a test item "
+            "of the last period (needs golds; default: the preset's, on for LaMP_7)."
+        },
+    )
     model: str = field(
         default="smollm2",
         metadata={
@@ -95,7 +105,9 @@ class BenchmarkArguments:
         metadata={"help": "'stratified' (evenly spaced ranks by item count: heavy and light users) or 'top'."},
     )
     min_items: int = field(default=20, metadata={"help": "Only users with at least this many items."})
-    max_items: int = field(default=40, metadata={"help": "Use each user's most recent N items (0: all)."})
+    max_items: int = field(
+        default=0, metadata={"help": "Use each chosen user's most recent N items (0, the default: all of them)."}
+    )
     num_periods: int = field(default=5, metadata={"help": "Periods per user; period 0 initialises."})
     test_fraction: float = field(default=0.1, metadata={"help": "Latest fraction of each period held out."})
     methods: str = field(default="all", metadata={"help": f"Comma-separated methods or 'all': {', '.join(METHODS)}."})
@@ -239,7 +251,9 @@ class BenchmarkArguments:
         if self.preset not in PRESETS:
             raise ValueError(f"`preset` must be 'auto' or one of {list(PRESETS)}, got {self.preset!r}.")
         preset = PRESETS[self.preset]
-        for name in ("prompt_template", "history_item_template", "stop_at_newline", "data_format", "lamp_task"):
+        names = ("prompt_template", "history_item_template", "stop_at_newline", "data_format", "lamp_task",
+                 "lamp_queries")  # fmt: skip
+        for name in names:
             if getattr(self, name) is None:
                 setattr(self, name, getattr(preset, name))
 

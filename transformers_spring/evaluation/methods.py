@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+
+import numpy as np
+
+from ..memory.bm25 import BM25Index
+from ..memory.interaction import Interaction, RetrievedItem
+from ..utils.ranking import top_k_indices
 
 
 @dataclass(frozen=True)
@@ -130,3 +137,58 @@ def resolve_methods(names: str | list[str] | tuple[str, ...] | None) -> list[Met
     if not flat:
         raise ValueError("`methods` is empty.")
     return [METHODS[n] for n in dict.fromkeys(flat)]
+
+
+# ---------------------------------------------------------------------------------------------------- scorers
+# What the methods that need no adapter compute: a floor's prediction and a RAG baseline's retrieved items.
+
+
+def earlier_training_items(periods, period: int, item: Interaction) -> list[Interaction]:
+    """The user's training items of periods `0..period` that are not later than `item`: what a floor may read
+    (never a test item)."""
+    return [it for split in periods[: period + 1] for it in split.train if it.timestamp <= item.timestamp]
+
+
+def floor_prediction(kind: str, history: Sequence[Interaction], item: Interaction) -> str:
+    """A trivial prediction that needs no model (see [`MethodSpec.floor`]).
+
+    Args:
+        kind (`str`): `"copy_input"`, `"last_response"` or `"bm25_nearest"`.
+        history (`Sequence[Interaction]`): the user's earlier items, oldest first.
+        item (`Interaction`): the test item.
+    """
+    if kind == "copy_input":
+        return item.prompt
+    if not history:
+        return ""
+    if kind == "last_response":
+        return max(enumerate(history), key=lambda pair: (pair[1].timestamp, pair[0]))[1].response
+    if kind == "bm25_nearest":
+        scores = BM25Index([it.prompt for it in history]).scores(item.prompt)
+        best = max(range(len(history)), key=lambda i: (scores[i], history[i].timestamp, i))  # ties: the latest
+        return history[best].response
+    raise ValueError(f"unknown floor {kind!r}; expected 'copy_input', 'last_response' or 'bm25_nearest'.")
+
+
+def rag_items(
+    method: MethodSpec,
+    candidates: Sequence[Interaction],
+    query: str,
+    k: int,
+    *,
+    vectors: np.ndarray | None = None,
+    query_vector: np.ndarray | None = None,
+) -> list[RetrievedItem]:
+    """A RAG baseline's history: the top `k` of `candidates` (the user's allowed training items, oldest first) by
+    BM25 over their text (`method.retrieval == "bm25"`) or by cosine (`"dense"`: `vectors` are the candidates'
+    normalised embeddings, `query_vector` the query's). Highest score first; ties go to the more recent item (the
+    paper's open question #15)."""
+    if method.retrieval == "bm25":
+        scores = BM25Index([c.text for c in candidates]).scores(query) if candidates else np.zeros(0)
+    elif method.retrieval == "dense":
+        if vectors is None or query_vector is None:
+            raise ValueError("dense retrieval needs the candidates' `vectors` and the `query_vector`.")
+        scores = vectors @ query_vector
+    else:
+        raise ValueError(f"method {method.name!r} retrieves no raw history (retrieval={method.retrieval!r}).")
+    return [RetrievedItem(candidates[i], float(scores[i]), "local") for i in top_k_indices(scores, k, ties="last")]

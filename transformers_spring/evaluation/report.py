@@ -1,14 +1,18 @@
-"""Tables and plots of benchmark results (the dict [`ContinualBenchmark.run`] returns)."""
+"""Summaries, tables and plots of benchmark results (the dict [`ContinualBenchmark.run`] returns)."""
 
 from __future__ import annotations
 
 import io
 import math
 import os
+import statistics
+from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from .methods import METHODS
+from .metrics import ROUGE_TYPES, mean_rouge, paired_bootstrap
 
 
 def _label(method: str) -> str:
@@ -136,3 +140,78 @@ def lamp_golds(results: dict[str, Any], task: str = "LaMP_4") -> dict[str, Any]:
         if r["phase"] == "period":
             seen.setdefault(str(r["test_id"]), r["reference"])
     return {"task": task, "golds": [{"id": key, "output": value} for key, value in seen.items()]}
+
+
+def _means(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """Per-sample means of the ROUGE columns and of the NLL (NaN when no row has one)."""
+    nlls = [r["nll"] for r in rows if r.get("nll") is not None]
+    return {**mean_rouge(rows), "nll": statistics.fmean(nlls) if nlls else math.nan}
+
+
+def summarize(records: Sequence[dict[str, Any]], methods: Sequence[str], num_periods: int,
+              cold_start_max_train: int = 5) -> dict[str, Any]:  # fmt: skip
+    """Per method: ROUGE and NLL per period (per-sample mean), the period average (mean of the period means),
+    forgetting (period 1's test split after period 1 minus after the last period) and the cold-start bucket.
+
+    Args:
+        records (`Sequence[dict]`): the benchmark's records.
+        methods (`Sequence[str]`): method ids, in table order.
+        num_periods (`int`): periods per user (period 0 is not evaluated).
+        cold_start_max_train (`int`, *optional*, defaults to 5): the cold-start bucket's training-item limit.
+    """
+    metrics = (*ROUGE_TYPES, "nll")
+    summary: dict[str, Any] = {}
+    for method in methods:
+        own = [r for r in records if r["method"] == method]
+        periods = {}
+        for t in range(1, num_periods):
+            rows = [r for r in own if r["phase"] == "period" and r["period"] == t]
+            periods[t] = {**_means(rows), "n": len(rows)}
+        average = {}
+        for name in metrics:  # the mean of the period means (periods without a value, e.g. no NLL, left out)
+            values = [p[name] for p in periods.values() if p["n"] and not math.isnan(p[name])]
+            average[name] = statistics.fmean(values) if values else math.nan
+        later = {(r["user"], r["test_id"]): r for r in own if r["phase"] == "forgetting"}
+        first = [r for r in own if r["phase"] == "period" and r["period"] == 1 and (r["user"], r["test_id"]) in later]
+        after = [later[(r["user"], r["test_id"])] for r in first]
+        before_mean, after_mean = _means(first), _means(after)
+        forgetting = {name: before_mean[name] - after_mean[name] for name in metrics}
+        forgetting.update(n=len(first), after_last=after_mean)
+        cold = [r for r in own if r["phase"] == "period" and r["n_train"] <= cold_start_max_train]
+        warm = [r for r in own if r["phase"] == "period" and r["n_train"] > cold_start_max_train]
+        summary[method] = {
+            "periods": periods,
+            "average": average,
+            "forgetting": forgetting,
+            "cold_start": {**_means(cold), "n": len(cold)},
+            "warm": {**_means(warm), "n": len(warm)},
+        }
+    return summary
+
+
+def bootstrap_table(
+    records: Sequence[dict[str, Any]], methods: Sequence[str], reference: str = "spring", seed: int = 0
+) -> dict[str, dict[str, Any]]:
+    """Paired-bootstrap 95 % intervals of `reference` minus each other method, over the test items both decoded
+    (phase "period"): unstemmed ROUGE-L (higher is better) and per-token NLL (lower is better; floors have none).
+
+    Returns:
+        `dict`: per other method, `{"rougeL": {...}, "nll": {...}}` with `mean`, `low`, `high` and `n`.
+    """
+    keyed: dict[str, dict[tuple, dict[str, Any]]] = defaultdict(dict)
+    for r in records:
+        if r["phase"] == "period":
+            keyed[r["method"]][(r["user"], r["period"], r["test_id"])] = r
+    ref = keyed.get(reference, {})
+    table = {}
+    for method in methods:
+        if method == reference:
+            continue
+        shared = [key for key in ref if key in keyed[method]]
+        entry = {"rougeL": paired_bootstrap([ref[k]["rougeL"] for k in shared],
+                                            [keyed[method][k]["rougeL"] for k in shared], seed=seed)}  # fmt: skip
+        with_nll = [k for k in shared if ref[k].get("nll") is not None and keyed[method][k].get("nll") is not None]
+        entry["nll"] = paired_bootstrap([ref[k]["nll"] for k in with_nll],
+                                        [keyed[method][k]["nll"] for k in with_nll], seed=seed)  # fmt: skip
+        table[method] = entry
+    return table
