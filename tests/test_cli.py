@@ -49,3 +49,35 @@ def test_bench_end_to_end_on_a_tiny_saved_model(tmp_path, capsys):
 def test_bench_missing_data_file_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="`data` file not found"):
         main(["bench", "--data", str(tmp_path / "nope.jsonl"), "--model", "unused"])
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        ([], (True, False)),
+        (["--no_stop_at_newline"], (False, False)),
+        (["--no-stop-at-newline", "--lamp_queries"], (False, True)),
+        (["--stop_at_newline", "false", "--lamp_queries", "--users", "3"], (False, True)),
+        (["--preset", "abstract_generation"], (False, False)),
+        (["--preset", "abstract_generation", "--stop_at_newline"], (True, False)),
+        (["--preset", "LaMP_7", "--no_lamp_queries"], (True, False)),
+    ],
+)
+def test_preset_switches_parse_like_every_other_switch(argv, expected):
+    from transformers_spring.cli import _parse
+
+    args = _parse(argv, {}, "spring bench")
+    assert (args.stop_at_newline, args.lamp_queries) == expected
+
+
+def test_the_preset_follows_the_outputs_file_and_every_lamp_task_has_one(tmp_path):
+    from transformers_spring.cli import _parse
+
+    outputs = tmp_path / "dev_outputs.json"
+    outputs.write_text('{"task": "LongLaMP_product_review_user", "golds": []}')
+    args = _parse(["--lamp_outputs", str(outputs)], {}, "spring bench")
+    assert args.preset == "product_review" and args.stop_at_newline is False and args.data_format == "lamp"
+    from transformers_spring.data.lamp import TASK_PRESETS
+
+    for task in TASK_PRESETS:
+        assert _parse(["--lamp_task", task], {}, "spring bench").preset == task

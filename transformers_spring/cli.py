@@ -19,6 +19,30 @@ USAGE = """usage: spring {demo,bench} [options]
 DEMO_DEFAULTS = {"users": 6, "min_items": 10, "max_items": 40, "out": "spring-demo"}  # methods: `DEMO_METHODS`
 
 
+# Switches whose default comes from the task preset (`bool | None` fields). HfArgumentParser gives such a field no
+# bare `--x` form and no `--no_x`; they are spelled out here so they work like every other switch.
+PRESET_SWITCHES = ("stop_at_newline", "lamp_queries")
+
+
+def _preset_switches(argv: Sequence[str]) -> list[str]:
+    """`--x` without a value becomes `--x true`, and `--no_x` / `--no-x` becomes `--x false`, for the
+    [`PRESET_SWITCHES`]."""
+    out: list[str] = []
+    argv = list(argv)
+    for i, arg in enumerate(argv):
+        name = arg[2:].replace("-", "_") if arg.startswith("--") else None
+        if name in PRESET_SWITCHES:
+            following = argv[i + 1] if i + 1 < len(argv) else None
+            out.append(arg)
+            if following is None or following.startswith("--"):
+                out.append("true")
+        elif name is not None and name.startswith("no_") and name[3:] in PRESET_SWITCHES:
+            out += [f"--{name[3:]}", "false"]
+        else:
+            out.append(arg)
+    return out
+
+
 def _parse(argv: Sequence[str], defaults: dict, prog: str):
     from transformers import HfArgumentParser
 
@@ -26,7 +50,7 @@ def _parse(argv: Sequence[str], defaults: dict, prog: str):
 
     parser = HfArgumentParser(BenchmarkArguments, prog=prog)
     parser.set_defaults(**defaults)
-    (args,) = parser.parse_args_into_dataclasses(args=list(argv))
+    (args,) = parser.parse_args_into_dataclasses(args=_preset_switches(argv))
     return args
 
 

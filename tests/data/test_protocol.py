@@ -144,19 +144,21 @@ def test_select_errors():
         select_users(COUNTS, 0)
 
 
-def test_testable_keeps_untestable_items_out_of_both_splits():
-    """A held-out item that may not be tested (a text-only LaMP-7 tweet) is neither tested nor trained on: every test
-    item still comes after every training item, and a period may have no test item."""
+def test_testable_items_are_the_only_test_items_and_time_order_holds():
+    """Untestable held-out items (text-only LaMP-7 tweets) before the first testable one train; after it they are
+    dropped; every test item comes after every training item; a period may have no test item."""
+    testable = {3, 4, 9, 19}
     items = [Interaction("u", f"p{i}", f"r{i}", timestamp=float(i), id=f"i{i}",
-                         metadata={} if i in (9, 19) else {"text_only": True}) for i in range(20)]  # fmt: skip
-    periods = temporal_split(
-        items, num_periods=4, test_fraction=0.2, testable=lambda it: "text_only" not in it.metadata
-    )
-    periods = periods["u"]
+                         metadata={} if i in testable else {"text_only": True}) for i in range(20)]  # fmt: skip
+    # 4 chunks of 5, the latest 2 of each held out.
+    periods = temporal_split(items, num_periods=4, test_fraction=0.4, testable=lambda it: not it.metadata)["u"]
+    assert [[it.id for it in p.test] for p in periods] == [["i3", "i4"], ["i9"], [], ["i19"]]
+    assert [len(p.train) for p in periods] == [3, 4, 5, 4]  # i8 (before i9) and i18 (before i19) train
+    assert periods[1].train[-1].id == "i8" and periods[2].train[-1].id == "i14"
     for p in periods:
-        assert all(not it.metadata for it in p.test)
         assert all(t.timestamp > it.timestamp for t in p.test for it in p.train)
-    chunks = [items[0:5], items[5:10], items[10:15], items[15:20]]
-    for p, chunk in zip(periods, chunks, strict=True):
-        assert [it.id for it in p.train] == [it.id for it in chunk[:4]]
-    assert [[it.id for it in p.test] for p in periods] == [[], ["i9"], [], ["i19"]]
+    mixed = [Interaction("u", f"p{i}", f"r{i}", timestamp=float(i), id=f"m{i}",
+                         metadata={} if i in (3, 8) else {"text_only": True}) for i in range(10)]  # fmt: skip
+    first, second = temporal_split(mixed, num_periods=2, test_fraction=0.4, testable=lambda it: not it.metadata)["u"]
+    assert [it.id for it in first.test] == ["m3"] and "m4" not in {it.id for it in first.train}  # m4 after m3: dropped
+    assert [it.id for it in second.test] == ["m8"] and second.train[-1].id == "m7"

@@ -15,7 +15,6 @@ from transformers_spring.evaluation import (
     markdown_table,
     resolve_methods,
     save_results,
-    summarize,
 )
 from transformers_spring.generation import HistoryPromptBuilder, SpringConfig
 from transformers_spring.training import SpringFormatter
@@ -273,6 +272,9 @@ def test_a_stopped_run_resumes_from_its_checkpoint_with_the_same_results(tmp_pat
     resumed_bench._select_hyperparameters = lambda *a: pytest.fail("the selection must come from the checkpoint")
     resumed = resumed_bench.run(progress=False, checkpoint=checkpoint)
     assert resumed["resumed"] and resumed_users == [list(full["users"])[1]]
+    # The total counts both sessions: at least the selection and both users' training.
+    timing = resumed["timing_s"]
+    assert timing["total"] >= timing["selection"] + timing["train_spring"] - 0.2
     key = lambda r: (r["method"], r["user"], r["period"], r["phase"], r["test_id"])  # noqa: E731
     assert sorted(map(key, resumed["records"])) == sorted(map(key, full["records"]))
     by_key = {key(r): r for r in full["records"]}
@@ -291,10 +293,36 @@ def test_a_checkpoint_of_other_settings_is_not_continued(tmp_path, caplog):
     other = ContinualBenchmark(bench_args(tmp_path, methods="copy-input,base", rag_k=3), *tiny(), stream())
     results = other.run(progress=False, checkpoint=checkpoint)
     assert not results["resumed"] and len(results["users"]) == 2
+    # Same settings, but one item's text edited: another split, not continued either.
+    bench = ContinualBenchmark(bench_args(tmp_path, methods="copy-input,base"), *tiny(), stream())
+    _interrupt_after_first_user(bench)
+    with pytest.raises(KeyboardInterrupt):
+        bench.run(progress=False, checkpoint=checkpoint)
+    edited = stream()
+    edited[0] = dataclasses.replace(edited[0], response=edited[0].response + " w7")
+    again = ContinualBenchmark(bench_args(tmp_path, methods="copy-input,base"), *tiny(), edited)
+    assert not again.run(progress=False, checkpoint=checkpoint)["resumed"]
     checkpoint.write_text("{not json")
     assert not ContinualBenchmark(bench_args(tmp_path, methods="copy-input"), *tiny(), stream()).run(
         progress=False, checkpoint=checkpoint
     )["resumed"]
+
+
+def test_a_checkpoint_without_a_newer_setting_at_its_default_is_continued(tmp_path):
+    checkpoint = tmp_path / "checkpoint.json"
+    bench = ContinualBenchmark(bench_args(tmp_path, methods="copy-input"), *tiny(), stream())
+    _interrupt_after_first_user(bench)
+    with pytest.raises(KeyboardInterrupt):
+        bench.run(progress=False, checkpoint=checkpoint)
+    state = json.loads(checkpoint.read_text())
+    del state["fingerprint"]["lamp_queries"]  # as written before the setting existed
+    checkpoint.write_text(json.dumps(state))
+    again = ContinualBenchmark(bench_args(tmp_path, methods="copy-input"), *tiny(), stream())
+    assert again.run(progress=False, checkpoint=checkpoint)["resumed"]
+    state["fingerprint"]["lamp_queries"] = True  # not the default: another run
+    checkpoint.write_text(json.dumps(state))
+    again = ContinualBenchmark(bench_args(tmp_path, methods="copy-input"), *tiny(), stream())
+    assert not again.run(progress=False, checkpoint=checkpoint)["resumed"]
 
 
 def test_run_benchmark_removes_its_checkpoint_once_results_are_saved(tmp_path):
@@ -335,7 +363,8 @@ def test_lamp7_preset_tests_only_the_questions_and_renders_history_from_text(tmp
     questions, outputs = _lamp7_files(tmp_path)
     args = bench_args(
         tmp_path, data=str(questions), lamp_outputs=str(outputs), preset="LaMP_7", prompt_template=None,
-        methods="copy-input,last-response,base,rag-bm25-accum,spring", min_items=10,
+        methods="copy-input,last-response,base,rag-bm25-accum,spring", min_items=10, learning_rates="1e-2,5e-2",
+        epoch_grid="1",
     )  # fmt: skip
     assert args.data_format == "lamp" and args.lamp_queries and args.history_item_template == '"{response}"'
     model, tokenizer = make_model("llama", TRAINING_VOCAB.size), make_tokenizer(TRAINING_VOCAB, chat=True)
@@ -357,11 +386,21 @@ def test_lamp7_preset_tests_only_the_questions_and_renders_history_from_text(tmp
     }  # the bare tweet: the LaMP instruction is stripped from the question
     rag_histories = [history for method, history in prompts if method == "rag-bm25-accum"]
     assert rag_histories and all(hit.interaction.metadata.get("text_only") for h in rag_histories for hit in h)
-    config = SpringConfig(history_item_template=args.history_item_template)
-    hit = rag_histories[0][0]
+    # Every profile item is text-only, so no validation item exists: the selection is skipped, not run on copies.
+    assert results["selection"]["grid"] == [] and results["selection"]["chosen"]["learning_rate"] == 5e-2
+    # Each retrieved tweet is written alone, in quotes, without an input; the prompt the model receives holds it.
     from transformers_spring.generation.prompting import render_item
 
-    assert render_item(hit, config.history_item_template) == f'"{hit.interaction.response}"'
+    history = rag_histories[0]
+    assert [render_item(hit, args.history_item_template) for hit in history] == [
+        f'"{hit.interaction.response}"' for hit in history
+    ]
+    tok = bench.tokenizer
+    ids = HistoryPromptBuilder(tok, SpringConfig(history_item_template=args.history_item_template)).build([], history)
+    words = tok.decode(ids).split()  # the word-level test tokenizer reads the quoted first and last words as [UNK]
+    for hit in history:
+        inner = hit.interaction.response.split()[1:-1]
+        assert " ".join(inner) in " ".join(words)
 
 
 def test_identical_rows_share_one_generation(run, monkeypatch):
@@ -437,29 +476,6 @@ def test_spring_gate_filters_buffer_items_below_sigma(run):
     assert all(row.gate_threshold is None for row in ungated)
     assert sum(len(r.history) for r in ungated) >= sum(len(r.history) for r in gated)
     assert any(r.history for r in ungated)
-
-
-def test_summary_matches_a_hand_computation():
-    records = [
-        {"method": "m", "user": "a", "period": 1, "phase": "period", "test_id": "x", "n_train": 3,
-         "rouge1": 0.5, "rougeL": 0.4, "rougeL_stemmed": 0.5, "nll": 2.0},
-        {"method": "m", "user": "b", "period": 1, "phase": "period", "test_id": "y", "n_train": 9,
-         "rouge1": 0.1, "rougeL": 0.2, "rougeL_stemmed": 0.2, "nll": 4.0},
-        {"method": "m", "user": "a", "period": 2, "phase": "period", "test_id": "z", "n_train": 3,
-         "rouge1": 0.3, "rougeL": 0.3, "rougeL_stemmed": 0.3, "nll": None},
-        {"method": "m", "user": "a", "period": 1, "phase": "forgetting", "test_id": "x", "n_train": 3,
-         "rouge1": 0.2, "rougeL": 0.1, "rougeL_stemmed": 0.1, "nll": 5.0},
-    ]  # fmt: skip
-    s = summarize(records, ["m"], num_periods=3, cold_start_max_train=5)["m"]
-    assert s["periods"][1]["rougeL"] == pytest.approx(0.3) and s["periods"][1]["n"] == 2
-    assert s["periods"][2]["rougeL"] == pytest.approx(0.3)
-    assert s["average"]["rougeL"] == pytest.approx(0.3)  # mean of the period means
-    assert s["average"]["rouge1"] == pytest.approx((0.3 + 0.3) / 2)
-    assert s["forgetting"]["rougeL"] == pytest.approx(0.4 - 0.1) and s["forgetting"]["n"] == 1
-    assert s["cold_start"]["rougeL"] == pytest.approx(0.35) and s["cold_start"]["n"] == 2
-    assert s["warm"]["n"] == 1
-    assert s["periods"][1]["nll"] == pytest.approx(3.0) and math.isnan(s["periods"][2]["nll"])  # no NLL: NaN
-    assert s["forgetting"]["nll"] == pytest.approx(2.0 - 5.0)
 
 
 def test_save_results_writes_json_table_and_plot(run, tmp_path):

@@ -203,7 +203,7 @@ def read_lamp(
         outputs_path (`str` or `os.PathLike`, *optional*):
             LaMP's outputs file, for the task name and the gold outputs.
         task (`str`, *optional*):
-            `"LaMP_4"`, `"LaMP_5"`, `"abstract_generation"`, `"product_review"` or `"topic_writing"` (`"LaMP-4"`,
+            `"LaMP_4"`, `"LaMP_5"`, `"LaMP_7"`, `"abstract_generation"`, `"product_review"` or `"topic_writing"` (`"LaMP-4"`,
             `"product_review_user"` and the like are accepted). Read from the outputs file when not given; required
             otherwise, unless both `prompt_field` and `response_field` are given.
         prompt_field (`str`, *optional*):

@@ -81,11 +81,13 @@ def temporal_split(
             The share of each period held out for testing, strictly between 0 and 1.
         min_items (`int`, *optional*):
             Users with fewer items are dropped (one info log line says how many). Defaults to `2 * num_periods`, the
-            least that leaves every period one training and one test item, and may not be set lower.
+            least that leaves every period one training and one test item (unless `testable` rules some out), and may
+            not be set lower.
         testable (`Callable[[Interaction], bool]`, *optional*):
-            Which items may be test items. A held-out item that may not (e.g. a LaMP-7 tweet whose input is its own
-            answer) is neither tested nor trained on, so every test item still comes after every training item; a
-            period can then have no test item. Defaults to every item.
+            Which items may be test items (e.g. not a LaMP-7 tweet, whose input is its own answer). A held-out item
+            that may not be tested trains when it comes before the period's first testable held-out item, and is
+            dropped when it comes after it, so every test item still comes after every training item; a period can
+            then have no test item. Defaults to every item.
 
     Returns:
         `dict[str, list[PeriodSplit]]`: per user (in order of first appearance), the `num_periods` periods in order.
@@ -122,10 +124,14 @@ def temporal_split(
             chunk = items[bounds[period] : bounds[period + 1]]
             # min_items >= 2 * num_periods makes every chunk at least 2 long, so one training item always remains.
             num_test = min(max(1, round(test_fraction * len(chunk))), len(chunk) - 1)
-            held_out = chunk[-num_test:]
+            train, held_out = list(chunk[:-num_test]), list(chunk[-num_test:])
             if testable is not None:
-                held_out = [item for item in held_out if testable(item)]
-            periods.append(PeriodSplit(period, tuple(chunk[:-num_test]), tuple(held_out)))
+                # Untestable items before the first testable held-out one still train (they precede every test
+                # item); those after it are dropped, so that every test item comes after every training item.
+                first = next((i for i, item in enumerate(held_out) if testable(item)), len(held_out))
+                train += held_out[:first]
+                held_out = [item for item in held_out[first:] if testable(item)]
+            periods.append(PeriodSplit(period, tuple(train), tuple(held_out)))
         splits[user_id] = periods
     if dropped:
         logger.info(f"temporal_split: dropped {dropped} user(s) with fewer than {min_items} interactions.")

@@ -4,7 +4,15 @@ from .benchmark import ContinualBenchmark, decoding_budget, load_interactions, r
 from .benchmark_config import PRESETS, BenchmarkArguments, TaskPreset
 from .methods import DEMO_METHODS, FLOORS, METHODS, MethodSpec, floor_prediction, rag_items, resolve_methods
 from .metrics import mean_rouge, paired_bootstrap, rouge_scores
-from .report import bootstrap_table, lamp_golds, lamp_predictions, markdown_table, plot_rouge_l, summarize
+from .report import (
+    bootstrap_table,
+    drift_bootstrap,
+    lamp_golds,
+    lamp_predictions,
+    markdown_table,
+    plot_rouge_l,
+    summarize,
+)
 
 __all__ = [
     "DEMO_METHODS",
@@ -17,6 +25,7 @@ __all__ = [
     "TaskPreset",
     "bootstrap_table",
     "decoding_budget",
+    "drift_bootstrap",
     "floor_prediction",
     "lamp_golds",
     "lamp_predictions",

@@ -4,6 +4,7 @@ one model, one set of users and one split."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -30,7 +31,7 @@ from ..utils.io import atomic_write_text
 from .benchmark_config import BenchmarkArguments
 from .methods import MethodSpec, earlier_training_items, floor_prediction, rag_items, resolve_methods
 from .metrics import rouge_scores
-from .report import bootstrap_table, summarize
+from .report import bootstrap_table, drift_bootstrap, summarize
 
 logger = logging.get_logger(__name__)
 
@@ -80,13 +81,16 @@ class ContinualBenchmark:
     r"""
     Runs the SPRInG paper's protocol for a list of methods on the same model, users and splits.
 
-    Protocol: each user's time-sorted stream is cut into `num_periods` periods; within a period the earliest 90 %
-    train and the latest 10 % test. Period 0 initialises (every LoRA method starts from the same period-0 adapter,
-    trained on all of it); at each period `t ≥ 1` every method updates on the period's training split, then decodes
-    the period's test split (greedy, repetition penalty 1.2). After the last period, period 1's test split is decoded
-    again with the final state (forgetting). Scores: ROUGE-1 / ROUGE-L F (stemmed), averaged per sample, then per
-    period; a cold-start bucket holds test items whose user had at most `cold_start_max_train` training items in the
-    period.
+    Protocol: each user's time-sorted stream is cut into `num_periods` periods; within a period the earliest items
+    train and the latest `test_fraction` are held out for testing (only items a test can be: a LaMP-7 tweet, whose
+    input is its answer, never is). First, the LoRA learning rate and epochs are chosen on a validation split of
+    period 0's training items (see [`BenchmarkArguments.learning_rates`]). Period 0 initialises (every LoRA method
+    starts from the same period-0 adapter, trained on all of it); at each period `t ≥ 1` every method updates on the
+    period's training split, then decodes the period's test split (greedy, repetition penalty 1.2, the same line-end
+    stop and training-split token budget for all). After the last period, period 1's test split is decoded again
+    with the final state (forgetting). Scores: unstemmed ROUGE-1 / ROUGE-L F (LaMP's setting) and stemmed ROUGE-L,
+    averaged per sample, then per period, and the gold response's per-token NLL under what each method decodes with;
+    a cold-start bucket holds test items whose user had at most `cold_start_max_train` training items in the period.
 
     Users run one after another (only one user's adapters are ever loaded); within a user and period, every method's
     rows share batched `generate` calls (each row routed to its own adapter and history by [`SpringForCausalLM`]).
@@ -117,24 +121,22 @@ class ContinualBenchmark:
         )
 
     def _splits(self) -> dict[str, list]:
-        from ..data import select_users, temporal_split
+        from ..data import group_by_user, select_users, temporal_split
 
         args = self.args
         items = self.interactions if self.interactions is not None else load_interactions(args)
-        least = 2 * args.num_periods  # every period keeps one training and one test item
+        least = 2 * args.num_periods  # the fewest items that give every period a training and a held-out item
         # A text-only item (a LaMP-7 tweet) has no input of its own: it trains and is history, and is never tested.
-        testable = _is_testable
-        splits = temporal_split(
-            items, args.num_periods, args.test_fraction, min_items=max(args.min_items, least), testable=testable
-        )
+        split = dict(test_fraction=args.test_fraction, testable=_is_testable)
+        splits = temporal_split(items, args.num_periods, min_items=max(args.min_items, least), **split)
         # Users are picked on their full counts (so "stratified" spans heavy and light users), then capped.
         chosen = select_users(splits, args.users, strategy=args.user_selection, seed=args.seed)
-        if args.max_items:  # each chosen user's most recent N items, split again
+        if args.max_items:  # each chosen user's most recent N items of the raw stream, split again
+            streams = group_by_user(items)
             recent = []
             for user in chosen:
-                stream = [it for split in splits[user] for it in split.train + split.test]
-                recent += stream[-args.max_items :]
-            splits = temporal_split(recent, args.num_periods, args.test_fraction, min_items=least, testable=testable)
+                recent += sorted(streams[user], key=lambda it: it.timestamp)[-args.max_items :]
+            splits = temporal_split(recent, args.num_periods, min_items=least, **split)
         return {user: splits[user] for user in chosen}
 
     def _training_args(self, out_dir: str) -> dict[tuple[float, float], tuple[Any, Any]]:
@@ -178,15 +180,18 @@ class ContinualBenchmark:
         for user in select_users(counts, n_users, strategy="stratified"):
             train = list(splits[user][0].train)
             n_val = max(1, round(args.validation_fraction * len(train)))
-            if len(train) - n_val >= 1:
-                folds[user] = (train[:-n_val], train[-n_val:])
+            # Only items a test could be: a text-only item (its input is its answer) would reward copying.
+            val = [it for it in train[-n_val:] if _is_testable(it)]
+            if len(train) - n_val >= 1 and val:
+                folds[user] = (train[:-n_val], val)
         if not folds:
             logger.warning(
-                "no selection user has 2 period-0 training items to hold one out: the validation selection is skipped "
-                f"and `learning_rate`={args.learning_rate:g}, `num_train_epochs`={args.num_train_epochs:g} are used."
+                "no selection user has a testable period-0 training item to hold out behind another one: the "
+                f"validation selection is skipped and `learning_rate`={args.learning_rate:g}, "
+                f"`num_train_epochs`={args.num_train_epochs:g} are used."
             )
             fixed = {"learning_rate": args.learning_rate, "num_train_epochs": args.num_train_epochs}
-            return {"chosen": fixed, "grid": [], "rule": "fixed (too few period-0 training items to hold any out)"}
+            return {"chosen": fixed, "grid": [], "rule": "fixed (no period-0 training item to hold out)"}
         tick = time.perf_counter()
         name = "bench_select"
         scores = []
@@ -220,6 +225,20 @@ class ContinualBenchmark:
             config.pop(key, None)
         return config
 
+    def _identity(self, splits: dict[str, list]) -> dict[str, str]:
+        """What else a checkpoint must match: the model and the exact split (users, item ids, times and texts), so
+        that an edited data file or another model object is not continued."""
+        digest = hashlib.sha256()
+        for user, periods in splits.items():
+            for period in periods:
+                for part, items in (("train", period.train), ("test", period.test)):
+                    for it in items:
+                        fields = (user, str(period.period), part, it.id, repr(it.timestamp), it.prompt, it.response)
+                        digest.update("\x1f".join(fields).encode("utf-8", "surrogatepass") + b"\x1e")
+        config = getattr(self.model, "config", None)
+        model = getattr(config, "_name_or_path", "") or str(self.args.model)
+        return {"split_sha256": digest.hexdigest(), "model": model}
+
     def _matches(self, saved: Any) -> bool:
         """Whether a checkpoint's settings are this run's. A setting the checkpoint lacks (added by a later version
         of the package) matches when it is at its default."""
@@ -232,7 +251,7 @@ class ContinualBenchmark:
             for key, value in current.items()
         ) and set(saved) <= set(current)
 
-    def _load_checkpoint(self, path: Path | None) -> dict[str, Any] | None:
+    def _load_checkpoint(self, path: Path | None, identity: dict[str, str]) -> dict[str, Any] | None:
         if path is None or not path.is_file():
             return None
         try:
@@ -243,9 +262,19 @@ class ContinualBenchmark:
         if not isinstance(state, dict) or not self._matches(state.get("fingerprint")):
             logger.warning(f"the benchmark checkpoint {path} was made with other settings; starting over.")
             return None
+        if state.get("identity") != identity:
+            logger.warning(f"the benchmark checkpoint {path} was made with another model or data; starting over.")
+            return None
         return state
 
+    def _tick(self, state: dict[str, Any]) -> None:
+        """Adds the wall time since the last tick to the run's total (which a checkpoint carries across stops)."""
+        now = time.perf_counter()
+        state["elapsed_s"] += now - self._clock
+        self._clock = now
+
     def _save_checkpoint(self, path: Path | None, state: dict[str, Any]) -> None:
+        self._tick(state)
         if path is None:
             return
         state["gate_scores"] = self._gate.observed().tolist()
@@ -275,16 +304,19 @@ class ContinualBenchmark:
         from ..training import BaseLogProbCache, build_lora_config
 
         args = self.args
-        started = time.perf_counter()
+        self._clock = time.perf_counter()
         self._progress = progress
         if args.threads:
             torch.set_num_threads(args.threads)
         checkpoint = Path(checkpoint) if checkpoint is not None else None
-        state = self._load_checkpoint(checkpoint)
-        resumed = state is not None
-        state = state or {"fingerprint": self._fingerprint(), "done": [], "records": [], "elapsed_s": 0.0}
         splits = self._splits()
         self._load_model()
+        identity = self._identity(splits)
+        state = self._load_checkpoint(checkpoint, identity)
+        resumed = state is not None
+        state = state or {
+            "fingerprint": self._fingerprint(), "identity": identity, "done": [], "records": [], "elapsed_s": 0.0,
+        }  # fmt: skip
         self.tokenizer.padding_side = "left"
         train_items = [it for periods in splits.values() for split in periods for it in split.train]
         self._setup_decoding(train_items)
@@ -329,11 +361,8 @@ class ContinualBenchmark:
                     continue
                 state["records"] += self._run_user(user, splits[user], spring_args, plain_args)
                 state["done"].append(user)
-                now = time.perf_counter()
-                state["elapsed_s"] += now - started
-                started = now
                 self._save_checkpoint(checkpoint, state)
-        state["elapsed_s"] += time.perf_counter() - started
+        self._tick(state)
         records = state["records"]
         names = [m.name for m in self.methods]
         return {
@@ -347,6 +376,7 @@ class ContinualBenchmark:
             "records": records,
             "summary": summarize(records, names, args.num_periods, args.cold_start_max_train),
             "bootstrap": bootstrap_table(records, names, "spring") if "spring" in names else {},
+            "drift_bootstrap": drift_bootstrap(records, names),
             "timing_s": {**{k: round(v, 1) for k, v in self._timing.items()}, "total": round(state["elapsed_s"], 1)},
             "resumed": resumed,
             "gate_sigma": self._sigma(),

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
+
+from transformers.utils import logging
 
 from ..data import DEFAULT_NEWS_PATH
 from .methods import METHODS, resolve_methods
+
+logger = logging.get_logger(__name__)
 
 NEWS_PROMPT = "Write a headline for this news article: {prompt}"
 # LaMP-4's retrieval-augmented prompt (Salemi et al., 2023) renders each profile item as `"<title>" is the title for
@@ -45,6 +50,10 @@ PRESETS: dict[str, TaskPreset] = {
         "Generate a headline for the following article: {prompt}", '"{response}" is the title for "{prompt}"', True,
         "lamp", "LaMP_4",
     ),
+    "LaMP_5": TaskPreset(
+        "Generate a title for the following abstract of a paper: {prompt}", '"{response}" is the title for "{prompt}"',
+        True, "lamp", "LaMP_5",
+    ),
     "LaMP_7": TaskPreset(
         "Paraphrase the following tweet without any explanation before or after it: {prompt}", '"{response}"', True,
         "lamp", "LaMP_7", True,
@@ -53,11 +62,28 @@ PRESETS: dict[str, TaskPreset] = {
         'Generate an abstract for the title "{prompt}".', '"{response}" is the abstract for the title "{prompt}"',
         False, "lamp", "abstract_generation",
     ),
+    "topic_writing": TaskPreset(
+        'Generate the content of a Reddit post whose summary is "{prompt}".',
+        '"{response}" is the content of the post with the summary "{prompt}"', False, "lamp", "topic_writing",
+    ),
     "product_review": TaskPreset(
         'Generate the review text of a product review whose summary is "{prompt}".',
         '"{response}" is the review text for the summary "{prompt}"', False, "lamp", "product_review",
     ),
 }  # fmt: skip
+
+
+def _outputs_task(path: str | None) -> str | None:
+    """The task a LaMP outputs file names (`{"task": ...}`), or None; a missing or malformed file is reported later,
+    by the reader."""
+    if not path:
+        return None
+    from ..data.lamp import _read_outputs
+
+    try:
+        return _read_outputs(Path(path))[0]
+    except (OSError, ValueError):
+        return None
 
 
 @dataclass
@@ -237,7 +263,7 @@ class BenchmarkArguments:
             raise ValueError(f"`validation_fraction` must be in (0, 1), got {self.validation_fraction}.")
         if self.selection_users < 0:
             raise ValueError(f"`selection_users` must be >= 0 (0: all), got {self.selection_users}.")
-        self.selection_grid()  # fails early on a malformed grid
+        self._warn_ignored()  # also fails early on a malformed grid
         resolve_methods(self.methods)  # fails early on an unknown name
 
     def _apply_preset(self) -> None:
@@ -245,7 +271,8 @@ class BenchmarkArguments:
         from ..data.lamp import normalize_task
 
         if self.preset == "auto":
-            self.preset = normalize_task(self.lamp_task) if self.lamp_task else "news"
+            task = self.lamp_task or _outputs_task(self.lamp_outputs)
+            self.preset = normalize_task(task) if task else "news"
         else:
             self.preset = normalize_task(self.preset) if self.preset != "news" else "news"
         if self.preset not in PRESETS:
@@ -256,6 +283,14 @@ class BenchmarkArguments:
         for name in names:
             if getattr(self, name) is None:
                 setattr(self, name, getattr(preset, name))
+
+    def _warn_ignored(self) -> None:
+        if self.selection_grid() and (self.learning_rate, self.num_train_epochs) != (1e-4, 2.0):
+            logger.warning(
+                f"`learning_rate`={self.learning_rate:g} / `num_train_epochs`={self.num_train_epochs:g} are ignored: "
+                f"the validation selection over `learning_rates`={self.learning_rates!r} × `epoch_grid`="
+                f"{self.epoch_grid!r} picks them. Pass `learning_rates=''` to use them."
+            )
 
     def selection_grid(self) -> list[tuple[float, float]]:
         """The `(learning_rate, num_train_epochs)` pairs the validation selection tries, in order (ties: the

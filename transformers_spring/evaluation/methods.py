@@ -143,9 +143,15 @@ def resolve_methods(names: str | list[str] | tuple[str, ...] | None) -> list[Met
 # What the methods that need no adapter compute: a floor's prediction and a RAG baseline's retrieved items.
 
 
-def earlier_training_items(periods, period: int, item: Interaction) -> list[Interaction]:
+def earlier_training_items(periods: Sequence, period: int, item: Interaction) -> list[Interaction]:
     """The user's training items of periods `0..period` that are not later than `item`: what a floor may read
-    (never a test item)."""
+    (never a test item).
+
+    Args:
+        periods (`Sequence[PeriodSplit]`): the user's periods, as [`temporal_split`] returns them.
+        period (`int`): the test item's period.
+        item (`Interaction`): the test item.
+    """
     return [it for split in periods[: period + 1] for it in split.train if it.timestamp <= item.timestamp]
 
 
@@ -179,10 +185,21 @@ def rag_items(
     vectors: np.ndarray | None = None,
     query_vector: np.ndarray | None = None,
 ) -> list[RetrievedItem]:
-    """A RAG baseline's history: the top `k` of `candidates` (the user's allowed training items, oldest first) by
-    BM25 over their text (`method.retrieval == "bm25"`) or by cosine (`"dense"`: `vectors` are the candidates'
-    normalised embeddings, `query_vector` the query's). Highest score first; ties go to the more recent item (the
-    paper's open question #15)."""
+    """A RAG baseline's history: the top `k` of `candidates`, highest score first; ties go to the more recent item
+    (the paper's open question #15).
+
+    Args:
+        method ([`MethodSpec`]): a RAG method: `retrieval` `"bm25"` (BM25 over the candidates' text) or `"dense"`
+            (cosine).
+        candidates (`Sequence[Interaction]`): the user's allowed training items, oldest first.
+        query (`str`): the test item's input.
+        k (`int`): how many items to return.
+        vectors (`np.ndarray`, *optional*): for `"dense"`, the candidates' normalised embeddings, one row each.
+        query_vector (`np.ndarray`, *optional*): for `"dense"`, the query's normalised embedding.
+
+    Returns:
+        `list[RetrievedItem]`: at most `k` items with their scores, source `"local"`.
+    """
     if method.retrieval == "bm25":
         scores = BM25Index([c.text for c in candidates]).scores(query) if candidates else np.zeros(0)
     elif method.retrieval == "dense":

@@ -81,6 +81,13 @@ def markdown_table(results: dict[str, Any]) -> str:
                   "| Method | Δ R-L [95 % CI] | Δ NLL [95 % CI] (negative: SPRInG more likely) |", "|---|---|---|"]  # fmt: skip
         for method, entry in bootstrap.items():
             lines.append(f"| {_label(method)} | {_interval(entry['rougeL'])} | {_interval(entry['nll'])} |")
+    drift = results.get("drift_bootstrap") or {}
+    if drift:
+        lines += ["", "Drift selection at λ = 0 (adapters alone): SPRInG's top-30 % adapter minus each, paired "
+                  "bootstrap (95 %):", "",
+                  "| Method | Δ NLL [95 % CI] (negative: top-30 % more likely) | Δ R-L [95 % CI] |", "|---|---|---|"]  # fmt: skip
+        for method, entry in drift.items():
+            lines.append(f"| {_label(method)} | {_interval(entry['nll'])} | {_interval(entry['rougeL'])} |")
     return "\n".join(lines)
 
 
@@ -187,6 +194,19 @@ def summarize(records: Sequence[dict[str, Any]], methods: Sequence[str], num_per
             "warm": {**_means(warm), "n": len(warm)},
         }
     return summary
+
+
+# The drift question (paper Table 2): the drift-selected adapter against random and full selection, all at λ = 0.
+DRIFT_ABLATIONS = ("spring-random30", "all-100")
+
+
+def drift_bootstrap(records: Sequence[dict[str, Any]], methods: Sequence[str], seed: int = 0) -> dict[str, Any]:
+    """[`bootstrap_table`] of `spring-lambda0` (the drift top-30 % adapter alone) against the Random-30 % and
+    All-100 % adapters, where the run has them; empty otherwise."""
+    others = [m for m in DRIFT_ABLATIONS if m in methods]
+    if "spring-lambda0" not in methods or not others:
+        return {}
+    return bootstrap_table(records, ["spring-lambda0", *others], reference="spring-lambda0", seed=seed)
 
 
 def bootstrap_table(

@@ -16,6 +16,8 @@ def top_k_candidates(scores: np.ndarray, k: int) -> np.ndarray:
     top-k entry and its ties.
     """
     n = scores.shape[0]
+    if k <= 0:
+        return np.zeros(0, dtype=np.int64)
     if k >= n:
         return np.arange(n)
     blocks = max(4 * k, 64)
@@ -31,7 +33,7 @@ def top_k_indices(scores: np.ndarray | Sequence[float], k: int, ties: str = "fir
     """Indices of the `k` largest scores, best first.
 
     Args:
-        scores (`np.ndarray` or `Sequence[float]`): one score per candidate.
+        scores (`np.ndarray` or `Sequence[float]`): one score per candidate; NaN ranks below every number.
         k (`int`): how many to return (fewer when there are fewer candidates; none for `k <= 0`).
         ties (`str`, *optional*, defaults to `"first"`): which of equal scores ranks higher: `"first"` (the earlier
             index: drift selection, memory search) or `"last"` (the later index: the more recent of time-ordered
@@ -39,9 +41,14 @@ def top_k_indices(scores: np.ndarray | Sequence[float], k: int, ties: str = "fir
     """
     if ties not in ("first", "last"):
         raise ValueError(f"`ties` must be 'first' or 'last', got {ties!r}.")
-    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    scores = np.asarray(scores).reshape(-1)
+    if not np.issubdtype(scores.dtype, np.floating):  # float32 cosines stay as they are: no copy per search
+        scores = scores.astype(np.float64)
     if k <= 0 or scores.size == 0:
         return np.zeros(0, dtype=np.int64)
+    nan = np.isnan(scores)
+    if nan.any():  # np.partition would rank NaN highest and drop real scores
+        scores = np.where(nan, -np.inf, scores)
     if ties == "last":  # rank the reversed array with earlier-first ties, then map back
         reversed_best = top_k_indices(scores[::-1].copy(), k, ties="first")
         return scores.size - 1 - reversed_best
