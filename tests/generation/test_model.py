@@ -215,7 +215,13 @@ def test_save_and_load_with_adapters_and_memory(tmp_path, tokenizer):
     expected = wrapper.generate(**batch, personalization="alice", **GREEDY)
 
     out_dir = tmp_path / "spring"
+    (out_dir / "adapters").mkdir(parents=True)
+    (out_dir / "notes.md").write_text("mine")  # the user's files survive every save
+    (out_dir / "adapters" / "old-experiment.txt").write_text("mine too")
     wrapper.save_pretrained(out_dir)
+    wrapper.save_pretrained(out_dir)
+    assert (out_dir / "notes.md").read_text() == "mine"
+    assert (out_dir / "adapters" / "old-experiment.txt").read_text() == "mine too"
     assert (out_dir / "spring_config.json").is_file()
     assert (out_dir / "adapters" / "alice" / "adapter_config.json").is_file()
     assert (out_dir / "adapters" / "bob" / "adapter_config.json").is_file()

@@ -46,6 +46,7 @@ def test_save_load_round_trip(make_memory, tmp_path):
         "config.json",
         "embeddings.safetensors",
         "records.jsonl",
+        "spring_manifest.json",
     ]
     loaded = LoGoMemory.from_pretrained(tmp_path / "mem", num_threads=1)
 
@@ -212,7 +213,9 @@ def test_push_to_hub_is_one_commit_with_the_files(make_memory):
         create.return_value.repo_id = "me/mem"
         url = memory.push_to_hub("me/mem", private=True)
     assert url.endswith("abc") and pushed["calls"] == 1 and pushed["repo"] == "me/mem"
-    assert pushed["files"] == ["README.md", "config.json", "embeddings.safetensors", "records.jsonl"]
+    assert pushed["files"] == [
+        "README.md", "config.json", "embeddings.safetensors", "records.jsonl", "spring_manifest.json",
+    ]  # fmt: skip
     assert pushed["records"] == 48
     assert create.call_args.kwargs["private"] is True
 
@@ -359,3 +362,62 @@ def test_bm25_reads_do_not_run_the_encoder(make_memory):
     with mock.patch.object(encoder, "encode", wraps=encoder.encode) as encode:
         dense.retrieve("alice", "inflation rates", k=1)
         assert encode.call_count == 1
+
+
+# -------------------------------------------------------------- save semantics
+def test_save_keeps_the_users_files_and_refuses_their_folders(make_memory, tmp_path, monkeypatch):
+    memory = populated(make_memory)
+    ckpt = tmp_path / "ckpt"
+    (ckpt / "sub").mkdir(parents=True)
+    (ckpt / "model.safetensors").write_bytes(b"weights")
+    (ckpt / "sub" / "notes.txt").write_text("notes")
+    memory.save_pretrained(ckpt)
+    memory.save_pretrained(ckpt)
+    assert (ckpt / "model.safetensors").read_bytes() == b"weights" and (
+        ckpt / "sub" / "notes.txt"
+    ).read_text() == "notes"
+    assert len(LoGoMemory.from_pretrained(ckpt)) == len(memory)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="working directory"):
+        memory.save_pretrained(".")
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text('{"model_type": "llama"}')
+    with pytest.raises(ValueError, match="config.json.*no earlier save wrote"):
+        memory.save_pretrained(model_dir)
+    assert (model_dir / "config.json").read_text() == '{"model_type": "llama"}'
+
+
+def test_a_crash_between_file_replaces_loads_the_newest_version(make_memory, tmp_path, monkeypatch):
+    from transformers_spring.persistence import folder
+
+    memory = populated(make_memory)
+    target = tmp_path / "mem"
+    memory.save_pretrained(target)
+    memory.add(topical("u0", "cats", 99, ts=2e9))
+    calls = {"n": 0}
+
+    def crash(name):
+        if name == "replace":
+            calls["n"] += 1
+            if calls["n"] == 2:  # one file of the new version in place, the others still staged
+                raise KeyboardInterrupt
+
+    monkeypatch.setattr(folder, "_step", crash)
+    with pytest.raises(KeyboardInterrupt):
+        memory.save_pretrained(target)
+    monkeypatch.setattr(folder, "_step", lambda name: None)
+    loaded = LoGoMemory.from_pretrained(target)
+    assert len(loaded) == len(memory)  # the newer, complete version
+    assert not [p for p in target.iterdir() if p.name.startswith(".spring")]
+
+
+def test_an_earlier_release_save_is_adopted(make_memory, tmp_path):
+    from transformers_spring.persistence import MANIFEST_FILE
+
+    memory = populated(make_memory)
+    target = tmp_path / "mem"
+    memory.save_pretrained(target)
+    (target / MANIFEST_FILE).unlink()  # as written before manifests
+    memory.save_pretrained(target)
+    assert (target / MANIFEST_FILE).is_file() and len(LoGoMemory.from_pretrained(target)) == len(memory)

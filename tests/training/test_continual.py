@@ -198,7 +198,6 @@ def test_interrupted_save_keeps_the_previous_version(tmp_path):
     p.observe("alice", stream("alice", 1))
 
     def crash(directory, save_tokenizer):
-        directory.mkdir(parents=True)
         (directory / "partial").write_text("x")
         raise OSError("disk full")
 
@@ -207,6 +206,7 @@ def test_interrupted_save_keeps_the_previous_version(tmp_path):
     state = json.loads((target / "continual_state.json").read_text())
     assert state["users"]["alice"]["next_period"] == 1  # the previous version is intact
     assert sorted(x.name for x in tmp_path.iterdir() if x.name.startswith(".state")) == []
+    assert not (target / "partial").exists() and not [x for x in target.iterdir() if x.name.startswith(".spring")]
     p.save_pretrained(target)
     assert json.loads((target / "continual_state.json").read_text())["users"]["alice"]["next_period"] == 2
 
@@ -268,3 +268,17 @@ def test_users_keep_their_order_through_save_and_load(tmp_path):
         memory_kwargs={"encoder": HashingEncoder(32)},
     )
     assert loaded.users == ["zoe", "alice", "mike"]
+
+
+def test_save_keeps_the_users_logs_and_checkpoints(tmp_path):
+    p = personalizer(tmp_path)
+    p.observe("alice", stream("alice", 0))
+    out = tmp_path / "out"
+    (out / "checkpoints" / "step-1").mkdir(parents=True)
+    (out / "train.log").write_text("log")
+    (out / "checkpoints" / "step-1" / "weights.bin").write_bytes(b"w")
+    p.save_pretrained(out)
+    p.observe("alice", stream("alice", 1))
+    p.save_pretrained(out)
+    assert (out / "train.log").read_text() == "log" and (out / "checkpoints" / "step-1" / "weights.bin").is_file()
+    assert json.loads((out / "continual_state.json").read_text())["users"]["alice"]["next_period"] == 2

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..memory.interaction import Interaction
-from ..utils.io import atomic_write_text
+from ..persistence.atomic import atomic_write_text
 
 # The order keys are written in; the reader's defaults read these names.
 JSONL_FIELDS = ("user_id", "prompt", "response", "timestamp", "id", "metadata")

@@ -27,7 +27,7 @@ from transformers.utils import logging
 from ..data import read_news_jsonl
 from ..memory.gate import RelevanceGate
 from ..memory.interaction import Interaction
-from ..utils.io import atomic_write_text
+from ..persistence.atomic import atomic_write_text
 from .benchmark_config import BenchmarkArguments
 from .methods import MethodSpec, earlier_training_items, floor_prediction, rag_items, resolve_methods
 from .metrics import rouge_scores

@@ -107,7 +107,7 @@ def plot_rouge_l(results: dict[str, Any], path: str | os.PathLike) -> Path | Non
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    from ..utils.io import atomic_write_bytes
+    from ..persistence.atomic import atomic_write_bytes
 
     summary = results["summary"]
     periods = _periods(results)

@@ -14,8 +14,9 @@ from transformers import GenerationConfig, LogitsProcessorList
 from transformers.utils import PushToHubMixin, logging
 
 from ..memory import LoGoMemory
+from ..persistence.atomic import resolve_saved_directory
+from ..persistence.folder import save_folder
 from ..utils.compat import active_adapter_of, merged_generation_config, needs_synced_gpus
-from ..utils.io import resolve_saved_directory
 from ..utils.modeling import base_name_or_path, is_peft_model
 from .adapters import BASE_ADAPTER, AdapterRouter, activate_adapters
 from .config import SPRING_CONFIG_NAME, SpringConfig
@@ -435,7 +436,8 @@ class SpringForCausalLM(PushToHubMixin, nn.Module):
         """
         Saves the Spring config, and when present the LoRA adapters (`adapters/`, peft layout), the memory
         (`memory/`, through its own `save_pretrained`) and the tokenizer. The base model's weights are not saved: the
-        config records `base_model_name_or_path`.
+        config records `base_model_name_or_path`. Only files earlier saves of this wrapper wrote are replaced or
+        removed; anything else in `save_directory` is kept (see [`~persistence.save_folder`]).
 
         Args:
             save_directory (`str` or `os.PathLike`): target directory (created if needed).
@@ -443,9 +445,13 @@ class SpringForCausalLM(PushToHubMixin, nn.Module):
             save_memory (`bool`, *optional*, defaults to `True`): also save the memory.
             save_tokenizer (`bool`, *optional*, defaults to `True`): also save the tokenizer.
         """
-        if os.path.isfile(save_directory):
-            raise ValueError(f"`save_directory` ({save_directory}) must be a directory, not a file.")
-        os.makedirs(save_directory, exist_ok=True)
+        adopt = lambda d: (d / SPRING_CONFIG_NAME).is_file()  # noqa: E731 (a save of an earlier release)
+        with save_folder(save_directory, "SpringForCausalLM", adopt=adopt) as staging:
+            self._write(staging, safe_serialization, save_memory, save_tokenizer)
+
+    def _write(
+        self, save_directory: os.PathLike, safe_serialization: bool, save_memory: bool, save_tokenizer: bool
+    ) -> None:
         config, memory_saved = save_spring_files(
             save_directory,
             self.spring_config,

@@ -17,7 +17,8 @@ from tqdm.auto import tqdm
 from transformers.utils import logging
 
 from .. import __version__
-from ..utils.io import atomic_directory, looks_like_repo_id, resolve_saved_directory
+from ..persistence.atomic import looks_like_repo_id, resolve_saved_directory
+from ..persistence.folder import save_folder
 from .encoders import Encoder, resolve_encoder
 from .gate import RelevanceGate
 from .global_memory import SCOPES, GlobalMemory
@@ -616,9 +617,12 @@ class LoGoMemory(
         )
 
     def save_pretrained(self, save_directory: str | Path, *, push_to_hub: bool = False, repo_id=None, **kwargs):
-        """Saves atomically: files are written to a temporary sibling directory, which then replaces
-        `save_directory`. A crash mid-save leaves the previous version in place (or, in the instant between the
-        two renames, in a `.<name>.spring-old-*` sibling that [`~LoGoMemory.from_pretrained`] recovers).
+        """Saves `config.json`, `records.jsonl`, `embeddings.safetensors` and the card into `save_directory`, next
+        to whatever else it holds: only the files this memory's earlier saves wrote (listed in
+        `spring_manifest.json`) are replaced or removed, a file it did not write is never overwritten, and the
+        working directory, the home directory and a filesystem root are refused. A crash at any point leaves a
+        folder that the next save or [`~LoGoMemory.from_pretrained`] brings to the newest complete version (see
+        [`~persistence.save_folder`]).
 
         Args:
             save_directory (`str` or `Path`): the target directory.
@@ -626,9 +630,9 @@ class LoGoMemory(
                 name) with [`~LoGoMemory.push_to_hub`].
             kwargs: passed on to `ModelHubMixin.save_pretrained` (and to `push_to_hub`).
         """
-        target = Path(save_directory).absolute()
-        with self._save_lock, atomic_directory(target) as tmp:
+        with self._save_lock, save_folder(save_directory, "LoGoMemory", adopt=_is_memory_folder) as tmp:
             super().save_pretrained(tmp, **{k: v for k, v in kwargs.items() if k in ("config",)})
+        target = Path(save_directory).absolute()
         if push_to_hub:
             return self.push_to_hub(repo_id or target.name, **kwargs)
         return None
@@ -824,3 +828,12 @@ _INIT_KEYS = (
     "exact_below",
     "seed",
 )
+
+
+def _is_memory_folder(directory: Path) -> bool:
+    """Whether a folder without a manifest holds a memory saved by an earlier release (its files may be replaced)."""
+    try:
+        config = json.loads((directory / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(config, dict) and {"format_version", "encoder", "next_label"} <= set(config)

@@ -21,7 +21,8 @@ from ..generation.config import SPRING_CONFIG_NAME, SpringConfig
 from ..generation.model import ADAPTERS_DIR, MEMORY_DIR, save_spring_files
 from ..memory import LoGoMemory
 from ..memory.interaction import Interaction, check_user_id
-from ..utils.io import atomic_directory, looks_like_repo_id, resolve_saved_directory
+from ..persistence.atomic import looks_like_repo_id, resolve_saved_directory
+from ..persistence.folder import save_folder
 from ..utils.modeling import base_name_or_path, is_peft_model
 from .data import coerce_interactions
 from .drift import BaseLogProbCache
@@ -338,9 +339,10 @@ class ContinualPersonalizer:
     def save_pretrained(self, save_directory: str | os.PathLike, *, save_tokenizer: bool = True) -> None:
         """Saves every adapter, the memory, the base log-prob cache, the settings and the per-user period counters.
 
-        The files are written to a temporary sibling directory that then replaces `save_directory`, so an
-        interrupted save leaves the previous version in place. Under `accelerate launch` only the main process
-        writes.
+        Only the files this state's earlier saves wrote (listed in `spring_manifest.json`) are replaced or removed;
+        anything else in `save_directory` (logs, checkpoints, notes) is kept, and a file it did not write is never
+        overwritten. A crash at any point leaves a folder that the next save or load brings to the newest complete
+        version (see [`~persistence.save_folder`]). Under `accelerate launch` only the main process writes.
 
         Args:
             save_directory (`str` or `os.PathLike`): the target directory.
@@ -350,12 +352,14 @@ class ContinualPersonalizer:
 
         state = PartialState()
         if state.is_main_process:
-            with atomic_directory(save_directory) as tmp:
+            with save_folder(
+                save_directory, "ContinualPersonalizer", adopt=lambda d: (d / STATE_FILE).is_file()
+            ) as tmp:
                 self._write(tmp, save_tokenizer)
         state.wait_for_everyone()
 
     def _write(self, directory: Path, save_tokenizer: bool) -> None:
-        directory.mkdir(parents=True)
+        directory.mkdir(parents=True, exist_ok=True)
         adapters = directory / ADAPTERS_DIR
         adapters.mkdir()
         managed = {entry["adapter"] for entry in self._users.values()}

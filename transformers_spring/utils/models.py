@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from transformers.utils import logging
 
-from .io import atomic_directory
+from ..persistence.atomic import atomic_directory
 
 logger = logging.get_logger(__name__)
 

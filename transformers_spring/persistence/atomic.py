@@ -1,5 +1,6 @@
-"""Atomic saves: files via a temporary sibling and `os.replace`; directories via a sibling temporary directory swapped
-in with two renames."""
+"""Atomic files (a temporary sibling and `os.replace`), the whole-directory swap for folders the library owns outright
+(the converted-model cache), and where a load finds a saved folder. Saves into user folders go through
+[`~persistence.folder.save_folder`]."""
 
 from __future__ import annotations
 
@@ -53,10 +54,17 @@ def atomic_directory(save_directory: str | os.PathLike) -> Iterator[Path]:
 
 
 def resolve_saved_directory(path: str | os.PathLike) -> Path | None:
-    """`path` if it is a directory; else the previous version an interrupted [`atomic_directory`] swap left beside
-    it (with a warning); else None."""
+    """`path` if it is a directory, first brought to its newest complete version by
+    [`~persistence.folder.recover`] (which also removes leftovers of interrupted saves); else the previous version
+    an interrupted [`atomic_directory`] swap of an earlier release left beside it (with a warning); else None."""
+    from .folder import recover
+
     path = Path(path)
     if path.is_dir():
+        try:
+            recover(path)
+        except PermissionError as err:  # a read-only copy: read what is there
+            logger.warning(f"cannot recover {path} ({err}); reading it as it is.")
         return path
     leftovers = sorted(path.parent.glob(f".{path.name}{OLD_SUFFIX}*")) if path.parent.is_dir() else []
     if leftovers:  # a save was interrupted between its two renames: the previous version is intact here

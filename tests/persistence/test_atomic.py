@@ -5,8 +5,8 @@ import os
 
 import pytest
 
-from transformers_spring.utils import io as io_module
-from transformers_spring.utils.io import (
+from transformers_spring.persistence import atomic as io_module
+from transformers_spring.persistence.atomic import (
     OLD_SUFFIX,
     atomic_directory,
     atomic_write_bytes,
