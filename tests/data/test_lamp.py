@@ -77,7 +77,7 @@ def test_lamp4_profiles_become_timed_streams(lamp4, warnings_seen):
         ("311", "Cats nap.", "Cats Nap A Lot"),
     ]
     assert items[0].metadata == {"task": "LaMP_4", "date": "2012-11-20", "source_id": "3101"}
-    assert items[0].id == "310/3101"
+    assert items[0].id == "310#3101"  # ids hold no path separator
     assert items[0].timestamp < items[1].timestamp
     (message,) = warnings_seen()
     assert "skipped 2 of 5" in message

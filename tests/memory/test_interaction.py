@@ -1,4 +1,5 @@
 import datetime as dt
+import json
 import math
 
 import pytest
@@ -49,3 +50,58 @@ def test_timestamps_are_normalised():
 def test_from_dict_names_missing_fields():
     with pytest.raises(ValueError, match="response"):
         Interaction.from_dict({"user_id": "a", "prompt": "q"})
+
+
+# -------------------------------------------------------------- hostile input (issue: safe by construction)
+SURROGATE = json.loads('"\\udc80"')
+
+
+@pytest.mark.parametrize("field", ["user_id", "prompt", "response", "id", "metadata"])
+def test_a_lone_surrogate_is_refused_naming_the_field(field):
+    kwargs = dict(user_id="u", prompt="p", response="r", id="i1", metadata={})
+    kwargs[field] = {"note": f"x{SURROGATE}"} if field == "metadata" else f"x{SURROGATE}"
+    with pytest.raises(ValueError, match=f"`{field}`.*surrogate|`{field}` must be JSON-serialisable as UTF-8"):
+        Interaction(**kwargs)
+
+
+@pytest.mark.parametrize("bad", ["../x", "a/b", "a\\b", "a\x00b", "tab\there", "..", ".", "x" * 257, " pad"])
+@pytest.mark.parametrize("field", ["user_id", "id"])
+def test_ids_are_names_not_paths(bad, field):
+    kwargs = dict(user_id="u", prompt="p", response="r", id="i1")
+    kwargs[field] = bad
+    with pytest.raises(ValueError, match=f"`{field}`"):
+        Interaction(**kwargs)
+    assert Interaction(**{**kwargs, field: "x" * 256}).__getattribute__(field) == "x" * 256
+
+
+def test_text_needs_a_visible_character():
+    with pytest.raises(ValueError, match="`prompt` has no visible character"):
+        Interaction("u", "\u200b\u200b \u200d", "r")
+    with pytest.raises(ValueError, match="`response`"):
+        Interaction("u", "p", "\u00a0\u2028")
+    assert Interaction("u", "\u200bok", "é").prompt == "\u200bok"
+
+
+def test_stored_records_cannot_change():
+    import dataclasses
+
+    item = Interaction("alice", "p", "r", metadata={"tags": ["a"], "nested": {"k": 1}})
+    for field, value in (("user_id", "bob"), ("prompt", "x"), ("timestamp", float("nan"))):
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(item, field, value)
+    with pytest.raises(TypeError, match="read-only"):
+        item.metadata["tags"] = []
+    with pytest.raises(TypeError, match="read-only"):
+        item.metadata["tags"].append("b")
+    with pytest.raises(TypeError, match="read-only"):
+        item.metadata["nested"]["k"] = 2
+    assert item.metadata == {"tags": ["a"], "nested": {"k": 1}}
+    plain = item.to_dict()["metadata"]
+    plain["tags"].append("b")  # to_dict hands out a plain copy
+    assert item.metadata["tags"] == ["a"]
+    changed = dataclasses.replace(item, user_id="bob")
+    assert changed.user_id == "bob" and item.user_id == "alice"
+    source = {"tags": ["a"]}
+    copy = Interaction("u", "p", "r", metadata=source)
+    source["tags"].append("b")  # the caller's dict is not the stored one
+    assert copy.metadata == {"tags": ["a"]}

@@ -421,3 +421,33 @@ def test_an_earlier_release_save_is_adopted(make_memory, tmp_path):
     (target / MANIFEST_FILE).unlink()  # as written before manifests
     memory.save_pretrained(target)
     assert (target / MANIFEST_FILE).is_file() and len(LoGoMemory.from_pretrained(target)) == len(memory)
+
+
+def test_public_arguments_are_checked_by_name(make_memory, tmp_path):
+    memory = populated(make_memory)
+    with pytest.raises(TypeError, match="`interactions`"):
+        memory.add_many(None)
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="`batch_size`"):
+            memory.add_many([topical("u0", "cats", 100)], batch_size=bad)
+    with pytest.raises(TypeError, match="`interaction_id`"):
+        memory.delete("u0", [])
+    with pytest.raises(TypeError, match="`use_global`"):
+        memory.retrieve("u0", "cats", use_global="no")
+    with pytest.raises(TypeError, match="`use_global`"):
+        make_memory(use_global="no")
+    for bad in (None, 123):
+        with pytest.raises(TypeError, match="`save_directory`"):
+            memory.save_pretrained(bad)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="parent .* is a file"):
+        memory.save_pretrained(tmp_path / "file" / "mem")
+
+
+def test_a_refused_surrogate_leaves_every_later_save_working(make_memory, tmp_path):
+    memory = populated(make_memory)
+    bad = json.loads('"\\udc80"')
+    with pytest.raises(ValueError, match="surrogate"):
+        memory.add({"user_id": "u0", "prompt": f"cats {bad}", "response": "r"})
+    memory.save_pretrained(tmp_path / "mem")
+    assert len(LoGoMemory.from_pretrained(tmp_path / "mem")) == len(memory)

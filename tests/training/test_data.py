@@ -99,6 +99,6 @@ def test_coerce_interactions_errors_name_the_field():
     with pytest.raises(TypeError, match="interactions"):
         coerce_interactions("alice said hi", "alice")
     item = make_interactions("alice", 1)[0]
-    item.response = ""  # mutated after validation
+    object.__setattr__(item, "response", "")  # changed behind the frozen dataclass's back
     with pytest.raises(ValueError, match="response"):
         coerce_interactions([item], "alice")

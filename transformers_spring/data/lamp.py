@@ -261,7 +261,7 @@ def read_lamp(
         user_id = next((row[key] for key in USER_KEYS if row.get(key) not in (None, "")), question_id)
         if user_id is None:
             raise ValueError(f"{where}: no user id (none of {list(USER_KEYS)} or 'id').")
-        user_id = str(user_id).strip()
+        user_id = str(user_id).strip().replace("/", "|").replace("\\", "|")  # ids hold no path separator
         profile = row.get("profile")
         if not isinstance(profile, list):
             raise ValueError(f"{where}: 'profile' must be a list, got {type(profile).__name__}.")
@@ -302,7 +302,7 @@ def read_lamp(
                         response,
                         timestamp=timestamp,
                         metadata=metadata,
-                        id=f"{base_id}/{entry['id'] if entry.get('id') is not None else position}",
+                        id=f"{base_id}#{entry['id'] if entry.get('id') is not None else position}",  # ids hold no "/"
                     )
                 )
             except (TypeError, ValueError):  # e.g. a text over Interaction's length limit

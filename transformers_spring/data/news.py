@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,7 +27,8 @@ NEWS_SUBSET_PATH = Path(__file__).resolve().parent / "resources" / "news_subset.
 
 def read_news_jsonl(path: str | Path = DEFAULT_NEWS_PATH, min_items: int = 1) -> list[Interaction]:
     """Reads News Category JSON Lines as interactions: user = `authors`, prompt = `short_description`,
-    response = `headline`, timestamp = `date`. Records without an author or text are skipped.
+    response = `headline`, timestamp = `date`. Records without an author or text are skipped. User ids hold no path
+    separator, so a `/` or `\\` in an author string (`"Rebecca Rubin, Reuters/Variety"`) becomes `|`.
 
     Args:
         path (`str` or `Path`): the `.jsonl` file (one news item per line).
@@ -41,7 +43,7 @@ def read_news_jsonl(path: str | Path = DEFAULT_NEWS_PATH, min_items: int = 1) ->
     items = []
     with open(path, encoding="utf-8") as f:
         for number, row in jsonl_rows(f, path):
-            author = (row.get("authors") or "").strip()
+            author = (row.get("authors") or "").strip().replace("/", "|").replace("\\", "|")
             prompt, response = (row.get("short_description") or "").strip(), (row.get("headline") or "").strip()
             if not author or not prompt or not response:
                 continue
@@ -110,7 +112,9 @@ def convert_news_category(
     for items in by_author.values():  # each list is oldest first, so the tail is the most recent
         chosen.update(map(id, items if max_items_per_author is None else items[-max_items_per_author:]))
     keep = [item for item in stream if id(item) in chosen]  # one stream again, oldest first
-    if metadata_keys is not None:
-        for item in keep:
-            item.metadata = {key: value for key, value in item.metadata.items() if key in metadata_keys}
+    if metadata_keys is not None:  # interactions are immutable: filtered copies
+        keep = [
+            dataclasses.replace(item, metadata={k: v for k, v in item.metadata.items() if k in metadata_keys})
+            for item in keep
+        ]
     return write_interactions_jsonl(keep, destination)

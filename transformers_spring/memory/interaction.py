@@ -6,6 +6,7 @@ import datetime as _dt
 import json
 import math
 import time
+import unicodedata
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,27 +20,123 @@ DEFAULT_MAX_TEXT_CHARS = 20_000
 SOURCES = ("local", "global")
 
 
+# User ids and record ids are names, not paths, but they end up in folder and adapter names and in logs: keep them
+# short, printable and free of anything a filesystem would interpret.
+MAX_ID_CHARS = 256
+
+
+def _utf8(name: str, value: str) -> None:
+    """Refuses text that cannot be written as UTF-8 (a lone surrogate, as `json.loads('"\\udc80"')` produces)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(
+            f"`{name}` holds a lone surrogate {value[err.start]!r} at position {err.start}, which cannot be saved as "
+            "UTF-8; decode the text properly (or replace it) first."
+        ) from None
+
+
+def _visible(value: str) -> bool:
+    """Whether `value` has a character that is neither whitespace/separator (Z*) nor control/format (C*), e.g. not
+    only zero-width spaces."""
+    return any(unicodedata.category(c)[0] not in "ZC" for c in value)
+
+
 def _check_text(name: str, value: Any, max_chars: int, allow_empty: bool = False) -> str:
     if value is None:
         raise ValueError(f"`{name}` is None; expected a non-empty string.")
     if not isinstance(value, str):
         raise TypeError(f"`{name}` must be a str, got {type(value).__name__}.")
-    if not allow_empty and not value.strip():
-        raise ValueError(f"`{name}` is empty; expected a non-empty string.")
     if len(value) > max_chars:
         raise ValueError(f"`{name}` is {len(value)} characters long; the limit is {max_chars} (`max_text_chars`).")
+    _utf8(name, value)
+    if not allow_empty and not _visible(value):
+        raise ValueError(f"`{name}` has no visible character; expected a non-empty string.")
+    return value
+
+
+def check_name(value: Any, name: str = "id") -> str:
+    """Validates a user id or record id: a non-empty str of at most `MAX_ID_CHARS` (256) characters, without
+    surrounding whitespace, path separators (`/`, `\\`), `.` or `..` as the whole name, NUL or other control
+    characters, encodable as UTF-8.
+
+    Args:
+        value: the id.
+        name (`str`, *optional*, defaults to `"id"`): the field's name, for the error message.
+    """
+    if value is None or not isinstance(value, str):
+        raise TypeError(f"`{name}` must be a non-empty str, got {type(value).__name__}.")
+    if not value.strip():
+        raise ValueError(f"`{name}` is empty; expected a non-empty string.")
+    if len(value) > MAX_ID_CHARS:
+        raise ValueError(f"`{name}` is {len(value)} characters long; the limit is {MAX_ID_CHARS}.")
+    if value != value.strip():
+        raise ValueError(f"`{name}` {value!r} has leading or trailing whitespace.")
+    _utf8(name, value)
+    bad = next((c for c in value if unicodedata.category(c) == "Cc" or c in "/\\"), None)
+    if bad is not None:
+        raise ValueError(
+            f"`{name}` {value!r} holds {bad!r}: ids may not contain path separators or control characters."
+        )
+    if value in (".", ".."):
+        raise ValueError(f"`{name}` may not be {value!r}.")
     return value
 
 
 def check_user_id(user_id: Any) -> str:
-    """Validates a user id: a non-empty string without surrounding whitespace or path separators."""
-    if user_id is None or not isinstance(user_id, str):
-        raise TypeError(f"`user_id` must be a non-empty str, got {type(user_id).__name__}.")
-    if not user_id.strip():
-        raise ValueError("`user_id` is empty; expected a non-empty string.")
-    if user_id != user_id.strip() or "\n" in user_id:
-        raise ValueError(f"`user_id` {user_id!r} has leading/trailing whitespace or a newline.")
-    return user_id
+    """Validates a user id (see [`check_name`])."""
+    return check_name(user_id, "user_id")
+
+
+def _freeze(value: Any) -> Any:
+    """A read-only deep copy of JSON data: dicts become [`FrozenDict`], lists [`FrozenList`] (equal to the
+    originals)."""
+    if isinstance(value, dict):
+        return FrozenDict({key: _freeze(item) for key, item in value.items()})
+    if isinstance(value, (list, tuple)):
+        return FrozenList(_freeze(item) for item in value)
+    return value
+
+
+def _thaw(value: Any) -> Any:
+    """A plain, mutable deep copy of frozen JSON data."""
+    if isinstance(value, dict):
+        return {key: _thaw(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_thaw(item) for item in value]
+    return value
+
+
+class FrozenDict(dict):
+    """A dict that refuses changes: the metadata of a stored [`Interaction`] (it serialises as a plain dict). Build a
+    changed record with `dataclasses.replace(item, metadata={...})`."""
+
+    def _refuse(self, *args, **kwargs):
+        raise TypeError("an Interaction's metadata is read-only; use dataclasses.replace(item, metadata=...).")
+
+    __setitem__ = __delitem__ = __ior__ = clear = pop = popitem = setdefault = update = _refuse
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __reduce__(self):
+        return (FrozenDict, (dict(self),))
+
+
+class FrozenList(list):
+    """A list that refuses changes (inside an [`Interaction`]'s metadata)."""
+
+    def _refuse(self, *args, **kwargs):
+        raise TypeError("an Interaction's metadata is read-only; use dataclasses.replace(item, metadata=...).")
+
+    __setitem__ = __delitem__ = __iadd__ = __imul__ = append = extend = insert = pop = remove = clear = _refuse
+    sort = reverse = _refuse
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __reduce__(self):
+        return (FrozenList, (list(self),))
 
 
 def to_timestamp(value: Any, name: str = "timestamp") -> float:
@@ -65,13 +162,15 @@ def to_timestamp(value: Any, name: str = "timestamp") -> float:
     raise TypeError(f"`{name}` must be a number, datetime or ISO string, got {type(value).__name__}.")
 
 
-@dataclass
+@dataclass(frozen=True)
 class Interaction:
-    """One (prompt, response) pair a user produced, the unit every memory stores.
+    """One (prompt, response) pair a user produced, the unit every memory stores. Immutable (its metadata too), so a
+    stored record cannot be changed behind the memory's back; `dataclasses.replace` makes a changed copy.
 
     Args:
         user_id (`str`):
-            Whose interaction this is. Non-empty, no surrounding whitespace.
+            Whose interaction this is: at most 256 characters, no surrounding whitespace, path separators or control
+            characters (see [`check_name`]).
         prompt (`str`):
             The query or task input (for news: the article summary).
         response (`str`):
@@ -79,9 +178,9 @@ class Interaction:
         timestamp (`float`, `datetime`, `date` or ISO `str`, *optional*):
             When it happened; stored as POSIX seconds (UTC for naive datetimes). Defaults to now.
         metadata (`dict`, *optional*):
-            Any JSON-serialisable extras (category, link, ...).
+            Any JSON-serialisable extras (category, link, ...); stored as a read-only copy.
         id (`str`, *optional*):
-            A stable id; a random UUID when not given.
+            A stable id (the same rules as `user_id`); a random UUID when not given.
         max_text_chars (`int`, *optional*, defaults to 20000):
             Longest accepted `prompt` or `response`.
 
@@ -98,22 +197,20 @@ class Interaction:
     max_text_chars: int = field(default=DEFAULT_MAX_TEXT_CHARS, repr=False, compare=False)
 
     def __post_init__(self):
-        self.user_id = check_user_id(self.user_id)
-        self.prompt = _check_text("prompt", self.prompt, self.max_text_chars)
-        self.response = _check_text("response", self.response, self.max_text_chars)
-        self.timestamp = time.time() if self.timestamp is None else to_timestamp(self.timestamp)
-        if self.metadata is None:
-            self.metadata = {}
-        if not isinstance(self.metadata, dict):
-            raise TypeError(f"`metadata` must be a dict, got {type(self.metadata).__name__}.")
+        set_field = object.__setattr__  # frozen: fields are set once, here, after validation
+        set_field(self, "user_id", check_user_id(self.user_id))
+        set_field(self, "prompt", _check_text("prompt", self.prompt, self.max_text_chars))
+        set_field(self, "response", _check_text("response", self.response, self.max_text_chars))
+        set_field(self, "timestamp", time.time() if self.timestamp is None else to_timestamp(self.timestamp))
+        metadata = {} if self.metadata is None else self.metadata
+        if not isinstance(metadata, dict):
+            raise TypeError(f"`metadata` must be a dict, got {type(metadata).__name__}.")
         try:
-            json.dumps(self.metadata, allow_nan=False)
+            _utf8("metadata", json.dumps(metadata, allow_nan=False, ensure_ascii=False))
         except (TypeError, ValueError) as err:
-            raise ValueError(f"`metadata` must be JSON-serialisable: {err}") from err
-        if self.id is None:
-            self.id = uuid.uuid4().hex
-        elif not isinstance(self.id, str) or not self.id.strip() or "\n" in self.id:
-            raise ValueError(f"`id` must be a non-empty single-line str, got {self.id!r}.")
+            raise ValueError(f"`metadata` must be JSON-serialisable as UTF-8: {err}") from err
+        set_field(self, "metadata", metadata if isinstance(metadata, FrozenDict) else _freeze(metadata))
+        set_field(self, "id", uuid.uuid4().hex if self.id is None else check_name(self.id, "id"))
 
     @property
     def text(self) -> str:
@@ -127,7 +224,7 @@ class Interaction:
             "prompt": self.prompt,
             "response": self.response,
             "timestamp": self.timestamp,
-            "metadata": self.metadata,
+            "metadata": _thaw(self.metadata),
         }
 
     @classmethod

@@ -92,10 +92,19 @@ def _read_json(path: Path) -> dict:
     return data
 
 
-def _check_k(k: Any) -> int:
+def _check_k(k: Any, name: str = "k") -> int:
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(f"`k` must be a positive int, got {k!r}.")
+        raise ValueError(f"`{name}` must be a positive int, got {k!r}.")
     return int(k)
+
+
+def _check_bool(value: Any, name: str, optional: bool = False) -> bool | None:
+    """A real bool (`"no"` is not false, and not true either)."""
+    if optional and value is None:
+        return None
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"`{name}` must be a bool{' or None' if optional else ''}, got {value!r}.")
+    return bool(value)
 
 
 class LoGoMemory(
@@ -193,7 +202,7 @@ class LoGoMemory(
         self.dim = int(self.encoder.dim)
         self.scorer = scorer
         self.gate = RelevanceGate(gate, quantile=gate_quantile)
-        self.use_global = use_global
+        self.use_global = _check_bool(use_global, "use_global")
         self.global_scope = global_scope
         self.capacity = capacity
         self.dedup_threshold = dedup_threshold
@@ -317,6 +326,12 @@ class LoGoMemory(
         Returns:
             `list[str]`: the stored id for each input (an earlier record's id for a near-duplicate).
         """
+        if interactions is None or isinstance(interactions, (str, bytes, dict, Interaction)):
+            raise TypeError(
+                "`interactions` must be an iterable of Interaction or dict records, got "
+                f"{type(interactions).__name__} (use `add` for one record)."
+            )
+        batch_size = _check_k(batch_size, "batch_size")
         records = [self._coerce(item) for item in interactions]
         keys = [(r.user_id, r.id) for r in records]
         if len(set(keys)) != len(keys):
@@ -370,6 +385,8 @@ class LoGoMemory(
     def delete(self, user_id: str, interaction_id: str) -> bool:
         """Really deletes one record (history and buffer, local and global). Returns whether it existed."""
         user_id = check_user_id(user_id)
+        if not isinstance(interaction_id, str):
+            raise TypeError(f"`interaction_id` must be a str, got {type(interaction_id).__name__}.")
         with self._lock:
             local = self._locals.get(user_id)
             if local is None or not local.remove(interaction_id):
@@ -488,6 +505,7 @@ class LoGoMemory(
         if scope not in SCOPES:
             raise ValueError(f"`scope` must be one of {SCOPES}, got {scope!r}.")
         before = None if before is None else to_timestamp(before, "before")
+        use_global = _check_bool(use_global, "use_global", optional=True)
         use_global = self.use_global if use_global is None else use_global
         # BM25 reads of the local memory need no embedding: skip the encoder (a transformer forward per query, on
         # the decoding path of SpringForCausalLM) unless dense scores or the global memory need it.
