@@ -360,3 +360,19 @@ def make_args(tmp_path, **kwargs):
     }
     defaults.update(kwargs)
     return SpringTrainingArguments(**defaults)
+
+
+# ------------------------------------------------------------------------------------------------------ erasure
+def find_traces(folder, *needles: str) -> list[str]:
+    """Every place under `folder` (any file's bytes, hidden files and leftovers included, and every path name)
+    where one of `needles` occurs, as `"<path>: <needle>"`; empty when none does."""
+    from pathlib import Path
+
+    hits = []
+    for path in sorted(Path(folder).rglob("*")):
+        names = [str(path.relative_to(folder))]
+        data = path.read_bytes() if path.is_file() else b""
+        for needle in needles:
+            if needle in names[0] or needle.encode("utf-8") in data:
+                hits.append(f"{path}: {needle}")
+    return hits

@@ -342,3 +342,23 @@ def test_score_with_closed_gate_and_without_personalization(llama, memory):
         wrapper.score(batch["input_ids"], [[9], [10]])
     with pytest.raises(ValueError, match="at least one token"):
         wrapper.score(batch["input_ids"], [[]])
+
+
+def test_forget_user_removes_their_adapter_and_memory_from_the_next_save(tmp_path, tokenizer):
+    pytest.importorskip("hnswlib")
+    from testing_utils import find_traces
+
+    from transformers_spring.memory import HashingEncoder, LoGoMemory
+
+    model = add_user_adapters(make_model("llama"))  # adapters "alice" and "bob"
+    memory = LoGoMemory(HashingEncoder(64), gate=None, num_threads=1, use_global=False)
+    memory.add_many([Interaction("alice", "cats zqsecret", "zqreply", timestamp=1e9),
+                     Interaction("bob", "rain", "sun", timestamp=1e9)])  # fmt: skip
+    wrapper = SpringForCausalLM(model, memory=memory, tokenizer=tokenizer)
+    out = tmp_path / "spring"
+    wrapper.save_pretrained(out)
+    assert (out / "adapters" / "alice").is_dir()
+    assert wrapper.forget_user("alice") and not wrapper.forget_user("alice")
+    assert sorted(wrapper.base_model.peft_config) == ["bob"]
+    wrapper.save_pretrained(out)
+    assert find_traces(out, "alice", "zqsecret", "zqreply") == []

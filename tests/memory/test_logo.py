@@ -451,3 +451,23 @@ def test_a_refused_surrogate_leaves_every_later_save_working(make_memory, tmp_pa
         memory.add({"user_id": "u0", "prompt": f"cats {bad}", "response": "r"})
     memory.save_pretrained(tmp_path / "mem")
     assert len(LoGoMemory.from_pretrained(tmp_path / "mem")) == len(memory)
+
+
+def test_forget_user_leaves_no_byte_of_them_in_the_next_save(make_memory, tmp_path):
+    from testing_utils import find_traces
+
+    memory = populated(make_memory, gate="auto", use_global=True)
+    secret = [Interaction("zq-forgotten", f"cats kitten purr zqsecret{i}", f"zqheadline{i}", timestamp=1e9 + i)
+              for i in range(6)]  # fmt: skip
+    memory.add_many(secret)
+    for i in range(12):  # their queries feed the gate; communities include them
+        memory.retrieve("zq-forgotten", f"kitten purr {i}", k=3)
+    target = tmp_path / "mem"
+    memory.save_pretrained(target)
+    assert find_traces(target, "zq-forgotten")  # the first save holds them
+    assert memory.forget_user("zq-forgotten") and not memory.forget_user("zq-forgotten")
+    assert "zq-forgotten" not in memory.global_memory.users and "zq-forgotten" not in memory.gate.owners()
+    memory.save_pretrained(target)
+    assert find_traces(target, "zq-forgotten", "zqsecret", "zqheadline") == []
+    reloaded = LoGoMemory.from_pretrained(target)
+    assert "zq-forgotten" not in reloaded.users() and len(reloaded.gate.observed()) == len(memory.gate.observed())

@@ -282,3 +282,25 @@ def test_save_keeps_the_users_logs_and_checkpoints(tmp_path):
     p.save_pretrained(out)
     assert (out / "train.log").read_text() == "log" and (out / "checkpoints" / "step-1" / "weights.bin").is_file()
     assert json.loads((out / "continual_state.json").read_text())["users"]["alice"]["next_period"] == 2
+
+
+def test_forget_user_erases_adapter_state_cache_and_memory_from_the_next_save(tmp_path):
+    from testing_utils import find_traces
+
+    from transformers_spring.memory import Interaction
+
+    p = personalizer(tmp_path, max_resident_adapters=1)  # bob's adapter gets offloaded to disk
+    secret = [Interaction("zq-bob", f"w{i} w{i + 1} zqsecret", f"w{i + 2} zqreply", timestamp=2e9 + i)
+              for i in range(6)]  # fmt: skip
+    p.observe("zq-bob", secret)
+    p.observe("alice", stream("alice", 0))
+    out = tmp_path / "out"
+    p.save_pretrained(out)
+    assert find_traces(out, "zq-bob") and (out / "adapters" / "zq-bob").is_dir()
+    assert p.forget_user("zq-bob") and not p.forget_user("zq-bob")
+    assert p.users == ["alice"] and "zq-bob" not in p._offloaded
+    p.save_pretrained(out)
+    assert find_traces(out, "zq-bob", "zqsecret", "zqreply") == []
+    assert not (out / "adapters" / "zq-bob").exists()
+    p.observe("alice", stream("alice", 1))  # the others carry on
+    assert ContinualPersonalizer.from_pretrained(out, make_model("llama", TRAINING_VOCAB.size)).users == ["alice"]

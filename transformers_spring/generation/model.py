@@ -424,6 +424,32 @@ class SpringForCausalLM(PushToHubMixin, nn.Module):
             adapter_names=names,
         )
 
+    def forget_user(self, user_id: str) -> bool:
+        """Erases a user from the wrapper: their LoRA adapter (the one `personalization=user_id` routes to) and
+        their memory (records, buffer, global contributions). The next `save_pretrained` writes none of it and
+        removes the files earlier saves wrote for them.
+
+        Args:
+            user_id (`str`): the user.
+
+        Returns:
+            `bool`: whether the user had an adapter or memory.
+        """
+        from ..memory.interaction import check_user_id
+        from ..utils.compat import erase_adapter
+
+        user_id = check_user_id(user_id)
+        known = False
+        forget = getattr(self.memory, "forget_user", None)
+        if callable(forget):
+            known = bool(forget(user_id))
+        if is_peft_model(self.base_model):
+            name = AdapterRouter(self.base_model).resolve(user_id, self.spring_config.adapter_name_template)
+            if name in self.base_model.peft_config:
+                known = True
+                erase_adapter(self.base_model, name)
+        return known
+
     # ---------------------------------------------------------------------------------------------- persistence
     def save_pretrained(
         self,

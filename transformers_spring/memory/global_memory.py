@@ -88,7 +88,7 @@ class GlobalMemory:
         self._row_label = np.empty(64, dtype=np.int64)
         self._n = 0
         self._label_row = np.full(64, -1, dtype=np.int64)  # label -> row, -1 when absent
-        self._users: list[str] = []  # user index -> id (indices are never reused within a session)
+        self._users: list[str | None] = []  # user index -> id (None once forgotten; indices are never reused)
         self._user_index: dict[str, int] = {}
         self._user_count = np.zeros(16, dtype=np.int64)
 
@@ -188,6 +188,18 @@ class GlobalMemory:
             removed += 1
         if self._tombstones > self.rebuild_tombstone_ratio * (self._n + self._tombstones):
             self._build_index()
+        return removed
+
+    def forget(self, user_id: str) -> int:
+        """Removes every item of `user_id` and the user itself from the user table, so the id is in no later
+        state or save. Returns how many items were removed. (The user's index slot stays, empty and nameless:
+        indices are never reused within a session.)"""
+        removed = self.remove(self.user_labels(user_id))
+        index = self._user_index.pop(user_id, None)
+        if index is not None:
+            self._users[index] = None
+            self._user_community[index] = -1
+            self._stale = True
         return removed
 
     def user_labels(self, user_id: str) -> list[int]:

@@ -395,17 +395,19 @@ class LoGoMemory(
             return True
 
     def forget_user(self, user_id: str) -> bool:
-        """Erases a user: records, embeddings, buffer, global contributions and sharing preference.
-
-        Returns whether the user was known. The next `save_pretrained` writes a memory without them.
-        """
+        """Erases a user: records, embeddings, buffer, global contributions, the global user table and the sharing
+        preference. Returns whether the user was known. The next `save_pretrained` writes a memory in which no byte
+        holds their id or text, and removes every leftover of earlier saves (see [`~persistence.save_folder`]).
+        The relevance gate forgets the scores their queries contributed."""
         user_id = check_user_id(user_id)
         with self._lock:
             local = self._locals.pop(user_id, None)
-            known = local is not None or user_id in self._share
+            known = local is not None or user_id in self._share or user_id in self.global_memory.users
             self._share.pop(user_id, None)
             if local is not None:
                 self._unshare([(user_id, rid) for rid in local.history.ids])
+            self.global_memory.forget(user_id)  # the user table too: the id is in no later save
+            self.gate.forget(user_id)  # and the scores their queries added to the gate's quantile
             return known
 
     def set_sharing(self, user_id: str, share: bool) -> None:
@@ -513,7 +515,7 @@ class LoGoMemory(
         with self._lock:
             local = self._locals.get(user_id)
             hits = local.search(query_vector, query, k, self.scorer, region, before) if local is not None else []
-            passed, threshold = self.gate(hits)
+            passed, threshold = self.gate(hits, owner=user_id)
             global_hits = []
             if use_global:
                 found = self.global_memory.search(
@@ -583,6 +585,12 @@ class LoGoMemory(
                         vectors.append(store._vectors[store.rows[rid]])
                         labels.append(self._labels.get((user_id, rid), -1) if region == "history" else -1)
             community = self.global_memory.community_state()
+            # Whose query each gate score came from, as indices into `gate_users` (-1: unknown), so a reloaded
+            # memory can still forget a user's contributions; only users the memory still knows are named.
+            owners = self.gate.owners()
+            gate_users = sorted({o for o in owners if o is not None})
+            position = {user: i for i, user in enumerate(gate_users)}
+            gate_owner = np.asarray([position.get(o, -1) for o in owners], dtype=np.int64)
             config = {
                 "format_version": FORMAT_VERSION,
                 "library": "transformers_spring",
@@ -597,6 +605,7 @@ class LoGoMemory(
                 },
                 "sharing": dict(self._share),
                 "next_label": self._next_label,
+                "gate_users": gate_users,
                 "communities": {k: v for k, v in community.items() if k != "centroids"},
                 "saved_at": time.time(),
             }
@@ -604,6 +613,7 @@ class LoGoMemory(
                 "embeddings": np.stack(vectors) if vectors else np.empty((0, self.dim), dtype=np.float32),
                 "labels": np.asarray(labels, dtype=np.int64),
                 "gate_observed": self.gate.observed(),
+                "gate_owner": gate_owner,
                 "community_centroids": community["centroids"],
             }
         return config, lines, tensors
@@ -819,7 +829,8 @@ class LoGoMemory(
                 [r.timestamp for _, r, _ in shared],
             )
         self._next_label = int(config["next_label"])
-        self.gate.load_observed(tensors.get("gate_observed", np.empty(0)))
+        observed = tensors.get("gate_observed", np.empty(0))
+        self.gate.load_observed(observed, _gate_owners(config, tensors, len(observed)))
         community = config.get("communities")
         if community:
             community = dict(community, centroids=tensors.get("community_centroids", np.empty((0, self.dim))))
@@ -855,3 +866,18 @@ def _is_memory_folder(directory: Path) -> bool:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return False
     return isinstance(config, dict) and {"format_version", "encoder", "next_label"} <= set(config)
+
+
+def _gate_owners(config: dict, tensors: dict, n: int) -> list[str | None] | None:
+    """The gate scores' owners from `gate_users` (config) and `gate_owner` (tensor), checked; None for a memory
+    saved before owners were kept."""
+    if "gate_owner" not in tensors:
+        return None
+    users, index = config.get("gate_users", []), tensors["gate_owner"]
+    if not isinstance(users, list) or not all(isinstance(u, str) for u in users):
+        raise ValueError(f"{CONFIG_FILE}: field 'gate_users' must be a list of user ids.")
+    if index.ndim != 1 or index.shape[0] != n:
+        raise ValueError(f"{EMBEDDINGS_FILE}: 'gate_owner' must hold one index per gate score ({n}).")
+    if index.size and (index.min() < -1 or index.max() >= len(users)):
+        raise ValueError(f"{EMBEDDINGS_FILE}: 'gate_owner' indexes outside {CONFIG_FILE}'s 'gate_users'.")
+    return [users[i] if i >= 0 else None for i in index.tolist()]

@@ -289,6 +289,39 @@ class ContinualPersonalizer:
         self._evict(protect=name)
         return output
 
+    def forget_user(self, user_id: str) -> bool:
+        """Erases a user everywhere the personalizer keeps them: the adapter (in the model, or its offloaded copy),
+        the period counters and routing entry, the base log-prob cache entries and the memory (records, buffer,
+        global contributions). The next [`~ContinualPersonalizer.save_pretrained`] writes a folder with none of it
+        and removes the files earlier saves wrote for them (the adapter folder included).
+
+        Args:
+            user_id (`str`): the user.
+
+        Returns:
+            `bool`: whether the user was known (to the personalizer or its memory).
+        """
+        from ..utils.compat import erase_adapter
+
+        user_id = check_user_id(user_id)
+        entry = self._users.pop(user_id, None)
+        known = entry is not None
+        name = entry["adapter"] if entry else adapter_name_for(user_id)
+        if entry is not None or name in self._orphans:
+            self._resident.pop(name, None)
+            if is_peft_model(self.model) and not erase_adapter(self.model, name):
+                self._orphans.add(name)  # peft keeps a model's last adapter: zeroed, reused by the next period 0
+            else:
+                self._orphans.discard(name)
+        offloaded = self._offloaded.pop(name, None)
+        if offloaded is not None:
+            shutil.rmtree(offloaded, ignore_errors=True)
+        self.score_cache.drop_user(user_id)
+        forget = getattr(self.memory, "forget_user", None)
+        if callable(forget):
+            known = bool(forget(user_id)) or known
+        return known
+
     # ------------------------------------------------------------------------------------------------ residency
     def load_user(self, user_id: str) -> str:
         """Makes the user's adapter resident (loading it from disk if offloaded); returns its name."""

@@ -306,6 +306,23 @@ def is_lora_parameter_of(param_name: str, names: Sequence[str]) -> bool:
     return any(part.startswith("lora_") and parts[i + 1] in names for i, part in enumerate(parts[:-1]))
 
 
+def erase_adapter(model: nn.Module, name: str) -> bool:
+    """Removes adapter `name` from a peft model; returns whether it is gone. peft cannot delete a model's only
+    adapter: that one is kept with every LoRA weight zeroed (nothing learned from its user survives, and it adds
+    nothing to the base model), and False is returned."""
+    names = list(getattr(model, "peft_config", {}) or {})
+    if name not in names:
+        return True
+    if len(names) > 1:
+        model.delete_adapter(name)
+        return True
+    with torch.no_grad():
+        for param_name, param in model.named_parameters():
+            if is_lora_parameter_of(param_name, [name]):
+                param.zero_()
+    return False
+
+
 def set_adapter_trainable(model: nn.Module, name: str) -> None:
     """Makes `name` the single active adapter with only its weights trainable: `set_adapter` unfreezes it (even one
     loaded with `is_trainable=False`), and its config's `inference_mode` must follow (peft >= 0.7)."""
