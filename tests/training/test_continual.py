@@ -304,3 +304,29 @@ def test_forget_user_erases_adapter_state_cache_and_memory_from_the_next_save(tm
     assert not (out / "adapters" / "zq-bob").exists()
     p.observe("alice", stream("alice", 1))  # the others carry on
     assert ContinualPersonalizer.from_pretrained(out, make_model("llama", TRAINING_VOCAB.size)).users == ["alice"]
+
+
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        ({"adapter": "../../payload"}, "users.alice.adapter"),
+        ({"next_period": -1}, "next_period"),
+        ({"next_period": "2"}, "next_period"),
+        ({"num_observed": True}, "num_observed"),
+    ],
+)
+def test_names_and_counters_from_the_state_file_are_checked(tmp_path, edit, match):
+    p = personalizer(tmp_path)
+    p.observe("alice", stream("alice", 0))
+    out = tmp_path / "out"
+    p.save_pretrained(out)
+    state = json.loads((out / "continual_state.json").read_text())
+    state["users"]["alice"].update(edit)
+    (out / "continual_state.json").write_text(json.dumps(state))
+    with pytest.raises(ValueError, match=match):
+        ContinualPersonalizer.from_pretrained(out, make_model("llama", TRAINING_VOCAB.size))
+    assert not (tmp_path / "payload").exists()
+    state["users"] = {"../x": state["users"]["alice"]}
+    (out / "continual_state.json").write_text(json.dumps(state))
+    with pytest.raises(ValueError, match="invalid user id"):
+        ContinualPersonalizer.from_pretrained(out, make_model("llama", TRAINING_VOCAB.size))

@@ -512,20 +512,18 @@ class ContinualPersonalizer:
         present = set(adapter_names(model))
         root = personalizer._offload_root
         root.mkdir(parents=True, exist_ok=True)
-        for user_id, entry in users.items():
-            name = entry.get("adapter")
-            if not isinstance(name, str) or not (directory / ADAPTERS_DIR / name / "adapter_config.json").is_file():
+        entries = _checked_users(users, directory / STATE_FILE)  # every name that becomes a path, checked first
+        for user_id, entry in entries.items():
+            name = entry["adapter"]
+            source = directory / ADAPTERS_DIR / name
+            if not (source / "adapter_config.json").is_file() or source.is_symlink():
                 raise ValueError(f"{STATE_FILE}: user {user_id!r} has no saved adapter ({name!r}) in {directory}.")
             if name in present:
                 raise ValueError(f"`model` already has an adapter named {name!r}; pass the plain base model.")
             # A private copy: the saved directory may be overwritten later (e.g. by saving back to it).
-            shutil.copytree(directory / ADAPTERS_DIR / name, root / name, dirs_exist_ok=True)
+            shutil.copytree(source, root / name, dirs_exist_ok=True)
             personalizer._offloaded[name] = root / name
-            personalizer._users[check_user_id(user_id)] = {
-                "adapter": name,
-                "next_period": int(entry["next_period"]),
-                "num_observed": int(entry.get("num_observed", 0)),
-            }
+            personalizer._users[user_id] = entry
         return personalizer
 
     # ------------------------------------------------------------------------------------------------ inference
@@ -563,6 +561,33 @@ class ContinualPersonalizer:
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
+def _checked_users(users: dict, path: Path) -> dict[str, dict[str, Any]]:
+    """`continual_state.json`'s `users`, validated: real user ids, each with the adapter name the library derives
+    from it (a name from a file becomes a path, so `"../../x"` is refused), and non-negative int counters."""
+    checked = {}
+    for user_id, entry in users.items():
+        try:
+            user_id = check_user_id(user_id)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{path}: field 'users' holds an invalid user id: {err}") from None
+        if not isinstance(entry, dict):
+            raise ValueError(f"{path}: field 'users.{user_id}' must be an object, got {type(entry).__name__}.")
+        name = entry.get("adapter")
+        if name != adapter_name_for(user_id):
+            raise ValueError(
+                f"{path}: field 'users.{user_id}.adapter' is {name!r}, but the adapter of user {user_id!r} is "
+                f"{adapter_name_for(user_id)!r}."
+            )
+        counters = {}
+        for key in ("next_period", "num_observed"):
+            value = entry.get(key, 0 if key == "num_observed" else None)
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**31:
+                raise ValueError(f"{path}: field 'users.{user_id}.{key}' must be a non-negative int, got {value!r}.")
+            counters[key] = value
+        checked[user_id] = {"adapter": name, **counters}
+    return checked
+
+
 def _resolve_directory(path: str | os.PathLike, revision: str | None, token: str | bool | None) -> Path:
     local = resolve_saved_directory(path)
     if local is not None:
