@@ -22,7 +22,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LogitsProcessorList, PreTrainedTokenizerFast
 
 from transformers_spring.memory import HashingEncoder, Interaction, LoGoMemory
-from transformers_spring.memory.interaction import MediatedContext, RetrievedItem
+from transformers_spring.records import MediatedContext, RetrievedItem
 
 # ------------------------------------------------------------------------------------------------------ vocabulary
 SPECIALS = ("<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "[UNK]")

@@ -1,55 +1,43 @@
-"""transformers-spring: continual personalization for Hugging Face causal LMs (SPRInG + LoGo memory)."""
+"""transformers-spring: continual personalization for Hugging Face causal LMs (SPRInG + LoGo memory).
 
-__version__ = "0.1.0.dev0"
+The public names below are imported lazily, on first use (as `transformers` does): `import transformers_spring.data`
+reads files without loading the memory's ANN index (hnswlib) or a trainer, and `import transformers_spring` is cheap.
+"""
 
-from .data import (  # noqa: E402
-    PeriodSplit,
-    convert_news_category,
-    read_interactions_jsonl,
-    read_lamp,
-    read_news_jsonl,
-    select_users,
-    temporal_split,
-    write_interactions_jsonl,
-)
-from .evaluation import BenchmarkArguments, ContinualBenchmark, rouge_scores, run_benchmark  # noqa: E402
-from .generation import (  # noqa: E402
-    AdapterRouter,
-    FusedDualPathDecoder,
-    HistoryPromptBuilder,
-    Personalization,
-    RetrievalInterpolationLogitsProcessor,
-    SpringConfig,
-    SpringForCausalLM,
-    skinny_cpu_linear,
-)
-from .memory import (  # noqa: E402
-    BM25Index,
-    HashingEncoder,
-    Interaction,
-    LoGoMemory,
-    MediatedContext,
-    Mediator,
-    RelevanceGate,
-    RetrievedItem,
-    resolve_encoder,
-)
-from .training import (  # noqa: E402
-    BaseLogProbCache,
-    ContinualPersonalizer,
-    SpringPeriodOutput,
-    SpringTrainer,
-    SpringTrainingArguments,
-    drift_scores,
-    find_lora_target_modules,
-)
-from .utils import load_smollm2  # noqa: E402
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from .version import __version__
+
+# public name -> the submodule that defines it
+_EXPORTS = {
+    "data": (
+        "PeriodSplit", "convert_news_category", "read_interactions_jsonl", "read_lamp", "read_news_jsonl",
+        "select_users", "temporal_split", "write_interactions_jsonl",
+    ),
+    "evaluation": ("BenchmarkArguments", "ContinualBenchmark", "rouge_scores", "run_benchmark"),
+    "generation": (
+        "AdapterRouter", "FusedDualPathDecoder", "HistoryPromptBuilder", "Personalization",
+        "RetrievalInterpolationLogitsProcessor", "SpringConfig", "SpringForCausalLM", "skinny_cpu_linear",
+    ),
+    "memory": ("BM25Index", "HashingEncoder", "LoGoMemory", "Mediator", "RelevanceGate", "resolve_encoder"),
+    "records": ("BufferStore", "Interaction", "MediatedContext", "RetrievalMemory", "RetrievedItem"),
+    "training": (
+        "BaseLogProbCache", "ContinualPersonalizer", "SpringPeriodOutput", "SpringTrainer", "SpringTrainingArguments",
+        "drift_scores", "find_lora_target_modules",
+    ),
+    "utils": ("load_smollm2",),
+}  # fmt: skip
+_SOURCE = {name: module for module, names in _EXPORTS.items() for name in names}
 
 __all__ = [
     "AdapterRouter",
     "BM25Index",
     "BaseLogProbCache",
     "BenchmarkArguments",
+    "BufferStore",
     "ContinualBenchmark",
     "ContinualPersonalizer",
     "FusedDualPathDecoder",
@@ -62,6 +50,7 @@ __all__ = [
     "PeriodSplit",
     "Personalization",
     "RelevanceGate",
+    "RetrievalMemory",
     "RetrievalInterpolationLogitsProcessor",
     "RetrievedItem",
     "SpringConfig",
@@ -85,3 +74,52 @@ __all__ = [
     "temporal_split",
     "write_interactions_jsonl",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _SOURCE.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:  # for type checkers and IDEs: the same names, eagerly
+    from .data import (
+        PeriodSplit,
+        convert_news_category,
+        read_interactions_jsonl,
+        read_lamp,
+        read_news_jsonl,
+        select_users,
+        temporal_split,
+        write_interactions_jsonl,
+    )
+    from .evaluation import BenchmarkArguments, ContinualBenchmark, rouge_scores, run_benchmark
+    from .generation import (
+        AdapterRouter,
+        FusedDualPathDecoder,
+        HistoryPromptBuilder,
+        Personalization,
+        RetrievalInterpolationLogitsProcessor,
+        SpringConfig,
+        SpringForCausalLM,
+        skinny_cpu_linear,
+    )
+    from .memory import BM25Index, HashingEncoder, LoGoMemory, Mediator, RelevanceGate, resolve_encoder
+    from .records import BufferStore, Interaction, MediatedContext, RetrievalMemory, RetrievedItem
+    from .training import (
+        BaseLogProbCache,
+        ContinualPersonalizer,
+        SpringPeriodOutput,
+        SpringTrainer,
+        SpringTrainingArguments,
+        drift_scores,
+        find_lora_target_modules,
+    )
+    from .utils import load_smollm2

@@ -15,7 +15,7 @@ from transformers_spring.generation import (
     SpringConfig,
     SpringForCausalLM,
 )
-from transformers_spring.memory.interaction import Interaction
+from transformers_spring.records import Interaction
 
 NEW = 8
 GREEDY = {"max_new_tokens": NEW, "do_sample": False, "pad_token_id": PAD}

@@ -5,7 +5,7 @@ import pytest
 
 from transformers_spring.generation import Personalization, RowPersonalization
 from transformers_spring.generation.personalization import normalize_personalization
-from transformers_spring.memory.interaction import Interaction
+from transformers_spring.records import Interaction
 
 
 def test_a_user_id_personalises_every_row():

@@ -8,7 +8,7 @@ from testing_utils import make_tokenizer
 
 from transformers_spring.generation import HistoryPromptBuilder, SpringConfig
 from transformers_spring.generation.prompting import render_item
-from transformers_spring.memory.interaction import Interaction, RetrievedItem
+from transformers_spring.records import Interaction, RetrievedItem
 
 TEMPLATES = {"retrieval_template": "history : {history} ;", "history_item_template": "{response}"}
 

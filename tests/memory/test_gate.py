@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from transformers_spring.memory import RelevanceGate, RetrievedItem
-from transformers_spring.memory.interaction import Interaction
+from transformers_spring.records import Interaction
 
 
 def hits(*scores):

@@ -474,7 +474,7 @@ def test_forget_user_leaves_no_byte_of_them_in_the_next_save(make_memory, tmp_pa
 
 
 # -------------------------------------------------------------- validation on load
-def _saved(make_memory, tmp_path):
+def _saved_shared(make_memory, tmp_path):
     memory = populated(make_memory, use_global=True)
     memory.set_sharing("u3", False)
     memory.set_buffer("u1", [topical("u1", "cats", 77)], scores=[1.0])
@@ -564,7 +564,7 @@ CORRUPTIONS = {
 
 @pytest.mark.parametrize("name", list(CORRUPTIONS))
 def test_corrupted_folders_are_refused_naming_file_and_field(make_memory, tmp_path, name):
-    target = _saved(make_memory, tmp_path)
+    target = _saved_shared(make_memory, tmp_path)
     corrupt, match = CORRUPTIONS[name]
     if name == "buffer record labelled":
         lines = _shared_rows(target)
@@ -581,7 +581,7 @@ def test_corrupted_folders_are_refused_naming_file_and_field(make_memory, tmp_pa
 
 
 def test_symlinked_records_from_another_memory_are_refused(make_memory, tmp_path):
-    target = _saved(make_memory, tmp_path)
+    target = _saved_shared(make_memory, tmp_path)
     other = tmp_path / "other"
     other.mkdir()
     (other / "records.jsonl").write_text((target / "records.jsonl").read_text())

@@ -8,8 +8,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from ..memory.interaction import Interaction
 from ..persistence.atomic import atomic_write_text
+from ..records import Interaction
 
 # The order keys are written in; the reader's defaults read these names.
 JSONL_FIELDS = ("user_id", "prompt", "response", "timestamp", "id", "metadata")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from transformers.utils import logging
 
-from ..memory.interaction import Interaction
+from ..records import Interaction
 from .jsonl import jsonl_rows
 
 logger = logging.get_logger(__name__)

@@ -7,7 +7,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..memory.interaction import Interaction
+from ..records import Interaction
 from .jsonl import jsonl_rows, write_interactions_jsonl
 from .streams import group_by_user
 

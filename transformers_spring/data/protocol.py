@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from transformers.utils import logging
 
-from ..memory.interaction import Interaction
+from ..records import Interaction
 from .streams import group_by_user
 
 logger = logging.get_logger(__name__)

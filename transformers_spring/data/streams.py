@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from ..memory.interaction import Interaction
+from ..records import Interaction
 
 
 def group_by_user(interactions: Iterable[Interaction], newest_first: bool = False) -> dict[str, list[Interaction]]:

@@ -25,9 +25,10 @@ from transformers import StoppingCriteria
 from transformers.utils import logging
 
 from ..data import read_news_jsonl
+from ..generation.adapters import BASE_ADAPTER
 from ..memory.gate import RelevanceGate
-from ..memory.interaction import Interaction
 from ..persistence.atomic import atomic_write_text
+from ..records import Interaction
 from .benchmark_config import BenchmarkArguments
 from .methods import MethodSpec, earlier_training_items, floor_prediction, rag_items, resolve_methods
 from .metrics import rouge_scores
@@ -35,7 +36,7 @@ from .report import bootstrap_table, drift_bootstrap, summarize
 
 logger = logging.get_logger(__name__)
 
-BASE_ROW = "__base__"  # a routing id no adapter has: the row decodes with the base model
+BASE_ROW = BASE_ADAPTER  # a routing id no adapter has: the row decodes with the base model
 
 
 def load_interactions(args: BenchmarkArguments) -> list[Interaction]:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..memory.bm25 import BM25Index
-from ..memory.interaction import Interaction, RetrievedItem
+from ..records import Interaction, RetrievedItem
 from ..utils.ranking import top_k_indices
 
 

@@ -1,4 +1,5 @@
-"""Per-row LoRA adapter routing for generation (peft's `adapter_names` mechanism, with a mutable name list)."""
+"""Adapter naming and per-row LoRA routing: how a user id becomes an adapter name (`adapter_name_for`) and how each
+row of a batch reaches its adapter (peft's `adapter_names` mechanism, with a mutable name list)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,16 @@ BASE_ADAPTER = "__base__"  # peft's placeholder for "no adapter" in `adapter_nam
 def sanitize_adapter_name(name: str) -> str:
     """peft adapter names become module keys, so characters such as '.' or ' ' are replaced by '_'."""
     return re.sub(r"[^A-Za-z0-9_\-]", "_", name)
+
+
+def adapter_name_for(user_id: str) -> str:
+    """The adapter name of a user: the name [`SpringForCausalLM`] routes `personalization=user_id` to (the user id
+    with characters outside `[A-Za-z0-9_-]` replaced by `_`, see [`sanitize_adapter_name`]). The one place a user id
+    becomes an adapter name: training, routing, saving, loading and erasure all use it."""
+    name = sanitize_adapter_name(user_id)
+    if name == BASE_ADAPTER:
+        raise ValueError(f"`user_id` {user_id!r} maps to peft's reserved adapter name {BASE_ADAPTER!r}.")
+    return name
 
 
 class AdapterRouter:

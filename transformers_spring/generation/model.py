@@ -16,6 +16,7 @@ from transformers.utils import PushToHubMixin, logging
 from ..memory import LoGoMemory
 from ..persistence.atomic import resolve_saved_directory
 from ..persistence.folder import save_folder
+from ..records import RetrievalMemory
 from ..utils.compat import active_adapter_of, merged_generation_config, needs_synced_gpus
 from ..utils.modeling import base_name_or_path, is_peft_model
 from .adapters import BASE_ADAPTER, AdapterRouter, activate_adapters
@@ -102,8 +103,10 @@ class SpringForCausalLM(PushToHubMixin, nn.Module):
             )
         if config is not None and not isinstance(config, SpringConfig):
             raise TypeError(f"`config` must be a SpringConfig, got {type(config).__name__}.")
-        if memory is not None and not callable(getattr(memory, "retrieve_context", None)):
-            raise TypeError(f"`memory` must have a `retrieve_context` method, got {type(memory).__name__}.")
+        if memory is not None and not isinstance(memory, RetrievalMemory):
+            raise TypeError(
+                f"`memory` must be a RetrievalMemory (have a `retrieve_context` method), got {type(memory).__name__}."
+            )
         self.base_model = model
         self.memory = memory
         self.spring_config = config if config is not None else SpringConfig()
@@ -435,7 +438,7 @@ class SpringForCausalLM(PushToHubMixin, nn.Module):
         Returns:
             `bool`: whether the user had an adapter or memory.
         """
-        from ..memory.interaction import check_user_id
+        from ..records import check_user_id
         from ..utils.compat import erase_adapter
 
         user_id = check_user_id(user_id)

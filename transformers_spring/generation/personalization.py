@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..memory.interaction import Interaction, MediatedContext, RetrievedItem
+from ..records import Interaction, MediatedContext, RetrievedItem
 from .config import check_gate, check_weight
 
 

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from transformers.utils import logging
 
-from ..memory.interaction import Interaction, RetrievedItem
+from ..records import Interaction, RetrievedItem
 from .config import SpringConfig
 
 logger = logging.get_logger(__name__)

@@ -6,9 +6,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ..records import Interaction, RetrievedItem
 from ..utils.ranking import top_k_candidates
 from .bm25 import BM25Index
-from .interaction import Interaction, RetrievedItem
 
 SCORERS = ("dense", "bm25")
 REGIONS = ("history", "buffer", "all")

@@ -16,13 +16,9 @@ from safetensors.numpy import load_file, save_file
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
-from .. import __version__
 from ..persistence.atomic import looks_like_repo_id, resolve_saved_directory
 from ..persistence.folder import save_folder
-from .encoders import Encoder, resolve_encoder
-from .gate import RelevanceGate
-from .global_memory import SCOPES, GlobalMemory
-from .interaction import (
+from ..records import (
     DEFAULT_MAX_TEXT_CHARS,
     Interaction,
     MediatedContext,
@@ -31,6 +27,10 @@ from .interaction import (
     check_user_id,
     to_timestamp,
 )
+from ..version import __version__
+from .encoders import Encoder, resolve_encoder
+from .gate import RelevanceGate
+from .global_memory import SCOPES, GlobalMemory
 from .local import REGIONS, SCORERS, LocalMemory
 from .mediator import Mediator
 

@@ -9,7 +9,7 @@ import math
 
 import numpy as np
 
-from .interaction import MediatedContext, RetrievedItem
+from ..records import MediatedContext, RetrievedItem
 
 
 class Mediator:

@@ -16,14 +16,14 @@ from typing import Any
 import torch
 from transformers.utils import logging
 
-from .. import __version__
 from ..generation.config import SPRING_CONFIG_NAME, SpringConfig
 from ..generation.model import ADAPTERS_DIR, MEMORY_DIR, save_spring_files
 from ..memory import LoGoMemory
-from ..memory.interaction import Interaction, check_user_id
 from ..persistence.atomic import looks_like_repo_id, resolve_saved_directory
 from ..persistence.folder import save_folder
+from ..records import Interaction, check_user_id
 from ..utils.modeling import base_name_or_path, is_peft_model
+from ..version import __version__
 from .data import coerce_interactions
 from .drift import BaseLogProbCache
 from .lora import adapter_name_for, adapter_names

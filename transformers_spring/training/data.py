@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from transformers.utils import logging
 
-from ..memory.interaction import Interaction
+from ..records import Interaction
 
 logger = logging.get_logger(__name__)
 

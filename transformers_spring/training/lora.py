@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 from transformers.utils import logging
 
-from ..generation.adapters import BASE_ADAPTER, sanitize_adapter_name
+from ..generation.adapters import adapter_name_for  # noqa: F401 (re-exported: `training.adapter_name_for`)
 from ..utils.compat import is_lora_parameter_of, set_adapter_trainable
 from ..utils.modeling import is_peft_model
 
@@ -88,15 +88,6 @@ def build_lora_config(args: Any, model: nn.Module):
         bias="none",
         task_type="CAUSAL_LM",
     )
-
-
-def adapter_name_for(user_id: str) -> str:
-    """The adapter name of a user: the name [`SpringForCausalLM`] routes `personalization=user_id` to (the user id
-    with characters outside `[A-Za-z0-9_-]` replaced by `_`, see `sanitize_adapter_name`)."""
-    name = sanitize_adapter_name(user_id)
-    if name == BASE_ADAPTER:
-        raise ValueError(f"`user_id` {user_id!r} maps to peft's reserved adapter name {BASE_ADAPTER!r}.")
-    return name
 
 
 def adapter_seed(seed: int, name: str) -> int:

@@ -13,7 +13,7 @@ from transformers import Trainer
 from transformers.trainer_utils import TrainOutput
 from transformers.utils import logging
 
-from ..memory.interaction import Interaction, check_user_id
+from ..records import BufferStore, Interaction, check_user_id
 from ..utils.compat import supports_logits_to_keep_mask
 from .data import (
     EncodedSample,
@@ -186,9 +186,11 @@ class SpringTrainer(Trainer):
             coerce_interactions(eval_interactions, self.user_id, "eval_interactions") if eval_interactions else []
         )
         if memory is not None:
-            for method in ("buffer", "set_buffer", "buffer_scores"):
-                if not callable(getattr(memory, method, None)):
-                    raise TypeError(f"`memory` must have a `{method}` method (e.g. a LoGoMemory), got {type(memory)}.")
+            if not isinstance(memory, BufferStore):
+                raise TypeError(
+                    "`memory` must be a BufferStore (`buffer`, `buffer_scores` and `set_buffer` methods, e.g. a "
+                    f"LoGoMemory), got {type(memory).__name__}."
+                )
             limit = getattr(memory, "buffer_size", None)
             if limit is not None and args.buffer_size > limit:
                 raise ValueError(

@@ -8,8 +8,9 @@ import math
 import time
 import unicodedata
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -293,3 +294,24 @@ class MediatedContext:
     @property
     def is_empty(self) -> bool:
         return not self.items
+
+
+@runtime_checkable
+class RetrievalMemory(Protocol):
+    """What [`SpringForCausalLM`] needs of a memory: gated, mediated retrieval for a user and a query
+    ([`LoGoMemory`] is one; any object with this method works)."""
+
+    def retrieve_context(self, user_id: str, query: str, k: int = 4, **kwargs: Any) -> MediatedContext: ...
+
+
+@runtime_checkable
+class BufferStore(Protocol):
+    """What [`SpringTrainer`] needs of a memory: each user's residual buffer, read and replaced as a whole."""
+
+    def buffer(self, user_id: str) -> list[Interaction]: ...
+
+    def buffer_scores(self, user_id: str) -> dict[str, float]: ...
+
+    def set_buffer(
+        self, user_id: str, interactions: Sequence[Interaction], scores: Sequence[float] | None = None
+    ) -> None: ...
