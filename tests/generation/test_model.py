@@ -362,3 +362,27 @@ def test_forget_user_removes_their_adapter_and_memory_from_the_next_save(tmp_pat
     assert sorted(wrapper.base_model.peft_config) == ["bob"]
     wrapper.save_pretrained(out)
     assert find_traces(out, "alice", "zqsecret", "zqreply") == []
+
+
+def test_the_manifest_lists_components_and_a_memory_subclass_survives(tmp_path, tokenizer):
+    pytest.importorskip("hnswlib")
+    from transformers_spring.memory import HashingEncoder, LoGoMemory
+    from transformers_spring.persistence import read_manifest
+
+    class TaggedMemory(LoGoMemory):
+        pass
+
+    memory = TaggedMemory(HashingEncoder(64), gate=None, num_threads=1, use_global=False)
+    memory.add(Interaction("alice", "cats rain", "cats w1", timestamp=1e9))
+    base_dir = tmp_path / "base"
+    make_model("llama").save_pretrained(base_dir)
+    model = add_user_adapters(AutoModelForCausalLM.from_pretrained(base_dir))
+    out = tmp_path / "spring"
+    SpringForCausalLM(model, memory=memory, tokenizer=tokenizer).save_pretrained(out)
+    manifest = read_manifest(out)
+    assert manifest["type"] == "SpringForCausalLM"
+    parts = {c["name"]: c for c in manifest["components"]}
+    assert set(parts) == {"config", "adapters", "memory", "tokenizer"}
+    assert parts["memory"]["path"] == "memory" and parts["memory"]["type"].endswith("TaggedMemory")
+    loaded = SpringForCausalLM.from_pretrained(out, memory_kwargs={"encoder": HashingEncoder(64)})
+    assert type(loaded.memory) is TaggedMemory and len(loaded.memory) == 1

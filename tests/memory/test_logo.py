@@ -10,7 +10,7 @@ from huggingface_hub import HfApi
 from safetensors.numpy import load_file
 from testing_utils import topical
 
-from transformers_spring.memory import HashingEncoder, Interaction, LoGoMemory
+from transformers_spring.memory import HashingEncoder, Interaction, LoGoMemory, Mediator
 from transformers_spring.memory import logo as logo_module
 
 
@@ -589,3 +589,27 @@ def test_symlinked_records_from_another_memory_are_refused(make_memory, tmp_path
     (target / "records.jsonl").symlink_to(other / "records.jsonl")
     with pytest.raises(ValueError, match="records.jsonl.*symlink"):
         LoGoMemory.from_pretrained(target)
+
+
+class CautiousMediator(Mediator):
+    """A subclass with a setting of its own: it must survive a save and load."""
+
+    def __init__(self, caution: float = 0.5, **kwargs):
+        super().__init__(**kwargs)
+        self.caution = caution
+
+    def config(self) -> dict:
+        return {**super().config(), "caution": self.caution}
+
+
+def test_a_mediator_subclass_survives_a_round_trip(make_memory, tmp_path):
+    memory = populated(make_memory, mediator=CautiousMediator(caution=0.9, kappa=3.0))
+    memory.save_pretrained(tmp_path / "mem")
+    loaded = LoGoMemory.from_pretrained(tmp_path / "mem")
+    assert type(loaded.mediator) is CautiousMediator
+    assert loaded.mediator.caution == 0.9 and loaded.mediator.kappa == 3.0
+    config = json.loads((tmp_path / "mem" / "config.json").read_text())
+    config["mediator"]["class"] = "somewhere.Unknown"
+    (tmp_path / "mem" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="somewhere.Unknown.*not registered"):
+        LoGoMemory.from_pretrained(tmp_path / "mem")

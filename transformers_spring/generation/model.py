@@ -6,6 +6,7 @@ import copy
 import os
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -14,8 +15,10 @@ from transformers import GenerationConfig, LogitsProcessorList
 from transformers.utils import PushToHubMixin, logging
 
 from ..memory import LoGoMemory
-from ..persistence.atomic import resolve_saved_directory
-from ..persistence.folder import save_folder
+from ..memory.logo import memory_class, memory_type_name
+from ..persistence.cards import render_card
+from ..persistence.folder import component, read_manifest, save_folder
+from ..persistence.hub import resolve_folder
 from ..records import RetrievalMemory
 from ..utils.compat import active_adapter_of, merged_generation_config, needs_synced_gpus
 from ..utils.modeling import base_name_or_path, is_peft_model
@@ -31,29 +34,6 @@ logger = logging.get_logger(__name__)
 ADAPTERS_DIR = "adapters"
 MEMORY_DIR = "memory"
 _UNSUPPORTED_WITH_PERSONALIZATION = ("assistant_model", "prompt_lookup_num_tokens", "inputs_embeds")
-
-_MODEL_CARD = """---
-library_name: transformers_spring
-tags:
-- transformers_spring
-- spring
-- personalization
-{base_model_line}---
-
-# SPRInG personalization for `{base}`
-
-Saved by [`transformers_spring`](https://pypi.org/project/transformers-spring/): the `SpringConfig`
-(`spring_config.json`){extras}. Load it with:
-
-```python
-from transformers_spring.generation import SpringForCausalLM
-
-model = SpringForCausalLM.from_pretrained("<this repo or directory>")
-model.generate(**inputs, personalization="<user id>")
-```
-
-**Privacy:** per-user adapters and memories are derived from users' own text. Share them only with their consent.
-"""
 
 
 class SpringForCausalLM(PushToHubMixin, nn.Module):
@@ -475,7 +455,8 @@ class SpringForCausalLM(PushToHubMixin, nn.Module):
             save_tokenizer (`bool`, *optional*, defaults to `True`): also save the tokenizer.
         """
         adopt = lambda d: (d / SPRING_CONFIG_NAME).is_file()  # noqa: E731 (a save of an earlier release)
-        with save_folder(save_directory, "SpringForCausalLM", adopt=adopt) as staging:
+        parts = lambda d: spring_components(d, self.memory)  # noqa: E731
+        with save_folder(save_directory, "SpringForCausalLM", adopt=adopt, components=parts) as staging:
             self._write(staging, safe_serialization, save_memory, save_tokenizer)
 
     def _write(
@@ -500,8 +481,8 @@ class SpringForCausalLM(PushToHubMixin, nn.Module):
         base_line = f"base_model: {base}\n" if config.base_model_name_or_path else ""
         with open(os.path.join(save_directory, "README.md"), "w", encoding="utf-8") as handle:
             handle.write(
-                _MODEL_CARD.format(
-                    base=base, base_model_line=base_line, extras=("; " + ", ".join(extras)) if extras else ""
+                render_card(
+                    "spring", base=base, base_model_line=base_line, extras=("; " + ", ".join(extras)) if extras else ""
                 )
             )
 
@@ -543,7 +524,15 @@ class SpringForCausalLM(PushToHubMixin, nn.Module):
         from transformers import AutoModelForCausalLM
 
         base_override = hf_kwargs.pop("base_model_name_or_path", None)
-        spring_dir = _resolve_spring_dir(model_id_or_path, revision, token)
+        found = resolve_folder(
+            model_id_or_path,
+            marker=SPRING_CONFIG_NAME,
+            kind="SpringForCausalLM",
+            probe=True,
+            revision=revision,
+            token=token,
+        )  # a plain model id or path gives None: wrapped below
+        spring_dir = str(found) if found is not None else None
         if spring_dir is not None:
             config = SpringConfig.from_pretrained(spring_dir)
             base_id = base_override or config.base_model_name_or_path
@@ -555,8 +544,8 @@ class SpringForCausalLM(PushToHubMixin, nn.Module):
             adapters_dir = os.path.join(spring_dir, ADAPTERS_DIR)
             if load_adapters and os.path.isdir(adapters_dir):
                 model = _load_adapters(model, adapters_dir, is_trainable)
-            if memory is None and load_memory and os.path.isdir(os.path.join(spring_dir, MEMORY_DIR)):
-                memory = LoGoMemory.from_pretrained(os.path.join(spring_dir, MEMORY_DIR), **(memory_kwargs or {}))
+            if memory is None and load_memory:
+                memory = load_memory_component(Path(spring_dir), memory_kwargs)
             tokenizer_sources = [spring_dir, base_id]
         else:
             base_id = base_override or str(model_id_or_path)
@@ -573,6 +562,29 @@ class SpringForCausalLM(PushToHubMixin, nn.Module):
 
 
 # -------------------------------------------------------------------------------------------------- module helpers
+def spring_components(directory: Path, memory: Any) -> list[dict]:
+    """The parts of a SPRInG folder, for its manifest (sentence-transformers' `modules.json` style): the config, and
+    when present the adapters, the memory (with its class, which the loader dispatches on) and the tokenizer."""
+    parts = [{"name": "config", "path": SPRING_CONFIG_NAME, "type": "SpringConfig"}]
+    if (directory / ADAPTERS_DIR).is_dir():
+        parts.append({"name": "adapters", "path": ADAPTERS_DIR, "type": "peft.LoraConfig"})
+    if (directory / MEMORY_DIR).is_dir():
+        parts.append({"name": "memory", "path": MEMORY_DIR, "type": memory_type_name(type(memory))})
+    if (directory / "tokenizer_config.json").is_file():
+        parts.append({"name": "tokenizer", "path": ".", "type": "transformers.AutoTokenizer"})
+    return parts
+
+
+def load_memory_component(directory: Path, memory_kwargs: dict | None) -> Any:
+    """The memory of a SPRInG folder, loaded with the class its manifest names (a `LoGoMemory` subclass survives the
+    round trip; a folder without a manifest holds a `LoGoMemory`), or None when the folder has no memory."""
+    if not (directory / MEMORY_DIR).is_dir():
+        return None
+    entry = component(read_manifest(directory), "memory")
+    cls = memory_class(entry["type"]) if entry is not None else LoGoMemory
+    return cls.from_pretrained(directory / (entry["path"] if entry else MEMORY_DIR), **(memory_kwargs or {}))
+
+
 def save_spring_files(
     directory: str | os.PathLike, spring_config: SpringConfig | None, model: nn.Module, memory: Any, tokenizer: Any
 ) -> tuple[SpringConfig, bool]:
@@ -629,22 +641,6 @@ def _pad_id(generation_config: GenerationConfig, tokenizer: Any) -> int:
     if eos is not None:
         return int(eos[0] if isinstance(eos, (list, tuple)) else eos)
     return 0  # masked out anyway
-
-
-def _resolve_spring_dir(model_id_or_path, revision, token) -> str | None:
-    """A local directory holding spring_config.json (downloading a Hub repo when needed), or None."""
-    path = os.fspath(model_id_or_path)
-    local = resolve_saved_directory(path)  # also recovers a directory whose atomic save was interrupted
-    if local is not None:
-        return str(local) if (local / SPRING_CONFIG_NAME).is_file() else None
-    from huggingface_hub import hf_hub_download, snapshot_download
-    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
-
-    try:
-        hf_hub_download(path, SPRING_CONFIG_NAME, revision=revision, token=token)
-    except (EntryNotFoundError, LocalEntryNotFoundError, HfHubHTTPError, HFValidationError, OSError, ValueError):
-        return None  # not a Spring repo (or unreachable): treat it as a plain model id
-    return snapshot_download(path, revision=revision, token=token)
 
 
 def _load_adapters(model: nn.Module, adapters_dir: str, is_trainable: bool) -> nn.Module:

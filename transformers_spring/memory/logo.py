@@ -10,14 +10,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from huggingface_hub import ModelCard, ModelHubMixin, snapshot_download
+from huggingface_hub import ModelCard, ModelHubMixin
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
-from ..persistence.atomic import looks_like_repo_id, resolve_saved_directory
+from ..persistence.cards import render_card
 from ..persistence.folder import save_folder
+from ..persistence.hub import resolve_folder
 from ..records import (
     DEFAULT_MAX_TEXT_CHARS,
     Interaction,
@@ -32,7 +33,7 @@ from .encoders import Encoder, resolve_encoder
 from .gate import RelevanceGate
 from .global_memory import SCOPES, GlobalMemory
 from .local import REGIONS, SCORERS, LocalMemory
-from .mediator import Mediator
+from .mediator import Mediator, mediator_class, mediator_name
 
 logger = logging.get_logger(__name__)
 
@@ -44,41 +45,6 @@ CONFIG_FILE, RECORDS_FILE, EMBEDDINGS_FILE, CARD_FILE = (
     "README.md",
 )
 MEMORY_FILES = (CONFIG_FILE, RECORDS_FILE, EMBEDDINGS_FILE, CARD_FILE)
-
-_CARD = """---
-library_name: transformers_spring
-tags:
-- transformers_spring
-- personalization
-- memory
-- logo
----
-
-# LoGo memory
-
-A per-user (local) plus collective (global) memory saved by
-[transformers_spring](https://github.com/transformers-spring/transformers-spring) {version}.
-
-| | |
-|---|---|
-| users | {users} |
-| history records | {records} |
-| buffer records | {buffer} |
-| records shared with the global memory | {shared} |
-| encoder | `{encoder}` (dim {dim}, cosine on normalised embeddings) |
-
-Load it with `LoGoMemory.from_pretrained("<this repo>")`. Files: `config.json` (settings and counts),
-`records.jsonl` (one interaction per line), `embeddings.safetensors` (the vectors). Indexes are rebuilt on load;
-nothing here is pickled or executed.
-
-## Privacy
-
-This repository holds the **verbatim interactions of real users**, keyed by user id. Keep it private unless every
-user agreed to publication. Users who opted out of sharing ({opted_out}) are never placed in the global memory, but
-their own records are still stored here. Delete a user with `memory.forget_user(user_id)` and push again; the Hub
-keeps earlier commits, so also rewrite or delete the repository's history if the data must be gone.
-"""
-
 
 # Size limits on loaded files, so that a small edit cannot make a load allocate without bound or run for minutes.
 MAX_CONFIG_BYTES = 64 * 2**20
@@ -180,6 +146,10 @@ class LoGoMemory(
     >>> memory = LoGoMemory.from_pretrained("alice-memory")
     ```
     """
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)  # ModelHubMixin's class kwargs (library_name, tags, ...)
+        MEMORY_TYPES[memory_type_name(cls)] = cls
 
     def __init__(
         self,
@@ -615,7 +585,7 @@ class LoGoMemory(
                 "library": "transformers_spring",
                 "library_version": __version__,
                 **self.config(),
-                "mediator": {"class": type(self.mediator).__name__, **self.mediator.config()},
+                "mediator": {"class": mediator_name(type(self.mediator)), **self.mediator.config()},
                 "counts": {
                     "users": len(self._locals),
                     "records": sum(1 for line in lines if line["region"] == "history"),
@@ -651,7 +621,8 @@ class LoGoMemory(
         counts = getattr(self, "_card_counts", None) or {"users": len(self._locals), "records": len(self)}
         opted_out = sorted(u for u, share in self._share.items() if not share)
         return ModelCard(
-            _CARD.format(
+            render_card(
+                "memory",
                 version=__version__,
                 users=counts.get("users", 0),
                 records=counts.get("records", 0),
@@ -705,22 +676,11 @@ class LoGoMemory(
             model_kwargs: `encoder=` (required when the memory was saved with a custom encoder) and any
                 constructor argument to override the saved one.
         """
-        directory = resolve_saved_directory(pretrained_model_name_or_path)
-        if directory is None:
-            name = str(pretrained_model_name_or_path)
-            if not looks_like_repo_id(name):
-                raise FileNotFoundError(f"no LoGoMemory directory at {name}.")
-            directory = Path(
-                snapshot_download(
-                    repo_id=name,
-                    revision=revision,
-                    cache_dir=cache_dir,
-                    force_download=force_download,
-                    token=token,
-                    local_files_only=local_files_only,
-                    allow_patterns=list(MEMORY_FILES),
-                )
-            )
+        directory = resolve_folder(
+            pretrained_model_name_or_path, marker=CONFIG_FILE, kind="LoGoMemory", allow_patterns=MEMORY_FILES,
+            revision=revision, token=token, cache_dir=cache_dir, force_download=force_download,
+            local_files_only=local_files_only,
+        )  # fmt: skip
         return cls._from_pretrained(
             model_id=str(directory),
             revision=revision,
@@ -756,9 +716,17 @@ class LoGoMemory(
             encoder = saved_encoder
         settings = {key: config[key] for key in _INIT_KEYS if key in config}
         settings.update(kwargs)
-        mediator_config = {k: v for k, v in config.get("mediator", {}).items() if k != "class"}
-        if "mediator" not in kwargs and mediator_config:
-            settings["mediator"] = Mediator(**mediator_config)
+        saved_mediator = config.get("mediator", {})
+        if not isinstance(saved_mediator, dict):
+            raise ValueError(f"{CONFIG_FILE} in {directory}: field 'mediator' must be an object.")
+        mediator_config = {k: v for k, v in saved_mediator.items() if k != "class"}
+        if "mediator" not in kwargs and saved_mediator:  # dispatch on the saved class: a subclass survives
+            try:
+                settings["mediator"] = mediator_class(str(saved_mediator.get("class", "Mediator")))(**mediator_config)
+            except TypeError as err:
+                raise ValueError(
+                    f"{CONFIG_FILE} in {directory}: field 'mediator' does not fit its class: {err}"
+                ) from err
         memory = cls(encoder, **settings)
         if memory.dim != config["dim"]:
             raise ValueError(
@@ -997,3 +965,28 @@ def _check_loaded(memory: LoGoMemory, config: dict, lines: list, tensors: dict, 
     centroids = tensors.get("community_centroids")
     if centroids is not None and (centroids.size > MAX_COMMUNITIES * memory.dim or not np.isfinite(centroids).all()):
         raise ValueError(f"{where}: 'community_centroids' must be at most {MAX_COMMUNITIES} finite vectors.")
+
+
+# Every LoGoMemory class by qualified name, so that a composite folder's manifest can name the memory's class and the
+# loader dispatch on it (a subclass survives a round trip).
+MEMORY_TYPES: dict[str, type] = {}
+
+
+def memory_type_name(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def memory_class(name: str) -> type:
+    """The memory class a manifest names (`LoGoMemory` or a registered subclass).
+
+    Raises:
+        `ValueError`: the class is unknown (its module was not imported): pass `memory=` instead.
+    """
+    if name in ("LoGoMemory", memory_type_name(LoGoMemory)):
+        return LoGoMemory
+    if name in MEMORY_TYPES:
+        return MEMORY_TYPES[name]
+    raise ValueError(
+        f"the folder's memory is a {name!r}, which is not registered: import the module that defines it before "
+        "loading, or pass `memory=`."
+    )

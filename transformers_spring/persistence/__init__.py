@@ -4,9 +4,18 @@ from .folder import (
     MANIFEST_FILE,
     UnsafeSaveError,
     check_save_directory,
+    component,
     read_manifest,
     recover,
     save_folder,
 )
 
-__all__ = ["MANIFEST_FILE", "UnsafeSaveError", "check_save_directory", "read_manifest", "recover", "save_folder"]
+__all__ = [
+    "MANIFEST_FILE",
+    "UnsafeSaveError",
+    "check_save_directory",
+    "component",
+    "read_manifest",
+    "recover",
+    "save_folder",
+]

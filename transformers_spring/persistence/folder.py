@@ -107,6 +107,24 @@ def _check_manifest(manifest, path: Path) -> None:
         raise ValueError(f"{path}: field 'files' must be a list of relative paths.")
     for name in files:
         _check_relative(name, path, "files")
+    components = manifest.get("components", [])
+    if not isinstance(components, list):
+        raise ValueError(f"{path}: field 'components' must be a list.")
+    for component in components:
+        if not isinstance(component, dict) or not all(
+            isinstance(component.get(key), str) for key in ("name", "path", "type")
+        ):
+            raise ValueError(f"{path}: each of 'components' needs a str 'name', 'path' and 'type'.")
+        if component["path"] != ".":
+            _check_relative(component["path"], path, "components.path")
+
+
+def component(manifest: dict | None, name: str) -> dict | None:
+    """The manifest's component called `name` (`{"name", "path", "type", ...}`), or None."""
+    for entry in (manifest or {}).get("components", []):
+        if entry["name"] == name:
+            return entry
+    return None
 
 
 def _check_relative(name: str, where: Path, field: str) -> None:
@@ -199,6 +217,8 @@ def _roll_forward(target: Path, staging: Path, marker: dict, previous: dict | No
     manifest = {"format_version": MANIFEST_VERSION, "generation": marker["generation"], "files": marker["files"]}
     if marker.get("type") or kind:
         manifest["type"] = marker.get("type") or kind
+    if marker.get("components"):
+        manifest["components"] = marker["components"]
     _write_json_atomic(target / MANIFEST_FILE, manifest)
     _step("committed")
     _remove(staging)
@@ -272,6 +292,7 @@ def save_folder(
     *,
     adopt: Callable[[Path], bool] | None = None,
     argument: str = "save_directory",
+    components: Callable[[Path], list[dict]] | None = None,
 ) -> Iterator[Path]:
     """Yields an empty staging folder to write a save's files into; on a clean exit they replace their namesakes in
     `directory` (see the module docstring); on an error nothing in `directory` changes.
@@ -286,6 +307,9 @@ def save_folder(
         adopt (`Callable[[Path], bool]`, *optional*): whether a folder without a manifest is an earlier save whose
             files may be replaced.
         argument (`str`, *optional*, defaults to `"save_directory"`): the argument's name, for error messages.
+        components (`Callable[[Path], list[dict]]`, *optional*): for a composite folder, given the filled staging
+            folder, its parts as `{"name", "path", "type"}` entries (sentence-transformers' `modules.json` style),
+            recorded in the manifest so that a loader can dispatch on each part's type.
 
     Yields:
         `Path`: the staging folder.
@@ -323,6 +347,9 @@ def save_folder(
         marker = {"format_version": MANIFEST_VERSION, "generation": generation, "files": files}
         if kind:
             marker["type"] = kind
+        if components is not None:
+            marker["components"] = components(staging)
+            _check_manifest(marker, staging / COMPLETE_MARKER)
         _step("marker")
         _write_json_atomic(staging / COMPLETE_MARKER, marker)
         _step("complete")

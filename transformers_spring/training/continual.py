@@ -17,10 +17,11 @@ import torch
 from transformers.utils import logging
 
 from ..generation.config import SPRING_CONFIG_NAME, SpringConfig
-from ..generation.model import ADAPTERS_DIR, MEMORY_DIR, save_spring_files
+from ..generation.model import ADAPTERS_DIR, load_memory_component, save_spring_files, spring_components
 from ..memory import LoGoMemory
-from ..persistence.atomic import looks_like_repo_id, resolve_saved_directory
+from ..persistence.cards import render_card
 from ..persistence.folder import save_folder
+from ..persistence.hub import resolve_folder
 from ..records import Interaction, check_user_id
 from ..utils.modeling import base_name_or_path, is_peft_model
 from ..version import __version__
@@ -36,34 +37,6 @@ STATE_FILE = "continual_state.json"
 ARGS_FILE = "training_args.json"
 CACHE_FILE = "base_logprobs.json"
 FORMAT_VERSION = 1
-
-_MODEL_CARD = """---
-library_name: transformers_spring
-tags:
-- transformers_spring
-- spring
-- personalization
-- lora
-{base_model_line}---
-
-# SPRInG continual personalization state
-
-Per-user LoRA adapters (`adapters/<user>/`, peft layout), their residual replay buffers (`memory/`), the base
-log-prob cache and the per-user period counters, saved by
-[`transformers_spring`](https://pypi.org/project/transformers-spring/) for {num_users} user(s).
-
-```python
-from transformers_spring import ContinualPersonalizer, SpringForCausalLM
-
-personalizer = ContinualPersonalizer.from_pretrained("<this repo or directory>", model=base_model)  # resume
-model = SpringForCausalLM.from_pretrained("<this repo or directory>")  # or generate with every adapter loaded
-```
-
-One user's adapter alone: `PeftModel.from_pretrained(base_model, "<dir>/adapters", subfolder="<user>",
-adapter_name="<user>")`.
-
-**Privacy:** adapters and buffers are derived from users' own text. Share them only with their consent.
-"""
 
 
 class ContinualPersonalizer:
@@ -385,9 +358,12 @@ class ContinualPersonalizer:
 
         state = PartialState()
         if state.is_main_process:
-            with save_folder(
-                save_directory, "ContinualPersonalizer", adopt=lambda d: (d / STATE_FILE).is_file()
-            ) as tmp:
+            adopt = lambda d: (d / STATE_FILE).is_file()  # noqa: E731 (a save of an earlier release)
+            parts = lambda d: [  # noqa: E731
+                *spring_components(d, self.memory),
+                {"name": "state", "path": STATE_FILE, "type": "ContinualPersonalizer"},
+            ]
+            with save_folder(save_directory, "ContinualPersonalizer", adopt=adopt, components=parts) as tmp:
                 self._write(tmp, save_tokenizer)
         state.wait_for_everyone()
 
@@ -411,7 +387,9 @@ class ContinualPersonalizer:
         (directory / ARGS_FILE).write_text(json.dumps(_args_diff(self.args), indent=2, sort_keys=True), "utf-8")
         base = config.base_model_name_or_path
         (directory / "README.md").write_text(
-            _MODEL_CARD.format(base_model_line=f"base_model: {base}\n" if base else "", num_users=len(self._users)),
+            render_card(
+                "continual", base_model_line=f"base_model: {base}\n" if base else "", num_users=len(self._users)
+            ),
             encoding="utf-8",
         )
 
@@ -476,7 +454,9 @@ class ContinualPersonalizer:
             revision, token: Hub options.
             kwargs: passed to the constructor (`max_resident_adapters`, `offload_dir`, `callbacks`, ...).
         """
-        directory = _resolve_directory(pretrained_name_or_path, revision, token)
+        directory = resolve_folder(
+            pretrained_name_or_path, marker=STATE_FILE, kind="ContinualPersonalizer", revision=revision, token=token
+        )
         state = json.loads((directory / STATE_FILE).read_text(encoding="utf-8"))
         if state.get("format_version") != FORMAT_VERSION:
             raise ValueError(
@@ -499,8 +479,8 @@ class ContinualPersonalizer:
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(str(directory))
-        if memory is None and (directory / MEMORY_DIR).is_dir():
-            memory = LoGoMemory.from_pretrained(directory / MEMORY_DIR, **(memory_kwargs or {}))
+        if memory is None:
+            memory = load_memory_component(directory, memory_kwargs)
         spring_config = kwargs.pop("spring_config", None)
         if spring_config is None and (directory / SPRING_CONFIG_NAME).is_file():
             spring_config = SpringConfig.from_pretrained(directory)
@@ -586,20 +566,6 @@ def _checked_users(users: dict, path: Path) -> dict[str, dict[str, Any]]:
             counters[key] = value
         checked[user_id] = {"adapter": name, **counters}
     return checked
-
-
-def _resolve_directory(path: str | os.PathLike, revision: str | None, token: str | bool | None) -> Path:
-    local = resolve_saved_directory(path)
-    if local is not None:
-        if not (local / STATE_FILE).is_file():
-            raise FileNotFoundError(f"{local} has no {STATE_FILE}; it is not a ContinualPersonalizer directory.")
-        return local
-    name = os.fspath(path)
-    if not looks_like_repo_id(name):
-        raise FileNotFoundError(f"no ContinualPersonalizer directory at {name}.")
-    from huggingface_hub import snapshot_download
-
-    return Path(snapshot_download(name, revision=revision, token=token))
 
 
 _SECRET_FIELDS = ("hub_token", "push_to_hub_token")
