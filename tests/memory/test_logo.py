@@ -613,3 +613,11 @@ def test_a_mediator_subclass_survives_a_round_trip(make_memory, tmp_path):
     (tmp_path / "mem" / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="somewhere.Unknown.*not registered"):
         LoGoMemory.from_pretrained(tmp_path / "mem")
+
+
+def test_save_kwargs_pass_through_to_the_hub_mixin(make_memory, tmp_path):
+    memory = populated(make_memory)
+    memory.save_pretrained(tmp_path / "mem", model_card_kwargs={})
+    with mock.patch.object(LoGoMemory, "push_to_hub", autospec=True, return_value="url") as push:
+        assert memory.save_pretrained(tmp_path / "mem", push_to_hub=True, repo_id="me/mem", private=True) == "url"
+    assert push.call_args.args[1] == "me/mem" and push.call_args.kwargs == {"private": True}

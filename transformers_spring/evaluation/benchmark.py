@@ -263,7 +263,10 @@ class ContinualBenchmark:
         if not isinstance(state, dict) or not self._matches(state.get("fingerprint")):
             logger.warning(f"the benchmark checkpoint {path} was made with other settings; starting over.")
             return None
-        if state.get("identity") != identity:
+        if "identity" not in state:  # written before checkpoints recorded it: the settings matched, so continue
+            logger.warning(f"the benchmark checkpoint {path} records no model/data identity; continuing it.")
+            state["identity"] = identity
+        elif state["identity"] != identity:
             logger.warning(f"the benchmark checkpoint {path} was made with another model or data; starting over.")
             return None
         return state

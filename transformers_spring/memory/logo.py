@@ -646,13 +646,19 @@ class LoGoMemory(
             save_directory (`str` or `Path`): the target directory.
             push_to_hub (`bool`, *optional*, defaults to `False`): also push to `repo_id` (default: the directory
                 name) with [`~LoGoMemory.push_to_hub`].
-            kwargs: passed on to `ModelHubMixin.save_pretrained` (and to `push_to_hub`).
+            kwargs: `config` and `model_card_kwargs` go to `ModelHubMixin.save_pretrained`; the rest to
+                `push_to_hub`.
+
+        This is the one public method overridden besides `from_pretrained`: `ModelHubMixin.save_pretrained` writes
+        straight into the target (and first deletes any `config.json` there, the user's own included), so it runs
+        here inside the staging folder of a safe save instead.
         """
+        save_kwargs = {key: kwargs.pop(key) for key in ("config", "model_card_kwargs") if key in kwargs}
         with self._save_lock, save_folder(save_directory, "LoGoMemory", adopt=_is_memory_folder) as tmp:
-            super().save_pretrained(tmp, **{k: v for k, v in kwargs.items() if k in ("config",)})
+            super().save_pretrained(tmp, **save_kwargs)
         target = Path(save_directory).absolute()
         if push_to_hub:
-            return self.push_to_hub(repo_id or target.name, **kwargs)
+            return self.push_to_hub(repo_id or target.name, **save_kwargs, **kwargs)
         return None
 
     @classmethod
