@@ -327,6 +327,18 @@ def topical(user: str, topic: str, i: int, ts: float | None = None) -> Interacti
     return Interaction(user, f"{picked} report {i} by {user}", f"{topic} headline {i} {user}", timestamp=ts or 1e9 + i)
 
 
+def populated(make_memory, users=6, per_user=8, **kwargs):
+    """Users u0..u{n-1}; even users write about cats, odd users about rockets."""
+    kwargs.setdefault("min_community_users", 2)
+    memory = make_memory(**kwargs)
+    memory.add_many(
+        topical(f"u{u}", "cats" if u % 2 == 0 else "rockets", i, ts=1e9 + 100 * u + i)
+        for u in range(users)
+        for i in range(per_user)
+    )
+    return memory
+
+
 # ------------------------------------------------------------------------------------------------------ training
 def make_interactions(
     user: str, n: int, seed: int = 0, start: int = 0, prefix: str | None = None

@@ -8,22 +8,10 @@ import numpy as np
 import pytest
 from huggingface_hub import HfApi
 from safetensors.numpy import load_file
-from testing_utils import topical
+from testing_utils import populated, topical
 
 from transformers_spring.memory import HashingEncoder, Interaction, LoGoMemory, Mediator
-from transformers_spring.memory import logo as logo_module
-
-
-def populated(make_memory, users=6, per_user=8, **kwargs):
-    """Users u0..u{n-1}; even users write about cats, odd users about rockets."""
-    kwargs.setdefault("min_community_users", 2)
-    memory = make_memory(**kwargs)
-    memory.add_many(
-        topical(f"u{u}", "cats" if u % 2 == 0 else "rockets", i, ts=1e9 + 100 * u + i)
-        for u in range(users)
-        for i in range(per_user)
-    )
-    return memory
+from transformers_spring.persistence import memory_files as memory_files_module
 
 
 def summary(hits):
@@ -146,7 +134,7 @@ def test_crash_mid_save_leaves_previous_version(make_memory, tmp_path, monkeypat
     def crash(*args, **kwargs):  # records.jsonl is already written when the embeddings write dies
         raise OSError("disk full")
 
-    monkeypatch.setattr(logo_module, "save_file", crash)
+    monkeypatch.setattr(memory_files_module, "save_file", crash)
     with pytest.raises(OSError, match="disk full"):
         memory.save_pretrained(tmp_path / "m")
     assert [p.name for p in tmp_path.iterdir()] == ["m"]  # no temp directory left behind
@@ -471,124 +459,6 @@ def test_forget_user_leaves_no_byte_of_them_in_the_next_save(make_memory, tmp_pa
     assert find_traces(target, "zq-forgotten", "zqsecret", "zqheadline") == []
     reloaded = LoGoMemory.from_pretrained(target)
     assert "zq-forgotten" not in reloaded.users() and len(reloaded.gate.observed()) == len(memory.gate.observed())
-
-
-# -------------------------------------------------------------- validation on load
-def _saved_shared(make_memory, tmp_path):
-    memory = populated(make_memory, use_global=True)
-    memory.set_sharing("u3", False)
-    memory.set_buffer("u1", [topical("u1", "cats", 77)], scores=[1.0])
-    target = tmp_path / "mem"
-    memory.save_pretrained(target)
-    return target
-
-
-def _edit_config(target, **changes):
-    config = json.loads((target / "config.json").read_text())
-    for key, value in changes.items():
-        node = config
-        *path, last = key.split(".")
-        for part in path:
-            node = node[part]
-        node[last] = value
-    (target / "config.json").write_text(json.dumps(config))
-
-
-def _edit_tensors(target, edit):
-    from safetensors.numpy import load_file, save_file
-
-    tensors = load_file(str(target / "embeddings.safetensors"))
-    edit(tensors)
-    save_file(tensors, str(target / "embeddings.safetensors"))
-
-
-def _labels(fn):
-    def edit(tensors):
-        tensors["labels"] = fn(tensors["labels"].copy())
-
-    return edit
-
-
-def _shared_rows(target):
-    lines = [json.loads(line) for line in (target / "records.jsonl").read_text().splitlines()]
-    return lines
-
-
-def _dup(labels):
-    shared = np.flatnonzero(labels >= 0)
-    labels[shared[1]] = labels[shared[0]]
-    return labels
-
-
-def _opted_out_label(target):
-    lines = _shared_rows(target)
-    row = next(i for i, line in enumerate(lines) if line["user_id"] == "u3" and line["region"] == "history")
-
-    def edit(labels):
-        labels[row] = labels.max() + 1
-        return labels
-
-    return row, edit
-
-
-CORRUPTIONS = {
-    "duplicate label": (lambda t: _edit_tensors(t, _labels(_dup)), "labels.*repeat"),
-    "float labels": (lambda t: _edit_tensors(t, _labels(lambda x: x.astype(np.float32))), "labels.*integer"),
-    "negative next_label": (lambda t: _edit_config(t, next_label=-5), "next_label"),
-    "string boolean": (lambda t: _edit_config(t, **{"sharing.u3": "false"}), "sharing.u3"),
-    "label beyond next_label": (lambda t: _edit_config(t, next_label=1), "next_label"),
-    "huge label": (
-        lambda t: (
-            _edit_config(t, next_label=2**40),
-            _edit_tensors(t, _labels(lambda x: np.where(x >= 0, x + 2**39, x))),
-        )[-1],
-        "far beyond",
-    ),  # fmt: skip
-    "unnormalised embeddings": (
-        lambda t: _edit_tensors(t, lambda x: x.update(embeddings=x["embeddings"] * 3)),
-        "norm",
-    ),
-    "zero embedding": (lambda t: _edit_tensors(t, lambda x: x["embeddings"].__setitem__(0, 0.0)), "norm"),
-    "capacity ignored": (lambda t: _edit_config(t, capacity=2), "capacity"),
-    "huge dim": (lambda t: _edit_config(t, dim=10**9), "'dim'"),
-    "huge n_communities": (lambda t: _edit_config(t, n_communities=10**8), "n_communities"),
-    "buffer record labelled": (None, "buffer records must be -1"),
-    "opted-out user labelled": (None, "does not share"),
-    "long line": (lambda t: (t / "records.jsonl").write_text("x" * (2**20 + 10) + "\n"), "line 1"),
-    "community out of range": (
-        lambda t: _edit_config(t, **{"communities.user_community.u0": 10**6}),
-        "user_community",
-    ),
-}
-
-
-@pytest.mark.parametrize("name", list(CORRUPTIONS))
-def test_corrupted_folders_are_refused_naming_file_and_field(make_memory, tmp_path, name):
-    target = _saved_shared(make_memory, tmp_path)
-    corrupt, match = CORRUPTIONS[name]
-    if name == "buffer record labelled":
-        lines = _shared_rows(target)
-        row = next(i for i, line in enumerate(lines) if line["region"] == "buffer")
-        _edit_tensors(target, _labels(lambda x: (x.__setitem__(row, x.max() + 1), x)[1]))
-    elif name == "opted-out user labelled":
-        _, edit = _opted_out_label(target)
-        _edit_tensors(target, _labels(edit))
-        _edit_config(target, next_label=10**4)
-    else:
-        corrupt(target)
-    with pytest.raises(ValueError, match=match):
-        LoGoMemory.from_pretrained(target)
-
-
-def test_symlinked_records_from_another_memory_are_refused(make_memory, tmp_path):
-    target = _saved_shared(make_memory, tmp_path)
-    other = tmp_path / "other"
-    other.mkdir()
-    (other / "records.jsonl").write_text((target / "records.jsonl").read_text())
-    (target / "records.jsonl").unlink()
-    (target / "records.jsonl").symlink_to(other / "records.jsonl")
-    with pytest.raises(ValueError, match="records.jsonl.*symlink"):
-        LoGoMemory.from_pretrained(target)
 
 
 class CautiousMediator(Mediator):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from collections.abc import Iterable, Sequence
@@ -11,14 +10,27 @@ from typing import Any
 
 import numpy as np
 from huggingface_hub import ModelCard, ModelHubMixin
-from safetensors import SafetensorError
-from safetensors.numpy import load_file, save_file
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
 from ..persistence.cards import render_card
 from ..persistence.folder import save_folder
 from ..persistence.hub import resolve_folder
+from ..persistence.memory_files import (
+    CONFIG_FILE,
+    EMBEDDINGS_FILE,
+    FORMAT_VERSION,
+    MEMORY_FILES,
+    RECORDS_FILE,
+    check_config,
+    check_loaded,
+    gate_owners,
+    is_memory_folder,
+    read_json,
+    read_records,
+    read_tensors,
+    write_files,
+)
 from ..records import (
     DEFAULT_MAX_TEXT_CHARS,
     Interaction,
@@ -36,45 +48,6 @@ from .local import REGIONS, SCORERS, LocalMemory
 from .mediator import Mediator, mediator_class, mediator_name
 
 logger = logging.get_logger(__name__)
-
-FORMAT_VERSION = 1
-CONFIG_FILE, RECORDS_FILE, EMBEDDINGS_FILE, CARD_FILE = (
-    "config.json",
-    "records.jsonl",
-    "embeddings.safetensors",
-    "README.md",
-)
-MEMORY_FILES = (CONFIG_FILE, RECORDS_FILE, EMBEDDINGS_FILE, CARD_FILE)
-
-# Size limits on loaded files, so that a small edit cannot make a load allocate without bound or run for minutes.
-MAX_CONFIG_BYTES = 64 * 2**20
-MAX_RECORD_LINE_CHARS = 2**20  # one records.jsonl line (texts are capped at `max_text_chars` anyway)
-MAX_DIM = 65_536
-MAX_GATE_HISTORY = 1_000_000
-MAX_COMMUNITIES = 4_096
-LABEL_SLACK = 2**20  # labels are never reused, so deletions leave gaps; beyond this slack a label is an edit
-
-
-def _check_file(path: Path, directory: Path) -> None:
-    """A file a load reads must be a regular file inside the folder: a symlink to another memory's (or any other)
-    file is refused."""
-    if path.is_symlink() or (path.exists() and directory.resolve() not in path.resolve().parents):
-        raise ValueError(f"{path.name} in {directory} is a symlink or lies outside the folder; refusing to read it.")
-
-
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path.name} not found in {path.parent} (is this a LoGoMemory directory?).")
-    _check_file(path, path.parent)
-    if path.stat().st_size > MAX_CONFIG_BYTES:
-        raise ValueError(f"{path.name} in {path.parent} is larger than {MAX_CONFIG_BYTES} bytes.")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path.name} in {path.parent} is not valid JSON: {err}") from err
-    if not isinstance(data, dict):
-        raise ValueError(f"{path.name} in {path.parent} must hold a JSON object.")
-    return data
 
 
 def _check_k(k: Any, name: str = "k") -> int:
@@ -609,12 +582,7 @@ class LoGoMemory(
 
     def _save_pretrained(self, save_directory: Path) -> None:
         config, lines, tensors = self._snapshot()
-        with open(save_directory / RECORDS_FILE, "w", encoding="utf-8") as f:
-            for line in lines:
-                f.write(json.dumps(line, ensure_ascii=False) + "\n")
-        save_file(tensors, str(save_directory / EMBEDDINGS_FILE), metadata={"format_version": str(FORMAT_VERSION)})
-        # config.json last: a directory with a config but missing data files is reported as such on load.
-        (save_directory / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
+        write_files(save_directory, config, lines, tensors)
         self._card_counts = config["counts"]
 
     def generate_model_card(self, *args, **kwargs) -> ModelCard:
@@ -654,7 +622,7 @@ class LoGoMemory(
         here inside the staging folder of a safe save instead.
         """
         save_kwargs = {key: kwargs.pop(key) for key in ("config", "model_card_kwargs") if key in kwargs}
-        with self._save_lock, save_folder(save_directory, "LoGoMemory", adopt=_is_memory_folder) as tmp:
+        with self._save_lock, save_folder(save_directory, "LoGoMemory", adopt=is_memory_folder) as tmp:
             super().save_pretrained(tmp, **save_kwargs)
         target = Path(save_directory).absolute()
         if push_to_hub:
@@ -702,7 +670,7 @@ class LoGoMemory(
         for key in ("revision", "cache_dir", "force_download", "local_files_only", "token", "proxies"):
             kwargs.pop(key, None)
         directory = Path(model_id)
-        config = _read_json(directory / CONFIG_FILE)
+        config = read_json(directory / CONFIG_FILE)
         version = config.get("format_version")
         if version != FORMAT_VERSION:
             raise ValueError(
@@ -712,7 +680,7 @@ class LoGoMemory(
         for key in ("dim", "encoder", "next_label"):
             if key not in config:
                 raise ValueError(f"{CONFIG_FILE} in {directory} is missing the field {key!r}.")
-        _check_config(config, directory / CONFIG_FILE)
+        check_config(config, directory / CONFIG_FILE)
         saved_encoder = config["encoder"]
         if encoder is None:
             if not isinstance(saved_encoder, str) or saved_encoder.startswith(("callable:", "sentence-transformers:")):
@@ -739,65 +707,24 @@ class LoGoMemory(
                 f"embedding dim mismatch: {CONFIG_FILE} in {directory} says dim={config['dim']}, but the encoder "
                 f"{memory.encoder.name!r} produces dim={memory.dim}."
             )
-        tensors = cls._read_tensors(directory, config["dim"])
-        lines = cls._read_records(directory, memory.max_text_chars)
+        tensors = read_tensors(directory, config["dim"])
+        lines = read_records(directory, memory.max_text_chars)
         if len(lines) != tensors["embeddings"].shape[0]:
             raise ValueError(
                 f"{RECORDS_FILE} has {len(lines)} records but {EMBEDDINGS_FILE} has "
                 f"{tensors['embeddings'].shape[0]} embeddings in {directory}."
             )
-        _check_loaded(memory, config, lines, tensors, directory)
+        check_loaded(
+            config,
+            lines,
+            tensors,
+            directory,
+            dim=memory.dim,
+            capacity=memory.capacity,
+            share_by_default=memory.share_by_default,
+        )
         memory._restore(config, lines, tensors)
         return memory
-
-    @staticmethod
-    def _read_tensors(directory: Path, dim: int) -> dict[str, np.ndarray]:
-        path = directory / EMBEDDINGS_FILE
-        if not path.is_file():
-            raise FileNotFoundError(f"{EMBEDDINGS_FILE} not found in {directory}.")
-        _check_file(path, directory)
-        try:
-            tensors = load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as err:
-            raise ValueError(f"{EMBEDDINGS_FILE} in {directory} is corrupt: {err}") from err
-        embeddings = tensors.get("embeddings")
-        if embeddings is None or "labels" not in tensors:
-            raise ValueError(f"{EMBEDDINGS_FILE} in {directory} lacks the 'embeddings' or 'labels' tensor.")
-        if embeddings.ndim != 2 or embeddings.shape[1] != dim:
-            raise ValueError(
-                f"embedding dim mismatch: {EMBEDDINGS_FILE} in {directory} holds shape {embeddings.shape}, "
-                f"but {CONFIG_FILE} says dim={dim}."
-            )
-        if not np.isfinite(embeddings).all():
-            raise ValueError(f"{EMBEDDINGS_FILE} in {directory} contains NaN or inf.")
-        return tensors
-
-    @staticmethod
-    def _read_records(directory: Path, max_text_chars: int) -> list[tuple[Interaction, dict]]:
-        path = directory / RECORDS_FILE
-        if not path.is_file():
-            raise FileNotFoundError(f"{RECORDS_FILE} not found in {directory}.")
-        _check_file(path, directory)
-        out = []
-        with open(path, encoding="utf-8") as f:
-            number = 0
-            while raw := f.readline(MAX_RECORD_LINE_CHARS + 1):  # bounded: one edited line cannot fill memory
-                number += 1
-                if len(raw) > MAX_RECORD_LINE_CHARS:
-                    raise ValueError(
-                        f"{RECORDS_FILE} line {number} in {directory} is over {MAX_RECORD_LINE_CHARS} chars."
-                    )
-                if not raw.strip():
-                    continue
-                try:
-                    line = json.loads(raw)
-                    record = Interaction.from_dict(line, max_text_chars=max_text_chars)
-                    if line.get("region", "history") not in ("history", "buffer"):
-                        raise ValueError(f"unknown region {line.get('region')!r}")
-                except (json.JSONDecodeError, TypeError, ValueError) as err:
-                    raise ValueError(f"{RECORDS_FILE} line {number} in {directory}: {err}") from err
-                out.append((record, line))
-        return out
 
     def _restore(self, config: dict, lines: list[tuple[Interaction, dict]], tensors: dict[str, np.ndarray]) -> None:
         """Fills a fresh memory from loaded files, bypassing dedup and eviction (they ran when it was written)."""
@@ -833,7 +760,7 @@ class LoGoMemory(
             )
         self._next_label = int(config["next_label"])
         observed = tensors.get("gate_observed", np.empty(0))
-        self.gate.load_observed(observed, _gate_owners(config, tensors, len(observed)))
+        self.gate.load_observed(observed, gate_owners(config, tensors, len(observed)))
         community = config.get("communities")
         if community:
             community = dict(community, centroids=tensors.get("community_centroids", np.empty((0, self.dim))))
@@ -860,117 +787,6 @@ _INIT_KEYS = (
     "exact_below",
     "seed",
 )
-
-
-def _is_memory_folder(directory: Path) -> bool:
-    """Whether a folder without a manifest holds a memory saved by an earlier release (its files may be replaced)."""
-    try:
-        config = json.loads((directory / CONFIG_FILE).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return False
-    return isinstance(config, dict) and {"format_version", "encoder", "next_label"} <= set(config)
-
-
-def _gate_owners(config: dict, tensors: dict, n: int) -> list[str | None] | None:
-    """The gate scores' owners from `gate_users` (config) and `gate_owner` (tensor), checked; None for a memory
-    saved before owners were kept."""
-    if "gate_owner" not in tensors:
-        return None
-    users, index = config.get("gate_users", []), tensors["gate_owner"]
-    if not isinstance(users, list) or not all(isinstance(u, str) for u in users):
-        raise ValueError(f"{CONFIG_FILE}: field 'gate_users' must be a list of user ids.")
-    if index.ndim != 1 or index.shape[0] != n:
-        raise ValueError(f"{EMBEDDINGS_FILE}: 'gate_owner' must hold one index per gate score ({n}).")
-    if index.size and (index.min() < -1 or index.max() >= len(users)):
-        raise ValueError(f"{EMBEDDINGS_FILE}: 'gate_owner' indexes outside {CONFIG_FILE}'s 'gate_users'.")
-    return [users[i] if i >= 0 else None for i in index.tolist()]
-
-
-def _int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _check_config(config: dict, path: Path) -> None:
-    """Types and ranges of `config.json`'s fields (the constructor checks the settings it receives)."""
-    dim = config["dim"]
-    if not _int(dim) or not 1 <= dim <= MAX_DIM:
-        raise ValueError(f"{path}: field 'dim' must be an int in [1, {MAX_DIM}], got {dim!r}.")
-    next_label = config["next_label"]
-    if not _int(next_label) or not 0 <= next_label < 2**62:
-        raise ValueError(f"{path}: field 'next_label' must be a non-negative int, got {next_label!r}.")
-    sharing = config.get("sharing", {})
-    if not isinstance(sharing, dict):
-        raise ValueError(f"{path}: field 'sharing' must be an object of user id -> bool.")
-    for user, share in sharing.items():
-        if not isinstance(share, bool):  # "false" (a string) would read as true
-            raise ValueError(f"{path}: field 'sharing.{user}' must be true or false, got {share!r}.")
-    for key in ("use_global",):
-        if key in config and not isinstance(config[key], bool):
-            raise ValueError(f"{path}: field {key!r} must be true or false, got {config[key]!r}.")
-    for key, low, high in (("capacity", 1, 2**31), ("buffer_size", 0, 2**31), ("min_community_users", 1, 2**31),
-                           ("n_communities", 1, MAX_COMMUNITIES)):  # fmt: skip
-        value = config.get(key)
-        if value is not None and (not _int(value) or not low <= value <= high):
-            raise ValueError(f"{path}: field {key!r} must be an int in [{low}, {high}] or null, got {value!r}.")
-    communities = config.get("communities")
-    if communities is not None:
-        if not isinstance(communities, dict) or not isinstance(communities.get("user_community", {}), dict):
-            raise ValueError(f"{path}: field 'communities' must be an object with a 'user_community' object.")
-        sizes = communities.get("sizes", [])
-        if not isinstance(sizes, list) or len(sizes) > MAX_COMMUNITIES or not all(_int(n) and n >= 0 for n in sizes):
-            raise ValueError(f"{path}: field 'communities.sizes' must list at most {MAX_COMMUNITIES} counts.")
-        for user, community in communities.get("user_community", {}).items():
-            if not _int(community) or not -1 <= community < max(len(sizes), 1):
-                raise ValueError(f"{path}: field 'communities.user_community.{user}' is out of range: {community!r}.")
-
-
-def _check_loaded(memory: LoGoMemory, config: dict, lines: list, tensors: dict, directory: Path) -> None:
-    """Consistency of the loaded files with each other, before anything is restored: labels, counts, norms, the
-    capacity, opted-out users and the size limits. Errors name the file and field."""
-    embeddings, labels = tensors["embeddings"], tensors["labels"]
-    where = f"{EMBEDDINGS_FILE} in {directory}"
-    if labels.dtype.kind not in "iu" or labels.ndim != 1 or labels.shape[0] != embeddings.shape[0]:
-        raise ValueError(f"{where}: 'labels' must be one integer per embedding, got {labels.dtype} {labels.shape}.")
-    norms = np.linalg.norm(embeddings.astype(np.float64), axis=1) if len(embeddings) else np.empty(0)
-    if norms.size and np.abs(norms - 1.0).max() > 1e-3:
-        row = int(np.abs(norms - 1.0).argmax())
-        raise ValueError(f"{where}: 'embeddings' row {row} has norm {norms[row]:.4g}; stored vectors are unit-norm.")
-    next_label = config["next_label"]
-    history = [i for i, (_, line) in enumerate(lines) if line.get("region", "history") == "history"]
-    is_history = np.zeros(len(lines), dtype=bool)
-    is_history[history] = True
-    if (labels[~is_history] != -1).any():
-        raise ValueError(f"{where}: 'labels' of buffer records must be -1 (buffers are never shared).")
-    shared = labels[is_history & (labels != -1)]
-    if (labels < -1).any() or (shared >= next_label).any():
-        raise ValueError(f"{where}: 'labels' must be -1 or in [0, next_label={next_label}) ({CONFIG_FILE}).")
-    if shared.size and shared.max() > 16 * len(lines) + LABEL_SLACK:
-        raise ValueError(f"{where}: 'labels' go up to {int(shared.max())}, far beyond the {len(lines)} records.")
-    if np.unique(shared).size != shared.size:
-        raise ValueError(f"{where}: 'labels' repeat; each shared record has its own label.")
-    sharing = config.get("sharing", {})
-    per_user: dict[str, int] = {}
-    for (record, _), label, in_history in zip(lines, labels.tolist(), is_history.tolist(), strict=True):
-        if not in_history:
-            continue
-        per_user[record.user_id] = per_user.get(record.user_id, 0) + 1
-        if label != -1 and not sharing.get(record.user_id, memory.share_by_default):
-            raise ValueError(
-                f"{where}: record {record.id!r} of user {record.user_id!r}, who does not share, has a global label."
-            )
-    if memory.capacity is not None:
-        over = next((u for u, n in per_user.items() if n > memory.capacity), None)
-        if over is not None:
-            raise ValueError(
-                f"{RECORDS_FILE} in {directory}: user {over!r} has {per_user[over]} history records, over the "
-                f"`capacity` of {memory.capacity} ({CONFIG_FILE})."
-            )
-    observed = tensors.get("gate_observed", np.empty(0))
-    if observed.ndim != 1 or observed.shape[0] > MAX_GATE_HISTORY or not np.isfinite(observed).all():
-        raise ValueError(f"{where}: 'gate_observed' must be at most {MAX_GATE_HISTORY} finite scores.")
-    centroids = tensors.get("community_centroids")
-    if centroids is not None and (centroids.size > MAX_COMMUNITIES * memory.dim or not np.isfinite(centroids).all()):
-        raise ValueError(f"{where}: 'community_centroids' must be at most {MAX_COMMUNITIES} finite vectors.")
 
 
 # Every LoGoMemory class by qualified name, so that a composite folder's manifest can name the memory's class and the
