@@ -386,3 +386,17 @@ def test_the_manifest_lists_components_and_a_memory_subclass_survives(tmp_path, 
     assert parts["memory"]["path"] == "memory" and parts["memory"]["type"].endswith("TaggedMemory")
     loaded = SpringForCausalLM.from_pretrained(out, memory_kwargs={"encoder": HashingEncoder(64)})
     assert type(loaded.memory) is TaggedMemory and len(loaded.memory) == 1
+
+
+def test_a_symlinked_adapter_folder_is_refused(tmp_path, tokenizer):
+    pytest.importorskip("hnswlib")
+    base_dir = tmp_path / "base"
+    make_model("llama").save_pretrained(base_dir)
+    model = add_user_adapters(AutoModelForCausalLM.from_pretrained(base_dir))
+    out = tmp_path / "spring"
+    SpringForCausalLM(model, tokenizer=tokenizer).save_pretrained(out)
+    elsewhere = tmp_path / "elsewhere"
+    (out / "adapters" / "bob").rename(elsewhere)
+    (out / "adapters" / "bob").symlink_to(elsewhere, target_is_directory=True)
+    with pytest.raises(ValueError, match="symlink"):
+        SpringForCausalLM.from_pretrained(out)

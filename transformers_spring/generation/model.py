@@ -22,7 +22,7 @@ from ..persistence.hub import resolve_folder
 from ..records import RetrievalMemory
 from ..utils.compat import active_adapter_of, merged_generation_config, needs_synced_gpus
 from ..utils.modeling import base_name_or_path, is_peft_model
-from .adapters import BASE_ADAPTER, AdapterRouter, activate_adapters
+from .adapters import BASE_ADAPTER, AdapterRouter, activate_adapters, sanitize_adapter_name
 from .config import SPRING_CONFIG_NAME, SpringConfig
 from .fused import FusedDualPathDecoder
 from .logits_process import RetrievalInterpolationLogitsProcessor, log_mixture
@@ -651,8 +651,13 @@ def _load_adapters(model: nn.Module, adapters_dir: str, is_trainable: bool) -> n
         found.append(("default", adapters_dir))
     for name in sorted(os.listdir(adapters_dir)):
         sub = os.path.join(adapters_dir, name)
-        if os.path.isfile(os.path.join(sub, "adapter_config.json")):
-            found.append((name, sub))
+        if not os.path.isfile(os.path.join(sub, "adapter_config.json")):
+            continue
+        # A folder name becomes an adapter (module) name: only names the library writes, and no symlinked folder,
+        # which could pull in another model's weights.
+        if os.path.islink(sub) or name != sanitize_adapter_name(name):
+            raise ValueError(f"{adapters_dir}: the adapter folder {name!r} is a symlink or not a valid adapter name.")
+        found.append((name, sub))
     if not found:
         return model
     (first_name, first_path), rest = found[0], found[1:]
