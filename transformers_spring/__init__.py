@@ -76,7 +76,12 @@ __all__ = [
 ]
 
 
+_SUBMODULES = ("cli", "data", "evaluation", "generation", "memory", "persistence", "records", "training", "utils")
+
+
 def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:  # `transformers_spring.memory` without importing it first, as before
+        return importlib.import_module(f".{name}", __name__)
     module = _SOURCE.get(name)
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -400,3 +400,15 @@ def test_a_symlinked_adapter_folder_is_refused(tmp_path, tokenizer):
     (out / "adapters" / "bob").symlink_to(elsewhere, target_is_directory=True)
     with pytest.raises(ValueError, match="symlink"):
         SpringForCausalLM.from_pretrained(out)
+
+
+def test_forgetting_the_only_adapter_keeps_it_out_of_the_next_save(tmp_path, tokenizer):
+    from peft import LoraConfig, get_peft_model
+    from testing_utils import find_traces
+
+    model = get_peft_model(make_model("llama"), LoraConfig(r=2, target_modules=["q_proj"]), adapter_name="zq-solo")
+    wrapper = SpringForCausalLM(model, tokenizer=tokenizer)
+    assert wrapper.forget_user("zq-solo")
+    out = tmp_path / "spring"
+    wrapper.save_pretrained(out)
+    assert find_traces(out, "zq-solo") == [] and not (out / "adapters").exists()

@@ -2,6 +2,7 @@
 before restoring anything, and names the file and field of what it refuses."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -73,13 +74,6 @@ CORRUPTIONS = {
     "negative next_label": (lambda t: _edit_config(t, next_label=-5), "next_label"),
     "string boolean": (lambda t: _edit_config(t, **{"sharing.u3": "false"}), "sharing.u3"),
     "label beyond next_label": (lambda t: _edit_config(t, next_label=1), "next_label"),
-    "huge label": (
-        lambda t: (
-            _edit_config(t, next_label=2**40),
-            _edit_tensors(t, _labels(lambda x: np.where(x >= 0, x + 2**39, x))),
-        )[-1],
-        "far beyond",
-    ),  # fmt: skip
     "unnormalised embeddings": (
         lambda t: _edit_tensors(t, lambda x: x.update(embeddings=x["embeddings"] * 3)),
         "norm",
@@ -125,3 +119,49 @@ def test_symlinked_records_from_another_memory_are_refused(make_memory, tmp_path
     (target / "records.jsonl").symlink_to(other / "records.jsonl")
     with pytest.raises(ValueError, match="records.jsonl.*symlink"):
         LoGoMemory.from_pretrained(target)
+
+
+def test_huge_labels_load_renumbered_instead_of_allocating(make_memory, tmp_path):
+    """Labels are internal: a load renumbers them densely, so an edited (or long-churned) label of 2**39 costs
+    nothing and later adds still work."""
+    target = _saved_shared(make_memory, tmp_path)
+    _edit_config(target, next_label=2**40)
+    _edit_tensors(target, _labels(lambda x: np.where(x >= 0, x + 2**39, x)))
+    memory = LoGoMemory.from_pretrained(target)
+    assert memory._next_label == len(memory.global_memory)
+    memory.add(topical("u0", "cats", 500))
+    assert memory.retrieve("u2", "kitten purr", k=2)
+
+
+def test_hub_cache_snapshots_are_read_through_their_blob_symlinks(make_memory, tmp_path, monkeypatch):
+    memory = populated(make_memory)
+    saved = tmp_path / "saved"
+    memory.save_pretrained(saved)
+    repo = tmp_path / "hub" / "models--me--mem"
+    snapshot, blobs = repo / "snapshots" / ("a" * 40), repo / "blobs"
+    snapshot.mkdir(parents=True)
+    blobs.mkdir()
+    for path in saved.iterdir():  # the Hub cache's layout: snapshot files are symlinks into blobs/
+        if path.is_file():
+            blob = blobs / f"blob-{path.name}"
+            blob.write_bytes(path.read_bytes())
+            (snapshot / path.name).symlink_to(Path("..") / ".." / "blobs" / blob.name)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    assert len(LoGoMemory.from_pretrained("me/mem", cache_dir=tmp_path / "hub")) == len(memory)
+
+
+def test_what_a_save_writes_always_loads(tmp_path):
+    """A custom encoder that does not normalise, and settings overridden at load: both loaded before, both still do."""
+    from transformers_spring.memory import CallableEncoder
+
+    def unnormalised(texts):
+        return np.stack([np.array([len(t), 1.0 + 5 * t.count("a"), 3.0 * (i + 1)]) for i, t in enumerate(texts)])
+
+    encoder = CallableEncoder(unnormalised, name="toy", dim=3)
+    memory = LoGoMemory(encoder, gate=None, num_threads=1, use_global=False, dedup_threshold=None)
+    memory.add_many([topical("u0", "cats", i) for i in range(6)])
+    memory.save_pretrained(tmp_path / "mem")
+    assert len(LoGoMemory.from_pretrained(tmp_path / "mem", encoder=encoder)) == 6
+    assert len(LoGoMemory.from_pretrained(tmp_path / "mem", encoder=encoder, capacity=2, share_by_default=False)) == 6

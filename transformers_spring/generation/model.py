@@ -430,7 +430,8 @@ class SpringForCausalLM(PushToHubMixin, nn.Module):
             name = AdapterRouter(self.base_model).resolve(user_id, self.spring_config.adapter_name_template)
             if name in self.base_model.peft_config:
                 known = True
-                erase_adapter(self.base_model, name)
+                if not erase_adapter(self.base_model, name):  # the model's last adapter: zeroed, never saved again
+                    self._erased_adapters = getattr(self, "_erased_adapters", set()) | {name}
         return known
 
     # ---------------------------------------------------------------------------------------------- persistence
@@ -470,10 +471,13 @@ class SpringForCausalLM(PushToHubMixin, nn.Module):
             self.tokenizer if save_tokenizer else None,
         )
         extras = ["the memory (`memory/`)"] if memory_saved else []
-        if is_peft_model(self.base_model):
+        erased = getattr(self, "_erased_adapters", set())
+        kept = [name for name in getattr(self.base_model, "peft_config", {}) if name not in erased]
+        if is_peft_model(self.base_model) and kept:  # a forgotten user's zeroed (undeletable) adapter is not saved
             self.base_model.save_pretrained(
-                os.path.join(save_directory, ADAPTERS_DIR), safe_serialization=safe_serialization
-            )
+                os.path.join(save_directory, ADAPTERS_DIR), safe_serialization=safe_serialization,
+                selected_adapters=kept,
+            )  # fmt: skip
             extras.append("the LoRA adapters (`adapters/`, peft layout)")
         elif AdapterRouter(self.base_model).has_adapters:
             logger.warning("The model has adapters but is not a PeftModel; wrap it with peft to save them.")

@@ -41,7 +41,7 @@ from ..records import (
     to_timestamp,
 )
 from ..version import __version__
-from .encoders import Encoder, resolve_encoder
+from .encoders import Encoder, normalize_rows, resolve_encoder
 from .gate import RelevanceGate
 from .global_memory import SCOPES, GlobalMemory
 from .local import REGIONS, SCORERS, LocalMemory
@@ -269,7 +269,9 @@ class LoGoMemory(
             raise ValueError(
                 f"encoder {self.encoder.name!r} returned shape {vectors.shape}, expected ({len(texts)}, {self.dim})."
             )
-        return vectors.astype(np.float32, copy=False)
+        # Stored vectors are unit-norm whatever the encoder returns (a custom one may not normalise), so cosine is a
+        # dot product everywhere and a saved memory always passes the load's norm check.
+        return normalize_rows(vectors) if len(vectors) else vectors.astype(np.float32, copy=False)
 
     def add(self, interaction: Interaction | dict) -> str:
         """Stores one interaction; returns its id (the id of the stored twin if it was a near-duplicate)."""
@@ -715,14 +717,10 @@ class LoGoMemory(
                 f"{tensors['embeddings'].shape[0]} embeddings in {directory}."
             )
         check_loaded(
-            config,
-            lines,
-            tensors,
-            directory,
-            dim=memory.dim,
-            capacity=memory.capacity,
-            share_by_default=memory.share_by_default,
-        )
+            config, lines, tensors, directory, dim=memory.dim,
+            capacity=config.get("capacity") if "capacity" in config else memory.capacity,
+            share_by_default=config.get("share_by_default", memory.share_by_default),  # as saved, not as overridden
+        )  # fmt: skip
         memory._restore(config, lines, tensors)
         return memory
 
@@ -748,6 +746,9 @@ class LoGoMemory(
                 [r for r, _, _ in items], np.stack([v for _, v, _ in items]), None if None in scores else scores
             )
         shared.sort(key=lambda item: item[0])
+        # Labels are internal (record <-> ANN row); renumbered densely on every load, so deletions and evictions never
+        # make them, or the arrays indexed by them, grow without bound.
+        shared = [(label, record, vector) for label, (_, record, vector) in enumerate(shared)]
         for label, record, _ in shared:
             self._labels[(record.user_id, record.id)] = label
             self._label_keys[label] = (record.user_id, record.id)
@@ -758,7 +759,7 @@ class LoGoMemory(
                 np.stack([v for _, _, v in shared]),
                 [r.timestamp for _, r, _ in shared],
             )
-        self._next_label = int(config["next_label"])
+        self._next_label = len(shared)
         observed = tensors.get("gate_observed", np.empty(0))
         self.gate.load_observed(observed, gate_owners(config, tensors, len(observed)))
         community = config.get("communities")

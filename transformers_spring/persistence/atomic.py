@@ -57,11 +57,16 @@ def resolve_saved_directory(path: str | os.PathLike) -> Path | None:
     """`path` if it is a directory, first brought to its newest complete version by
     [`~persistence.folder.recover`] (which also removes leftovers of interrupted saves); else the previous version
     an interrupted [`atomic_directory`] swap of an earlier release left beside it (with a warning); else None."""
-    from .folder import recover
+    from .folder import MANIFEST_FILE, STAGING_PREFIX, recover
 
     path = Path(path)
     if path.is_dir():
         try:
+            # A part of a composite folder (`memory/` of a SPRInG save) is recovered with its parent first: a crash
+            # while the parent's save moved files can leave the part half old, half new.
+            for ancestor in list(path.absolute().parents)[:2][::-1]:
+                if (ancestor / MANIFEST_FILE).is_file() or any(ancestor.glob(f"{STAGING_PREFIX}*")):
+                    recover(ancestor)
             recover(path)
         except PermissionError as err:  # a read-only copy: read what is there
             logger.warning(f"cannot recover {path} ({err}); reading it as it is.")

@@ -22,9 +22,11 @@ This module imports only the standard library, so that crash tests can run it in
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import shutil
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -37,6 +39,20 @@ COMPLETE_MARKER = ".spring-complete"
 TMP_INFIX = ".spring-tmp-"
 # Siblings the directory-swap saves of transformers_spring < 0.3 could leave behind (removed by the next save).
 LEGACY_SIBLING_PATTERNS = (".{name}.tmp-*", ".{name}.spring-old-*")
+
+
+# One lock per folder within a process: a save and a load's recovery of the same folder never interleave, and a
+# recovery never takes another thread's in-flight staging folder for a crashed one. (Two processes saving into one
+# folder at once are not supported.)
+_LOCKS: dict[str, threading.RLock] = {}
+_LOCKS_GUARD = threading.Lock()
+_ACTIVE_STAGING: set[str] = set()
+
+
+def _folder_lock(target: Path) -> threading.RLock:
+    key = str(target.absolute())
+    with _LOCKS_GUARD:
+        return _LOCKS.setdefault(key, threading.RLock())
 
 
 def _step(name: str) -> None:
@@ -201,6 +217,8 @@ def _roll_forward(target: Path, staging: Path, marker: dict, previous: dict | No
     for name in marker["files"]:
         source, destination = staging / name, target / name
         if source.is_file():  # not yet moved (a moved file is already in place)
+            if not _inside(target, destination.parent):
+                raise UnsafeSaveError(f"cannot save {name!r}: a symlink in {target} is in its way.")
             if destination.is_dir() and not destination.is_symlink():
                 raise UnsafeSaveError(f"cannot save {name!r}: {destination} is a folder the save does not own.")
             destination.parent.mkdir(parents=True, exist_ok=True)
@@ -208,10 +226,12 @@ def _roll_forward(target: Path, staging: Path, marker: dict, previous: dict | No
             os.replace(source, destination)
     new = set(marker["files"])
     for name in (previous or {}).get("files", []):
-        if name not in new and _inside(target, target / name):  # the previous generation's only: ours to remove
+        old = target / name
+        # The previous generation's only: ours to remove, if it is still the regular file we wrote.
+        if name not in new and _inside(target, old.parent) and old.is_file() and not old.is_symlink():
             _step("remove-old")
-            _remove(target / name)
-            _prune_empty_parents(target, (target / name).parent)
+            _remove(old)
+            _prune_empty_parents(target, old.parent)
     _fsync_directory(target)
     _step("manifest")
     manifest = {"format_version": MANIFEST_VERSION, "generation": marker["generation"], "files": marker["files"]}
@@ -264,10 +284,17 @@ def recover(directory: str | os.PathLike) -> dict | None:
     target = Path(directory)
     if not target.is_dir():
         return None
+    with _folder_lock(target):
+        return _recover(target)
+
+
+def _recover(target: Path) -> dict | None:
     manifest = read_manifest(target)
     current = manifest["generation"] if manifest else 0
     complete = []
     for staging in _staging_folders(target):
+        if str(staging.absolute()) in _ACTIVE_STAGING:  # this process is writing it right now
+            continue
         marker = _read_marker(staging)
         if marker is not None and marker["generation"] > current:
             complete.append((marker["generation"], staging, marker))
@@ -280,7 +307,7 @@ def recover(directory: str | os.PathLike) -> dict | None:
         _, staging, marker = complete[-1]
         _roll_forward(target, staging, marker, manifest, None)
         manifest = read_manifest(target)
-    for tmp in target.glob(f".*{TMP_INFIX}*"):
+    for tmp in target.glob(f".*{glob.escape(TMP_INFIX)}*"):
         _remove(tmp)
     return manifest
 
@@ -316,10 +343,28 @@ def save_folder(
     """
     target = check_save_directory(directory, argument)
     target.mkdir(parents=True, exist_ok=True)
-    manifest = recover(target)
+    with _folder_lock(target):
+        yield from _save(target, kind, adopt, argument, components)
+
+
+def _fsync_tree(root: Path) -> None:
+    """Every staged file and folder on disk before the marker: after a power loss a marker never vouches for a
+    file that is not there."""
+    for path in sorted(root.rglob("*"), reverse=True):
+        if path.is_file() and not path.is_symlink():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+        elif path.is_dir():
+            _fsync_directory(path)
+    _fsync_directory(root)
+
+
+def _save(target: Path, kind, adopt, argument: str, components) -> Iterator[Path]:
+    manifest = _recover(target)
     generation = (manifest["generation"] if manifest else 0) + 1
     staging = target / f"{STAGING_PREFIX}{generation}-{uuid.uuid4().hex[:8]}"
     staging.mkdir()
+    _ACTIVE_STAGING.add(str(staging.absolute()))
     try:
         _step("staging")
         yield staging
@@ -350,13 +395,15 @@ def save_folder(
         if components is not None:
             marker["components"] = components(staging)
             _check_manifest(marker, staging / COMPLETE_MARKER)
+        _fsync_tree(staging)
         _step("marker")
         _write_json_atomic(staging / COMPLETE_MARKER, marker)
         _step("complete")
         _roll_forward(target, staging, marker, manifest, kind)
     finally:
+        _ACTIVE_STAGING.discard(str(staging.absolute()))
         if staging.exists() and _read_marker(staging) is None:  # failed before completion: drop it
             shutil.rmtree(staging, ignore_errors=True)
     for pattern in LEGACY_SIBLING_PATTERNS:
-        for leftover in target.parent.glob(pattern.format(name=target.name)):
+        for leftover in target.parent.glob(pattern.format(name=glob.escape(target.name))):
             _remove(leftover)

@@ -29,14 +29,25 @@ MAX_RECORD_LINE_CHARS = 2**20  # one records.jsonl line (texts are capped at `ma
 MAX_DIM = 65_536
 MAX_GATE_HISTORY = 1_000_000
 MAX_COMMUNITIES = 4_096
-LABEL_SLACK = 2**20  # labels are never reused, so deletions leave gaps; beyond this slack a label is an edit
+
+
+def _allowed_root(directory: Path) -> Path:
+    """Where a loaded file may really live: the folder itself, or for a Hub cache snapshot
+    (`.../models--org--name/snapshots/<rev>/...`, whose files are symlinks into `../../blobs/`) the repo's cache."""
+    for folder in (directory, *directory.parents):
+        if folder.parent.name == "snapshots" and folder.parent.parent.name.startswith(("models--", "datasets--")):
+            return folder.parent.parent.resolve()
+    return directory.resolve()
 
 
 def check_file(path: Path, directory: Path) -> None:
-    """A file a load reads must be a regular file inside the folder: a symlink to another memory's (or any other)
-    file is refused."""
-    if path.is_symlink() or (path.exists() and directory.resolve() not in path.resolve().parents):
-        raise ValueError(f"{path.name} in {directory} is a symlink or lies outside the folder; refusing to read it.")
+    """A file a load reads must lie inside the folder (a symlink to another memory's, or any other, file is refused;
+    the Hub cache's own symlinks into its blob store are fine)."""
+    root = _allowed_root(directory.absolute())
+    if path.is_symlink() and root == directory.resolve():
+        raise ValueError(f"{path.name} in {directory} is a symlink; refusing to read it.")
+    if path.exists() and root not in path.resolve().parents:
+        raise ValueError(f"{path.name} in {directory} lies outside the folder; refusing to read it.")
 
 
 def read_json(path: Path) -> dict:
@@ -192,8 +203,6 @@ def check_loaded(
     shared = labels[is_history & (labels != -1)]
     if (labels < -1).any() or (shared >= next_label).any():
         raise ValueError(f"{where}: 'labels' must be -1 or in [0, next_label={next_label}) ({CONFIG_FILE}).")
-    if shared.size and shared.max() > 16 * len(lines) + LABEL_SLACK:
-        raise ValueError(f"{where}: 'labels' go up to {int(shared.max())}, far beyond the {len(lines)} records.")
     if np.unique(shared).size != shared.size:
         raise ValueError(f"{where}: 'labels' repeat; each shared record has its own label.")
     sharing = config.get("sharing", {})

@@ -318,7 +318,10 @@ def erase_adapter(model: nn.Module, name: str) -> bool:
         return True
     with torch.no_grad():
         for param_name, param in model.named_parameters():
-            if is_lora_parameter_of(param_name, [name]):
+            # A and B only: zero B alone already makes the LoRA delta zero, and a DoRA magnitude vector set to zero
+            # would zero the layer's output instead of restoring the base weight.
+            if is_lora_parameter_of(param_name, [name]) and ("lora_A" in param_name or "lora_B" in param_name or
+                                                             "lora_embedding" in param_name):  # fmt: skip
                 param.zero_()
     return False
 
