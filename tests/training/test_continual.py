@@ -185,6 +185,7 @@ def test_push_to_hub_is_one_private_commit(tmp_path):
         assert p.push_to_hub("me/spring") == "commit"
     assert upload.call_count == 1 and create.call_args.kwargs["private"] is True
     assert uploaded["repo_id"] == "me/spring"
+    assert upload.call_args.kwargs["delete_patterns"] == ["adapters/**", "memory/**"]  # forgotten users leave the repo
     assert (
         "continual_state.json" in uploaded["files"] and "adapters/alice/adapter_model.safetensors" in uploaded["files"]
     )

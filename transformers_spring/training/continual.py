@@ -423,6 +423,8 @@ class ContinualPersonalizer:
                 revision=revision,
                 create_pr=create_pr,
                 repo_type="model",
+                # The repo mirrors the state: adapters and memory files of users forgotten since the last push go.
+                delete_patterns=[f"{ADAPTERS_DIR}/**", "memory/**"],
             )
 
     @classmethod
