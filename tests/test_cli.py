@@ -81,3 +81,17 @@ def test_the_preset_follows_the_outputs_file_and_every_lamp_task_has_one(tmp_pat
 
     for task in TASK_PRESETS:
         assert _parse(["--lamp_task", task], {}, "spring bench").preset == task
+
+
+def test_report_rebuilds_a_saved_run(tmp_path, capsys):
+    from pathlib import Path
+
+    saved = Path(__file__).resolve().parents[1] / "docs" / "benchmark" / "demo" / "results.json"
+    out = tmp_path / "again"
+    assert main(["report", str(saved), str(out)]) == 0
+    assert "| SPRInG |" in capsys.readouterr().out
+    rebuilt, original = json.loads((out / "results.json").read_text()), json.loads(saved.read_text())
+    assert rebuilt["records"] == original["records"] and rebuilt["drift_bootstrap"] == {}
+    assert rebuilt["summary"]["spring"]["average"] == pytest.approx(original["summary"]["spring"]["average"])
+    assert (out / "results.md").read_text() == (saved.parent / "results.md").read_text()
+    assert main(["report", str(tmp_path / "missing.json")]) == 2

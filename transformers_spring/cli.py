@@ -7,12 +7,15 @@ import sys
 import time
 from collections.abc import Sequence
 
-USAGE = """usage: spring {demo,bench} [options]
+USAGE = """usage: spring {demo,bench,report} [options]
 
   spring demo   SPRInG end to end on the shipped news subset (SmolLM2-135M-Instruct, a few authors, 5 periods):
                 prints the per-period ROUGE table against Base and RAG and saves results + a PNG plot.
   spring bench  the continual-personalization benchmark: every method on the same model, users and splits
                 (`spring bench --help` lists the options).
+  spring report RESULTS_JSON [OUT_DIR]
+                recomputes the summary and bootstrap tables of a saved run with this version and writes
+                results.json, results.md, LaMP files and the plot to OUT_DIR (default: beside RESULTS_JSON).
 """
 
 # The demo: 6 authors of the shipped subset, the methods users compare SPRInG with first (`DEMO_METHODS`), and the
@@ -75,6 +78,30 @@ def _run(args, title: str) -> int:
     return 0
 
 
+def _report(argv: Sequence[str]) -> int:
+    import json
+    from pathlib import Path
+
+    from .evaluation import markdown_table, save_results
+    from .evaluation.report import rebuild_report
+
+    if len(argv) not in (1, 2):
+        print(f"spring report: expected RESULTS_JSON [OUT_DIR]\n\n{USAGE}", file=sys.stderr)
+        return 2
+    source = Path(argv[0])
+    try:
+        results = json.loads(source.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        print(f"spring report: cannot read {source}: {err}", file=sys.stderr)
+        return 2
+    out = Path(argv[1]) if len(argv) == 2 else source.parent
+    results = rebuild_report(results)
+    save_results(results, out)
+    print(markdown_table(results))
+    print(f"\nSaved to {out}/: results.json, results.md, lamp/, rouge_l_per_period.png")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `spring` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -93,6 +120,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command == "bench":
         args = _parse(rest, {}, "spring bench")
         return _run(args, "SPRInG benchmark")
+    if command == "report":
+        return _report(rest)
     print(f"spring: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
 

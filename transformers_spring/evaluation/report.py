@@ -235,3 +235,21 @@ def bootstrap_table(
                                         [keyed[method][k]["nll"] for k in with_nll], seed=seed)  # fmt: skip
         table[method] = entry
     return table
+
+
+def rebuild_report(results: dict[str, Any]) -> dict[str, Any]:
+    """`results` with `summary`, `bootstrap` and `drift_bootstrap` recomputed from its records by this version of
+    the package (e.g. for a run made, or resumed, with an older one). Records, settings and timings are kept.
+
+    Args:
+        results (`dict`): what [`ContinualBenchmark.run`] returned, or `results.json` read back.
+    """
+    for key in ("records", "methods", "config"):
+        if key not in results:
+            raise ValueError(f"`results` lacks {key!r}; pass a benchmark's results.json.")
+    config, records, methods = results["config"], results["records"], results["methods"]
+    rebuilt = dict(results)
+    rebuilt["summary"] = summarize(records, methods, config["num_periods"], config.get("cold_start_max_train", 5))
+    rebuilt["bootstrap"] = bootstrap_table(records, methods, "spring") if "spring" in methods else {}
+    rebuilt["drift_bootstrap"] = drift_bootstrap(records, methods)
+    return rebuilt
