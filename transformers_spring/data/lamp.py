@@ -13,6 +13,7 @@ from transformers.utils import logging
 
 from ..records import Interaction
 from .jsonl import jsonl_rows
+from .streams import user_id_from_name
 
 logger = logging.get_logger(__name__)
 
@@ -22,9 +23,6 @@ class _Preset:
     prompt: str
     response: str
     timestamps: tuple[str, ...] = ()  # candidate time keys, first present wins
-    # Profile items hold only text (LaMP-7's tweets): the item is its own (prompt, response) pair, and it is marked
-    # `metadata["text_only"]` so a benchmark never tests on it (its input would be its answer).
-    text_only: bool = False
     # The instruction LaMP writes in front of a question's input; stripped so that a query's prompt is the bare
     # input, as a profile item's is (the benchmark's prompt template adds the instruction back).
     query_prefix: str = ""
@@ -40,7 +38,6 @@ TASK_PRESETS = {
         "text",
         "text",
         ("date",),
-        text_only=True,
         query_prefix="Paraphrase the following tweet without any explanation before or after it: ",
     ),  # fmt: skip
     "abstract_generation": _Preset("title", "abstract", ("year",)),  # LongLaMP
@@ -245,6 +242,8 @@ def read_lamp(
         task, prompt_field, response_field, timestamp_field
     )
     preset = TASK_PRESETS.get(task) if task is not None else None
+    # Profile items that hold only text (LaMP-7's tweets, prompt key = response key) are their own (prompt, response)
+    # pair, marked `metadata["text_only"]` so a benchmark never tests on one (its input would be its answer).
     text_only = prompt_key == response_key
     query_prefix = preset.query_prefix if preset is not None else ""
 
@@ -261,7 +260,7 @@ def read_lamp(
         user_id = next((row[key] for key in USER_KEYS if row.get(key) not in (None, "")), question_id)
         if user_id is None:
             raise ValueError(f"{where}: no user id (none of {list(USER_KEYS)} or 'id').")
-        user_id = str(user_id).strip().replace("/", "|").replace("\\", "|")  # ids hold no path separator
+        user_id = user_id_from_name(str(user_id))
         profile = row.get("profile")
         if not isinstance(profile, list):
             raise ValueError(f"{where}: 'profile' must be a list, got {type(profile).__name__}.")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..records import Interaction
 from .jsonl import jsonl_rows, write_interactions_jsonl
-from .streams import group_by_user
+from .streams import group_by_user, user_id_from_name
 
 # Where the project's shared checkout keeps the first 10,000 records (beside the repository).
 DEFAULT_NEWS_PATH = (
@@ -43,7 +43,7 @@ def read_news_jsonl(path: str | Path = DEFAULT_NEWS_PATH, min_items: int = 1) ->
     items = []
     with open(path, encoding="utf-8") as f:
         for number, row in jsonl_rows(f, path):
-            author = (row.get("authors") or "").strip().replace("/", "|").replace("\\", "|")
+            author = user_id_from_name(row.get("authors") or "")
             prompt, response = (row.get("short_description") or "").strip(), (row.get("headline") or "").strip()
             if not author or not prompt or not response:
                 continue

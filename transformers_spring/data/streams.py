@@ -22,3 +22,9 @@ def group_by_user(interactions: Iterable[Interaction], newest_first: bool = Fals
         for items in by_user.values():
             items.reverse()
     return by_user
+
+
+def user_id_from_name(name: str) -> str:
+    """A user id from a name in a dataset (an author, a reviewer): stripped, with `/` and `\\` written as `|`, since
+    user ids hold no path separator (`"Rebecca Rubin, Reuters/Variety"` -> `"Rebecca Rubin, Reuters|Variety"`)."""
+    return name.strip().replace("/", "|").replace("\\", "|")

@@ -26,17 +26,16 @@ from transformers.utils import logging
 
 from ..data import read_news_jsonl
 from ..generation.adapters import BASE_ADAPTER
+from ..memory.encoders import normalize_rows
 from ..memory.gate import RelevanceGate
 from ..persistence.atomic import atomic_write_text
 from ..records import Interaction
 from .benchmark_config import BenchmarkArguments
 from .methods import MethodSpec, earlier_training_items, floor_prediction, rag_items, resolve_methods
 from .metrics import rouge_scores
-from .report import bootstrap_table, drift_bootstrap, summarize
+from .report import rebuild_report
 
 logger = logging.get_logger(__name__)
-
-BASE_ROW = BASE_ADAPTER  # a routing id no adapter has: the row decodes with the base model
 
 
 def load_interactions(args: BenchmarkArguments) -> list[Interaction]:
@@ -369,7 +368,7 @@ class ContinualBenchmark:
         self._tick(state)
         records = state["records"]
         names = [m.name for m in self.methods]
-        return {
+        results = {
             "config": dataclasses.asdict(args),
             "methods": names,
             "selection": state["selection"],
@@ -378,9 +377,6 @@ class ContinualBenchmark:
                 for user, periods in splits.items()
             },
             "records": records,
-            "summary": summarize(records, names, args.num_periods, args.cold_start_max_train),
-            "bootstrap": bootstrap_table(records, names, "spring") if "spring" in names else {},
-            "drift_bootstrap": drift_bootstrap(records, names),
             "timing_s": {**{k: round(v, 1) for k, v in self._timing.items()}, "total": round(state["elapsed_s"], 1)},
             "resumed": resumed,
             "gate_sigma": self._sigma(),
@@ -394,6 +390,7 @@ class ContinualBenchmark:
                 "greedy": True,
             },
         }
+        return rebuild_report(results)  # summary, bootstrap and drift tables: one code path with `spring report`
 
     def _setup_decoding(self, train_items: Sequence[Interaction]) -> None:
         """The token budget (from the training split only) and the line-end stop, the same for every method."""
@@ -523,15 +520,14 @@ class ContinualBenchmark:
         for item in periods[test_period].test:
             query_vector = None
             if dense:  # once per test item, shared by the dense "each" and "accum" baselines
-                query_vector = np.asarray(self.memory.encoder.encode([item.prompt]), dtype=np.float32)[0]
-                query_vector /= np.linalg.norm(query_vector) or 1.0
+                query_vector = normalize_rows(self.memory.encoder.encode([item.prompt]), "query embedding")[0]
             for method in self.methods:
                 if method.is_floor:
                     # Floors read the test period's and earlier training items only, in both phases.
                     floor = floor_prediction(method.floor, earlier_training_items(periods, test_period, item), item)
-                    rows.append(_Row(method.name, item, BASE_ROW, prediction=floor))
+                    rows.append(_Row(method.name, item, BASE_ADAPTER, prediction=floor))
                     continue
-                adapter = names[method.adapter] if method.adapter else BASE_ROW
+                adapter = names[method.adapter] if method.adapter else BASE_ADAPTER
                 history, sigma = [], None
                 if method.retrieval in ("bm25", "dense"):
                     history = self._rag_items(method, user, periods, state_period, item, query_vector)

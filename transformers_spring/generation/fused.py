@@ -278,6 +278,8 @@ class FusedDualPathDecoder:
         if not hist_rows:
             logits = main_out.logits[:, -1].to(dtype=torch.float32, device=device)
             return output_cache(main_out), logits, none_if_full(main_mask), main_positions
+        if not is_stackable_cache(output_cache(main_out)):  # known now: skip the history forward, fall back
+            return None
         width = max(input_ids.shape[1], hist_ids.shape[1])
         hist_names = None if row_names is None else [row_names[r] for r in hist_rows]
         hist_out = self._forward(

@@ -15,10 +15,11 @@ from transformers import GenerationConfig, LogitsProcessorList
 from transformers.utils import PushToHubMixin, logging
 
 from ..memory import LoGoMemory
-from ..memory.logo import memory_class, memory_type_name
+from ..memory.logo import MEMORY_TYPES
 from ..persistence.cards import render_card
 from ..persistence.folder import component, read_manifest, save_folder
 from ..persistence.hub import resolve_folder
+from ..persistence.registry import qualified_name
 from ..records import RetrievalMemory
 from ..utils.compat import active_adapter_of, merged_generation_config, needs_synced_gpus
 from ..utils.modeling import base_name_or_path, is_peft_model
@@ -573,7 +574,7 @@ def spring_components(directory: Path, memory: Any) -> list[dict]:
     if (directory / ADAPTERS_DIR).is_dir():
         parts.append({"name": "adapters", "path": ADAPTERS_DIR, "type": "peft.LoraConfig"})
     if (directory / MEMORY_DIR).is_dir():
-        parts.append({"name": "memory", "path": MEMORY_DIR, "type": memory_type_name(type(memory))})
+        parts.append({"name": "memory", "path": MEMORY_DIR, "type": qualified_name(type(memory))})
     if (directory / "tokenizer_config.json").is_file():
         parts.append({"name": "tokenizer", "path": ".", "type": "transformers.AutoTokenizer"})
     return parts
@@ -585,7 +586,7 @@ def load_memory_component(directory: Path, memory_kwargs: dict | None) -> Any:
     if not (directory / MEMORY_DIR).is_dir():
         return None
     entry = component(read_manifest(directory), "memory")
-    cls = memory_class(entry["type"]) if entry is not None else LoGoMemory
+    cls = MEMORY_TYPES.resolve(entry["type"]) if entry is not None else LoGoMemory
     return cls.from_pretrained(directory / (entry["path"] if entry else MEMORY_DIR), **(memory_kwargs or {}))
 
 

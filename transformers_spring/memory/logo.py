@@ -31,6 +31,7 @@ from ..persistence.memory_files import (
     read_tensors,
     write_files,
 )
+from ..persistence.registry import ClassRegistry, qualified_name
 from ..records import (
     DEFAULT_MAX_TEXT_CHARS,
     Interaction,
@@ -45,7 +46,7 @@ from .encoders import Encoder, normalize_rows, resolve_encoder
 from .gate import RelevanceGate
 from .global_memory import SCOPES, GlobalMemory
 from .local import REGIONS, SCORERS, LocalMemory
-from .mediator import Mediator, mediator_class, mediator_name
+from .mediator import MEDIATORS, Mediator
 
 logger = logging.get_logger(__name__)
 
@@ -122,7 +123,7 @@ class LoGoMemory(
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)  # ModelHubMixin's class kwargs (library_name, tags, ...)
-        MEMORY_TYPES[memory_type_name(cls)] = cls
+        MEMORY_TYPES.register(cls)
 
     def __init__(
         self,
@@ -560,7 +561,7 @@ class LoGoMemory(
                 "library": "transformers_spring",
                 "library_version": __version__,
                 **self.config(),
-                "mediator": {"class": mediator_name(type(self.mediator)), **self.mediator.config()},
+                "mediator": {"class": qualified_name(type(self.mediator)), **self.mediator.config()},
                 "counts": {
                     "users": len(self._locals),
                     "records": sum(1 for line in lines if line["region"] == "history"),
@@ -698,7 +699,9 @@ class LoGoMemory(
         mediator_config = {k: v for k, v in saved_mediator.items() if k != "class"}
         if "mediator" not in kwargs and saved_mediator:  # dispatch on the saved class: a subclass survives
             try:
-                settings["mediator"] = mediator_class(str(saved_mediator.get("class", "Mediator")))(**mediator_config)
+                settings["mediator"] = MEDIATORS.resolve(str(saved_mediator.get("class", "Mediator")))(
+                    **mediator_config
+                )
             except TypeError as err:
                 raise ValueError(
                     f"{CONFIG_FILE} in {directory}: field 'mediator' does not fit its class: {err}"
@@ -790,26 +793,6 @@ _INIT_KEYS = (
 )
 
 
-# Every LoGoMemory class by qualified name, so that a composite folder's manifest can name the memory's class and the
-# loader dispatch on it (a subclass survives a round trip).
-MEMORY_TYPES: dict[str, type] = {}
-
-
-def memory_type_name(cls: type) -> str:
-    return f"{cls.__module__}.{cls.__qualname__}"
-
-
-def memory_class(name: str) -> type:
-    """The memory class a manifest names (`LoGoMemory` or a registered subclass).
-
-    Raises:
-        `ValueError`: the class is unknown (its module was not imported): pass `memory=` instead.
-    """
-    if name in ("LoGoMemory", memory_type_name(LoGoMemory)):
-        return LoGoMemory
-    if name in MEMORY_TYPES:
-        return MEMORY_TYPES[name]
-    raise ValueError(
-        f"the folder's memory is a {name!r}, which is not registered: import the module that defines it before "
-        "loading, or pass `memory=`."
-    )
+# Every LoGoMemory class by qualified name: a composite folder's manifest names the memory's class and the loader
+# dispatches on it, so a subclass survives a round trip.
+MEMORY_TYPES = ClassRegistry(LoGoMemory, "memory")

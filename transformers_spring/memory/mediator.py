@@ -9,31 +9,8 @@ import math
 
 import numpy as np
 
+from ..persistence.registry import ClassRegistry
 from ..records import MediatedContext, RetrievedItem
-
-# Every Mediator class by qualified name (`module.Class`), so a saved memory reloads with the mediator it was saved
-# with: the loader dispatches on the name `config.json` records.
-MEDIATORS: dict[str, type[Mediator]] = {}
-
-
-def mediator_name(cls: type) -> str:
-    return f"{cls.__module__}.{cls.__qualname__}"
-
-
-def mediator_class(name: str) -> type[Mediator]:
-    """The registered Mediator class saved under `name` (a qualified name, or the bare `"Mediator"` of older saves).
-
-    Raises:
-        `ValueError`: the class is unknown (its module was not imported, or it no longer exists).
-    """
-    if name in ("Mediator", mediator_name(Mediator)):
-        return Mediator
-    if name in MEDIATORS:
-        return MEDIATORS[name]
-    raise ValueError(
-        f"the memory was saved with the mediator {name!r}, which is not registered: import the module that defines "
-        "it before loading, or pass `mediator=` to `from_pretrained`."
-    )
 
 
 class Mediator:
@@ -83,7 +60,7 @@ class Mediator:
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        MEDIATORS[mediator_name(cls)] = cls
+        MEDIATORS.register(cls)  # a saved memory reloads with the mediator class it was saved with
 
     def config(self) -> dict:
         return {
@@ -139,3 +116,6 @@ class Mediator:
             global_hits=list(global_hits),
             dropped=dropped,
         )
+
+
+MEDIATORS = ClassRegistry(Mediator, "mediator")

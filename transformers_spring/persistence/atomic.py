@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import uuid
@@ -13,6 +12,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from transformers.utils import logging
+
+from .folder import atomic_write_bytes, atomic_write_text  # noqa: F401 (one home; re-exported)
 
 logger = logging.get_logger(__name__)
 
@@ -81,29 +82,3 @@ def resolve_saved_directory(path: str | os.PathLike) -> Path | None:
 def looks_like_repo_id(name: str) -> bool:
     """Whether `name` can be a Hub repo id rather than a (missing) local path."""
     return not (os.path.isabs(name) or name.startswith(".") or name.count("/") > 1 or Path(name).exists())
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Writes `data` to `path` atomically: a temporary file in the same directory, then `os.replace`, so a reader (or
-    a crash) never sees a half-written file and an existing file is only replaced by a complete one."""
-    path = Path(path)
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp"
-    # Mode 0o666 through os.open: the kernel applies the umask, so the file gets the permissions open() would give
-    # (and no thread ever sees a changed process umask).
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())  # on disk before the rename makes it visible
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return path
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """[`atomic_write_bytes`] of `text` encoded as UTF-8."""
-    return atomic_write_bytes(path, text.encode("utf-8"))

@@ -161,19 +161,35 @@ def _fsync_directory(directory: Path) -> None:
             os.close(fd)
 
 
-def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.parent / f".{path.name}{TMP_INFIX}{uuid.uuid4().hex[:12]}"
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Writes `data` to `path` atomically: a temporary file in the same directory, then `os.replace`, so a reader (or
+    a crash) never sees a half-written file and an existing file is only replaced by a complete one."""
+    path = Path(path)
+    tmp = path.parent / f".{path.name}{TMP_INFIX}{uuid.uuid4().hex[:12]}"  # a name recovery knows to remove
+    # Mode 0o666 through os.open: the kernel applies the umask, so the file gets the permissions open() would give
+    # (and no thread ever sees a changed process umask).
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1, sort_keys=True)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
-            os.fsync(f.fileno())
+            os.fsync(f.fileno())  # on disk before the rename makes it visible
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    _fsync_directory(path.parent)
+    _fsync_directory(path.parent)  # the rename itself on disk too
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """[`atomic_write_bytes`] of `text` encoded as UTF-8."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    atomic_write_text(path, json.dumps(data, indent=1, sort_keys=True))
 
 
 def _listed_files(root: Path) -> list[str]:
@@ -343,6 +359,11 @@ def save_folder(
     """
     target = check_save_directory(directory, argument)
     target.mkdir(parents=True, exist_ok=True)
+    if any(str(parent) in _ACTIVE_STAGING for parent in target.parents):
+        # A part of a composite save (the memory inside a SPRInG folder): the outer save's staging, marker and
+        # manifest already make it atomic, so a second commit inside it would only repeat the work.
+        yield target
+        return
     with _folder_lock(target):
         yield from _save(target, kind, adopt, argument, components)
 
