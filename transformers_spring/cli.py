@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import time
@@ -27,28 +28,9 @@ DEMO_DEFAULTS = {
 }  # fmt: skip
 
 
-# Switches whose default comes from the task preset (`bool | None` fields). HfArgumentParser gives such a field no
-# bare `--x` form and no `--no_x`; they are spelled out here so they work like every other switch.
+# Switches whose default comes from the task preset (`bool | None` fields). HfArgumentParser gives a field whose
+# default is None neither a bare `--x` form nor `--no_x`; `_parse` adds both, as it does for plain bool fields.
 PRESET_SWITCHES = ("stop_at_newline", "lamp_queries")
-
-
-def _preset_switches(argv: Sequence[str]) -> list[str]:
-    """`--x` without a value becomes `--x true`, and `--no_x` / `--no-x` becomes `--x false`, for the
-    [`PRESET_SWITCHES`]."""
-    out: list[str] = []
-    argv = list(argv)
-    for i, arg in enumerate(argv):
-        name = arg[2:].replace("-", "_") if arg.startswith("--") else None
-        if name in PRESET_SWITCHES:
-            following = argv[i + 1] if i + 1 < len(argv) else None
-            out.append(arg)
-            if following is None or following.startswith("--"):
-                out.append("true")
-        elif name is not None and name.startswith("no_") and name[3:] in PRESET_SWITCHES:
-            out += [f"--{name[3:]}", "false"]
-        else:
-            out.append(arg)
-    return out
 
 
 def _parse(argv: Sequence[str], defaults: dict, prog: str):
@@ -57,8 +39,13 @@ def _parse(argv: Sequence[str], defaults: dict, prog: str):
     from .evaluation import BenchmarkArguments
 
     parser = HfArgumentParser(BenchmarkArguments, prog=prog)
+    for name in PRESET_SWITCHES:
+        action = next(a for a in parser._actions if a.dest == name)
+        action.nargs, action.const = "?", True  # bare `--x` means true; `--x false` still parses
+        parser.add_argument(f"--no_{name}", f"--no-{name.replace('_', '-')}", dest=name, action="store_false", default=argparse.SUPPRESS,
+                            help=f"Turn `{name}` off.")  # fmt: skip
     parser.set_defaults(**defaults)
-    (args,) = parser.parse_args_into_dataclasses(args=_preset_switches(argv))
+    (args,) = parser.parse_args_into_dataclasses(args=list(argv))
     return args
 
 
