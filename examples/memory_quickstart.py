@@ -43,6 +43,8 @@ def main() -> None:
     for hit in memory.retrieve(author, query, k=4):
         print(f"  {hit.source:6s} {hit.score:.3f} {hit.interaction.user_id:20.20s} {hit.interaction.response[:70]!r}")
     ctx = memory.retrieve_context("a new reader", query, k=3)
+    # The sharing rule serves only content that >= 3 distinct authors wrote alike (cosine >= 0.75); news authors
+    # rarely do, so a cold-start reader usually gets nothing here (docs/memory.md, "The sharing rule").
     print(f"cold-start reader: {len(ctx.items)} global items, suggested lambda {ctx.weight}")
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -46,6 +46,29 @@ def test_bench_end_to_end_on_a_tiny_saved_model(tmp_path, capsys):
     assert (out / "rouge_l_per_period.png").stat().st_size > 1000
 
 
+def test_bench_logo_end_to_end_on_a_tiny_saved_model(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench-logo", "--help"])
+    assert exit_info.value.code == 0 and "--history_cuts" in capsys.readouterr().out
+    model_dir = tmp_path / "tiny"
+    make_model("llama", TRAINING_VOCAB.size).save_pretrained(model_dir)
+    make_tokenizer(TRAINING_VOCAB, chat=True).save_pretrained(model_dir)
+    data = tmp_path / "stream.jsonl"
+    write_interactions_jsonl(make_interactions("alice", 12, seed=1) + make_interactions("bob", 10, seed=2), data)
+    out = tmp_path / "out"
+    code = main([
+        "bench-logo", "--data", str(data), "--model", str(model_dir), "--users", "2", "--min_items", "10",
+        "--prompt_template", "write a headline for {prompt}", "--max_new_tokens", "3", "--num_train_epochs", "1",
+        "--encoder", "hashing", "--learning_rates", "", "--history_cuts", "0,all", "--mediator_min_examples", "1",
+        "--out", str(out),
+    ])  # fmt: skip
+    assert code == 0
+    assert "SPRInG + LoGo" in capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())
+    assert {r["cut"] for r in results["records"]} == {0, "all"}
+    assert (out / "results.md").is_file()
+
+
 def test_bench_missing_data_file_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="`data` file not found"):
         main(["bench", "--data", str(tmp_path / "nope.jsonl"), "--model", "unused"])

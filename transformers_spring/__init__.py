@@ -22,7 +22,10 @@ _EXPORTS = {
         "AdapterRouter", "FusedDualPathDecoder", "HistoryPromptBuilder", "Personalization",
         "RetrievalInterpolationLogitsProcessor", "SpringConfig", "SpringForCausalLM", "skinny_cpu_linear",
     ),
-    "memory": ("BM25Index", "HashingEncoder", "LoGoMemory", "Mediator", "RelevanceGate", "resolve_encoder"),
+    "memory": (
+        "BM25Index", "CalibratedMediator", "ContributorSupport", "HashingEncoder", "LoGoMemory", "Mediator",
+        "MediatorExample", "RelevanceGate", "resolve_encoder",
+    ),
     "records": ("BufferStore", "Interaction", "MediatedContext", "RetrievalMemory", "RetrievedItem"),
     "training": (
         "BaseLogProbCache", "ContinualPersonalizer", "SpringPeriodOutput", "SpringTrainer", "SpringTrainingArguments",
@@ -38,8 +41,10 @@ __all__ = [
     "BaseLogProbCache",
     "BenchmarkArguments",
     "BufferStore",
+    "CalibratedMediator",
     "ContinualBenchmark",
     "ContinualPersonalizer",
+    "ContributorSupport",
     "FusedDualPathDecoder",
     "HashingEncoder",
     "HistoryPromptBuilder",
@@ -47,6 +52,7 @@ __all__ = [
     "LoGoMemory",
     "MediatedContext",
     "Mediator",
+    "MediatorExample",
     "PeriodSplit",
     "Personalization",
     "RelevanceGate",
@@ -116,7 +122,17 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, eagerly
         SpringForCausalLM,
         skinny_cpu_linear,
     )
-    from .memory import BM25Index, HashingEncoder, LoGoMemory, Mediator, RelevanceGate, resolve_encoder
+    from .memory import (
+        BM25Index,
+        CalibratedMediator,
+        ContributorSupport,
+        HashingEncoder,
+        LoGoMemory,
+        Mediator,
+        MediatorExample,
+        RelevanceGate,
+        resolve_encoder,
+    )
     from .records import BufferStore, Interaction, MediatedContext, RetrievalMemory, RetrievedItem
     from .training import (
         BaseLogProbCache,

@@ -8,12 +8,16 @@ import sys
 import time
 from collections.abc import Sequence
 
-USAGE = """usage: spring {demo,bench,report} [options]
+USAGE = """usage: spring {demo,bench,bench-logo,report} [options]
 
   spring demo   SPRInG end to end on the shipped news subset (SmolLM2-135M-Instruct, a few authors, 5 periods):
                 prints the per-period ROUGE table against Base and RAG and saves results + a PNG plot.
   spring bench  the continual-personalization benchmark: every method on the same model, users and splits
                 (`spring bench --help` lists the options).
+  spring bench-logo
+                the LoGo study: local-only SPRInG against SPRInG + the global memory for cold-start (history cut to
+                the first m items) and skewed-history users, the mediator fitted on validation queries
+                (`spring bench-logo --help`).
   spring report RESULTS_JSON [OUT_DIR]
                 recomputes the summary and bootstrap tables of a saved run with this version and writes
                 results.json, results.md, LaMP files and the plot to OUT_DIR (default: beside RESULTS_JSON).
@@ -33,12 +37,12 @@ DEMO_DEFAULTS = {
 PRESET_SWITCHES = ("stop_at_newline", "lamp_queries")
 
 
-def _parse(argv: Sequence[str], defaults: dict, prog: str):
+def _parse(argv: Sequence[str], defaults: dict, prog: str, arguments: type | None = None):
     from transformers import HfArgumentParser
 
     from .evaluation import BenchmarkArguments
 
-    parser = HfArgumentParser(BenchmarkArguments, prog=prog)
+    parser = HfArgumentParser(arguments or BenchmarkArguments, prog=prog)
     for name in PRESET_SWITCHES:
         action = next(a for a in parser._actions if a.dest == name)
         action.nargs, action.const = "?", True  # bare `--x` means true; `--x false` still parses
@@ -62,6 +66,27 @@ def _run(args, title: str) -> int:
     print(f"\n{title}: {len(users)} users, {args.num_periods} periods, model {args.model}, {minutes:.1f} min\n")
     print(markdown_table(results))
     print(f"\nSaved to {args.out}/: results.json (every prediction), results.md, rouge_l_per_period.png")
+    return 0
+
+
+def _logo_arguments() -> type:
+    from .evaluation import LoGoBenchmarkArguments
+
+    return LoGoBenchmarkArguments
+
+
+def _run_logo(args) -> int:
+    from transformers.utils import logging
+
+    from .evaluation import logo_markdown, run_logo_benchmark
+
+    logging.set_verbosity_warning()
+    started = time.perf_counter()
+    results = run_logo_benchmark(args)
+    minutes = (time.perf_counter() - started) / 60
+    print(f"\nLoGo study: {len(results['users'])} users, model {args.model}, {minutes:.1f} min\n")
+    print(logo_markdown(results))
+    print(f"\nSaved to {args.out}/: results.json (every prediction), results.md, logo_nll_gain.png")
     return 0
 
 
@@ -107,6 +132,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command == "bench":
         args = _parse(rest, {}, "spring bench")
         return _run(args, "SPRInG benchmark")
+    if command == "bench-logo":
+        return _run_logo(_parse(rest, {}, "spring bench-logo", _logo_arguments()))
     if command == "report":
         return _report(rest)
     print(f"spring: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)

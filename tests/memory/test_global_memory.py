@@ -54,7 +54,7 @@ def test_ann_matches_exact_and_survives_deletions():
 
 def test_k_is_clamped_and_time_filtered():
     labels, users, vecs = clustered(2, 3)
-    gm = GlobalMemory(32, min_community_users=1, n_communities=1, exact_below=0, num_threads=1)
+    gm = GlobalMemory(32, min_community_users=1, min_contributors=1, n_communities=1, exact_below=0, num_threads=1)
     gm.add(labels, users, vecs, [float(i) for i in range(len(labels))])
     assert len(gm.search(vecs[0], 1000, user_id="u0")) == 3  # only u1's three items; no hnswlib error
     assert {label for label, _ in gm.search(vecs[0], 10, before=2.0, scope="all")} == {0, 1}

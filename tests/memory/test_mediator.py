@@ -1,6 +1,7 @@
 import numpy as np
+import pytest
 
-from transformers_spring.memory import Interaction, Mediator, RetrievedItem
+from transformers_spring.memory import CalibratedMediator, Interaction, Mediator, MediatorExample, RetrievedItem
 
 
 def item(source, vec, score=0.9, user="u"):
@@ -37,3 +38,96 @@ def test_global_share_shrinks_with_history():
 def test_empty_context_has_zero_weight():
     ctx = Mediator().mediate([], [], n_local=0, k=3)
     assert ctx.is_empty and ctx.weight == 0.0
+
+
+# ------------------------------------------------------------------------------------------- calibrated mediator
+WEIGHTS = [0.0, 0.25, 0.5]
+
+
+def table(best_slots, best_column, slots=2):
+    nll = np.full((slots + 1, len(WEIGHTS)), 5.0)
+    nll[best_slots, best_column] = 4.0
+    return nll
+
+
+def test_fit_picks_the_lowest_validation_nll_per_cell_and_falls_back_when_thin():
+    examples = [MediatorExample(0, False, None, table(2, 1)) for _ in range(12)]  # cold: 2 global slots, λ 0.25
+    examples += [MediatorExample(40, True, 0.9, table(0, 2)) for _ in range(12)]  # warm, agreeing: local only, λ 0.5
+    examples += [MediatorExample(40, True, 0.1, table(1, 1)) for _ in range(3)]  # warm, conflicting: too few
+    mediator = CalibratedMediator.fit(examples, WEIGHTS, min_examples=10)
+    assert mediator.rule_for(0, False, None) == [2, 0.25]
+    assert mediator.rule_for(40, True, 0.9) == [0, 0.5]
+    assert "n4|l1|a0" not in mediator.rules and mediator.fit_counts["n4|l1|a0"] == 3
+    assert mediator.rule_for(40, True, 0.1) == mediator.rules["n4|l1"]  # the coarser cell answers
+    local = [item("local", [1, 0, 0])]
+    glob = [item("global", [1, 0.1, 0], 0.8, "x"), item("global", [0.9, 0, 0.2], 0.7, "y")]
+    cold = mediator.mediate([], glob, n_local=0, k=2)
+    assert cold.items == glob and cold.weight == 0.25 and cold.cold_start
+    warm = mediator.mediate(local, glob, n_local=40, k=2)
+    assert warm.items == local and warm.weight == 0.5
+    assert mediator.mediate([], [], n_local=0, k=2).weight == 0.0  # an empty context scores the plain path
+    # A cell no rule covers (no '*' when every cell is thin) uses the default Mediator.
+    thin = CalibratedMediator.fit(examples[:3], WEIGHTS, min_examples=10)
+    assert thin.rules == {} and thin.mediate([], glob, 0, 2).weight == Mediator().global_weight
+
+
+def test_fit_refuses_bad_examples():
+    with pytest.raises(ValueError, match="examples"):
+        CalibratedMediator.fit([], WEIGHTS)
+    with pytest.raises(ValueError, match="shape"):
+        CalibratedMediator.fit([MediatorExample(0, False, None, np.zeros((3, 2)))], WEIGHTS)
+    bad = table(0, 0)
+    bad[1, 1] = np.nan
+    with pytest.raises(ValueError, match="finite"):
+        CalibratedMediator.fit([MediatorExample(0, False, None, table(0, 0)), MediatorExample(0, False, None, bad)],
+                               WEIGHTS)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"rules": {"n1|x": [0, 0.5]}}, "rules"),
+        ({"rules": {"*": [-1, 0.5]}}, "rules"),
+        ({"rules": {"*": [1, 1.5]}}, "rules"),
+        ({"rules": {"*": [True, 0.5]}}, "rules"),
+        ({"count_edges": [3, 1]}, "count_edges"),
+        ({"count_edges": []}, "count_edges"),
+        ({"agreement_threshold": 2}, "agreement_threshold"),
+    ],
+)
+def test_bad_settings_name_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        CalibratedMediator(**kwargs)
+
+
+def test_a_fitted_mediator_is_saved_and_reloaded_with_the_memory(tmp_path):
+    from transformers_spring.memory import HashingEncoder, LoGoMemory
+
+    examples = [MediatorExample(0, False, None, table(1, 2)) for _ in range(10)]
+    mediator = CalibratedMediator.fit(examples, WEIGHTS, count_edges=(2, 8), agreement_threshold=0.3)
+    memory = LoGoMemory(HashingEncoder(16), mediator=mediator, num_threads=1)
+    memory.add(Interaction("a", "hello there", "hi"))
+    memory.save_pretrained(tmp_path / "m")
+    loaded = LoGoMemory.from_pretrained(tmp_path / "m", encoder=HashingEncoder(16)).mediator
+    assert type(loaded) is CalibratedMediator and loaded.config() == mediator.config()
+    assert loaded.rule_for(0, False, None) == [1, 0.5]
+
+
+def test_without_a_global_item_the_local_decision_is_untouched():
+    """Zero global slots, or no servable global hit, keeps local-only SPRInG's context and λ: LoGo changes a decision
+    only by adding global items (so its effect is the global memory's, not a re-tuned λ)."""
+    local = [item("local", [1, 0, 0]), item("local", [0.9, 0.1, 0])]
+    glob = [item("global", [1, 0.1, 0], 0.8, "x")]
+    mediator = CalibratedMediator(rules={"*": [0, 0.125], "n0": [2, 0.75]}, local_weight=0.5)
+    warm = mediator.mediate(local, glob, n_local=40, k=2)
+    assert warm.items == local and warm.weight == 0.5
+    nothing_global = mediator.mediate([], [], n_local=0, k=2)
+    assert nothing_global.items == [] and nothing_global.weight == 0.0
+    # Fitting knows it: a λ other than the local weight at zero global slots is never chosen, and an example
+    # without global hits scores the local decision under every rule.
+    tables = [MediatorExample(40, True, None, np.array([[3.0, 5.0, 5.0], [5.0, 5.0, 5.0], [5.0, 5.0, 5.0]]),
+                              has_global=False) for _ in range(10)]  # fmt: skip
+    fitted = CalibratedMediator.fit(tables, WEIGHTS, min_examples=5)
+    assert fitted.rules["*"] == [0, 0.5]
+    with pytest.raises(ValueError, match="local weight"):
+        CalibratedMediator.fit(tables, [0.0, 0.25], min_examples=5)

@@ -2,6 +2,8 @@
 
 from .benchmark import ContinualBenchmark, decoding_budget, load_interactions, run_benchmark, save_results
 from .benchmark_config import PRESETS, BenchmarkArguments, TaskPreset
+from .logo_benchmark import LoGoBenchmark, run_logo_benchmark, save_logo_results
+from .logo_benchmark_config import LoGoBenchmarkArguments
 from .methods import DEMO_METHODS, FLOORS, METHODS, MethodSpec, floor_prediction, rag_items, resolve_methods
 from .metrics import mean_rouge, paired_bootstrap, rouge_scores
 from .report import (
@@ -9,9 +11,12 @@ from .report import (
     drift_bootstrap,
     lamp_golds,
     lamp_predictions,
+    logo_markdown,
     markdown_table,
+    plot_logo_gain,
     plot_rouge_l,
     summarize,
+    summarize_logo,
 )
 
 __all__ = [
@@ -21,6 +26,8 @@ __all__ = [
     "PRESETS",
     "BenchmarkArguments",
     "ContinualBenchmark",
+    "LoGoBenchmark",
+    "LoGoBenchmarkArguments",
     "MethodSpec",
     "TaskPreset",
     "bootstrap_table",
@@ -30,14 +37,19 @@ __all__ = [
     "lamp_golds",
     "lamp_predictions",
     "load_interactions",
+    "logo_markdown",
     "markdown_table",
     "mean_rouge",
     "paired_bootstrap",
+    "plot_logo_gain",
     "plot_rouge_l",
     "rag_items",
     "resolve_methods",
     "rouge_scores",
     "run_benchmark",
+    "run_logo_benchmark",
+    "save_logo_results",
     "save_results",
     "summarize",
+    "summarize_logo",
 ]

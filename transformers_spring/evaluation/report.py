@@ -253,3 +253,136 @@ def rebuild_report(results: dict[str, Any]) -> dict[str, Any]:
     rebuilt["bootstrap"] = bootstrap_table(records, methods, "spring") if "spring" in methods else {}
     rebuilt["drift_bootstrap"] = drift_bootstrap(records, methods)
     return rebuilt
+
+
+# ------------------------------------------------------------------------------------------------------ LoGo study
+LOGO_LABELS = {"spring-local": "SPRInG (local only)", "spring-logo": "SPRInG + LoGo",
+               "spring-logo-open": "SPRInG + LoGo, sharing rule off"}  # fmt: skip
+COLD_START_MAX_CUT = 5
+
+
+def _paired_by_item(rows: Sequence[dict[str, Any]], method: str, reference: str, metric: str, seed: int = 0):
+    """Paired bootstrap of `method − reference` on `metric`, one value per test item: an item seen under several
+    history cuts (the cold bucket pools m = 0..5) counts once, with its mean difference, so the interval does not
+    treat one item's cuts as independent items."""
+    by_key: dict[tuple, dict[str, float]] = defaultdict(dict)
+    for r in rows:
+        if r["method"] in (method, reference) and r.get(metric) is not None:
+            by_key[(r["user"], r["test_id"], str(r["cut"]))][r["method"]] = r[metric]
+    per_item: dict[tuple, list[float]] = defaultdict(list)
+    for (user, test_id, _), values in by_key.items():
+        if method in values and reference in values:
+            per_item[(user, test_id)].append(values[method] - values[reference])
+    diffs = [statistics.fmean(v) for v in per_item.values()]
+    return paired_bootstrap(diffs, [0.0] * len(diffs), seed=seed)
+
+
+def summarize_logo(results: dict[str, Any]) -> dict[str, Any]:
+    """Per bucket (each history cut, `cold` = cuts m <= 5 pooled, `warm` = "all", `bias` = the bias items at
+    "all"): per method the mean NLL, unstemmed ROUGE-1 / ROUGE-L and stemmed ROUGE-L, the share of rows that used a
+    global item, and the paired bootstrap of each LoGo arm minus local-only SPRInG (NLL: negative is better)."""
+    records = results["records"]
+    methods = [m for m in LOGO_LABELS if any(r["method"] == m for r in records)]
+    cuts = list(dict.fromkeys(str(r["cut"]) for r in records))
+    buckets = {f"m={c}": [r for r in records if str(r["cut"]) == c] for c in cuts}
+    buckets["cold"] = [r for r in records if r["cut"] != "all" and int(r["cut"]) <= COLD_START_MAX_CUT]
+    buckets["warm"] = [r for r in records if r["cut"] == "all"]
+    buckets["bias"] = [r for r in records if r["cut"] == "all" and r.get("bias")]
+    summary = {}
+    for name, rows in buckets.items():
+        entry: dict[str, Any] = {}
+        for method in methods:
+            own = [r for r in rows if r["method"] == method]
+            entry[method] = {
+                **_means(own), "n": len(own),
+                "global_share": statistics.fmean([r["global_items"] > 0 for r in own]) if own else math.nan,
+            }  # fmt: skip
+        for method in methods[1:]:
+            entry[f"{method} - spring-local"] = {
+                metric: _paired_by_item(rows, method, "spring-local", metric) for metric in ("nll", "rougeL")
+            }
+        summary[name] = entry
+    return summary
+
+
+def _interval(stats: dict[str, float]) -> str:
+    if not stats.get("n"):
+        return "–"
+    return f"{stats['mean']:+.4f} [{stats['low']:+.4f}, {stats['high']:+.4f}] (n={stats['n']})"
+
+
+def logo_markdown(results: dict[str, Any]) -> str:
+    """The LoGo study's tables: per bucket, each arm's NLL and ROUGE, and the paired bootstrap against local-only
+    SPRInG, as GitHub markdown."""
+    summary = results["summary"]
+    methods = [m for m in LOGO_LABELS if any(m in entry for entry in summary.values())]
+    lines = [
+        "| Bucket | Method | n | NLL | R-1 | R-L | R-L stem | rows using global |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for bucket, entry in summary.items():
+        for method in methods:
+            s = entry.get(method)
+            if not s or not s["n"]:
+                continue
+            cells = [bucket, LOGO_LABELS[method], str(s["n"]), _fmt(s["nll"]), _fmt(s["rouge1"]), _fmt(s["rougeL"]),
+                     _fmt(s["rougeL_stemmed"]), f"{100 * s['global_share']:.0f} %"]  # fmt: skip
+            lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Paired bootstrap (95 %, one value per test item) of each LoGo arm minus local-only SPRInG:",
+        "",
+        "| Bucket | Arm | Δ NLL [95 % CI] (negative: LoGo better) | Δ R-L [95 % CI] |",
+        "|---|---|---|---|",
+    ]
+    for bucket, entry in summary.items():
+        for method in methods[1:]:
+            d = entry.get(f"{method} - spring-local")
+            if d:
+                lines.append(
+                    f"| {bucket} | {LOGO_LABELS[method]} | {_interval(d['nll'])} | {_interval(d['rougeL'])} |"
+                )
+    rule = results.get("rule", {})
+    lines += ["", f"Sharing rule: min_contributors={rule.get('min_contributors')}, "
+              f"match_threshold={rule.get('match_threshold')}; gate σ={results.get('gate_sigma')}."]  # fmt: skip
+    return "\n".join(lines)
+
+
+def plot_logo_gain(results: dict[str, Any], path: str | os.PathLike) -> Path | None:
+    """A PNG of the NLL gain of each LoGo arm over local-only SPRInG (local minus LoGo: above zero, LoGo is better)
+    against the history size m, with 95 % bootstrap intervals. `None` without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    from ..persistence.atomic import atomic_write_bytes
+
+    summary = results["summary"]
+    cuts = [key for key in summary if key.startswith("m=")]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    for offset, method in ((-0.08, "spring-logo"), (0.08, "spring-logo-open")):
+        key = f"{method} - spring-local"
+        points = [(i, summary[c][key]["nll"]) for i, c in enumerate(cuts) if key in summary[c]]
+        points = [(i, d) for i, d in points if d["n"]]
+        if not points:
+            continue
+        x = [i + offset for i, _ in points]
+        y = [-d["mean"] for _, d in points]
+        # The gain is −Δ, so its interval is [−high, −low].
+        err = [[d["high"] - d["mean"] for _, d in points], [d["mean"] - d["low"] for _, d in points]]
+        ax.errorbar(x, y, yerr=err, marker="o", capsize=4, label=LOGO_LABELS[method])
+    ax.axhline(0.0, color="grey", linewidth=0.8)
+    ax.set_xticks(range(len(cuts)), [c[2:] for c in cuts])
+    ax.set_xlabel("history size m (the user's first m items)")
+    ax.set_ylabel("NLL gain over local-only SPRInG (nats/token)")
+    ax.set_title("LoGo's global memory: NLL gain by history size")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return atomic_write_bytes(path, buffer.getvalue())

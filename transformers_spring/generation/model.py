@@ -229,7 +229,11 @@ class SpringForCausalLM(PushToHubMixin, nn.Module):
         for index, info in enumerate(infos):
             prompt = input_ids[index][attention_mask[index].bool()].tolist()
             name = [names[index]] if names is not None else None
+            history_only = info is not None and info.gate_open and info.weight >= 1
             with activate_adapters(router, name):
+                if history_only:  # λ = 1: the mixture is the history path alone, the plain forward would be wasted
+                    out.append(self._continuation_logprobs(info.history_ids, continuations[index], device))
+                    continue
                 log_main = self._continuation_logprobs(prompt, continuations[index], device)
                 if info is None or not info.gate_open or info.weight <= 0:
                     out.append(log_main)

@@ -7,11 +7,14 @@ from .gate import RelevanceGate
 from .global_memory import GlobalMemory
 from .local import LocalMemory, VectorStore
 from .logo import LoGoMemory
-from .mediator import Mediator
+from .mediator import CalibratedMediator, Mediator, MediatorExample
+from .support import ContributorSupport
 
 __all__ = [
     "BM25Index",
+    "CalibratedMediator",
     "CallableEncoder",
+    "ContributorSupport",
     "Encoder",
     "GlobalMemory",
     "HashingEncoder",
@@ -20,6 +23,7 @@ __all__ = [
     "LocalMemory",
     "MediatedContext",
     "Mediator",
+    "MediatorExample",
     "RelevanceGate",
     "RetrievedItem",
     "SentenceTransformerEncoder",

@@ -10,6 +10,7 @@ import numpy as np
 from transformers.utils import logging
 
 from ..utils.ranking import top_k_indices
+from .support import DEFAULT_MATCH_THRESHOLD, DEFAULT_MIN_CONTRIBUTORS, ContributorSupport, check_support_rule
 
 logger = logging.get_logger(__name__)
 
@@ -23,8 +24,11 @@ class GlobalMemory:
     - **Communities**: k-means over user vectors, with k chosen by silhouette score in `[2, max_communities]`
       unless `n_communities` is given. They are recomputed lazily, at the next search, once the set of users has
       changed or the shared items have grown by `recluster_growth` since the last clustering.
-    - **Privacy**: a community feeds retrieval only if it has at least `min_community_users` distinct users, and
-      a user never gets their own items back.
+    - **Privacy**: an item is served to other users only when at least `min_contributors` distinct users, its
+      author included, wrote closely matching content (cosine `>= match_threshold`, see [`ContributorSupport`]): the
+      memory hands out shared interests, never one user's unique text, however many (possibly fake) users join the
+      author's community. A community feeds retrieval only if it has at least `min_community_users` distinct users,
+      and a user never gets their own items back.
     - **Search**: a query goes to the user's community (`scope="own"`; a user outside any community — cold start,
       opted out, or in a community too small to share — goes to the eligible community nearest to their vector,
       or to the query) or to every eligible community (`scope="all"`). An hnswlib index over all shared items is
@@ -38,6 +42,11 @@ class GlobalMemory:
     Args:
         dim (`int`): embedding dimension.
         min_community_users (`int`, *optional*, defaults to 5): smallest community allowed to feed retrieval.
+        min_contributors (`int`, *optional*, defaults to 3): distinct users, the author included, whose closely
+            matching content an item needs before it is served (1 turns the rule off).
+        match_threshold (`float`, *optional*, defaults to 0.75): the cosine at which two users' items match.
+        max_matches (`int`, *optional*, defaults to 32): on the ANN path (more than `exact_below` items), the nearest
+            items examined for matches of a new item (a miss can only withhold an item, never serve one).
         n_communities (`int`, *optional*): a fixed number of communities instead of the silhouette choice.
         max_communities (`int`, *optional*, defaults to 10): upper end of the silhouette search.
         recluster_growth (`float`, *optional*, defaults to 0.25): relative growth of shared items that marks
@@ -56,6 +65,9 @@ class GlobalMemory:
         dim: int,
         *,
         min_community_users: int = 5,
+        min_contributors: int = DEFAULT_MIN_CONTRIBUTORS,
+        match_threshold: float = DEFAULT_MATCH_THRESHOLD,
+        max_matches: int = 32,
         n_communities: int | None = None,
         max_communities: int = 10,
         recluster_growth: float = 0.25,
@@ -71,6 +83,7 @@ class GlobalMemory:
             raise ValueError(f"`min_community_users` must be >= 1, got {min_community_users}.")
         if n_communities is not None and n_communities < 1:
             raise ValueError(f"`n_communities` must be >= 1, got {n_communities}.")
+        check_support_rule(min_contributors, match_threshold, max_matches)
         self.dim = dim
         self.min_community_users = min_community_users
         self.n_communities = n_communities
@@ -81,16 +94,20 @@ class GlobalMemory:
         self.rebuild_tombstone_ratio = rebuild_tombstone_ratio
         self.seed = seed
         self.num_threads = num_threads
+        self.max_matches = int(max_matches)
+        self.support = ContributorSupport(min_contributors, match_threshold)
 
         self._vectors = np.empty((64, dim), dtype=np.float32)
         self._row_user = np.empty(64, dtype=np.int64)
         self._row_ts = np.empty(64, dtype=np.float64)
         self._row_label = np.empty(64, dtype=np.int64)
+        self._row_backers = np.zeros(64, dtype=np.int64)  # distinct other users with a matching item
         self._n = 0
         self._label_row = np.full(64, -1, dtype=np.int64)  # label -> row, -1 when absent
         self._users: list[str | None] = []  # user index -> id (None once forgotten; indices are never reused)
         self._user_index: dict[str, int] = {}
         self._user_count = np.zeros(16, dtype=np.int64)
+        self._user_servable = np.zeros(16, dtype=np.int64)  # per user: items that may be served to others
 
         self._index: hnswlib.Index | None = None
         self._tombstones = 0
@@ -120,6 +137,7 @@ class GlobalMemory:
             if index >= self._user_count.shape[0]:
                 grow = self._user_count.shape[0]
                 self._user_count = np.concatenate([self._user_count, np.zeros(grow, dtype=np.int64)])
+                self._user_servable = np.concatenate([self._user_servable, np.zeros(grow, dtype=np.int64)])
                 self._user_community = np.concatenate([self._user_community, np.full(grow, -1, dtype=np.int64)])
             self._stale = True
         return index
@@ -129,7 +147,7 @@ class GlobalMemory:
         if need > self._vectors.shape[0]:
             size = max(need, 2 * self._vectors.shape[0])
             self._vectors = np.resize(self._vectors, (size, self.dim))
-            for name in ("_row_user", "_row_ts", "_row_label"):
+            for name in ("_row_user", "_row_ts", "_row_label", "_row_backers"):
                 setattr(self, name, np.resize(getattr(self, name), size))
         if max_label >= self._label_row.shape[0]:
             size = max(max_label + 1, 2 * self._label_row.shape[0])
@@ -161,6 +179,12 @@ class GlobalMemory:
             self._build_index()
         else:
             self._index.add_items(self._vectors[rows], labels, num_threads=self.num_threads)
+        self._row_backers[rows] = 0
+        for label, user in zip(labels.tolist(), self._row_user[rows].tolist(), strict=True):
+            self.support.register(label, user)
+        if self.support.needed == 0:
+            np.add.at(self._user_servable, self._row_user[rows], 1)
+        self._link_matches(rows)
         if self._n > self._clustered_items * (1 + self.recluster_growth):
             self._stale = True
 
@@ -172,12 +196,15 @@ class GlobalMemory:
                 continue
             row = int(self._label_row[label])
             user = int(self._row_user[row])
+            if self._row_backers[row] >= self.support.needed:
+                self._user_servable[user] -= 1
+            changed = self.support.unregister(int(label))
             self._user_count[user] -= 1
             if self._user_count[user] == 0:
                 self._stale = True
             last = self._n - 1
             if row != last:  # swap-remove keeps the live rows contiguous
-                for name in ("_vectors", "_row_user", "_row_ts", "_row_label"):
+                for name in ("_vectors", "_row_user", "_row_ts", "_row_label", "_row_backers"):
                     array = getattr(self, name)
                     array[row] = array[last]
                 self._label_row[self._row_label[row]] = row
@@ -186,6 +213,7 @@ class GlobalMemory:
             self._index.mark_deleted(int(label))
             self._tombstones += 1
             removed += 1
+            self._update_backers(changed)
         if self._tombstones > self.rebuild_tombstone_ratio * (self._n + self._tombstones):
             self._build_index()
         return removed
@@ -207,6 +235,90 @@ class GlobalMemory:
         if index is None:
             return []
         return self._row_label[: self._n][self._row_user[: self._n] == index].tolist()
+
+    # ---------------------------------------------------------------- sharing rule
+    @property
+    def min_contributors(self) -> int:
+        return self.support.min_contributors
+
+    @property
+    def match_threshold(self) -> float:
+        return self.support.match_threshold
+
+    def set_support_rule(self, min_contributors: int | None = None, match_threshold: float | None = None) -> None:
+        """Changes the sharing rule in place: a new `match_threshold` recomputes every match, a new
+        `min_contributors` only recounts which items may be served."""
+        k = self.support.min_contributors if min_contributors is None else min_contributors
+        tau = self.support.match_threshold if match_threshold is None else match_threshold
+        check_support_rule(k, tau)
+        if float(tau) != self.support.match_threshold:
+            self.support = ContributorSupport(k, tau)
+            rows = np.arange(self._n)
+            self._row_backers[rows] = 0
+            for row in rows.tolist():
+                self.support.register(int(self._row_label[row]), int(self._row_user[row]))
+            self._link_matches(rows)
+        self.support.min_contributors = int(k)
+        self._recount_servable()
+
+    def _recount_servable(self) -> None:
+        servable = self._row_backers[: self._n] >= self.support.needed
+        self._user_servable[:] = 0
+        np.add.at(self._user_servable, self._row_user[: self._n][servable], 1)
+
+    def is_servable(self, label: int) -> bool:
+        """Whether the item may be served to other users under the sharing rule (see [`ContributorSupport`])."""
+        return label in self and bool(self._row_backers[self._label_row[label]] >= self.support.needed)
+
+    def _link_matches(self, rows: np.ndarray) -> None:
+        """Finds the items of other users that match the new `rows` (cosine >= `match_threshold`) and links them:
+        exactly up to `exact_below` items, else among each new item's `max_matches` ANN neighbours."""
+        if not len(rows):
+            return
+        tau, n = self.support.match_threshold, self._n
+        changed: list[int] = []
+        queries = self._vectors[rows]
+        if n <= self.exact_below:
+            for start in range(0, len(rows), 1024):
+                block = rows[start : start + 1024]
+                scores = queries[start : start + 1024] @ self._vectors[:n].T
+                for i, j in zip(*np.nonzero(scores >= tau), strict=True):
+                    changed += self.support.link(int(self._row_label[block[i]]), int(self._row_label[j]))
+        else:
+            want = min(self.max_matches + 1, n)
+            if want > self.ef:
+                self._index.set_ef(want)
+            try:
+                labels, distances = self._index.knn_query(queries, k=want, num_threads=max(self.num_threads, 1))
+            except RuntimeError:  # hnswlib could not return `want` live items (tombstones): match exactly instead
+                saved, self.exact_below = self.exact_below, n
+                try:
+                    self._link_matches(rows)
+                finally:
+                    self.exact_below = saved
+                return
+            finally:
+                if want > self.ef:
+                    self._index.set_ef(self.ef)
+            for i, row in enumerate(rows.tolist()):
+                own = int(self._row_label[row])
+                for label in labels[i][1.0 - distances[i] >= tau - 1e-6].tolist():
+                    other = self._label_row[label]
+                    # hnswlib's distance is float32 arithmetic: confirm each match with the exact cosine.
+                    if other >= 0 and float(self._vectors[other] @ self._vectors[row]) >= tau:
+                        changed += self.support.link(own, int(label))
+        self._update_backers(changed)
+
+    def _update_backers(self, labels: list[int]) -> None:
+        needed = self.support.needed
+        for label in set(labels):
+            row = self._label_row[label] if 0 <= label < self._label_row.shape[0] else -1
+            if row < 0:
+                continue
+            old, new = int(self._row_backers[row]), self.support.backers(label)
+            self._row_backers[row] = new
+            if (old >= needed) != (new >= needed):
+                self._user_servable[self._row_user[row]] += 1 if new >= needed else -1
 
     def _build_index(self) -> None:
         """(Re)builds the hnswlib index from the live vectors: after load, and once tombstones pile up."""
@@ -337,10 +449,16 @@ class GlobalMemory:
             in_scope = np.isin(self._user_community[: len(self._users)], communities)
             if own >= 0:
                 in_scope[own] = False
-            n_candidates = int(self._user_count[: len(self._users)][in_scope].sum())
+            n_candidates = int(self._user_servable[: len(self._users)][in_scope].sum())
             row_ok = None
         else:
             row_ok = self._row_mask(communities, own, before)
+            if self.support.needed:  # backed by content written before the query time, not by later content
+                timestamp = self._label_timestamp
+                for row in np.flatnonzero(row_ok).tolist():
+                    label = int(self._row_label[row])
+                    if self.support.backers_before(label, timestamp, before) < self.support.needed:
+                        row_ok[row] = False
             n_candidates = int(row_ok.sum())
         if n_candidates == 0:
             return []
@@ -358,13 +476,17 @@ class GlobalMemory:
         return [(int(self._row_label[rows[i]]), float(scores[i])) for i in best]
 
     def _row_mask(self, communities: np.ndarray, own: int, before: float | None, rows=None) -> np.ndarray:
-        """Which rows (all live rows, or `rows`) may answer: in scope, not the asker's, early enough."""
+        """Which rows (all live rows, or `rows`) may answer: in scope, not the asker's, servable, early enough."""
         rows = np.arange(self._n) if rows is None else rows
         users = self._row_user[rows]
         ok = np.isin(self._user_community[users], communities) & (users != own)
+        ok &= self._row_backers[rows] >= self.support.needed
         if before is not None:
             ok &= self._row_ts[rows] < before
         return ok
+
+    def _label_timestamp(self, label: int) -> float:
+        return float(self._row_ts[self._label_row[label]])
 
     def _ann_search(self, query, k, communities, own, row_ok, n_candidates):
         # Oversample by the inverse candidate fraction (x2 margin) so the post-filter still leaves k hits.

@@ -47,6 +47,7 @@ from .gate import RelevanceGate
 from .global_memory import SCOPES, GlobalMemory
 from .local import REGIONS, SCORERS, LocalMemory
 from .mediator import MEDIATORS, Mediator
+from .support import DEFAULT_MATCH_THRESHOLD, DEFAULT_MIN_CONTRIBUTORS
 
 logger = logging.get_logger(__name__)
 
@@ -92,6 +93,10 @@ class LoGoMemory(
         use_global (`bool`, *optional*, defaults to `True`): whether `retrieve` consults the global memory.
         global_scope (`str`, *optional*, defaults to `"own"`): `"own"` community or `"all"` eligible communities.
         min_community_users (`int`, *optional*, defaults to 5): smallest community allowed to feed retrieval.
+        min_contributors (`int`, *optional*, defaults to 3): the sharing rule: an item is served to other users only
+            when this many distinct users, its author included, wrote closely matching content (1 turns it off).
+        match_threshold (`float`, *optional*, defaults to 0.75): the encoder cosine at which two users' items match
+            (see [`ContributorSupport`]).
         n_communities (`int`, *optional*): fixed number of communities (default: chosen by silhouette).
         capacity (`int`, *optional*, defaults to 10000): most history records per user; the oldest are evicted.
         dedup_threshold (`float`, *optional*, defaults to 0.98): cosine at which a write counts as a duplicate.
@@ -135,6 +140,8 @@ class LoGoMemory(
         use_global: bool = True,
         global_scope: str = "own",
         min_community_users: int = 5,
+        min_contributors: int = DEFAULT_MIN_CONTRIBUTORS,
+        match_threshold: float = DEFAULT_MATCH_THRESHOLD,
         n_communities: int | None = None,
         capacity: int | None = 10_000,
         dedup_threshold: float | None = 0.98,
@@ -178,6 +185,8 @@ class LoGoMemory(
         self.global_memory = GlobalMemory(
             self.dim,
             min_community_users=min_community_users,
+            min_contributors=min_contributors,
+            match_threshold=match_threshold,
             n_communities=n_communities,
             M=hnsw_M,
             ef_construction=hnsw_ef_construction,
@@ -521,6 +530,8 @@ class LoGoMemory(
             "use_global": self.use_global,
             "global_scope": self.global_scope,
             "min_community_users": gm.min_community_users,
+            "min_contributors": gm.min_contributors,
+            "match_threshold": gm.match_threshold,
             "n_communities": gm.n_communities,
             "capacity": self.capacity,
             "dedup_threshold": self.dedup_threshold,
@@ -778,6 +789,8 @@ _INIT_KEYS = (
     "use_global",
     "global_scope",
     "min_community_users",
+    "min_contributors",
+    "match_threshold",
     "n_communities",
     "capacity",
     "dedup_threshold",

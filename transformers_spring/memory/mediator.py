@@ -6,6 +6,9 @@ This is `transformers_spring`'s design, not LoGo's published method (its details
 from __future__ import annotations
 
 import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -119,3 +122,203 @@ class Mediator:
 
 
 MEDIATORS = ClassRegistry(Mediator, "mediator")
+
+
+@dataclass
+class MediatorExample:
+    """One validation query for [`CalibratedMediator.fit`]: the features the mediator sees at retrieval time and the
+    gold response's per-token NLL under every context and weight it could choose.
+
+    Args:
+        n_local (`int`): the size of the user's local history.
+        has_local (`bool`): whether a local hit passed the relevance gate.
+        agreement (`float`, *optional*): the best cosine between the top global hit and the gated local hits (`None`
+            when either side is empty).
+        nll (`np.ndarray` of shape `(max_slots + 1, len(weights))`): `nll[g, j]`, the mean per-token NLL with the
+            context `local[: k - g] + global[: g]` and λ = `weights[j]` (a context that is empty scores the
+            parametric path alone, whatever λ).
+    """
+
+    n_local: int
+    has_local: bool
+    agreement: float | None
+    nll: np.ndarray
+    has_global: bool = True
+
+
+class CalibratedMediator(Mediator):
+    """A mediator whose choices were fitted on validation queries (never test ones): from the features it already
+    has, it picks how many of the `k` context slots go to global hits and the interpolation weight λ.
+
+    Features: the local history size (binned by `count_edges`), whether a local hit passed the gate, and whether the
+    top global hit **agrees** with the local hits (best cosine `>= agreement_threshold`) or **conflicts** with them.
+    `rules` maps a feature cell to `[global_slots, weight]`; a cell the validation data left too thin falls back to
+    a coarser one (`n<bin>|l<local>|a<agree>` → `n<bin>|l<local>` → `n<bin>` → `*`), and with no rule at all to the
+    default [`Mediator`]'s. The context is `local[: k - global_slots] + global[: global_slots]`.
+
+    Build one with [`CalibratedMediator.fit`]; it is saved with the memory (`config.json`, field `mediator`) and
+    reloads with it.
+
+    Args:
+        rules (`dict[str, list]`, *optional*): cell -> `[global_slots, weight]`.
+        count_edges (`Sequence[int]`, *optional*, defaults to `(1, 3, 6, 21)`): history-size bins
+            (`[0, 1), [1, 3), ..., [21, inf)`).
+        agreement_threshold (`float`, *optional*, defaults to 0.4): cosine from which global agrees with local.
+        fit_counts (`dict[str, int]`, *optional*): validation examples per cell when fitted (kept for inspection).
+        kwargs: the default [`Mediator`]'s settings, used where no rule applies.
+    """
+
+    def __init__(
+        self,
+        rules: dict[str, Sequence] | None = None,
+        count_edges: Sequence[int] = (1, 3, 6, 21),
+        agreement_threshold: float = 0.4,
+        fit_counts: dict[str, int] | None = None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.fit_counts = dict(fit_counts or {})  # validation examples per cell, as fitted (a diagnostic)
+        edges = list(count_edges)
+        bad = any(isinstance(e, bool) or not isinstance(e, (int, np.integer)) or e < 1 for e in edges)
+        if not edges or bad or any(b <= a for a, b in zip(edges, edges[1:], strict=False)):
+            raise ValueError(f"`count_edges` must be increasing positive ints, got {count_edges!r}.")
+        if (
+            isinstance(agreement_threshold, bool)
+            or not isinstance(agreement_threshold, (int, float))
+            or not (-1.0 <= agreement_threshold <= 1.0)
+        ):
+            raise ValueError(f"`agreement_threshold` must be a cosine in [-1, 1], got {agreement_threshold!r}.")
+        self.count_edges = [int(e) for e in edges]
+        self.agreement_threshold = float(agreement_threshold)
+        self.rules: dict[str, list] = {}
+        for key, value in (rules or {}).items():
+            if not isinstance(key, str) or not _RULE_KEY.fullmatch(key):
+                raise ValueError(f"`rules` key {key!r} is not a feature cell such as 'n2|l1|a0', 'n2' or '*'.")
+            if (
+                not isinstance(value, (list, tuple))
+                or len(value) != 2
+                or isinstance(value[0], bool)
+                or not isinstance(value[0], (int, np.integer))
+                or value[0] < 0
+                or isinstance(value[1], bool)
+                or not isinstance(value[1], (int, float))
+                or not 0.0 <= value[1] <= 1.0
+            ):
+                raise ValueError(
+                    f"`rules[{key!r}]` must be [global_slots (int >= 0), weight in [0, 1]], got {value!r}."
+                )
+            self.rules[key] = [int(value[0]), float(value[1])]
+
+    def config(self) -> dict:
+        return {
+            **super().config(),
+            "rules": {key: list(value) for key, value in self.rules.items()},
+            "count_edges": list(self.count_edges),
+            "agreement_threshold": self.agreement_threshold,
+            "fit_counts": dict(self.fit_counts),
+        }
+
+    # ------------------------------------------------------------------ features
+    def _bin(self, n_local: int) -> int:
+        return int(np.searchsorted(self.count_edges, n_local, side="right"))
+
+    @staticmethod
+    def agreement(local_hits: list[RetrievedItem], global_hits: list[RetrievedItem]) -> float | None:
+        """The best cosine between the top global hit and the local hits (`None` when either side is empty)."""
+        local = [hit.embedding for hit in local_hits if hit.embedding is not None]
+        if not local or not global_hits or global_hits[0].embedding is None:
+            return None
+        return float(np.max(np.stack(local) @ global_hits[0].embedding))
+
+    def cells(self, n_local: int, has_local: bool, agreement: float | None) -> list[str]:
+        """The feature cells of a query, most specific first."""
+        agree = "-" if agreement is None else str(int(agreement >= self.agreement_threshold))
+        n = f"n{self._bin(n_local)}"
+        return [f"{n}|l{int(has_local)}|a{agree}", f"{n}|l{int(has_local)}", n, "*"]
+
+    def rule_for(self, n_local: int, has_local: bool, agreement: float | None) -> list | None:
+        """`[global_slots, weight]` for these features, or None when no rule covers them."""
+        for cell in self.cells(n_local, has_local, agreement):
+            if cell in self.rules:
+                return self.rules[cell]
+        return None
+
+    def mediate(
+        self, local_hits: list[RetrievedItem], global_hits: list[RetrievedItem], n_local: int, k: int
+    ) -> MediatedContext:
+        rule = self.rule_for(n_local, bool(local_hits), self.agreement(local_hits, global_hits))
+        if rule is None:
+            return super().mediate(local_hits, global_hits, n_local, k)
+        slots = min(rule[0], k)
+        if min(slots, len(global_hits)) == 0:  # no global item used: the local decision, untouched
+            items, weight = list(local_hits[:k]), self.local_weight
+        else:
+            items, weight = list(local_hits[: k - slots]) + list(global_hits[:slots]), rule[1]
+        return MediatedContext(
+            items=items,
+            weight=weight if items else 0.0,
+            cold_start=n_local < self.min_local_items or not local_hits,
+            local_hits=list(local_hits),
+            global_hits=list(global_hits),
+        )
+
+    # ------------------------------------------------------------------ fitting
+    @classmethod
+    def fit(
+        cls,
+        examples: Sequence[MediatorExample],
+        weights: Sequence[float],
+        *,
+        min_examples: int = 10,
+        count_edges: Sequence[int] = (1, 3, 6, 21),
+        agreement_threshold: float = 0.4,
+        **kwargs,
+    ) -> CalibratedMediator:
+        """Fits the rules on validation examples: for every feature cell (and every coarser cell) with at least
+        `min_examples` examples, the `(global_slots, weight)` of the lowest mean NLL (ties: fewer global slots, then
+        the smaller weight). Zero global slots means the local decision (the local hits at `local_weight`), which is
+        also what an example without a servable global hit gets whatever the rule.
+
+        Args:
+            examples (`Sequence[MediatorExample]`): validation queries, never test ones.
+            weights (`Sequence[float]`): the λ grid the examples' `nll` columns follow.
+            min_examples (`int`, *optional*, defaults to 10): the fewest examples a cell needs for a rule of its own.
+            count_edges, agreement_threshold, kwargs: as for the constructor.
+        """
+        weights = [float(w) for w in weights]
+        if not examples:
+            raise ValueError("`examples` is empty: the mediator needs validation queries to fit on.")
+        mediator = cls(count_edges=count_edges, agreement_threshold=agreement_threshold, **kwargs)
+        if mediator.local_weight not in weights:
+            raise ValueError(f"`weights` must include the local weight {mediator.local_weight} (the local decision).")
+        shape = np.asarray(examples[0].nll).shape
+        if len(shape) != 2 or shape[1] != len(weights):
+            raise ValueError(f"each example's `nll` must have shape (slots + 1, {len(weights)}), got {shape}.")
+        local_column = weights.index(mediator.local_weight)
+        tables: dict[str, list[np.ndarray]] = {}
+        for example in examples:
+            table = np.asarray(example.nll, dtype=np.float64)
+            if table.shape != shape or not np.all(np.isfinite(table)):
+                raise ValueError(f"every example's `nll` must be a finite array of shape {shape}.")
+            # What `mediate` does: no global slot (or no global hit) keeps the local decision at the local weight.
+            table = table.copy()
+            local = table[0, local_column]
+            table[0, :] = np.inf
+            table[0, local_column] = local
+            if not example.has_global:  # every rule falls back to the local decision
+                table[1:, :] = local
+            for cell in mediator.cells(example.n_local, example.has_local, example.agreement):
+                tables.setdefault(cell, []).append(table)
+        rules = {}
+        for cell, group in tables.items():
+            if len(group) < min_examples:
+                continue
+            mean = np.mean(group, axis=0)
+            slots, column = np.unravel_index(int(np.argmin(mean)), mean.shape)
+            rules[cell] = [int(slots), weights[column]]
+        mediator.rules = rules
+        mediator.fit_counts = {cell: len(group) for cell, group in tables.items()}
+        return mediator
+
+
+_RULE_KEY = re.compile(r"\*|n\d+(\|l[01](\|a[01-])?)?")

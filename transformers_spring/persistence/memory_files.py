@@ -158,10 +158,14 @@ def check_config(config: dict, path: Path) -> None:
         if key in config and not isinstance(config[key], bool):
             raise ValueError(f"{path}: field {key!r} must be true or false, got {config[key]!r}.")
     for key, low, high in (("capacity", 1, 2**31), ("buffer_size", 0, 2**31), ("min_community_users", 1, 2**31),
-                           ("n_communities", 1, MAX_COMMUNITIES)):  # fmt: skip
+                           ("min_contributors", 1, 2**31), ("n_communities", 1, MAX_COMMUNITIES)):  # fmt: skip
         value = config.get(key)
         if value is not None and (not _int(value) or not low <= value <= high):
             raise ValueError(f"{path}: field {key!r} must be an int in [{low}, {high}] or null, got {value!r}.")
+    threshold = config.get("match_threshold")
+    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
+                                  or not 0.0 < threshold <= 1.0):  # fmt: skip
+        raise ValueError(f"{path}: field 'match_threshold' must be a number in (0, 1], got {threshold!r}.")
     communities = config.get("communities")
     if communities is not None:
         if not isinstance(communities, dict) or not isinstance(communities.get("user_community", {}), dict):

@@ -1,0 +1,168 @@
+"""The LoGo study on tiny models: history cuts, arms on the same adapter, NLL against `score`, validation only."""
+
+import json
+
+import pytest
+import torch
+from testing_utils import TRAINING_VOCAB, make_interactions, make_model, make_tokenizer
+
+from transformers_spring.evaluation import LoGoBenchmark, LoGoBenchmarkArguments, logo_markdown, save_logo_results
+from transformers_spring.evaluation.logo_benchmark import LOCAL, LOGO, OPEN
+from transformers_spring.generation import Personalization
+from transformers_spring.records import Interaction
+
+TEMPLATE = "write a headline for {prompt}"
+USERS = ("alice", "bob", "carol", "dave")
+
+
+def logo_args(tmp_path, **kwargs):
+    defaults = dict(
+        users=len(USERS), min_items=10, max_items=0, prompt_template=TEMPLATE, max_new_tokens=3,
+        generation_batch_size=2, encoder="hashing", learning_rate=5e-2, num_train_epochs=1, learning_rates="",
+        history_cuts="0,1,3,all", min_contributors=1, min_community_users=1, mediator_min_examples=2,
+        out=str(tmp_path / "out"),
+    )  # fmt: skip
+    defaults.update(kwargs)
+    return LoGoBenchmarkArguments(**defaults)
+
+
+def stream():
+    items = []
+    for seed, user in enumerate(USERS):
+        for i, it in enumerate(make_interactions(user, 20, seed=seed + 1)):
+            category = "rare" if i == 19 else "main"  # the last (a test item) is a topic the user rarely writes on
+            items.append(Interaction(it.user_id, it.prompt, it.response, timestamp=it.timestamp + seed / 10,
+                                     id=it.id, metadata={"category": category}))  # fmt: skip
+    return sorted(items, key=lambda it: it.timestamp)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("logo")
+    model, tokenizer = make_model("llama", TRAINING_VOCAB.size), make_tokenizer(TRAINING_VOCAB, chat=True)
+    bench = LoGoBenchmark(logo_args(tmp_path, compare_open=True), model, tokenizer, stream())
+    events, captured = [], []
+    original_generate, original_fit = bench._generate, None
+
+    def spy(rows):
+        user = rows[0].item.user_id
+        outputs = original_generate(rows)
+        for row in rows:
+            targets = bench._formatter.encode(row.item)
+            prompt = bench.tokenizer(bench._formatter.prompt_text(row.item), return_tensors="pt",
+                                     add_special_tokens=False)  # fmt: skip
+            logprobs = bench.spring_model.score(
+                prompt["input_ids"],
+                [list(targets.input_ids[targets.prompt_length :])],
+                prompt["attention_mask"],
+                personalization=Personalization(user=row.adapter, history=row.history, weight=row.weight),
+            )[0]
+            captured.append((row, float(-logprobs.mean()), len(bench.memory.history(user))))
+        events.append("test")
+        return outputs
+
+    bench._generate = spy
+    from transformers_spring.memory import mediator as mediator_module
+
+    original_fit = mediator_module.CalibratedMediator.fit.__func__
+
+    def fit_spy(cls, *args, **kwargs):
+        events.append("fit")
+        return original_fit(cls, *args, **kwargs)
+
+    mediator_module.CalibratedMediator.fit = classmethod(fit_spy)
+    try:
+        results = bench.run(progress=False)
+    finally:
+        mediator_module.CalibratedMediator.fit = classmethod(original_fit)
+    return bench, results, captured, events, tmp_path
+
+
+def test_every_test_item_is_decoded_under_every_cut_and_arm(run):
+    bench, results, *_ = run
+    tests = {it.id for periods in bench._splits().values() for p in periods[1:] for it in p.test}
+    for cut in (0, 1, 3, "all"):
+        for method in (LOCAL, LOGO, OPEN):
+            got = {r["test_id"] for r in results["records"] if r["cut"] == cut and r["method"] == method}
+            assert got == tests, (cut, method)
+
+
+def test_nll_equals_score_of_the_decoded_row(run):
+    _, results, captured, *_ = run
+    by_key = {(r["method"], r["test_id"], str(r["cut"])): r for r in results["records"]}
+    seen = 0
+    for row, nll, n_local in captured:
+        cut = "all" if n_local > 3 else str(n_local)
+        record = by_key[(row.method, row.item.id, cut)]
+        assert record["nll"] == pytest.approx(nll, abs=1e-5)
+        seen += 1
+    assert seen == len(results["records"])
+
+
+def test_cut_histories_hold_only_the_first_m_items_and_the_arms_share_the_adapter(run):
+    bench, results, captured, *_ = run
+    for row, _, n_local in captured:
+        assert n_local in (0, 1, 3) or n_local > 3
+        assert all(hit.source == "global" or hit.interaction.user_id == row.item.user_id for hit in row.history)
+        local = [hit for hit in row.history if hit.source == "local"]
+        assert all(hit.interaction.timestamp < row.item.timestamp for hit in row.history)
+        if n_local == 0:
+            assert not local and row.adapter == "__base__"
+        if row.method == LOCAL:
+            assert not any(hit.source == "global" for hit in row.history)
+    adapters = {}
+    for row, _, n_local in captured:
+        adapters.setdefault((row.item.id, n_local), set()).add(row.adapter)
+    assert all(len(names) == 1 for names in adapters.values())
+
+
+def test_mediators_are_fitted_on_validation_queries_before_any_test_item(run):
+    bench, results, _, events, _ = run
+    assert events.index("fit") < events.index("test") and events.count("fit") == 2
+    tests = {it.id for periods in bench._splits().values() for p in periods for it in p.test}
+    assert results["validation"]["ids"] and not set(results["validation"]["ids"]) & tests
+    assert set(results["mediators"]) == {LOGO, OPEN}
+    assert results["validation"]["queries"][LOGO] > 0
+
+
+def test_summary_buckets_and_bias_flag(run):
+    _, results, *_ = run
+    summary = results["summary"]
+    assert {"m=0", "m=1", "m=3", "m=all", "cold", "warm", "bias"} <= set(summary)
+    assert summary["cold"][LOCAL]["n"] == 3 * summary["m=0"][LOCAL]["n"] == 3 * summary["m=all"][LOCAL]["n"]
+    diff = summary["cold"][f"{LOGO} - spring-local"]["nll"]
+    assert diff["n"] == summary["m=0"][LOCAL]["n"]  # one value per test item, not per (item, cut)
+    rare = [r for r in results["records"] if r["cut"] == "all" and r["category"] == "rare"]
+    assert rare and all(r["bias"] for r in rare)
+    assert not any(r["bias"] for r in results["records"] if r["category"] == "main" or r["cut"] != "all")
+
+
+def test_results_are_saved_with_table_and_plot(run):
+    _, results, _, _, tmp_path = run
+    paths = save_logo_results(results, tmp_path / "saved")
+    assert json.loads(paths["json"].read_text())["records"]
+    assert "SPRInG + LoGo" in paths["markdown"].read_text() and "Δ NLL" in logo_markdown(results)
+    assert paths["plot"] is None or paths["plot"].read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"history_cuts": "0,x"}, "history_cuts"),
+        ({"history_cuts": ""}, "history_cuts"),
+        ({"mediator_weights": "0,2"}, "mediator_weights"),
+        ({"min_contributors": 0}, "min_contributors"),
+        ({"match_threshold": 0}, "match_threshold"),
+        ({"bias_rare_share": 1.5}, "bias_rare_share"),
+    ],
+)
+def test_bad_arguments_name_the_field(tmp_path, kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        logo_args(tmp_path, **kwargs)
+
+
+def test_the_study_needs_its_own_arguments(tmp_path):
+    from transformers_spring.evaluation import BenchmarkArguments
+
+    with pytest.raises(TypeError, match="LoGoBenchmarkArguments"):
+        LoGoBenchmark(BenchmarkArguments(encoder="hashing"), model=torch.nn.Module())
