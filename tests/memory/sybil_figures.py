@@ -56,7 +56,9 @@ def main() -> None:
             mine = [it for it in honest if it.user_id == victim]
             if rule_on:  # unique: no other real author backs it at the rule's threshold, before sybils join
                 unique[victim] = {
-                    rid for (user, rid), lbl in memory._labels.items() if user == victim and gm.support.backers(lbl) == 0
+                    rid
+                    for (user, rid), lbl in memory._labels.items()
+                    if user == victim and gm.support.backers(lbl) == 0
                 }
             topic = collections.Counter(it.metadata.get("category") for it in mine).most_common(1)[0][0]
             pool = [it for it in everyone if it.user_id not in splits and it.metadata.get("category") == topic]
@@ -76,7 +78,9 @@ def main() -> None:
                     for query in queries:
                         for scope in ("own", "all"):
                             context = memory.retrieve_context(f"sybil{s}", query, k=50, scope=scope)
-                            received |= {h.interaction.id for h in context.global_hits if h.interaction.user_id == victim}
+                            received |= {
+                                h.interaction.id for h in context.global_hits if h.interaction.user_id == victim
+                            }
                 print(
                     f"  victim {victim!r} ({topic}, {len(mine)} items, {len(unique[victim])} unique): {n_sybils} "
                     f"sybils received {len(received & unique[victim])} unique items ({len(received)} of the victim's "
@@ -84,6 +88,7 @@ def main() -> None:
                 )
             for s in range(added):
                 memory.forget_user(f"sybil{s}")
+
 
 if __name__ == "__main__":
     main()
