@@ -137,7 +137,9 @@ def test_rule_survives_a_round_trip_and_bad_saved_values_are_refused(make_memory
     after = [h.interaction.id for h in loaded.retrieve_context("reader", "interest rates", k=5).global_hits]
     assert before == after and len(after) == 3
     config_path = tmp_path / "m" / "config.json"
-    for field, value in (("min_contributors", 0), ("min_contributors", "3"), ("match_threshold", 2.0)):
+    bad_values = (("min_contributors", 0), ("min_contributors", "3"), ("min_contributors", None),
+                  ("match_threshold", 2.0), ("match_threshold", None), ("max_matches", 0))  # fmt: skip
+    for field, value in bad_values:
         config = json.loads(config_path.read_text())
         config[field] = value
         bad = tmp_path / f"bad-{field}-{value}"
@@ -162,7 +164,7 @@ def test_ann_matching_never_serves_more_than_exact_matching():
     labels = list(range(len(vectors)))
     kwargs = dict(min_community_users=1, n_communities=1, match_threshold=0.9, num_threads=1)
     exact = GlobalMemory(32, exact_below=10**9, **kwargs)
-    ann = GlobalMemory(32, exact_below=0, **kwargs)
+    ann = GlobalMemory(32, exact_below=0, exact_match_below=0, **kwargs)
     for gm in (exact, ann):
         gm.add(labels, users, vectors, [0.0] * len(labels))
     served_exact = {label for label in labels if exact.is_servable(label)}

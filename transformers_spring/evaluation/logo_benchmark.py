@@ -68,6 +68,8 @@ class LoGoBenchmark(ContinualBenchmark):
       then drift-selected updates), each period's test items decoded after that period's update with the history
       up to it. **The other users' memories stay whole.** Global items are
       read with `before=<the item's date>`, and only items the sharing rule lets out ([`ContributorSupport`]).
+    - **Gate σ, frozen before any validation or test query**: the `gate_quantile` of the residual-buffer BM25 scores
+      of every user's period-0 training queries (each query's own entry excluded).
     - **Arms, on the same adapter and gate σ.** `spring-local`: SPRInG's buffer hits behind the gate, λ =
       `interpolation_weight`. `spring-logo`: the same local hits and the global hits, mediated by a
       [`CalibratedMediator`] fitted on validation queries. `spring-logo-open` (`compare_open`): the same with the
@@ -147,10 +149,17 @@ class LoGoBenchmark(ContinualBenchmark):
             spring_args = training_args[(chosen["learning_rate"], chosen["num_train_epochs"])][0]
             self._arms = [LOGO, OPEN] if args.compare_open else [LOGO]
 
+            # σ is frozen before any validation or test query: the Q3 of the buffer scores of every user's period-0
+            # training queries (the validation folds' rest), so validation and test rows are gated alike.
+            fitted = {
+                user: self._fit_adapter(user, splits[user], spring_args)
+                for user in tqdm(list(splits), desc="validation adapters", disable=not progress)
+            }
+            self._frozen_sigma = self._sigma()
             examples: dict[str, list[MediatorExample]] = {arm: [] for arm in self._arms}
             validation_ids: list[str] = []
             for user in tqdm(list(splits), desc="validation", disable=not progress):
-                validation_ids += self._validate_user(user, splits[user], spring_args, examples)
+                validation_ids += self._validate_user(user, splits[user], spring_args, examples, fitted[user])
             self.mediators = {}
             for arm in self._arms:
                 if not examples[arm]:
@@ -172,7 +181,7 @@ class LoGoBenchmark(ContinualBenchmark):
             },
             "users": {u: [{"train": len(s.train), "test": len(s.test)} for s in ps] for u, ps in splits.items()},
             "records": records,
-            "gate_sigma": self._sigma(),
+            "gate_sigma": self._frozen_sigma,
             "rule": {"min_contributors": args.min_contributors, "match_threshold": args.match_threshold},
             "timing_s": {
                 **{k: round(v, 1) for k, v in self._timing.items()},
@@ -198,30 +207,59 @@ class LoGoBenchmark(ContinualBenchmark):
         return name
 
     # ------------------------------------------------------------------------------------------------ passes
-    def _validate_user(self, user, periods, spring_args, examples) -> list[str]:
+    def _fold(self, periods) -> tuple[list[Interaction], list[Interaction]]:
+        """The validation fold of a user: the rest of period 0's training split and its latest
+        `validation_fraction` (testable items only)."""
+        period0 = list(periods[0].train)
+        n_val = max(1, round(self.args.validation_fraction * len(period0)))
+        return period0[:-n_val], [it for it in period0[-n_val:] if _is_testable(it)]
+
+    def _fit_adapter(self, user, periods, spring_args) -> dict | None:
+        """The validation "all" state of a user: an adapter on the fold's rest (named `<user>__fit`, kept until the
+        user's validation pass) and the residual buffer it left. Feeds σ with the fold's training queries."""
         from ..training import adapter_name_for
 
-        args = self.args
+        fit, _ = self._fold(periods)
+        if not fit:
+            return None
+        name = f"{adapter_name_for(user)}__fit"
         stream = [it for split in periods for it in split.train]
-        period0 = list(periods[0].train)
-        n_val = max(1, round(args.validation_fraction * len(period0)))
-        fit, val = period0[:-n_val], [it for it in period0[-n_val:] if _is_testable(it)]
+        try:
+            self._set_history(user, fit)
+            self._train_cut(spring_args, user, fit, name)
+            self._observe_gate(user, fit)  # training queries only calibrate σ
+            buffer = (self.memory.buffer(user), self.memory.buffer_scores(user))
+        finally:
+            self._set_history(user, stream)
+        return {"adapter": name, "fit": fit, "buffer": buffer}
+
+    def _validate_user(self, user, periods, spring_args, examples, fitted: dict | None) -> list[str]:
+        from ..training import adapter_name_for
+
+        stream = [it for split in periods for it in split.train]
+        _, val = self._fold(periods)
         name = f"{adapter_name_for(user)}__cut"
         position = {it.id: i for i, it in enumerate(stream)}
         try:
             for m in self.args.cuts():
-                history = fit if m is None else stream[:m]
-                rows = [it for it in val if m is None or position[it.id] >= m]  # never an item the cut holds
-                if not rows or (m is None and not fit):
+                if m is None and fitted is None:
                     continue
-                self._set_history(user, history)
-                adapter = self._train_cut(spring_args, user, history, name)
+                rows = [it for it in val if m is None or position[it.id] >= m]  # never an item the cut holds
+                if not rows:
+                    continue
                 if m is None:
-                    self._observe_gate(user, fit)  # training queries only calibrate σ
+                    history, adapter = fitted["fit"], fitted["adapter"]
+                    self._set_history(user, history)
+                    records, scores = fitted["buffer"]
+                    self.memory.set_buffer(user, records, [scores.get(r.id, 0.0) for r in records] if scores else None)
+                else:
+                    history = stream[:m]
+                    self._set_history(user, history)
+                    adapter = self._train_cut(spring_args, user, history, name)
                 for arm, tables in self._tables(user, rows, adapter, len(history)).items():
                     examples[arm] += [t["example"] for t in tables]
         finally:
-            self._drop_adapters([name])
+            self._drop_adapters([name] + ([fitted["adapter"]] if fitted else []))
             self._set_history(user, stream)
         return [it.id for it in val]
 
@@ -243,7 +281,6 @@ class LoGoBenchmark(ContinualBenchmark):
                         seen += split.train
                         self._train(spring_args, user, t, split.train, name, self.memory)
                         if t >= 1:
-                            self._observe_gate(user, split.train)
                             records += self._score_and_decode(user, list(split.test), name, list(seen), None, t)
                     continue
                 history = stream[:m]
@@ -263,7 +300,7 @@ class LoGoBenchmark(ContinualBenchmark):
         """`(gated local hits, servable global hits)` for one query, with the arm's sharing rule."""
         gm = self.memory.global_memory
         gm.set_support_rule(min_contributors=1 if arm == OPEN else self.args.min_contributors)
-        self.memory.gate = RelevanceGate(self._sigma())  # σ as it stands: fed by training queries only
+        self.memory.gate = RelevanceGate(self._frozen_sigma)
         try:
             context = self.memory.retrieve_context(
                 user, item.prompt, k=self.args.spring_k, region="buffer", use_global=True, before=item.timestamp

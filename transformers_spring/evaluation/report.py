@@ -277,13 +277,29 @@ def _paired_by_item(rows: Sequence[dict[str, Any]], method: str, reference: str,
     return paired_bootstrap(diffs, [0.0] * len(diffs), seed=seed)
 
 
+def _per_item(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per test item: an item seen under several history cuts (the pooled cold bucket) gets the mean of its
+    scores, so bucket means weigh items as the paired bootstrap does. `global_items` becomes the share of its rows
+    that used a global item."""
+    groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        groups[(r["user"], r["test_id"])].append(r)
+    out = []
+    for group in groups.values():
+        merged = {key: statistics.fmean([r[key] for r in group]) for key in (*ROUGE_TYPES, "nll")}
+        merged["global_items"] = statistics.fmean([r["global_items"] > 0 for r in group])
+        out.append(merged)
+    return out
+
+
 def summarize_logo(results: dict[str, Any]) -> dict[str, Any]:
     """Per bucket (each history cut, `cold` = cuts m <= 5 pooled, `warm` = "all", `bias` = the bias items at
-    "all"): per method the mean NLL, unstemmed ROUGE-1 / ROUGE-L and stemmed ROUGE-L, the share of rows that used a
-    global item, and the paired bootstrap of each LoGo arm minus local-only SPRInG (NLL: negative is better)."""
+    "all"): per method the mean NLL, unstemmed ROUGE-1 / ROUGE-L and stemmed ROUGE-L over test items (an item's
+    cuts averaged first; `n` counts items), the share of rows that used a global item, and the paired bootstrap of
+    each LoGo arm minus local-only SPRInG (NLL: negative is better)."""
     records = results["records"]
     methods = [m for m in LOGO_LABELS if any(r["method"] == m for r in records)]
-    cuts = list(dict.fromkeys(str(r["cut"]) for r in records))
+    cuts = sorted({str(r["cut"]) for r in records}, key=lambda c: (c == "all", int(c) if c != "all" else 0))
     buckets = {f"m={c}": [r for r in records if str(r["cut"]) == c] for c in cuts}
     buckets["cold"] = [r for r in records if r["cut"] != "all" and int(r["cut"]) <= COLD_START_MAX_CUT]
     buckets["warm"] = [r for r in records if r["cut"] == "all"]
@@ -292,10 +308,10 @@ def summarize_logo(results: dict[str, Any]) -> dict[str, Any]:
     for name, rows in buckets.items():
         entry: dict[str, Any] = {}
         for method in methods:
-            own = [r for r in rows if r["method"] == method]
+            own = _per_item([r for r in rows if r["method"] == method])
             entry[method] = {
                 **_means(own), "n": len(own),
-                "global_share": statistics.fmean([r["global_items"] > 0 for r in own]) if own else math.nan,
+                "global_share": statistics.fmean([r["global_items"] for r in own]) if own else math.nan,
             }  # fmt: skip
         for method in methods[1:]:
             entry[f"{method} - spring-local"] = {

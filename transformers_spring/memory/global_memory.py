@@ -45,8 +45,11 @@ class GlobalMemory:
         min_contributors (`int`, *optional*, defaults to 3): distinct users, the author included, whose closely
             matching content an item needs before it is served (1 turns the rule off).
         match_threshold (`float`, *optional*, defaults to 0.75): the cosine at which two users' items match.
-        max_matches (`int`, *optional*, defaults to 32): on the ANN path (more than `exact_below` items), the nearest
-            items examined for matches of a new item (a miss can only withhold an item, never serve one).
+        max_matches (`int`, *optional*, defaults to 32): above `exact_match_below` items, the nearest items of
+            *other* users examined for matches of a new item (the ANN query asks for this many plus the author's own
+            item count, capped at 1024; a miss can only withhold an item, never serve one).
+        exact_match_below (`int`, *optional*, defaults to 20000): memory size up to which matches are found by an
+            exact (blocked) matrix product.
         n_communities (`int`, *optional*): a fixed number of communities instead of the silhouette choice.
         max_communities (`int`, *optional*, defaults to 10): upper end of the silhouette search.
         recluster_growth (`float`, *optional*, defaults to 0.25): relative growth of shared items that marks
@@ -68,6 +71,7 @@ class GlobalMemory:
         min_contributors: int = DEFAULT_MIN_CONTRIBUTORS,
         match_threshold: float = DEFAULT_MATCH_THRESHOLD,
         max_matches: int = 32,
+        exact_match_below: int = 20_000,
         n_communities: int | None = None,
         max_communities: int = 10,
         recluster_growth: float = 0.25,
@@ -95,6 +99,9 @@ class GlobalMemory:
         self.seed = seed
         self.num_threads = num_threads
         self.max_matches = int(max_matches)
+        if isinstance(exact_match_below, bool) or not isinstance(exact_match_below, int) or exact_match_below < 0:
+            raise ValueError(f"`exact_match_below` must be an int >= 0, got {exact_match_below!r}.")
+        self.exact_match_below = exact_match_below
         self.support = ContributorSupport(min_contributors, match_threshold)
 
         self._vectors = np.empty((64, dim), dtype=np.float32)
@@ -272,30 +279,32 @@ class GlobalMemory:
 
     def _link_matches(self, rows: np.ndarray) -> None:
         """Finds the items of other users that match the new `rows` (cosine >= `match_threshold`) and links them:
-        exactly up to `exact_below` items, else among each new item's `max_matches` ANN neighbours."""
+        exactly up to `exact_match_below` items, else among each new item's ANN neighbours (`max_matches` plus the
+        author's own item count, so a prolific author's own items do not crowd out other users')."""
         if not len(rows):
             return
         tau, n = self.support.match_threshold, self._n
         changed: list[int] = []
         queries = self._vectors[rows]
-        if n <= self.exact_below:
+        if n <= self.exact_match_below:
             for start in range(0, len(rows), 1024):
                 block = rows[start : start + 1024]
                 scores = queries[start : start + 1024] @ self._vectors[:n].T
                 for i, j in zip(*np.nonzero(scores >= tau), strict=True):
                     changed += self.support.link(int(self._row_label[block[i]]), int(self._row_label[j]))
         else:
-            want = min(self.max_matches + 1, n)
+            own = int(self._user_count[self._row_user[rows]].max())
+            want = min(self.max_matches + own, 1024, n)
             if want > self.ef:
                 self._index.set_ef(want)
             try:
                 labels, distances = self._index.knn_query(queries, k=want, num_threads=max(self.num_threads, 1))
             except RuntimeError:  # hnswlib could not return `want` live items (tombstones): match exactly instead
-                saved, self.exact_below = self.exact_below, n
+                saved, self.exact_match_below = self.exact_match_below, n
                 try:
                     self._link_matches(rows)
                 finally:
-                    self.exact_below = saved
+                    self.exact_match_below = saved
                 return
             finally:
                 if want > self.ef:

@@ -97,6 +97,8 @@ class LoGoMemory(
             when this many distinct users, its author included, wrote closely matching content (1 turns it off).
         match_threshold (`float`, *optional*, defaults to 0.75): the encoder cosine at which two users' items match
             (see [`ContributorSupport`]).
+        max_matches (`int`, *optional*, defaults to 32), exact_match_below (`int`, *optional*, defaults to 20000):
+            how matches are found (see [`GlobalMemory`]).
         n_communities (`int`, *optional*): fixed number of communities (default: chosen by silhouette).
         capacity (`int`, *optional*, defaults to 10000): most history records per user; the oldest are evicted.
         dedup_threshold (`float`, *optional*, defaults to 0.98): cosine at which a write counts as a duplicate.
@@ -142,6 +144,8 @@ class LoGoMemory(
         min_community_users: int = 5,
         min_contributors: int = DEFAULT_MIN_CONTRIBUTORS,
         match_threshold: float = DEFAULT_MATCH_THRESHOLD,
+        max_matches: int = 32,
+        exact_match_below: int = 20_000,
         n_communities: int | None = None,
         capacity: int | None = 10_000,
         dedup_threshold: float | None = 0.98,
@@ -187,6 +191,8 @@ class LoGoMemory(
             min_community_users=min_community_users,
             min_contributors=min_contributors,
             match_threshold=match_threshold,
+            max_matches=max_matches,
+            exact_match_below=exact_match_below,
             n_communities=n_communities,
             M=hnsw_M,
             ef_construction=hnsw_ef_construction,
@@ -532,6 +538,8 @@ class LoGoMemory(
             "min_community_users": gm.min_community_users,
             "min_contributors": gm.min_contributors,
             "match_threshold": gm.match_threshold,
+            "max_matches": gm.max_matches,
+            "exact_match_below": gm.exact_match_below,
             "n_communities": gm.n_communities,
             "capacity": self.capacity,
             "dedup_threshold": self.dedup_threshold,
@@ -791,6 +799,8 @@ _INIT_KEYS = (
     "min_community_users",
     "min_contributors",
     "match_threshold",
+    "max_matches",
+    "exact_match_below",
     "n_communities",
     "capacity",
     "dedup_threshold",

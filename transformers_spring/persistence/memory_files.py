@@ -158,13 +158,16 @@ def check_config(config: dict, path: Path) -> None:
         if key in config and not isinstance(config[key], bool):
             raise ValueError(f"{path}: field {key!r} must be true or false, got {config[key]!r}.")
     for key, low, high in (("capacity", 1, 2**31), ("buffer_size", 0, 2**31), ("min_community_users", 1, 2**31),
-                           ("min_contributors", 1, 2**31), ("n_communities", 1, MAX_COMMUNITIES)):  # fmt: skip
+                           ("n_communities", 1, MAX_COMMUNITIES)):  # fmt: skip
         value = config.get(key)
         if value is not None and (not _int(value) or not low <= value <= high):
             raise ValueError(f"{path}: field {key!r} must be an int in [{low}, {high}] or null, got {value!r}.")
-    threshold = config.get("match_threshold")
-    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
-                                  or not 0.0 < threshold <= 1.0):  # fmt: skip
+    # The sharing rule (absent in memories saved before it: the defaults apply); null is not a value here.
+    for key, low, high in (("min_contributors", 1, 2**31), ("max_matches", 1, 2**31), ("exact_match_below", 0, 2**62)):
+        if key in config and (not _int(config[key]) or not low <= config[key] <= high):
+            raise ValueError(f"{path}: field {key!r} must be an int in [{low}, {high}], got {config[key]!r}.")
+    threshold = config.get("match_threshold", 0.75)
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 < threshold <= 1.0:
         raise ValueError(f"{path}: field 'match_threshold' must be a number in (0, 1], got {threshold!r}.")
     communities = config.get("communities")
     if communities is not None:
