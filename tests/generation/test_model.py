@@ -412,3 +412,18 @@ def test_forgetting_the_only_adapter_keeps_it_out_of_the_next_save(tmp_path, tok
     out = tmp_path / "spring"
     wrapper.save_pretrained(out)
     assert find_traces(out, "zq-solo") == [] and not (out / "adapters").exists()
+
+
+def test_score_batches_rows_of_other_adapters_and_lengths_alike(llama, memory, monkeypatch):
+    """Right-padded batches of mixed lengths and adapters give each row what a forward of its own would."""
+    wrapper = SpringForCausalLM(llama, memory=memory, tokenizer=make_tokenizer())
+    batch = encode(["cats rain sun", "dogs vote", "cats"])
+    continuations = [[9, 10, 11], [12], [13, 14]]
+    rows = [Personalization(user="alice", weight=0.4), Personalization(user="bob", weight=0.0),
+            Personalization(user="alice", weight=1.0)]  # fmt: skip
+    together = wrapper.score(batch["input_ids"], continuations, batch["attention_mask"], personalization=rows)
+    original = wrapper._path_logprobs
+    monkeypatch.setattr(wrapper, "_path_logprobs", lambda *a, **k: original(*a, **{**k, "max_tokens": 1}))
+    alone = wrapper.score(batch["input_ids"], continuations, batch["attention_mask"], personalization=rows)
+    for a, b in zip(together, alone, strict=True):
+        assert torch.allclose(a, b, atol=1e-5)

@@ -21,7 +21,7 @@ from ..persistence.folder import component, read_manifest, save_folder
 from ..persistence.hub import resolve_folder
 from ..persistence.registry import qualified_name
 from ..records import RetrievalMemory
-from ..utils.compat import active_adapter_of, merged_generation_config, needs_synced_gpus
+from ..utils.compat import active_adapter_of, merged_generation_config, needs_synced_gpus, response_logits
 from ..utils.modeling import base_name_or_path, is_peft_model
 from .adapters import BASE_ADAPTER, AdapterRouter, activate_adapters, sanitize_adapter_name
 from .config import SPRING_CONFIG_NAME, SpringConfig
@@ -225,30 +225,66 @@ class SpringForCausalLM(PushToHubMixin, nn.Module):
         self.last_personalization = infos
         router, names = self._adapter_names(infos) or (None, None)
         device = getattr(self.base_model, "device", input_ids.device)
+        # Two kinds of teacher-forced sequences: prompt + continuation (the parametric path) and history prompt +
+        # continuation (the history path), each row on its own adapter, batched by length (see _path_logprobs).
+        main_jobs, hist_jobs = [], []
+        for index, info in enumerate(infos):
+            name = names[index] if names is not None else None
+            open_gate = info is not None and info.gate_open and info.weight > 0
+            if not (open_gate and info.weight >= 1):  # λ = 1: the mixture is the history path alone
+                prompt = input_ids[index][attention_mask[index].bool()].tolist()
+                main_jobs.append((index, prompt, name))
+            if open_gate:
+                hist_jobs.append((index, list(info.history_ids), name))
+        log_main = self._path_logprobs(main_jobs, continuations, router, device)
+        log_hist = self._path_logprobs(hist_jobs, continuations, router, device)
         out = []
         for index, info in enumerate(infos):
-            prompt = input_ids[index][attention_mask[index].bool()].tolist()
-            name = [names[index]] if names is not None else None
-            history_only = info is not None and info.gate_open and info.weight >= 1
-            with activate_adapters(router, name):
-                if history_only:  # λ = 1: the mixture is the history path alone, the plain forward would be wasted
-                    out.append(self._continuation_logprobs(info.history_ids, continuations[index], device))
-                    continue
-                log_main = self._continuation_logprobs(prompt, continuations[index], device)
-                if info is None or not info.gate_open or info.weight <= 0:
-                    out.append(log_main)
-                    continue
-                log_hist = self._continuation_logprobs(info.history_ids, continuations[index], device)
-            weight = torch.tensor(float(info.weight))
-            out.append(log_mixture(log_hist, log_main, torch.log(weight), torch.log1p(-weight)))
+            if index not in log_hist:
+                out.append(log_main[index])
+            elif index not in log_main:
+                out.append(log_hist[index])
+            else:
+                weight = torch.tensor(float(info.weight))
+                out.append(log_mixture(log_hist[index], log_main[index], torch.log(weight), torch.log1p(-weight)))
         return out
 
-    def _continuation_logprobs(self, prefix: list[int], continuation: list[int], device) -> torch.Tensor:
-        """log p(continuation | prefix) token by token, from one teacher-forced forward."""
-        ids = torch.tensor([prefix + continuation], dtype=torch.long, device=device)
-        logits = self.base_model(input_ids=ids).logits[0, len(prefix) - 1 : -1].float()
-        targets = torch.tensor(continuation, dtype=torch.long, device=logits.device)
-        return torch.log_softmax(logits, dim=-1).gather(-1, targets[:, None])[:, 0].cpu()
+    def _path_logprobs(self, jobs, continuations, router, device, max_tokens: int = 4096) -> dict[int, torch.Tensor]:
+        """log p(continuation | prefix) token by token for `jobs` (`(row, prefix ids, adapter name)`), from
+        teacher-forced forwards of right-padded batches of similar length (at most `max_tokens` padded tokens each),
+        every row routed to its adapter. Only the positions that predict a continuation token go through the LM
+        head where the model allows it (`compat.response_logits`)."""
+        out: dict[int, torch.Tensor] = {}
+        order = sorted(jobs, key=lambda job: len(job[1]) + len(continuations[job[0]]))
+        start = 0
+        while start < len(order):
+            width = len(order[start][1]) + len(continuations[order[start][0]])
+            stop = start + 1
+            while stop < len(order):  # sorted by length: the last row of a chunk is its widest
+                longest = len(order[stop][1]) + len(continuations[order[stop][0]])
+                if longest * (stop - start + 1) > max_tokens:
+                    break
+                width, stop = longest, stop + 1
+            chunk, start = order[start:stop], stop
+            ids = torch.zeros((len(chunk), width), dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            keep = torch.zeros((len(chunk), width), dtype=torch.bool)
+            targets = []
+            for r, (index, prefix, _) in enumerate(chunk):
+                sequence = prefix + continuations[index]
+                ids[r, : len(sequence)] = torch.tensor(sequence)
+                mask[r, : len(sequence)] = 1
+                keep[r, len(prefix) - 1 : len(sequence) - 1] = True
+                targets += continuations[index]
+            names = [name for _, _, name in chunk] if chunk[0][2] is not None else None
+            with activate_adapters(router, names):
+                logits = response_logits(self.base_model, ids.to(device), mask.to(device), keep.to(device)).float()
+            target = torch.tensor(targets, dtype=torch.long, device=logits.device)
+            logprobs = torch.log_softmax(logits, dim=-1).gather(-1, target[:, None])[:, 0].cpu()
+            for (index, _, _), piece in zip(chunk, logprobs.split([len(continuations[i]) for i, _, _ in chunk]),
+                                            strict=True):  # fmt: skip
+                out[index] = piece
+        return out
 
     # ---------------------------------------------------------------------------------------------- helpers
     @staticmethod

@@ -24,6 +24,7 @@ from ..utils.compat import (
     is_stackable_cache,
     output_cache,
     repeat_cache_rows,
+    response_logits,
     supports_logits_to_keep,
     supports_logits_to_keep_mask,
 )
@@ -123,33 +124,6 @@ class BaseLogProbCache:
     @classmethod
     def load(cls, path: str | os.PathLike, model_name: str | None = None) -> BaseLogProbCache:
         return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")), model_name=model_name)
-
-
-def response_logits(
-    model: torch.nn.Module,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    keep: torch.Tensor,
-    use_logits_to_keep: bool | None = None,
-    **model_kwargs,
-) -> torch.Tensor:
-    """Logits at the positions `keep` (a `(batch, seq)` bool mask over `input_ids`), flattened row-major to
-    `(keep.sum(), vocab)`.
-
-    When the model takes `logits_to_keep` (transformers v5 causal LMs), only those positions go through the LM head,
-    which saves most of the head's cost (the vocabulary projection) on the prompt tokens. `model_kwargs` go to the
-    forward (e.g. the KV cache, in which case `attention_mask` also covers the cached positions).
-    """
-    if use_logits_to_keep is None:
-        use_logits_to_keep = supports_logits_to_keep_mask(model)
-    if use_logits_to_keep:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep, **model_kwargs).logits
-        if logits.dim() == 2 and logits.shape[0] == int(keep.sum()):
-            return logits
-        if logits.shape[:2] == keep.shape:  # the model ignored the mask
-            return logits[keep]
-        raise RuntimeError(f"unexpected logits shape {tuple(logits.shape)} for a keep mask of {tuple(keep.shape)}.")
-    return model(input_ids=input_ids, attention_mask=attention_mask, **model_kwargs).logits[keep]
 
 
 def shared_prefix_length(samples: Sequence[EncodedSample]) -> int:

@@ -331,3 +331,30 @@ def set_adapter_trainable(model: nn.Module, name: str) -> None:
     loaded with `is_trainable=False`), and its config's `inference_mode` must follow (peft >= 0.7)."""
     model.set_adapter(name)
     model.peft_config[name].inference_mode = False
+
+
+def response_logits(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    keep: torch.Tensor,
+    use_logits_to_keep: bool | None = None,
+    **model_kwargs,
+) -> torch.Tensor:
+    """Logits at the positions `keep` (a `(batch, seq)` bool mask over `input_ids`), flattened row-major to
+    `(keep.sum(), vocab)`.
+
+    When the model takes `logits_to_keep` (transformers v5 causal LMs), only those positions go through the LM head,
+    which saves most of the head's cost (the vocabulary projection) on the prompt tokens. `model_kwargs` go to the
+    forward (e.g. the KV cache, in which case `attention_mask` also covers the cached positions).
+    """
+    if use_logits_to_keep is None:
+        use_logits_to_keep = supports_logits_to_keep_mask(model)
+    if use_logits_to_keep:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep, **model_kwargs).logits
+        if logits.dim() == 2 and logits.shape[0] == int(keep.sum()):
+            return logits
+        if logits.shape[:2] == keep.shape:  # the model ignored the mask
+            return logits[keep]
+        raise RuntimeError(f"unexpected logits shape {tuple(logits.shape)} for a keep mask of {tuple(keep.shape)}.")
+    return model(input_ids=input_ids, attention_mask=attention_mask, **model_kwargs).logits[keep]
