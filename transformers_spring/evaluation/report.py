@@ -36,7 +36,7 @@ def _periods(results: dict[str, Any]) -> list[int]:
 
 def markdown_table(results: dict[str, Any]) -> str:
     """The per-period table (unstemmed ROUGE-1 / ROUGE-L per period; their period average, stemmed ROUGE-L and
-    the gold response's per-token NLL), then forgetting and the cold-start bucket, then the paired bootstrap of
+    the gold response's per-token NLL), stemmed ROUGE-L and NLL per period, then forgetting and the cold-start bucket, then the paired bootstrap of
     SPRInG against every other method, as GitHub markdown. The best period-average ROUGE-L and the lowest NLL are
     in bold."""
     summary = results["summary"]
@@ -68,6 +68,14 @@ def markdown_table(results: dict[str, Any]) -> str:
         "response's per-token negative log-likelihood under what each method decodes with (floors have none). "
         "Test items per period: " + ", ".join(f"P{t} {n[t]}" for t in periods) + "."
     )
+    header = ["Method"] + [f"P{t} R-L stem | P{t} NLL" for t in periods]
+    lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * (1 + 2 * len(periods))]
+    for method, s in summary.items():
+        cells = [_label(method)]
+        for t in periods:
+            p = _period(s, t)
+            cells += [_fmt(p.get("rougeL_stemmed", math.nan)), _fmt(p.get("nll", math.nan))]
+        lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "| Method | Forgetting R-L (P1 after P1 − after last) | Cold-start R-L (n) | Others R-L (n) |",
               "|---|---|---|---|"]  # fmt: skip
     for method, s in summary.items():
@@ -319,12 +327,6 @@ def summarize_logo(results: dict[str, Any]) -> dict[str, Any]:
             }
         summary[name] = entry
     return summary
-
-
-def _interval(stats: dict[str, float]) -> str:
-    if not stats.get("n"):
-        return "–"
-    return f"{stats['mean']:+.4f} [{stats['low']:+.4f}, {stats['high']:+.4f}] (n={stats['n']})"
 
 
 def logo_markdown(results: dict[str, Any]) -> str:
