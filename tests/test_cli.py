@@ -9,6 +9,16 @@ from transformers_spring.cli import main
 from transformers_spring.data import write_interactions_jsonl
 
 
+def _tiny_model_and_stream(tmp_path):
+    """A tiny saved model and a two-user interaction stream, for end-to-end runs of the commands."""
+    model_dir = tmp_path / "tiny"
+    make_model("llama", TRAINING_VOCAB.size).save_pretrained(model_dir)
+    make_tokenizer(TRAINING_VOCAB, chat=True).save_pretrained(model_dir)
+    data = tmp_path / "stream.jsonl"
+    write_interactions_jsonl(make_interactions("alice", 12, seed=1) + make_interactions("bob", 10, seed=2), data)
+    return model_dir, data
+
+
 def test_usage_and_unknown_command(capsys):
     assert main([]) == 2
     assert "spring demo" in capsys.readouterr().out
@@ -26,11 +36,7 @@ def test_bench_help_lists_the_options(capsys):
 
 
 def test_bench_end_to_end_on_a_tiny_saved_model(tmp_path, capsys):
-    model_dir = tmp_path / "tiny"
-    make_model("llama", TRAINING_VOCAB.size).save_pretrained(model_dir)
-    make_tokenizer(TRAINING_VOCAB, chat=True).save_pretrained(model_dir)
-    data = tmp_path / "stream.jsonl"
-    write_interactions_jsonl(make_interactions("alice", 12, seed=1) + make_interactions("bob", 10, seed=2), data)
+    model_dir, data = _tiny_model_and_stream(tmp_path)
     out = tmp_path / "out"
     code = main([
         "bench", "--data", str(data), "--model", str(model_dir), "--users", "2", "--min_items", "10",
@@ -50,11 +56,7 @@ def test_bench_logo_end_to_end_on_a_tiny_saved_model(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["bench-logo", "--help"])
     assert exit_info.value.code == 0 and "--history_cuts" in capsys.readouterr().out
-    model_dir = tmp_path / "tiny"
-    make_model("llama", TRAINING_VOCAB.size).save_pretrained(model_dir)
-    make_tokenizer(TRAINING_VOCAB, chat=True).save_pretrained(model_dir)
-    data = tmp_path / "stream.jsonl"
-    write_interactions_jsonl(make_interactions("alice", 12, seed=1) + make_interactions("bob", 10, seed=2), data)
+    model_dir, data = _tiny_model_and_stream(tmp_path)
     out = tmp_path / "out"
     code = main([
         "bench-logo", "--data", str(data), "--model", str(model_dir), "--users", "2", "--min_items", "10",

@@ -300,11 +300,6 @@ class ContinualBenchmark:
             their per-period train/test counts), `records` (one per decoded test item: method, user, period, phase,
             prediction, reference, scores, NLL), `summary` (see [`summarize`]) and `bootstrap`.
         """
-        from peft import get_peft_model
-
-        from ..generation import SpringConfig, SpringForCausalLM
-        from ..memory import HashingEncoder, LoGoMemory
-        from ..training import BaseLogProbCache, build_lora_config
 
         args = self.args
         self._clock = time.perf_counter()
@@ -329,32 +324,9 @@ class ContinualBenchmark:
         self._gate.load_observed(np.asarray(state.get("gate_scores", []), dtype=np.float64))
         self._timing: dict[str, float] = defaultdict(float, state.get("timing_s", {}))
         with tempfile.TemporaryDirectory(prefix="spring-bench-") as workdir:
-            training_args = self._training_args(workdir)
-            # An anchor adapter no row uses: peft cannot delete a model's last adapter, and users' adapters come and go.
-            anchor = training_args[(args.learning_rate, args.num_train_epochs)][0]
-            self.peft_model = get_peft_model(self.model, build_lora_config(anchor, self.model), "bench_anchor")
-            self.score_cache = BaseLogProbCache(str(args.model))
-            encoder = HashingEncoder(256) if args.encoder == "hashing" else None
-            self.memory = LoGoMemory(
-                encoder, scorer="bm25", gate=None, bm25_idf=args.bm25_idf, buffer_size=max(args.buffer_size, 1),
-                use_global=False, dedup_threshold=None,
-            )  # fmt: skip
-            # Every user's training items (never a test item) are the history the RAG baselines and LoGo's global
-            # memory read from; reads are restricted by period (RAG) or by date (`before=`, global memory).
-            self.memory.add_many(train_items)
-            self.spring_model = SpringForCausalLM(
-                self.peft_model, memory=self.memory, tokenizer=self.tokenizer,
-                config=SpringConfig(
-                    interpolation_weight=args.interpolation_weight, top_k=args.spring_k,
-                    history_item_template=args.history_item_template,
-                ),
-            )  # fmt: skip
+            training_args = self._build(workdir, train_items, use_global=False)
             if "selection" not in state:
-                if args.selection_grid() and any(m.adapter is not None for m in self.methods):
-                    state["selection"] = self._select_hyperparameters(splits, training_args)
-                else:
-                    fixed = {"learning_rate": args.learning_rate, "num_train_epochs": args.num_train_epochs}
-                    state["selection"] = {"chosen": fixed, "grid": [], "rule": "fixed (no selection)"}
+                state["selection"] = self._selection(splits, training_args, any(m.adapter for m in self.methods))
                 self._save_checkpoint(checkpoint, state)
             chosen = state["selection"]["chosen"]
             spring_args, plain_args = training_args[(chosen["learning_rate"], chosen["num_train_epochs"])]
@@ -391,6 +363,53 @@ class ContinualBenchmark:
             },
         }
         return rebuild_report(results)  # summary, bootstrap and drift tables: one code path with `spring report`
+
+    def _build(self, workdir: str, train_items: Sequence[Interaction], wrap_encoder=None, **memory_kwargs) -> dict:
+        """The run's working parts: the training arguments (returned), the peft model with an anchor adapter, the base
+        log-prob cache, the memory holding every training item, and the SPRInG wrapper routing rows to adapters.
+
+        Args:
+            workdir (`str`): the trainers' output directory.
+            train_items (`Sequence[Interaction]`): every user's training items (never a test item): the history
+                the RAG baselines and the global memory read from, restricted by period or by date (`before=`).
+            wrap_encoder (`callable`, *optional*): wraps the encoder (the LoGo study caches embeddings).
+            memory_kwargs: further [`LoGoMemory`] settings.
+        """
+        from peft import get_peft_model
+
+        from ..generation import SpringConfig, SpringForCausalLM
+        from ..memory import HashingEncoder, LoGoMemory, resolve_encoder
+        from ..training import BaseLogProbCache, build_lora_config
+
+        args = self.args
+        training_args = self._training_args(workdir)
+        # An anchor adapter no row uses: peft cannot delete a model's last adapter, and users' adapters come and go.
+        anchor = training_args[(args.learning_rate, args.num_train_epochs)][0]
+        self.peft_model = get_peft_model(self.model, build_lora_config(anchor, self.model), "bench_anchor")
+        self.score_cache = BaseLogProbCache(str(args.model))
+        encoder = HashingEncoder(256) if args.encoder == "hashing" else resolve_encoder(None)
+        self.memory = LoGoMemory(
+            wrap_encoder(encoder) if wrap_encoder else encoder, scorer="bm25", gate=None, bm25_idf=args.bm25_idf,
+            buffer_size=max(args.buffer_size, 1), dedup_threshold=None, **memory_kwargs,
+        )  # fmt: skip
+        self.memory.add_many(train_items)
+        self.spring_model = SpringForCausalLM(
+            self.peft_model, memory=self.memory, tokenizer=self.tokenizer,
+            config=SpringConfig(
+                interpolation_weight=args.interpolation_weight, top_k=args.spring_k,
+                history_item_template=args.history_item_template,
+            ),
+        )  # fmt: skip
+        return training_args
+
+    def _selection(self, splits: dict[str, list], training_args: dict, trains_adapters: bool = True) -> dict:
+        """The validation selection of the LoRA learning rate and epochs, or the fixed setting when the grid is
+        empty or no method trains an adapter."""
+        args = self.args
+        if args.selection_grid() and trains_adapters:
+            return self._select_hyperparameters(splits, training_args)
+        fixed = {"learning_rate": args.learning_rate, "num_train_epochs": args.num_train_epochs}
+        return {"chosen": fixed, "grid": [], "rule": "fixed (no selection)"}
 
     def _setup_decoding(self, train_items: Sequence[Interaction]) -> None:
         """The token budget (from the training split only) and the line-end stop, the same for every method."""

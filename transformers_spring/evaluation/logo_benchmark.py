@@ -100,11 +100,6 @@ class LoGoBenchmark(ContinualBenchmark):
         """Runs the validation pass, fits the mediators, then the test pass. Returns `config`, `selection`,
         `mediators` (each arm's fitted rules and cell counts), `validation` (counts and ids), `users`, `records`
         (one per test item, cut and arm), `summary` (see [`summarize_logo`]) and `timing_s`."""
-        from peft import get_peft_model
-
-        from ..generation import SpringConfig, SpringForCausalLM
-        from ..memory import HashingEncoder, LoGoMemory, resolve_encoder
-        from ..training import BaseLogProbCache, build_lora_config
         from .report import summarize_logo
 
         args = self.args
@@ -121,30 +116,12 @@ class LoGoBenchmark(ContinualBenchmark):
         self._timing: dict[str, float] = defaultdict(float)
         self._weights = sorted({*args.weight_grid(), float(args.interpolation_weight)})
         with tempfile.TemporaryDirectory(prefix="spring-logo-") as workdir:
-            training_args = self._training_args(workdir)
-            anchor = training_args[(args.learning_rate, args.num_train_epochs)][0]
-            self.peft_model = get_peft_model(self.model, build_lora_config(anchor, self.model), "bench_anchor")
-            self.score_cache = BaseLogProbCache(str(args.model))
-            encoder = HashingEncoder(256) if args.encoder == "hashing" else resolve_encoder(None)
-            self.memory = LoGoMemory(
-                _CachedEncoder(encoder), scorer="bm25", gate=None, bm25_idf=args.bm25_idf,
-                buffer_size=max(args.buffer_size, 1), use_global=True, dedup_threshold=None,
+            training_args = self._build(
+                workdir, train_items, wrap_encoder=_CachedEncoder, use_global=True, num_threads=1, seed=args.seed,
                 min_contributors=args.min_contributors, match_threshold=args.match_threshold,
-                min_community_users=args.min_community_users, num_threads=1, seed=args.seed,
+                min_community_users=args.min_community_users,
             )  # fmt: skip
-            self.memory.add_many(train_items)
-            self.spring_model = SpringForCausalLM(
-                self.peft_model, memory=self.memory, tokenizer=self.tokenizer,
-                config=SpringConfig(
-                    interpolation_weight=args.interpolation_weight, top_k=args.spring_k,
-                    history_item_template=args.history_item_template,
-                ),
-            )  # fmt: skip
-            if args.selection_grid():
-                selection = self._select_hyperparameters(splits, training_args)
-            else:
-                fixed = {"learning_rate": args.learning_rate, "num_train_epochs": args.num_train_epochs}
-                selection = {"chosen": fixed, "grid": [], "rule": "fixed (no selection)"}
+            selection = self._selection(splits, training_args)
             chosen = selection["chosen"]
             spring_args = training_args[(chosen["learning_rate"], chosen["num_train_epochs"])][0]
             self._arms = [LOGO, OPEN] if args.compare_open else [LOGO]

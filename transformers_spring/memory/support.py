@@ -3,8 +3,6 @@ closely matching content, so what the global memory hands out is a shared intere
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import numpy as np
 
 DEFAULT_MIN_CONTRIBUTORS = 3
@@ -72,10 +70,6 @@ class ContributorSupport:
         """How many distinct *other* users must back an item."""
         return self.min_contributors - 1
 
-    def __len__(self) -> int:
-        """Number of matching pairs."""
-        return sum(len(m) for m in self._matches.values()) // 2
-
     def register(self, label: int, user: int) -> None:
         self._user[label] = user
         self._matches.setdefault(label, set())
@@ -118,9 +112,3 @@ class ContributorSupport:
         time: content written later cannot back an item yet)."""
         users = {self._user[m] for m in self._matches.get(label, ()) if timestamp_of(m) < before}
         return len(users)
-
-    def matches(self, label: int) -> set[int]:
-        return set(self._matches.get(label, ()))
-
-    def labels(self) -> Iterable[int]:
-        return self._user.keys()
