@@ -331,3 +331,109 @@ def test_names_and_counters_from_the_state_file_are_checked(tmp_path, edit, matc
     (out / "continual_state.json").write_text(json.dumps(state))
     with pytest.raises(ValueError, match="invalid user id"):
         ContinualPersonalizer.from_pretrained(out, make_model("llama", TRAINING_VOCAB.size))
+
+
+# ------------------------------------------------------------------------------------------------ serving export
+# The tiny architectures (testing_utils.ARCHS) vLLM serves LoRA adapters for (vLLM 0.33: a `SupportsLoRA` model
+# class; GPT-NeoX through its Transformers backend). vLLM's GPT-2 class does not support LoRA.
+VLLM_LORA_ARCHS = ("llama", "qwen2", "qwen3", "mistral", "gemma3", "phi3", "gpt_neox")
+
+
+@pytest.mark.parametrize("arch", VLLM_LORA_ARCHS)
+def test_export_for_serving_round_trips_bit_identical(tmp_path, arch):
+    from peft import PeftModel, get_peft_model_state_dict
+
+    from transformers_spring.persistence.serving import read_serving_manifest, vllm_lora_problems
+
+    p = ContinualPersonalizer(
+        make_model(arch, TRAINING_VOCAB.size),
+        make_tokenizer(TRAINING_VOCAB, chat=True),
+        make_args(tmp_path, buffer_size=3, num_train_epochs=1),
+        make_buffer_memory(),
+        max_resident_adapters=1,  # one adapter resident, one offloaded: both export paths
+    )
+    for user in ("alice", "Ron Dicker"):
+        p.observe(user, make_interactions(user, 4, prefix=user.replace(" ", "")))
+    manifest = p.export_for_serving(tmp_path / "serve")
+    assert [(a["user_id"], a["lora_name"], a["lora_int_id"], a["rank"]) for a in manifest["adapters"]] == [
+        ("alice", "alice", 1, 8),
+        ("Ron Dicker", "Ron_Dicker", 2, 8),
+    ]
+    assert read_serving_manifest(tmp_path / "serve")["max_lora_rank"] == 16
+    for entry in read_serving_manifest(tmp_path / "serve")["adapters"]:
+        assert vllm_lora_problems(entry["path"]) == []
+        loaded = PeftModel.from_pretrained(make_model(arch, TRAINING_VOCAB.size), entry["path"])
+        got = get_peft_model_state_dict(loaded)
+        expected = p.state_dict(entry["user_id"])
+        assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
+
+
+def test_export_for_serving_refuses_what_vllm_would(tmp_path):
+    p = personalizer(tmp_path, args=make_args(tmp_path, buffer_size=3, num_train_epochs=1, lora_r=32))
+    p.observe("alice", stream("alice", 0))
+    (tmp_path / "serve").mkdir()
+    (tmp_path / "serve" / "notes.txt").write_text("mine")
+    with pytest.raises(
+        ValueError, match=r"field 'r' \(or 'rank_pattern'\) is 32, above the server's max_lora_rank 16"
+    ):
+        p.export_for_serving(tmp_path / "serve")
+    assert sorted(x.name for x in (tmp_path / "serve").iterdir()) == ["notes.txt"]  # nothing half-written
+    manifest = p.export_for_serving(tmp_path / "serve", max_lora_rank=32)
+    assert manifest["adapters"][0]["rank"] == 32 and (tmp_path / "serve" / "notes.txt").read_text() == "mine"
+    with pytest.raises(ValueError, match="max_lora_rank"):
+        p.export_for_serving(tmp_path / "serve", max_lora_rank=24)
+    with pytest.raises(KeyError, match="nobody"):
+        p.export_for_serving(tmp_path / "serve", users=["nobody"])
+    with pytest.raises(TypeError, match="`users`"):
+        p.export_for_serving(tmp_path / "serve", users="alice")
+
+
+def test_export_for_serving_warns_for_a_model_vllm_cannot_adapt(tmp_path, caplog):
+    p = ContinualPersonalizer(
+        make_model("gpt2", TRAINING_VOCAB.size),
+        make_tokenizer(TRAINING_VOCAB, chat=True),
+        make_args(tmp_path, buffer_size=3, num_train_epochs=1),
+        make_buffer_memory(),
+    )
+    p.observe("alice", stream("alice", 0))
+    from transformers.utils import logging
+
+    logging.enable_propagation()
+    try:
+        p.export_for_serving(tmp_path / "serve")
+    finally:
+        logging.disable_propagation()
+    assert "gpt2" in caplog.text and "vLLM" in caplog.text
+
+
+@pytest.mark.parametrize("weight", [0.0, 1.0])
+def test_serving_recipes_reproduce_spring_at_lambda_0_and_1(tmp_path, weight):
+    """docs/serving.md's recipes, with peft + greedy `generate` standing in for the server, decode what
+    SpringForCausalLM decodes at λ = 0 (adapter only) and λ = 1 (adapter plus history in the prompt)."""
+    from peft import PeftModel
+
+    from transformers_spring import HistoryPromptBuilder, SpringConfig
+    from transformers_spring.persistence.serving import read_serving_manifest
+
+    p = personalizer(tmp_path)
+    p.observe("alice", stream("alice", 0))
+    p.observe("alice", stream("alice", 1))
+    config = SpringConfig(interpolation_weight=weight, gate=-1.0, top_k=2)  # BM25 over 2 items scores 0
+    spring = p.to_spring_model(config)
+    tok = p.tokenizer
+    query = p.memory.buffer("alice")[0].prompt  # a prompt the buffer holds: BM25 finds it
+    text = tok.apply_chat_template([{"role": "user", "content": query}], tokenize=False, add_generation_prompt=True)
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    expected = spring.generate(torch.tensor([ids]), personalization="alice", max_new_tokens=6, do_sample=False)
+    assert spring.last_personalization[0].items  # the gate is open: at λ = 1 the history path decides
+
+    entry = read_serving_manifest(p.export_for_serving(tmp_path / "serve") and tmp_path / "serve")["adapters"][0]
+    served = PeftModel.from_pretrained(make_model("llama", TRAINING_VOCAB.size), entry["path"]).eval()
+    if weight == 1.0:
+        builder = HistoryPromptBuilder(tok, config)
+        context = p.memory.retrieve_context("alice", builder.query_text(ids), k=config.top_k)
+        items = [item for item in context.items if item.score is None or item.score > config.gate]
+        ids = builder.build(ids, items)
+    got = served.generate(input_ids=torch.tensor([ids]), max_new_tokens=6, do_sample=False,
+                          pad_token_id=tok.pad_token_id)  # fmt: skip
+    assert got[0, len(ids) :].tolist() == expected[0, -6:].tolist()

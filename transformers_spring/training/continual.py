@@ -23,7 +23,7 @@ from ..persistence.cards import render_card
 from ..persistence.folder import save_folder
 from ..persistence.hub import resolve_folder
 from ..records import Interaction, check_user_id
-from ..utils.modeling import base_name_or_path, is_peft_model
+from ..utils.modeling import base_name_or_path, is_peft_model, unwrap_model
 from ..version import __version__
 from .data import coerce_interactions
 from .drift import BaseLogProbCache
@@ -507,6 +507,83 @@ class ContinualPersonalizer:
             personalizer._offloaded[name] = root / name
             personalizer._users[user_id] = entry
         return personalizer
+
+    def export_for_serving(
+        self,
+        directory: str | os.PathLike,
+        *,
+        users: Sequence[str] | None = None,
+        max_lora_rank: int = 16,
+    ) -> dict[str, Any]:
+        """Writes the users' adapters for a multi-LoRA serving engine (vLLM, S-LoRA, LoRAX): one plain peft folder
+        per user plus `serving_manifest.json` (user → `lora_name`, `lora_int_id`, `path`, `rank`, weights'
+        `sha256`). Every folder is checked against vLLM's LoRA rules before anything is committed (see
+        [`~persistence.serving.vllm_lora_problems`]); the save is atomic and keeps files it did not write, like
+        [`~ContinualPersonalizer.save_pretrained`]. Memories and buffers are not exported: a server serves λ = 0
+        (the adapter alone) or λ = 1 (adapter plus retrieved history in the prompt), see `docs/serving.md`.
+
+        Args:
+            directory (`str` or `os.PathLike`): the export folder.
+            users (`Sequence[str]`, *optional*): whose adapters to export (default: every user, first observed
+                first). `lora_int_id`s are 1, 2, ... in this order.
+            max_lora_rank (`int`, *optional*, defaults to 16): the server's `--max-lora-rank` (vLLM's default); one of
+                vLLM's allowed values.
+
+        Returns:
+            `dict`: the manifest written.
+
+        Raises:
+            `KeyError`: an unknown user. `ValueError`: an adapter vLLM would refuse (the field is named).
+        """
+        import hashlib
+
+        from accelerate import PartialState
+        from peft import get_peft_model_state_dict
+
+        from ..persistence.serving import (
+            ADAPTER_WEIGHTS,
+            VLLM_NO_LORA_MODEL_TYPES,
+            check_max_lora_rank,
+            check_vllm_lora,
+            write_adapter_folder,
+            write_serving_manifest,
+        )
+
+        max_lora_rank = check_max_lora_rank(max_lora_rank)
+        if isinstance(users, str):
+            raise TypeError("`users` must be a sequence of user ids, not one string.")
+        chosen = list(dict.fromkeys(check_user_id(u) for u in (self.users if users is None else users)))
+        names = {user: self.adapter_name(user) for user in chosen}  # KeyError for an unknown user, before writing
+        model_type = getattr(getattr(unwrap_model(self.model), "config", None), "model_type", None)
+        if model_type in VLLM_NO_LORA_MODEL_TYPES:
+            logger.warning(
+                f"vLLM's {model_type} model class does not support LoRA: these adapters load with peft, S-LoRA or "
+                "LoRAX, but not in vLLM."
+            )
+        manifest: dict[str, Any] = {}
+        state = PartialState()
+        if state.is_main_process:
+            with save_folder(directory, "ServingExport", argument="directory") as tmp:
+                entries = []
+                for int_id, user in enumerate(chosen, start=1):
+                    name = names[user]
+                    folder = tmp / name
+                    if name in self._resident:
+                        weights = get_peft_model_state_dict(self.model, adapter_name=name)
+                        write_adapter_folder(folder, self.model.peft_config[name], weights)
+                    else:  # offloaded: its folder already is what peft wrote, copied bit for bit
+                        shutil.copytree(self._offloaded[name], folder)
+                        (folder / "README.md").unlink(missing_ok=True)
+                    check_vllm_lora(folder, max_lora_rank)
+                    config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+                    digest = hashlib.sha256((folder / ADAPTER_WEIGHTS).read_bytes()).hexdigest()
+                    entries.append(
+                        {"user_id": user, "lora_name": name, "lora_int_id": int_id, "path": name,
+                         "rank": config["r"], "sha256": digest}
+                    )  # fmt: skip
+                manifest = write_serving_manifest(tmp, entries, base_name_or_path(self.model), max_lora_rank)
+        state.wait_for_everyone()
+        return manifest
 
     # ------------------------------------------------------------------------------------------------ inference
     def to_spring_model(self, spring_config: SpringConfig | None = None, users: Sequence[str] | None = None):

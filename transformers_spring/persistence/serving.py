@@ -1,0 +1,168 @@
+"""Adapters exported for multi-LoRA serving engines (vLLM, S-LoRA, LoRAX): one plain PEFT folder per user plus a
+manifest (user → `lora_int_id`, path, rank), each folder checked against the rules vLLM applies when it loads a LoRA.
+
+The export folder:
+
+```
+<dir>/serving_manifest.json            # base model, max_lora_rank, and per user: lora_name, lora_int_id, path, rank
+<dir>/<adapter>/adapter_config.json    # a peft LoRA folder: PeftModel.from_pretrained(base, f"<dir>/<adapter>")
+<dir>/<adapter>/adapter_model.safetensors
+<dir>/spring_manifest.json             # the atomic-save manifest (persistence.folder)
+```
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+SERVING_MANIFEST = "serving_manifest.json"
+SERVING_FORMAT_VERSION = 1
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+# vLLM's `--max-lora-rank` accepts only these values (vllm/config/lora.py, `MaxLoRARanks`); its default is 16.
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+VLLM_DEFAULT_MAX_LORA_RANK = 16
+# `init_lora_weights` values vLLM serves (the others, PiSSA, OLoRA, CorDA, LoftQ, change the base weights too).
+_VLLM_INIT_WEIGHTS = ("gaussian", "eva", "orthogonal", "mica", "lora_ga")
+# PEFT features vLLM refuses (`PEFTHelper._validate_features`).
+_VLLM_UNSUPPORTED = ("lora_bias", "layer_replication", "alora_invocation_tokens", "use_qalora", "use_bdlora")
+# Model types (`config.model_type`) whose vLLM model class does not support LoRA at all.
+VLLM_NO_LORA_MODEL_TYPES = ("gpt2",)
+
+
+def check_max_lora_rank(max_lora_rank: Any) -> int:
+    """`max_lora_rank` as vLLM would accept it (one of [`VLLM_LORA_RANKS`])."""
+    if isinstance(max_lora_rank, bool) or not isinstance(max_lora_rank, int) or max_lora_rank not in VLLM_LORA_RANKS:
+        raise ValueError(f"`max_lora_rank` must be one of vLLM's values {VLLM_LORA_RANKS}, got {max_lora_rank!r}.")
+    return max_lora_rank
+
+
+def vllm_lora_problems(adapter_dir: str | os.PathLike, max_lora_rank: int = VLLM_DEFAULT_MAX_LORA_RANK) -> list[str]:
+    """Why vLLM would refuse to load (or would load wrongly) the PEFT LoRA folder `adapter_dir`; empty when it is
+    fine. The checks follow vLLM's `PEFTHelper` (`vllm/lora/peft_helper.py`) and its weight loader:
+
+    - `adapter_config.json` is a LoRA config with `r`, `lora_alpha` and `target_modules`;
+    - its largest rank (`r`, or a larger `rank_pattern` value) is at most `max_lora_rank`;
+    - `bias == "none"`, no `modules_to_save`, no DoRA (`use_dora`), no LoRA bias and none of the other features vLLM
+      refuses (`layer_replication`, ...); `init_lora_weights` is `true`, `false` or a method vLLM serves;
+    - `adapter_model.safetensors` holds only `lora_A` / `lora_B` weights (no embedding or `lm_head` LoRA, which only
+      some vLLM model classes accept).
+
+    Args:
+        adapter_dir (`str` or `os.PathLike`): a folder written by peft's `save_pretrained` (one adapter).
+        max_lora_rank (`int`, *optional*, defaults to 16): the server's `--max-lora-rank`.
+
+    Returns:
+        `list[str]`: one sentence per problem, each naming the file and field.
+    """
+    folder = Path(adapter_dir)
+    config_path = folder / ADAPTER_CONFIG
+    if not config_path.is_file() or config_path.is_symlink():
+        return [f"{config_path} is missing (not a peft adapter folder)."]
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        return [f"{config_path} is not valid JSON: {err}."]
+    if not isinstance(config, dict):
+        return [f"{config_path} must hold a JSON object."]
+    problems = []
+    if config.get("peft_type") != "LORA":
+        problems.append(f"{config_path}: field 'peft_type' is {config.get('peft_type')!r}, vLLM serves 'LORA'.")
+    for field in ("r", "lora_alpha", "target_modules"):
+        if config.get(field) in (None, [], ""):
+            problems.append(f"{config_path}: field {field!r} is required by vLLM.")
+    ranks = [config.get("r"), *dict(config.get("rank_pattern") or {}).values()]
+    ranks = [r for r in ranks if isinstance(r, int) and not isinstance(r, bool)]
+    if ranks and max(ranks) > max_lora_rank:
+        problems.append(
+            f"{config_path}: field 'r' (or 'rank_pattern') is {max(ranks)}, above the server's max_lora_rank "
+            f"{max_lora_rank}."
+        )
+    if config.get("bias", "none") != "none":
+        problems.append(f"{config_path}: field 'bias' is {config.get('bias')!r}; vLLM needs 'none'.")
+    if config.get("modules_to_save"):
+        problems.append(f"{config_path}: field 'modules_to_save' is set; vLLM does not support it.")
+    if config.get("use_dora"):
+        problems.append(f"{config_path}: field 'use_dora' is true; vLLM does not support DoRA.")
+    for field in _VLLM_UNSUPPORTED:
+        if config.get(field):
+            problems.append(f"{config_path}: field {field!r} is set; vLLM does not support it.")
+    init = config.get("init_lora_weights", True)
+    if isinstance(init, str) and init not in _VLLM_INIT_WEIGHTS:
+        problems.append(f"{config_path}: field 'init_lora_weights' is {init!r}; vLLM serves {_VLLM_INIT_WEIGHTS}.")
+    weights = folder / ADAPTER_WEIGHTS
+    if not weights.is_file() or weights.is_symlink():
+        problems.append(f"{weights} is missing.")
+    else:
+        from safetensors import safe_open
+
+        with safe_open(str(weights), framework="pt") as f:
+            other = [key for key in f.keys() if not (".lora_A." in key or ".lora_B." in key)]
+        if other:
+            problems.append(f"{weights}: holds weights other than lora_A/lora_B (e.g. {other[0]!r}).")
+    return problems
+
+
+def check_vllm_lora(adapter_dir: str | os.PathLike, max_lora_rank: int = VLLM_DEFAULT_MAX_LORA_RANK) -> None:
+    """Raises `ValueError` listing every [`vllm_lora_problems`] of `adapter_dir`."""
+    problems = vllm_lora_problems(adapter_dir, max_lora_rank)
+    if problems:
+        raise ValueError("the adapter would not load in vLLM: " + " ".join(problems))
+
+
+def write_adapter_folder(folder: Path, lora_config: Any, state_dict: dict) -> None:
+    """One adapter as a plain peft folder, what `PeftModel.save_pretrained` writes for a single adapter: its
+    config (in inference mode) and its weights under peft's saved key names."""
+    import copy
+
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True)
+    config = copy.deepcopy(lora_config)
+    config.inference_mode = True
+    config.save_pretrained(str(folder))
+    tensors = {key: value.detach().cpu().contiguous() for key, value in state_dict.items()}
+    save_file(tensors, str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+
+
+def write_serving_manifest(
+    directory: Path, entries: Sequence[dict[str, Any]], base_model: str | None, max_lora_rank: int
+) -> dict[str, Any]:
+    """Writes `serving_manifest.json`: `adapters` lists, in order, `user_id`, `lora_name`, `lora_int_id` (1, 2, ...:
+    vLLM's cache key, unique within one export), `path` (relative to the export folder), `rank` and the weights'
+    `sha256` (a re-export with new weights under the same int id must be unloaded from a running server first)."""
+    manifest = {
+        "format_version": SERVING_FORMAT_VERSION,
+        "library": "transformers_spring",
+        "base_model_name_or_path": base_model,
+        "max_lora_rank": max_lora_rank,
+        "adapters": list(entries),
+    }
+    (directory / SERVING_MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+    return manifest
+
+
+def read_serving_manifest(directory: str | os.PathLike) -> dict[str, Any]:
+    """The manifest of an export folder, with each adapter's `path` resolved to an absolute path inside it."""
+    root = Path(directory)
+    path = root / SERVING_MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{SERVING_MANIFEST} not found in {root} (is this an export_for_serving folder?).")
+    manifest = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(manifest, dict) or manifest.get("format_version") != SERVING_FORMAT_VERSION:
+        raise ValueError(f"{path}: field 'format_version' must be {SERVING_FORMAT_VERSION}.")
+    adapters = manifest.get("adapters")
+    if not isinstance(adapters, list):
+        raise ValueError(f"{path}: field 'adapters' must be a list.")
+    for i, entry in enumerate(adapters):
+        if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
+            raise ValueError(f"{path}: field 'adapters[{i}].path' must be a string.")
+        resolved = (root / entry["path"]).resolve()
+        if root.resolve() not in resolved.parents:
+            raise ValueError(f"{path}: field 'adapters[{i}].path' ({entry['path']!r}) leaves the folder.")
+        entry["path"] = str(resolved)
+    return manifest
