@@ -165,3 +165,134 @@ def test_what_a_save_writes_always_loads(tmp_path):
     memory.save_pretrained(tmp_path / "mem")
     assert len(LoGoMemory.from_pretrained(tmp_path / "mem", encoder=encoder)) == 6
     assert len(LoGoMemory.from_pretrained(tmp_path / "mem", encoder=encoder, capacity=2, share_by_default=False)) == 6
+
+
+# ------------------------------------------------------------------------------------------------ the ANN cache
+@pytest.fixture
+def cached(monkeypatch):
+    """Caches the ANN index of any memory size (the default threshold is 10,000 shared items)."""
+    import transformers_spring.memory.global_memory as gm
+
+    monkeypatch.setattr(gm, "ANN_CACHE_MIN_ITEMS", 1)
+
+
+def _global_results(memory, queries):
+    """Each query's ANN hits as (user, record id, score), independent of internal labels."""
+    gm = memory.global_memory
+    out = []
+    for query in queries:
+        vector = memory.encoder.encode([query])[0]
+        hits = gm.search(vector, 5, scope="all")
+        out.append([(*memory._label_keys[label], round(score, 6)) for label, score, *_ in hits])
+    return out
+
+
+QUERIES = ["cat kitten purr report", "rocket launch orbit booster", "bread oven"]
+
+
+def _builds(monkeypatch):
+    from transformers_spring.memory.global_memory import GlobalMemory
+
+    calls = []
+    original = GlobalMemory._build_index
+    monkeypatch.setattr(GlobalMemory, "_build_index", lambda self: (calls.append(1), original(self))[1])
+    return calls
+
+
+def test_a_save_caches_the_index_and_a_load_reuses_it(make_memory, tmp_path, cached, monkeypatch):
+    memory = populated(make_memory, use_global=True, exact_below=0)
+    before = _global_results(memory, QUERIES)
+    memory.save_pretrained(tmp_path / "mem")
+    config = json.loads((tmp_path / "mem" / "config.json").read_text())
+    assert (tmp_path / "mem" / "ann_index.hnsw").is_file() and config["ann_index"]["count"] == len(memory)
+    builds = _builds(monkeypatch)
+    loaded = LoGoMemory.from_pretrained(tmp_path / "mem", encoder=memory.encoder, num_threads=1)
+    assert builds == []  # the cached graph, not a rebuild
+    assert _global_results(loaded, QUERIES) == before  # the very same graph: the same approximate hits
+    loaded.add(topical("u9", "bread", 1))  # labels continue after the saved ones
+    assert len(loaded.global_memory) == len(memory) + 1
+
+
+@pytest.mark.parametrize("spoil", ["file", "data", "params", "hub"])
+def test_a_stale_or_foreign_cache_is_rebuilt(make_memory, tmp_path, cached, monkeypatch, spoil):
+    memory = populated(make_memory, use_global=True, exact_below=0)
+    exact = [[hit.interaction.id for hit in memory.retrieve("u0", q, k=3)] for q in QUERIES]
+    target = tmp_path / "mem"
+    overrides = {}
+    if spoil == "hub":  # a Hub cache snapshot: its index is never loaded
+        target = tmp_path / "models--org--mem" / "snapshots" / "abc123"
+    memory.save_pretrained(target)
+    if spoil == "file":
+        data = bytearray((target / "ann_index.hnsw").read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        (target / "ann_index.hnsw").write_bytes(bytes(data))
+    elif spoil == "data":
+        _edit_config(target, **{"ann_index.data_sha256": "0" * 64})
+    elif spoil == "params":
+        overrides = {"hnsw_M": 8}
+    builds = _builds(monkeypatch)
+    loaded = LoGoMemory.from_pretrained(target, encoder=memory.encoder, num_threads=1, **overrides)
+    assert builds == [1]
+    if spoil != "params":  # another graph (M=8) may give other approximate hits
+        assert [[hit.interaction.id for hit in loaded.retrieve("u0", q, k=3)] for q in QUERIES] == exact
+
+
+def test_no_cache_outlives_a_deleted_or_forgotten_item(make_memory, tmp_path, cached):
+    from testing_utils import find_traces
+
+    memory = populated(make_memory, use_global=True)
+    memory.save_pretrained(tmp_path / "mem")
+    assert (tmp_path / "mem" / "ann_index.hnsw").is_file()
+    memory.forget_user("u2")  # a tombstone in hnswlib still holds the vector: no cache from this index
+    memory.save_pretrained(tmp_path / "mem")
+    assert not (tmp_path / "mem" / "ann_index.hnsw").exists()
+    assert "ann_index" not in json.loads((tmp_path / "mem" / "config.json").read_text())
+    assert find_traces(tmp_path / "mem", "u2") == []
+    loaded = LoGoMemory.from_pretrained(tmp_path / "mem", encoder=memory.encoder, num_threads=1)
+    loaded.save_pretrained(tmp_path / "mem")  # a rebuilt index has no tombstones: cached again
+    assert (tmp_path / "mem" / "ann_index.hnsw").is_file()
+
+
+def test_push_to_hub_never_uploads_the_cache(make_memory, cached):
+    from unittest import mock
+
+    memory = populated(make_memory, use_global=True)
+    with mock.patch("huggingface_hub.HfApi.create_repo") as create, mock.patch(
+        "huggingface_hub.HfApi.upload_folder"
+    ) as upload:
+        create.return_value.repo_id = "me/mem"
+        memory.push_to_hub("me/mem", ignore_patterns="*.log")
+    assert upload.call_args.kwargs["ignore_patterns"] == ["*.log", "*ann_index.hnsw"]
+
+
+def test_saved_matches_are_restored_and_checked(make_memory, tmp_path):
+    from transformers_spring.memory import Interaction
+
+    memory = make_memory(n_communities=1, min_community_users=2, dedup_threshold=None)
+    for user in ("a", "b", "c", "d"):  # the same story by four users: shared content, servable
+        memory.add(Interaction(user, "fed raises interest rates again", "rates rise", timestamp=1e9, id=f"{user}-s"))
+        words = " ".join(f"{user}secret{j}" for j in range(6))  # and one story of their own each
+        memory.add(Interaction(user, f"cat {words}", f"my cat {user}", timestamp=1e9 + 1, id=f"{user}-unique-0"))
+    servable = {key for label, key in memory._label_keys.items() if memory.global_memory.is_servable(label)}
+    assert servable  # the rule serves something here
+    memory.save_pretrained(tmp_path / "mem")
+    loaded = LoGoMemory.from_pretrained(tmp_path / "mem", encoder=memory.encoder, num_threads=1)
+    gm = loaded.global_memory
+    assert {key for label, key in loaded._label_keys.items() if gm.is_servable(label)} == servable
+
+    # A forged match between two items that do not match is dropped (it would make them servable).
+    lines = [json.loads(line) for line in (tmp_path / "mem" / "records.jsonl").read_text().splitlines()]
+    unique = [i for i, line in enumerate(lines) if "-unique-" in line["id"]]
+    other = next(i for i, line in enumerate(lines) if line["user_id"] != lines[unique[0]]["user_id"])
+
+    def forge(tensors):
+        tensors["match_pairs"] = np.concatenate([tensors["match_pairs"], [[unique[0], other]]]).astype(np.int64)
+
+    _edit_tensors(tmp_path / "mem", forge)
+    forged = LoGoMemory.from_pretrained(tmp_path / "mem", encoder=memory.encoder, num_threads=1)
+    gm = forged.global_memory
+    assert {key for label, key in forged._label_keys.items() if gm.is_servable(label)} == servable
+
+    _edit_tensors(tmp_path / "mem", lambda t: t.update(match_pairs=np.asarray([[0, 10**6]], dtype=np.int64)))
+    with pytest.raises(ValueError, match="'match_pairs' indexes outside records.jsonl"):
+        LoGoMemory.from_pretrained(tmp_path / "mem", encoder=memory.encoder)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import math
 from collections.abc import Sequence
 
@@ -9,12 +10,17 @@ import hnswlib
 import numpy as np
 from transformers.utils import logging
 
+from ..persistence.memory_files import ANN_CACHE_MIN_ITEMS
 from ..utils.ranking import top_k_indices
 from .support import DEFAULT_MATCH_THRESHOLD, DEFAULT_MIN_CONTRIBUTORS, ContributorSupport, check_support_rule
 
 logger = logging.get_logger(__name__)
 
 SCOPES = ("own", "all")
+try:
+    _HNSWLIB_VERSION = importlib.metadata.version("hnswlib")
+except importlib.metadata.PackageNotFoundError:  # a source build without metadata
+    _HNSWLIB_VERSION = "unknown"
 
 
 class GlobalMemory:
@@ -168,9 +174,15 @@ class GlobalMemory:
         self, labels: Sequence[int], user_ids: Sequence[str], vectors: np.ndarray, timestamps: Sequence[float]
     ) -> None:
         """Adds shared items (normalised vectors) under integer `labels` unique across the memory."""
+        rows = self._append(labels, user_ids, vectors, timestamps)
+        if rows is not None:
+            self._link_matches(rows)
+
+    def _append(self, labels, user_ids, vectors, timestamps, indexed: bool = False) -> np.ndarray | None:
+        """Stores the items and indexes them (unless the index already holds them); returns their rows."""
         labels = np.asarray(labels, dtype=np.int64)
         if not labels.size:
-            return
+            return None
         if labels.min() < 0 or any(label in self for label in labels.tolist()):
             raise ValueError("global labels must be new non-negative integers.")
         self._reserve(labels.size, int(labels.max()))
@@ -184,16 +196,68 @@ class GlobalMemory:
         self._n += labels.size
         if self._index is None:
             self._build_index()
-        else:
+        elif not indexed:
             self._index.add_items(self._vectors[rows], labels, num_threads=self.num_threads)
         self._row_backers[rows] = 0
         for label, user in zip(labels.tolist(), self._row_user[rows].tolist(), strict=True):
             self.support.register(label, user)
         if self.support.needed == 0:
             np.add.at(self._user_servable, self._row_user[rows], 1)
-        self._link_matches(rows)
         if self._n > self._clustered_items * (1 + self.recluster_growth):
             self._stale = True
+        return rows
+
+    def restore(
+        self,
+        labels: Sequence[int],
+        user_ids: Sequence[str],
+        vectors: np.ndarray,
+        timestamps: Sequence[float],
+        *,
+        index: hnswlib.Index | None = None,
+        matches: np.ndarray | None = None,
+    ) -> None:
+        """Fills an empty memory from a save: [`~GlobalMemory.add`], except that a cached ANN `index` over exactly
+        these labels (see [`~persistence.memory_files.read_ann_index`]) replaces the build, and saved `matches`
+        (label pairs) replace the match search. Each saved match is confirmed with its exact cosine, so an edited
+        file can withhold an item but never make one servable."""
+        if self._n:
+            raise RuntimeError("restore() fills an empty GlobalMemory.")
+        if index is not None:
+            index.set_ef(self.ef)
+            self._index = index
+        rows = self._append(labels, user_ids, vectors, timestamps, indexed=index is not None)
+        if rows is None:
+            return
+        if matches is None:
+            self._link_matches(rows)
+            return
+        if not len(matches):
+            return
+        pair_rows = self._label_row[matches]
+        cosines = np.einsum("ij,ij->i", self._vectors[pair_rows[:, 0]], self._vectors[pair_rows[:, 1]])
+        changed: list[int] = []
+        for a, b in matches[cosines >= self.support.match_threshold].tolist():
+            changed += self.support.link(a, b)
+        self._update_backers(changed)
+
+    def match_pairs(self) -> np.ndarray:
+        """Every match of the sharing rule as a `(label, label)` pair, each pair once: what a save records so that a
+        load need not search for them again."""
+        pairs = [(a, b) for a, others in self.support._matches.items() for b in others if a < b]
+        return np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
+
+    def ann_params(self) -> dict:
+        """What the ANN index's structure depends on (a cached index is reused only under the same values)."""
+        return {"space": "cosine", "dim": self.dim, "M": self.M, "ef_construction": self.ef_construction,
+                "seed": self.seed, "hnswlib": _HNSWLIB_VERSION}  # fmt: skip
+
+    def cacheable_index(self) -> hnswlib.Index | None:
+        """The live index when it may be cached: big enough to be worth it, and without tombstones (a deleted or
+        forgotten item's vector must not outlive it in a file)."""
+        if self._index is None or self._tombstones or self._n < ANN_CACHE_MIN_ITEMS:
+            return None
+        return self._index
 
     def remove(self, labels: Sequence[int]) -> int:
         """Deletes items by label; returns how many existed."""

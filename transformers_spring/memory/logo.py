@@ -17,6 +17,7 @@ from ..persistence.cards import render_card
 from ..persistence.folder import save_folder
 from ..persistence.hub import resolve_folder
 from ..persistence.memory_files import (
+    ANN_INDEX_FILE,
     CONFIG_FILE,
     EMBEDDINGS_FILE,
     FORMAT_VERSION,
@@ -26,9 +27,12 @@ from ..persistence.memory_files import (
     check_loaded,
     gate_owners,
     is_memory_folder,
+    match_pairs,
+    read_ann_index,
     read_json,
     read_records,
     read_tensors,
+    write_ann_index,
     write_files,
 )
 from ..persistence.registry import ClassRegistry, qualified_name
@@ -554,8 +558,10 @@ class LoGoMemory(
             "seed": self.seed,
         }
 
-    def _snapshot(self) -> tuple[dict, list[dict], dict[str, np.ndarray]]:
-        """Everything to write, copied under the lock so writers can continue while files are written."""
+    def _snapshot(self, directory: Path | None = None) -> tuple[dict, list[dict], dict[str, np.ndarray]]:
+        """Everything to write, copied under the lock so writers can continue while files are written. With a
+        `directory`, the global ANN index is cached there too (when worth it, see [`GlobalMemory.cacheable_index`]),
+        under the same lock so it matches the snapshot."""
         with self._lock:
             lines, vectors, labels = [], [], []
             for user_id, local in self._locals.items():
@@ -593,9 +599,24 @@ class LoGoMemory(
                 "communities": {k: v for k, v in community.items() if k != "centroids"},
                 "saved_at": time.time(),
             }
+            labels = np.asarray(labels, dtype=np.int64)
+            embeddings = np.stack(vectors) if vectors else np.empty((0, self.dim), dtype=np.float32)
+            gm = self.global_memory
+            # The sharing rule's matches, as record positions: a load restores them instead of searching again.
+            position = np.full(max(self._next_label, 1), -1, dtype=np.int64)
+            shared_rows = np.flatnonzero(labels >= 0)
+            position[labels[shared_rows]] = shared_rows
+            pairs = gm.match_pairs()
+            match_rows = position[pairs] if len(pairs) else np.empty((0, 2), dtype=np.int64)
+            index = gm.cacheable_index() if directory is not None else None
+            if index is not None:
+                config["ann_index"] = write_ann_index(
+                    directory, index, embeddings[shared_rows], labels[shared_rows], gm.ann_params()
+                )
             tensors = {
-                "embeddings": np.stack(vectors) if vectors else np.empty((0, self.dim), dtype=np.float32),
-                "labels": np.asarray(labels, dtype=np.int64),
+                "embeddings": embeddings,
+                "labels": labels,
+                "match_pairs": match_rows,
                 "gate_observed": self.gate.observed(),
                 "gate_owner": gate_owner,
                 "community_centroids": community["centroids"],
@@ -603,7 +624,7 @@ class LoGoMemory(
         return config, lines, tensors
 
     def _save_pretrained(self, save_directory: Path) -> None:
-        config, lines, tensors = self._snapshot()
+        config, lines, tensors = self._snapshot(Path(save_directory))
         write_files(save_directory, config, lines, tensors)
         self._card_counts = config["counts"]
 
@@ -650,6 +671,18 @@ class LoGoMemory(
         if push_to_hub:
             return self.push_to_hub(repo_id or target.name, **save_kwargs, **kwargs)
         return None
+
+    def push_to_hub(self, repo_id: str, *, ignore_patterns: list[str] | str | None = None, **kwargs) -> str:
+        """`ModelHubMixin.push_to_hub` (a private repo is up to `private=`), except that the machine-local ANN
+        cache (`ann_index.hnsw`, loaded into C++ code) is never uploaded: a loaded memory rebuilds its index.
+
+        Args:
+            repo_id (`str`): the Hub repo.
+            ignore_patterns (`list[str]` or `str`, *optional*): more files not to push.
+            kwargs: passed to `ModelHubMixin.push_to_hub` (`private`, `token`, `commit_message`, ...).
+        """
+        patterns = [ignore_patterns] if isinstance(ignore_patterns, str) else list(ignore_patterns or [])
+        return super().push_to_hub(repo_id, ignore_patterns=[*patterns, f"*{ANN_INDEX_FILE}"], **kwargs)
 
     @classmethod
     def from_pretrained(
@@ -743,11 +776,21 @@ class LoGoMemory(
             capacity=config.get("capacity") if "capacity" in config else memory.capacity,
             share_by_default=config.get("share_by_default", memory.share_by_default),  # as saved, not as overridden
         )  # fmt: skip
-        memory._restore(config, lines, tensors)
+        tensors["match_pairs"] = match_pairs(tensors, lines, directory)
+        if tensors["match_pairs"] is None:
+            del tensors["match_pairs"]
+        memory._restore(config, lines, tensors, directory)
         return memory
 
-    def _restore(self, config: dict, lines: list[tuple[Interaction, dict]], tensors: dict[str, np.ndarray]) -> None:
-        """Fills a fresh memory from loaded files, bypassing dedup and eviction (they ran when it was written)."""
+    def _restore(
+        self,
+        config: dict,
+        lines: list[tuple[Interaction, dict]],
+        tensors: dict[str, np.ndarray],
+        directory: Path | None = None,
+    ) -> None:
+        """Fills a fresh memory from loaded files, bypassing dedup and eviction (they ran when it was written). The
+        global index comes from `directory`'s ANN cache when it is valid, else it is rebuilt."""
         embeddings, labels = tensors["embeddings"], tensors["labels"]
         self._share = {u: bool(s) for u, s in config.get("sharing", {}).items()}
         buffers: dict[str, list] = {}
@@ -768,20 +811,39 @@ class LoGoMemory(
                 [r for r, _, _ in items], np.stack([v for _, v, _ in items]), None if None in scores else scores
             )
         shared.sort(key=lambda item: item[0])
-        # Labels are internal (record <-> ANN row); renumbered densely on every load, so deletions and evictions never
-        # make them, or the arrays indexed by them, grow without bound.
-        shared = [(label, record, vector) for label, (_, record, vector) in enumerate(shared)]
+        gm = self.global_memory
+        saved_labels = np.asarray([label for label, _, _ in shared], dtype=np.int64)
+        index = None
+        if shared and directory is not None:
+            index = read_ann_index(
+                directory, config.get("ann_index"), np.stack([v for _, _, v in shared]), saved_labels,
+                gm.ann_params(), max_elements=2 * len(shared),
+            )  # fmt: skip
+        if index is None:
+            # Labels are internal (record <-> ANN row); renumbered densely on every load that rebuilds the index, so
+            # deletions and evictions never make them, or the arrays indexed by them, grow without bound.
+            shared = [(label, record, vector) for label, (_, record, vector) in enumerate(shared)]
+        new_label = {int(old): new for old, (new, _, _) in zip(saved_labels.tolist(), shared, strict=True)}
         for label, record, _ in shared:
             self._labels[(record.user_id, record.id)] = label
             self._label_keys[label] = (record.user_id, record.id)
+        matches = None
+        pairs = tensors.get("match_pairs")  # checked by `match_pairs` on load
+        if pairs is not None and float(config.get("match_threshold", gm.match_threshold)) == gm.match_threshold:
+            # record positions -> saved labels -> this load's labels (a changed threshold searches afresh)
+            matches = np.asarray(
+                [(new_label[int(labels[a])], new_label[int(labels[b])]) for a, b in pairs.tolist()], dtype=np.int64
+            ).reshape(-1, 2)
         if shared:
-            self.global_memory.add(
+            gm.restore(
                 [label for label, _, _ in shared],
                 [r.user_id for _, r, _ in shared],
                 np.stack([v for _, _, v in shared]),
                 [r.timestamp for _, r, _ in shared],
+                index=index,
+                matches=matches,
             )
-        self._next_label = len(shared)
+        self._next_label = config["next_label"] if index is not None else len(shared)
         observed = tensors.get("gate_observed", np.empty(0))
         self.gate.load_observed(observed, gate_owners(config, tensors, len(observed)))
         community = config.get("communities")

@@ -4,6 +4,7 @@ restores its own state; reading, writing and validating its files lives here, wi
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -11,8 +12,11 @@ from typing import Any
 import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
+from transformers.utils import logging
 
 from ..records import Interaction
+
+logger = logging.get_logger(__name__)
 
 FORMAT_VERSION = 1
 CONFIG_FILE, RECORDS_FILE, EMBEDDINGS_FILE, CARD_FILE = (
@@ -21,7 +25,12 @@ CONFIG_FILE, RECORDS_FILE, EMBEDDINGS_FILE, CARD_FILE = (
     "embeddings.safetensors",
     "README.md",
 )
-MEMORY_FILES = (CONFIG_FILE, RECORDS_FILE, EMBEDDINGS_FILE, CARD_FILE)
+MEMORY_FILES = (CONFIG_FILE, RECORDS_FILE, EMBEDDINGS_FILE, CARD_FILE)  # what a Hub download fetches
+# The global memory's hnswlib index, cached by a local save so that a load need not rebuild it. It is machine-local
+# derived data read by C++ code: never uploaded to, downloaded from or loaded from the Hub, and used only when its
+# checksums (of itself, of the shared embeddings and labels, and of the build parameters) match `config.json`.
+ANN_INDEX_FILE = "ann_index.hnsw"
+ANN_CACHE_MIN_ITEMS = 10_000  # below this a rebuild takes well under a second: no cache file
 
 # Size limits on loaded files, so that a small edit cannot make a load allocate without bound or run for minutes.
 MAX_CONFIG_BYTES = 64 * 2**20
@@ -245,3 +254,89 @@ def write_files(directory: Path, config: dict, lines: list[dict], tensors: dict[
             f.write(json.dumps(line, ensure_ascii=False) + "\n")
     save_file(tensors, str(directory / EMBEDDINGS_FILE), metadata={"format_version": str(FORMAT_VERSION)})
     (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(2**22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def ann_data_checksum(vectors: np.ndarray, labels: np.ndarray, params: dict) -> str:
+    """What an ANN index was built from: the shared vectors, their labels (in the same order) and the build
+    parameters. A cached index is used only when this matches."""
+    digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode())
+    digest.update(np.ascontiguousarray(labels, dtype=np.int64).tobytes())
+    digest.update(np.ascontiguousarray(vectors, dtype=np.float32).tobytes())
+    return digest.hexdigest()
+
+
+def write_ann_index(directory: Path, index: Any, vectors: np.ndarray, labels: np.ndarray, params: dict) -> dict:
+    """Saves an hnswlib index into a save's staging folder; returns the `config.json` entry that vouches for it."""
+    path = directory / ANN_INDEX_FILE
+    index.save_index(str(path))
+    return {
+        "file": ANN_INDEX_FILE,
+        "sha256": _sha256_file(path),
+        "data_sha256": ann_data_checksum(vectors, labels, params),
+        "params": params,
+        "count": int(labels.shape[0]),
+    }
+
+
+def read_ann_index(directory: Path, entry: Any, vectors: np.ndarray, labels: np.ndarray, params: dict, *,
+                   max_elements: int) -> Any:  # fmt: skip
+    """The cached hnswlib index of a memory folder, or None when it must be rebuilt: no cache, a Hub download
+    (never loaded from there), other build parameters, other embeddings or labels, or a file whose checksum does
+    not match `config.json`. A mismatch is logged, never an error: the index is derived data."""
+    if entry is None:
+        return None
+    path = directory / ANN_INDEX_FILE
+    if not isinstance(entry, dict) or entry.get("file") != ANN_INDEX_FILE:
+        logger.warning(f"{CONFIG_FILE} in {directory}: field 'ann_index' is malformed; rebuilding the index.")
+        return None
+    if _allowed_root(directory.absolute()) != directory.resolve():
+        return None  # a Hub cache snapshot: its index is never trusted (and never downloaded)
+    if not path.is_file() or path.is_symlink():
+        logger.info(f"{ANN_INDEX_FILE} not in {directory}; rebuilding the global index.")
+        return None
+    if entry.get("params") != params:
+        logger.info(f"{ANN_INDEX_FILE} in {directory} was built with other parameters; rebuilding it.")
+        return None
+    if entry.get("count") != int(labels.shape[0]) or entry.get("data_sha256") != ann_data_checksum(
+        vectors, labels, params
+    ):
+        logger.warning(f"{ANN_INDEX_FILE} in {directory} does not match {EMBEDDINGS_FILE}; rebuilding the index.")
+        return None
+    if entry.get("sha256") != _sha256_file(path):
+        logger.warning(f"{ANN_INDEX_FILE} in {directory} fails its checksum; rebuilding the index.")
+        return None
+    import hnswlib
+
+    index = hnswlib.Index(space=params["space"], dim=params["dim"])
+    index.load_index(str(path), max_elements=max(max_elements, int(labels.shape[0])))
+    ids = np.asarray(index.get_ids_list(), dtype=np.int64)
+    if ids.shape[0] != labels.shape[0] or not np.array_equal(np.sort(ids), np.sort(labels)):
+        logger.warning(f"{ANN_INDEX_FILE} in {directory} holds other labels; rebuilding the index.")
+        return None
+    return index
+
+
+def match_pairs(tensors: dict, lines: list, directory: Path) -> np.ndarray | None:
+    """The saved sharing-rule matches as pairs of record positions (rows of `records.jsonl`), checked: positions
+    in range, two history records of different users. None for a memory saved without them."""
+    pairs = tensors.get("match_pairs")
+    if pairs is None:
+        return None
+    where = f"{EMBEDDINGS_FILE} in {directory}"
+    if pairs.dtype.kind not in "iu" or pairs.ndim != 2 or pairs.shape[1] != 2:
+        raise ValueError(f"{where}: 'match_pairs' must be an integer (n, 2) tensor, got {pairs.dtype} {pairs.shape}.")
+    if pairs.size and (pairs.min() < 0 or pairs.max() >= len(lines)):
+        raise ValueError(f"{where}: 'match_pairs' indexes outside {RECORDS_FILE} ({len(lines)} records).")
+    labels = tensors["labels"]
+    for a, b in pairs.tolist():
+        if labels[a] < 0 or labels[b] < 0 or lines[a][0].user_id == lines[b][0].user_id:
+            raise ValueError(f"{where}: 'match_pairs' row ({a}, {b}) is not two shared records of different users.")
+    return pairs.astype(np.int64)

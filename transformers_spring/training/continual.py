@@ -22,6 +22,7 @@ from ..memory import LoGoMemory
 from ..persistence.cards import render_card
 from ..persistence.folder import save_folder
 from ..persistence.hub import resolve_folder
+from ..persistence.memory_files import ANN_INDEX_FILE
 from ..records import Interaction, check_user_id
 from ..utils.modeling import base_name_or_path, is_peft_model, unwrap_model
 from ..version import __version__
@@ -425,6 +426,7 @@ class ContinualPersonalizer:
                 repo_type="model",
                 # The repo mirrors the state: adapters and memory files of users forgotten since the last push go.
                 delete_patterns=[f"{ADAPTERS_DIR}/**", "memory/**"],
+                ignore_patterns=[f"*{ANN_INDEX_FILE}"],  # the memory's machine-local ANN cache is never uploaded
             )
 
     @classmethod
