@@ -201,6 +201,8 @@ def _builds(monkeypatch):
 
 def test_a_save_caches_the_index_and_a_load_reuses_it(make_memory, tmp_path, cached, monkeypatch):
     memory = populated(make_memory, use_global=True, exact_below=0)
+    # Interleaved writes: the records file groups them by user, so labels are out of file order.
+    memory.add_many([topical("u0", "bread", 50), topical("u1", "bread", 51), topical("u0", "bread", 52)])
     before = _global_results(memory, QUERIES)
     memory.save_pretrained(tmp_path / "mem")
     config = json.loads((tmp_path / "mem" / "config.json").read_text())

@@ -610,8 +610,9 @@ class LoGoMemory(
             match_rows = position[pairs] if len(pairs) else np.empty((0, 2), dtype=np.int64)
             index = gm.cacheable_index() if directory is not None else None
             if index is not None:
+                by_label = shared_rows[np.argsort(labels[shared_rows], kind="stable")]  # the order a load checks
                 config["ann_index"] = write_ann_index(
-                    directory, index, embeddings[shared_rows], labels[shared_rows], gm.ann_params()
+                    directory, index, embeddings[by_label], labels[by_label], gm.ann_params()
                 )
             tensors = {
                 "embeddings": embeddings,
