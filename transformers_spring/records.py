@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
+import re
 import time
 import unicodedata
 import uuid
@@ -56,6 +57,11 @@ def _check_text(name: str, value: Any, max_chars: int, allow_empty: bool = False
     return value
 
 
+# Path separators and the control characters (Unicode category Cc: C0, DEL and C1), as one regex: a load checks
+# two names per record.
+_FORBIDDEN_IN_NAMES = re.compile(r"[\x00-\x1f\x7f-\x9f/\\]")
+
+
 def check_name(value: Any, name: str = "id") -> str:
     """Validates a user id or record id: a non-empty str of at most `MAX_ID_CHARS` (256) characters, without
     surrounding whitespace, path separators (`/`, `\\`), `.` or `..` as the whole name, NUL or other control
@@ -74,7 +80,8 @@ def check_name(value: Any, name: str = "id") -> str:
     if value != value.strip():
         raise ValueError(f"`{name}` {value!r} has leading or trailing whitespace.")
     _utf8(name, value)
-    bad = next((c for c in value if unicodedata.category(c) == "Cc" or c in "/\\"), None)
+    found = _FORBIDDEN_IN_NAMES.search(value)
+    bad = found.group() if found else None
     if bad is not None:
         raise ValueError(
             f"`{name}` {value!r} holds {bad!r}: ids may not contain path separators or control characters."
@@ -206,10 +213,11 @@ class Interaction:
         metadata = {} if self.metadata is None else self.metadata
         if not isinstance(metadata, dict):
             raise TypeError(f"`metadata` must be a dict, got {type(metadata).__name__}.")
-        try:
-            _utf8("metadata", json.dumps(metadata, allow_nan=False, ensure_ascii=False))
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"`metadata` must be JSON-serialisable as UTF-8: {err}") from err
+        if metadata:  # (an empty dict is valid JSON: no need to serialise it)
+            try:
+                _utf8("metadata", json.dumps(metadata, allow_nan=False, ensure_ascii=False))
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"`metadata` must be JSON-serialisable as UTF-8: {err}") from err
         set_field(self, "metadata", metadata if isinstance(metadata, FrozenDict) else _freeze(metadata))
         set_field(self, "id", uuid.uuid4().hex if self.id is None else check_name(self.id, "id"))
 

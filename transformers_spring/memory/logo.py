@@ -796,7 +796,9 @@ class LoGoMemory(
         self._share = {u: bool(s) for u, s in config.get("sharing", {}).items()}
         buffers: dict[str, list] = {}
         shared = []
-        for (record, line), vector, label in zip(lines, embeddings, labels.tolist(), strict=True):
+        for position, ((record, line), vector, label) in enumerate(
+            zip(lines, embeddings, labels.tolist(), strict=True)
+        ):
             local = self._local(record.user_id)
             if line.get("region", "history") == "buffer":
                 buffers.setdefault(record.user_id, []).append((record, vector, line.get("score")))
@@ -805,7 +807,7 @@ class LoGoMemory(
                 raise ValueError(f"{RECORDS_FILE}: id {record.id!r} repeats for user {record.user_id!r}.")
             local.history.add(record, vector)
             if label >= 0:
-                shared.append((label, record, vector))
+                shared.append((label, record, position))
         for user_id, items in buffers.items():
             scores = [s for _, _, s in items]
             self._locals[user_id].set_buffer(
@@ -814,16 +816,17 @@ class LoGoMemory(
         shared.sort(key=lambda item: item[0])
         gm = self.global_memory
         saved_labels = np.asarray([label for label, _, _ in shared], dtype=np.int64)
+        vectors = embeddings[np.asarray([position for _, _, position in shared], dtype=np.int64)]
         index = None
         if shared and directory is not None:
             index = read_ann_index(
-                directory, config.get("ann_index"), np.stack([v for _, _, v in shared]), saved_labels,
+                directory, config.get("ann_index"), vectors, saved_labels,
                 gm.ann_params(), max_elements=2 * len(shared),
             )  # fmt: skip
         if index is None:
             # Labels are internal (record <-> ANN row); renumbered densely on every load that rebuilds the index, so
             # deletions and evictions never make them, or the arrays indexed by them, grow without bound.
-            shared = [(label, record, vector) for label, (_, record, vector) in enumerate(shared)]
+            shared = [(label, record, position) for label, (_, record, position) in enumerate(shared)]
         new_label = {int(old): new for old, (new, _, _) in zip(saved_labels.tolist(), shared, strict=True)}
         for label, record, _ in shared:
             self._labels[(record.user_id, record.id)] = label
@@ -839,7 +842,7 @@ class LoGoMemory(
             gm.restore(
                 [label for label, _, _ in shared],
                 [r.user_id for _, r, _ in shared],
-                np.stack([v for _, _, v in shared]),
+                vectors,
                 [r.timestamp for _, r, _ in shared],
                 index=index,
                 matches=matches,
