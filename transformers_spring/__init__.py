@@ -29,7 +29,7 @@ _EXPORTS = {
     "records": ("BufferStore", "Interaction", "MediatedContext", "RetrievalMemory", "RetrievedItem"),
     "training": (
         "BaseLogProbCache", "ContinualPersonalizer", "SpringPeriodOutput", "SpringTrainer", "SpringTrainingArguments",
-        "drift_scores", "find_lora_target_modules",
+        "UserShard", "claim_user_shard", "drift_scores", "find_lora_target_modules",
     ),
     "utils": ("load_smollm2",),
 }  # fmt: skip
@@ -64,7 +64,9 @@ __all__ = [
     "SpringPeriodOutput",
     "SpringTrainer",
     "SpringTrainingArguments",
+    "UserShard",
     "__version__",
+    "claim_user_shard",
     "convert_news_category",
     "drift_scores",
     "find_lora_target_modules",
@@ -140,6 +142,8 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, eagerly
         SpringPeriodOutput,
         SpringTrainer,
         SpringTrainingArguments,
+        UserShard,
+        claim_user_shard,
         drift_scores,
         find_lora_target_modules,
     )

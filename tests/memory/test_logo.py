@@ -492,3 +492,39 @@ def test_save_kwargs_pass_through_to_the_hub_mixin(make_memory, tmp_path):
     with mock.patch.object(LoGoMemory, "push_to_hub", autospec=True, return_value="url") as push:
         assert memory.save_pretrained(tmp_path / "mem", push_to_hub=True, repo_id="me/mem", private=True) == "url"
     assert push.call_args.args[1] == "me/mem" and push.call_args.kwargs == {"private": True}
+
+
+def test_merge_combines_disjoint_memories_without_re_embedding(make_memory):
+    from testing_utils import populated, topical
+
+    whole = populated(make_memory, use_global=True, exact_below=10**9, users=6)
+    pinned = topical("u1", "bread", 90)
+    whole.set_buffer("u1", [pinned], scores=[2.5])
+    whole.set_sharing("u4", False)
+    parts = [make_memory(use_global=True, exact_below=10**9, min_community_users=2) for _ in range(2)]
+    for user in whole.users():
+        part = parts[int(user[1:]) % 2]
+        part.add_many(whole.history(user))
+    parts[1].set_buffer("u1", [pinned], scores=[2.5])
+    parts[0].set_sharing("u4", False)
+    calls = []
+    encoder = parts[0].encoder
+    original = encoder.encode
+    encoder.encode = lambda texts: (calls.append(len(texts)), original(texts))[1]
+    try:
+        merged = LoGoMemory.merge(parts)
+    finally:
+        encoder.encode = original
+    assert calls == []  # nothing re-embedded
+    assert sorted(merged.users()) == sorted(whole.users())
+    for user in whole.users():
+        assert [r.id for r in merged.history(user)] == [r.id for r in whole.history(user)]
+        assert [r.id for r in merged.buffer(user)] == [r.id for r in whole.buffer(user)]
+        assert merged.buffer_scores(user) == whole.buffer_scores(user)
+    assert not merged.is_shared("u4") and len(merged.global_memory) == len(whole.global_memory)
+    for query in ("cat kitten purr report", "rocket launch orbit"):
+        got = [(h.interaction.user_id, h.interaction.id) for h in merged.retrieve("u0", query, k=4)]
+        want = [(h.interaction.user_id, h.interaction.id) for h in whole.retrieve("u0", query, k=4)]
+        assert got == want
+    with pytest.raises(ValueError, match="disjoint"):
+        LoGoMemory.merge([parts[0], parts[0]])

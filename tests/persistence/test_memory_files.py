@@ -259,9 +259,10 @@ def test_push_to_hub_never_uploads_the_cache(make_memory, cached):
     from unittest import mock
 
     memory = populated(make_memory, use_global=True)
-    with mock.patch("huggingface_hub.HfApi.create_repo") as create, mock.patch(
-        "huggingface_hub.HfApi.upload_folder"
-    ) as upload:
+    with (
+        mock.patch("huggingface_hub.HfApi.create_repo") as create,
+        mock.patch("huggingface_hub.HfApi.upload_folder") as upload,
+    ):
         create.return_value.repo_id = "me/mem"
         memory.push_to_hub("me/mem", ignore_patterns="*.log")
     assert upload.call_args.kwargs["ignore_patterns"] == ["*.log", "*ann_index.hnsw"]

@@ -3,6 +3,8 @@
 `python dist_selection_script.py OUT`: one period (period 1) of one user, from a fixed previous adapter.
 `python dist_selection_script.py OUT continual`: a ContinualPersonalizer over 2 users x 2 periods with one resident
 adapter (trainers re-wrap the same model in DDP again and again), then a save from the main process.
+`python dist_selection_script.py OUT sharded`: each process claims its shard of 4 users (`claim_user_shard`), trains
+them alone for 2 periods and saves its state to `OUT/shard<i>` (no process group: the workers never talk).
 
 Launched by `test_distributed_training.py` as a plain process and with 2 processes, with `tests/` on `PYTHONPATH`
 (for `testing_utils`).
@@ -61,6 +63,32 @@ def continual(out_dir: str) -> None:
     state.wait_for_everyone()
 
 
+SHARDED_USERS = ("alice", "bob", "carol", "dave")
+
+
+def sharded(out_dir: str) -> None:
+    from transformers_spring.training import ContinualPersonalizer, claim_user_shard
+
+    shard = claim_user_shard()  # before any TrainingArguments: this process then trains alone
+    torch.set_num_threads(1)
+    args = make_args(Path(out_dir) / f"work{shard.index}", buffer_size=3, per_device_train_batch_size=2)
+    personalizer = ContinualPersonalizer(
+        make_model("llama", TRAINING_VOCAB.size),
+        make_tokenizer(TRAINING_VOCAB, chat=True),
+        args,
+        make_buffer_memory(),
+        max_resident_adapters=1,
+        shard=shard,
+    )
+    for period in range(2):
+        for user in SHARDED_USERS:
+            personalizer.observe(user, make_interactions(user, 7, start=100 * period))
+    personalizer.save_pretrained(Path(out_dir) / f"shard{shard.index}")
+    result = {"shard": [shard.index, shard.count], "users": personalizer.users, "world": PartialState().num_processes}
+    with open(os.path.join(out_dir, f"rank{shard.index}.json"), "w") as handle:
+        json.dump(result, handle)
+
+
 def main(out_dir: str) -> None:
     torch.set_num_threads(1)
     state = PartialState()
@@ -89,5 +117,7 @@ def main(out_dir: str) -> None:
 if __name__ == "__main__":
     if sys.argv[2:] == ["continual"]:
         continual(sys.argv[1])
+    elif sys.argv[2:] == ["sharded"]:
+        sharded(sys.argv[1])
     else:
         main(sys.argv[1])

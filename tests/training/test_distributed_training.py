@@ -76,3 +76,50 @@ def test_continual_personalizer_under_two_processes(tmp_path):
     assert ranks[0]["selected"] == ranks[1]["selected"]
     assert all(len(ids) == 3 for key, ids in ranks[0]["selected"].items() if key.endswith("/1"))  # ceil(0.3 * 7)
     assert (tmp_path / "two" / "state" / "adapters" / "bob" / "adapter_model.safetensors").is_file()
+
+
+def test_sharded_workers_merge_into_the_one_process_state(tmp_path):
+    """2 workers under `accelerate launch`, each training its own users alone, then `merge_shards`: the same
+    adapters (bit for bit), buffers and period counters as one process that trained every user."""
+    import torch
+    from dist_selection_script import SHARDED_USERS
+    from testing_utils import (
+        TRAINING_VOCAB,
+        make_args,
+        make_buffer_memory,
+        make_interactions,
+        make_model,
+        make_tokenizer,
+    )
+
+    from transformers_spring.memory import HashingEncoder
+    from transformers_spring.training import ContinualPersonalizer
+
+    ranks = _launch(tmp_path / "two", 2, "sharded")
+    assert [r["shard"] for r in ranks] == [[0, 2], [1, 2]] and all(r["world"] == 1 for r in ranks)
+    assert sorted(ranks[0]["users"] + ranks[1]["users"]) == sorted(SHARDED_USERS)
+    assert ranks[0]["users"] and ranks[1]["users"]  # both shards hold users
+
+    single = ContinualPersonalizer(
+        make_model("llama", TRAINING_VOCAB.size), make_tokenizer(TRAINING_VOCAB, chat=True),
+        make_args(tmp_path / "one", buffer_size=3, per_device_train_batch_size=2), make_buffer_memory(),
+        max_resident_adapters=1,
+    )  # fmt: skip
+    for period in range(2):
+        for user in SHARDED_USERS:
+            single.observe(user, make_interactions(user, 7, start=100 * period))
+    merged = ContinualPersonalizer.merge_shards(
+        [tmp_path / "two" / "shard0", tmp_path / "two" / "shard1"], tmp_path / "merged",
+        make_model("llama", TRAINING_VOCAB.size), memory_kwargs={"encoder": HashingEncoder(32)},
+    )  # fmt: skip
+    assert sorted(merged.users) == sorted(SHARDED_USERS)
+    for user in SHARDED_USERS:
+        assert merged.period(user) == single.period(user) == 2
+        a, b = single.state_dict(user), merged.state_dict(user)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), user
+        assert [i.id for i in merged.memory.buffer(user)] == [i.id for i in single.memory.buffer(user)]
+        assert merged.memory.buffer_scores(user) == single.memory.buffer_scores(user)
+    reloaded = ContinualPersonalizer.from_pretrained(
+        tmp_path / "merged", make_model("llama", TRAINING_VOCAB.size), memory_kwargs={"encoder": HashingEncoder(32)}
+    )
+    assert sorted(reloaded.users) == sorted(SHARDED_USERS)

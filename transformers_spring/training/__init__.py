@@ -14,6 +14,7 @@ from .drift import (
     select_top,
 )
 from .lora import adapter_name_for, build_lora_config, find_lora_target_modules
+from .sharding import UserShard, claim_user_shard, shard_of
 from .spring_config import SpringTrainingArguments
 from .spring_trainer import SpringPeriodOutput, SpringTrainer
 
@@ -29,8 +30,10 @@ __all__ = [
     "SpringPeriodOutput",
     "SpringTrainer",
     "SpringTrainingArguments",
+    "UserShard",
     "adapter_name_for",
     "build_lora_config",
+    "claim_user_shard",
     "compute_logprobs",
     "drift_score",
     "drift_scores",
@@ -38,4 +41,5 @@ __all__ = [
     "num_selected",
     "response_nll",
     "select_top",
+    "shard_of",
 ]

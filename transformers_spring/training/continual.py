@@ -29,6 +29,7 @@ from ..version import __version__
 from .data import coerce_interactions
 from .drift import BaseLogProbCache
 from .lora import adapter_name_for, adapter_names
+from .sharding import UserShard
 from .spring_config import SPRING_FIELDS, SpringTrainingArguments
 from .spring_trainer import SpringPeriodOutput, SpringTrainer
 
@@ -88,6 +89,10 @@ class ContinualPersonalizer:
             Passed to every [`SpringTrainer`].
         score_cache ([`BaseLogProbCache`], *optional*):
             Base log-probs already computed.
+        shard ([`UserShard`], *optional*):
+            Train only this worker's users (see [`claim_user_shard`]): `observe` for another worker's user is a
+            logged no-op. Save each worker's state into its own folder and combine them with
+            [`~ContinualPersonalizer.merge_shards`].
 
     Example:
 
@@ -114,7 +119,10 @@ class ContinualPersonalizer:
         offload_dir: str | os.PathLike | None = None,
         callbacks: list | None = None,
         score_cache: BaseLogProbCache | None = None,
+        shard: UserShard | None = None,
     ):
+        if shard is not None and not isinstance(shard, UserShard):
+            raise TypeError(f"`shard` must be a UserShard, got {type(shard).__name__}.")
         if model is None or not isinstance(model, torch.nn.Module):
             raise TypeError(f"`model` must be a causal LM (nn.Module), got {type(model).__name__}.")
         if tokenizer is None or not callable(tokenizer):
@@ -145,6 +153,7 @@ class ContinualPersonalizer:
         self.max_resident_adapters = max_resident_adapters
         self.callbacks = callbacks
         self.score_cache = score_cache if score_cache is not None else BaseLogProbCache(base_name_or_path(model))
+        self.shard = shard
         self._users: dict[str, dict[str, Any]] = {}
         self._resident: OrderedDict[str, bool] = OrderedDict()  # adapter name -> changed since last offloaded
         self._offloaded: dict[str, Path] = {}  # adapter name -> its latest copy on disk
@@ -211,6 +220,9 @@ class ContinualPersonalizer:
         user_id = check_user_id(user_id)
         records = coerce_interactions(interactions, user_id, "interactions")
         name = adapter_name_for(user_id)
+        if self.shard is not None and not self.shard.owns(user_id):
+            logger.debug(f"user {user_id!r} belongs to another shard than {self.shard}; not trained here.")
+            return SpringPeriodOutput(user_id, self.period(user_id), name, skipped=True)
         entry = self._users.get(user_id)
         clash = next((u for u, e in self._users.items() if e["adapter"] == name and u != user_id), None)
         if clash is not None:
@@ -586,6 +598,67 @@ class ContinualPersonalizer:
                 manifest = write_serving_manifest(tmp, entries, base_name_or_path(self.model), max_lora_rank)
         state.wait_for_everyone()
         return manifest
+
+    @classmethod
+    def merge_shards(
+        cls,
+        shard_directories: Sequence[str | os.PathLike],
+        save_directory: str | os.PathLike,
+        model: torch.nn.Module,
+        *,
+        memory_kwargs: dict | None = None,
+        **kwargs,
+    ) -> ContinualPersonalizer:
+        """Combines the states that sharded workers saved (each with `shard=`, see [`claim_user_shard`]) into one
+        state in `save_directory`, and returns it: every user's adapter (a bit-exact copy), period counters, memory
+        records and buffer ([`LoGoMemory.merge`]) and base log-probs. The result is the state a single process that
+        trained every user would have saved.
+
+        Args:
+            shard_directories (`Sequence[str | os.PathLike]`): the workers' saved folders.
+            save_directory (`str` or `os.PathLike`): where the merged state is saved.
+            model (`PreTrainedModel`): the base model (without adapters).
+            memory_kwargs (`dict`, *optional*): passed to each shard's memory load (e.g. `{"encoder": ...}`).
+            kwargs: passed to the merged personalizer's constructor (`max_resident_adapters`, `offload_dir`, ...).
+
+        Raises:
+            `ValueError`: a user in two shards, or shards trained with other SPRInG settings or another base model.
+        """
+        shards = [
+            cls.from_pretrained(directory, model, memory_kwargs=memory_kwargs) for directory in shard_directories
+        ]
+        if not shards:
+            raise ValueError("`shard_directories` is empty.")
+        first = shards[0]
+        owner: dict[str, int] = {}
+        for i, shard in enumerate(shards):
+            if shard.args.spring_dict() != first.args.spring_dict():
+                raise ValueError(f"shard {i} ({shard_directories[i]}) was trained with other SPRInG settings.")
+            for user in shard.users:
+                if user in owner:
+                    raise ValueError(
+                        f"user {user!r} is in shard {owner[user]} and shard {i}; shards must be disjoint."
+                    )
+                owner[user] = i
+        memories = [s.memory for s in shards]
+        memory = LoGoMemory.merge(memories) if all(m is not None for m in memories) else None
+        cache = BaseLogProbCache(first.score_cache.model_name)
+        for shard in shards:
+            for key in shard.score_cache.keys():
+                cache.put(key, shard.score_cache.get(key))
+        kwargs.setdefault("max_resident_adapters", first.max_resident_adapters)
+        merged = cls(
+            model, first.tokenizer, first.args, memory, spring_config=first.spring_config, score_cache=cache, **kwargs
+        )
+        root = merged._offload_root
+        root.mkdir(parents=True, exist_ok=True)
+        for shard in shards:
+            for user, entry in shard._users.items():
+                shutil.copytree(shard._offloaded[entry["adapter"]], root / entry["adapter"])
+                merged._offloaded[entry["adapter"]] = root / entry["adapter"]
+                merged._users[user] = dict(entry)
+        merged.save_pretrained(save_directory)
+        return merged
 
     # ------------------------------------------------------------------------------------------------ inference
     def to_spring_model(self, spring_config: SpringConfig | None = None, users: Sequence[str] | None = None):

@@ -1,0 +1,90 @@
+import pytest
+import torch
+from testing_utils import TRAINING_VOCAB, make_args, make_buffer_memory, make_interactions, make_model, make_tokenizer
+
+from transformers_spring.memory import HashingEncoder
+from transformers_spring.training import ContinualPersonalizer, UserShard, claim_user_shard, shard_of
+
+USERS = ("alice", "bob", "carol", "dave", "erin")
+
+
+def test_shard_of_is_a_stable_hash():
+    # sha256("alice")[:8] as a big-endian int, mod 7: the same on every machine and Python
+    import hashlib
+
+    assert shard_of("alice", 7) == int.from_bytes(hashlib.sha256(b"alice").digest()[:8], "big") % 7
+    counts = [0, 0, 0, 0]
+    for i in range(4000):
+        counts[shard_of(f"user{i}", 4)] += 1
+    assert min(counts) > 900  # about a quarter each
+    assert shard_of("alice", 1) == 0
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, None])
+def test_bad_shard_counts_are_refused(bad):
+    with pytest.raises(ValueError, match="num_shards"):
+        shard_of("alice", bad)
+
+
+def test_user_shard_is_validated_and_owns_its_users():
+    shards = [UserShard(i, 3) for i in range(3)]
+    for user in USERS:
+        assert sum(s.owns(user) for s in shards) == 1
+    with pytest.raises(ValueError, match="index"):
+        UserShard(3, 3)
+    with pytest.raises(TypeError, match="count"):
+        UserShard(0, "2")
+
+
+def test_claim_user_shard_reads_and_clears_the_launcher_environment():
+    env = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500",
+           "PATH": "/bin"}  # fmt: skip
+    assert claim_user_shard(env) == UserShard(1, 2)
+    assert env == {"PATH": "/bin"}
+    assert claim_user_shard({}) == UserShard(0, 1)
+    with pytest.raises(ValueError, match="RANK"):
+        claim_user_shard({"RANK": "x"})
+
+
+def _personalizer(tmp_path, shard=None):
+    return ContinualPersonalizer(
+        make_model("llama", TRAINING_VOCAB.size), make_tokenizer(TRAINING_VOCAB, chat=True),
+        make_args(tmp_path, buffer_size=3), make_buffer_memory(), max_resident_adapters=2, shard=shard,
+    )  # fmt: skip
+
+
+def test_shards_train_disjoint_users_and_merge_into_the_single_process_state(tmp_path):
+    single = _personalizer(tmp_path / "one")
+    shards = [_personalizer(tmp_path / f"s{i}", UserShard(i, 2)) for i in range(2)]
+    for period in range(2):
+        for user in USERS:
+            single.observe(user, make_interactions(user, 6, start=100 * period))
+            outputs = [p.observe(user, make_interactions(user, 6, start=100 * period)) for p in shards]
+            assert sorted(o.skipped for o in outputs) == [False, True]  # exactly one shard trains each user
+    for i, shard in enumerate(shards):
+        shard.save_pretrained(tmp_path / f"shard{i}")
+    merged = ContinualPersonalizer.merge_shards(
+        [tmp_path / "shard0", tmp_path / "shard1"], tmp_path / "merged", make_model("llama", TRAINING_VOCAB.size),
+        memory_kwargs={"encoder": HashingEncoder(32)},
+    )  # fmt: skip
+    assert sorted(merged.users) == sorted(USERS)
+    for user in USERS:
+        assert merged.period(user) == 2
+        a, b = single.state_dict(user), merged.state_dict(user)
+        assert all(torch.equal(a[k], b[k]) for k in a), user
+        assert [i.id for i in merged.memory.buffer(user)] == [i.id for i in single.memory.buffer(user)]
+    assert (tmp_path / "merged" / "adapters" / "erin" / "adapter_model.safetensors").is_file()
+
+
+def test_merge_refuses_overlapping_shards(tmp_path):
+    a, b = _personalizer(tmp_path / "a"), _personalizer(tmp_path / "b")
+    a.observe("alice", make_interactions("alice", 4))
+    b.observe("alice", make_interactions("alice", 4))
+    a.save_pretrained(tmp_path / "sa")
+    b.save_pretrained(tmp_path / "sb")
+    with pytest.raises(ValueError, match="'alice' is in"):
+        ContinualPersonalizer.merge_shards(
+            [tmp_path / "sa", tmp_path / "sb"], tmp_path / "m", make_model("llama", TRAINING_VOCAB.size),
+            memory_kwargs={"encoder": HashingEncoder(32)},
+        )  # fmt: skip
+    assert not (tmp_path / "m").exists()
