@@ -67,6 +67,28 @@ class VectorStore:
         self.records[interaction.id] = interaction
         self._bm25.clear()
 
+    def add_many(self, interactions: Sequence[Interaction], vectors: np.ndarray) -> None:
+        """[`add`] for many records at once (a load), with one copy of their vectors. Ids must be new and unique."""
+        n, extra = len(self.ids), len(interactions)
+        if not extra:
+            return
+        if n + extra > self._vectors.shape[0]:
+            size = max(n + extra, 2 * self._vectors.shape[0])
+            for name in ("_vectors", "_timestamps", "_seq"):
+                old = getattr(self, name)
+                grown = np.empty((size, *old.shape[1:]), dtype=old.dtype)
+                grown[:n] = old[:n]
+                setattr(self, name, grown)
+        self._vectors[n : n + extra] = vectors
+        self._timestamps[n : n + extra] = [item.timestamp for item in interactions]
+        self._seq[n : n + extra] = np.arange(self._next_seq, self._next_seq + extra)
+        self._next_seq += extra
+        for row, item in enumerate(interactions, start=n):
+            self.ids.append(item.id)
+            self.rows[item.id] = row
+            self.records[item.id] = item
+        self._bm25.clear()
+
     def remove(self, record_id: str) -> Interaction | None:
         row = self.rows.pop(record_id, None)
         if row is None:

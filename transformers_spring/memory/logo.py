@@ -862,18 +862,23 @@ class LoGoMemory(
         self._share = {u: bool(s) for u, s in config.get("sharing", {}).items()}
         buffers: dict[str, list] = {}
         shared = []
-        for position, ((record, line), vector, label) in enumerate(
-            zip(lines, embeddings, labels.tolist(), strict=True)
-        ):
-            local = self._local(record.user_id)
+        histories: dict[str, list[int]] = {}  # user -> positions of their history records, in file order
+        for position, ((record, line), label) in enumerate(zip(lines, labels.tolist(), strict=True)):
+            if record.user_id not in self._locals:
+                self._local(record.user_id)  # users keep their order of first appearance in the file
             if line.get("region", "history") == "buffer":
-                buffers.setdefault(record.user_id, []).append((record, vector, line.get("score")))
+                buffers.setdefault(record.user_id, []).append((record, embeddings[position], line.get("score")))
                 continue
-            if record.id in local.history:
-                raise ValueError(f"{RECORDS_FILE}: id {record.id!r} repeats for user {record.user_id!r}.")
-            local.history.add(record, vector)
+            histories.setdefault(record.user_id, []).append(position)
             if label >= 0:
                 shared.append((label, record, position))
+        for user_id, positions in histories.items():  # one bulk insert per user
+            records, seen = [lines[i][0] for i in positions], set()
+            for record in records:
+                if record.id in seen:
+                    raise ValueError(f"{RECORDS_FILE}: id {record.id!r} repeats for user {user_id!r}.")
+                seen.add(record.id)
+            self._locals[user_id].history.add_many(records, embeddings[np.asarray(positions, dtype=np.int64)])
         for user_id, items in buffers.items():
             scores = [s for _, _, s in items]
             self._locals[user_id].set_buffer(
