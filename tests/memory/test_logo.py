@@ -502,11 +502,10 @@ def test_merge_combines_disjoint_memories_without_re_embedding(make_memory):
     whole.set_buffer("u1", [pinned], scores=[2.5])
     whole.set_sharing("u4", False)
     parts = [make_memory(use_global=True, exact_below=10**9, min_community_users=2) for _ in range(2)]
-    for user in whole.users():
-        part = parts[int(user[1:]) % 2]
-        part.add_many(whole.history(user))
-    parts[1].set_buffer("u1", [pinned], scores=[2.5])
-    parts[0].set_sharing("u4", False)
+    for user in whole.users():  # u0-u2 and u3-u5: both topics in both parts, so matches cross the parts
+        parts[int(user[1:]) // 3].add_many(whole.history(user))
+    parts[0].set_buffer("u1", [pinned], scores=[2.5])
+    parts[1].set_sharing("u4", False)
     calls = []
     encoder = parts[0].encoder
     original = encoder.encode
@@ -522,9 +521,16 @@ def test_merge_combines_disjoint_memories_without_re_embedding(make_memory):
         assert [r.id for r in merged.buffer(user)] == [r.id for r in whole.buffer(user)]
         assert merged.buffer_scores(user) == whole.buffer_scores(user)
     assert not merged.is_shared("u4") and len(merged.global_memory) == len(whole.global_memory)
+
+    def servable(memory):
+        return {key for label, key in memory._label_keys.items() if memory.global_memory.is_servable(label)}
+
+    assert servable(whole) and servable(merged) == servable(whole)  # items backed from the other part, too
     for query in ("cat kitten purr report", "rocket launch orbit"):
         got = [(h.interaction.user_id, h.interaction.id) for h in merged.retrieve("u0", query, k=4)]
         want = [(h.interaction.user_id, h.interaction.id) for h in whole.retrieve("u0", query, k=4)]
         assert got == want
     with pytest.raises(ValueError, match="disjoint"):
         LoGoMemory.merge([parts[0], parts[0]])
+    with pytest.raises(ValueError, match="capacity"):
+        LoGoMemory.merge([parts[0], make_memory(capacity=5)])

@@ -92,7 +92,12 @@ def test_max_lora_rank_must_be_a_vllm_value(bad):
 
 def test_manifest_paths_cannot_leave_the_folder(tmp_path):
     (tmp_path / "serving_manifest.json").write_text(
-        json.dumps({"format_version": 1, "adapters": [{"path": "../elsewhere", "lora_int_id": 1}]})
+        json.dumps(
+            {
+                "format_version": 1,
+                "adapters": [{"path": "../elsewhere", "lora_int_id": 1, "lora_name": "a", "user_id": "a"}],
+            }
+        )
     )
     with pytest.raises(ValueError, match=r"adapters\[0\]\.path"):
         read_serving_manifest(tmp_path)

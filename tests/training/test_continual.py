@@ -437,3 +437,40 @@ def test_serving_recipes_reproduce_spring_at_lambda_0_and_1(tmp_path, weight):
     got = served.generate(input_ids=torch.tensor([ids]), max_new_tokens=6, do_sample=False,
                           pad_token_id=tok.pad_token_id)  # fmt: skip
     assert got[0, len(ids) :].tolist() == expected[0, -6:].tolist()
+
+
+def test_lora_int_ids_are_stable_and_never_reused(tmp_path):
+    from transformers_spring.persistence.serving import read_serving_manifest
+
+    p = personalizer(tmp_path, args=make_args(tmp_path, buffer_size=3, num_train_epochs=1))
+    for user in ("alice", "bob", "carol"):
+        p.observe(user, stream(user, 0))
+    ids = lambda m: {a["user_id"]: a["lora_int_id"] for a in m["adapters"]}  # noqa: E731
+    first = ids(p.export_for_serving(tmp_path / "serve"))
+    assert first == {"alice": 1, "bob": 2, "carol": 3}
+    assert ids(p.export_for_serving(tmp_path / "serve")) == first  # unchanged weights keep their ids
+    p.observe("bob", stream("bob", 1))  # new weights: a new id, the old one retired
+    p.forget_user("carol")  # gone: her id is retired, never given to anyone else
+    p.observe("dave", stream("dave", 0))
+    manifest = p.export_for_serving(tmp_path / "serve")
+    assert ids(manifest) == {"alice": 1, "bob": 4, "dave": 5}
+    assert manifest["retired_lora_int_ids"] == [2, 3]
+    assert read_serving_manifest(tmp_path / "serve")["retired_lora_int_ids"] == [2, 3]
+
+
+def test_a_tampered_serving_manifest_is_refused(tmp_path):
+    from transformers_spring.persistence.serving import read_serving_manifest
+
+    p = personalizer(tmp_path, args=make_args(tmp_path, buffer_size=3, num_train_epochs=1))
+    for user in ("alice", "bob"):
+        p.observe(user, stream(user, 0))
+    p.export_for_serving(tmp_path / "serve")
+    path = tmp_path / "serve" / "serving_manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["adapters"][1]["lora_int_id"] = 1  # two users under one id
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=r"adapters\[1\]\.lora_int_id"):
+        read_serving_manifest(tmp_path / "serve")
+    path.write_text("{oops")
+    with pytest.raises(ValueError, match="serving_manifest.json is not valid JSON"):
+        p.export_for_serving(tmp_path / "serve")

@@ -79,6 +79,8 @@ def test_adapter_name_matches_generation_routing():
     assert adapter_name_for("Ron Dicker") == sanitize_adapter_name("Ron Dicker") == "Ron_Dicker"
     with pytest.raises(ValueError, match="user_id"):
         adapter_name_for("__base__")
+    with pytest.raises(ValueError, match="reserved adapter name 'default'"):
+        adapter_name_for("default")  # peft saves "default" in the folder's root: it could not be offloaded
 
 
 def test_adapter_seed_is_stable_and_per_name():

@@ -15,6 +15,7 @@ from ..utils.compat import add_adapter_names_hook, find_adapter_layers
 logger = logging.get_logger(__name__)
 
 BASE_ADAPTER = "__base__"  # peft's placeholder for "no adapter" in `adapter_names`
+PEFT_DEFAULT_ADAPTER = "default"  # peft's default adapter name, saved in the folder's root
 
 
 def sanitize_adapter_name(name: str) -> str:
@@ -27,8 +28,10 @@ def adapter_name_for(user_id: str) -> str:
     with characters outside `[A-Za-z0-9_-]` replaced by `_`, see [`sanitize_adapter_name`]). The one place a user id
     becomes an adapter name: training, routing, saving, loading and erasure all use it."""
     name = sanitize_adapter_name(user_id)
-    if name == BASE_ADAPTER:
-        raise ValueError(f"`user_id` {user_id!r} maps to peft's reserved adapter name {BASE_ADAPTER!r}.")
+    if name in (BASE_ADAPTER, PEFT_DEFAULT_ADAPTER):
+        # "default" is also reserved: peft saves an adapter of that name in the root of the folder, not in a
+        # subfolder, so it could not be offloaded, saved or exported next to the others.
+        raise ValueError(f"`user_id` {user_id!r} maps to peft's reserved adapter name {name!r}; use another id.")
     return name
 
 

@@ -628,12 +628,15 @@ class LoGoMemory(
     @classmethod
     def merge(cls, memories: Sequence[LoGoMemory]) -> LoGoMemory:
         """One memory holding the users of several memories with disjoint users (e.g. the shards of a sharded
-        training run, see [`~ContinualPersonalizer.merge_shards`]): every history record, buffer, sharing flag and
-        sharing-rule match, under the first memory's settings and encoder. Nothing is re-embedded. Communities are
-        clustered afresh at the next global search; the gate's observed scores are concatenated in memory order.
+        training run, see [`~ContinualPersonalizer.merge_shards`]): every history record, buffer and sharing flag,
+        under the first memory's settings and encoder (the others must have the same). Nothing is re-embedded. The
+        sharing rule's matches are searched afresh over all users, since items of different memories can back each
+        other; communities are clustered afresh at the next global search. Users keep their memory order (the first
+        memory's users first), and the gate's observed scores are concatenated in memory order, so an `"auto"`
+        gate's window may differ from a single memory that saw the same writes interleaved.
 
         Args:
-            memories (`Sequence[LoGoMemory]`): same encoder name and dimension, no user in two of them.
+            memories (`Sequence[LoGoMemory]`): same encoder and settings, no user in two of them.
 
         Returns:
             `LoGoMemory`: a new memory (the inputs are unchanged).
@@ -642,47 +645,47 @@ class LoGoMemory(
         if not memories or not all(isinstance(m, LoGoMemory) for m in memories):
             raise TypeError("`memories` must be a non-empty sequence of LoGoMemory.")
         first = memories[0]
+        settings = first.config()
+        lines, embeddings, labels, observed, owners, sharing = [], [], [], [], [], {}
         owner: dict[str, int] = {}
+        next_label = 0
         for i, memory in enumerate(memories):
-            if (memory.encoder.name, memory.dim) != (first.encoder.name, first.dim):
-                raise ValueError(
-                    f"memory {i} uses encoder {memory.encoder.name!r} (dim {memory.dim}); memory 0 uses "
-                    f"{first.encoder.name!r} (dim {first.dim}): their embeddings cannot be mixed."
-                )
-            for user in memory.users():
+            config, part_lines, tensors = memory._snapshot()  # disjointness is checked on what is merged
+            different = sorted(
+                k for k in settings if k in _INIT_KEYS + ("encoder", "dim") and config[k] != settings[k]
+            )
+            if different:
+                raise ValueError(f"memory {i} differs from memory 0 in {different}; merge memories of one setup.")
+            for user in dict.fromkeys(line["user_id"] for line in part_lines):
                 if user in owner:
                     raise ValueError(
                         f"user {user!r} is in memory {owner[user]} and memory {i}; shards must be disjoint."
                     )
                 owner[user] = i
-        lines, embeddings, labels, pairs, observed, owners, sharing = [], [], [], [], [], [], {}
-        next_label = 0
-        for memory in memories:
-            config, part_lines, tensors = memory._snapshot()
             part_labels = tensors["labels"].copy()
             shared = part_labels >= 0
             order = np.argsort(part_labels[shared], kind="stable")  # labels renumbered from `next_label` up
             renumbered = np.empty(int(shared.sum()), dtype=np.int64)
             renumbered[order] = np.arange(next_label, next_label + len(order))
             part_labels[shared] = renumbered
-            pairs.append(tensors["match_pairs"] + len(lines))
             lines += part_lines
             embeddings.append(tensors["embeddings"])
             labels.append(part_labels)
             next_label += len(order)
             gate_users = config["gate_users"]
             observed.append(tensors["gate_observed"])
-            owners += [gate_users[i] if i >= 0 else None for i in tensors["gate_owner"].tolist()]
+            owners += [gate_users[j] if j >= 0 else None for j in tensors["gate_owner"].tolist()]
             sharing.update(config["sharing"])
-        settings = {k: v for k, v in first.config().items() if k in _INIT_KEYS}
-        merged = cls(first.encoder, mediator=copy.deepcopy(first.mediator), **settings)
+        merged = cls(
+            first.encoder, mediator=copy.deepcopy(first.mediator), num_threads=first.global_memory.num_threads,
+            **{k: v for k, v in settings.items() if k in _INIT_KEYS},
+        )  # fmt: skip
         gate_users = sorted({o for o in owners if o is not None})
-        position = {user: i for i, user in enumerate(gate_users)}
-        config = {**first.config(), "sharing": sharing, "next_label": next_label, "gate_users": gate_users}
-        tensors = {
+        position = {user: j for j, user in enumerate(gate_users)}
+        config = {**settings, "sharing": sharing, "next_label": next_label, "gate_users": gate_users}
+        tensors = {  # no "match_pairs": the restore searches every match, across memories too
             "embeddings": np.concatenate(embeddings) if lines else np.empty((0, first.dim), dtype=np.float32),
             "labels": np.concatenate(labels).astype(np.int64),
-            "match_pairs": np.concatenate(pairs).astype(np.int64).reshape(-1, 2),
             "gate_observed": np.concatenate(observed),
             "gate_owner": np.asarray([position.get(o, -1) for o in owners], dtype=np.int64),
         }

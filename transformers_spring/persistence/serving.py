@@ -75,7 +75,11 @@ def vllm_lora_problems(adapter_dir: str | os.PathLike, max_lora_rank: int = VLLM
     for field in ("r", "lora_alpha", "target_modules"):
         if config.get(field) in (None, [], ""):
             problems.append(f"{config_path}: field {field!r} is required by vLLM.")
-    ranks = [config.get("r"), *dict(config.get("rank_pattern") or {}).values()]
+    pattern = config.get("rank_pattern") or {}
+    if not isinstance(pattern, dict):
+        problems.append(f"{config_path}: field 'rank_pattern' must be an object.")
+        pattern = {}
+    ranks = [config.get("r"), *pattern.values()]
     ranks = [r for r in ranks if isinstance(r, int) and not isinstance(r, bool)]
     if ranks and max(ranks) > max_lora_rank:
         problems.append(
@@ -98,10 +102,14 @@ def vllm_lora_problems(adapter_dir: str | os.PathLike, max_lora_rank: int = VLLM
     if not weights.is_file() or weights.is_symlink():
         problems.append(f"{weights} is missing.")
     else:
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
-        with safe_open(str(weights), framework="pt") as f:
-            other = [key for key in f.keys() if not (".lora_A." in key or ".lora_B." in key)]
+        try:
+            with safe_open(str(weights), framework="pt") as f:
+                other = [key for key in f.keys() if not (".lora_A." in key or ".lora_B." in key)]
+        except (SafetensorError, OSError) as err:
+            problems.append(f"{weights} cannot be read: {err}.")
+            other = []
         if other:
             problems.append(f"{weights}: holds weights other than lora_A/lora_B (e.g. {other[0]!r}).")
     return problems
@@ -129,40 +137,110 @@ def write_adapter_folder(folder: Path, lora_config: Any, state_dict: dict) -> No
     save_file(tensors, str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt"})
 
 
+def lora_rank(config: dict) -> int:
+    """The largest rank of an adapter config: `r`, or a larger `rank_pattern` value."""
+    pattern = config.get("rank_pattern")
+    values = list(pattern.values()) if isinstance(pattern, dict) else []
+    return max([config["r"], *(v for v in values if isinstance(v, int) and not isinstance(v, bool))])
+
+
+class PreviousIds:
+    """The `lora_int_id`s an earlier export into the same folder gave out (empty for a new folder)."""
+
+    def __init__(self, entries: Sequence[dict] = (), retired: Sequence[int] = ()):
+        self.by_user = {e["user_id"]: (e["lora_int_id"], e.get("sha256")) for e in entries}
+        self.used = {e["lora_int_id"] for e in entries} | set(retired)
+
+    def retired(self, entries: Sequence[dict]) -> list[int]:
+        """Every id given out before and not in `entries`: retired for good."""
+        return sorted(self.used - {e["lora_int_id"] for e in entries})
+
+
+def previous_serving_ids(directory: str | os.PathLike) -> PreviousIds:
+    """The ids of the export already in `directory`, if any (see [`read_serving_manifest`])."""
+    if not (Path(directory) / SERVING_MANIFEST).is_file():
+        return PreviousIds()
+    manifest = read_serving_manifest(directory)
+    return PreviousIds(manifest["adapters"], manifest.get("retired_lora_int_ids", []))
+
+
+def assign_lora_int_ids(entries: list[dict], previous: PreviousIds) -> None:
+    """Sets each entry's `lora_int_id`: the user's earlier id while their weights (`sha256`) are unchanged, else a
+    new id above every id ever given out in this folder (vLLM caches adapters by id: an id is never reused)."""
+    next_id = max(previous.used, default=0) + 1
+    for entry in entries:
+        old = previous.by_user.get(entry["user_id"])
+        if old is not None and old[1] == entry["sha256"]:
+            entry["lora_int_id"] = old[0]
+        else:
+            entry["lora_int_id"], next_id = next_id, next_id + 1
+
+
 def write_serving_manifest(
-    directory: Path, entries: Sequence[dict[str, Any]], base_model: str | None, max_lora_rank: int
+    directory: Path,
+    entries: Sequence[dict[str, Any]],
+    base_model: str | None,
+    max_lora_rank: int,
+    retired: Sequence[int] = (),
 ) -> dict[str, Any]:
-    """Writes `serving_manifest.json`: `adapters` lists, in order, `user_id`, `lora_name`, `lora_int_id` (1, 2, ...:
-    vLLM's cache key, unique within one export), `path` (relative to the export folder), `rank` and the weights'
-    `sha256` (a re-export with new weights under the same int id must be unloaded from a running server first)."""
+    """Writes `serving_manifest.json`: `adapters` lists, in order, `user_id`, `lora_name`, `lora_int_id` (vLLM's
+    cache key, see [`assign_lora_int_ids`]), `path` (relative to the export folder), `rank` and the weights'
+    `sha256`; `retired_lora_int_ids` the ids earlier exports gave out that must not be reused."""
     manifest = {
         "format_version": SERVING_FORMAT_VERSION,
         "library": "transformers_spring",
         "base_model_name_or_path": base_model,
         "max_lora_rank": max_lora_rank,
         "adapters": list(entries),
+        "retired_lora_int_ids": list(retired),
     }
     (directory / SERVING_MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
     return manifest
 
 
+MAX_MANIFEST_BYTES = 64 * 2**20
+
+
 def read_serving_manifest(directory: str | os.PathLike) -> dict[str, Any]:
-    """The manifest of an export folder, with each adapter's `path` resolved to an absolute path inside it."""
+    """The manifest of an export folder, checked (unique positive int ids, unique names and users, paths inside the
+    folder, none of them a retired id), with each adapter's `path` resolved to an absolute path inside it."""
     root = Path(directory)
     path = root / SERVING_MANIFEST
     if not path.is_file():
         raise FileNotFoundError(f"{SERVING_MANIFEST} not found in {root} (is this an export_for_serving folder?).")
-    manifest = json.loads(path.read_text(encoding="utf-8"))
+    if path.is_symlink() or path.stat().st_size > MAX_MANIFEST_BYTES:
+        raise ValueError(f"{path} is a symlink or larger than {MAX_MANIFEST_BYTES} bytes.")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from None
     if not isinstance(manifest, dict) or manifest.get("format_version") != SERVING_FORMAT_VERSION:
         raise ValueError(f"{path}: field 'format_version' must be {SERVING_FORMAT_VERSION}.")
     adapters = manifest.get("adapters")
+    retired = manifest.get("retired_lora_int_ids", [])
     if not isinstance(adapters, list):
         raise ValueError(f"{path}: field 'adapters' must be a list.")
+    if not isinstance(retired, list) or not all(_positive_int(i) for i in retired):
+        raise ValueError(f"{path}: field 'retired_lora_int_ids' must list positive ints.")
+    seen: dict[str, set] = {"lora_int_id": set(retired), "lora_name": set(), "user_id": set()}
     for i, entry in enumerate(adapters):
         if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
             raise ValueError(f"{path}: field 'adapters[{i}].path' must be a string.")
+        if not _positive_int(entry.get("lora_int_id")):
+            raise ValueError(f"{path}: field 'adapters[{i}].lora_int_id' must be a positive int.")
+        for field in ("lora_name", "user_id"):
+            if not isinstance(entry.get(field), str):
+                raise ValueError(f"{path}: field 'adapters[{i}].{field}' must be a string.")
+        for field, values in seen.items():
+            if entry[field] in values:
+                raise ValueError(f"{path}: field 'adapters[{i}].{field}' ({entry[field]!r}) repeats or was retired.")
+            values.add(entry[field])
         resolved = (root / entry["path"]).resolve()
         if root.resolve() not in resolved.parents:
             raise ValueError(f"{path}: field 'adapters[{i}].path' ({entry['path']!r}) leaves the folder.")
         entry["path"] = str(resolved)
     return manifest
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1

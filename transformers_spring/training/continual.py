@@ -154,6 +154,7 @@ class ContinualPersonalizer:
         self.callbacks = callbacks
         self.score_cache = score_cache if score_cache is not None else BaseLogProbCache(base_name_or_path(model))
         self.shard = shard
+        self._saved_base_model: str | None = None  # the base model a loaded state says it was trained on
         self._users: dict[str, dict[str, Any]] = {}
         self._resident: OrderedDict[str, bool] = OrderedDict()  # adapter name -> changed since last offloaded
         self._offloaded: dict[str, Path] = {}  # adapter name -> its latest copy on disk
@@ -353,6 +354,7 @@ class ContinualPersonalizer:
             "max_resident_adapters": self.max_resident_adapters,
             "spring_args": self.args.spring_dict(),
             "users": self._users,
+            **({"shard": [self.shard.index, self.shard.count]} if self.shard is not None else {}),
         }
 
     def save_pretrained(self, save_directory: str | os.PathLike, *, save_tokenizer: bool = True) -> None:
@@ -504,7 +506,16 @@ class ContinualPersonalizer:
         if (directory / CACHE_FILE).is_file():
             cache = BaseLogProbCache.load(directory / CACHE_FILE, model_name=base_name_or_path(model))
         kwargs.setdefault("max_resident_adapters", state.get("max_resident_adapters", 8))
+        if "shard" in state and "shard" not in kwargs:  # a worker's save resumes as that worker
+            shard = state["shard"]
+            if not (isinstance(shard, list) and len(shard) == 2):
+                raise ValueError(f"{STATE_FILE} in {directory}: field 'shard' must be [index, count], got {shard!r}.")
+            try:
+                kwargs["shard"] = UserShard(*shard)
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"{STATE_FILE} in {directory}: field 'shard': {err}") from None
         personalizer = cls(model, tokenizer, args, memory, spring_config=spring_config, score_cache=cache, **kwargs)
+        personalizer._saved_base_model = state.get("base_model_name_or_path")
         present = set(adapter_names(model))
         root = personalizer._offload_root
         root.mkdir(parents=True, exist_ok=True)
@@ -539,15 +550,21 @@ class ContinualPersonalizer:
         Args:
             directory (`str` or `os.PathLike`): the export folder.
             users (`Sequence[str]`, *optional*): whose adapters to export (default: every user, first observed
-                first). `lora_int_id`s are 1, 2, ... in this order.
+                first).
             max_lora_rank (`int`, *optional*, defaults to 16): the server's `--max-lora-rank` (vLLM's default); one of
                 vLLM's allowed values.
 
         Returns:
-            `dict`: the manifest written.
+            `dict`: the manifest written (empty on the other processes of a distributed run: only the main one
+            writes).
 
         Raises:
             `KeyError`: an unknown user. `ValueError`: an adapter vLLM would refuse (the field is named).
+
+        `lora_int_id`s are vLLM's cache keys, so they are never reused: exporting again into the same folder keeps
+        a user's id while their weights are unchanged, and gives new weights (or a new user) a new id; the ids that
+        left are listed in `retired_lora_int_ids`. A server never serves an old or forgotten user's cached adapter
+        under a reused id.
         """
         import hashlib
 
@@ -557,8 +574,11 @@ class ContinualPersonalizer:
         from ..persistence.serving import (
             ADAPTER_WEIGHTS,
             VLLM_NO_LORA_MODEL_TYPES,
+            assign_lora_int_ids,
             check_max_lora_rank,
             check_vllm_lora,
+            lora_rank,
+            previous_serving_ids,
             write_adapter_folder,
             write_serving_manifest,
         )
@@ -577,25 +597,32 @@ class ContinualPersonalizer:
         manifest: dict[str, Any] = {}
         state = PartialState()
         if state.is_main_process:
+            previous = previous_serving_ids(directory)
             with save_folder(directory, "ServingExport", argument="directory") as tmp:
                 entries = []
-                for int_id, user in enumerate(chosen, start=1):
+                for user in chosen:
                     name = names[user]
                     folder = tmp / name
                     if name in self._resident:
                         weights = get_peft_model_state_dict(self.model, adapter_name=name)
                         write_adapter_folder(folder, self.model.peft_config[name], weights)
-                    else:  # offloaded: its folder already is what peft wrote, copied bit for bit
-                        shutil.copytree(self._offloaded[name], folder)
-                        (folder / "README.md").unlink(missing_ok=True)
+                    else:  # offloaded: the two files peft wrote, copied bit for bit (nothing else, no symlink)
+                        folder.mkdir()
+                        for file in ("adapter_config.json", ADAPTER_WEIGHTS):
+                            source = self._offloaded[name] / file
+                            if source.is_symlink() or not source.is_file():
+                                raise ValueError(f"the offloaded adapter of {user!r} has no regular file {file}.")
+                            shutil.copyfile(source, folder / file)
                     check_vllm_lora(folder, max_lora_rank)
                     config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
                     digest = hashlib.sha256((folder / ADAPTER_WEIGHTS).read_bytes()).hexdigest()
                     entries.append(
-                        {"user_id": user, "lora_name": name, "lora_int_id": int_id, "path": name,
-                         "rank": config["r"], "sha256": digest}
-                    )  # fmt: skip
-                manifest = write_serving_manifest(tmp, entries, base_name_or_path(self.model), max_lora_rank)
+                        {"user_id": user, "lora_name": name, "path": name, "rank": lora_rank(config), "sha256": digest}
+                    )
+                assign_lora_int_ids(entries, previous)
+                manifest = write_serving_manifest(
+                    tmp, entries, base_name_or_path(self.model), max_lora_rank, retired=previous.retired(entries)
+                )
         state.wait_for_everyone()
         return manifest
 
@@ -621,8 +648,15 @@ class ContinualPersonalizer:
             memory_kwargs (`dict`, *optional*): passed to each shard's memory load (e.g. `{"encoder": ...}`).
             kwargs: passed to the merged personalizer's constructor (`max_resident_adapters`, `offload_dir`, ...).
 
+        Returns:
+            [`ContinualPersonalizer`]: the merged state (also saved). Its adapters, period counters, base log-probs,
+            histories and buffers equal those of one process that trained every user; users are listed shard by
+            shard (so a later `export_for_serving` numbers them in that order).
+
         Raises:
-            `ValueError`: a user in two shards, or shards trained with other SPRInG settings or another base model.
+            `ValueError`: a user in two shards; a missing shard (each worker's save records its shard `index` of
+            `count`); shards trained with other SPRInG settings or on another base model; some shards with a memory
+            and some without. Nothing is written then.
         """
         shards = [
             cls.from_pretrained(directory, model, memory_kwargs=memory_kwargs) for directory in shard_directories
@@ -630,10 +664,23 @@ class ContinualPersonalizer:
         if not shards:
             raise ValueError("`shard_directories` is empty.")
         first = shards[0]
+        recorded = [shard.shard for shard in shards]
+        if any(r is not None for r in recorded):
+            counts = {r.count if r is not None else None for r in recorded}
+            indices = sorted(r.index for r in recorded if r is not None)
+            if len(counts) != 1 or None in counts or indices != list(range(next(iter(counts)))):
+                found = [(r.index, r.count) if r is not None else None for r in recorded]
+                raise ValueError(
+                    f"the shards' saved (index, count) are {found}: pass every worker's folder, each once."
+                )
+        base = base_name_or_path(model)
         owner: dict[str, int] = {}
         for i, shard in enumerate(shards):
             if shard.args.spring_dict() != first.args.spring_dict():
                 raise ValueError(f"shard {i} ({shard_directories[i]}) was trained with other SPRInG settings.")
+            saved = shard._saved_base_model
+            if saved and base and saved != base:
+                raise ValueError(f"shard {i} ({shard_directories[i]}) was trained on {saved!r}, not on {base!r}.")
             for user in shard.users:
                 if user in owner:
                     raise ValueError(
@@ -641,7 +688,9 @@ class ContinualPersonalizer:
                     )
                 owner[user] = i
         memories = [s.memory for s in shards]
-        memory = LoGoMemory.merge(memories) if all(m is not None for m in memories) else None
+        if any(m is None for m in memories) and any(m is not None for m in memories):
+            raise ValueError("some shards have a memory and some do not; their buffers cannot be merged.")
+        memory = LoGoMemory.merge(memories) if memories[0] is not None else None
         cache = BaseLogProbCache(first.score_cache.model_name)
         for shard in shards:
             for key in shard.score_cache.keys():
@@ -654,7 +703,7 @@ class ContinualPersonalizer:
         root.mkdir(parents=True, exist_ok=True)
         for shard in shards:
             for user, entry in shard._users.items():
-                shutil.copytree(shard._offloaded[entry["adapter"]], root / entry["adapter"])
+                shutil.copytree(shard._offloaded[entry["adapter"]], root / entry["adapter"], dirs_exist_ok=True)
                 merged._offloaded[entry["adapter"]] = root / entry["adapter"]
                 merged._users[user] = dict(entry)
         merged.save_pretrained(save_directory)
