@@ -169,11 +169,13 @@ def test_what_a_save_writes_always_loads(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ the ANN cache
 @pytest.fixture
-def cached(monkeypatch):
-    """Caches the ANN index of any memory size (the default threshold is 10,000 shared items)."""
+def cached(monkeypatch, tmp_path):
+    """Caches the ANN index of any memory size (the default threshold is 10,000 shared items), with this test's own
+    machine key."""
     import transformers_spring.memory.global_memory as gm
 
     monkeypatch.setattr(gm, "ANN_CACHE_MIN_ITEMS", 1)
+    monkeypatch.setenv("SPRING_CACHE_HOME", str(tmp_path / "machine"))
 
 
 def _global_results(memory, queries):
@@ -204,6 +206,7 @@ def test_a_save_caches_the_index_and_a_load_reuses_it(make_memory, tmp_path, cac
     # Interleaved writes: the records file groups them by user, so labels are out of file order.
     memory.add_many([topical("u0", "bread", 50), topical("u1", "bread", 51), topical("u0", "bread", 52)])
     before = _global_results(memory, QUERIES)
+    assert all(before)
     memory.save_pretrained(tmp_path / "mem")
     config = json.loads((tmp_path / "mem" / "config.json").read_text())
     assert (tmp_path / "mem" / "ann_index.hnsw").is_file() and config["ann_index"]["count"] == len(memory)
@@ -215,7 +218,7 @@ def test_a_save_caches_the_index_and_a_load_reuses_it(make_memory, tmp_path, cac
     assert len(loaded.global_memory) == len(memory) + 1
 
 
-@pytest.mark.parametrize("spoil", ["file", "data", "params", "hub"])
+@pytest.mark.parametrize("spoil", ["file", "data", "params", "hub", "machine", "labels"])
 def test_a_stale_or_foreign_cache_is_rebuilt(make_memory, tmp_path, cached, monkeypatch, spoil):
     memory = populated(make_memory, use_global=True, exact_below=0)
     exact = [[hit.interaction.id for hit in memory.retrieve("u0", q, k=3)] for q in QUERIES]
@@ -232,6 +235,10 @@ def test_a_stale_or_foreign_cache_is_rebuilt(make_memory, tmp_path, cached, monk
         _edit_config(target, **{"ann_index.data_sha256": "0" * 64})
     elif spoil == "params":
         overrides = {"hnsw_M": 8}
+    elif spoil == "machine":  # a folder written elsewhere (a clone of someone's repo): its index is never loaded
+        monkeypatch.setenv("SPRING_CACHE_HOME", str(tmp_path / "another-machine"))
+    elif spoil == "labels":  # sparse labels: reusing them would let label-indexed arrays grow with every write
+        _edit_config(target, next_label=10**6)
     builds = _builds(monkeypatch)
     loaded = LoGoMemory.from_pretrained(target, encoder=memory.encoder, num_threads=1, **overrides)
     assert builds == [1]
@@ -255,17 +262,26 @@ def test_no_cache_outlives_a_deleted_or_forgotten_item(make_memory, tmp_path, ca
     assert (tmp_path / "mem" / "ann_index.hnsw").is_file()
 
 
-def test_push_to_hub_never_uploads_the_cache(make_memory, cached):
+def test_push_to_hub_never_uploads_the_cache(make_memory, cached, tmp_path):
     from unittest import mock
 
     memory = populated(make_memory, use_global=True)
+    memory.save_pretrained(tmp_path / "local")
+    assert (tmp_path / "local" / "ann_index.hnsw").is_file()  # a local save caches it
+    uploaded = {}
+
+    def upload(self, *, folder_path, **kwargs):
+        uploaded["files"] = sorted(p.name for p in Path(folder_path).rglob("*"))
+        uploaded["ignore"] = kwargs["ignore_patterns"]
+
     with (
         mock.patch("huggingface_hub.HfApi.create_repo") as create,
-        mock.patch("huggingface_hub.HfApi.upload_folder") as upload,
+        mock.patch("huggingface_hub.HfApi.upload_folder", upload),
     ):
         create.return_value.repo_id = "me/mem"
         memory.push_to_hub("me/mem", ignore_patterns="*.log")
-    assert upload.call_args.kwargs["ignore_patterns"] == ["*.log", "*ann_index.hnsw"]
+    assert "ann_index.hnsw" not in uploaded["files"] and "embeddings.safetensors" in uploaded["files"]
+    assert uploaded["ignore"] == ["*.log", "*ann_index.hnsw"]
 
 
 def test_saved_matches_are_restored_and_checked(make_memory, tmp_path):
@@ -283,17 +299,20 @@ def test_saved_matches_are_restored_and_checked(make_memory, tmp_path):
     gm = loaded.global_memory
     assert {key for label, key in loaded._label_keys.items() if gm.is_servable(label)} == servable
 
-    # A forged match between two items that do not match is dropped (it would make them servable).
+    # Forged matches between items that do not match are dropped: they would give a-unique-0 two backers (b and c),
+    # enough for min_contributors=3.
     lines = [json.loads(line) for line in (tmp_path / "mem" / "records.jsonl").read_text().splitlines()]
-    unique = [i for i, line in enumerate(lines) if "-unique-" in line["id"]]
-    other = next(i for i, line in enumerate(lines) if line["user_id"] != lines[unique[0]]["user_id"])
+    at = {line["id"]: i for i, line in enumerate(lines)}
 
     def forge(tensors):
-        tensors["match_pairs"] = np.concatenate([tensors["match_pairs"], [[unique[0], other]]]).astype(np.int64)
+        forged = [[at["a-unique-0"], at["b-unique-0"]], [at["a-unique-0"], at["c-unique-0"]]]
+        tensors["match_pairs"] = np.concatenate([tensors["match_pairs"], forged]).astype(np.int64)
 
     _edit_tensors(tmp_path / "mem", forge)
     forged = LoGoMemory.from_pretrained(tmp_path / "mem", encoder=memory.encoder, num_threads=1)
     gm = forged.global_memory
+    label = next(label for label, key in forged._label_keys.items() if key == ("a", "a-unique-0"))
+    assert gm.support.backers(label) == 0 and not gm.is_servable(label)
     assert {key for label, key in forged._label_keys.items() if gm.is_servable(label)} == servable
 
     _edit_tensors(tmp_path / "mem", lambda t: t.update(match_pairs=np.asarray([[0, 10**6]], dtype=np.int64)))

@@ -431,7 +431,9 @@ def test_serving_recipes_reproduce_spring_at_lambda_0_and_1(tmp_path, weight):
     served = PeftModel.from_pretrained(make_model("llama", TRAINING_VOCAB.size), entry["path"]).eval()
     if weight == 1.0:
         builder = HistoryPromptBuilder(tok, config)
-        context = p.memory.retrieve_context("alice", builder.query_text(ids), k=config.top_k)
+        context = p.memory.retrieve_context(
+            "alice", builder.query_text(ids), k=config.top_k, use_global=config.use_global
+        )
         items = [item for item in context.items if item.score is None or item.score > config.gate]
         ids = builder.build(ids, items)
     got = served.generate(input_ids=torch.tensor([ids]), max_new_tokens=6, do_sample=False,

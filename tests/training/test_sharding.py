@@ -40,7 +40,11 @@ def test_claim_user_shard_reads_and_clears_the_launcher_environment():
     env = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500",
            "PATH": "/bin"}  # fmt: skip
     assert claim_user_shard(env) == UserShard(1, 2)
-    assert env == {"PATH": "/bin"}
+    assert env == {"PATH": "/bin", "CUDA_VISIBLE_DEVICES": "1"}  # worker 1 gets the second GPU
+    env = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "CUDA_VISIBLE_DEVICES": "4,6"}
+    assert claim_user_shard(env) == UserShard(1, 2) and env == {"CUDA_VISIBLE_DEVICES": "6"}
+    env = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "CUDA_VISIBLE_DEVICES": ""}  # no GPU stays no GPU
+    assert claim_user_shard(env) == UserShard(0, 2) and env == {"CUDA_VISIBLE_DEVICES": ""}
     assert claim_user_shard({}) == UserShard(0, 1)
     with pytest.raises(ValueError, match="RANK"):
         claim_user_shard({"RANK": "x"})
@@ -73,7 +77,16 @@ def test_shards_train_disjoint_users_and_merge_into_the_single_process_state(tmp
         a, b = single.state_dict(user), merged.state_dict(user)
         assert all(torch.equal(a[k], b[k]) for k in a), user
         assert [i.id for i in merged.memory.buffer(user)] == [i.id for i in single.memory.buffer(user)]
+        assert merged.memory.buffer_scores(user) == single.memory.buffer_scores(user)
+        assert [r.id for r in merged.memory.history(user)] == [r.id for r in single.memory.history(user)]
+    assert sorted(merged.score_cache.keys()) == sorted(single.score_cache.keys())
+    assert all(merged.score_cache.get(k) == single.score_cache.get(k) for k in single.score_cache.keys())
     assert (tmp_path / "merged" / "adapters" / "erin" / "adapter_model.safetensors").is_file()
+    with pytest.raises(ValueError, match=r"\(index, count\)"):  # a missing worker's folder
+        ContinualPersonalizer.merge_shards(
+            [tmp_path / "shard0"], tmp_path / "partial", make_model("llama", TRAINING_VOCAB.size),
+            memory_kwargs={"encoder": HashingEncoder(32)},
+        )  # fmt: skip
 
 
 def test_merge_refuses_overlapping_shards(tmp_path):

@@ -476,6 +476,14 @@ class SpringForCausalLM(PushToHubMixin, nn.Module):
         return known
 
     # ---------------------------------------------------------------------------------------------- persistence
+    def push_to_hub(self, repo_id: str, **kwargs) -> str:
+        """transformers' `PushToHubMixin.push_to_hub` (same arguments), except that the memory's machine-local ANN
+        cache is never written into the upload (see `docs/memory.md#the-ann-cache`)."""
+        from ..persistence.memory_files import no_ann_cache
+
+        with no_ann_cache():
+            return super().push_to_hub(repo_id, **kwargs)
+
     def save_pretrained(
         self,
         save_directory: str | os.PathLike,

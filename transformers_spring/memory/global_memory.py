@@ -220,7 +220,13 @@ class GlobalMemory:
         """Fills an empty memory from a save: [`~GlobalMemory.add`], except that a cached ANN `index` over exactly
         these labels (see [`~persistence.memory_files.read_ann_index`]) replaces the build, and saved `matches`
         (label pairs) replace the match search. Each saved match is confirmed with its exact cosine, so an edited
-        file can withhold an item but never make one servable."""
+        file can withhold an item but never make one servable.
+
+        Args:
+            labels, user_ids, vectors, timestamps: as for [`~GlobalMemory.add`].
+            index (`hnswlib.Index`, *optional*): a cached index holding exactly `labels`.
+            matches (`np.ndarray`, *optional*): saved `(label, label)` matches, shape `(n, 2)`; None searches them.
+        """
         if self._n:
             raise RuntimeError("restore() fills an empty GlobalMemory.")
         if index is not None:

@@ -24,16 +24,18 @@ from ..persistence.memory_files import (
     FORMAT_VERSION,
     MEMORY_FILES,
     RECORDS_FILE,
+    ann_index_entry,
     check_config,
     check_loaded,
     gate_owners,
     is_memory_folder,
     match_pairs,
+    no_ann_cache,
     read_ann_index,
     read_json,
     read_records,
     read_tensors,
-    write_ann_index,
+    save_ann_index,
     write_files,
 )
 from ..persistence.registry import ClassRegistry, qualified_name
@@ -610,11 +612,10 @@ class LoGoMemory(
             pairs = gm.match_pairs()
             match_rows = position[pairs] if len(pairs) else np.empty((0, 2), dtype=np.int64)
             index = gm.cacheable_index() if directory is not None else None
-            if index is not None:
+            ann = None
+            if index is not None and save_ann_index(directory, index):
                 by_label = shared_rows[np.argsort(labels[shared_rows], kind="stable")]  # the order a load checks
-                config["ann_index"] = write_ann_index(
-                    directory, index, embeddings[by_label], labels[by_label], gm.ann_params()
-                )
+                ann = (embeddings[by_label], labels[by_label], gm.ann_params())
             tensors = {
                 "embeddings": embeddings,
                 "labels": labels,
@@ -623,6 +624,8 @@ class LoGoMemory(
                 "gate_owner": gate_owner,
                 "community_centroids": community["centroids"],
             }
+        if ann is not None:  # the checksums, outside the lock: writers need not wait for them
+            config["ann_index"] = ann_index_entry(directory, *ann)
         return config, lines, tensors
 
     @classmethod
@@ -752,7 +755,8 @@ class LoGoMemory(
             kwargs: passed to `ModelHubMixin.push_to_hub` (`private`, `token`, `commit_message`, ...).
         """
         patterns = [ignore_patterns] if isinstance(ignore_patterns, str) else list(ignore_patterns or [])
-        return super().push_to_hub(repo_id, ignore_patterns=[*patterns, f"*{ANN_INDEX_FILE}"], **kwargs)
+        with no_ann_cache():
+            return super().push_to_hub(repo_id, ignore_patterns=[*patterns, f"*{ANN_INDEX_FILE}"], **kwargs)
 
     @classmethod
     def from_pretrained(
@@ -892,7 +896,9 @@ class LoGoMemory(
         saved_labels = np.asarray([label for label, _, _ in shared], dtype=np.int64)
         vectors = embeddings[np.asarray([position for _, _, position in shared], dtype=np.int64)]
         index = None
-        if shared and directory is not None:
+        # The cache keeps the saved labels: reused only while they are dense enough, so that label-indexed arrays
+        # stay bounded by the live items (a rebuild renumbers them densely).
+        if shared and directory is not None and config["next_label"] <= 2 * len(shared) + 1024:
             index = read_ann_index(
                 directory, config.get("ann_index"), vectors, saved_labels,
                 gm.ann_params(), max_elements=2 * len(shared),

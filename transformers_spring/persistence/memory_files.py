@@ -4,8 +4,13 @@ restores its own state; reading, writing and validating its files lives here, wi
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
+import hmac
 import json
+import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -207,7 +212,8 @@ def check_loaded(
     if labels.dtype.kind not in "iu" or labels.ndim != 1 or labels.shape[0] != embeddings.shape[0]:
         raise ValueError(f"{where}: 'labels' must be one integer per embedding, got {labels.dtype} {labels.shape}.")
     # float32 sums of squares: exact enough for a 1e-3 tolerance, and no float64 copy of every embedding
-    norms = np.sqrt(np.einsum("ij,ij->i", embeddings, embeddings)) if len(embeddings) else np.empty(0)
+    e32 = embeddings.astype(np.float32, copy=False)  # a float16 file is checked in float32 too
+    norms = np.sqrt(np.einsum("ij,ij->i", e32, e32)) if len(embeddings) else np.empty(0)
     if norms.size and np.abs(norms - 1.0).max() > 1e-3:
         row = int(np.abs(norms - 1.0).argmax())
         raise ValueError(f"{where}: 'embeddings' row {row} has norm {norms[row]:.4g}; stored vectors are unit-norm.")
@@ -274,28 +280,100 @@ def ann_data_checksum(vectors: np.ndarray, labels: np.ndarray, params: dict) -> 
     return digest.hexdigest()
 
 
-def write_ann_index(directory: Path, index: Any, vectors: np.ndarray, labels: np.ndarray, params: dict) -> dict:
-    """Saves an hnswlib index into a save's staging folder; returns the `config.json` entry that vouches for it."""
-    path = directory / ANN_INDEX_FILE
-    index.save_index(str(path))
-    return {
+def _machine_key() -> bytes | None:
+    """This machine's (this user's) secret for the ANN cache, created on first use: `$SPRING_CACHE_HOME` or
+    `~/.cache/transformers_spring`, file `ann_cache.key` (mode 0600). None when it cannot be read or created: then
+    no cache is written or trusted."""
+    home = Path(os.environ.get("SPRING_CACHE_HOME") or Path.home() / ".cache" / "transformers_spring")
+    path = home / "ann_cache.key"
+    for _ in range(2):
+        try:
+            key = path.read_bytes()
+            if len(key) == 32:
+                return key
+            return None
+        except FileNotFoundError:
+            try:
+                home.mkdir(parents=True, exist_ok=True)
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileExistsError:
+                continue  # another process created it first: read theirs
+            except OSError:
+                return None
+            with os.fdopen(fd, "wb") as f:
+                f.write(os.urandom(32))
+        except OSError:
+            return None
+    return None
+
+
+def _seal(key: bytes, entry: dict) -> str:
+    message = json.dumps([entry["sha256"], entry["data_sha256"], entry["params"], entry["count"]], sort_keys=True)
+    return hmac.new(key, message.encode(), hashlib.sha256).hexdigest()
+
+
+_NO_ANN_CACHE: contextvars.ContextVar[bool] = contextvars.ContextVar("spring_no_ann_cache", default=False)
+
+
+@contextlib.contextmanager
+def no_ann_cache() -> Iterator[None]:
+    """Saves inside this block write no ANN cache: every `push_to_hub` saves under it, so an upload never holds the
+    machine-local index."""
+    token = _NO_ANN_CACHE.set(True)
+    try:
+        yield
+    finally:
+        _NO_ANN_CACHE.reset(token)
+
+
+def save_ann_index(directory: Path, index: Any) -> bool:
+    """Dumps a live hnswlib index into a save's staging folder (under the memory's lock: the index must match the
+    snapshot); False, writing nothing, inside [`no_ann_cache`] or when this machine has no cache key."""
+    if _NO_ANN_CACHE.get() or _machine_key() is None:
+        return False
+    index.save_index(str(directory / ANN_INDEX_FILE))
+    return True
+
+
+def ann_index_entry(directory: Path, vectors: np.ndarray, labels: np.ndarray, params: dict) -> dict:
+    """The `config.json` entry that vouches for a dumped index (computed outside the lock): the file's sha256, the
+    checksum of the shared embeddings and labels it was built from, the build parameters and an HMAC of all of them
+    under this machine's key, so that a folder written elsewhere (a clone of someone's repo) never has its index
+    loaded."""
+    entry = {
         "file": ANN_INDEX_FILE,
-        "sha256": _sha256_file(path),
+        "sha256": _sha256_file(directory / ANN_INDEX_FILE),
         "data_sha256": ann_data_checksum(vectors, labels, params),
         "params": params,
         "count": int(labels.shape[0]),
     }
+    entry["hmac"] = _seal(_machine_key(), entry)
+    return entry
+
+
+def _index_size_limit(count: int, params: dict) -> int:
+    """A generous bound on an hnswlib file's size (vectors, level-0 links, upper levels, headers)."""
+    return 4 * count * (4 * params["dim"] + 16 * params["M"] + 64) + 2**20
 
 
 def read_ann_index(directory: Path, entry: Any, vectors: np.ndarray, labels: np.ndarray, params: dict, *,
                    max_elements: int) -> Any:  # fmt: skip
     """The cached hnswlib index of a memory folder, or None when it must be rebuilt: no cache, a Hub download
-    (never loaded from there), other build parameters, other embeddings or labels, or a file whose checksum does
-    not match `config.json`. A mismatch is logged, never an error: the index is derived data."""
+    (never loaded from there), a folder written on another machine (the HMAC), other build parameters, other
+    embeddings or labels, an oversized file, a file whose checksum does not match `config.json`, or one hnswlib
+    cannot load or whose vectors differ from the embeddings. A mismatch is logged, never an error: the index is
+    derived data.
+
+    Args:
+        directory (`Path`): the memory folder. entry (`dict`): `config.json`'s `ann_index`.
+        vectors (`np.ndarray`), labels (`np.ndarray`): the shared embeddings and their labels, in label order.
+        params (`dict`): the memory's build parameters ([`GlobalMemory.ann_params`]).
+        max_elements (`int`): the capacity to load the index with.
+    """
     if entry is None:
         return None
     path = directory / ANN_INDEX_FILE
-    if not isinstance(entry, dict) or entry.get("file") != ANN_INDEX_FILE:
+    if not isinstance(entry, dict) or entry.get("file") != ANN_INDEX_FILE or not isinstance(entry.get("hmac"), str):
         logger.warning(f"{CONFIG_FILE} in {directory}: field 'ann_index' is malformed; rebuilding the index.")
         return None
     if _allowed_root(directory.absolute()) != directory.resolve():
@@ -306,21 +384,41 @@ def read_ann_index(directory: Path, entry: Any, vectors: np.ndarray, labels: np.
     if entry.get("params") != params:
         logger.info(f"{ANN_INDEX_FILE} in {directory} was built with other parameters; rebuilding it.")
         return None
+    key = _machine_key()
+    try:
+        sealed = key is not None and hmac.compare_digest(_seal(key, entry), entry["hmac"])
+    except (KeyError, TypeError):
+        sealed = False
+    if not sealed:
+        logger.info(f"{ANN_INDEX_FILE} in {directory} was not written on this machine; rebuilding the index.")
+        return None
     if entry.get("count") != int(labels.shape[0]) or entry.get("data_sha256") != ann_data_checksum(
         vectors, labels, params
     ):
         logger.warning(f"{ANN_INDEX_FILE} in {directory} does not match {EMBEDDINGS_FILE}; rebuilding the index.")
         return None
-    if entry.get("sha256") != _sha256_file(path):
+    if path.stat().st_size > _index_size_limit(int(labels.shape[0]), params) or entry.get("sha256") != _sha256_file(
+        path
+    ):
         logger.warning(f"{ANN_INDEX_FILE} in {directory} fails its checksum; rebuilding the index.")
         return None
     import hnswlib
 
-    index = hnswlib.Index(space=params["space"], dim=params["dim"])
-    index.load_index(str(path), max_elements=max(max_elements, int(labels.shape[0])))
-    ids = np.asarray(index.get_ids_list(), dtype=np.int64)
+    try:
+        index = hnswlib.Index(space=params["space"], dim=params["dim"])
+        index.load_index(str(path), max_elements=max(max_elements, int(labels.shape[0])))
+        ids = np.asarray(index.get_ids_list(), dtype=np.int64)
+        sample = labels[:: max(1, labels.shape[0] // 64)]
+        stored = np.asarray(index.get_items(sample.tolist()), dtype=np.float32)
+    except (RuntimeError, ValueError, MemoryError, OSError) as err:
+        logger.warning(f"{ANN_INDEX_FILE} in {directory} cannot be loaded ({err}); rebuilding the index.")
+        return None
+    expected = vectors[:: max(1, labels.shape[0] // 64)]
     if ids.shape[0] != labels.shape[0] or not np.array_equal(np.sort(ids), np.sort(labels)):
         logger.warning(f"{ANN_INDEX_FILE} in {directory} holds other labels; rebuilding the index.")
+        return None
+    if stored.shape != expected.shape or not np.allclose(stored, expected, atol=1e-5):
+        logger.warning(f"{ANN_INDEX_FILE} in {directory} holds other vectors; rebuilding the index.")
         return None
     return index
 

@@ -22,7 +22,7 @@ from ..memory import LoGoMemory
 from ..persistence.cards import render_card
 from ..persistence.folder import save_folder
 from ..persistence.hub import resolve_folder
-from ..persistence.memory_files import ANN_INDEX_FILE
+from ..persistence.memory_files import ANN_INDEX_FILE, no_ann_cache
 from ..records import Interaction, check_user_id
 from ..utils.modeling import base_name_or_path, is_peft_model, unwrap_model
 from ..version import __version__
@@ -430,7 +430,8 @@ class ContinualPersonalizer:
         repo = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp) / "state"
-            self.save_pretrained(folder)
+            with no_ann_cache():  # the memory's machine-local ANN cache is never uploaded
+                self.save_pretrained(folder)
             return api.upload_folder(
                 repo_id=getattr(repo, "repo_id", repo_id),
                 folder_path=str(folder),

@@ -69,8 +69,9 @@ def claim_user_shard(environ: MutableMapping[str, str] | None = None) -> UserSha
     """This process's shard under `accelerate launch --num_processes N` (or torchrun): `RANK` of `WORLD_SIZE`; shard
     0 of 1 outside a launcher. It also **removes the launcher's process-group variables** (`RANK`, `WORLD_SIZE`,
     `MASTER_ADDR`, ... see `DISTRIBUTED_ENV`) from the environment, so that transformers and accelerate then see a
-    single process and each worker trains its own users without DDP. Call it first, before building any
-    `TrainingArguments` or `Accelerator`.
+    single process and each worker trains its own users without DDP, and pins each worker to its own GPU
+    (`CUDA_VISIBLE_DEVICES` narrowed to the `LOCAL_RANK`-th device; an empty value, no GPU, is kept). Call it
+    first, before building any `TrainingArguments` or `Accelerator` (a `RuntimeError` says so otherwise).
 
     Args:
         environ (`MutableMapping[str, str]`, *optional*): the environment to read and edit (default `os.environ`).
@@ -78,11 +79,25 @@ def claim_user_shard(environ: MutableMapping[str, str] | None = None) -> UserSha
     Returns:
         [`UserShard`].
     """
+    from ..utils.compat import accelerate_state_initialized
+
     env = os.environ if environ is None else environ
+    if environ is None and accelerate_state_initialized():
+        raise RuntimeError(
+            "claim_user_shard() must run before any TrainingArguments or Accelerator is built: accelerate already "
+            "set this process up as part of a process group."
+        )
     try:
         rank, world = int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1))
+        local = int(env["LOCAL_RANK"]) if "LOCAL_RANK" in env else None
     except ValueError as err:
-        raise ValueError(f"RANK / WORLD_SIZE in the environment must be ints: {err}") from None
+        raise ValueError(f"RANK / WORLD_SIZE / LOCAL_RANK in the environment must be ints: {err}") from None
+    visible = env.get("CUDA_VISIBLE_DEVICES")
+    if local is not None and visible != "":
+        # Without LOCAL_RANK every worker would pick cuda:0: give each worker its own GPU (when there are GPUs).
+        devices = visible.split(",") if visible else [str(i) for i in range(local + 1)]
+        if local < len(devices):
+            env["CUDA_VISIBLE_DEVICES"] = devices[local]
     for name in DISTRIBUTED_ENV:
         env.pop(name, None)
     return UserShard(rank, world)

@@ -358,3 +358,11 @@ def response_logits(
             return logits[keep]
         raise RuntimeError(f"unexpected logits shape {tuple(logits.shape)} for a keep mask of {tuple(keep.shape)}.")
     return model(input_ids=input_ids, attention_mask=attention_mask, **model_kwargs).logits[keep]
+
+
+def accelerate_state_initialized() -> bool:
+    """Whether accelerate's process state was already set up in this process (a `TrainingArguments` or
+    `Accelerator` was built), read without setting it up. (`PartialState._shared_state`, accelerate >= 0.20.)"""
+    from accelerate.state import PartialState
+
+    return bool(getattr(PartialState, "_shared_state", {}))
