@@ -32,21 +32,26 @@ from testing_utils import (  # noqa: E402
 from transformers_spring.training import SpringTrainer  # noqa: E402
 
 
+def _personalizer(work_dir: Path, **kwargs):
+    """The 2-user-periods personalizer both multi-process modes run: tiny Llama, buffer 3, one resident adapter."""
+    from transformers_spring.training import ContinualPersonalizer
+
+    return ContinualPersonalizer(
+        make_model("llama", TRAINING_VOCAB.size),
+        make_tokenizer(TRAINING_VOCAB, chat=True),
+        make_args(work_dir, buffer_size=3, per_device_train_batch_size=2),
+        make_buffer_memory(),
+        max_resident_adapters=1,
+        **kwargs,
+    )
+
+
 def continual(out_dir: str) -> None:
     import hashlib
 
-    from transformers_spring.training import ContinualPersonalizer
-
     torch.set_num_threads(1)
     state = PartialState()
-    args = make_args(Path(out_dir), buffer_size=3, per_device_train_batch_size=2)
-    personalizer = ContinualPersonalizer(
-        make_model("llama", TRAINING_VOCAB.size),
-        make_tokenizer(TRAINING_VOCAB, chat=True),
-        args,
-        make_buffer_memory(),
-        max_resident_adapters=1,
-    )
+    personalizer = _personalizer(Path(out_dir))
     selected = {}
     for period in range(2):
         for user in ("alice", "bob"):
@@ -67,19 +72,11 @@ SHARDED_USERS = ("alice", "bob", "carol", "dave")
 
 
 def sharded(out_dir: str) -> None:
-    from transformers_spring.training import ContinualPersonalizer, claim_user_shard
+    from transformers_spring.training import claim_user_shard
 
     shard = claim_user_shard()  # before any TrainingArguments: this process then trains alone
     torch.set_num_threads(1)
-    args = make_args(Path(out_dir) / f"work{shard.index}", buffer_size=3, per_device_train_batch_size=2)
-    personalizer = ContinualPersonalizer(
-        make_model("llama", TRAINING_VOCAB.size),
-        make_tokenizer(TRAINING_VOCAB, chat=True),
-        args,
-        make_buffer_memory(),
-        max_resident_adapters=1,
-        shard=shard,
-    )
+    personalizer = _personalizer(Path(out_dir) / f"work{shard.index}", shard=shard)
     for period in range(2):
         for user in SHARDED_USERS:
             personalizer.observe(user, make_interactions(user, 7, start=100 * period))

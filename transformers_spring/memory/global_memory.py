@@ -250,8 +250,7 @@ class GlobalMemory:
     def match_pairs(self) -> np.ndarray:
         """Every match of the sharing rule as a `(label, label)` pair, each pair once: what a save records so that a
         load need not search for them again."""
-        pairs = [(a, b) for a, others in self.support._matches.items() for b in others if a < b]
-        return np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
+        return np.asarray(self.support.pairs(), dtype=np.int64).reshape(-1, 2)
 
     def ann_params(self) -> dict:
         """What the ANN index's structure depends on (a cached index is reused only under the same values)."""

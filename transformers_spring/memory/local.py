@@ -53,22 +53,11 @@ class VectorStore:
         return self._vectors[self.rows[record_id]].copy()
 
     def add(self, interaction: Interaction, vector: np.ndarray) -> None:
-        n = len(self.ids)
-        if n == self._vectors.shape[0]:  # amortised doubling keeps appends O(1)
-            self._vectors = np.concatenate([self._vectors, np.empty_like(self._vectors)])
-            self._timestamps = np.concatenate([self._timestamps, np.empty_like(self._timestamps)])
-            self._seq = np.concatenate([self._seq, np.empty_like(self._seq)])
-        self._vectors[n] = vector
-        self._timestamps[n] = interaction.timestamp
-        self._seq[n] = self._next_seq
-        self._next_seq += 1
-        self.ids.append(interaction.id)
-        self.rows[interaction.id] = n
-        self.records[interaction.id] = interaction
-        self._bm25.clear()
+        self.add_many([interaction], np.asarray(vector)[None])
 
     def add_many(self, interactions: Sequence[Interaction], vectors: np.ndarray) -> None:
-        """[`add`] for many records at once (a load), with one copy of their vectors. Ids must be new and unique."""
+        """Appends records (ids new and unique) with one copy of their vectors; amortised doubling keeps appends
+        O(1)."""
         n, extra = len(self.ids), len(interactions)
         if not extra:
             return

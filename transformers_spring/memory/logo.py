@@ -605,16 +605,14 @@ class LoGoMemory(
             labels = np.asarray(labels, dtype=np.int64)
             embeddings = np.stack(vectors) if vectors else np.empty((0, self.dim), dtype=np.float32)
             gm = self.global_memory
-            # The sharing rule's matches, as record positions: a load restores them instead of searching again.
-            position = np.full(max(self._next_label, 1), -1, dtype=np.int64)
+            # The shared records in label order: what the ANN entry checksums, and how the sharing rule's matches
+            # (label pairs) become record positions, which a load restores instead of searching again.
             shared_rows = np.flatnonzero(labels >= 0)
-            position[labels[shared_rows]] = shared_rows
-            pairs = gm.match_pairs()
-            match_rows = position[pairs] if len(pairs) else np.empty((0, 2), dtype=np.int64)
+            by_label = shared_rows[np.argsort(labels[shared_rows], kind="stable")]
+            match_rows = by_label[np.searchsorted(labels[by_label], gm.match_pairs())]
             index = gm.cacheable_index() if directory is not None else None
             ann = None
             if index is not None and save_ann_index(directory, index):
-                by_label = shared_rows[np.argsort(labels[shared_rows], kind="stable")]  # the order a load checks
                 ann = (embeddings[by_label], labels[by_label], gm.ann_params())
             tensors = {
                 "embeddings": embeddings,
@@ -666,15 +664,11 @@ class LoGoMemory(
                     )
                 owner[user] = i
             part_labels = tensors["labels"].copy()
-            shared = part_labels >= 0
-            order = np.argsort(part_labels[shared], kind="stable")  # labels renumbered from `next_label` up
-            renumbered = np.empty(int(shared.sum()), dtype=np.int64)
-            renumbered[order] = np.arange(next_label, next_label + len(order))
-            part_labels[shared] = renumbered
+            part_labels[part_labels >= 0] += next_label  # disjoint ranges; the restore renumbers them densely
             lines += part_lines
             embeddings.append(tensors["embeddings"])
             labels.append(part_labels)
-            next_label += len(order)
+            next_label += config["next_label"]
             gate_users = config["gate_users"]
             observed.append(tensors["gate_observed"])
             owners += [gate_users[j] if j >= 0 else None for j in tensors["gate_owner"].tolist()]
@@ -850,9 +844,7 @@ class LoGoMemory(
             capacity=config.get("capacity") if "capacity" in config else memory.capacity,
             share_by_default=config.get("share_by_default", memory.share_by_default),  # as saved, not as overridden
         )  # fmt: skip
-        tensors["match_pairs"] = match_pairs(tensors, lines, directory)
-        if tensors["match_pairs"] is None:
-            del tensors["match_pairs"]
+        match_pairs(tensors, lines, directory)  # refuses malformed saved matches before anything is restored
         memory._restore(config, lines, tensors, directory)
         return memory
 
@@ -907,17 +899,15 @@ class LoGoMemory(
             # Labels are internal (record <-> ANN row); renumbered densely on every load that rebuilds the index, so
             # deletions and evictions never make them, or the arrays indexed by them, grow without bound.
             shared = [(label, record, position) for label, (_, record, position) in enumerate(shared)]
-        new_label = {int(old): new for old, (new, _, _) in zip(saved_labels.tolist(), shared, strict=True)}
+        load_label = np.full(len(lines), -1, dtype=np.int64)  # record position -> this load's label
+        load_label[[position for _, _, position in shared]] = [label for label, _, _ in shared]
         for label, record, _ in shared:
             self._labels[(record.user_id, record.id)] = label
             self._label_keys[label] = (record.user_id, record.id)
         matches = None
         pairs = tensors.get("match_pairs")  # checked by `match_pairs` on load
         if pairs is not None and float(config.get("match_threshold", gm.match_threshold)) == gm.match_threshold:
-            # record positions -> saved labels -> this load's labels (a changed threshold searches afresh)
-            matches = np.asarray(
-                [(new_label[int(labels[a])], new_label[int(labels[b])]) for a, b in pairs.tolist()], dtype=np.int64
-            ).reshape(-1, 2)
+            matches = load_label[pairs]  # (a changed threshold searches afresh)
         if shared:
             gm.restore(
                 [label for label, _, _ in shared],

@@ -103,6 +103,10 @@ class ContributorSupport:
         self._backers.pop(label, None)
         return changed
 
+    def pairs(self) -> list[tuple[int, int]]:
+        """Every match as a `(label, label)` pair with the smaller label first, each pair once."""
+        return [(a, b) for a, others in self._matches.items() for b in others if a < b]
+
     def backers(self, label: int) -> int:
         """The number of distinct other users with an item matching `label`."""
         return len(self._backers.get(label, ()))
