@@ -1,6 +1,7 @@
 """Memory benchmark: write cost, local search, global search (latency and recall vs exact), save and load.
 
-Run: `python benchmarks/bench_memory.py` (about 3 minutes on 2 CPU cores). Vectors are synthetic, d=384 like
+Run: `python benchmarks/bench_memory.py --backend default,milvus --global-items 10000,100000` (both backends side by
+side in one run; Milvus Lite needs the `milvus` extra). Vectors are synthetic, d=384 like
 all-MiniLM-L6-v2: users prefer 2-3 of 200 topics, items are noisy topic directions. The encoder is a table look-up so
 that the numbers exclude the encoder, as the goals do; `--encoder-check` adds the real MiniLM's cost per text.
 """
@@ -8,10 +9,13 @@ that the numbers exclude the encoder, as the goals do; `--encoder-check` adds th
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import platform
+import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -95,69 +99,140 @@ def bench_local(rng) -> None:
     )
 
 
-def bench_global_and_persistence(rng, n_items: int, n_users: int, num_threads: int = -1) -> None:
+def _query(topics, prefs, user, rng) -> np.ndarray:
+    query = topics[rng.choice(prefs[user])] + 0.9 * rng.normal(size=DIM).astype(np.float32) / np.sqrt(DIM)
+    return (query / np.linalg.norm(query)).astype(np.float32)
+
+
+def make_backend(kind: str, folder: str):
+    """None (the in-process default) or a Milvus Lite backend on a new file in `folder`."""
+    if kind == "default":
+        return None
+    from transformers_spring.memory import MilvusBackend
+
+    return MilvusBackend(os.path.join(folder, "milvus.db"), collection="bench")
+
+
+def bench_global_and_persistence(
+    rng, n_items: int, n_users: int, num_threads: int = -1, kind: str = "default", folder: str = "."
+) -> dict:
+    """Builds an `n_items` memory on the backend `kind` and times writes, local, global and full-context reads, save
+    and load; returns the figures by name (ms or s)."""
     encoder = TableEncoder()
     records, topics, prefs = synthetic(n_items, n_users, rng, encoder)
+    out: dict[str, float] = {}
     # The sharing rule off (min_contributors=1): synthetic items by different users never match at cosine 0.75, so
     # under the rule nothing would be servable and searches would measure an empty answer.
     memory = LoGoMemory(
-        encoder, gate=None, dedup_threshold=None, capacity=None, num_threads=num_threads, min_contributors=1
-    )
+        encoder, gate=None, dedup_threshold=None, capacity=None, num_threads=num_threads, min_contributors=1,
+        backend=make_backend(kind, folder),
+    )  # fmt: skip
     start = time.perf_counter()
     memory.add_many(records, batch_size=4096)
-    build = time.perf_counter() - start
+    out["build (add_many, s)"] = build = time.perf_counter() - start
     gm = memory.global_memory
     start = time.perf_counter()
     communities = gm.communities()
     cluster = time.perf_counter() - start
     sizes = sorted((len(m) for m in communities.values()), reverse=True)
     print(
-        f"global memory: {len(gm)} items, {n_users} users; add_many + index build {build:.1f} s; "
+        f"[{kind}] global memory: {len(gm)} items, {n_users} users; add_many + index build {build:.1f} s; "
         f"clustering {cluster:.2f} s -> {len(communities)} communities (users per community {sizes})"
     )
+    # One write into the full memory (local + global, and on Milvus the upserts and the flush that keeps reads fast).
+    times = []
+    for i in range(30):
+        record = Interaction(f"user{i % n_users}", f"late item {i}", "r", timestamp=2e9 + i, id=f"late{i}")
+        encoder.table[record.text] = encoder.table[records[i].text]
+        start = time.perf_counter()
+        memory.add(record)
+        times.append(time.perf_counter() - start)
+    out["write p50 (ms)"] = pct(times, 50)
     for scope in ("all", "own"):
         times, recall = [], []
-        for _ in range(300):
+        for _ in range(200):
             user = int(rng.integers(n_users))
-            query = topics[rng.choice(prefs[user])] + 0.9 * rng.normal(size=DIM).astype(np.float32) / np.sqrt(DIM)
-            query = (query / np.linalg.norm(query)).astype(np.float32)
+            query = _query(topics, prefs, user, rng)
             start = time.perf_counter()
             hits = gm.search(query, 10, user_id=f"user{user}", scope=scope)
             times.append(time.perf_counter() - start)
-            exact_below, gm.exact_below = gm.exact_below, 10**12
+            exact_below, backend, gm.exact_below, gm.backend = gm.exact_below, gm.backend, 10**12, None
             truth = gm.search(query, 10, user_id=f"user{user}", scope=scope)
-            gm.exact_below = exact_below
+            gm.exact_below, gm.backend = exact_below, backend
             recall.append(len({h[0] for h in hits} & {t[0] for t in truth}) / max(len(truth), 1))
+        out[f"global search {scope} p50 (ms)"] = pct(times, 50)
+        out[f"global search {scope} p99 (ms)"] = pct(times, 99)
+        out[f"global search {scope} recall@10"] = float(np.mean(recall))
         print(
-            f"global search (scope={scope!r}, k=10, ef={gm.ef}): p50 {pct(times, 50):.3f} ms, "
+            f"[{kind}] global search (scope={scope!r}, k=10): p50 {pct(times, 50):.3f} ms, "
             f"p99 {pct(times, 99):.3f} ms, recall@10 vs exact {np.mean(recall):.3f}  [goal p50 <= 1 ms, >= 0.95]"
         )
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = os.path.join(tmp, "mem")
+    # A user's own history inside the full memory, and the whole read a generate call makes (local + gate + global
+    # + mediator; the table encoder costs ~0).
+    local_times, context_times = [], []
+    for i in range(200):
+        user = int(rng.integers(n_users))
+        query = _query(topics, prefs, user, rng)
+        encoder.table[f"query {i}"] = query
+        local = memory._locals[f"user{user}"]
         start = time.perf_counter()
-        memory.save_pretrained(folder)
-        save = time.perf_counter() - start
-        size = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder))
-        cache = (
-            os.path.getsize(os.path.join(folder, "ann_index.hnsw"))
-            if os.path.exists(os.path.join(folder, "ann_index.hnsw"))
-            else 0
-        )
+        local.search(query, "", 10)
+        local_times.append(time.perf_counter() - start)
         start = time.perf_counter()
-        loaded = LoGoMemory.from_pretrained(folder, encoder=encoder, num_threads=num_threads)
-        load = time.perf_counter() - start
-        same = _same_hits(memory, loaded, topics, prefs, rng)
-        if cache:
-            os.remove(os.path.join(folder, "ann_index.hnsw"))
-        start = time.perf_counter()
-        rebuilt = LoGoMemory.from_pretrained(folder, encoder=encoder, num_threads=num_threads)
-        load_rebuild = time.perf_counter() - start
-    assert len(loaded) == len(memory) == len(rebuilt)
+        memory.retrieve_context(f"user{user}", f"query {i}", k=4)
+        context_times.append(time.perf_counter() - start)
+    out["local search in memory p50 (ms)"] = pct(local_times, 50)
+    out["retrieve_context p50 (ms)"] = pct(context_times, 50)
+    out["retrieve_context p99 (ms)"] = pct(context_times, 99)
     print(
-        f"persistence at {len(memory)} records: save {save:.2f} s ({size / 2**20:.0f} MiB, of which the ANN cache "
-        f"{cache / 2**20:.0f} MiB); load {load:.2f} s with the cached index (global hits identical to before the "
-        f"save: {same}) against {load_rebuild:.2f} s rebuilding it: ratio {load / load_rebuild:.3f}  [goal <= 5 s]"
+        f"[{kind}] local search (one user's ~{n_items // n_users} items in the {n_items}-record memory, k=10): p50 "
+        f"{pct(local_times, 50):.3f} ms; retrieve_context (the read of a generate call): p50 "
+        f"{pct(context_times, 50):.3f} ms, p99 {pct(context_times, 99):.3f} ms"
     )
+    save_dir = os.path.join(folder, f"mem-{kind}-{n_items}")
+    start = time.perf_counter()
+    memory.save_pretrained(save_dir)
+    out["save (s)"] = save = time.perf_counter() - start
+    size = sum(os.path.getsize(os.path.join(save_dir, f)) for f in os.listdir(save_dir))
+    cache_file = os.path.join(save_dir, "ann_index.hnsw")
+    cache = os.path.getsize(cache_file) if os.path.exists(cache_file) else 0
+    start = time.perf_counter()
+    loaded = LoGoMemory.from_pretrained(save_dir, encoder=encoder, num_threads=num_threads)
+    out["load (s)"] = load = time.perf_counter() - start
+    assert len(loaded) == len(memory)
+    same = _same_hits(memory, loaded, topics, prefs, rng)
+    line = (
+        f"[{kind}] persistence at {len(memory)} records: save {save:.2f} s ({size / 2**20:.1f} MiB in the folder, "
+        f"of which the ANN cache {cache / 2**20:.0f} MiB); load {load:.2f} s (global hits identical to before the "
+        f"save: {same})"
+    )
+    if cache:
+        os.remove(cache_file)
+        start = time.perf_counter()
+        rebuilt = LoGoMemory.from_pretrained(save_dir, encoder=encoder, num_threads=num_threads)
+        load_rebuild = time.perf_counter() - start
+        assert len(rebuilt) == len(memory)
+        line += f" against {load_rebuild:.2f} s rebuilding the index: ratio {load / load_rebuild:.3f}"
+    print(line + "  [goal <= 5 s]")
+    if memory.backend is not None:
+        memory.backend.drop()
+        memory.backend.close()
+        loaded.backend.close()
+    sys.stdout.flush()  # this runs in a worker process (see main)
+    return out
+
+
+def side_by_side(results: dict[tuple[str, int], dict]) -> None:
+    """One table: a row per figure, a column per (backend, size)."""
+    columns = sorted(results, key=lambda key: (key[1], key[0]))
+    names = list(dict.fromkeys(name for figures in results.values() for name in figures))
+    header = ["figure"] + [f"{kind} @ {n:,}" for kind, n in columns]
+    print("\nside by side (" + ", ".join(header[1:]) + "):")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for name in names:
+        cells = [f"{results[c][name]:.3f}" if name in results[c] else "-" for c in columns]
+        print("| " + " | ".join([name, *cells]) + " |")
 
 
 def _same_hits(memory, loaded, topics, prefs, rng, n: int = 50) -> bool:
@@ -189,13 +264,40 @@ def main() -> None:
     parser.add_argument("--encoder-check", action="store_true", help="also time the packaged MiniLM encoder")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-threads", type=int, default=-1, help="hnswlib threads (-1: all cores)")
+    parser.add_argument(
+        "--backend", type=str, default="default,milvus",
+        help="comma-separated backends: default (in-process) and/or milvus (Milvus Lite, the `milvus` extra)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--milvus-max-items", type=int, default=100_000,
+        help="largest size run on Milvus Lite (it searches brute force: 1M records take too long here)",
+    )  # fmt: skip
     args = parser.parse_args()
+    kinds = [kind.strip() for kind in args.backend.split(",") if kind.strip()]
+    unknown = sorted(set(kinds) - {"default", "milvus"})
+    if unknown:
+        parser.error(f"--backend: unknown backend(s) {unknown}; choose from default, milvus")
     rng = np.random.default_rng(args.seed)
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, numpy {np.__version__}")
-    bench_writes(rng)
-    bench_local(rng)
-    for n_items in (int(n) for n in args.global_items.split(",")):
-        bench_global_and_persistence(rng, n_items, args.global_users, args.num_threads)
+    if "default" in kinds:
+        bench_writes(rng)
+        bench_local(rng)
+    results = {}
+    # Each (backend, size) runs in a fresh process, one after another: Milvus Lite's embedded server keeps threads
+    # (and grpc keepalives) that would otherwise share the CPU with the next run.
+    spawn = multiprocessing.get_context("spawn")
+    with tempfile.TemporaryDirectory() as folder:
+        for kind in kinds:
+            for n_items in (int(n) for n in args.global_items.split(",")):
+                if kind == "milvus" and n_items > args.milvus_max_items:
+                    print(f"[milvus] {n_items} records: skipped (over --milvus-max-items={args.milvus_max_items})")
+                    continue
+                with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as pool:
+                    results[(kind, n_items)] = pool.submit(
+                        bench_global_and_persistence, np.random.default_rng(args.seed + n_items), n_items,
+                        args.global_users, args.num_threads, kind, folder,
+                    ).result()  # fmt: skip
+    side_by_side(results)
     if args.encoder_check:
         bench_encoder()
 

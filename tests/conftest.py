@@ -1,6 +1,7 @@
 import logging
 import os
 import sys
+import uuid
 import warnings
 
 # Read at import time by huggingface_hub and transformers: set before anything imports them.
@@ -79,11 +80,49 @@ def encoder():
     return HashingEncoder(64)
 
 
+@pytest.fixture(scope="session")
+def milvus_lite_uri(tmp_path_factory):
+    """One Milvus Lite file for the session (each memory gets its own collections in it). Skipped without the
+    `milvus` extra, unless `SPRING_REQUIRE_MILVUS=1` (CI sets it): then a missing extra fails the tests."""
+    if os.environ.get("SPRING_REQUIRE_MILVUS") == "1":
+        import milvus_lite  # noqa: F401
+        import pymilvus  # noqa: F401
+    else:
+        pytest.importorskip("pymilvus", reason="the milvus extra is not installed")
+        pytest.importorskip("milvus_lite", reason="the milvus extra is not installed")
+    return str(tmp_path_factory.mktemp("milvus") / "memory.db")
+
+
 @pytest.fixture
-def make_memory(encoder):
+def backend(request):
+    """The memory backend a test runs on: `None` (in-process, the default) or, under
+    `@pytest.mark.parametrize("backend", testing_utils.BACKENDS, indirect=True)`, a factory of Milvus Lite backends, one pair of
+    collections per memory, dropped after the test."""
+    if getattr(request, "param", "default") == "default":
+        yield None
+        return
+    from transformers_spring.memory import MilvusBackend
+
+    uri, made = request.getfixturevalue("milvus_lite_uri"), []
+
+    def make():
+        made.append(MilvusBackend(uri, collection=f"t{uuid.uuid4().hex[:16]}", num_buckets=4))
+        return made[-1]
+
+    yield make
+    for store in made:
+        store.drop()
+        store.close()
+
+
+@pytest.fixture
+def make_memory(encoder, backend):
     def make(**kwargs):
         kwargs.setdefault("gate", None)
         kwargs.setdefault("num_threads", 1)
+        if backend is not None:
+            kwargs.setdefault("backend", backend())
+            kwargs.setdefault("exact_below", 0)  # global searches go to Milvus too, not to the exact path here
         return LoGoMemory(kwargs.pop("encoder", encoder), **kwargs)
 
     return make

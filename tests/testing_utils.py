@@ -24,6 +24,9 @@ from transformers import LogitsProcessorList, PreTrainedTokenizerFast
 from transformers_spring.memory import HashingEncoder, Interaction, LoGoMemory
 from transformers_spring.records import MediatedContext, RetrievedItem
 
+# The memory backends the memory suite runs on (the `backend` fixture in conftest.py): in-process, and Milvus Lite.
+BACKENDS = ("default", "milvus")
+
 # ------------------------------------------------------------------------------------------------------ vocabulary
 SPECIALS = ("<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "[UNK]")
 PAD, BOS, EOS = 0, 1, 2

@@ -23,8 +23,8 @@ _EXPORTS = {
         "RetrievalInterpolationLogitsProcessor", "SpringConfig", "SpringForCausalLM", "skinny_cpu_linear",
     ),
     "memory": (
-        "BM25Index", "CalibratedMediator", "ContributorSupport", "HashingEncoder", "LoGoMemory", "Mediator",
-        "MediatorExample", "RelevanceGate", "resolve_encoder",
+        "BM25Index", "BackendError", "CalibratedMediator", "ContributorSupport", "HashingEncoder", "LoGoMemory",
+        "Mediator", "MediatorExample", "MilvusBackend", "RelevanceGate", "VectorBackend", "resolve_encoder",
     ),
     "records": ("BufferStore", "Interaction", "MediatedContext", "RetrievalMemory", "RetrievedItem"),
     "training": (
@@ -38,6 +38,7 @@ _SOURCE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = [
     "AdapterRouter",
     "BM25Index",
+    "BackendError",
     "BaseLogProbCache",
     "BenchmarkArguments",
     "BufferStore",
@@ -53,6 +54,7 @@ __all__ = [
     "MediatedContext",
     "Mediator",
     "MediatorExample",
+    "MilvusBackend",
     "PeriodSplit",
     "Personalization",
     "RelevanceGate",
@@ -65,6 +67,7 @@ __all__ = [
     "SpringTrainer",
     "SpringTrainingArguments",
     "UserShard",
+    "VectorBackend",
     "__version__",
     "claim_user_shard",
     "convert_news_category",
@@ -125,6 +128,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, eagerly
         skinny_cpu_linear,
     )
     from .memory import (
+        BackendError,
         BM25Index,
         CalibratedMediator,
         ContributorSupport,
@@ -132,7 +136,9 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, eagerly
         LoGoMemory,
         Mediator,
         MediatorExample,
+        MilvusBackend,
         RelevanceGate,
+        VectorBackend,
         resolve_encoder,
     )
     from .records import BufferStore, Interaction, MediatedContext, RetrievalMemory, RetrievedItem

@@ -124,6 +124,9 @@ class GlobalMemory:
 
         self._index: hnswlib.Index | None = None
         self._tombstones = 0
+        self._unlinked = False  # items were added with the rule off, so their matches were never searched
+        # An external [`VectorBackend`] that answers ANN searches (set by [`LoGoMemory`]); None uses the index here.
+        self.backend = None
 
         self._user_community = np.full(16, -1, dtype=np.int64)
         self._centroids = np.empty((0, dim), dtype=np.float32)
@@ -195,7 +198,8 @@ class GlobalMemory:
         self._label_row[labels] = rows
         self._n += labels.size
         if self._index is None:
-            self._build_index()
+            if self.backend is None:  # with a backend, searches go there: the index here is built when matching needs it
+                self._build_index()
         elif not indexed:
             self._index.add_items(self._vectors[rows], labels, num_threads=self.num_threads)
         self._row_backers[rows] = 0
@@ -247,9 +251,12 @@ class GlobalMemory:
             changed += self.support.link(a, b)
         self._update_backers(changed)
 
-    def match_pairs(self) -> np.ndarray:
+    def match_pairs(self) -> np.ndarray | None:
         """Every match of the sharing rule as a `(label, label)` pair, each pair once: what a save records so that a
-        load need not search for them again."""
+        load need not search for them again. None when items were added with the rule off (their matches were never
+        searched, so a load with the rule on must search them)."""
+        if self._unlinked:
+            return None
         return np.asarray(self.support.pairs(), dtype=np.int64).reshape(-1, 2)
 
     def ann_params(self) -> dict:
@@ -286,11 +293,12 @@ class GlobalMemory:
                 self._label_row[self._row_label[row]] = row
             self._label_row[label] = -1
             self._n -= 1
-            self._index.mark_deleted(int(label))
-            self._tombstones += 1
+            if self._index is not None:
+                self._index.mark_deleted(int(label))
+                self._tombstones += 1
             removed += 1
             self._update_backers(changed)
-        if self._tombstones > self.rebuild_tombstone_ratio * (self._n + self._tombstones):
+        if self._index is not None and self._tombstones > self.rebuild_tombstone_ratio * (self._n + self._tombstones):
             self._build_index()
         return removed
 
@@ -327,7 +335,8 @@ class GlobalMemory:
         k = self.support.min_contributors if min_contributors is None else min_contributors
         tau = self.support.match_threshold if match_threshold is None else match_threshold
         check_support_rule(k, tau)
-        if float(tau) != self.support.match_threshold:
+        if float(tau) != self.support.match_threshold or (self._unlinked and int(k) > 1):
+            self._unlinked = False
             self.support = ContributorSupport(k, tau)
             rows = np.arange(self._n)
             self._row_backers[rows] = 0
@@ -352,6 +361,9 @@ class GlobalMemory:
         author's own item count, so a prolific author's own items do not crowd out other users')."""
         if not len(rows):
             return
+        if self.support.needed == 0:  # the rule is off: matches decide nothing (set_support_rule finds them if needed)
+            self._unlinked = True
+            return
         tau, n = self.support.match_threshold, self._n
         changed: list[int] = []
         queries = self._vectors[rows]
@@ -362,6 +374,8 @@ class GlobalMemory:
                 for i, j in zip(*np.nonzero(scores >= tau), strict=True):
                     changed += self.support.link(int(self._row_label[block[i]]), int(self._row_label[j]))
         else:
+            if self._index is None:
+                self._build_index()
             own = int(self._user_count[self._row_user[rows]].max())
             want = min(self.max_matches + own, 1024, n)
             if want > self.ef:
@@ -542,7 +556,7 @@ class GlobalMemory:
             return []
         k = min(k, n_candidates)
         if n_candidates > self.exact_below:
-            hits = self._ann_search(query, k, communities, own, row_ok, n_candidates)
+            hits = self._ann_search(query, k, communities, own, row_ok, n_candidates, before)
             if hits is not None:
                 return hits
         if row_ok is None:
@@ -566,7 +580,38 @@ class GlobalMemory:
     def _label_timestamp(self, label: int) -> float:
         return float(self._row_ts[self._label_row[label]])
 
-    def _ann_search(self, query, k, communities, own, row_ok, n_candidates):
+    def _backend_search(self, query, k, communities, own, row_ok, before):
+        # The backend filters on the users in scope and the time; the sharing rule is checked here, on an oversample
+        # by the servable fraction of those users' items.
+        active = self._user_count[: len(self._users)] > 0
+        in_scope = active & np.isin(self._user_community[: len(self._users)], communities)
+        if own >= 0:
+            in_scope[own] = False
+        members = np.flatnonzero(in_scope)
+        total = int(self._user_count[members].sum())
+        servable = max(int(self._user_servable[members].sum()), 1)
+        want = min(total, math.ceil(2 * k * total / servable) + 8)
+        # The shorter filter: the users in scope, or every other user with items (Milvus evaluates the list per row).
+        outside = np.flatnonzero(active & ~in_scope)
+        if len(outside) < len(members):
+            names = [self._users[i] for i in outside.tolist() if self._users[i] is not None]
+            found = self.backend.search("global", query, want, exclude_users=names, before=before)
+        else:
+            names = [self._users[i] for i in members.tolist() if self._users[i] is not None]
+            found = self.backend.search("global", query, want, users=names, before=before)
+        labels = np.asarray([label for label, _ in found if label in self], dtype=np.int64)
+        if not labels.size:
+            return None
+        scores = {label: score for label, score in found}
+        rows = self._label_row[labels]
+        keep = row_ok[rows] if row_ok is not None else self._row_mask(communities, own, None, rows)
+        if int(keep.sum()) < k:
+            return None
+        return [(int(label), float(scores[int(label)])) for label in labels[keep][:k]]
+
+    def _ann_search(self, query, k, communities, own, row_ok, n_candidates, before=None):
+        if self.backend is not None:
+            return self._backend_search(query, k, communities, own, row_ok, before)
         # Oversample by the inverse candidate fraction (x2 margin) so the post-filter still leaves k hits.
         want = min(self._n, math.ceil(2 * k * self._n / n_candidates) + 8)
         try:

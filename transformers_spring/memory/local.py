@@ -169,6 +169,8 @@ class LocalMemory:
         self.history = VectorStore(dim)
         self.buffer = VectorStore(dim)
         self._centroid: np.ndarray | None = None
+        # An external [`VectorBackend`] that answers dense searches (set by [`LoGoMemory`]); None searches here.
+        self.backend = None
 
     def __len__(self) -> int:
         return len(self.history)
@@ -269,9 +271,16 @@ class LocalMemory:
         if region not in REGIONS:
             raise ValueError(f"`region` must be one of {REGIONS}, got {region!r}.")
         stores = {"history": [self.history], "buffer": [self.buffer], "all": [self.history, self.buffer]}[region]
+        stores = [store for store in stores if len(store)]  # an empty buffer costs no search (nor a backend call)
         best: dict[str, tuple[float, VectorStore]] = {}
         for store in stores:
-            for record_id, score in store.search(query_vector, query_text, k, scorer, before, self.bm25_idf):
+            if scorer == "dense" and self.backend is not None:
+                name = "history" if store is self.history else "buffer"
+                found = self.backend.search("local", query_vector, k, users=[self.user_id], region=name, before=before)
+                found = [(record_id, score) for record_id, score in found if record_id in store]
+            else:
+                found = store.search(query_vector, query_text, k, scorer, before, self.bm25_idf)
+            for record_id, score in found:
                 if record_id not in best or score > best[record_id][0]:
                     best[record_id] = (score, store)
         ranked = sorted(best.items(), key=lambda kv: (-kv[1][0], -kv[1][1].records[kv[0]].timestamp))[:k]

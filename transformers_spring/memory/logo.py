@@ -32,10 +32,12 @@ from ..persistence.memory_files import (
     match_pairs,
     no_ann_cache,
     read_ann_index,
+    read_backend_rows,
     read_json,
     read_records,
     read_tensors,
     save_ann_index,
+    write_backend_files,
     write_files,
 )
 from ..persistence.registry import ClassRegistry, qualified_name
@@ -49,6 +51,7 @@ from ..records import (
     to_timestamp,
 )
 from ..version import __version__
+from .backends import VectorBackend, WriteJournal
 from .encoders import Encoder, normalize_rows, resolve_encoder
 from .gate import RelevanceGate
 from .global_memory import SCOPES, GlobalMemory
@@ -122,6 +125,12 @@ class LoGoMemory(
             index builds).
         seed (`int`, *optional*, defaults to 0): seed for k-means and hnswlib.
         device (`str`, *optional*): device for a sentence-transformers encoder.
+        backend ([`VectorBackend`], *optional*): an external store for the vectors and records, e.g.
+            [`~memory.milvus.MilvusBackend`]; its collections must be empty (load a saved one with
+            [`~LoGoMemory.from_pretrained`]). Dense searches go to it, every write is written through to it (see
+            [`WriteJournal`]: a write the backend did not confirm raises [`BackendError`] and is retried at the next
+            write), and a save writes a manifest naming it instead of the records. `None` (the default) keeps
+            everything in this process.
 
     Example:
 
@@ -168,6 +177,7 @@ class LoGoMemory(
         num_threads: int = -1,
         seed: int = 0,
         device: str | None = None,
+        backend: VectorBackend | None = None,
     ):
         if scorer not in SCORERS:
             raise ValueError(f"`scorer` must be one of {SCORERS}, got {scorer!r}.")
@@ -215,6 +225,49 @@ class LoGoMemory(
         self._next_label = 0
         self._lock = threading.RLock()
         self._save_lock = threading.Lock()
+        self.backend: VectorBackend | None = None
+        self._journal: WriteJournal | None = None
+        self._write_seq = 0  # the write order of backend rows (a load from the backend restores it)
+        if backend is not None:
+            self._attach_backend(backend, fresh=True)
+
+    def _attach_backend(self, backend: VectorBackend, fresh: bool) -> None:
+        if not isinstance(backend, VectorBackend):
+            raise TypeError(f"`backend` must implement VectorBackend, got {type(backend).__name__}.")
+        backend.connect(self.dim)
+        if fresh:
+            held = {scope: backend.count(scope) for scope in ("local", "global")}
+            if any(held.values()):
+                raise ValueError(
+                    f"{backend!r} already holds {held['local']} local and {held['global']} global rows: load that "
+                    "memory with LoGoMemory.from_pretrained, or give this one an empty collection."
+                )
+        self.backend = backend
+        self._journal = WriteJournal(backend)
+        self.global_memory.backend = backend
+        for local in self._locals.values():
+            local.backend = backend
+
+    def _local_row(self, record: Interaction, vector: np.ndarray, region: str, score: float | None = None) -> dict:
+        self._write_seq += 1
+        return {
+            "user_id": record.user_id, "region": region, "record_id": record.id, "timestamp": record.timestamp,
+            "seq": self._write_seq, "score": score, "record": record.to_dict(), "vector": vector,
+        }  # fmt: skip
+
+    def _commit(self) -> None:
+        """Writes the queued backend writes through (under the lock, so the backend sees them in memory order)."""
+        if self._journal is not None:
+            self._journal.commit()
+
+    def flush(self) -> None:
+        """Writes through every backend write still queued after a failure (a no-op without a backend).
+
+        Raises:
+            [`BackendError`]: the backend is still unreachable; the writes stay queued.
+        """
+        with self._lock:
+            self._commit()
 
     # ----------------------------------------------------------------- basics
     def __len__(self) -> int:
@@ -329,7 +382,9 @@ class LoGoMemory(
                 local = self._locals.get(record.user_id)
                 if local is not None and record.id in local.history:
                     raise ValueError(f"`id` {record.id!r} is already stored for user {record.user_id!r}.")
-            return self._insert(records, vectors)
+            ids = self._insert(records, vectors)
+            self._commit()
+            return ids
 
     def _local(self, user_id: str) -> LocalMemory:
         local = self._locals.get(user_id)
@@ -337,6 +392,7 @@ class LoGoMemory(
             local = self._locals[user_id] = LocalMemory(
                 user_id, self.dim, self.capacity, self.dedup_threshold, self.buffer_size, self.bm25_idf
             )
+            local.backend = self.backend
         return local
 
     def _insert(self, records: Sequence[Interaction], vectors: np.ndarray) -> list[str]:
@@ -345,6 +401,10 @@ class LoGoMemory(
             stored_id, added, gone = self._local(record.user_id).add(record, vector)
             ids.append(stored_id)
             evicted.extend(gone)
+            if self._journal is not None:
+                self._journal.delete("local", [(r.user_id, "history", r.id) for r in gone])
+                if added:
+                    self._journal.upsert("local", [self._local_row(record, vector, "history")])
             if added and self._share.get(record.user_id, self.share_by_default):
                 shared.append((record, vector))
         self._unshare([(r.user_id, r.id) for r in evicted])
@@ -362,12 +422,19 @@ class LoGoMemory(
         self.global_memory.add(
             labels, [r.user_id for r, _ in pairs], np.stack([v for _, v in pairs]), [r.timestamp for r, _ in pairs]
         )
+        if self._journal is not None:
+            self._journal.upsert("global", [
+                {"label": label, "user_id": r.user_id, "record_id": r.id, "timestamp": r.timestamp, "vector": v}
+                for label, (r, v) in zip(labels, pairs, strict=True)
+            ])  # fmt: skip
 
     def _unshare(self, keys: Iterable[tuple[str, str]]) -> None:
         labels = [self._labels.pop(key) for key in keys if key in self._labels]
         for label in labels:
             del self._label_keys[label]
         self.global_memory.remove(labels)
+        if self._journal is not None:
+            self._journal.delete("global", labels)
 
     def delete(self, user_id: str, interaction_id: str) -> bool:
         """Really deletes one record (history and buffer, local and global). Returns whether it existed."""
@@ -379,6 +446,9 @@ class LoGoMemory(
             if local is None or not local.remove(interaction_id):
                 return False
             self._unshare([(user_id, interaction_id)])
+            if self._journal is not None:
+                self._journal.delete("local", [(user_id, region, interaction_id) for region in ("history", "buffer")])
+            self._commit()
             return True
 
     def forget_user(self, user_id: str) -> bool:
@@ -395,6 +465,10 @@ class LoGoMemory(
                 self._unshare([(user_id, rid) for rid in local.history.ids])
             self.global_memory.forget(user_id)  # the user table too: the id is in no later save
             self.gate.forget(user_id)  # and the scores their queries added to the gate's quantile
+            if self._journal is not None:  # a delete by user in both collections, each checked empty afterwards
+                self._journal.delete_user("local", user_id)
+                self._journal.delete_user("global", user_id)
+            self._commit()
             return known
 
     def set_sharing(self, user_id: str, share: bool) -> None:
@@ -412,6 +486,7 @@ class LoGoMemory(
                 self._share_records([(local.history.records[i], local.history.vector(i)) for i in local.history.ids])
             else:
                 self._unshare([(user_id, rid) for rid in local.history.ids])
+            self._commit()
 
     def set_buffer(
         self, user_id: str, interactions: Sequence[Interaction | dict], scores: Sequence[float] | None = None
@@ -437,7 +512,16 @@ class LoGoMemory(
             known[i] = vector
         vectors = np.stack(known) if known else np.empty((0, self.dim), dtype=np.float32)
         with self._lock:
-            self._local(user_id).set_buffer(records, vectors, scores)
+            local = self._local(user_id)
+            old = list(local.buffer.ids)
+            local.set_buffer(records, vectors, scores)
+            if self._journal is not None:
+                self._journal.delete("local", [(user_id, "buffer", rid) for rid in old])
+                self._journal.upsert("local", [
+                    self._local_row(r, v, "buffer", None if scores is None else float(scores[i]))
+                    for i, (r, v) in enumerate(zip(records, vectors, strict=True))
+                ])  # fmt: skip
+            self._commit()
 
     def _known_vectors(self, user_id: str, records: Sequence[Interaction]) -> list[np.ndarray | None]:
         """Per record, the vector this user's memory already stores for the same id and text, or None."""
@@ -609,7 +693,8 @@ class LoGoMemory(
             # (label pairs) become record positions, which a load restores instead of searching again.
             shared_rows = np.flatnonzero(labels >= 0)
             by_label = shared_rows[np.argsort(labels[shared_rows], kind="stable")]
-            match_rows = by_label[np.searchsorted(labels[by_label], gm.match_pairs())]
+            pairs = gm.match_pairs()
+            match_rows = None if pairs is None else by_label[np.searchsorted(labels[by_label], pairs)]
             index = gm.cacheable_index() if directory is not None else None
             ann = None
             if index is not None and save_ann_index(directory, index):
@@ -617,7 +702,7 @@ class LoGoMemory(
             tensors = {
                 "embeddings": embeddings,
                 "labels": labels,
-                "match_pairs": match_rows,
+                **({} if match_rows is None else {"match_pairs": match_rows}),
                 "gate_observed": self.gate.observed(),
                 "gate_owner": gate_owner,
                 "community_centroids": community["centroids"],
@@ -691,9 +776,47 @@ class LoGoMemory(
         return merged
 
     def _save_pretrained(self, save_directory: Path) -> None:
-        config, lines, tensors = self._snapshot(Path(save_directory))
-        write_files(save_directory, config, lines, tensors)
+        if self.backend is not None:
+            config, tensors = self._backend_snapshot()
+            write_backend_files(save_directory, config, tensors)
+        else:
+            config, lines, tensors = self._snapshot(Path(save_directory))
+            write_files(save_directory, config, lines, tensors)
         self._card_counts = config["counts"]
+
+    def _backend_snapshot(self) -> tuple[dict, dict[str, np.ndarray]]:
+        """A save on an external backend: the settings, the manifest naming the backend and the gate's state, once
+        every queued write is confirmed (else [`BackendError`], and nothing is written)."""
+        with self._lock:
+            self._commit()
+            owners = self.gate.owners()
+            gate_users = sorted({o for o in owners if o is not None})
+            position = {user: i for i, user in enumerate(gate_users)}
+            config = {
+                "format_version": FORMAT_VERSION,
+                "library": "transformers_spring",
+                "library_version": __version__,
+                **self.config(),
+                "mediator": {"class": qualified_name(type(self.mediator)), **self.mediator.config()},
+                "backend": self.backend.manifest(),
+                "counts": {
+                    "users": len(self._locals),
+                    "records": len(self),
+                    "buffer_records": self.num_buffer_items,
+                    "shared_records": len(self._labels),
+                },
+                "sharing": dict(self._share),
+                "next_label": self._next_label,
+                "gate_users": gate_users,
+                "saved_at": time.time(),
+            }
+            tensors = {
+                "embeddings": np.empty((0, self.dim), dtype=np.float32),
+                "labels": np.empty(0, dtype=np.int64),
+                "gate_observed": self.gate.observed(),
+                "gate_owner": np.asarray([position.get(o, -1) for o in owners], dtype=np.int64),
+            }
+        return config, tensors
 
     def generate_model_card(self, *args, **kwargs) -> ModelCard:
         counts = getattr(self, "_card_counts", None) or {"users": len(self._locals), "records": len(self)}
@@ -789,7 +912,7 @@ class LoGoMemory(
         )
 
     @classmethod
-    def _from_pretrained(cls, *, model_id: str, encoder: Any = None, **kwargs) -> LoGoMemory:
+    def _from_pretrained(cls, *, model_id: str, encoder: Any = None, backend: Any = None, **kwargs) -> LoGoMemory:
         for key in ("revision", "cache_dir", "force_download", "local_files_only", "token", "proxies"):
             kwargs.pop(key, None)
         directory = Path(model_id)
@@ -833,6 +956,12 @@ class LoGoMemory(
                 f"{memory.encoder.name!r} produces dim={memory.dim}."
             )
         tensors = read_tensors(directory, config["dim"])
+        if config.get("backend") is not None:
+            return memory._connect_saved_backend(config, tensors, directory, backend)
+        if backend is not None:
+            raise ValueError(
+                f"{CONFIG_FILE} in {directory} names no backend: this memory's records are in the folder."
+            )
         lines = read_records(directory, memory.max_text_chars)
         if len(lines) != tensors["embeddings"].shape[0]:
             raise ValueError(
@@ -848,12 +977,42 @@ class LoGoMemory(
         memory._restore(config, lines, tensors, directory)
         return memory
 
+    def _connect_saved_backend(self, config: dict, tensors: dict, directory: Path, backend: Any) -> LoGoMemory:
+        """Loads a memory saved on an external backend: connects to the store its manifest names (or `backend`) and
+        restores every record from there, keeping the global labels (other processes may use the same store)."""
+        manifest = config["backend"]
+        if backend is None:
+            if not isinstance(manifest, dict) or manifest.get("type") != "milvus":
+                raise ValueError(
+                    f"{CONFIG_FILE} in {directory}: field 'backend' names no known backend: {manifest!r}."
+                )
+            from .milvus import MilvusBackend
+
+            backend = MilvusBackend.from_manifest(manifest)
+        self._attach_backend(backend, fresh=False)
+        sharing = {u: bool(s) for u, s in config.get("sharing", {}).items()}
+        lines, rows, last_seq = read_backend_rows(
+            backend.rows("local"), backend.rows("global"), dim=self.dim, max_text_chars=self.max_text_chars,
+            where=f"{backend!r}", sharing=sharing, share_by_default=config.get("share_by_default", True),
+        )  # fmt: skip
+        labels = rows["labels"]
+        config = dict(config, next_label=max(int(config["next_label"]), int(labels.max(initial=-1)) + 1))
+        config.pop("communities", None)  # other writers may have changed them: clustered afresh at the next search
+        observed = tensors.get("gate_observed", np.empty(0))
+        rows.update({key: tensors[key] for key in ("gate_observed", "gate_owner") if key in tensors})
+        if observed.ndim != 1 or not np.isfinite(observed).all():
+            raise ValueError(f"{EMBEDDINGS_FILE} in {directory}: 'gate_observed' must be finite scores.")
+        self._restore(config, lines, rows, keep_labels=True)
+        self._write_seq = last_seq
+        return self
+
     def _restore(
         self,
         config: dict,
         lines: list[tuple[Interaction, dict]],
         tensors: dict[str, np.ndarray],
         directory: Path | None = None,
+        keep_labels: bool = False,
     ) -> None:
         """Fills a fresh memory from loaded files, bypassing dedup and eviction (they ran when it was written). The
         global index comes from `directory`'s ANN cache when it is valid, else it is rebuilt."""
@@ -895,7 +1054,7 @@ class LoGoMemory(
                 directory, config.get("ann_index"), vectors, saved_labels,
                 gm.ann_params(), max_elements=2 * len(shared),
             )  # fmt: skip
-        if index is None:
+        if index is None and not keep_labels:
             # Labels are internal (record <-> ANN row); renumbered densely on every load that rebuilds the index, so
             # deletions and evictions never make them, or the arrays indexed by them, grow without bound.
             shared = [(label, record, position) for label, (_, record, position) in enumerate(shared)]
@@ -917,7 +1076,7 @@ class LoGoMemory(
                 index=index,
                 matches=matches,
             )
-        self._next_label = config["next_label"] if index is not None else len(shared)
+        self._next_label = config["next_label"] if index is not None or keep_labels else len(shared)
         observed = tensors.get("gate_observed", np.empty(0))
         self.gate.load_observed(observed, gate_owners(config, tensors, len(observed)))
         community = config.get("communities")

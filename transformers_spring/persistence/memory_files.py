@@ -263,6 +263,71 @@ def write_files(directory: Path, config: dict, lines: list[dict], tensors: dict[
     (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
 
 
+def write_backend_files(directory: Path, config: dict, tensors: dict[str, np.ndarray]) -> None:
+    """Writes a memory whose records live in an external backend: `embeddings.safetensors` with the small state
+    (gate scores and their owners; no embeddings), then `config.json`, whose `backend` field names the store. No
+    record, text or vector is written: the folder connects to the store again, never copies it."""
+    save_file(tensors, str(directory / EMBEDDINGS_FILE), metadata={"format_version": str(FORMAT_VERSION)})
+    (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
+
+
+def read_backend_rows(
+    local_rows: Iterator[dict],
+    global_rows: Iterator[dict],
+    *,
+    dim: int,
+    max_text_chars: int,
+    where: str,
+    sharing: dict,
+    share_by_default: bool,
+) -> tuple[list[tuple[Interaction, dict]], dict[str, np.ndarray], int]:
+    """A backend's rows as a load's `(lines, tensors, last write seq)`, checked like a folder's files: every record
+    validates, matches its row's user and id, and has a finite unit-norm vector of `dim`; global rows must name a
+    stored history record of a sharing user, once. Errors name the collection (`where`) and the record."""
+    local_rows = sorted(local_rows, key=lambda row: int(row.get("seq", 0)))
+    lines, vectors = [], []
+    for row in local_rows:
+        name = f"{where}_local: record {row.get('record_id')!r} of user {row.get('user_id')!r}"
+        try:
+            record = Interaction.from_dict(row["record"], max_text_chars=max_text_chars)
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"{name}: {err}") from err
+        if (record.user_id, record.id) != (row.get("user_id"), row.get("record_id")):
+            raise ValueError(f"{name}: the stored record names user {record.user_id!r}, id {record.id!r}.")
+        if row.get("region") not in ("history", "buffer"):
+            raise ValueError(f"{name}: unknown region {row.get('region')!r}.")
+        vector = np.asarray(row.get("vector"), dtype=np.float32)
+        if vector.shape != (dim,) or not np.isfinite(vector).all() or abs(float(vector @ vector) - 1.0) > 2e-3:
+            raise ValueError(f"{name}: the vector must be {dim} finite numbers of norm 1.")
+        line = dict(row["record"], region=row["region"])
+        if row.get("score") is not None:
+            line["score"] = float(row["score"])
+        lines.append((record, line))
+        vectors.append(vector)
+    history = {(r.user_id, r.id): i for i, (r, line) in enumerate(lines) if line["region"] == "history"}
+    labels = np.full(len(lines), -1, dtype=np.int64)
+    seen: set[int] = set()
+    for row in global_rows:
+        key, label = (row.get("user_id"), row.get("record_id")), int(row.get("label", -1))
+        position = history.get(key)
+        if (position is None or label < 0 or label in seen or labels[position] >= 0
+                or not sharing.get(key[0], share_by_default)):  # fmt: skip
+            # A shared row without its record (or of a user who opted out, or twice): never served; left to the
+            # writer that owns it.
+            logger.warning(
+                "%s_global: label %s of user %r has no shared history record; ignored", where, label, key[0]
+            )
+            continue
+        labels[position] = label
+        seen.add(label)
+    tensors = {
+        "embeddings": np.stack(vectors) if vectors else np.empty((0, dim), dtype=np.float32),
+        "labels": labels,
+    }
+    last_seq = max((int(row.get("seq", 0)) for row in local_rows), default=0)
+    return lines, tensors, last_seq
+
+
 def _sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:

@@ -1,0 +1,127 @@
+"""The Milvus backend on Milvus Lite: isolation under hostile ids, retries, and the checks of a reconnect."""
+
+import json
+
+import numpy as np
+import pytest
+from testing_utils import populated, topical
+
+from transformers_spring.memory import BackendError, Interaction, LoGoMemory, MilvusBackend
+from transformers_spring.memory.milvus import local_key
+
+on_milvus = pytest.mark.parametrize("backend", ["milvus"], indirect=True)
+
+
+@on_milvus
+def test_hostile_user_ids_cannot_widen_a_filter(make_memory, backend):
+    memory = make_memory(use_global=False)
+    evil = 'x" or user_id != "'
+    memory.add(Interaction("victim", "secret cat plan", "meow", id="s"))
+    memory.add(Interaction(evil, "cat plan", "purr", id="e"))
+    memory.add(Interaction('a "quoted" ünï [list]', "cat plan too", "purr", id="b"))
+    for user in (evil, 'a "quoted" ünï [list]'):
+        assert {h.interaction.user_id for h in memory.retrieve(user, "secret cat plan", k=10)} == {user}
+    assert memory.forget_user(evil) and memory.backend.count("local") == 2
+
+
+def test_local_keys_never_collide():
+    assert local_key("a/b", "history", "c") != local_key("a", "history", "b/c")
+    assert len(local_key("u" * 256, "buffer", "r" * 256)) == 64
+
+
+@on_milvus
+def test_transient_failures_are_retried_then_named(make_memory, backend, monkeypatch):
+    memory = make_memory()
+    store = memory.backend
+    client, calls = store.client, {"n": 0}
+    real = client.upsert
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] <= 2:
+            raise ConnectionError("connection reset")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(store, "backoff", 0.0)
+    monkeypatch.setattr(client, "upsert", flaky)
+    memory.add(topical("u0", "cats", 0))  # two failures, then the retry lands: once, by its key
+    assert store.count("local") == 1 and calls["n"] >= 3
+
+    monkeypatch.setattr(client, "upsert", lambda *a, **k: (_ for _ in ()).throw(TimeoutError("deadline exceeded")))
+    with pytest.raises(BackendError, match=r"Milvus at .*upsert on collection '.*_local' failed after 5 attempt"):
+        memory.add(topical("u0", "cats", 1))
+
+
+@on_milvus
+def test_reconnect_checks_dim_and_buckets(make_memory, backend):
+    memory = make_memory()
+    memory.add(topical("u0", "cats", 0))
+    other = MilvusBackend(memory.backend.uri, collection=memory.backend.collection, num_buckets=4)
+    with pytest.raises(ValueError, match="32-d vectors|64-d vectors"):
+        other.connect(32)
+    with pytest.raises(ValueError, match="num_buckets"):
+        MilvusBackend(memory.backend.uri, collection=memory.backend.collection, num_buckets=8).connect(64)
+    with pytest.raises(ValueError, match="already holds 1 local"):  # a new memory never mixes into a used store
+        make_memory(backend=MilvusBackend(memory.backend.uri, collection=memory.backend.collection, num_buckets=4))
+
+
+@on_milvus
+def test_a_save_is_a_manifest_without_token_and_reconnects(make_memory, backend, tmp_path, monkeypatch):
+    monkeypatch.setenv("SPRING_MILVUS_TOKEN", "root:Milvus")
+    memory = populated(make_memory)
+    memory.save_pretrained(tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert config["backend"]["collections"] == {
+        "local": f"{memory.backend.collection}_local",
+        "global": f"{memory.backend.collection}_global",
+    }
+    assert all(b"Milvus" not in p.read_bytes() or p.name == "README.md" for p in (tmp_path / "m").iterdir())
+    assert not any(b"root:Milvus" in p.read_bytes() for p in (tmp_path / "m").iterdir())
+    memory.add(topical("u9", "rockets", 1))  # written after the save, by the same store: a reconnect sees it
+    loaded = LoGoMemory.from_pretrained(tmp_path / "m")
+    assert len(loaded) == len(memory) and "u9" in loaded.users()
+    assert loaded._next_label >= memory._next_label  # labels other writers use are never handed out again
+
+
+@on_milvus
+def test_a_tampered_row_is_refused_naming_the_collection(make_memory, backend, tmp_path):
+    memory = populated(make_memory)
+    memory.save_pretrained(tmp_path / "m")
+    store = memory.backend
+    row = next(r for r in store.rows("local") if r["user_id"] == "u1")
+    row["record"] = dict(row["record"], user_id="u0")  # a row claiming another user's record
+    row["vector"] = np.asarray(row["vector"], dtype=np.float32)
+    store.upsert("local", [row])
+    store.flush()
+    with pytest.raises(ValueError, match=r"_local: record .* of user 'u1': the stored record names user 'u0'"):
+        LoGoMemory.from_pretrained(tmp_path / "m")
+    row["record"] = dict(row["record"], user_id="u1")
+    row["vector"] = 2 * row["vector"]
+    store.upsert("local", [row])
+    store.flush()
+    with pytest.raises(ValueError, match="norm 1"):
+        LoGoMemory.from_pretrained(tmp_path / "m")
+
+
+@on_milvus
+def test_forget_user_leaves_no_row(make_memory, backend):
+    memory = populated(make_memory)
+    memory.set_buffer("u2", [topical("u2", "bread", 50)])
+    assert memory.backend.count("local", "u2") == 9 and memory.backend.count("global", "u2") == 8
+    assert memory.forget_user("u2")
+    assert memory.backend.count("local", "u2") == memory.backend.count("global", "u2") == 0
+    assert all(row["user_id"] != "u2" for scope in ("local", "global") for row in memory.backend.rows(scope))
+
+
+def test_bad_settings_are_named():
+    for kwargs, field in [
+        (dict(uri=""), "uri"),
+        (dict(uri="x.db", collection="1bad"), "collection"),
+        (dict(uri="x.db", collection="a-b"), "collection"),
+        (dict(uri="x.db", num_buckets=0), "num_buckets"),
+        (dict(uri="x.db", retries=-1), "retries"),
+    ]:
+        with pytest.raises(ValueError, match=field):
+            MilvusBackend(**kwargs)
+    with pytest.raises(ValueError, match="uri"):
+        MilvusBackend.from_manifest({"type": "milvus", "collection": "c"})
