@@ -82,6 +82,14 @@ def test_text_needs_a_visible_character():
     assert Interaction("u", "\u200bok", "é").prompt == "\u200bok"
 
 
+@pytest.mark.parametrize("text", [" \t\n\r", "\x01\x02", "\x7f", " \x1f "])
+def test_ascii_text_without_a_visible_character_is_refused(text):
+    # ASCII takes a fast path (a regex, not a category per character): it must refuse exactly what the slow one does
+    with pytest.raises(ValueError, match="`prompt` has no visible character"):
+        Interaction("u", text, "r")
+    assert Interaction("u", text + "~", "r").prompt.endswith("~")
+
+
 def test_stored_records_cannot_change():
     import dataclasses
 

@@ -29,6 +29,8 @@ MAX_ID_CHARS = 256
 
 def _utf8(name: str, value: str) -> None:
     """Refuses text that cannot be written as UTF-8 (a lone surrogate, as `json.loads('"\\udc80"')` produces)."""
+    if value.isascii():  # (O(1) in CPython: most text is ASCII, and a load checks four strings per record)
+        return
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as err:
@@ -38,9 +40,15 @@ def _utf8(name: str, value: str) -> None:
         ) from None
 
 
+# In ASCII, the visible characters are exactly `!`..`~`: space is Zs, the rest control (Cc).
+_ASCII_VISIBLE = re.compile(r"[!-~]")
+
+
 def _visible(value: str) -> bool:
     """Whether `value` has a character that is neither whitespace/separator (Z*) nor control/format (C*), e.g. not
     only zero-width spaces."""
+    if value.isascii():
+        return _ASCII_VISIBLE.search(value) is not None
     return any(unicodedata.category(c)[0] not in "ZC" for c in value)
 
 

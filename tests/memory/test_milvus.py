@@ -120,6 +120,7 @@ def test_bad_settings_are_named():
         (dict(uri="x.db", collection="a-b"), "collection"),
         (dict(uri="x.db", num_buckets=0), "num_buckets"),
         (dict(uri="x.db", retries=-1), "retries"),
+        (dict(uri="x.db", search_ef=0), "search_ef"),
     ]:
         with pytest.raises(ValueError, match=field):
             MilvusBackend(**kwargs)

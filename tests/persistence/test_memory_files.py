@@ -318,3 +318,22 @@ def test_saved_matches_are_restored_and_checked(make_memory, tmp_path):
     _edit_tensors(tmp_path / "mem", lambda t: t.update(match_pairs=np.asarray([[0, 10**6]], dtype=np.int64)))
     with pytest.raises(ValueError, match="'match_pairs' indexes outside records.jsonl"):
         LoGoMemory.from_pretrained(tmp_path / "mem", encoder=memory.encoder)
+
+
+def test_paused_gc_restores_the_collector_even_when_the_load_fails():
+    import gc
+
+    from transformers_spring.persistence.memory_files import paused_gc
+
+    assert gc.isenabled()
+    with pytest.raises(RuntimeError), paused_gc():
+        assert not gc.isenabled()
+        raise RuntimeError("a load that fails")
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with paused_gc():
+            pass
+        assert not gc.isenabled()  # (left as the caller had it)
+    finally:
+        gc.enable()

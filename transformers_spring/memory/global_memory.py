@@ -162,9 +162,12 @@ class GlobalMemory:
         need = self._n + extra
         if need > self._vectors.shape[0]:
             size = max(need, 2 * self._vectors.shape[0])
-            self._vectors = np.resize(self._vectors, (size, self.dim))
-            for name in ("_row_user", "_row_ts", "_row_label", "_row_backers"):
-                setattr(self, name, np.resize(getattr(self, name), size))
+            # Only the live rows are copied: np.resize would also fill the new rows, a full extra pass at 100k.
+            for name in ("_vectors", "_row_user", "_row_ts", "_row_label", "_row_backers"):
+                old = getattr(self, name)
+                grown = np.empty((size,) + old.shape[1:], dtype=old.dtype)
+                grown[: self._n] = old[: self._n]
+                setattr(self, name, grown)
         if max_label >= self._label_row.shape[0]:
             size = max(max_label + 1, 2 * self._label_row.shape[0])
             grown = np.full(size, -1, dtype=np.int64)
@@ -186,7 +189,8 @@ class GlobalMemory:
         labels = np.asarray(labels, dtype=np.int64)
         if not labels.size:
             return None
-        if labels.min() < 0 or any(label in self for label in labels.tolist()):
+        known = labels[labels < self._label_row.shape[0]]
+        if labels.min() < 0 or np.unique(labels).size < labels.size or (self._label_row[known] >= 0).any():
             raise ValueError("global labels must be new non-negative integers.")
         self._reserve(labels.size, int(labels.max()))
         rows = np.arange(self._n, self._n + labels.size)
@@ -198,13 +202,13 @@ class GlobalMemory:
         self._label_row[labels] = rows
         self._n += labels.size
         if self._index is None:
-            if self.backend is None:  # with a backend, searches go there: the index here is built when matching needs it
+            # With a backend, searches go there: the index here is built when matching needs it.
+            if self.backend is None:
                 self._build_index()
         elif not indexed:
             self._index.add_items(self._vectors[rows], labels, num_threads=self.num_threads)
         self._row_backers[rows] = 0
-        for label, user in zip(labels.tolist(), self._row_user[rows].tolist(), strict=True):
-            self.support.register(label, user)
+        self.support.register_many(labels.tolist(), self._row_user[rows].tolist())
         if self.support.needed == 0:
             np.add.at(self._user_servable, self._row_user[rows], 1)
         if self._n > self._clustered_items * (1 + self.recluster_growth):
@@ -612,24 +616,30 @@ class GlobalMemory:
     def _ann_search(self, query, k, communities, own, row_ok, n_candidates, before=None):
         if self.backend is not None:
             return self._backend_search(query, k, communities, own, row_ok, before)
-        # Oversample by the inverse candidate fraction (x2 margin) so the post-filter still leaves k hits.
+        # Oversample by the inverse candidate fraction (x2 margin) so the post-filter still leaves k hits. A query far
+        # from the scope's items can still come back short: one wider search (x4) costs far less than the exact
+        # path's gather of every row in scope, which answers only when that is short too.
         want = min(self._n, math.ceil(2 * k * self._n / n_candidates) + 8)
-        try:
-            if want > self.ef:
-                self._index.set_ef(want)
-            labels, distances = self._index.knn_query(query, k=want, num_threads=1)
-        except RuntimeError:  # "contiguous 2D array": ef/M too small for this k; the exact path answers
-            return None
-        finally:
-            if want > self.ef:
-                self._index.set_ef(self.ef)
-        labels, distances = labels[0].astype(np.int64), distances[0]
-        rows = self._label_row[labels]
-        keep = row_ok[rows] if row_ok is not None else self._row_mask(communities, own, None, rows)
-        if int(keep.sum()) < k:
-            return None
-        labels, scores = labels[keep][:k], 1.0 - distances[keep][:k]
-        return [(int(label), float(score)) for label, score in zip(labels, scores, strict=True)]
+        for _ in range(2):  # the oversample, then one 4x wider
+            try:
+                if want > self.ef:
+                    self._index.set_ef(want)
+                labels, distances = self._index.knn_query(query, k=want, num_threads=1)
+            except RuntimeError:  # "contiguous 2D array": ef/M too small for this k; the exact path answers
+                return None
+            finally:
+                if want > self.ef:
+                    self._index.set_ef(self.ef)
+            labels, distances = labels[0].astype(np.int64), distances[0]
+            rows = self._label_row[labels]
+            keep = row_ok[rows] if row_ok is not None else self._row_mask(communities, own, None, rows)
+            if int(keep.sum()) >= k:
+                labels, scores = labels[keep][:k], 1.0 - distances[keep][:k]
+                return [(int(label), float(score)) for label, score in zip(labels, scores, strict=True)]
+            if want >= self._n // 4:  # a wider search would cost as much as the exact one
+                return None
+            want = min(self._n, 4 * want)
+        return None
 
     # ------------------------------------------------------------ persistence
     def community_state(self) -> dict:

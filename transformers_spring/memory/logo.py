@@ -31,6 +31,7 @@ from ..persistence.memory_files import (
     is_memory_folder,
     match_pairs,
     no_ann_cache,
+    paused_gc,
     read_ann_index,
     read_backend_rows,
     read_json,
@@ -956,26 +957,31 @@ class LoGoMemory(
                 f"{memory.encoder.name!r} produces dim={memory.dim}."
             )
         tensors = read_tensors(directory, config["dim"])
+        with paused_gc():
+            return memory._load_records(config, tensors, directory, backend)
+
+    def _load_records(self, config: dict, tensors: dict, directory: Path, backend: Any) -> LoGoMemory:
+        """Fills this fresh memory from `directory`'s records, or from the backend its config names."""
         if config.get("backend") is not None:
-            return memory._connect_saved_backend(config, tensors, directory, backend)
+            return self._connect_saved_backend(config, tensors, directory, backend)
         if backend is not None:
             raise ValueError(
                 f"{CONFIG_FILE} in {directory} names no backend: this memory's records are in the folder."
             )
-        lines = read_records(directory, memory.max_text_chars)
+        lines = read_records(directory, self.max_text_chars)
         if len(lines) != tensors["embeddings"].shape[0]:
             raise ValueError(
                 f"{RECORDS_FILE} has {len(lines)} records but {EMBEDDINGS_FILE} has "
                 f"{tensors['embeddings'].shape[0]} embeddings in {directory}."
             )
         check_loaded(
-            config, lines, tensors, directory, dim=memory.dim,
-            capacity=config.get("capacity") if "capacity" in config else memory.capacity,
-            share_by_default=config.get("share_by_default", memory.share_by_default),  # as saved, not as overridden
+            config, lines, tensors, directory, dim=self.dim,
+            capacity=config.get("capacity") if "capacity" in config else self.capacity,
+            share_by_default=config.get("share_by_default", self.share_by_default),  # as saved, not as overridden
         )  # fmt: skip
         match_pairs(tensors, lines, directory)  # refuses malformed saved matches before anything is restored
-        memory._restore(config, lines, tensors, directory)
-        return memory
+        self._restore(config, lines, tensors, directory)
+        return self
 
     def _connect_saved_backend(self, config: dict, tensors: dict, directory: Path, backend: Any) -> LoGoMemory:
         """Loads a memory saved on an external backend: connects to the store its manifest names (or `backend`) and

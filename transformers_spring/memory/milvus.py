@@ -72,6 +72,7 @@ class MilvusBackend:
         num_buckets (`int`, *optional*, defaults to 64): partitions of the local collection.
         global_index (`dict`, *optional*): index parameters of the global collection's vector field; defaults to
             HNSW (M=16, efConstruction=200; Milvus Lite searches brute force whatever the index).
+        search_ef (`int`, *optional*, defaults to 256): the HNSW beam of a global search (at least 4 × its limit).
         timeout (`float`, *optional*, defaults to 10): seconds per call.
         retries (`int`, *optional*, defaults to 4): retries of a failed call, with backoff doubling from `backoff`.
         backoff (`float`, *optional*, defaults to 0.2): the first retry delay, in seconds.
@@ -89,6 +90,7 @@ class MilvusBackend:
         timeout: float = 10.0,
         retries: int = 4,
         backoff: float = 0.2,
+        search_ef: int = 256,
     ):
         if not isinstance(uri, (str, os.PathLike)) or not str(uri):
             raise ValueError(f"`uri` must be a file path or a Milvus server URI, got {uri!r}.")
@@ -106,7 +108,10 @@ class MilvusBackend:
         self.db_name = db_name
         self.num_buckets = num_buckets
         self.global_index = global_index or {"index_type": "HNSW", "params": {"M": 16, "efConstruction": 200}}
+        if isinstance(search_ef, bool) or not isinstance(search_ef, int) or search_ef < 1:
+            raise ValueError(f"`search_ef` must be an int >= 1, got {search_ef!r}.")
         self.timeout, self.retries, self.backoff = float(timeout), retries, float(backoff)
+        self.search_ef = search_ef
         self._token = token if token is not None else os.environ.get(_TOKEN_ENV)
         self._client = None
         self._dim: int | None = None
@@ -297,6 +302,10 @@ class MilvusBackend:
             kwargs["filter"] = expression
         if scope == "local" and users is not None and len(users) == 1:
             kwargs["partition_names"] = [f"b{bucket_of(users[0], self.num_buckets)}"]
+        if scope == "global" and self.global_index.get("index_type") == "HNSW":
+            # A filtered HNSW search must visit many rows to find `limit` that pass the filter: a narrow beam (ef
+            # near `limit`) misses true neighbours.
+            kwargs["search_params"] = {"params": {"ef": max(self.search_ef, 4 * k)}}
         query = np.asarray(query, dtype=np.float32)
         result = self._call("search", scope, self.client.search, self.name(scope), data=[query], **kwargs)
         field = "record_id" if scope == "local" else "label"

@@ -70,19 +70,23 @@ class ContributorSupport:
         """How many distinct *other* users must back an item."""
         return self.min_contributors - 1
 
+    # Match sets and backer counts are created on an item's first match: most items never match, and a load
+    # registers every shared item at once.
     def register(self, label: int, user: int) -> None:
         self._user[label] = user
-        self._matches.setdefault(label, set())
-        self._backers.setdefault(label, {})
+
+    def register_many(self, labels: list[int], users: list[int]) -> None:
+        """[`~ContributorSupport.register`] for many new labels at once."""
+        self._user.update(zip(labels, users, strict=True))
 
     def link(self, a: int, b: int) -> list[int]:
         """Records that items `a` and `b` (of different users) match; returns the labels whose backer count changed."""
-        if b in self._matches[a] or self._user[a] == self._user[b]:
+        if self._user[a] == self._user[b] or b in self._matches.get(a, ()):
             return []
         changed = []
         for x, y in ((a, b), (b, a)):
-            self._matches[x].add(y)
-            backers = self._backers[x]
+            self._matches.setdefault(x, set()).add(y)
+            backers = self._backers.setdefault(x, {})
             user = self._user[y]
             backers[user] = backers.get(user, 0) + 1
             if backers[user] == 1:
