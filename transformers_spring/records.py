@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import math
 import re
@@ -102,6 +103,13 @@ def check_name(value: Any, name: str = "id") -> str:
 def check_user_id(user_id: Any) -> str:
     """Validates a user id (see [`check_name`])."""
     return check_name(user_id, "user_id")
+
+
+def user_bucket(user_id: str, num_buckets: int) -> int:
+    """A user's bucket among `num_buckets`: the first 8 bytes of the sha256 of the user id, modulo `num_buckets`.
+    Stable across processes, machines, Python versions (unlike `hash()`) and releases, and independent of which
+    other users exist: training shards and the Milvus backend's partitions both use it."""
+    return int.from_bytes(hashlib.sha256(user_id.encode("utf-8")).digest()[:8], "big") % num_buckets
 
 
 def _freeze(value: Any) -> Any:

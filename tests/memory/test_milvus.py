@@ -53,6 +53,31 @@ def test_transient_failures_are_retried_then_named(make_memory, backend, monkeyp
 
 
 @on_milvus
+def test_a_failed_read_batch_is_not_retried(make_memory, backend, monkeypatch):
+    # A retried `next` of a query iterator could return the following batch: a load would silently miss rows.
+    memory = make_memory()
+    memory.add(topical("u0", "cats", 0))
+    store, calls = memory.backend, {"n": 0}
+    real = store.client.query_iterator
+
+    def failing_iterator(*args, **kwargs):
+        iterator = real(*args, **kwargs)
+
+        def next_batch():
+            calls["n"] += 1
+            raise ConnectionError("stream reset")
+
+        iterator.next = next_batch
+        return iterator
+
+    monkeypatch.setattr(store, "backoff", 0.0)
+    monkeypatch.setattr(store.client, "query_iterator", failing_iterator)
+    with pytest.raises(BackendError, match="query_iterator .* failed after 1 attempt"):
+        list(store.rows("local"))
+    assert calls["n"] == 1
+
+
+@on_milvus
 def test_reconnect_checks_dim_and_buckets(make_memory, backend):
     memory = make_memory()
     memory.add(topical("u0", "cats", 0))

@@ -663,30 +663,8 @@ class LoGoMemory(
                         vectors.append(store._vectors[store.rows[rid]])
                         labels.append(self._labels.get((user_id, rid), -1) if region == "history" else -1)
             community = self.global_memory.community_state()
-            # Whose query each gate score came from, as indices into `gate_users` (-1: unknown), so a reloaded
-            # memory can still forget a user's contributions; only users the memory still knows are named.
-            owners = self.gate.owners()
-            gate_users = sorted({o for o in owners if o is not None})
-            position = {user: i for i, user in enumerate(gate_users)}
-            gate_owner = np.asarray([position.get(o, -1) for o in owners], dtype=np.int64)
-            config = {
-                "format_version": FORMAT_VERSION,
-                "library": "transformers_spring",
-                "library_version": __version__,
-                **self.config(),
-                "mediator": {"class": qualified_name(type(self.mediator)), **self.mediator.config()},
-                "counts": {
-                    "users": len(self._locals),
-                    "records": sum(1 for line in lines if line["region"] == "history"),
-                    "buffer_records": sum(1 for line in lines if line["region"] == "buffer"),
-                    "shared_records": len(self._labels),
-                },
-                "sharing": dict(self._share),
-                "next_label": self._next_label,
-                "gate_users": gate_users,
-                "communities": {k: v for k, v in community.items() if k != "centroids"},
-                "saved_at": time.time(),
-            }
+            config, gate = self._saved_state()
+            config["communities"] = {k: v for k, v in community.items() if k != "centroids"}
             labels = np.asarray(labels, dtype=np.int64)
             embeddings = np.stack(vectors) if vectors else np.empty((0, self.dim), dtype=np.float32)
             gm = self.global_memory
@@ -704,8 +682,7 @@ class LoGoMemory(
                 "embeddings": embeddings,
                 "labels": labels,
                 **({} if match_rows is None else {"match_pairs": match_rows}),
-                "gate_observed": self.gate.observed(),
-                "gate_owner": gate_owner,
+                **gate,
                 "community_centroids": community["centroids"],
             }
         if ann is not None:  # the checksums, outside the lock: writers need not wait for them
@@ -785,39 +762,46 @@ class LoGoMemory(
             write_files(save_directory, config, lines, tensors)
         self._card_counts = config["counts"]
 
+    def _saved_state(self) -> tuple[dict, dict[str, np.ndarray]]:
+        """What every save writes, folder or backend (call under the lock): the config (format, settings, mediator,
+        counts, sharing flags, labels) and the gate's tensors. Whose query each gate score came from is saved as an
+        index into `gate_users` (-1: unknown), so a reloaded memory can still forget a user's contributions; only
+        users the memory still knows are named."""
+        owners = self.gate.owners()
+        gate_users = sorted({o for o in owners if o is not None})
+        position = {user: i for i, user in enumerate(gate_users)}
+        config = {
+            "format_version": FORMAT_VERSION,
+            "library": "transformers_spring",
+            "library_version": __version__,
+            **self.config(),
+            "mediator": {"class": qualified_name(type(self.mediator)), **self.mediator.config()},
+            "counts": {
+                "users": len(self._locals),
+                "records": len(self),
+                "buffer_records": self.num_buffer_items,
+                "shared_records": len(self._labels),
+            },
+            "sharing": dict(self._share),
+            "next_label": self._next_label,
+            "gate_users": gate_users,
+            "saved_at": time.time(),
+        }
+        gate = {
+            "gate_observed": self.gate.observed(),
+            "gate_owner": np.asarray([position.get(o, -1) for o in owners], dtype=np.int64),
+        }
+        return config, gate
+
     def _backend_snapshot(self) -> tuple[dict, dict[str, np.ndarray]]:
         """A save on an external backend: the settings, the manifest naming the backend and the gate's state, once
         every queued write is confirmed (else [`BackendError`], and nothing is written)."""
         with self._lock:
             self._commit()
-            owners = self.gate.owners()
-            gate_users = sorted({o for o in owners if o is not None})
-            position = {user: i for i, user in enumerate(gate_users)}
-            config = {
-                "format_version": FORMAT_VERSION,
-                "library": "transformers_spring",
-                "library_version": __version__,
-                **self.config(),
-                "mediator": {"class": qualified_name(type(self.mediator)), **self.mediator.config()},
-                "backend": self.backend.manifest(),
-                "counts": {
-                    "users": len(self._locals),
-                    "records": len(self),
-                    "buffer_records": self.num_buffer_items,
-                    "shared_records": len(self._labels),
-                },
-                "sharing": dict(self._share),
-                "next_label": self._next_label,
-                "gate_users": gate_users,
-                "saved_at": time.time(),
-            }
-            tensors = {
-                "embeddings": np.empty((0, self.dim), dtype=np.float32),
-                "labels": np.empty(0, dtype=np.int64),
-                "gate_observed": self.gate.observed(),
-                "gate_owner": np.asarray([position.get(o, -1) for o in owners], dtype=np.int64),
-            }
-        return config, tensors
+            config, gate = self._saved_state()
+            config["backend"] = self.backend.manifest()
+        empty = {"embeddings": np.empty((0, self.dim), dtype=np.float32), "labels": np.empty(0, dtype=np.int64)}
+        return config, {**empty, **gate}
 
     def generate_model_card(self, *args, **kwargs) -> ModelCard:
         counts = getattr(self, "_card_counts", None) or {"users": len(self._locals), "records": len(self)}

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from transformers.utils import logging
 
-from ..records import MAX_ID_CHARS
+from ..records import MAX_ID_CHARS, user_bucket
 from .backends import SCOPES, BackendError
 
 logger = logging.get_logger(__name__)
@@ -26,24 +26,19 @@ REGIONS = ("history", "buffer")
 _TOKEN_ENV = "SPRING_MILVUS_TOKEN"
 
 
-def _client_class():
+def _pymilvus():
     try:
-        from pymilvus import MilvusClient
+        import pymilvus
     except ImportError as err:  # an optional extra
         raise ImportError(
             "MilvusBackend needs pymilvus (and milvus-lite for a local file): pip install 'transformers-spring[milvus]'"
         ) from err
-    return MilvusClient
+    return pymilvus
 
 
 def _literal(value: str) -> str:
     """A Milvus filter-expression string literal (JSON escaping: quotes and backslashes cannot end it early)."""
     return json.dumps(value, ensure_ascii=False)
-
-
-def bucket_of(user_id: str, num_buckets: int) -> int:
-    """The partition of a user's local rows: a stable hash, the same in every process and release."""
-    return int.from_bytes(hashlib.sha256(user_id.encode("utf-8")).digest()[:8], "big") % num_buckets
 
 
 def local_key(user_id: str, region: str, record_id: str) -> str:
@@ -126,17 +121,18 @@ class MilvusBackend:
             raise ValueError(f"`scope` must be one of {SCOPES}, got {scope!r}.")
         return f"{self.collection}_{scope}"
 
-    def _call(self, what: str, scope: str | None, fn, *args, **kwargs):
-        """One client call, retried with exponential backoff; the last failure becomes a [`BackendError`] naming
-        the server, the collection and the operation."""
+    def _call(self, what: str, scope: str | None, fn, *args, retry: bool = True, **kwargs):
+        """One client call, retried with exponential backoff (unless `retry=False`: a call that is not idempotent);
+        the last failure becomes a [`BackendError`] naming the server, the collection and the operation."""
         delay = self.backoff
-        for attempt in range(self.retries + 1):
+        attempts = self.retries + 1 if retry else 1
+        for attempt in range(attempts):
             try:
                 return fn(*args, **kwargs)
             except (ValueError, TypeError):
                 raise  # a malformed call: retrying cannot help
             except Exception as err:  # pymilvus raises MilvusException and grpc errors for network faults
-                if attempt == self.retries:
+                if attempt == attempts - 1:
                     where = f"collection {self.name(scope)!r}" if scope else "the server"
                     raise BackendError(
                         f"Milvus at {self.uri!r}: {what} on {where} failed after {attempt + 1} attempt(s): {err}"
@@ -148,7 +144,7 @@ class MilvusBackend:
     @property
     def client(self):
         if self._client is None:
-            cls = _client_class()
+            cls = _pymilvus().MilvusClient
             kwargs = {"uri": self.uri, "timeout": self.timeout}
             if self._token:
                 kwargs["token"] = self._token
@@ -158,7 +154,8 @@ class MilvusBackend:
         return self._client
 
     def connect(self, dim: int) -> None:
-        from pymilvus import DataType, MilvusClient
+        pymilvus = _pymilvus()
+        DataType = pymilvus.DataType  # noqa: N806 (pymilvus's enum)
 
         self._dim = int(dim)
         client = self.client
@@ -168,7 +165,7 @@ class MilvusBackend:
                 self._check_dim(scope)
                 self._call("load_collection", scope, client.load_collection, name)
                 continue
-            schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+            schema = pymilvus.MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
             if scope == "local":
                 schema.add_field("key", DataType.VARCHAR, is_primary=True, max_length=64)
                 schema.add_field("region", DataType.VARCHAR, max_length=16)
@@ -223,7 +220,7 @@ class MilvusBackend:
         else:
             by_bucket: dict[int, list[dict]] = {}
             for r in rows:
-                by_bucket.setdefault(bucket_of(r["user_id"], self.num_buckets), []).append(
+                by_bucket.setdefault(user_bucket(r["user_id"], self.num_buckets), []).append(
                     {"key": local_key(r["user_id"], r["region"], r["record_id"]), "user_id": r["user_id"],
                      "region": r["region"], "record_id": r["record_id"], "timestamp": float(r["timestamp"]),
                      "seq": int(r["seq"]), "score": 0.0 if r.get("score") is None else float(r["score"]),
@@ -301,7 +298,7 @@ class MilvusBackend:
         if expression:
             kwargs["filter"] = expression
         if scope == "local" and users is not None and len(users) == 1:
-            kwargs["partition_names"] = [f"b{bucket_of(users[0], self.num_buckets)}"]
+            kwargs["partition_names"] = [f"b{user_bucket(users[0], self.num_buckets)}"]
         if scope == "global" and self.global_index.get("index_type") == "HNSW":
             # A filtered HNSW search must visit many rows to find `limit` that pass the filter: a narrow beam (ef
             # near `limit`) misses true neighbours.
@@ -321,7 +318,7 @@ class MilvusBackend:
         if user_id is not None:
             kwargs["filter"] = f"user_id == {_literal(user_id)}"
             if scope == "local":
-                kwargs["partition_names"] = [f"b{bucket_of(user_id, self.num_buckets)}"]
+                kwargs["partition_names"] = [f"b{user_bucket(user_id, self.num_buckets)}"]
         result = self._call("count", scope, self.client.query, self.name(scope), **kwargs)
         return int(result[0]["count(*)"]) if result else 0
 
@@ -337,7 +334,8 @@ class MilvusBackend:
         )  # fmt: skip
         try:
             while True:
-                batch = self._call("query_iterator", scope, iterator.next)
+                # Not retried: a retried `next` could skip the batch that failed, and a load would miss its rows.
+                batch = self._call("query_iterator", scope, iterator.next, retry=False)
                 if not batch:
                     return
                 for row in batch:

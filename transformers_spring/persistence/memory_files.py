@@ -325,7 +325,7 @@ def read_backend_rows(
         "embeddings": np.stack(vectors) if vectors else np.empty((0, dim), dtype=np.float32),
         "labels": labels,
     }
-    last_seq = max((int(row.get("seq", 0)) for row in local_rows), default=0)
+    last_seq = int(local_rows[-1].get("seq", 0)) if local_rows else 0  # (sorted by seq above)
     return lines, tensors, last_seq
 
 

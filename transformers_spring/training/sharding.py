@@ -6,12 +6,11 @@ then combines the shards into one state, identical to a 1-process run (see
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import MutableMapping
 from dataclasses import dataclass
 
-from ..records import check_user_id
+from ..records import check_user_id, user_bucket
 
 # What `accelerate launch` / torchrun set so that processes form one process group. A sharded worker removes them
 # before transformers or accelerate read them, so that each worker trains alone.
@@ -31,13 +30,12 @@ DISTRIBUTED_ENV = (
 
 
 def shard_of(user_id: str, num_shards: int) -> int:
-    """The shard of a user: the first 8 bytes of the sha256 of the user id, modulo `num_shards`. Stable across
-    processes, machines and Python versions (unlike `hash()`), and independent of which other users exist."""
+    """The shard of a user: its [`~records.user_bucket`] among `num_shards`. Stable across processes, machines
+    and Python versions (unlike `hash()`), and independent of which other users exist."""
     user_id = check_user_id(user_id)
     if isinstance(num_shards, bool) or not isinstance(num_shards, int) or num_shards < 1:
         raise ValueError(f"`num_shards` must be an int >= 1, got {num_shards!r}.")
-    digest = hashlib.sha256(user_id.encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") % num_shards
+    return user_bucket(user_id, num_shards)
 
 
 @dataclass(frozen=True)
