@@ -1,7 +1,8 @@
 """Memory benchmark: write cost, local search, global search (latency and recall vs exact), save and load.
 
-Run: `python benchmarks/bench_memory.py --backend default,milvus --global-items 10000,100000` (both backends side by
-side in one run; Milvus Lite needs the `milvus` extra). Vectors are synthetic, d=384 like
+Run: `python benchmarks/bench_memory.py --backend default,milvus,milvus-search --global-items 10000,100000` (the
+backends side by side in one run; Milvus Lite needs the `milvus` extra). `milvus` is Milvus Lite as a memory uses it
+by default (the store of record; the in-process mirror answers searches), `milvus-search` sends the searches to it. Vectors are synthetic, d=384 like
 all-MiniLM-L6-v2: users prefer 2-3 of 200 topics, items are noisy topic directions. The encoder is a table look-up so
 that the numbers exclude the encoder, as the goals do; `--encoder-check` adds the real MiniLM's cost per text.
 """
@@ -110,7 +111,8 @@ def make_backend(kind: str, folder: str):
         return None
     from transformers_spring.memory import MilvusBackend
 
-    return MilvusBackend(os.path.join(folder, "milvus.db"), collection="bench")
+    searches = "milvus" if kind == "milvus-search" else "process"
+    return MilvusBackend(os.path.join(folder, f"{kind}.db"), collection="bench", searches=searches)
 
 
 def bench_global_and_persistence(
@@ -277,7 +279,8 @@ def main() -> None:
     parser.add_argument("--num-threads", type=int, default=-1, help="hnswlib threads (-1: all cores)")
     parser.add_argument(
         "--backend", type=str, default="default,milvus",
-        help="comma-separated backends: default (in-process) and/or milvus (Milvus Lite, the `milvus` extra)",
+        help="comma-separated backends: default (in-process), milvus (Milvus Lite stores, the process searches) and/or "
+        "milvus-search (Milvus Lite answers the searches); both need the `milvus` extra",
     )  # fmt: skip
     parser.add_argument(
         "--milvus-max-items", type=int, default=100_000,
@@ -285,9 +288,9 @@ def main() -> None:
     )  # fmt: skip
     args = parser.parse_args()
     kinds = [kind.strip() for kind in args.backend.split(",") if kind.strip()]
-    unknown = sorted(set(kinds) - {"default", "milvus"})
+    unknown = sorted(set(kinds) - {"default", "milvus", "milvus-search"})
     if unknown:
-        parser.error(f"--backend: unknown backend(s) {unknown}; choose from default, milvus")
+        parser.error(f"--backend: unknown backend(s) {unknown}; choose from default, milvus, milvus-search")
     rng = np.random.default_rng(args.seed)
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, numpy {np.__version__}")
     if "default" in kinds:
@@ -300,8 +303,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         for kind in kinds:
             for n_items in (int(n) for n in args.global_items.split(",")):
-                if kind == "milvus" and n_items > args.milvus_max_items:
-                    print(f"[milvus] {n_items} records: skipped (over --milvus-max-items={args.milvus_max_items})")
+                if kind.startswith("milvus") and n_items > args.milvus_max_items:
+                    print(f"[{kind}] {n_items} records: skipped (over --milvus-max-items={args.milvus_max_items})")
                     continue
                 with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as pool:
                     results[(kind, n_items)] = pool.submit(

@@ -97,8 +97,10 @@ def milvus_lite_uri(tmp_path_factory):
 def backend(request):
     """The memory backend a test runs on: `None` (in-process, the default) or, under
     `@pytest.mark.parametrize("backend", testing_utils.BACKENDS, indirect=True)`, a factory of Milvus Lite backends, one pair of
-    collections per memory, dropped after the test."""
-    if getattr(request, "param", "default") == "default":
+    collections per memory, dropped after the test: Milvus answers the searches (`"milvus"`), or the in-process mirror
+    does (`"milvus-process"`)."""
+    kind = getattr(request, "param", "default")
+    if kind == "default":
         yield None
         return
     from transformers_spring.memory import MilvusBackend
@@ -106,7 +108,8 @@ def backend(request):
     uri, made = request.getfixturevalue("milvus_lite_uri"), []
 
     def make():
-        made.append(MilvusBackend(uri, collection=f"t{uuid.uuid4().hex[:16]}", num_buckets=4))
+        searches = "process" if kind == "milvus-process" else "milvus"
+        made.append(MilvusBackend(uri, collection=f"t{uuid.uuid4().hex[:16]}", num_buckets=4, searches=searches))
         return made[-1]
 
     yield make
@@ -122,7 +125,7 @@ def make_memory(encoder, backend):
         kwargs.setdefault("num_threads", 1)
         if backend is not None:
             kwargs.setdefault("backend", backend())
-            kwargs.setdefault("exact_below", 0)  # global searches go to Milvus too, not to the exact path here
+            kwargs.setdefault("exact_below", 0)  # global searches take the ANN path (Milvus or hnswlib)
         return LoGoMemory(kwargs.pop("encoder", encoder), **kwargs)
 
     return make

@@ -24,8 +24,9 @@ from transformers import LogitsProcessorList, PreTrainedTokenizerFast
 from transformers_spring.memory import HashingEncoder, Interaction, LoGoMemory
 from transformers_spring.records import MediatedContext, RetrievedItem
 
-# The memory backends the memory suite runs on (the `backend` fixture in conftest.py): in-process, and Milvus Lite.
-BACKENDS = ("default", "milvus")
+# The memory backends the memory suite runs on (the `backend` fixture in conftest.py): in-process, and Milvus Lite
+# answering the searches or storing the rows behind the in-process mirror.
+BACKENDS = ("default", "milvus", "milvus-process")
 
 # ------------------------------------------------------------------------------------------------------ vocabulary
 SPECIALS = ("<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "[UNK]")

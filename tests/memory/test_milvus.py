@@ -146,8 +146,35 @@ def test_bad_settings_are_named():
         (dict(uri="x.db", num_buckets=0), "num_buckets"),
         (dict(uri="x.db", retries=-1), "retries"),
         (dict(uri="x.db", search_ef=0), "search_ef"),
+        (dict(uri="x.db", searches="server"), "searches"),
     ]:
         with pytest.raises(ValueError, match=field):
             MilvusBackend(**kwargs)
     with pytest.raises(ValueError, match="uri"):
         MilvusBackend.from_manifest({"type": "milvus", "collection": "c"})
+
+
+def test_who_answers_searches_defaults_by_uri():
+    assert MilvusBackend("x.db").searches == "process" and not MilvusBackend("x.db").serves_searches
+    assert MilvusBackend("http://milvus:19530").serves_searches
+    assert MilvusBackend.from_manifest(MilvusBackend("x.db", searches="milvus").manifest()).searches == "milvus"
+
+
+@pytest.mark.parametrize("backend", ["milvus-process"], indirect=True)
+def test_process_searches_never_call_milvus_and_match_the_default(make_memory, backend, encoder, monkeypatch):
+    memory = populated(make_memory, gate=None)
+    reference = populated(lambda **kw: LoGoMemory(encoder, num_threads=1, exact_below=0, **kw), gate=None)
+
+    def seen(ctx):  # ids are random per memory: compare what was written
+        return [(h.interaction.user_id, h.interaction.prompt, h.interaction.response, h.source, round(h.score, 6))
+                for h in ctx.local_hits + ctx.global_hits]  # fmt: skip
+
+    calls = []
+    monkeypatch.setattr(memory.backend, "search", lambda *a, **k: calls.append(a))
+    for user, query in [("u0", "kitten purr report"), ("u1", "rocket orbit"), ("nobody", "meow whiskers")]:
+        got = memory.retrieve_context(user, query, k=4)
+        want = reference.retrieve_context(user, query, k=4)
+        assert seen(got) == seen(want) and got.global_hits
+    assert calls == []
+    memory.add(topical("u9", "rockets", 1))  # writes still reach Milvus, the store of record
+    assert memory.backend.count("local", "u9") == 1

@@ -33,6 +33,10 @@ class VectorBackend(Protocol):
     [`Interaction.to_dict`] form) and `vector`. A `"global"` row has `label` (an int, unique in the memory),
     `user_id`, `record_id`, `timestamp` and `vector`. Every write is idempotent (an upsert or a delete by key), so a
     retried write can never duplicate a row.
+
+    A backend may set `serves_searches = False`: it then stores the rows (the store of record: durable, shared,
+    erasable) while the in-process mirror answers the dense searches, as the default does. Without the attribute the
+    backend answers them.
     """
 
     def connect(self, dim: int) -> None:
@@ -73,6 +77,11 @@ class VectorBackend(Protocol):
 
     def manifest(self) -> dict:
         """What a saved memory records to connect again (never a secret such as a token)."""
+
+
+def serves_searches(backend: VectorBackend | None) -> bool:
+    """Whether dense searches go to `backend` (False without one: the in-process mirror answers)."""
+    return backend is not None and bool(getattr(backend, "serves_searches", True))
 
 
 class WriteJournal:

@@ -12,6 +12,7 @@ from transformers.utils import logging
 
 from ..persistence.memory_files import ANN_CACHE_MIN_ITEMS
 from ..utils.ranking import top_k_indices
+from .backends import serves_searches
 from .support import DEFAULT_MATCH_THRESHOLD, DEFAULT_MIN_CONTRIBUTORS, ContributorSupport, check_support_rule
 
 logger = logging.get_logger(__name__)
@@ -125,7 +126,7 @@ class GlobalMemory:
         self._index: hnswlib.Index | None = None
         self._tombstones = 0
         self._unlinked = False  # items were added with the rule off, so their matches were never searched
-        # An external [`VectorBackend`] that answers ANN searches (set by [`LoGoMemory`]); None uses the index here.
+        # An external [`VectorBackend`] (set by [`LoGoMemory`]): ANN searches go to it when it serves them, else here.
         self.backend = None
 
         self._user_community = np.full(16, -1, dtype=np.int64)
@@ -202,8 +203,8 @@ class GlobalMemory:
         self._label_row[labels] = rows
         self._n += labels.size
         if self._index is None:
-            # With a backend, searches go there: the index here is built when matching needs it.
-            if self.backend is None:
+            # With a backend that answers searches, the index here is built when matching needs it.
+            if not serves_searches(self.backend):
                 self._build_index()
         elif not indexed:
             self._index.add_items(self._vectors[rows], labels, num_threads=self.num_threads)
@@ -614,8 +615,10 @@ class GlobalMemory:
         return [(int(label), float(scores[int(label)])) for label in labels[keep][:k]]
 
     def _ann_search(self, query, k, communities, own, row_ok, n_candidates, before=None):
-        if self.backend is not None:
+        if serves_searches(self.backend):
             return self._backend_search(query, k, communities, own, row_ok, before)
+        if self._index is None:  # the backend stopped serving searches (its setting changed after the writes)
+            self._build_index()
         # Oversample by the inverse candidate fraction (x2 margin) so the post-filter still leaves k hits. A query far
         # from the scope's items can still come back short: one wider search (x4) costs far less than the exact
         # path's gather of every row in scope, which answers only when that is short too.

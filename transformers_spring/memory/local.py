@@ -8,6 +8,7 @@ import numpy as np
 
 from ..records import Interaction, RetrievedItem
 from ..utils.ranking import top_k_candidates
+from .backends import serves_searches
 from .bm25 import BM25Index
 
 SCORERS = ("dense", "bm25")
@@ -169,7 +170,7 @@ class LocalMemory:
         self.history = VectorStore(dim)
         self.buffer = VectorStore(dim)
         self._centroid: np.ndarray | None = None
-        # An external [`VectorBackend`] that answers dense searches (set by [`LoGoMemory`]); None searches here.
+        # An external [`VectorBackend`] (set by [`LoGoMemory`]): dense searches go to it when it serves them, else here.
         self.backend = None
 
     def __len__(self) -> int:
@@ -274,7 +275,7 @@ class LocalMemory:
         stores = [store for store in stores if len(store)]  # an empty buffer costs no search (nor a backend call)
         best: dict[str, tuple[float, VectorStore]] = {}
         for store in stores:
-            if scorer == "dense" and self.backend is not None:
+            if scorer == "dense" and serves_searches(self.backend):
                 name = "history" if store is self.history else "buffer"
                 found = self.backend.search("local", query_vector, k, users=[self.user_id], region=name, before=before)
                 found = [(record_id, score) for record_id, score in found if record_id in store]

@@ -128,7 +128,8 @@ class LoGoMemory(
         device (`str`, *optional*): device for a sentence-transformers encoder.
         backend ([`VectorBackend`], *optional*): an external store for the vectors and records, e.g.
             [`~memory.milvus.MilvusBackend`]; its collections must be empty (load a saved one with
-            [`~LoGoMemory.from_pretrained`]). Dense searches go to it, every write is written through to it (see
+            [`~LoGoMemory.from_pretrained`]). Dense searches go to it when it answers searches (a Milvus Lite file
+            does not by default: this process's mirror answers them), every write is written through to it (see
             [`WriteJournal`]: a write the backend did not confirm raises [`BackendError`] and is retried at the next
             write), and a save writes a manifest naming it instead of the records. `None` (the default) keeps
             everything in this process.
