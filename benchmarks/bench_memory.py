@@ -2,9 +2,10 @@
 
 Run: `python benchmarks/bench_memory.py --backend default,milvus,milvus-search --global-items 10000,100000` (the
 backends side by side in one run; Milvus Lite needs the `milvus` extra). `milvus` is Milvus Lite as a memory uses it
-by default (the store of record; the in-process mirror answers searches), `milvus-search` sends the searches to it. Vectors are synthetic, d=384 like
-all-MiniLM-L6-v2: users prefer 2-3 of 200 topics, items are noisy topic directions. The encoder is a table look-up so
-that the numbers exclude the encoder, as the goals do; `--encoder-check` adds the real MiniLM's cost per text.
+by default (the store of record, while the in-process mirror answers searches); `milvus-search` sends the searches to
+it. Vectors are synthetic, d=384 like all-MiniLM-L6-v2: users prefer 2-3 of 200 topics, items are noisy topic
+directions. The encoder is a table look-up so that the numbers exclude the encoder, as the goals do; `--encoder-check`
+adds the real MiniLM's cost per text.
 """
 
 from __future__ import annotations

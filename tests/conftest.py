@@ -96,9 +96,9 @@ def milvus_lite_uri(tmp_path_factory):
 @pytest.fixture
 def backend(request):
     """The memory backend a test runs on: `None` (in-process, the default) or, under
-    `@pytest.mark.parametrize("backend", testing_utils.BACKENDS, indirect=True)`, a factory of Milvus Lite backends, one pair of
-    collections per memory, dropped after the test: Milvus answers the searches (`"milvus"`), or the in-process mirror
-    does (`"milvus-process"`)."""
+    `@pytest.mark.parametrize("backend", testing_utils.BACKENDS, indirect=True)`, a factory of Milvus Lite
+    backends, one pair of collections per memory, dropped after the test: Milvus answers the searches
+    (`"milvus"`), or the in-process mirror does (`"milvus-process"`)."""
     kind = getattr(request, "param", "default")
     if kind == "default":
         yield None

@@ -158,10 +158,37 @@ def test_who_answers_searches_defaults_by_uri():
     assert MilvusBackend("x.db").searches == "process" and not MilvusBackend("x.db").serves_searches
     assert MilvusBackend("http://milvus:19530").serves_searches
     assert MilvusBackend.from_manifest(MilvusBackend("x.db", searches="milvus").manifest()).searches == "milvus"
+    server = MilvusBackend("http://milvus:19530", collection="c", num_buckets=8)
+    again = MilvusBackend.from_manifest(server.manifest())
+    assert (again.uri, again.collection, again.num_buckets, again.searches) == (
+        "http://milvus:19530",
+        "c",
+        8,
+        "milvus",
+    )
+    for uri, want in [("x.db", "process"), ("http://milvus:19530", "milvus")]:  # a manifest written before `searches`
+        old = {k: v for k, v in MilvusBackend(uri).manifest().items() if k != "searches"}
+        assert MilvusBackend.from_manifest(old).searches == want
+    with pytest.raises(AttributeError):  # fixed at construction: a memory builds or skips its index by it
+        MilvusBackend("x.db").searches = "milvus"
+
+
+@on_milvus
+def test_a_reopened_collection_keeps_its_index(make_memory, backend):
+    memory = make_memory()  # the fixture's "milvus" kind: HNSW declared
+    memory.add(topical("u0", "cats", 0))
+    store = memory.backend
+    flat = MilvusBackend(store.uri, collection=store.collection, num_buckets=4, searches="process")
+    assert flat.global_index["index_type"] == "FLAT"
+    flat._client = store.client  # Milvus Lite serves one client per file in a process
+    flat.connect(memory.encoder.dim)
+    assert flat.global_index["index_type"] == "HNSW"  # searches are shaped by the index the collection has
 
 
 @pytest.mark.parametrize("backend", ["milvus-process"], indirect=True)
-def test_process_searches_never_call_milvus_and_match_the_default(make_memory, backend, encoder, monkeypatch):
+def test_process_searches_never_call_milvus_and_match_the_default(
+    make_memory, backend, encoder, monkeypatch, tmp_path
+):
     memory = populated(make_memory, gate=None)
     reference = populated(lambda **kw: LoGoMemory(encoder, num_threads=1, exact_below=0, **kw), gate=None)
 
@@ -169,12 +196,23 @@ def test_process_searches_never_call_milvus_and_match_the_default(make_memory, b
         return [(h.interaction.user_id, h.interaction.prompt, h.interaction.response, h.source, round(h.score, 6))
                 for h in ctx.local_hits + ctx.global_hits]  # fmt: skip
 
+    def same_answers(memory):
+        shared = 0
+        for user, query in [("u0", "kitten purr report"), ("u1", "rocket orbit"), ("nobody", "meow whiskers")]:
+            got = memory.retrieve_context(user, query, k=4)
+            assert seen(got) == seen(reference.retrieve_context(user, query, k=4))
+            shared += len(got.global_hits)
+        assert shared
+
     calls = []
-    monkeypatch.setattr(memory.backend, "search", lambda *a, **k: calls.append(a))
-    for user, query in [("u0", "kitten purr report"), ("u1", "rocket orbit"), ("nobody", "meow whiskers")]:
-        got = memory.retrieve_context(user, query, k=4)
-        want = reference.retrieve_context(user, query, k=4)
-        assert seen(got) == seen(want) and got.global_hits
+    monkeypatch.setattr(MilvusBackend, "search", lambda self, *a, **k: calls.append(a))
+    same_answers(memory)
+    for m in (memory, reference):  # after a delete, an erasure and a new write, the mirror's index follows
+        first = m.history("u2")[0]
+        assert m.delete("u2", first.id) and m.forget_user("u3")
+        m.add(topical("u9", "rockets", 1))
+    same_answers(memory)
+    assert memory.backend.count("local", "u9") == 1 and memory.backend.count("local", "u3") == 0  # Milvus has them
+    memory.save_pretrained(tmp_path / "m")
+    same_answers(LoGoMemory.from_pretrained(tmp_path / "m"))  # a load rebuilds the index from Milvus's rows
     assert calls == []
-    memory.add(topical("u9", "rockets", 1))  # writes still reach Milvus, the store of record
-    assert memory.backend.count("local", "u9") == 1

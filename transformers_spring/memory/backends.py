@@ -4,8 +4,9 @@ that keeps a memory and its backend in step.
 The default is no backend object at all: every vector lives in the process ([`VectorStore`] per user and region,
 an hnswlib index for the global memory), and nothing below runs. An external backend (see
 [`~memory.milvus.MilvusBackend`]) holds two collections, `"local"` (every history and buffer record, with its record)
-and `"global"` (the shared items, keyed by their global label), serves the memory's dense searches, and is where a
-memory saved with it is loaded from again. BM25, the relevance gate, the mediator, deduplication, the sharing rule
+and `"global"` (the shared items, keyed by their global label), serves the memory's dense searches unless it sets
+`serves_searches = False` (then the in-process mirror answers them), and is where a memory saved with it is loaded
+from again. BM25, the relevance gate, the mediator, deduplication, the sharing rule
 and the buffer logic stay above it, unchanged.
 """
 

@@ -125,15 +125,21 @@ class MilvusBackend:
             raise ValueError(f"`search_ef` must be an int >= 1, got {search_ef!r}.")
         self.timeout, self.retries, self.backoff = float(timeout), retries, float(backoff)
         self.search_ef = search_ef
-        self.searches = searches
+        self._searches = searches
         self._token = token if token is not None else os.environ.get(_TOKEN_ENV)
         self._client = None
         self._dim: int | None = None
         self._dirty: set[str] = set()
 
     @property
+    def searches(self) -> str:
+        """Who answers the dense searches: `"process"` or `"milvus"` (fixed at construction: a memory builds or skips
+        its in-process index by it)."""
+        return self._searches
+
+    @property
     def serves_searches(self) -> bool:
-        return self.searches == "milvus"
+        return self._searches == "milvus"
 
     def __repr__(self) -> str:
         return f"MilvusBackend(uri={self.uri!r}, collection={self.collection!r})"
@@ -186,6 +192,8 @@ class MilvusBackend:
             name = self.name(scope)
             if self._call("has_collection", scope, client.has_collection, name):
                 self._check_dim(scope)
+                if scope == "global":
+                    self._adopt_global_index()
                 self._call("load_collection", scope, client.load_collection, name)
                 continue
             schema = pymilvus.MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
@@ -228,6 +236,24 @@ class MilvusBackend:
                     f"Milvus collection {self.name(scope)!r} at {self.uri!r} was created with another `num_buckets` "
                     f"than {self.num_buckets}."
                 )
+
+    def _adopt_global_index(self) -> None:
+        # The index type stays with the collection: one created in "process" mode (FLAT) and reopened to answer
+        # searches brute-forces them, and an HNSW search parameter would be wrong for it. Search by what is there.
+        name = self.name("global")
+        try:
+            names = self._call("list_indexes", "global", self.client.list_indexes, name)
+            info = self._call("describe_index", "global", self.client.describe_index, name, names[0]) if names else {}
+        except BackendError:
+            return  # an older server without these calls: keep the declared index
+        found = (info or {}).get("index_type")
+        if found and found != self.global_index.get("index_type"):
+            if self.serves_searches:
+                logger.warning(
+                    "Milvus collection %r at %r has a %s vector index, not the declared %s; searches use it as it is.",
+                    name, self.uri, found, self.global_index.get("index_type"),
+                )  # fmt: skip
+            self.global_index = {"index_type": found, "params": (info or {}).get("params", {})}
 
     # ---------------------------------------------------------------------- writes
     def upsert(self, scope: str, rows: Sequence[dict]) -> None:
