@@ -6,8 +6,8 @@ an hnswlib index for the global memory), and nothing below runs. An external bac
 [`~memory.milvus.MilvusBackend`]) holds two collections, `"local"` (every history and buffer record, with its record)
 and `"global"` (the shared items, keyed by their global label), serves the memory's dense searches unless it sets
 `serves_searches = False` (then the in-process mirror answers them), and is where a memory saved with it is loaded
-from again. BM25, the relevance gate, the mediator, deduplication, the sharing rule
-and the buffer logic stay above it, unchanged.
+from again. BM25, the relevance gate, the mediator, deduplication, the sharing rule and the buffer logic stay above
+it, unchanged.
 """
 
 from __future__ import annotations

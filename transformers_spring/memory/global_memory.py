@@ -617,8 +617,6 @@ class GlobalMemory:
     def _ann_search(self, query, k, communities, own, row_ok, n_candidates, before=None):
         if serves_searches(self.backend):
             return self._backend_search(query, k, communities, own, row_ok, before)
-        if self._index is None:  # the backend stopped serving searches (its setting changed after the writes)
-            self._build_index()
         # Oversample by the inverse candidate fraction (x2 margin) so the post-filter still leaves k hits. A query far
         # from the scope's items can still come back short: one wider search (x4) costs far less than the exact
         # path's gather of every row in scope, which answers only when that is short too.

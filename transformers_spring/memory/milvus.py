@@ -241,19 +241,19 @@ class MilvusBackend:
         # The index type stays with the collection: one created in "process" mode (FLAT) and reopened to answer
         # searches brute-forces them, and an HNSW search parameter would be wrong for it. Search by what is there.
         name = self.name("global")
-        try:
-            names = self._call("list_indexes", "global", self.client.list_indexes, name)
-            info = self._call("describe_index", "global", self.client.describe_index, name, names[0]) if names else {}
+        try:  # an index created without a name is named after its field
+            found = (self._call("describe_index", "global", self.client.describe_index, name, "vector") or {}).get(
+                "index_type"
+            )
         except BackendError:
-            return  # an older server without these calls: keep the declared index
-        found = (info or {}).get("index_type")
+            return  # a server without the call: keep the declared index
         if found and found != self.global_index.get("index_type"):
             if self.serves_searches:
                 logger.warning(
                     "Milvus collection %r at %r has a %s vector index, not the declared %s; searches use it as it is.",
                     name, self.uri, found, self.global_index.get("index_type"),
                 )  # fmt: skip
-            self.global_index = {"index_type": found, "params": (info or {}).get("params", {})}
+            self.global_index = {"index_type": found, "params": {}}  # its build parameters are the collection's
 
     # ---------------------------------------------------------------------- writes
     def upsert(self, scope: str, rows: Sequence[dict]) -> None:
