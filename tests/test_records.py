@@ -113,20 +113,3 @@ def test_stored_records_cannot_change():
     copy = Interaction("u", "p", "r", metadata=source)
     source["tags"].append("b")  # the caller's dict is not the stored one
     assert copy.metadata == {"tags": ["a"]}
-
-
-def test_the_package_exports_lazily_and_data_needs_no_ann_index():
-    import subprocess
-    import sys
-
-    import transformers_spring
-
-    assert set(transformers_spring.__all__) == set(transformers_spring._SOURCE) | {"__version__"}
-    for name in transformers_spring.__all__:
-        assert getattr(transformers_spring, name) is not None
-    code = (
-        "import sys, transformers_spring.data, transformers_spring.records;"
-        "print('hnswlib' in sys.modules, 'transformers_spring.memory' in sys.modules)"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
-    assert out == ["False", "False"]

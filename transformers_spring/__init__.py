@@ -2,6 +2,12 @@
 
 The public names below are imported lazily, on first use (as `transformers` does): `import transformers_spring.data`
 reads files without loading the memory's ANN index (hnswlib) or a trainer, and `import transformers_spring` is cheap.
+
+Only the API a user calls is exported here. The building blocks behind it stay importable from their subpackages:
+`transformers_spring.generation` (`FusedDualPathDecoder`, `HistoryPromptBuilder`, `AdapterRouter`,
+`skinny_cpu_linear`), `transformers_spring.memory` (`BM25Index`, `ContributorSupport`, `MediatorExample`),
+`transformers_spring.records` (`BufferStore`, `RetrievalMemory`), `transformers_spring.training` (`BaseLogProbCache`,
+`find_lora_target_modules`) and `transformers_spring.utils` (`load_smollm2`).
 """
 
 from __future__ import annotations
@@ -18,47 +24,41 @@ _EXPORTS = {
         "select_users", "temporal_split", "write_interactions_jsonl",
     ),
     "evaluation": ("BenchmarkArguments", "ContinualBenchmark", "rouge_scores", "run_benchmark"),
-    "generation": (
-        "AdapterRouter", "FusedDualPathDecoder", "HistoryPromptBuilder", "Personalization",
-        "RetrievalInterpolationLogitsProcessor", "SpringConfig", "SpringForCausalLM", "skinny_cpu_linear",
-    ),
+    "generation": ("Personalization", "RetrievalInterpolationLogitsProcessor", "SpringConfig", "SpringForCausalLM"),
     "memory": (
-        "BM25Index", "BackendError", "CalibratedMediator", "ContributorSupport", "HashingEncoder", "LoGoMemory",
-        "Mediator", "MediatorExample", "MilvusBackend", "RelevanceGate", "VectorBackend", "resolve_encoder",
+        "BackendError", "CalibratedMediator", "HashingEncoder", "LoGoMemory", "Mediator", "MilvusBackend",
+        "RelevanceGate", "VectorBackend", "resolve_encoder",
     ),
-    "records": ("BufferStore", "Interaction", "MediatedContext", "RetrievalMemory", "RetrievedItem"),
+    "records": ("Interaction", "MediatedContext", "RetrievedItem"),
     "training": (
-        "BaseLogProbCache", "ContinualPersonalizer", "SpringPeriodOutput", "SpringTrainer", "SpringTrainingArguments",
-        "UserShard", "claim_user_shard", "drift_scores", "find_lora_target_modules",
+        "ContinualPersonalizer", "SpringPeriodOutput", "SpringTrainer", "SpringTrainingArguments", "UserShard",
+        "claim_user_shard", "drift_scores",
     ),
-    "utils": ("load_smollm2",),
 }  # fmt: skip
 _SOURCE = {name: module for module, names in _EXPORTS.items() for name in names}
+# building blocks that were top-level names once -> the subpackage that exports them
+_MOVED = {
+    "AdapterRouter": "generation", "FusedDualPathDecoder": "generation", "HistoryPromptBuilder": "generation",
+    "skinny_cpu_linear": "generation", "BM25Index": "memory", "ContributorSupport": "memory",
+    "MediatorExample": "memory", "BufferStore": "records", "RetrievalMemory": "records",
+    "BaseLogProbCache": "training", "find_lora_target_modules": "training", "load_smollm2": "utils",
+}  # fmt: skip
 
 __all__ = [
-    "AdapterRouter",
-    "BM25Index",
     "BackendError",
-    "BaseLogProbCache",
     "BenchmarkArguments",
-    "BufferStore",
     "CalibratedMediator",
     "ContinualBenchmark",
     "ContinualPersonalizer",
-    "ContributorSupport",
-    "FusedDualPathDecoder",
     "HashingEncoder",
-    "HistoryPromptBuilder",
     "Interaction",
     "LoGoMemory",
     "MediatedContext",
     "Mediator",
-    "MediatorExample",
     "MilvusBackend",
     "PeriodSplit",
     "Personalization",
     "RelevanceGate",
-    "RetrievalMemory",
     "RetrievalInterpolationLogitsProcessor",
     "RetrievedItem",
     "SpringConfig",
@@ -72,8 +72,6 @@ __all__ = [
     "claim_user_shard",
     "convert_news_category",
     "drift_scores",
-    "find_lora_target_modules",
-    "load_smollm2",
     "read_interactions_jsonl",
     "read_lamp",
     "read_news_jsonl",
@@ -81,7 +79,6 @@ __all__ = [
     "rouge_scores",
     "run_benchmark",
     "select_users",
-    "skinny_cpu_linear",
     "temporal_split",
     "write_interactions_jsonl",
 ]
@@ -95,6 +92,10 @@ def __getattr__(name: str) -> Any:
         return importlib.import_module(f".{name}", __name__)
     module = _SOURCE.get(name)
     if module is None:
+        if name in _MOVED:  # a clear pointer instead of a bare AttributeError
+            raise AttributeError(
+                f"`{name}` is no longer a top-level name of {__name__}; import it from `{__name__}.{_MOVED[name]}`."
+            )
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     value = getattr(importlib.import_module(f".{module}", __name__), name)
     globals()[name] = value  # later lookups skip this function
@@ -117,33 +118,20 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, eagerly
         write_interactions_jsonl,
     )
     from .evaluation import BenchmarkArguments, ContinualBenchmark, rouge_scores, run_benchmark
-    from .generation import (
-        AdapterRouter,
-        FusedDualPathDecoder,
-        HistoryPromptBuilder,
-        Personalization,
-        RetrievalInterpolationLogitsProcessor,
-        SpringConfig,
-        SpringForCausalLM,
-        skinny_cpu_linear,
-    )
+    from .generation import Personalization, RetrievalInterpolationLogitsProcessor, SpringConfig, SpringForCausalLM
     from .memory import (
         BackendError,
-        BM25Index,
         CalibratedMediator,
-        ContributorSupport,
         HashingEncoder,
         LoGoMemory,
         Mediator,
-        MediatorExample,
         MilvusBackend,
         RelevanceGate,
         VectorBackend,
         resolve_encoder,
     )
-    from .records import BufferStore, Interaction, MediatedContext, RetrievalMemory, RetrievedItem
+    from .records import Interaction, MediatedContext, RetrievedItem
     from .training import (
-        BaseLogProbCache,
         ContinualPersonalizer,
         SpringPeriodOutput,
         SpringTrainer,
@@ -151,6 +139,4 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, eagerly
         UserShard,
         claim_user_shard,
         drift_scores,
-        find_lora_target_modules,
     )
-    from .utils import load_smollm2

@@ -41,10 +41,11 @@ def _parse(argv: Sequence[str], defaults: dict, prog: str, arguments: type | Non
     from transformers import HfArgumentParser
 
     from .evaluation import BenchmarkArguments
+    from .utils.compat import parser_action
 
     parser = HfArgumentParser(arguments or BenchmarkArguments, prog=prog)
     for name in PRESET_SWITCHES:
-        action = next(a for a in parser._actions if a.dest == name)
+        action = parser_action(parser, name)
         action.nargs, action.const = "?", True  # bare `--x` means true; `--x false` still parses
         parser.add_argument(f"--no_{name}", f"--no-{name.replace('_', '-')}", dest=name, action="store_false", default=argparse.SUPPRESS,
                             help=f"Turn `{name}` off.")  # fmt: skip

@@ -10,7 +10,7 @@ import re
 import time
 import unicodedata
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -268,6 +268,71 @@ class Interaction:
             id=data.get("id"),
             max_text_chars=max_text_chars,
         )
+
+
+def coerce_interaction(value: Any, max_text_chars: int | None = None) -> Interaction:
+    """An [`Interaction`] from an `Interaction` or a dict (see [`Interaction.from_dict`]), its `prompt` and `response`
+    held to the one text rule of a record: a str (`TypeError` otherwise) of at most `max_text_chars` characters,
+    encodable as UTF-8 and with a visible character (`ValueError` otherwise).
+
+    Args:
+        value (`Interaction` or `dict`): the record.
+        max_text_chars (`int`, *optional*): the longest accepted `prompt` or `response` (a memory passes its own
+            limit). `None`: the record's own `max_text_chars` (`DEFAULT_MAX_TEXT_CHARS` for a dict).
+
+    Raises:
+        `TypeError` / `ValueError` naming the offending field.
+    """
+    if isinstance(value, dict):
+        value = Interaction.from_dict(value, DEFAULT_MAX_TEXT_CHARS if max_text_chars is None else max_text_chars)
+    elif not isinstance(value, Interaction):
+        raise TypeError(f"expected an Interaction or a dict, got {type(value).__name__}.")
+    # Checked again though `__post_init__` checked it: the record may have been built under a larger limit than the
+    # caller's, or changed behind the frozen dataclass's back (`object.__setattr__`).
+    limit = value.max_text_chars if max_text_chars is None else max_text_chars
+    for name in ("prompt", "response"):
+        _check_text(name, getattr(value, name), limit)
+    return value
+
+
+def coerce_interactions(
+    values: Any, user_id: str | None = None, name: str = "interactions", *, max_text_chars: int | None = None
+) -> list[Interaction]:
+    """Validates a batch of records (see [`coerce_interaction`]), each belonging to `user_id` when given, with no
+    `(user_id, id)` pair twice. An error names the record by its index, e.g. "`interactions[3]`: `prompt` must be a
+    str, got int.".
+
+    Args:
+        values (`Iterable[Interaction | dict]`): the records.
+        user_id (`str`, *optional*): the user every record must belong to.
+        name (`str`, *optional*, defaults to `"interactions"`): the argument's name, for the messages.
+        max_text_chars (`int`, *optional*): see [`coerce_interaction`].
+
+    Returns:
+        `list[Interaction]`: the records, in order.
+
+    Raises:
+        `TypeError` / `ValueError` naming the offending record and field.
+    """
+    if isinstance(values, (str, bytes, dict, Interaction)) or not isinstance(values, Iterable):
+        raise TypeError(
+            f"`{name}` must be an iterable of Interaction or dict records, got {type(values).__name__} (put a single "
+            "record in a list)."
+        )
+    records: list[Interaction] = []
+    for index, value in enumerate(values):
+        try:
+            record = coerce_interaction(value, max_text_chars)
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"`{name}[{index}]`: {err}") from err
+        if user_id is not None and record.user_id != user_id:
+            raise ValueError(f"`{name}[{index}].user_id` is {record.user_id!r}, expected {user_id!r}.")
+        records.append(record)
+    keys = [(record.user_id, record.id) for record in records]
+    if len(set(keys)) != len(keys):
+        repeated = sorted({key[1] for key in keys if keys.count(key) > 1})
+        raise ValueError(f"`{name}` has repeated `id` values {repeated[:5]}; a user's ids must be unique.")
+    return records
 
 
 @dataclass

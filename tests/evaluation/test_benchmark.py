@@ -16,7 +16,7 @@ from transformers_spring.evaluation import (
     resolve_methods,
     save_results,
 )
-from transformers_spring.generation import HistoryPromptBuilder, SpringConfig
+from transformers_spring.generation import HistoryPromptBuilder, Personalization, SpringConfig
 from transformers_spring.training import SpringFormatter
 
 TEMPLATE = "write a headline for {prompt}"
@@ -79,7 +79,7 @@ def plain_reference(bench, row):
         else:
             model.set_adapter(row.adapter)
             out = model.generate(input_ids=input_ids, **kwargs)
-    from transformers_spring.evaluation.benchmark import first_line
+    from transformers_spring.evaluation.decoding import first_line
 
     return first_line(tok.decode(out[0, len(ids) :], skip_special_tokens=True))
 
@@ -373,8 +373,9 @@ def test_lamp7_preset_tests_only_the_questions_and_renders_history_from_text(tmp
     original = bench._generate
 
     def spy(rows):
+        outputs = original(rows)  # plans the rows: their histories are known after it
         prompts.extend((row.method, row.history) for row in rows)
-        return original(rows)
+        return outputs
 
     bench._generate = spy
     results = bench.run(progress=False)
@@ -404,10 +405,17 @@ def test_lamp7_preset_tests_only_the_questions_and_renders_history_from_text(tmp
 
 
 def test_identical_rows_share_one_generation(run, monkeypatch):
+    from transformers_spring.evaluation import BenchmarkRow
+
     bench, _, captured = run
-    row = next(r for r, _, _ in captured if r.method == "all-100")
-    twin = dataclasses.replace(row, method="oppu-accum")  # the same adapter, history and λ
-    other = next(r for r, _, _ in captured if r.method == "base" and r.item.id == row.item.id)
+    item = next(r for r, _, _ in captured if r.method == "all-100").item
+
+    def row(method, history):  # the base model (the users' adapters are dropped after the run)
+        return BenchmarkRow(method, item, Personalization(user=item.user_id, adapter="__base__", history=history,
+                                                          weight=1.0))  # fmt: skip
+
+    rag = next(r for r, _, _ in captured if r.method == "rag-bm25-accum" and r.item.id == item.id)
+    first, twin, other = row("a", []), row("b", []), row("c", rag.history)  # the same adapter, history and λ
     sizes, original = [], bench.spring_model.generate
 
     def counting(**kwargs):
@@ -415,7 +423,7 @@ def test_identical_rows_share_one_generation(run, monkeypatch):
         return original(**kwargs)
 
     monkeypatch.setattr(bench.spring_model, "generate", counting)
-    out = ContinualBenchmark._generate(bench, [row, twin, other])
+    out = ContinualBenchmark._generate(bench, [first, twin, other])
     assert sum(sizes) == 2 and out[0] == out[1]
 
 
@@ -423,10 +431,14 @@ def test_routing_uses_the_right_adapter_chain(run):
     _, _, captured = run
     for row, _, _ in captured:
         spec = METHODS[row.method]
-        if spec.adapter is None:
+        if spec.is_floor:
+            assert row.personalization is None and row.adapter is None  # no model
+        elif spec.adapter is None:
             assert row.adapter == "__base__"
         else:
-            assert row.adapter.endswith(f"__{spec.adapter}"), (row.method, row.adapter)
+            assert row.adapter == f"{row.item.user_id}__{spec.adapter}", (row.method, row.adapter)
+            # SPRInG's chain is the user's own adapter under the wrapper's naming rule: routed by the user id alone.
+            assert (row.personalization.adapter is None) == (spec.adapter == "spring"), row.method
 
 
 def test_histories_respect_time_and_scope(run):
@@ -542,7 +554,7 @@ def test_load_interactions_detects_the_format(tmp_path):
 
 
 def test_line_end_criteria_stops_after_the_first_visible_line():
-    from transformers_spring.evaluation.benchmark import LineEndCriteria
+    from transformers_spring.evaluation.decoding import LineEndCriteria
 
     # ids: 0 "a", 1 "\n", 2 "b\n", 3 " "; per id: holds a line break / visible text before it / visible at all
     tokens = (torch.tensor([False, True, True, False]), torch.tensor([False, False, True, False]),
@@ -551,3 +563,21 @@ def test_line_end_criteria_stops_after_the_first_visible_line():
     steps = [[1, 1], [0, 2], [1, 3]]  # row 0: "\n" "a" "\n"; row 1: "\n" "b\n" " "
     seen = [criteria(torch.tensor([step]).T, None).tolist() for step in steps]
     assert seen == [[False, False], [False, True], [True, False]]  # a leading newline never stops a row
+
+
+def test_results_equal_those_of_the_recorded_release(run):
+    """The benchmark measures what it did before its rows went through the user's pipeline: every prediction, history
+    size and NLL equals what release 0.1 recorded on this tiny run (`tests/fixtures/make_bench_records.py`)."""
+    from pathlib import Path
+
+    _, results, _ = run
+    recorded = json.loads((Path(__file__).parents[1] / "fixtures/saved_by_0_1/bench_records.json").read_text())
+    assert results["selection"]["chosen"] == recorded["selection"]
+    assert len(results["records"]) == len(recorded["records"])
+    for record, old in zip(results["records"], recorded["records"], strict=True):
+        for key in ("method", "user", "period", "phase", "test_id", "prediction", "history_items"):
+            assert record[key] == old[key], (key, old["method"], old["test_id"])
+        if old["nll"] is None:
+            assert record["nll"] is None
+        else:
+            assert record["nll"] == pytest.approx(old["nll"], abs=1e-5), (old["method"], old["test_id"])

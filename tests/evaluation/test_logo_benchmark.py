@@ -6,9 +6,14 @@ import pytest
 import torch
 from testing_utils import TRAINING_VOCAB, make_interactions, make_model, make_tokenizer
 
-from transformers_spring.evaluation import LoGoBenchmark, LoGoBenchmarkArguments, logo_markdown, save_logo_results
+from transformers_spring.evaluation import (
+    LoGoBenchmark,
+    LoGoBenchmarkArguments,
+    benchmark_splits,
+    logo_markdown,
+    save_logo_results,
+)
 from transformers_spring.evaluation.logo_benchmark import LOCAL, LOGO, OPEN
-from transformers_spring.generation import Personalization
 from transformers_spring.records import Interaction
 
 TEMPLATE = "write a headline for {prompt}"
@@ -55,7 +60,7 @@ def run(tmp_path_factory):
                 prompt["input_ids"],
                 [list(targets.input_ids[targets.prompt_length :])],
                 prompt["attention_mask"],
-                personalization=Personalization(user=row.adapter, history=row.history, weight=row.weight),
+                personalization=row.personalization,
             )[0]
             captured.append((row, float(-logprobs.mean()), len(bench.memory.history(user))))
         events.append("test")
@@ -80,7 +85,12 @@ def run(tmp_path_factory):
 
 def test_every_test_item_is_decoded_under_every_cut_and_arm(run):
     bench, results, *_ = run
-    tests = {it.id for periods in bench._splits().values() for p in periods[1:] for it in p.test}
+    tests = {
+        it.id
+        for periods in benchmark_splits(bench.args, bench.interactions).values()
+        for p in periods[1:]
+        for it in p.test
+    }
     for cut in (0, 1, 3, "all"):
         for method in (LOCAL, LOGO, OPEN):
             got = {r["test_id"] for r in results["records"] if r["cut"] == cut and r["method"] == method}
@@ -119,7 +129,12 @@ def test_cut_histories_hold_only_the_first_m_items_and_the_arms_share_the_adapte
 def test_mediators_are_fitted_on_validation_queries_before_any_test_item(run):
     bench, results, _, events, _ = run
     assert events.index("fit") < events.index("test") and events.count("fit") == 2
-    tests = {it.id for periods in bench._splits().values() for p in periods for it in p.test}
+    tests = {
+        it.id
+        for periods in benchmark_splits(bench.args, bench.interactions).values()
+        for p in periods
+        for it in p.test
+    }
     assert results["validation"]["ids"] and not set(results["validation"]["ids"]) & tests
     assert set(results["mediators"]) == {LOGO, OPEN}
     assert results["validation"]["queries"][LOGO] > 0

@@ -1,4 +1,4 @@
-"""The benchmark's method table (`METHODS`, `MethodSpec.mixture_weight`, `resolve_methods`, `DEMO_METHODS`) and the
+"""The benchmark's method table (`METHODS`, `MethodSpec.weight`, `resolve_methods`, `DEMO_METHODS`) and the
 scorers beside it: floors and RAG retrieval."""
 
 import numpy as np
@@ -10,8 +10,8 @@ from transformers_spring.memory import Interaction
 
 
 def test_spring_methods_take_the_benchmark_lambda():
-    assert METHODS["spring"].mixture_weight(0.3) == 0.3 and METHODS["spring-logo"].mixture_weight(0.7) == 0.7
-    assert METHODS["rag-bm25-each"].mixture_weight(0.3) == 1.0 and METHODS["base"].mixture_weight(0.3) == 0.0
+    assert METHODS["spring"].weight is None and METHODS["spring-logo"].weight is None  # the wrapper's λ
+    assert METHODS["rag-bm25-each"].weight == 1.0 and METHODS["base"].weight == 0.0
 
 
 def test_method_table_is_consistent():

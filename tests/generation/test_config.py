@@ -2,6 +2,8 @@
 
 import json
 import math
+import os
+from unittest import mock
 
 import pytest
 
@@ -11,7 +13,8 @@ from transformers_spring.generation.config import check_early_exit, check_gate, 
 
 def test_paper_defaults():
     config = SpringConfig()
-    assert (config.interpolation_weight, config.top_k, config.gate, config.mode) == (0.5, 2, "auto", "fused")
+    assert (config.interpolation_weight, config.top_k, config.gate, config.mode) == (0.5, 2, None, "fused")
+    assert config.retrieval_region == "all" and config.adapter_name_template == "{user_id}"
     assert (config.penalty_mode, config.chat_insertion, config.early_exit_epsilon) == ("per_path", "auto", 0.0)
     assert config.use_memory_weight is False and config.use_global is True
 
@@ -21,7 +24,7 @@ def test_config_json_round_trip(tmp_path):
     config.save_pretrained(tmp_path)
     assert SpringConfig.from_pretrained(tmp_path) == config
     assert json.loads((tmp_path / "spring_config.json").read_text())["spring_config_version"] == 1
-    with pytest.raises(ValueError, match="gate"):
+    with pytest.raises(TypeError, match="gate"):  # a str is the wrong type for a threshold
         SpringConfig(gate="sometimes")
     with pytest.raises(ValueError, match="mode"):
         SpringConfig(mode="parallel")
@@ -58,7 +61,7 @@ def test_from_pretrained_needs_the_file(tmp_path):
         ({"interpolation_weight": 1.5}, ValueError, "interpolation_weight"),
         ({"interpolation_weight": "half"}, TypeError, "interpolation_weight"),
         ({"top_k": 0}, ValueError, "top_k"),
-        ({"top_k": True}, ValueError, "top_k"),
+        ({"top_k": True}, TypeError, "top_k"),
         ({"gate": float("nan")}, ValueError, "gate"),
         ({"chat_insertion": "middle"}, ValueError, "chat_insertion"),
         ({"max_history_tokens": 0}, ValueError, "max_history_tokens"),
@@ -87,12 +90,73 @@ def test_shared_checks():
     for bad in (-0.01, 1.01, math.inf, math.nan):
         with pytest.raises(ValueError, match="`w`"):
             check_weight(bad, "w")
-    assert check_gate("auto", "g") == "auto" and check_gate(2, "g") == 2.0
-    for bad in ("never", True, math.inf):
-        with pytest.raises(ValueError, match="`g`"):
+    assert check_gate(None, "g") is None and check_gate(2, "g") == 2.0
+    for bad in ("never", "auto", True):
+        with pytest.raises(TypeError, match="`g`"):
             check_gate(bad, "g")
+    with pytest.raises(ValueError, match="`g`"):
+        check_gate(math.inf, "g")
     check_early_exit(0.0, 1)
     with pytest.raises(ValueError, match="early_exit_epsilon"):
         check_early_exit(math.inf, 4)
-    with pytest.raises(ValueError, match="early_exit_patience"):
+    with pytest.raises(TypeError, match="early_exit_patience"):  # a float is the wrong type for a count
         check_early_exit(0.1, 2.0)
+    with pytest.raises(ValueError, match="early_exit_patience"):
+        check_early_exit(0.1, 0)
+
+
+def test_a_saved_auto_gate_loads_as_the_memorys_gate_alone():
+    """`"auto"` in a spring_config.json of an earlier release meant "the memory's own gate": it loads as None, the
+    one value with that meaning now (`"auto"` means an online quantile only in `RelevanceGate`)."""
+    assert SpringConfig(gate="auto").gate is None
+    assert SpringConfig.from_dict({"gate": "auto"}).gate is None
+
+
+def test_retrieval_region_and_adapter_template_are_checked():
+    with pytest.raises(ValueError, match="retrieval_region"):
+        SpringConfig(retrieval_region="everywhere")
+    with pytest.raises(ValueError, match="adapter_name_template"):
+        SpringConfig(adapter_name_template="{user}")
+    with pytest.raises(ValueError, match="adapter_name_template"):
+        SpringConfig(adapter_name_template="u.{user_id}")
+
+
+def test_from_pretrained_reads_a_hub_repo(tmp_path):
+    snapshot = tmp_path / "snapshot"
+    SpringConfig(top_k=5).save_pretrained(snapshot)
+    with mock.patch("huggingface_hub.snapshot_download", return_value=str(snapshot)) as download:
+        config = SpringConfig.from_pretrained("me/spring", revision="v1", token="t", local_files_only=True)
+    assert config == SpringConfig(top_k=5)
+    assert download.call_args.args == ("me/spring",)
+    kwargs = download.call_args.kwargs
+    assert kwargs["allow_patterns"] == [SPRING_CONFIG_NAME]  # the config alone, never the weights beside it
+    assert (kwargs["revision"], kwargs["token"], kwargs["local_files_only"]) == ("v1", "t", True)
+    with (
+        mock.patch("huggingface_hub.snapshot_download", return_value=str(tmp_path / "empty")),
+        pytest.raises(FileNotFoundError, match=SPRING_CONFIG_NAME),
+    ):
+        SpringConfig.from_pretrained("me/no-config")
+
+
+def test_save_pretrained_pushes_the_config(tmp_path):
+    from huggingface_hub import HfApi
+
+    uploaded = {}
+
+    def fake_upload(self, *, repo_id, folder_path, **kwargs):
+        uploaded.update(repo_id=repo_id, files=sorted(os.listdir(folder_path)), **kwargs)
+        return "commit"
+
+    create = mock.MagicMock(side_effect=lambda repo_id, **kwargs: mock.Mock(repo_id=repo_id))
+    with (
+        mock.patch.object(HfApi, "create_repo", create),
+        mock.patch.object(HfApi, "upload_folder", autospec=True, side_effect=fake_upload),
+    ):
+        assert SpringConfig(top_k=3).save_pretrained(tmp_path / "cfg") == str(tmp_path / "cfg" / SPRING_CONFIG_NAME)
+        assert uploaded == {}
+        assert SpringConfig(top_k=3).save_pretrained(tmp_path / "cfg", push_to_hub=True, private=False) == "commit"
+        with pytest.raises(TypeError, match="privat"):
+            SpringConfig().save_pretrained(tmp_path / "never", push_to_hub=True, privat=False)
+    assert uploaded["repo_id"] == "cfg" and uploaded["files"] == [SPRING_CONFIG_NAME]
+    assert create.call_args.kwargs["private"] is False and not (tmp_path / "never").exists()
+    assert SpringConfig.from_pretrained(tmp_path / "cfg") == SpringConfig(top_k=3)

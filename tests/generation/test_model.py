@@ -1,7 +1,9 @@
 """SpringForCausalLM: delegation, argument handling, retrieval, per-user adapters, save / load / push."""
 
+import contextlib
 import json
-import os
+from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -237,6 +239,28 @@ def test_save_and_load_with_adapters_and_memory(tmp_path, tokenizer):
     assert torch.equal(loaded.generate(**batch, personalization="alice", **GREEDY), expected)
 
 
+def test_from_pretrained_reads_a_hub_repo_from_the_cache(tmp_path, tokenizer):
+    base_dir = tmp_path / "base"
+    make_model("llama").save_pretrained(base_dir)
+    model = add_user_adapters(AutoModelForCausalLM.from_pretrained(base_dir))
+    wrapper = SpringForCausalLM(model, config=SpringConfig(top_k=3), tokenizer=tokenizer)
+    # The repo "me/spring" as a download leaves it in a Hub cache: read offline from `cache_dir`.
+    commit, repo = "a" * 40, tmp_path / "hub" / "models--me--spring"
+    wrapper.save_pretrained(repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    loaded = SpringForCausalLM.from_pretrained("me/spring", cache_dir=tmp_path / "hub", local_files_only=True)
+    assert sorted(loaded.base_model.peft_config) == ["alice", "bob"] and loaded.spring_config.top_k == 3
+    assert loaded.tokenizer is not None
+    batch = encode(["cats rain sun"])
+    bob = Personalization("bob", weight=0.0)  # bob's adapter alone (no memory)
+    expected = wrapper.generate(**batch, personalization=bob, **GREEDY)
+    assert not torch.equal(expected, wrapper.generate(**batch, **GREEDY))
+    assert torch.equal(loaded.generate(**batch, personalization=bob, **GREEDY), expected)
+    with pytest.raises(OSError):  # not in the cache, and no download allowed
+        SpringForCausalLM.from_pretrained("me/other", cache_dir=tmp_path / "hub", local_files_only=True)
+
+
 def test_from_pretrained_wraps_a_plain_model(tmp_path, llama, tokenizer):
     llama.save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
@@ -247,33 +271,55 @@ def test_from_pretrained_wraps_a_plain_model(tmp_path, llama, tokenizer):
     assert torch.equal(wrapper.generate(**batch, **GREEDY), llama.generate(**batch, **GREEDY))
 
 
-def test_push_to_hub_uploads_the_saved_folder(monkeypatch, wrapper):
-    seen = {}
+@contextlib.contextmanager
+def fake_hub():
+    """`HfApi.create_repo` / `upload_folder` mocked: yields what was uploaded (`calls`: one dict per upload, with the
+    uploaded file list), and `create`, the create_repo mock."""
+    from huggingface_hub import HfApi
 
-    class FakeApi:
-        def create_repo(self, repo_id, **kwargs):
-            return type("Repo", (), {"repo_id": repo_id})()
+    seen = {"calls": []}
 
-    def fake_upload(self, working_dir, repo_id, **kwargs):
-        seen["files"] = sorted(os.listdir(working_dir))
-        seen["repo_id"] = repo_id
-        return "url"
+    def fake_upload(self, *, repo_id, folder_path, **kwargs):
+        files = sorted(str(f.relative_to(folder_path)) for f in Path(folder_path).rglob("*") if f.is_file())
+        seen["calls"].append({"repo_id": repo_id, "files": files, **kwargs})
+        return "commit"
 
-    # transformers >= 5.x creates the repo through `hub.hf_api().create_repo`, 5.0 through `hub.create_repo`.
-    monkeypatch.setattr("transformers.utils.hub.hf_api", lambda: FakeApi(), raising=False)
-    monkeypatch.setattr("transformers.utils.hub.create_repo", FakeApi().create_repo, raising=False)
-    monkeypatch.setattr("transformers.utils.hub.create_and_tag_model_card", lambda *a, **k: _Card())
-    monkeypatch.setattr(SpringForCausalLM, "_upload_modified_files", fake_upload)
+    seen["create"] = mock.MagicMock(side_effect=lambda repo_id, **kwargs: mock.Mock(repo_id=repo_id))
+    with (
+        mock.patch.object(HfApi, "create_repo", seen["create"]),
+        mock.patch.object(HfApi, "upload_folder", autospec=True, side_effect=fake_upload),
+    ):
+        yield seen
+
+
+def test_push_to_hub_uploads_the_saved_folder(wrapper):
     wrapper.memory = None
-    assert wrapper.push_to_hub("me/spring-test") == "url"
-    assert seen["repo_id"] == "me/spring-test"
-    assert "spring_config.json" in seen["files"] and "README.md" in seen["files"]
+    with fake_hub() as hub:
+        assert wrapper.push_to_hub("me/spring-test") == "commit"
+    (call,) = hub["calls"]
+    assert hub["create"].call_args.kwargs["private"] is True and call["repo_id"] == "me/spring-test"
+    assert {"spring_config.json", "README.md", "tokenizer_config.json"} <= set(call["files"])
+    assert call["delete_patterns"] == ["adapters/**", "memory/**"]  # forgotten users leave the repo
 
 
-class _Card:
-    def save(self, path):
-        with open(path, "w") as handle:
-            handle.write("---\nlibrary_name: transformers_spring\n---\n")
+def test_save_pretrained_pushes_what_it_saved(tmp_path, wrapper):
+    wrapper.memory = None
+    with fake_hub() as hub:
+        assert wrapper.save_pretrained(tmp_path / "my-spring", save_tokenizer=False) is None
+        assert hub["calls"] == []
+        out = wrapper.save_pretrained(
+            tmp_path / "my-spring", save_tokenizer=False, push_to_hub=True, private=False, commit_message="v2"
+        )
+        wrapper.save_pretrained(tmp_path / "my-spring", push_to_hub=True, repo_id="me/other")
+        with pytest.raises(TypeError, match="privat"):  # a typo is refused before anything is written
+            wrapper.save_pretrained(tmp_path / "never", push_to_hub=True, privat=False)
+    assert out == "commit" and not (tmp_path / "never").exists()
+    (first, second) = hub["calls"]
+    assert first["repo_id"] == "my-spring" and first["commit_message"] == "v2"
+    assert hub["create"].call_args_list[0].kwargs["private"] is False
+    assert "spring_config.json" in first["files"] and "tokenizer_config.json" not in first["files"]
+    assert second["repo_id"] == "me/other" and "tokenizer_config.json" in second["files"]
+    assert second["commit_message"] == "Upload SpringForCausalLM"
 
 
 @pytest.mark.parametrize("mode", ["fused", "processor"])
@@ -422,8 +468,10 @@ def test_score_batches_rows_of_other_adapters_and_lengths_alike(llama, memory, m
     rows = [Personalization(user="alice", weight=0.4), Personalization(user="bob", weight=0.0),
             Personalization(user="alice", weight=1.0)]  # fmt: skip
     together = wrapper.score(batch["input_ids"], continuations, batch["attention_mask"], personalization=rows)
-    original = wrapper._path_logprobs
-    monkeypatch.setattr(wrapper, "_path_logprobs", lambda *a, **k: original(*a, **{**k, "max_tokens": 1}))
+    from transformers_spring.generation import scoring
+
+    original = scoring.path_logprobs
+    monkeypatch.setattr(scoring, "path_logprobs", lambda *a, **k: original(*a, **{**k, "max_tokens": 1}))
     alone = wrapper.score(batch["input_ids"], continuations, batch["attention_mask"], personalization=rows)
     for a, b in zip(together, alone, strict=True):
         assert torch.allclose(a, b, atol=1e-5)

@@ -22,8 +22,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from transformers_spring import LoGoMemory  # noqa: E402
 from transformers_spring.data import DEFAULT_NEWS_PATH, read_news_jsonl  # noqa: E402
-from transformers_spring.evaluation import BenchmarkArguments  # noqa: E402
-from transformers_spring.evaluation.benchmark import ContinualBenchmark  # noqa: E402
+from transformers_spring.evaluation import BenchmarkArguments, benchmark_splits  # noqa: E402
 from transformers_spring.records import Interaction  # noqa: E402
 
 
@@ -35,7 +34,7 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=50, help="victim inputs each sybil queries with")
     args = parser.parse_args()
 
-    splits = ContinualBenchmark(BenchmarkArguments(data=args.data, users=24, max_items=0))._splits()
+    splits = benchmark_splits(BenchmarkArguments(data=args.data, users=24, max_items=0))
     honest = [it for periods in splits.values() for split in periods for it in split.train]
     everyone = read_news_jsonl(args.data)
     victims = sorted(splits, key=lambda u: -sum(len(s.train) for s in splits[u]))[: args.victims]

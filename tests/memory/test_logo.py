@@ -11,6 +11,7 @@ from safetensors.numpy import load_file
 from testing_utils import BACKENDS, populated, topical
 
 from transformers_spring.memory import HashingEncoder, Interaction, LoGoMemory, Mediator
+from transformers_spring.memory.config import LoGoMemoryConfig
 from transformers_spring.persistence import memory_files as memory_files_module
 
 # The memory suite that runs on every backend: the in-process default and Milvus Lite (the `milvus` extra).
@@ -54,6 +55,25 @@ def test_save_load_round_trip(make_memory, backend, tmp_path):
     config = json.loads((tmp_path / "mem" / "config.json").read_text())
     assert config["format_version"] == 1 and config["encoder"] == "hashing:64" and config["dim"] == 64
     assert config["counts"]["records"] == len(memory) and config["counts"]["buffer_records"] == 1
+
+
+def test_settings_are_one_dataclass_with_the_saved_keys(make_memory):
+    memory = make_memory(scorer="bm25", buffer_size=7)
+    config = memory.config()
+    assert set(config) == {
+        "encoder", "dim", "metric", "normalized", "scorer", "gate", "gate_quantile", "use_global", "global_scope",
+        "min_community_users", "min_contributors", "match_threshold", "max_matches", "exact_match_below",
+        "n_communities", "capacity", "dedup_threshold", "buffer_size", "bm25_idf", "max_text_chars",
+        "share_by_default", "hnsw_M", "hnsw_ef_construction", "hnsw_ef", "exact_below", "seed",
+    }  # fmt: skip
+    assert set(config) - {"encoder", "dim", "metric", "normalized"} == set(LoGoMemoryConfig.names())
+    assert memory.scorer == "bm25" and memory.buffer_size == 7 and memory.settings.buffer_size == 7
+    memory.global_memory.set_support_rule(min_contributors=2)  # saved as the memory runs now
+    assert memory.config()["min_contributors"] == 2 and memory.min_contributors == 2
+    with pytest.raises(ValueError, match="buffer_size"):
+        LoGoMemoryConfig(buffer_size=-1)
+    with pytest.raises(TypeError, match="use_global"):
+        make_memory(use_global="no")
 
 
 def test_model_card_has_library_counts_and_privacy(make_memory, tmp_path):
@@ -434,9 +454,16 @@ def test_public_arguments_are_checked_by_name(make_memory, tmp_path):
     memory = populated(make_memory)
     with pytest.raises(TypeError, match="`interactions`"):
         memory.add_many(None)
-    for bad in (0, -1, 1.5, True):
-        with pytest.raises(ValueError, match="`batch_size`"):
+    for bad, error in ((0, ValueError), (-1, ValueError), (1.5, TypeError), (True, TypeError)):
+        with pytest.raises(error, match="`batch_size`"):
             memory.add_many([topical("u0", "cats", 100)], batch_size=bad)
+    good = [topical("u0", "cats", 200 + i) for i in range(3)]
+    with pytest.raises(TypeError, match=r"^`interactions\[3\]`: `prompt` must be a str, got int\.$"):
+        memory.add_many([*good, {"user_id": "u0", "prompt": 3, "response": "r"}])
+    with pytest.raises(ValueError, match=r"^`interactions\[1\]`: `response` has no visible character"):
+        memory.add_many([good[0], {"user_id": "u0", "prompt": "p", "response": "\u200b"}])
+    with pytest.raises(TypeError, match=r"^expected an Interaction or a dict, got str\.$"):  # `add` names no index
+        memory.add("u0 said hi")
     with pytest.raises(TypeError, match="`interaction_id`"):
         memory.delete("u0", [])
     with pytest.raises(TypeError, match="`use_global`"):

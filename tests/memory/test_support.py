@@ -110,20 +110,20 @@ def test_min_contributors_one_turns_the_rule_off(make_memory):
 
 
 @pytest.mark.parametrize(
-    "kwargs, field",
+    "kwargs, error, field",
     [
-        ({"min_contributors": 0}, "min_contributors"),
-        ({"min_contributors": True}, "min_contributors"),
-        ({"min_contributors": 2.5}, "min_contributors"),
-        ({"match_threshold": 0.0}, "match_threshold"),
-        ({"match_threshold": 1.5}, "match_threshold"),
-        ({"match_threshold": "0.8"}, "match_threshold"),
+        ({"min_contributors": 0}, ValueError, "min_contributors"),
+        ({"min_contributors": True}, TypeError, "min_contributors"),
+        ({"min_contributors": 2.5}, TypeError, "min_contributors"),
+        ({"match_threshold": 0.0}, ValueError, "match_threshold"),
+        ({"match_threshold": 1.5}, ValueError, "match_threshold"),
+        ({"match_threshold": "0.8"}, TypeError, "match_threshold"),
     ],
 )
-def test_rule_parameters_are_validated(make_memory, kwargs, field):
-    with pytest.raises(ValueError, match=field):
+def test_rule_parameters_are_validated(make_memory, kwargs, error, field):
+    with pytest.raises(error, match=field):
         make_memory(**kwargs)
-    with pytest.raises(ValueError, match=field):
+    with pytest.raises(error, match=field):
         GlobalMemory(8, **kwargs)
 
 

@@ -83,9 +83,12 @@ def test_missing_and_hostile_files(tmp_path):
     assert "not valid JSON" in vllm_lora_problems(folder)[0]
 
 
-@pytest.mark.parametrize("bad", [0, 17, 8.0, True, "16", None])
-def test_max_lora_rank_must_be_a_vllm_value(bad):
-    with pytest.raises(ValueError, match="max_lora_rank"):
+@pytest.mark.parametrize(
+    "bad, error",
+    [(0, ValueError), (17, ValueError), (8.0, TypeError), (True, TypeError), ("16", TypeError), (None, TypeError)],
+)
+def test_max_lora_rank_must_be_a_vllm_value(bad, error):
+    with pytest.raises(error, match="max_lora_rank"):
         check_max_lora_rank(bad)
     assert all(check_max_lora_rank(r) == r for r in VLLM_LORA_RANKS)
 

@@ -5,8 +5,9 @@ import torch
 from testing_utils import TRAINING_VOCAB, make_interactions, make_tokenizer
 
 from transformers_spring.memory import Interaction
+from transformers_spring.records import coerce_interactions
 from transformers_spring.training import SpringDataCollator, SpringDataset, SpringFormatter
-from transformers_spring.training.data import IGNORE_INDEX, coerce_interactions
+from transformers_spring.training.data import IGNORE_INDEX
 
 
 def test_chat_prompt_is_exactly_the_generation_prompt(tokenizer):

@@ -120,6 +120,6 @@ def test_sharded_workers_merge_into_the_one_process_state(tmp_path):
         assert [i.id for i in merged.memory.buffer(user)] == [i.id for i in single.memory.buffer(user)]
         assert merged.memory.buffer_scores(user) == single.memory.buffer_scores(user)
     reloaded = ContinualPersonalizer.from_pretrained(
-        tmp_path / "merged", make_model("llama", TRAINING_VOCAB.size), memory_kwargs={"encoder": HashingEncoder(32)}
+        make_model("llama", TRAINING_VOCAB.size), tmp_path / "merged", memory_kwargs={"encoder": HashingEncoder(32)}
     )
     assert sorted(reloaded.users) == sorted(SHARDED_USERS)

@@ -20,9 +20,11 @@ def test_shard_of_is_a_stable_hash():
     assert shard_of("alice", 1) == 0
 
 
-@pytest.mark.parametrize("bad", [0, -1, 1.5, True, None])
-def test_bad_shard_counts_are_refused(bad):
-    with pytest.raises(ValueError, match="num_shards"):
+@pytest.mark.parametrize(
+    "bad, error", [(0, ValueError), (-1, ValueError), (1.5, TypeError), (True, TypeError), (None, TypeError)]
+)
+def test_bad_shard_counts_are_refused(bad, error):
+    with pytest.raises(error, match="num_shards"):
         shard_of("alice", bad)
 
 

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..records import Interaction
+from ..utils.validation import check_int
 from .jsonl import jsonl_rows, write_interactions_jsonl
 from .streams import group_by_user, user_id_from_name
 
@@ -97,10 +98,7 @@ def convert_news_category(
     """
     if isinstance(authors, str):  # a str is a Sequence too, of one-letter "authors"
         raise TypeError("`authors` must be a sequence of author names, not a single str.")
-    if max_items_per_author is not None and (
-        isinstance(max_items_per_author, bool) or not isinstance(max_items_per_author, int) or max_items_per_author < 1
-    ):
-        raise ValueError(f"`max_items_per_author` must be a positive int or None, got {max_items_per_author!r}.")
+    check_int(max_items_per_author, "max_items_per_author", minimum=1, optional=True)
     stream = read_news_jsonl(source, min_items=min_items)
     by_author = group_by_user(stream)
     if authors is not None:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from transformers.utils import logging
 
 from ..records import Interaction
+from ..utils.validation import check_choice, check_float, check_int
 from .streams import group_by_user
 
 logger = logging.get_logger(__name__)
@@ -33,14 +34,6 @@ class PeriodSplit:
     period: int
     train: tuple[Interaction, ...]
     test: tuple[Interaction, ...]
-
-
-def _check_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"`{name}` must be an int, got {type(value).__name__}.")
-    if value < minimum:
-        raise ValueError(f"`{name}` must be at least {minimum}, got {value}.")
-    return value
 
 
 def _sort_by_time(user_id: str, items: list) -> list:
@@ -96,15 +89,12 @@ def temporal_split(
         `ValueError`: for an invalid argument (named in the message), or for a user with timestamps on only some of
         their items (named in the message).
     """
-    _check_int("num_periods", num_periods, 1)
-    if isinstance(test_fraction, bool) or not isinstance(test_fraction, (int, float)):
-        raise TypeError(f"`test_fraction` must be a float, got {type(test_fraction).__name__}.")
-    if not 0 < test_fraction < 1:
-        raise ValueError(f"`test_fraction` must be strictly between 0 and 1, got {test_fraction}.")
+    check_int(num_periods, "num_periods", minimum=1)
+    check_float(test_fraction, "test_fraction", minimum=0.0, maximum=1.0, min_inclusive=False, max_inclusive=False)
     least = 2 * num_periods
     if min_items is None:
         min_items = least
-    elif _check_int("min_items", min_items, 1) < least:
+    elif check_int(min_items, "min_items", minimum=1) < least:
         raise ValueError(
             f"`min_items` must be at least 2 * num_periods = {least} so that every period keeps one training and "
             f"one test item, got {min_items}."
@@ -179,9 +169,8 @@ def select_users(
     Returns:
         `list[str]`: the user ids, in rank order (most items first).
     """
-    _check_int("n", n, 1)
-    if strategy not in SELECTION_STRATEGIES:
-        raise ValueError(f"`strategy` must be one of {SELECTION_STRATEGIES}, got {strategy!r}.")
+    check_int(n, "n", minimum=1)
+    check_choice(strategy, "strategy", SELECTION_STRATEGIES)
     counts = {user_id: _count(user_id, value) for user_id, value in splits_or_counts.items()}
     if len(counts) < n:
         raise ValueError(f"cannot select n={n} users: only {len(counts)} available.")

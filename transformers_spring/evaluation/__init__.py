@@ -1,8 +1,10 @@
 """Evaluation: ROUGE metrics and the continual-personalization benchmark (`spring bench` / `spring demo`)."""
 
-from .benchmark import ContinualBenchmark, decoding_budget, load_interactions, run_benchmark, save_results
+from .benchmark import ContinualBenchmark, run_benchmark
 from .benchmark_config import PRESETS, BenchmarkArguments, TaskPreset
-from .logo_benchmark import LoGoBenchmark, run_logo_benchmark, save_logo_results
+from .data import benchmark_splits, load_interactions
+from .decoding import BenchmarkRow, RowDecoder, decoding_budget
+from .logo_benchmark import LoGoBenchmark, run_logo_benchmark
 from .logo_benchmark_config import LoGoBenchmarkArguments
 from .methods import DEMO_METHODS, FLOORS, METHODS, MethodSpec, floor_prediction, rag_items, resolve_methods
 from .metrics import mean_rouge, paired_bootstrap, rouge_scores
@@ -15,6 +17,8 @@ from .report import (
     markdown_table,
     plot_logo_gain,
     plot_rouge_l,
+    save_logo_results,
+    save_results,
     summarize,
     summarize_logo,
 )
@@ -32,6 +36,9 @@ __all__ = [
     "TaskPreset",
     "bootstrap_table",
     "decoding_budget",
+    "benchmark_splits",
+    "BenchmarkRow",
+    "RowDecoder",
     "drift_bootstrap",
     "floor_prediction",
     "lamp_golds",

@@ -4,8 +4,6 @@ one model, one set of users and one split."""
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import math
 import os
 import random
@@ -14,67 +12,32 @@ import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
-from transformers import StoppingCriteria
 from transformers.utils import logging
 
-from ..data import read_news_jsonl
-from ..generation.adapters import BASE_ADAPTER
+from ..generation import Personalization
+from ..generation.adapters import BASE_ADAPTER, adapter_name_for
 from ..memory.encoders import normalize_rows
 from ..memory.gate import RelevanceGate
-from ..persistence.atomic import atomic_write_text
 from ..records import Interaction
 from .benchmark_config import BenchmarkArguments
+from .checkpoint import fingerprint, load_checkpoint, save_checkpoint, split_identity
+from .data import benchmark_splits
+from .decoding import BenchmarkRow, RowDecoder, decoding_budget, is_testable, line_end_tokens
 from .methods import MethodSpec, earlier_training_items, floor_prediction, rag_items, resolve_methods
 from .metrics import rouge_scores
-from .report import rebuild_report
+from .report import rebuild_report, save_results
 
 logger = logging.get_logger(__name__)
 
-
-def load_interactions(args: BenchmarkArguments) -> list[Interaction]:
-    """Reads `args.data` in its format (see [`BenchmarkArguments.data_format`])."""
-    from ..data import read_interactions_jsonl, read_lamp
-
-    path = Path(args.data)
-    if not path.is_file():
-        raise FileNotFoundError(f"`data` file not found: {path}")
-    fmt = args.data_format
-    if fmt == "auto":
-        if path.suffix == ".json":
-            fmt = "lamp"
-        else:
-            with open(path, encoding="utf-8") as f:
-                first = next((line for line in f if line.strip()), "{}")
-            try:
-                keys = set(json.loads(first))
-            except (json.JSONDecodeError, TypeError) as err:
-                raise ValueError(f"`data` {path}: the first line is not a JSON object ({err}).") from err
-            fmt = "news" if {"headline", "authors"} <= keys else "jsonl"
-    if fmt == "news":
-        return read_news_jsonl(path)
-    if fmt == "jsonl":
-        return read_interactions_jsonl(path)
-    return read_lamp(path, args.lamp_outputs, task=args.lamp_task, include_queries=bool(args.lamp_queries))
-
-
-@dataclass
-class _Row:
-    """One generation: a test item decoded by one method."""
-
-    method: str
-    item: Interaction
-    adapter: str
-    history: list = field(default_factory=list)
-    weight: float = 0.0
-    gate_threshold: float | None = None  # σ the buffer items were gated with (SPRInG rows)
-    prediction: str | None = None  # set up front for floors, which need no model
+# The naming rule of the SPRInG chain's adapters (`adapter_name_for(user, SPRING_ADAPTER_TEMPLATE)`), the wrapper's
+# `SpringConfig.adapter_name_template`. Kept from earlier releases: a LoRA's initial weights are seeded by its name.
+SPRING_ADAPTER_TEMPLATE = "{user_id}__spring"
 
 
 class ContinualBenchmark:
@@ -120,25 +83,6 @@ class ContinualBenchmark:
             load_smollm2() if self.args.model == "smollm2" else load_causal_lm(self.args.model)
         )
 
-    def _splits(self) -> dict[str, list]:
-        from ..data import group_by_user, select_users, temporal_split
-
-        args = self.args
-        items = self.interactions if self.interactions is not None else load_interactions(args)
-        least = 2 * args.num_periods  # the fewest items that give every period a training and a held-out item
-        # A text-only item (a LaMP-7 tweet) has no input of its own: it trains and is history, and is never tested.
-        split = dict(test_fraction=args.test_fraction, testable=_is_testable)
-        splits = temporal_split(items, args.num_periods, min_items=max(args.min_items, least), **split)
-        # Users are picked on their full counts (so "stratified" spans heavy and light users), then capped.
-        chosen = select_users(splits, args.users, strategy=args.user_selection, seed=args.seed)
-        if args.max_items:  # each chosen user's most recent N items of the raw stream, split again
-            streams = group_by_user(items)
-            recent = []
-            for user in chosen:
-                recent += sorted(streams[user], key=lambda it: it.timestamp)[-args.max_items :]
-            splits = temporal_split(recent, args.num_periods, min_items=least, **split)
-        return {user: splits[user] for user in chosen}
-
     def _training_args(self, out_dir: str) -> dict[tuple[float, float], tuple[Any, Any]]:
         """Per `(learning_rate, num_train_epochs)` that may be used (the selection grid and the fixed setting):
         SPRInG's arguments and the plain ones (every sample, no buffer) of the other LoRA methods and the selection."""
@@ -181,7 +125,7 @@ class ContinualBenchmark:
             train = list(splits[user][0].train)
             n_val = max(1, round(args.validation_fraction * len(train)))
             # Only items a test could be: a text-only item (its input is its answer) would reward copying.
-            val = [it for it in train[-n_val:] if _is_testable(it)]
+            val = [it for it in train[-n_val:] if is_testable(it)]
             if len(train) - n_val >= 1 and val:
                 folds[user] = (train[:-n_val], val)
         if not folds:
@@ -201,7 +145,7 @@ class ContinualBenchmark:
             for user, (fit, val) in folds.items():
                 self._drop_adapters([name])
                 self._train(plain, user, 0, fit, name)
-                nlls += self._nll([_Row("select", item, name) for item in val])
+                nlls += self._nll([self._adapter_row("select", user, item, name) for item in val])
             scores.append({"learning_rate": lr, "num_train_epochs": epochs, "validation_nll": statistics.fmean(nlls)})
         self._drop_adapters([name])
         best = min(range(len(scores)), key=lambda i: (scores[i]["validation_nll"], i))
@@ -216,74 +160,6 @@ class ContinualBenchmark:
             "rule": f"the latest {args.validation_fraction:g} of each selection user's period-0 training split held "
             "out; lowest mean per-token NLL of its gold responses under a fresh LoRA trained on the rest",
         }
-
-    # ------------------------------------------------------------------------------------------------ checkpoint
-    def _fingerprint(self) -> dict[str, Any]:
-        """The settings a checkpoint must match to be continued (where output goes and thread counts don't count)."""
-        config = dataclasses.asdict(self.args)
-        for key in ("out", "threads", "resume"):
-            config.pop(key, None)
-        return config
-
-    def _identity(self, splits: dict[str, list]) -> dict[str, str]:
-        """What else a checkpoint must match: the model and the exact split (users, item ids, times and texts), so
-        that an edited data file or another model object is not continued."""
-        digest = hashlib.sha256()
-        for user, periods in splits.items():
-            for period in periods:
-                for part, items in (("train", period.train), ("test", period.test)):
-                    for it in items:
-                        fields = (user, str(period.period), part, it.id, repr(it.timestamp), it.prompt, it.response)
-                        digest.update("\x1f".join(fields).encode("utf-8", "surrogatepass") + b"\x1e")
-        config = getattr(self.model, "config", None)
-        model = getattr(config, "_name_or_path", "") or str(self.args.model)
-        return {"split_sha256": digest.hexdigest(), "model": model}
-
-    def _matches(self, saved: Any) -> bool:
-        """Whether a checkpoint's settings are this run's. A setting the checkpoint lacks (added by a later version
-        of the package) matches when it is at its default."""
-        if not isinstance(saved, dict):
-            return False
-        defaults = dataclasses.asdict(BenchmarkArguments(preset=self.args.preset))  # preset-resolved defaults
-        current = self._fingerprint()
-        return all(
-            saved[key] == value if key in saved else value == defaults.get(key, object())
-            for key, value in current.items()
-        ) and set(saved) <= set(current)
-
-    def _load_checkpoint(self, path: Path | None, identity: dict[str, str]) -> dict[str, Any] | None:
-        if path is None or not path.is_file():
-            return None
-        try:
-            state = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            logger.warning(f"ignoring the unreadable benchmark checkpoint {path} ({err}); starting over.")
-            return None
-        if not isinstance(state, dict) or not self._matches(state.get("fingerprint")):
-            logger.warning(f"the benchmark checkpoint {path} was made with other settings; starting over.")
-            return None
-        if "identity" not in state:  # written before checkpoints recorded it: the settings matched, so continue
-            logger.warning(f"the benchmark checkpoint {path} records no model/data identity; continuing it.")
-            state["identity"] = identity
-        elif state["identity"] != identity:
-            logger.warning(f"the benchmark checkpoint {path} was made with another model or data; starting over.")
-            return None
-        return state
-
-    def _tick(self, state: dict[str, Any]) -> None:
-        """Adds the wall time since the last tick to the run's total (which a checkpoint carries across stops)."""
-        now = time.perf_counter()
-        state["elapsed_s"] += now - self._clock
-        self._clock = now
-
-    def _save_checkpoint(self, path: Path | None, state: dict[str, Any]) -> None:
-        self._tick(state)
-        if path is None:
-            return
-        state["gate_scores"] = self._gate.observed().tolist()
-        state["timing_s"] = dict(self._timing)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, json.dumps(state, ensure_ascii=False))
 
     # ------------------------------------------------------------------------------------------------ run
     def run(self, progress: bool = True, checkpoint: str | os.PathLike | None = None) -> dict[str, Any]:
@@ -307,13 +183,13 @@ class ContinualBenchmark:
         if args.threads:
             torch.set_num_threads(args.threads)
         checkpoint = Path(checkpoint) if checkpoint is not None else None
-        splits = self._splits()
+        splits = benchmark_splits(args, self.interactions)
         self._load_model()
-        identity = self._identity(splits)
-        state = self._load_checkpoint(checkpoint, identity)
+        identity = split_identity(splits, self.model, str(args.model))
+        state = load_checkpoint(checkpoint, args, identity)
         resumed = state is not None
         state = state or {
-            "fingerprint": self._fingerprint(), "identity": identity, "done": [], "records": [], "elapsed_s": 0.0,
+            "fingerprint": fingerprint(args), "identity": identity, "done": [], "records": [], "elapsed_s": 0.0,
         }  # fmt: skip
         self.tokenizer.padding_side = "left"
         train_items = [it for periods in splits.values() for split in periods for it in split.train]
@@ -327,7 +203,7 @@ class ContinualBenchmark:
             training_args = self._build(workdir, train_items, use_global=False)
             if "selection" not in state:
                 state["selection"] = self._selection(splits, training_args, any(m.adapter for m in self.methods))
-                self._save_checkpoint(checkpoint, state)
+                self._checkpoint(checkpoint, state)
             chosen = state["selection"]["chosen"]
             spring_args, plain_args = training_args[(chosen["learning_rate"], chosen["num_train_epochs"])]
             done = set(state["done"])
@@ -336,7 +212,7 @@ class ContinualBenchmark:
                     continue
                 state["records"] += self._run_user(user, splits[user], spring_args, plain_args)
                 state["done"].append(user)
-                self._save_checkpoint(checkpoint, state)
+                self._checkpoint(checkpoint, state)
         self._tick(state)
         records = state["records"]
         names = [m.name for m in self.methods]
@@ -363,6 +239,18 @@ class ContinualBenchmark:
             },
         }
         return rebuild_report(results)  # summary, bootstrap and drift tables: one code path with `spring report`
+
+    def _tick(self, state: dict[str, Any]) -> None:
+        """Adds the wall time since the last tick to the run's total (which a checkpoint carries across stops)."""
+        now = time.perf_counter()
+        state["elapsed_s"] += now - self._clock
+        self._clock = now
+
+    def _checkpoint(self, path: Path | None, state: dict[str, Any]) -> None:
+        self._tick(state)
+        state["gate_scores"] = self._gate.observed().tolist()
+        state["timing_s"] = dict(self._timing)
+        save_checkpoint(path, state)
 
     def _build(self, workdir: str, train_items: Sequence[Interaction], wrap_encoder=None, **memory_kwargs) -> dict:
         """The run's working parts: the training arguments (returned), the peft model with an anchor adapter, the base
@@ -397,7 +285,8 @@ class ContinualBenchmark:
             self.peft_model, memory=self.memory, tokenizer=self.tokenizer,
             config=SpringConfig(
                 interpolation_weight=args.interpolation_weight, top_k=args.spring_k,
-                history_item_template=args.history_item_template,
+                history_item_template=args.history_item_template, retrieval_region="buffer", use_global=False,
+                adapter_name_template=SPRING_ADAPTER_TEMPLATE,
             ),
         )  # fmt: skip
         return training_args
@@ -419,6 +308,14 @@ class ContinualBenchmark:
         self._formatter = SpringFormatter(self.tokenizer, prompt_template=args.prompt_template)
         self._budget = args.max_new_tokens or decoding_budget(self.tokenizer, train_items, args.budget_quantile)
         self._line_end_tokens = line_end_tokens(self.tokenizer) if args.stop_at_newline else None
+
+    def _decoder(self) -> RowDecoder:
+        """Decodes rows through `self.spring_model`, the `SpringForCausalLM` users call."""
+        return RowDecoder(
+            self.spring_model, self.tokenizer, self._formatter, max_new_tokens=self._budget,
+            repetition_penalty=self.args.repetition_penalty, batch_size=self.args.generation_batch_size,
+            line_end_tokens=self._line_end_tokens,
+        )  # fmt: skip
 
     # ------------------------------------------------------------------------------------------------ per user
     def _needed_adapters(self) -> set[str]:
@@ -458,12 +355,12 @@ class ContinualBenchmark:
                 self.peft_model.delete_adapter(name)
 
     def _run_user(self, user: str, periods, spring_args, plain_args) -> list[dict[str, Any]]:
-        from ..training import adapter_name_for
-
         args = self.args
         needed = self._needed_adapters()
-        stem = adapter_name_for(user)
-        names = {kind: f"{stem}__{kind}" for kind in ("spring", "all100", "random30", "oppu_each")}
+        # SPRInG's chain is the user's own adapter under the wrapper's naming rule (SPRING_ADAPTER_TEMPLATE), so its
+        # rows decode exactly as `generate(personalization=user)` does; the comparison chains are chosen per row.
+        names = {kind: adapter_name_for(user, f"{{user_id}}__{kind}") for kind in ("all100", "random30", "oppu_each")}
+        names["spring"] = adapter_name_for(user, SPRING_ADAPTER_TEMPLATE)
         rng = random.Random(f"{args.seed}:{user}")
         records: list[dict[str, Any]] = []
         try:
@@ -520,21 +417,29 @@ class ContinualBenchmark:
             candidates, vectors = [stored[i] for i in keep], stored_vectors[keep]
         return rag_items(method, candidates, item.prompt, self.args.rag_k, vectors=vectors, query_vector=query_vector)
 
-    def _buffer_items(self, method: MethodSpec, user: str, item: Interaction) -> tuple[list, float | None]:
-        use_global = method.retrieval == "buffer+global"
-        context = self.memory.retrieve_context(
-            user, item.prompt, k=self.args.spring_k, region="buffer", use_global=use_global,
-            before=item.timestamp if use_global else None,
-        )  # fmt: skip
-        items = list(context.items)
-        sigma = self._sigma() if method.gate else None
-        if sigma is not None:  # Eq. 5 on the buffer's BM25 scores; global items are cosines, the mediator's business
-            items = [it for it in items if it.source != "local" or RelevanceGate.passes(it.score, sigma)]
-        return items, sigma
+    def _personalization(self, method: MethodSpec, user: str, item: Interaction, history, names) -> Personalization:
+        """What a row of `method` hands to `SpringForCausalLM`, as a user would: SPRInG's rows name the user alone
+        (the user's adapter and memory, the buffer region of the wrapper's config, σ as the call's gate); the other
+        methods pick their adapter chain (`adapter=`), their raw-history RAG items (`history=`) and λ."""
+        adapter = names[method.adapter] if method.adapter else BASE_ADAPTER
+        own = adapter_name_for(user, SPRING_ADAPTER_TEMPLATE)
+        adapter = None if adapter == own else adapter  # the user's own adapter: routed by the naming rule
+        if method.retrieval in ("buffer", "buffer+global"):
+            use_global = method.retrieval == "buffer+global"
+            return Personalization(
+                user=user, query=item.prompt, gate=self._sigma() if method.gate else None, use_global=use_global,
+                adapter=adapter,
+                retrieval_kwargs={"before": item.timestamp} if use_global else None,
+            )  # fmt: skip
+        return Personalization(user=user, adapter=adapter, history=list(history or []), weight=method.weight)
+
+    def _adapter_row(self, method: str, user: str, item: Interaction, adapter: str) -> BenchmarkRow:
+        """A row decoded with `adapter` alone (the parametric path)."""
+        return BenchmarkRow(method, item, Personalization(user=user, adapter=adapter, history=[], weight=0.0))
 
     # ------------------------------------------------------------------------------------------------ decoding
     def _evaluate(self, user: str, periods, test_period: int, state_period: int, names, phase: str):
-        rows: list[_Row] = []
+        rows: list[BenchmarkRow] = []
         dense = any(m.retrieval == "dense" for m in self.methods)
         for item in periods[test_period].test:
             query_vector = None
@@ -544,16 +449,13 @@ class ContinualBenchmark:
                 if method.is_floor:
                     # Floors read the test period's and earlier training items only, in both phases.
                     floor = floor_prediction(method.floor, earlier_training_items(periods, test_period, item), item)
-                    rows.append(_Row(method.name, item, BASE_ADAPTER, prediction=floor))
+                    rows.append(BenchmarkRow(method.name, item, prediction=floor))
                     continue
-                adapter = names[method.adapter] if method.adapter else BASE_ADAPTER
-                history, sigma = [], None
+                history = None
                 if method.retrieval in ("bm25", "dense"):
                     history = self._rag_items(method, user, periods, state_period, item, query_vector)
-                elif method.retrieval is not None:
-                    history, sigma = self._buffer_items(method, user, item)
-                weight = method.mixture_weight(self.args.interpolation_weight)
-                rows.append(_Row(method.name, item, adapter, history, weight, sigma))
+                personalization = self._personalization(method, user, item, history, names)
+                rows.append(BenchmarkRow(method.name, item, personalization, gate_threshold=personalization.gate))
         tick = time.perf_counter()
         predictions = self._generate(rows)
         self._timing["generate"] += time.perf_counter() - tick
@@ -570,7 +472,7 @@ class ContinualBenchmark:
                 "phase": phase,
                 "test_id": row.item.id,
                 "n_train": n_train,
-                "history_items": len(row.history),
+                "history_items": row.history_items,
                 "gate_threshold": row.gate_threshold,
                 "prediction": prediction,
                 "reference": row.item.response,
@@ -580,151 +482,11 @@ class ContinualBenchmark:
             for row, prediction, nll, score in zip(rows, predictions, nlls, scores, strict=True)
         ]
 
-    def _unique_model_rows(self, rows: list[_Row]) -> tuple[list[int], list[int]]:
-        """Rows that need the model, deduplicated: methods that decode an item identically (the same adapter,
-        history and λ: e.g. OPPU accum and All-100 %, or SPRInG with and without the gate when the gate drops
-        nothing) share one generation and one likelihood. Returns `(order, source)`: the distinct rows to compute,
-        sorted by history length (less padding per batch), and for every row the index whose result it takes."""
-        first_of: dict[tuple, int] = {}
-        source = [i if row.prediction is not None else first_of.setdefault(_decoding_key(row), i) for i, row in
-                  enumerate(rows)]  # fmt: skip
-        order = sorted(first_of.values(), key=lambda i: len(rows[i].history))
-        return order, source
+    def _generate(self, rows: list[BenchmarkRow]) -> list[str]:
+        return self._decoder().generate(rows)
 
-    def _batches(self, rows: list[_Row], order: list[int]):
-        """`(chunk, tokenized prompts, personalization)` per `generation_batch_size` rows of `order`."""
-        from ..generation import Personalization
-
-        for start in range(0, len(order), self.args.generation_batch_size):
-            chunk = order[start : start + self.args.generation_batch_size]
-            prompts = [self._formatter.prompt_text(rows[i].item) for i in chunk]
-            inputs = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-            inputs = inputs.to(self.peft_model.device)
-            personalization = [
-                Personalization(user=rows[i].adapter, history=rows[i].history, weight=rows[i].weight) for i in chunk
-            ]
-            yield chunk, inputs, personalization
-
-    def _stopping_criteria(self):
-        from transformers import StoppingCriteriaList
-
-        if self._line_end_tokens is None:
-            return None
-        return StoppingCriteriaList([LineEndCriteria(self._line_end_tokens)])
-
-    def _generate(self, rows: list[_Row]) -> list[str]:
-        args = self.args
-        order, source = self._unique_model_rows(rows)
-        outputs: dict[int, str] = {i: row.prediction for i, row in enumerate(rows) if row.prediction is not None}
-        for chunk, inputs, personalization in self._batches(rows, order):
-            with torch.no_grad():
-                out = self.spring_model.generate(
-                    **inputs, personalization=personalization, max_new_tokens=self._budget, do_sample=False,
-                    repetition_penalty=args.repetition_penalty, pad_token_id=self._formatter.pad_token_id,
-                    stopping_criteria=self._stopping_criteria(), temperature=None, top_p=None, top_k=None,
-                )  # fmt: skip
-            texts = self.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-            for i, text in zip(chunk, texts, strict=True):
-                outputs[i] = first_line(text)
-        return [outputs[i] for i in source]
-
-    def _nll(self, rows: list[_Row]) -> list[float | None]:
-        """Per-token NLL of each row's gold response (the training target: the text and its end-of-turn marker)
-        under exactly what the row decodes with: [`SpringForCausalLM.score`]. None for floors."""
-        order, source = self._unique_model_rows(rows)
-        values: dict[int, float | None] = {i: None for i, row in enumerate(rows) if row.prediction is not None}
-        for chunk, inputs, personalization in self._batches(rows, order):
-            targets = []
-            for i in chunk:
-                sample = self._formatter.encode(rows[i].item)
-                targets.append(list(sample.input_ids[sample.prompt_length :]))
-            logprobs = self.spring_model.score(
-                inputs["input_ids"], targets, inputs["attention_mask"], personalization=personalization
-            )
-            for i, row_logprobs in zip(chunk, logprobs, strict=True):
-                values[i] = float(-row_logprobs.mean())
-        return [values[i] for i in source]
-
-
-def _is_testable(item: Interaction) -> bool:
-    return not item.metadata.get("text_only")
-
-
-def _decoding_key(row: _Row) -> tuple:
-    """What a row's generation depends on: the item, the adapter, the history (in order) and λ."""
-    history = tuple((hit.interaction.id, hit.source) for hit in row.history)
-    return row.item.id, row.item.prompt, row.adapter, history, row.weight
-
-
-def first_line(text: str) -> str:
-    """The first non-empty line of a generation (a headline is one line), without surrounding quotes."""
-    for line in text.strip().splitlines():
-        line = line.strip().strip('"').strip()
-        if line:
-            return line
-    return ""
-
-
-def line_end_tokens(tokenizer: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """For every token id: whether its text holds a line break, whether it has visible text before that break,
-    and whether it has visible text at all (the inputs of [`LineEndCriteria`]). Decodes the vocabulary once."""
-    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
-    ends = torch.tensor(["\n" in text for text in texts])
-    visible_before = torch.tensor([bool(text.split("\n", 1)[0].strip()) for text in texts])
-    visible = torch.tensor([bool(text.strip()) for text in texts])
-    return ends, visible_before, visible
-
-
-class LineEndCriteria(StoppingCriteria):
-    """Stops a row at the line break that ends the first line with visible text (leading blank lines do not count,
-    so a model that starts with a newline still gets its line). Needs nothing of the tokenizer but `batch_decode`
-    (see [`line_end_tokens`]), so it works with any vocabulary, word-level ones included. Build one per `generate`
-    call: it remembers, per row, whether visible text came already.
-
-    Args:
-        tokens (`tuple` of three `torch.BoolTensor`): what [`line_end_tokens`] returns for the tokenizer.
-    """
-
-    def __init__(self, tokens: tuple[torch.Tensor, torch.Tensor, torch.Tensor]):
-        self.ends, self.visible_before, self.visible = tokens
-        self.seen: torch.Tensor | None = None
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
-        last = input_ids[:, -1].cpu()
-        seen = self.seen if self.seen is not None else torch.zeros(len(last), dtype=torch.bool)
-        stop = self.ends[last] & (seen | self.visible_before[last])
-        self.seen = seen | self.visible[last]
-        return stop.to(input_ids.device)
-
-
-def decoding_budget(tokenizer: Any, train_items: Sequence[Interaction], quantile: float = 0.95) -> int:
-    """The token budget of generation: the `quantile` of the training responses' lengths in tokens, plus one for
-    the line end or end-of-turn token. Only training items may set it, never test items."""
-    if not train_items:
-        raise ValueError("the decoding budget needs training items; got none.")
-    lengths = [len(tokenizer(item.response, add_special_tokens=False)["input_ids"]) + 1 for item in train_items]
-    return max(1, math.ceil(float(np.quantile(np.asarray(lengths), quantile))))
-
-
-def save_results(results: dict[str, Any], out_dir: str | os.PathLike, plot: bool = True) -> dict[str, Path]:
-    """Writes `results.json`, `results.md` (the table), LaMP-format predictions (`lamp/<method>.json` and
-    `lamp/golds.json`, for LaMP's own `eval_task.py`) and, with matplotlib, `rouge_l_per_period.png` into
-    `out_dir` (each file atomically). Returns the paths written."""
-    from .report import lamp_golds, lamp_predictions, markdown_table, plot_rouge_l
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out / "results.json", "markdown": out / "results.md"}
-    atomic_write_text(paths["json"], json.dumps(results, indent=1, ensure_ascii=False))
-    atomic_write_text(paths["markdown"], markdown_table(results) + "\n")
-    task = (results.get("config") or {}).get("lamp_task") or "LaMP_4"
-    (out / "lamp").mkdir(exist_ok=True)
-    paths["lamp_golds"] = atomic_write_text(out / "lamp" / "golds.json", json.dumps(lamp_golds(results, task)))
-    for method in results.get("methods", []):
-        atomic_write_text(out / "lamp" / f"{method}.json", json.dumps(lamp_predictions(results, method, task)))
-    if plot:
-        paths["plot"] = plot_rouge_l(results, out / "rouge_l_per_period.png")
-    return paths
+    def _nll(self, rows: list[BenchmarkRow]) -> list[float | None]:
+        return self._decoder().nll(rows)
 
 
 def run_benchmark(args: BenchmarkArguments, progress: bool = True, **kwargs: Any) -> dict[str, Any]:

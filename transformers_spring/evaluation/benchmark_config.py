@@ -8,6 +8,7 @@ from pathlib import Path
 from transformers.utils import logging
 
 from ..data import DEFAULT_NEWS_PATH
+from ..utils.validation import check_choice, check_float, check_int
 from .methods import METHODS, resolve_methods
 
 logger = logging.get_logger(__name__)
@@ -238,31 +239,21 @@ class BenchmarkArguments:
 
     def __post_init__(self):
         self._apply_preset()
-        if self.data_format not in ("auto", "news", "jsonl", "lamp"):
-            raise ValueError(f"`data_format` must be 'auto', 'news', 'jsonl' or 'lamp', got {self.data_format!r}.")
-        if self.user_selection not in ("stratified", "top"):
-            raise ValueError(f"`user_selection` must be 'stratified' or 'top', got {self.user_selection!r}.")
-        if self.encoder not in ("minilm", "hashing"):
-            raise ValueError(f"`encoder` must be 'minilm' or 'hashing', got {self.encoder!r}.")
+        check_choice(self.data_format, "data_format", ("auto", "news", "jsonl", "lamp"))
+        check_choice(self.user_selection, "user_selection", ("stratified", "top"))
+        check_choice(self.encoder, "encoder", ("minilm", "hashing"))
         if "{prompt}" not in self.prompt_template:
             raise ValueError("`prompt_template` must contain '{prompt}'.")
-        for name in ("users", "num_periods", "generation_batch_size", "rag_k", "spring_k"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}.")
-        if self.max_new_tokens < 0:
-            raise ValueError(f"`max_new_tokens` must be >= 0 (0: from the training split), got {self.max_new_tokens}.")
-        if not 0.0 < self.budget_quantile <= 1.0:
-            raise ValueError(f"`budget_quantile` must be in (0, 1], got {self.budget_quantile}.")
-        if self.num_periods < 2:
-            raise ValueError(f"`num_periods` must be >= 2 (period 0 initialises), got {self.num_periods}.")
-        if not 0.0 <= self.interpolation_weight <= 1.0:
-            raise ValueError(f"`interpolation_weight` must be in [0, 1], got {self.interpolation_weight}.")
-        if not 0.0 <= self.gate_quantile <= 1.0:
-            raise ValueError(f"`gate_quantile` must be in [0, 1], got {self.gate_quantile}.")
-        if not 0.0 < self.validation_fraction < 1.0:
-            raise ValueError(f"`validation_fraction` must be in (0, 1), got {self.validation_fraction}.")
-        if self.selection_users < 0:
-            raise ValueError(f"`selection_users` must be >= 0 (0: all), got {self.selection_users}.")
+        for name in ("users", "generation_batch_size", "rag_k", "spring_k"):
+            check_int(getattr(self, name), name, minimum=1)
+        check_int(self.num_periods, "num_periods", minimum=2, hint="period 0 initialises")
+        check_int(self.max_new_tokens, "max_new_tokens", minimum=0, hint="0: from the training split")
+        check_float(self.budget_quantile, "budget_quantile", minimum=0.0, maximum=1.0, min_inclusive=False)
+        for name in ("interpolation_weight", "gate_quantile"):
+            check_float(getattr(self, name), name, minimum=0.0, maximum=1.0)
+        bounds = {"minimum": 0.0, "maximum": 1.0, "min_inclusive": False, "max_inclusive": False}
+        check_float(self.validation_fraction, "validation_fraction", **bounds)
+        check_int(self.selection_users, "selection_users", minimum=0, hint="0: all")
         self._warn_ignored()  # also fails early on a malformed grid
         resolve_methods(self.methods)  # fails early on an unknown name
 

@@ -4,14 +4,11 @@ local-only SPRInG, with a mediator fitted on validation queries only?"""
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 import os
 import tempfile
 import time
 from collections import Counter, defaultdict
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,14 +16,18 @@ import torch
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
+from ..generation import Personalization
 from ..generation.adapters import BASE_ADAPTER
+from ..generation.logits_process import mix_logprobs
 from ..memory.gate import RelevanceGate
 from ..memory.mediator import CalibratedMediator, MediatorExample
-from ..persistence.atomic import atomic_write_text
 from ..records import Interaction
-from .benchmark import ContinualBenchmark, _is_testable, _Row
+from .benchmark import ContinualBenchmark
+from .data import benchmark_splits
+from .decoding import BenchmarkRow, history_key, is_testable
 from .logo_benchmark_config import LoGoBenchmarkArguments
 from .metrics import rouge_scores
+from .report import save_logo_results
 
 logger = logging.get_logger(__name__)
 
@@ -48,13 +49,10 @@ class _CachedEncoder:
         return np.stack([self._cache[t] for t in texts]) if texts else np.empty((0, self.dim), dtype=np.float32)
 
 
-def _mixture_nll(log_par: np.ndarray, log_ret: np.ndarray | None, weight: float) -> float:
-    """Mean per-token NLL of `log(λ p_ret + (1 − λ) p_par)` (the parametric path alone without a context or at 0)."""
-    if log_ret is None or weight <= 0:
-        return float(-log_par.mean())
-    if weight >= 1:
-        return float(-log_ret.mean())
-    return float(-np.logaddexp(math.log(weight) + log_ret, math.log1p(-weight) + log_par).mean())
+def _mixture_nll(log_par: torch.Tensor, log_ret: torch.Tensor | None, weight: float) -> float:
+    """Mean per-token NLL under SPRInG's mixture ([`mix_logprobs`], the one implementation decoding and `score`
+    use): the parametric path alone without a context or at λ = 0."""
+    return float(-mix_logprobs(log_ret, log_par, weight).mean())
 
 
 class LoGoBenchmark(ContinualBenchmark):
@@ -90,24 +88,24 @@ class LoGoBenchmark(ContinualBenchmark):
     def __init__(self, args: LoGoBenchmarkArguments, model=None, tokenizer=None, interactions=None):
         if not isinstance(args, LoGoBenchmarkArguments):
             raise TypeError(f"`args` must be LoGoBenchmarkArguments, got {type(args).__name__}.")
-        self.args = args
-        self.methods = []
-        self.model, self.tokenizer = model, tokenizer
-        self.interactions = interactions
+        super().__init__(args, model, tokenizer, interactions)
+        self.methods = []  # the study's arms are its own (`LOCAL`, `LOGO`, `OPEN`), not benchmark methods
 
     # ------------------------------------------------------------------------------------------------ run
-    def run(self, progress: bool = True) -> dict[str, Any]:
+    def run(self, progress: bool = True, checkpoint: str | os.PathLike | None = None) -> dict[str, Any]:
         """Runs the validation pass, fits the mediators, then the test pass. Returns `config`, `selection`,
         `mediators` (each arm's fitted rules and cell counts), `validation` (counts and ids), `users`, `records`
         (one per test item, cut and arm), `summary` (see [`summarize_logo`]) and `timing_s`."""
         from .report import summarize_logo
 
+        if checkpoint is not None:
+            raise ValueError("the LoGo study does not checkpoint: pass `checkpoint=None`.")
         args = self.args
         started = time.perf_counter()
         self._progress = progress
         if args.threads:
             torch.set_num_threads(args.threads)
-        splits = self._splits()
+        splits = benchmark_splits(args, self.interactions)
         self._load_model()
         self.tokenizer.padding_side = "left"
         train_items = [it for periods in splits.values() for split in periods for it in split.train]
@@ -189,7 +187,7 @@ class LoGoBenchmark(ContinualBenchmark):
         `validation_fraction` (testable items only)."""
         period0 = list(periods[0].train)
         n_val = max(1, round(self.args.validation_fraction * len(period0)))
-        return period0[:-n_val], [it for it in period0[-n_val:] if _is_testable(it)]
+        return period0[:-n_val], [it for it in period0[-n_val:] if is_testable(it)]
 
     def _fit_adapter(self, user, periods, spring_args) -> dict | None:
         """The validation "all" state of a user: an adapter on the fold's rest (named `<user>__fit`, kept until the
@@ -312,15 +310,15 @@ class LoGoBenchmark(ContinualBenchmark):
             })  # fmt: skip
         return out
 
-    def _logprobs_for(self, adapter: str, wanted, cache: dict | None = None) -> dict[tuple, np.ndarray]:
+    def _logprobs_for(self, adapter: str, wanted, cache: dict | None = None) -> dict[tuple, torch.Tensor]:
         """Per-token log-probabilities of each `(item, context)` gold response: the parametric path for an empty
         context (λ 0), the history path otherwise (λ 1). Each distinct one is computed once."""
         cache = {} if cache is None else cache
-        todo: dict[tuple, _Row] = {}
+        todo: dict[tuple, BenchmarkRow] = {}
         for item, context in wanted:
             key = _context_key(item, context)
             if key not in cache and key not in todo:
-                todo[key] = _Row("logo", item, adapter, list(context), 1.0 if context else 0.0)
+                todo[key] = self._row("logo", item, adapter, list(context), 1.0 if context else 0.0)
         if todo:
             tick = time.perf_counter()
             keys = list(todo)
@@ -328,20 +326,15 @@ class LoGoBenchmark(ContinualBenchmark):
             self._timing["nll"] += time.perf_counter() - tick
         return cache
 
-    def _path_logprobs(self, rows: list[_Row]) -> list[np.ndarray]:
+    def _row(self, arm: str, item: Interaction, adapter: str, history: list, weight: float) -> BenchmarkRow:
+        """A row on `adapter` with an explicit (mediated) history and λ, through the pipeline users call."""
+        personalization = Personalization(user=item.user_id, adapter=adapter, history=history, weight=weight)
+        return BenchmarkRow(arm, item, personalization)
+
+    def _path_logprobs(self, rows: list[BenchmarkRow]) -> list[torch.Tensor]:
         """Per row, the gold response's per-token log-probabilities under its adapter and history (λ 0: the
-        parametric path; λ 1: the history path)."""
-        values = []
-        for chunk, inputs, personalization in self._batches(rows, list(range(len(rows)))):
-            targets = []
-            for i in chunk:
-                sample = self._formatter.encode(rows[i].item)
-                targets.append(list(sample.input_ids[sample.prompt_length :]))
-            logprobs = self.spring_model.score(
-                inputs["input_ids"], targets, inputs["attention_mask"], personalization=personalization
-            )
-            values += [lp.double().numpy() for lp in logprobs]
-        return values
+        parametric path; λ 1: the history path), in float64 for the λ grid."""
+        return [lp.double() for lp in self._decoder().logprobs(rows, dedup=False)]
 
     def _score_and_decode(self, user, tests, adapter, history, m, period) -> list[dict[str, Any]]:
         args = self.args
@@ -353,16 +346,20 @@ class LoGoBenchmark(ContinualBenchmark):
         rows, meta = [], []
         for i, item in enumerate(tests):
             local = tables[LOGO][i]["local"]
-            rows.append(_Row(LOCAL, item, adapter, list(local), args.interpolation_weight if local else 0.0))
+            rows.append(self._row(LOCAL, item, adapter, list(local), args.interpolation_weight if local else 0.0))
             for arm in self._arms:
                 entry = tables[arm][i]
                 context = self.mediators[arm].mediate(entry["local"], entry["global"], len(history), args.spring_k)
-                rows.append(_Row(arm, item, adapter, list(context.items), context.weight if context.items else 0.0))
+                rows.append(
+                    self._row(arm, item, adapter, list(context.items), context.weight if context.items else 0.0)
+                )
         logprobs = tables[LOGO][0]["logprobs"] if tests else {}
-        self._logprobs_for(adapter, [(row.item, row.history) for row in rows], logprobs)  # any context not tabled
+        wanted = [(row.item, row.personalization.history) for row in rows]
+        self._logprobs_for(adapter, wanted, logprobs)  # any context not tabled
         for row in rows:
-            ret = logprobs[_context_key(row.item, row.history)] if row.history else None
-            meta.append(_mixture_nll(logprobs[_context_key(row.item, [])], ret, row.weight))
+            history, weight = row.personalization.history, row.personalization.weight
+            ret = logprobs[_context_key(row.item, history)] if history else None
+            meta.append(_mixture_nll(logprobs[_context_key(row.item, [])], ret, weight))
         tick = time.perf_counter()
         predictions = self._generate(rows)
         self._timing["generate"] += time.perf_counter() - tick
@@ -380,29 +377,15 @@ class LoGoBenchmark(ContinualBenchmark):
                 "test_id": item.id, "category": category, "category_share": share,
                 "bias": bool(m is None and share is not None and share < args.bias_rare_share
                              and top_share >= args.bias_dominant_share),
-                "context_items": len(row.history), "global_items": sum(h.source == "global" for h in row.history),
-                "weight": row.weight, "prediction": prediction, "reference": item.response, "nll": nll, **score,
+                "context_items": len(row.personalization.history),
+                "global_items": sum(h.source == "global" for h in row.personalization.history),
+                "weight": row.personalization.weight, "prediction": prediction, "reference": item.response, "nll": nll, **score,
             })  # fmt: skip
         return records
 
 
 def _context_key(item: Interaction, context) -> tuple:
-    return item.id, tuple((hit.interaction.user_id, hit.interaction.id, hit.source) for hit in context)
-
-
-def save_logo_results(results: dict[str, Any], out_dir: str | os.PathLike, plot: bool = True) -> dict[str, Path]:
-    """Writes `results.json`, `results.md` (the bucket tables) and, with matplotlib, `logo_nll_gain.png` (the NLL gain
-    of LoGo over local-only SPRInG against the history size) into `out_dir`. Returns the paths written."""
-    from .report import logo_markdown, plot_logo_gain
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out / "results.json", "markdown": out / "results.md"}
-    atomic_write_text(paths["json"], json.dumps(results, indent=1, ensure_ascii=False))
-    atomic_write_text(paths["markdown"], logo_markdown(results) + "\n")
-    if plot:
-        paths["plot"] = plot_logo_gain(results, out / "logo_nll_gain.png")
-    return paths
+    return item.id, tuple(map(history_key, context))
 
 
 def run_logo_benchmark(args: LoGoBenchmarkArguments, progress: bool = True, **kwargs: Any) -> dict[str, Any]:

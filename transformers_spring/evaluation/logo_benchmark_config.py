@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..memory.support import DEFAULT_MATCH_THRESHOLD, DEFAULT_MIN_CONTRIBUTORS, check_support_rule
+from ..utils.validation import check_float, check_int
 from .benchmark_config import BenchmarkArguments
 
 
@@ -68,12 +69,9 @@ class LoGoBenchmarkArguments(BenchmarkArguments):
         self.weight_grid()
         check_support_rule(self.min_contributors, self.match_threshold)
         for name in ("bias_rare_share", "bias_dominant_share"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"`{name}` must be in [0, 1], got {getattr(self, name)}.")
-        if self.min_community_users < 1:
-            raise ValueError(f"`min_community_users` must be >= 1, got {self.min_community_users}.")
-        if self.mediator_min_examples < 1:
-            raise ValueError(f"`mediator_min_examples` must be >= 1, got {self.mediator_min_examples}.")
+            check_float(getattr(self, name), name, minimum=0.0, maximum=1.0)
+        for name in ("min_community_users", "mediator_min_examples"):
+            check_int(getattr(self, name), name, minimum=1)
 
     def cuts(self) -> list[int | None]:
         """The history sizes, ascending, `None` for 'all' (last)."""

@@ -28,7 +28,8 @@ class MethodSpec:
         scope (`str` or `None`): for raw-history retrieval, `"each"` (the current period's training items) or
             `"accum"` (every training item up to the current period).
         weight (`float` or `None`): λ of the probability mixture (1.0 = the history in the prompt, as RAG does);
-            `None` = the benchmark's `interpolation_weight` (SPRInG's λ, 0.5 by default).
+            `None` = the wrapper's `SpringConfig.interpolation_weight`, which the benchmark sets to its
+            `interpolation_weight` (SPRInG's λ, 0.5 by default).
         gate (`bool`): whether SPRInG's relevance gate (σ = a quantile of training-query retrieval scores) filters
             the retrieved buffer items.
         description (`str`): one line for `--help` and the docs.
@@ -50,10 +51,6 @@ class MethodSpec:
     @property
     def is_floor(self) -> bool:
         return self.floor is not None
-
-    def mixture_weight(self, interpolation_weight: float) -> float:
-        """λ of this method's rows: its own `weight`, or the benchmark's `interpolation_weight` when that is None."""
-        return interpolation_weight if self.weight is None else self.weight
 
 
 METHODS: dict[str, MethodSpec] = {

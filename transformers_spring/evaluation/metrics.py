@@ -10,6 +10,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ..utils.validation import check_float, check_int
+
 # The main columns: unstemmed ROUGE-1 / ROUGE-L F, as LaMP's `eval_task.py` (HF `evaluate` rouge over `rouge_score`
 # with `use_stemmer=False`), so numbers sit beside published ones. `rougeL_stemmed` is the SPRInG paper's variant.
 ROUGE_TYPES = ("rouge1", "rougeL", "rougeL_stemmed")
@@ -77,8 +79,8 @@ def paired_bootstrap(
     """
     if len(a) != len(b):
         raise ValueError(f"paired values differ in length: {len(a)} and {len(b)}.")
-    if samples < 1 or not 0 < confidence < 1:
-        raise ValueError(f"`samples` must be >= 1 and `confidence` in (0, 1), got {samples} and {confidence}.")
+    check_int(samples, "samples", minimum=1)
+    check_float(confidence, "confidence", minimum=0.0, maximum=1.0, min_inclusive=False, max_inclusive=False)
     diff = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
     if diff.size == 0:
         return {"mean": math.nan, "low": math.nan, "high": math.nan, "n": 0}

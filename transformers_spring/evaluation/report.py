@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import math
 import os
 import statistics
@@ -11,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..persistence.atomic import atomic_write_text
 from .methods import METHODS
 from .metrics import ROUGE_TYPES, mean_rouge, paired_bootstrap
 
@@ -404,3 +406,35 @@ def plot_logo_gain(results: dict[str, Any], path: str | os.PathLike) -> Path | N
     fig.savefig(buffer, format="png")
     plt.close(fig)
     return atomic_write_bytes(path, buffer.getvalue())
+
+
+def save_results(results: dict[str, Any], out_dir: str | os.PathLike, plot: bool = True) -> dict[str, Path]:
+    """Writes `results.json`, `results.md` (the table), LaMP-format predictions (`lamp/<method>.json` and
+    `lamp/golds.json`, for LaMP's own `eval_task.py`) and, with matplotlib, `rouge_l_per_period.png` into
+    `out_dir` (each file atomically). Returns the paths written."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "results.json", "markdown": out / "results.md"}
+    atomic_write_text(paths["json"], json.dumps(results, indent=1, ensure_ascii=False))
+    atomic_write_text(paths["markdown"], markdown_table(results) + "\n")
+    task = (results.get("config") or {}).get("lamp_task") or "LaMP_4"
+    (out / "lamp").mkdir(exist_ok=True)
+    paths["lamp_golds"] = atomic_write_text(out / "lamp" / "golds.json", json.dumps(lamp_golds(results, task)))
+    for method in results.get("methods", []):
+        atomic_write_text(out / "lamp" / f"{method}.json", json.dumps(lamp_predictions(results, method, task)))
+    if plot:
+        paths["plot"] = plot_rouge_l(results, out / "rouge_l_per_period.png")
+    return paths
+
+
+def save_logo_results(results: dict[str, Any], out_dir: str | os.PathLike, plot: bool = True) -> dict[str, Path]:
+    """Writes `results.json`, `results.md` (the bucket tables) and, with matplotlib, `logo_nll_gain.png` (the NLL gain
+    of LoGo over local-only SPRInG against the history size) into `out_dir`. Returns the paths written."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "results.json", "markdown": out / "results.md"}
+    atomic_write_text(paths["json"], json.dumps(results, indent=1, ensure_ascii=False))
+    atomic_write_text(paths["markdown"], logo_markdown(results) + "\n")
+    if plot:
+        paths["plot"] = plot_logo_gain(results, out / "logo_nll_gain.png")
+    return paths

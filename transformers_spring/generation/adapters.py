@@ -23,11 +23,33 @@ def sanitize_adapter_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_\-]", "_", name)
 
 
-def adapter_name_for(user_id: str) -> str:
-    """The adapter name of a user: the name [`SpringForCausalLM`] routes `personalization=user_id` to (the user id
-    with characters outside `[A-Za-z0-9_-]` replaced by `_`, see [`sanitize_adapter_name`]). The one place a user id
-    becomes an adapter name: training, routing, saving, loading and erasure all use it."""
-    name = sanitize_adapter_name(user_id)
+DEFAULT_ADAPTER_NAME_TEMPLATE = "{user_id}"
+
+
+def check_adapter_name_template(template: str, name: str = "adapter_name_template") -> str:
+    """Validates an adapter-name template: a str with exactly the `{user_id}` placeholder."""
+    if not isinstance(template, str) or "{user_id}" not in template:
+        raise ValueError(f"`{name}` must be a str containing '{{user_id}}', got {template!r}.")
+    try:
+        rendered = template.format(user_id="u")
+    except (KeyError, IndexError, ValueError) as err:
+        raise ValueError(f"`{name}` {template!r} may use no placeholder but '{{user_id}}': {err}.") from err
+    if rendered != sanitize_adapter_name(rendered):
+        raise ValueError(f"`{name}` {template!r} holds characters outside [A-Za-z0-9_-].")
+    return template
+
+
+def adapter_name_for(user_id: str, template: str = DEFAULT_ADAPTER_NAME_TEMPLATE) -> str:
+    """The adapter name of a user: `template` filled with the user id, whose characters outside `[A-Za-z0-9_-]` are
+    replaced by `_` (see [`sanitize_adapter_name`]). The one rule by which a user id becomes an adapter name:
+    training, routing, saving, loading and erasure all use it, and [`ContinualPersonalizer`] saves its template
+    with its state and hands it to [`SpringForCausalLM`] through `SpringConfig.adapter_name_template`.
+
+    Args:
+        user_id (`str`): the user.
+        template (`str`, *optional*, defaults to `"{user_id}"`): the naming template.
+    """
+    name = template.format(user_id=sanitize_adapter_name(user_id))
     if name in (BASE_ADAPTER, PEFT_DEFAULT_ADAPTER):
         # "default" is also reserved: peft saves an adapter of that name in the root of the folder, not in a
         # subfolder, so it could not be offloaded, saved or exported next to the others.
@@ -56,14 +78,16 @@ class AdapterRouter:
     def has_adapters(self) -> bool:
         return bool(self.adapters)
 
-    def resolve(self, user_id: str | None, template: str = "{user_id}") -> str:
-        """The adapter name of `user_id`, or `"__base__"` when the user has none (or `user_id` is None)."""
+    def resolve(self, user_id: str | None, template: str = DEFAULT_ADAPTER_NAME_TEMPLATE) -> str:
+        """The adapter name of `user_id` by [`adapter_name_for`], or `"__base__"` when the model has no adapter of
+        that name (or `user_id` is None)."""
         if user_id is None:
             return BASE_ADAPTER
-        for candidate in (template.format(user_id=user_id), template.format(user_id=sanitize_adapter_name(user_id))):
-            if candidate in self.adapters:
-                return candidate
-        return BASE_ADAPTER
+        try:
+            name = adapter_name_for(user_id, template)
+        except ValueError:  # a reserved name: no user can have that adapter
+            return BASE_ADAPTER
+        return name if name in self.adapters else BASE_ADAPTER
 
     @contextmanager
     def activate(self, names: Sequence[str]) -> Iterator[AdapterRouter]:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
 from transformers.utils import logging
+
+from ..utils.validation import check_bool, check_choice, check_float, check_int
+from .adapters import check_adapter_name_template
 
 logger = logging.get_logger(__name__)
 
@@ -18,6 +20,7 @@ SPRING_CONFIG_NAME = "spring_config.json"
 GENERATION_MODES = ("fused", "processor")
 PENALTY_MODES = ("per_path", "mixture")
 CHAT_INSERTION_MODES = ("auto", "prefix")
+RETRIEVAL_REGIONS = ("all", "history", "buffer")
 
 
 @dataclass
@@ -40,12 +43,16 @@ class SpringConfig:
             `interpolation_weight`. The paper keeps λ fixed, hence the default.
         top_k (`int`, *optional*, defaults to 2):
             How many items to retrieve per query (the paper's k = 2).
-        gate (`float` or `str`, *optional*, defaults to `"auto"`):
-            The relevance gate. `"auto"` trusts the gate the memory already applied (configure it on the memory, e.g.
-            `LoGoMemory(gate="auto")`). A float additionally drops every retrieved item whose score is not strictly
-            above it (paper Eq. 5).
+        gate (`float`, *optional*):
+            σ of the decoding call's relevance gate (paper Eq. 5): only the *local* retrieved items whose score is
+            strictly above it are kept; global items, weighed by the mediator, pass. `None` (the default) adds no gate
+            to the memory's own (`LoGoMemory(gate=...)`, where `"auto"` is an online quantile of observed scores).
+            Saved configs of earlier releases with `"auto"` here load as `None`, which is what it meant.
         use_global (`bool`, *optional*, defaults to `True`):
             Whether the memory may add items from other users (LoGo's global memory).
+        retrieval_region (`str`, *optional*, defaults to `"all"`):
+            Where the user's own items are retrieved from: `"all"`, `"history"` or `"buffer"` (SPRInG's residual
+            buffer, the paper's retrieval source). Passed to the memory as `region=` unless `"all"`.
         retrieval_template (`str`, *optional*):
             How the rendered history is written before the prompt; must contain `{history}`.
         history_item_template (`str`, *optional*, defaults to `"{prompt}\n{response}"`):
@@ -80,9 +87,10 @@ class SpringConfig:
             about 1x, which is most of the fused mode's overhead at batch 1. Results match the default kernel up to
             rounding. No effect on GPU or for half-precision weights.
         adapter_name_template (`str`, *optional*, defaults to `"{user_id}"`):
-            The name of a user's LoRA adapter in the wrapped (peft) model. A name with the user id's characters
-            outside `[A-Za-z0-9_-]` replaced by `_` is tried too; users without an adapter decode with the base
-            model.
+            The name of a user's LoRA adapter in the wrapped (peft) model: the template filled with the user id, whose
+            characters outside `[A-Za-z0-9_-]` are replaced by `_` ([`adapter_name_for`], the one naming rule).
+            Users without an adapter decode with the base model. `ContinualPersonalizer.to_spring_model` sets it
+            to the personalizer's own and refuses a config that differs.
         base_model_name_or_path (`str`, *optional*):
             The wrapped model's id or path; filled in by `save_pretrained` and used by `from_pretrained`.
     """
@@ -94,11 +102,14 @@ class SpringConfig:
         default=False, metadata={"help": "Use the memory mediator's suggested λ instead of interpolation_weight."}
     )
     top_k: int = field(default=2, metadata={"help": "Number of items to retrieve per query."})
-    gate: float | str = field(
-        default="auto",
-        metadata={"help": "'auto' = the memory's own gate; a float = keep only items with score > gate."},
+    gate: float | None = field(
+        default=None,
+        metadata={"help": "σ: keep only local retrieved items scored > gate; None = the memory's own gate alone."},
     )
     use_global: bool = field(default=True, metadata={"help": "Let the memory add items from other users."})
+    retrieval_region: str = field(
+        default="all", metadata={"help": "Retrieve the user's own items from 'all', 'history' or 'buffer'."}
+    )
     retrieval_template: str = field(
         default="Here is what this user wrote before:\n\n{history}\n\n",
         metadata={"help": "Wraps the rendered history; must contain '{history}'."},
@@ -132,9 +143,11 @@ class SpringConfig:
 
     def __post_init__(self):
         check_weight(self.interpolation_weight, "interpolation_weight")
-        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 1:
-            raise ValueError(f"`top_k` must be a positive int, got {self.top_k!r}.")
+        self.top_k = check_int(self.top_k, "top_k", minimum=1)
+        if self.gate == "auto":  # spring_config.json of releases <= 0.x: "auto" meant "the memory's gate alone"
+            self.gate = None
         self.gate = check_gate(self.gate, "gate")
+        check_choice(self.retrieval_region, "retrieval_region", RETRIEVAL_REGIONS)
         if "{history}" not in self.retrieval_template:
             raise ValueError(f"`retrieval_template` must contain '{{history}}', got {self.retrieval_template!r}.")
         try:
@@ -144,21 +157,13 @@ class SpringConfig:
                 f"`history_item_template` {self.history_item_template!r} uses an unknown placeholder: {err}. Allowed: "
                 "{prompt}, {response}, {text}, {user_id}, {source}, {score}."
             ) from err
-        if self.chat_insertion not in CHAT_INSERTION_MODES:
-            raise ValueError(f"`chat_insertion` must be one of {CHAT_INSERTION_MODES}, got {self.chat_insertion!r}.")
-        if not isinstance(self.max_history_tokens, int) or self.max_history_tokens < 1:
-            raise ValueError(f"`max_history_tokens` must be a positive int, got {self.max_history_tokens!r}.")
-        if self.mode not in GENERATION_MODES:
-            raise ValueError(f"`mode` must be one of {GENERATION_MODES}, got {self.mode!r}.")
-        if self.penalty_mode not in PENALTY_MODES:
-            raise ValueError(f"`penalty_mode` must be one of {PENALTY_MODES}, got {self.penalty_mode!r}.")
+        check_choice(self.chat_insertion, "chat_insertion", CHAT_INSERTION_MODES)
+        self.max_history_tokens = check_int(self.max_history_tokens, "max_history_tokens", minimum=1)
+        check_choice(self.mode, "mode", GENERATION_MODES)
+        check_choice(self.penalty_mode, "penalty_mode", PENALTY_MODES)
         check_early_exit(self.early_exit_epsilon, self.early_exit_patience)
-        if not isinstance(self.skinny_cpu_linear, bool):
-            raise TypeError(f"`skinny_cpu_linear` must be a bool, got {type(self.skinny_cpu_linear).__name__}.")
-        if "{user_id}" not in self.adapter_name_template:
-            raise ValueError(
-                f"`adapter_name_template` must contain '{{user_id}}', got {self.adapter_name_template!r}."
-            )
+        check_bool(self.skinny_cpu_linear, "skinny_cpu_linear")
+        check_adapter_name_template(self.adapter_name_template)
 
     # ----------------------------------------------------------------------------------------------------- (de)serialise
     def to_dict(self) -> dict[str, Any]:
@@ -179,53 +184,108 @@ class SpringConfig:
         return json.dumps({"spring_config_version": 1, **self.to_dict()}, indent=2, sort_keys=True) + "\n"
 
     def to_json_file(self, path: str | os.PathLike) -> None:
-        with open(path, "w", encoding="utf-8") as handle:
-            handle.write(self.to_json_string())
+        from ..persistence.folder import atomic_write_text
+
+        atomic_write_text(path, self.to_json_string())  # a crash never leaves a half-written config
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> SpringConfig:
         with open(path, encoding="utf-8") as handle:
             return cls.from_dict(json.load(handle))
 
-    def save_pretrained(self, save_directory: str | os.PathLike) -> str:
-        """Writes `spring_config.json` into `save_directory` and returns its path."""
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        *,
+        push_to_hub: bool = False,
+        repo_id: str | None = None,
+        **push_kwargs,
+    ) -> Any:
+        """Writes `spring_config.json` into `save_directory`, then pushes it to the Hub when `push_to_hub`.
+
+        Args:
+            save_directory (`str` or `os.PathLike`): the folder (created if needed).
+            push_to_hub (`bool`, *optional*, defaults to `False`): also upload the config, in one commit, to `repo_id`.
+            repo_id (`str`, *optional*): the repo to push to; defaults to the name of `save_directory`.
+            push_kwargs: passed to [`~persistence.hub.push_folder`] (`private`, `token`, `commit_message`,
+                `revision`, `create_pr`).
+
+        Returns:
+            `str`: the path of the written file; the `CommitInfo` of the upload when `push_to_hub`.
+
+        Raises:
+            `TypeError`: `push_kwargs` holds a name `push_folder` does not take (checked before anything is written).
+        """
+        import inspect
+
+        from ..persistence.hub import push_folder
+
+        # Checked first: a typo must not cost a save, nor be silently dropped.
+        repo_id = repo_id or os.path.basename(os.path.abspath(save_directory))
+        inspect.signature(push_folder).bind(None, repo_id, **push_kwargs)
+        if push_kwargs and not push_to_hub:
+            logger.warning(f"{sorted(push_kwargs)} are ignored: `push_to_hub` is False.")
         os.makedirs(save_directory, exist_ok=True)
         path = os.path.join(save_directory, SPRING_CONFIG_NAME)
         self.to_json_file(path)
+        if push_to_hub:
+            return push_folder(lambda folder: self.save_pretrained(folder), repo_id, **push_kwargs)
         return path
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike) -> SpringConfig:
-        """Reads `spring_config.json` from a local directory."""
-        path = os.path.join(directory, SPRING_CONFIG_NAME)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"no {SPRING_CONFIG_NAME} in {directory!r}.")
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        *,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        local_files_only: bool = False,
+        force_download: bool = False,
+    ) -> SpringConfig:
+        """Reads `spring_config.json` from a local folder or a Hub repo (only that file is downloaded).
+
+        Args:
+            pretrained_model_name_or_path (`str` or `os.PathLike`): a folder (e.g. a saved `SpringForCausalLM` or
+                `ContinualPersonalizer`) or a Hub repo id.
+            revision (`str`, *optional*): the repo revision.
+            token (`str` or `bool`, *optional*): the Hub token.
+            cache_dir (`str` or `os.PathLike`, *optional*): the Hub cache.
+            local_files_only (`bool`, *optional*, defaults to `False`): only read the Hub cache.
+            force_download (`bool`, *optional*, defaults to `False`): download again even when cached.
+
+        Raises:
+            `FileNotFoundError`: no such folder or repo, or it has no `spring_config.json`.
+        """
+        from ..persistence.hub import resolve_folder
+
+        folder = resolve_folder(
+            pretrained_model_name_or_path,
+            marker=SPRING_CONFIG_NAME,
+            kind="SpringConfig",
+            allow_patterns=[SPRING_CONFIG_NAME],
+            revision=revision,
+            token=token,
+            cache_dir=cache_dir,
+            force_download=force_download,
+            local_files_only=local_files_only,
+        )
+        path = folder / SPRING_CONFIG_NAME
+        if not path.is_file():  # a repo without one: the snapshot downloaded nothing
+            raise FileNotFoundError(f"no {SPRING_CONFIG_NAME} in {pretrained_model_name_or_path!r}.")
         return cls.from_json_file(path)
 
 
 def check_weight(value: Any, name: str) -> float:
-    """Validates an interpolation weight λ: a finite number in [0, 1]."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"`{name}` (λ) must be a float in [0, 1], got {type(value).__name__}.")
-    value = float(value)
-    if not math.isfinite(value) or not 0.0 <= value <= 1.0:
-        raise ValueError(f"`{name}` (λ) must be in [0, 1], got {value}.")
-    return value
+    """Validates an interpolation weight λ: a finite number in [0, 1] (see [`check_float`])."""
+    return check_float(value, name, minimum=0.0, maximum=1.0, hint="the interpolation weight λ")
 
 
-def check_gate(value: Any, name: str) -> float | str:
-    """Validates a gate: `"auto"` or a finite float threshold."""
-    if isinstance(value, str):
-        if value != "auto":
-            raise ValueError(f"`{name}` must be 'auto' or a float threshold, got {value!r}.")
-        return value
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
-        raise ValueError(f"`{name}` must be 'auto' or a finite float threshold, got {value!r}.")
-    return float(value)
+def check_gate(value: Any, name: str) -> float | None:
+    """Validates a decoding gate: `None` or a finite float threshold σ (see [`check_float`])."""
+    return check_float(value, name, optional=True, hint="a gate threshold σ")
 
 
 def check_early_exit(epsilon: Any, patience: Any) -> None:
-    if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not epsilon >= 0 or math.isinf(epsilon):
-        raise ValueError(f"`early_exit_epsilon` must be a finite float >= 0 (0 disables it), got {epsilon!r}.")
-    if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
-        raise ValueError(f"`early_exit_patience` must be an int >= 1, got {patience!r}.")
+    check_float(epsilon, "early_exit_epsilon", minimum=0.0, hint="0 disables it")
+    check_int(patience, "early_exit_patience", minimum=1)

@@ -8,6 +8,8 @@ from contextlib import contextmanager
 import torch
 import torch.nn as nn
 
+from ..utils.validation import check_int
+
 # Above this many rows the default kernel is as fast (measured on a 2-core AVX-512 CPU with SmolLM2-135M).
 DEFAULT_MAX_ROWS = 8
 
@@ -58,8 +60,7 @@ def skinny_cpu_linear(model: nn.Module, max_rows: int = DEFAULT_MAX_ROWS) -> Ite
     Yields:
         `int`: the number of linear layers switched (0 on GPU).
     """
-    if not isinstance(max_rows, int) or max_rows < 2:
-        raise ValueError(f"`max_rows` must be an int >= 2, got {max_rows!r}.")
+    max_rows = check_int(max_rows, "max_rows", minimum=2)
     switched = [module for module in model.modules() if _eligible(module)]
     for module in switched:
         module.forward = _skinny_forward(module, max_rows)

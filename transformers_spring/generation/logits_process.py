@@ -18,6 +18,7 @@ from ..utils.compat import (
     select_cache_rows,
     supports_logits_to_keep,
 )
+from ..utils.validation import check_choice, check_float
 from .adapters import AdapterRouter, override_adapters
 from .config import PENALTY_MODES, check_early_exit, check_weight
 
@@ -71,6 +72,29 @@ def log_mixture(
     `log(1 − λ)`: the one place decoding (the processor) and scoring (`SpringForCausalLM.score`) compute it. λ = 1
     gives `log_hist` exactly (`log(1 − λ)` is −inf), λ = 0 `log_main`."""
     return torch.logaddexp(log_hist + log_weight, log_main + log_one_minus_weight)
+
+
+def mix_logprobs(log_hist: torch.Tensor | None, log_main: torch.Tensor | None, weight: float) -> torch.Tensor:
+    """Per-token log-probabilities under SPRInG's mixture with one λ, from each path's log-probabilities of the same
+    tokens: [`log_mixture`] (the one implementation), with λ = 0 giving `log_main` and λ = 1 `log_hist` exactly, so
+    a path that is not needed may be None. Used by `SpringForCausalLM.score` and the LoGo study's λ grid.
+
+    Args:
+        log_hist (`torch.Tensor`, *optional*): the history path's log-probabilities (None when λ = 0).
+        log_main (`torch.Tensor`, *optional*): the parametric path's (None when λ = 1).
+        weight (`float`): λ in `[0, 1]`.
+    """
+    weight = check_weight(weight, "weight")
+    if weight <= 0.0 or log_hist is None:
+        if log_main is None:
+            raise ValueError("mix_logprobs needs the parametric path's log-probabilities when λ < 1.")
+        return log_main
+    if weight >= 1.0 or log_main is None:
+        if weight < 1.0:
+            raise ValueError("mix_logprobs needs the parametric path's log-probabilities when λ < 1.")
+        return log_hist
+    lam = torch.tensor(weight, dtype=log_hist.dtype, device=log_hist.device)
+    return log_mixture(log_hist, log_main, torch.log(lam), torch.log1p(-lam))
 
 
 class RetrievalInterpolationLogitsProcessor(LogitsProcessor):
@@ -168,10 +192,8 @@ class RetrievalInterpolationLogitsProcessor(LogitsProcessor):
         if len(weights) != batch:
             raise ValueError(f"`weight` has {len(weights)} values but `history_input_ids` has {batch} rows.")
         weights = [check_weight(w, "weight") for w in weights]
-        if penalty_mode not in PENALTY_MODES:
-            raise ValueError(f"`penalty_mode` must be one of {PENALTY_MODES}, got {penalty_mode!r}.")
-        if repetition_penalty is not None and (not repetition_penalty > 0 or math.isinf(repetition_penalty)):
-            raise ValueError(f"`repetition_penalty` must be a positive float, got {repetition_penalty!r}.")
+        check_choice(penalty_mode, "penalty_mode", PENALTY_MODES)
+        check_float(repetition_penalty, "repetition_penalty", minimum=0.0, min_inclusive=False, optional=True)
         check_early_exit(early_exit_epsilon, early_exit_patience)
         if prompt_attention_mask is not None and prompt_attention_mask.shape[0] != batch:
             raise ValueError(f"`prompt_attention_mask` has {prompt_attention_mask.shape[0]} rows, expected {batch}.")

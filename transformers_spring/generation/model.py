@@ -12,42 +12,49 @@ from typing import Any
 import torch
 import torch.nn as nn
 from transformers import GenerationConfig, LogitsProcessorList
-from transformers.utils import PushToHubMixin, logging
+from transformers.utils import logging
 
-from ..memory import LoGoMemory
-from ..memory.logo import MEMORY_TYPES
 from ..persistence.cards import render_card
-from ..persistence.folder import component, read_manifest, save_folder
-from ..persistence.hub import resolve_folder
-from ..persistence.registry import qualified_name
+from ..persistence.folder import save_folder
+from ..persistence.hub import push_folder, resolve_folder
+from ..persistence.spring_folder import (  # the names training/continual.py imports from here too
+    ADAPTERS_DIR,
+    MEMORY_DIR,
+    load_memory_component,
+    load_saved_adapters,
+    load_tokenizer,
+    save_spring_files,
+    spring_components,
+)
 from ..records import RetrievalMemory
-from ..utils.compat import active_adapter_of, merged_generation_config, needs_synced_gpus, response_logits
-from ..utils.modeling import base_name_or_path, is_peft_model
-from .adapters import BASE_ADAPTER, AdapterRouter, activate_adapters, sanitize_adapter_name
+from ..utils.compat import merged_generation_config, needs_synced_gpus
+from ..utils.modeling import is_peft_model, pad_token_id
+from .adapters import AdapterRouter, activate_adapters
 from .config import SPRING_CONFIG_NAME, SpringConfig
 from .fused import FusedDualPathDecoder
-from .logits_process import RetrievalInterpolationLogitsProcessor, log_mixture
-from .personalization import Personalization, RowPersonalization, normalize_personalization
-from .prompting import HistoryPromptBuilder
+from .logits_process import RetrievalInterpolationLogitsProcessor
+from .personalization import RowPersonalization, normalize_personalization
+from .planning import PersonalizationPlan, PersonalizationPlanner
+from .scoring import score_plan
 
 logger = logging.get_logger(__name__)
 
-ADAPTERS_DIR = "adapters"
-MEMORY_DIR = "memory"
 _UNSUPPORTED_WITH_PERSONALIZATION = ("assistant_model", "prompt_lookup_num_tokens", "inputs_embeds")
 
 
-class SpringForCausalLM(PushToHubMixin, nn.Module):
+class SpringForCausalLM(nn.Module):
     r"""
     Wraps any causal LM (a transformers model or a `PeftModel` with per-user LoRA adapters) so that
     `generate(..., personalization=...)` runs SPRInG's gated dual-path decoding. Attribute access falls through to the
     wrapped model, like `PeftModel`; without `personalization`, `generate` *is* the wrapped model's `generate`.
 
-    For each personalized row, `generate`:
+    For each personalized row, `generate` (and `score`, and the benchmark) runs one pipeline,
+    [`PersonalizationPlanner`] (see [`plan`] to inspect it):
       1. retrieves from `memory.retrieve_context(user, query, k)` (the memory applies its relevance gate and its
-         local/global mediator; a float `SpringConfig.gate` filters on top);
+         local/global mediator; a float `SpringConfig.gate` keeps only local items scored above it);
       2. inserts the retrieved history into the row's prompt (chat-template aware, see [`HistoryPromptBuilder`]);
-      3. routes the user's LoRA adapter to that row (both paths) when the model has one (unknown users: the base);
+      3. routes the user's LoRA adapter (`adapter_name_for(user)`) to that row, both paths; users without one decode
+         with the base model;
       4. decodes with `p = λ · p(· | history, prompt) + (1 − λ) · p(· | prompt)` — rows whose gate stays closed decode
          with the parametric path only and cost no second forward.
 
@@ -94,6 +101,34 @@ class SpringForCausalLM(PushToHubMixin, nn.Module):
         self.tokenizer = tokenizer
         self.last_personalization: list[RowPersonalization | None] = []
         self.last_generation_stats: dict[str, Any] = {}
+        self._users_without_adapter: set[str] = set()  # logged once each
+        self._erased_adapters: set[str] = set()  # forgotten users' zeroed adapters (peft keeps a model's last one)
+
+    @property
+    def planner(self) -> PersonalizationPlanner:
+        """The personalization pipeline over the wrapper's current model, memory, config and tokenizer (the one
+        path from `personalization=` to decoding inputs, see [`PersonalizationPlanner`])."""
+        return PersonalizationPlanner(
+            self.base_model, self.memory, self.spring_config, self.tokenizer, logged=self._users_without_adapter
+        )
+
+    def plan(self, input_ids: torch.LongTensor, attention_mask: torch.LongTensor | None = None, personalization=None):
+        r"""
+        What `generate` and `score` would do for each row, without decoding: the retrieved and gated items, λ, the
+        history block and the adapter ([`RowPersonalization`] per row, None for rows without personalization).
+        Retrieval runs as it does for `generate`, so a memory with an online (`"auto"`) gate observes the query.
+
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch, seq)`): left-padded prompts.
+            attention_mask (`torch.LongTensor` of shape `(batch, seq)`, *optional*): their mask.
+            personalization: as for [`generate`].
+
+        Returns:
+            `list[RowPersonalization | None]`.
+        """
+        _check_input_ids(input_ids)
+        rows = normalize_personalization(personalization, input_ids.shape[0])
+        return self.planner.plan(input_ids, _prompt_mask(input_ids, attention_mask), rows).rows
 
     # ---------------------------------------------------------------------------------------------- delegation
     def __getattr__(self, name: str):
@@ -144,12 +179,12 @@ class SpringForCausalLM(PushToHubMixin, nn.Module):
         generation_config = merged_generation_config(self.base_model, kwargs)
         self._check_generation_settings(generation_config, kwargs)
 
-        infos = self._retrieve(input_ids, attention_mask, rows)
+        plan = self.planner.plan(input_ids, attention_mask, rows)
+        infos, router = plan.rows, plan.router
         self.last_personalization = infos
-        router, names = self._adapter_names(infos) or (None, None)
         expand = max(1, generation_config.num_return_sequences or 1)
-        names = _repeat(names, expand)  # generate() repeats each row `num_return_sequences` times
-        open_rows = [i for i, info in enumerate(infos) if info is not None and info.gate_open]
+        names = _repeat(plan.names, expand)  # generate() repeats each row `num_return_sequences` times
+        open_rows = plan.open_rows
         if not open_rows:
             # Time spent on retrieval and prompt building before decoding (the whole overhead of a closed gate).
             self.last_generation_stats = {"mode": "plain", "open_rows": [], "prepare_s": time.perf_counter() - started}
@@ -157,7 +192,7 @@ class SpringForCausalLM(PushToHubMixin, nn.Module):
             with activate_adapters(router, names):
                 return self.base_model.generate(input_ids, **kwargs)
 
-        processor = self._build_processor(infos, attention_mask, generation_config, expand, router, names)
+        processor = self._build_processor(plan, attention_mask, generation_config, expand)
         kwargs = dict(kwargs)
         if processor.repetition_penalty is not None:
             kwargs["repetition_penalty"] = 1.0  # applied inside the processor instead (per path or on the mixture)
@@ -221,70 +256,9 @@ class SpringForCausalLM(PushToHubMixin, nn.Module):
             raise ValueError("every row of `continuations` needs at least one token.")
         attention_mask = _prompt_mask(input_ids, attention_mask)
         rows = normalize_personalization(personalization, batch) if personalization is not None else [None] * batch
-        infos = self._retrieve(input_ids, attention_mask, rows)
-        self.last_personalization = infos
-        router, names = self._adapter_names(infos) or (None, None)
-        device = getattr(self.base_model, "device", input_ids.device)
-        # Two kinds of teacher-forced sequences: prompt + continuation (the parametric path) and history prompt +
-        # continuation (the history path), each row on its own adapter, batched by length (see _path_logprobs).
-        main_jobs, hist_jobs = [], []
-        for index, info in enumerate(infos):
-            name = names[index] if names is not None else None
-            open_gate = info is not None and info.gate_open and info.weight > 0
-            if not (open_gate and info.weight >= 1):  # λ = 1: the mixture is the history path alone
-                prompt = input_ids[index][attention_mask[index].bool()].tolist()
-                main_jobs.append((index, prompt, name))
-            if open_gate:
-                hist_jobs.append((index, list(info.history_ids), name))
-        log_main = self._path_logprobs(main_jobs, continuations, router, device)
-        log_hist = self._path_logprobs(hist_jobs, continuations, router, device)
-        out = []
-        for index, info in enumerate(infos):
-            if index not in log_hist:
-                out.append(log_main[index])
-            elif index not in log_main:
-                out.append(log_hist[index])
-            else:
-                weight = torch.tensor(float(info.weight))
-                out.append(log_mixture(log_hist[index], log_main[index], torch.log(weight), torch.log1p(-weight)))
-        return out
-
-    def _path_logprobs(self, jobs, continuations, router, device, max_tokens: int = 4096) -> dict[int, torch.Tensor]:
-        """log p(continuation | prefix) token by token for `jobs` (`(row, prefix ids, adapter name)`), from
-        teacher-forced forwards of right-padded batches of similar length (at most `max_tokens` padded tokens each),
-        every row routed to its adapter. Only the positions that predict a continuation token go through the LM
-        head where the model allows it (`compat.response_logits`)."""
-        out: dict[int, torch.Tensor] = {}
-        order = sorted(jobs, key=lambda job: len(job[1]) + len(continuations[job[0]]))
-        start = 0
-        while start < len(order):
-            width = len(order[start][1]) + len(continuations[order[start][0]])
-            stop = start + 1
-            while stop < len(order):  # sorted by length: the last row of a chunk is its widest
-                longest = len(order[stop][1]) + len(continuations[order[stop][0]])
-                if longest * (stop - start + 1) > max_tokens:
-                    break
-                width, stop = longest, stop + 1
-            chunk, start = order[start:stop], stop
-            ids = torch.zeros((len(chunk), width), dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            keep = torch.zeros((len(chunk), width), dtype=torch.bool)
-            targets = []
-            for r, (index, prefix, _) in enumerate(chunk):
-                sequence = prefix + continuations[index]
-                ids[r, : len(sequence)] = torch.tensor(sequence)
-                mask[r, : len(sequence)] = 1
-                keep[r, len(prefix) - 1 : len(sequence) - 1] = True
-                targets += continuations[index]
-            names = [name for _, _, name in chunk] if chunk[0][2] is not None else None
-            with activate_adapters(router, names):
-                logits = response_logits(self.base_model, ids.to(device), mask.to(device), keep.to(device)).float()
-            target = torch.tensor(targets, dtype=torch.long, device=logits.device)
-            logprobs = torch.log_softmax(logits, dim=-1).gather(-1, target[:, None])[:, 0].cpu()
-            for (index, _, _), piece in zip(chunk, logprobs.split([len(continuations[i]) for i, _, _ in chunk]),
-                                            strict=True):  # fmt: skip
-                out[index] = piece
-        return out
+        plan = self.planner.plan(input_ids, attention_mask, rows)
+        self.last_personalization = plan.rows
+        return score_plan(self.base_model, plan, input_ids, attention_mask, continuations)
 
     # ---------------------------------------------------------------------------------------------- helpers
     @staticmethod
@@ -324,102 +298,55 @@ class SpringForCausalLM(PushToHubMixin, nn.Module):
         if config.use_cache is False:
             logger.warning_once("`use_cache=False` is ignored by the history path, which always keeps a KV cache.")
 
-    def _retrieve(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: list[Personalization | None]
-    ) -> list[RowPersonalization | None]:
-        cfg = self.spring_config
-        builder = None
-        infos: list[RowPersonalization | None] = []
-        for index, row in enumerate(rows):
-            if row is None:
-                infos.append(None)
-                continue
-            if self.tokenizer is None:
-                raise ValueError(
-                    "SpringForCausalLM needs a tokenizer to render retrieved history: pass `tokenizer=` to "
-                    "SpringForCausalLM(...) or from_pretrained(...)."
-                )
-            builder = builder or HistoryPromptBuilder(self.tokenizer, cfg)
-            ids = input_ids[index][attention_mask[index].bool()].tolist()
-            info = RowPersonalization(user=row.user)
-            context = None
-            if row.history is not None:
-                items = list(row.history)
-            else:
-                if self.memory is None:
-                    raise ValueError(
-                        f"`personalization` for user {row.user!r} needs a memory: pass `memory=` to SpringForCausalLM "
-                        "or give the history explicitly with Personalization(history=...)."
-                    )
-                info.query = row.query if row.query is not None else builder.query_text(ids)
-                if info.query.strip():
-                    context = self.memory.retrieve_context(
-                        row.user,
-                        info.query,
-                        k=row.top_k or cfg.top_k,
-                        use_global=cfg.use_global if row.use_global is None else row.use_global,
-                        **(row.retrieval_kwargs or {}),
-                    )
-                    items = list(context.items)
-                else:
-                    logger.warning(f"Row {index} has an empty retrieval query; it is not personalised.")
-                    items = []
-            gate = row.gate if row.gate is not None else cfg.gate
-            if not isinstance(gate, str):
-                # Eq. 5: keep items strictly above the threshold (explicit strings/interactions carry no score).
-                items = [it for it in items if getattr(it, "score", None) is None or it.score > gate]
-            if row.weight is not None:
-                weight = row.weight
-            elif cfg.use_memory_weight and context is not None:
-                weight = float(context.weight)
-            else:
-                weight = cfg.interpolation_weight
-            info.items, info.weight, info.context = items, weight, context
-            if info.gate_open:
-                history_ids = builder.build(ids, items)
-                if len(history_ids) == len(ids):  # the budget left no room for any history
-                    info.items = []
-                else:
-                    info.history_ids = history_ids
-            infos.append(info)
-        return infos
+    @torch.no_grad()
+    def logits_processor(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.LongTensor | None = None,
+        personalization: Any = None,
+        **generation_kwargs,
+    ) -> RetrievalInterpolationLogitsProcessor:
+        r"""
+        The [`RetrievalInterpolationLogitsProcessor`] that `generate(personalization=...)` would use in
+        `mode="processor"`, for a plain `model.generate(input_ids, logits_processor=[processor], ...)` call: the same
+        pipeline ([`plan`]) builds each row's history and λ. Build one per `generate` call (it is single-use).
 
-    def _adapter_names(self, infos: list[RowPersonalization | None]) -> tuple[AdapterRouter, list[str]] | None:
-        """Per-row adapter names, or None when nothing needs routing (no adapters, or nobody has one)."""
-        router = AdapterRouter(self.base_model)
-        if not router.has_adapters:
-            return None
-        default = active_adapter_of(router.layers, router.adapters, BASE_ADAPTER)
-        names = []
-        for info in infos:
-            if info is None or info.user is None:  # not personalised, or explicit history without a user
-                names.append(default)
-            else:
-                info.adapter = router.resolve(info.user, self.spring_config.adapter_name_template)
-                names.append(info.adapter)
-        if all(name == default for name in names) and default is not None:
-            return None  # the model as it is already does the right thing
-        if any(name is None for name in names):
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch, seq)`): the left-padded prompts you will pass to `generate`.
+            attention_mask (`torch.LongTensor` of shape `(batch, seq)`, *optional*): their mask.
+            personalization: as for [`generate`].
+            generation_kwargs: the settings you will pass to `generate` (`repetition_penalty` goes to the processor,
+                per path: pass `repetition_penalty=1.0` to `generate` itself).
+
+        Raises:
+            `ValueError`: when rows need different LoRA adapters (plain `generate` decodes the main path with the
+            model's active adapter only); use [`generate`] with `personalization=` for that.
+        """
+        _check_input_ids(input_ids)
+        attention_mask = _prompt_mask(input_ids, attention_mask)
+        rows = normalize_personalization(personalization, input_ids.shape[0])
+        plan = self.planner.plan(input_ids, attention_mask, rows)
+        self.last_personalization = plan.rows
+        if plan.router is not None:
             raise ValueError(
-                "the model has several adapters active at once; rows without personalization cannot be routed. "
-                "Activate a single adapter (set_adapter) or personalise every row."
+                "these rows decode with different LoRA adapters, which plain `generate` cannot route; call "
+                "SpringForCausalLM.generate(..., personalization=...) instead."
             )
-        return router, names
+        generation_config = merged_generation_config(self.base_model, dict(generation_kwargs))
+        return self._build_processor(plan, attention_mask, generation_config, 1)
 
     def _build_processor(
-        self,
-        infos: list[RowPersonalization | None],
-        attention_mask: torch.Tensor,
-        generation_config: GenerationConfig,
-        expand: int,
-        router: AdapterRouter | None,
-        names: list[str] | None,
+        self, plan: PersonalizationPlan, attention_mask: torch.Tensor, generation_config: GenerationConfig, expand: int
     ) -> RetrievalInterpolationLogitsProcessor:
+        infos = plan.rows
+        names = _repeat(plan.names, expand)
         cfg = self.spring_config
         rows_ids = [info.history_ids if info is not None else None for info in infos]
         weights = [info.weight if info is not None and info.gate_open else 0.0 for info in infos]
-        width = max(len(ids) for ids in rows_ids if ids is not None)
-        pad = _pad_id(generation_config, self.tokenizer)
+        width = max((len(ids) for ids in rows_ids if ids is not None), default=1)
+        # The tokenizer's own pad id outranks the EOS fallback; 0 when none is set (pad positions are masked out).
+        tokenizer_pad = getattr(self.tokenizer, "pad_token_id", None)
+        pad = pad_token_id(generation_config.pad_token_id, tokenizer_pad, generation_config.eos_token_id, default=0)
         history = torch.full((len(infos), width), pad, dtype=torch.long)
         history_mask = torch.zeros((len(infos), width), dtype=torch.long)
         for index, ids in enumerate(rows_ids):
@@ -444,7 +371,7 @@ class SpringForCausalLM(PushToHubMixin, nn.Module):
             early_exit_epsilon=cfg.early_exit_epsilon,
             early_exit_patience=cfg.early_exit_patience,
             eos_token_id=generation_config.eos_token_id,
-            adapter_router=router,
+            adapter_router=plan.router,
             adapter_names=names,
         )
 
@@ -472,26 +399,56 @@ class SpringForCausalLM(PushToHubMixin, nn.Module):
             if name in self.base_model.peft_config:
                 known = True
                 if not erase_adapter(self.base_model, name):  # the model's last adapter: zeroed, never saved again
-                    self._erased_adapters = getattr(self, "_erased_adapters", set()) | {name}
+                    self._erased_adapters.add(name)
         return known
 
     # ---------------------------------------------------------------------------------------------- persistence
-    def push_to_hub(self, repo_id: str, **kwargs) -> str:
-        """transformers' `PushToHubMixin.push_to_hub` (same arguments), except that the memory's machine-local ANN
-        cache is never written into the upload (see `docs/memory.md#the-ann-cache`)."""
-        from ..persistence.memory_files import no_ann_cache
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        private: bool | None = True,
+        token: str | bool | None = None,
+        commit_message: str = "Upload SpringForCausalLM",
+        revision: str | None = None,
+        create_pr: bool = False,
+    ) -> Any:
+        """Saves the wrapper ([`save_pretrained`]) into a temporary folder and uploads it to `repo_id` in one commit
+        (the repo is created if needed). The memory's machine-local ANN cache is never uploaded (see
+        `docs/memory.md#the-ann-cache`), and the repo mirrors the wrapper: adapter and memory files of users
+        forgotten since the last push are deleted in the same commit.
 
-        with no_ann_cache():
-            return super().push_to_hub(repo_id, **kwargs)
+        Args:
+            repo_id (`str`): the Hub repo.
+            private (`bool`, *optional*, defaults to `True`): whether a new repo is private (adapters and memories
+                are derived from users' text); `None` leaves it to the Hub's default.
+            token (`str` or `bool`, *optional*): the Hub token.
+            commit_message (`str`, *optional*, defaults to `"Upload SpringForCausalLM"`): the commit message.
+            revision (`str`, *optional*): the branch to push to.
+            create_pr (`bool`, *optional*, defaults to `False`): open a pull request instead of committing.
+
+        Returns:
+            The `CommitInfo` of the upload.
+        """
+        options = dict(private=private, token=token, commit_message=commit_message, revision=revision)
+        return self._push(self.save_pretrained, repo_id, create_pr=create_pr, **options)
+
+    @staticmethod
+    def _push(save, repo_id: str, **options) -> Any:
+        # Forgotten users' adapter and memory files are deleted from the repo in the same commit: it mirrors the save.
+        return push_folder(save, repo_id, delete_patterns=[f"{ADAPTERS_DIR}/**", f"{MEMORY_DIR}/**"], **options)
 
     def save_pretrained(
         self,
         save_directory: str | os.PathLike,
+        *,
         safe_serialization: bool = True,
         save_memory: bool = True,
         save_tokenizer: bool = True,
-        **kwargs,
-    ) -> None:
+        push_to_hub: bool = False,
+        repo_id: str | None = None,
+        **push_kwargs,
+    ) -> Any:
         """
         Saves the Spring config, and when present the LoRA adapters (`adapters/`, peft layout), the memory
         (`memory/`, through its own `save_pretrained`) and the tokenizer. The base model's weights are not saved: the
@@ -503,11 +460,39 @@ class SpringForCausalLM(PushToHubMixin, nn.Module):
             safe_serialization (`bool`, *optional*, defaults to `True`): adapters as safetensors.
             save_memory (`bool`, *optional*, defaults to `True`): also save the memory.
             save_tokenizer (`bool`, *optional*, defaults to `True`): also save the tokenizer.
+            push_to_hub (`bool`, *optional*, defaults to `False`): then push the same save to the Hub (see
+                [`push_to_hub`]).
+            repo_id (`str`, *optional*): the repo to push to; defaults to the name of `save_directory`.
+            push_kwargs: the other arguments of [`push_to_hub`] (`private`, `token`, `commit_message`, ...).
+
+        Returns:
+            The `CommitInfo` of the upload when `push_to_hub`, else None.
+
+        Raises:
+            `TypeError`: `push_kwargs` holds a name [`push_to_hub`] does not take (checked before anything is written).
         """
+        import functools
+        import inspect
+
+        # Checked first: a typo must not cost a save, nor be silently dropped.
+        push_options = inspect.signature(self.push_to_hub).bind("repo_id", **push_kwargs)
+        if push_kwargs and not push_to_hub:
+            logger.warning(f"{sorted(push_kwargs)} are ignored: `push_to_hub` is False.")
         adopt = lambda d: (d / SPRING_CONFIG_NAME).is_file()  # noqa: E731 (a save of an earlier release)
         parts = lambda d: spring_components(d, self.memory)  # noqa: E731
         with save_folder(save_directory, "SpringForCausalLM", adopt=adopt, components=parts) as staging:
             self._write(staging, safe_serialization, save_memory, save_tokenizer)
+        if not push_to_hub:
+            return None
+        push_options.apply_defaults()
+        options = {**push_options.arguments, "repo_id": repo_id or Path(save_directory).name}
+        save = functools.partial(
+            self.save_pretrained,
+            safe_serialization=safe_serialization,
+            save_memory=save_memory,
+            save_tokenizer=save_tokenizer,
+        )  # the upload is this same save, written again into a folder of its own
+        return self._push(save, **options)
 
     def _write(
         self, save_directory: os.PathLike, safe_serialization: bool, save_memory: bool, save_tokenizer: bool
@@ -520,7 +505,7 @@ class SpringForCausalLM(PushToHubMixin, nn.Module):
             self.tokenizer if save_tokenizer else None,
         )
         extras = ["the memory (`memory/`)"] if memory_saved else []
-        erased = getattr(self, "_erased_adapters", set())
+        erased = self._erased_adapters
         kept = [name for name in getattr(self.base_model, "peft_config", {}) if name not in erased]
         if is_peft_model(self.base_model) and kept:  # a forgotten user's zeroed (undeletable) adapter is not saved
             self.base_model.save_pretrained(
@@ -542,17 +527,20 @@ class SpringForCausalLM(PushToHubMixin, nn.Module):
     @classmethod
     def from_pretrained(
         cls,
-        model_id_or_path: str | os.PathLike,
+        pretrained_model_name_or_path: str | os.PathLike,
         memory: Any = None,
         spring_config: SpringConfig | None = None,
         tokenizer: Any = None,
         *,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        local_files_only: bool = False,
+        force_download: bool = False,
         load_adapters: bool = True,
         load_memory: bool = True,
         memory_kwargs: dict | None = None,
         is_trainable: bool = False,
-        revision: str | None = None,
-        token: str | bool | None = None,
         **hf_kwargs,
     ) -> SpringForCausalLM:
         r"""
@@ -560,49 +548,53 @@ class SpringForCausalLM(PushToHubMixin, nn.Module):
         tokenizer; the base model comes from `base_model_name_or_path`), or wraps a plain transformers model id/path.
 
         Args:
-            model_id_or_path (`str` or `os.PathLike`): a Spring directory or repo, or any causal LM id or path.
+            pretrained_model_name_or_path (`str` or `os.PathLike`): a Spring directory or repo, or any causal LM id or
+                path.
             memory (*optional*): a memory to use instead of the saved one.
             spring_config ([`SpringConfig`], *optional*): overrides the saved config.
             tokenizer (*optional*): a tokenizer to use instead of loading one.
+            revision (`str`, *optional*): the revision of `pretrained_model_name_or_path` on the Hub (not of the base
+                model a Spring repo names).
+            token (`str` or `bool`, *optional*): the Hub token, for the Spring repo and the base model.
+            cache_dir (`str` or `os.PathLike`, *optional*): the Hub cache, for the Spring repo and the base model.
+            local_files_only (`bool`, *optional*, defaults to `False`): only read the Hub cache.
+            force_download (`bool`, *optional*, defaults to `False`): download again even when cached.
             load_adapters (`bool`, *optional*, defaults to `True`): load saved LoRA adapters.
             load_memory (`bool`, *optional*, defaults to `True`): load a saved memory (needs
                 `transformers_spring.memory.LoGoMemory`).
             memory_kwargs (`dict`, *optional*): passed to `LoGoMemory.from_pretrained` (e.g. `encoder=` for a memory
                 saved with a custom encoder).
             is_trainable (`bool`, *optional*, defaults to `False`): load adapters trainable.
-            revision, token: Hub options.
             hf_kwargs: passed to `AutoModelForCausalLM.from_pretrained` (e.g. `dtype`); `base_model_name_or_path`
                 overrides the saved one.
         """
         from transformers import AutoModelForCausalLM
 
         base_override = hf_kwargs.pop("base_model_name_or_path", None)
+        hub = dict(token=token, cache_dir=cache_dir, local_files_only=local_files_only, force_download=force_download)
+        # A plain model id or path gives None: it is wrapped below.
         found = resolve_folder(
-            model_id_or_path,
-            marker=SPRING_CONFIG_NAME,
-            kind="SpringForCausalLM",
-            probe=True,
-            revision=revision,
-            token=token,
-        )  # a plain model id or path gives None: wrapped below
-        spring_dir = str(found) if found is not None else None
-        if spring_dir is not None:
-            config = SpringConfig.from_pretrained(spring_dir)
+            pretrained_model_name_or_path, marker=SPRING_CONFIG_NAME, kind="SpringForCausalLM", probe=True,
+            revision=revision, **hub,
+        )  # fmt: skip
+        if found is not None:
+            config = SpringConfig.from_pretrained(found)
             base_id = base_override or config.base_model_name_or_path
             if not base_id:
                 raise ValueError(
-                    f"{SPRING_CONFIG_NAME} in {model_id_or_path!r} names no base model; pass `base_model_name_or_path=`."
+                    f"{SPRING_CONFIG_NAME} in {pretrained_model_name_or_path!r} names no base model; pass "
+                    "`base_model_name_or_path=`."
                 )
-            model = AutoModelForCausalLM.from_pretrained(base_id, token=token, **hf_kwargs)
-            adapters_dir = os.path.join(spring_dir, ADAPTERS_DIR)
-            if load_adapters and os.path.isdir(adapters_dir):
-                model = _load_adapters(model, adapters_dir, is_trainable)
+            model = AutoModelForCausalLM.from_pretrained(base_id, **hub, **hf_kwargs)
+            if load_adapters and (found / ADAPTERS_DIR).is_dir():
+                model = load_saved_adapters(model, found / ADAPTERS_DIR, is_trainable)
             if memory is None and load_memory:
-                memory = load_memory_component(Path(spring_dir), memory_kwargs)
-            tokenizer_sources = [spring_dir, base_id]
+                memory = load_memory_component(found, memory_kwargs)
+            tokenizer_sources = [str(found), base_id]
         else:
-            base_id = base_override or str(model_id_or_path)
-            model = AutoModelForCausalLM.from_pretrained(base_id, revision=revision, token=token, **hf_kwargs)
+            base_id = base_override or str(pretrained_model_name_or_path)
+            hub["revision"] = revision  # the model and its tokenizer come from the repo named
+            model = AutoModelForCausalLM.from_pretrained(base_id, **hub, **hf_kwargs)
             config = SpringConfig()
             tokenizer_sources = [base_id]
         if spring_config is not None:
@@ -610,60 +602,11 @@ class SpringForCausalLM(PushToHubMixin, nn.Module):
         if config.base_model_name_or_path is None:
             config.base_model_name_or_path = base_id
         if tokenizer is None:
-            tokenizer = _load_tokenizer(tokenizer_sources)
+            tokenizer = load_tokenizer(tokenizer_sources, **hub)
         return cls(model, memory=memory, config=config, tokenizer=tokenizer)
 
 
 # -------------------------------------------------------------------------------------------------- module helpers
-def spring_components(directory: Path, memory: Any) -> list[dict]:
-    """The parts of a SPRInG folder, for its manifest (sentence-transformers' `modules.json` style): the config, and
-    when present the adapters, the memory (with its class, which the loader dispatches on) and the tokenizer."""
-    parts = [{"name": "config", "path": SPRING_CONFIG_NAME, "type": "SpringConfig"}]
-    if (directory / ADAPTERS_DIR).is_dir():
-        parts.append({"name": "adapters", "path": ADAPTERS_DIR, "type": "peft.LoraConfig"})
-    if (directory / MEMORY_DIR).is_dir():
-        parts.append({"name": "memory", "path": MEMORY_DIR, "type": qualified_name(type(memory))})
-    if (directory / "tokenizer_config.json").is_file():
-        parts.append({"name": "tokenizer", "path": ".", "type": "transformers.AutoTokenizer"})
-    return parts
-
-
-def load_memory_component(directory: Path, memory_kwargs: dict | None) -> Any:
-    """The memory of a SPRInG folder, loaded with the class its manifest names (a `LoGoMemory` subclass survives the
-    round trip; a folder without a manifest holds a `LoGoMemory`), or None when the folder has no memory."""
-    if not (directory / MEMORY_DIR).is_dir():
-        return None
-    entry = component(read_manifest(directory), "memory")
-    cls = MEMORY_TYPES.resolve(entry["type"]) if entry is not None else LoGoMemory
-    return cls.from_pretrained(directory / (entry["path"] if entry else MEMORY_DIR), **(memory_kwargs or {}))
-
-
-def save_spring_files(
-    directory: str | os.PathLike, spring_config: SpringConfig | None, model: nn.Module, memory: Any, tokenizer: Any
-) -> tuple[SpringConfig, bool]:
-    """
-    Writes what every SPRInG directory holds besides its adapters: `spring_config.json` (with the base model's id
-    filled in), the memory under `memory/` and the tokenizer (each when not None).
-
-    Returns:
-        `(SpringConfig, bool)`: the config as written, and whether the memory was saved.
-    """
-    config = copy.deepcopy(spring_config) if spring_config is not None else SpringConfig()
-    if config.base_model_name_or_path is None:
-        config.base_model_name_or_path = base_name_or_path(model)
-    config.save_pretrained(directory)
-    memory_saved = False
-    if memory is not None:
-        if callable(getattr(memory, "save_pretrained", None)):
-            memory.save_pretrained(os.path.join(directory, MEMORY_DIR))
-            memory_saved = True
-        else:
-            logger.warning(f"{type(memory).__name__} has no save_pretrained; the memory is not saved.")
-    if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
-        tokenizer.save_pretrained(str(directory))
-    return config, memory_saved
-
-
 def _check_input_ids(input_ids: Any) -> None:
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
         raise ValueError("`input_ids` must be a 2-D LongTensor (batch, seq_len) to personalise or score.")
@@ -684,49 +627,3 @@ def _repeat(names: Sequence[str] | None, expand: int) -> list[str] | None:
     if names is None:
         return None
     return [name for name in names for _ in range(expand)]
-
-
-def _pad_id(generation_config: GenerationConfig, tokenizer: Any) -> int:
-    for value in (generation_config.pad_token_id, getattr(tokenizer, "pad_token_id", None)):
-        if value is not None:
-            return int(value[0] if isinstance(value, (list, tuple)) else value)
-    eos = generation_config.eos_token_id
-    if eos is not None:
-        return int(eos[0] if isinstance(eos, (list, tuple)) else eos)
-    return 0  # masked out anyway
-
-
-def _load_adapters(model: nn.Module, adapters_dir: str, is_trainable: bool) -> nn.Module:
-    from peft import PeftModel
-
-    found = []
-    if os.path.isfile(os.path.join(adapters_dir, "adapter_config.json")):
-        found.append(("default", adapters_dir))
-    for name in sorted(os.listdir(adapters_dir)):
-        sub = os.path.join(adapters_dir, name)
-        if not os.path.isfile(os.path.join(sub, "adapter_config.json")):
-            continue
-        # A folder name becomes an adapter (module) name: only names the library writes, and no symlinked folder,
-        # which could pull in another model's weights.
-        if os.path.islink(sub) or name != sanitize_adapter_name(name):
-            raise ValueError(f"{adapters_dir}: the adapter folder {name!r} is a symlink or not a valid adapter name.")
-        found.append((name, sub))
-    if not found:
-        return model
-    (first_name, first_path), rest = found[0], found[1:]
-    model = PeftModel.from_pretrained(model, first_path, adapter_name=first_name, is_trainable=is_trainable)
-    for name, path in rest:
-        model.load_adapter(path, adapter_name=name, is_trainable=is_trainable)
-    return model
-
-
-def _load_tokenizer(sources: list[str]):
-    from transformers import AutoTokenizer
-
-    for source in sources:
-        try:
-            return AutoTokenizer.from_pretrained(source)
-        except (OSError, ValueError, TypeError):
-            continue
-    logger.warning("No tokenizer could be loaded; pass `tokenizer=` to personalise generation.")
-    return None

@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..records import Interaction, MediatedContext, RetrievedItem
-from .config import check_gate, check_weight
+from ..utils.validation import check_choice, check_int
+from .config import RETRIEVAL_REGIONS, check_gate, check_weight
 
 
 @dataclass
@@ -25,13 +26,21 @@ class Personalization:
             λ for this call, in `[0, 1]`; overrides the config and the memory's suggestion.
         top_k (`int`, *optional*):
             Number of items to retrieve for this call.
-        gate (`float` or `"auto"`, *optional*):
-            Gate for this call (see [`SpringConfig.gate`]).
+        gate (`float`, *optional*):
+            σ for this call: only local retrieved items scored strictly above it are kept (see
+            [`SpringConfig.gate`]).
         use_global (`bool`, *optional*):
             Whether the memory may add other users' items for this call.
         history (list of `RetrievedItem`, `Interaction` or `str`, *optional*):
             Explicit history to condition on; skips retrieval (the memory is not queried). An empty list closes the
             gate.
+        region (`str`, *optional*):
+            Where the user's own items are retrieved from for this call: `"all"`, `"history"` or `"buffer"` (SPRInG's
+            residual buffer); see [`SpringConfig.retrieval_region`].
+        adapter (`str`, *optional*):
+            The LoRA adapter this row decodes with, overriding the user's own (`adapter_name_for(user)`); it must be
+            an adapter of the model, or `"__base__"` (peft's name for none) for the base model. For comparisons
+            such as a benchmark's baselines.
         retrieval_kwargs (`dict`, *optional*):
             Extra keyword arguments for `memory.retrieve_context`, e.g. `{"before": "2022-01-01"}` (no temporal
             leakage) or `{"region": "buffer"}` (SPRInG's replay buffer only).
@@ -44,6 +53,8 @@ class Personalization:
     gate: float | str | None = None
     use_global: bool | None = None
     history: list[RetrievedItem | Interaction | str] | None = field(default=None, repr=False)
+    region: str | None = None
+    adapter: str | None = None
     retrieval_kwargs: dict[str, Any] | None = None
 
     def __post_init__(self):
@@ -53,12 +64,15 @@ class Personalization:
             raise TypeError(f"`Personalization.query` must be a str, got {type(self.query).__name__}.")
         if self.weight is not None:
             self.weight = check_weight(self.weight, "Personalization.weight")
-        if self.top_k is not None and (
-            not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 1
-        ):
-            raise ValueError(f"`Personalization.top_k` must be a positive int, got {self.top_k!r}.")
+        self.top_k = check_int(self.top_k, "Personalization.top_k", minimum=1, optional=True)
+        if self.gate == "auto":  # 0.1's "the memory's gate alone", which None means now (see SpringConfig.gate)
+            self.gate = None
         if self.gate is not None:
             self.gate = check_gate(self.gate, "Personalization.gate")
+        if self.region is not None:
+            check_choice(self.region, "Personalization.region", RETRIEVAL_REGIONS)
+        if self.adapter is not None and (not isinstance(self.adapter, str) or not self.adapter.strip()):
+            raise ValueError(f"`Personalization.adapter` must be a non-empty str or None, got {self.adapter!r}.")
         if self.history is not None:
             if isinstance(self.history, (str, Interaction, RetrievedItem)) or not isinstance(self.history, Sequence):
                 raise TypeError("`Personalization.history` must be a list of RetrievedItem, Interaction or str.")
@@ -66,13 +80,13 @@ class Personalization:
         if self.retrieval_kwargs is not None:
             if not isinstance(self.retrieval_kwargs, dict):
                 raise TypeError("`Personalization.retrieval_kwargs` must be a dict.")
-            clash = sorted({"user_id", "query", "k", "use_global"} & set(self.retrieval_kwargs))
+            clash = sorted({"user_id", "query", "k", "use_global", "region"} & set(self.retrieval_kwargs))
             if clash:
                 raise ValueError(f"`Personalization.retrieval_kwargs` must not set {clash}; use the dedicated fields.")
 
     @property
     def is_active(self) -> bool:
-        return self.user is not None or self.history is not None
+        return self.user is not None or self.history is not None or self.adapter is not None
 
 
 @dataclass

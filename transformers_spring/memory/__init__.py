@@ -3,6 +3,7 @@
 from ..records import Interaction, MediatedContext, RetrievedItem
 from .backends import BackendError, VectorBackend, WriteJournal
 from .bm25 import BM25Index, bm25_tokenize
+from .config import LoGoMemoryConfig
 from .encoders import CallableEncoder, Encoder, HashingEncoder, SentenceTransformerEncoder, resolve_encoder
 from .gate import RelevanceGate
 from .global_memory import GlobalMemory
@@ -23,6 +24,7 @@ __all__ = [
     "HashingEncoder",
     "Interaction",
     "LoGoMemory",
+    "LoGoMemoryConfig",
     "LocalMemory",
     "MediatedContext",
     "Mediator",

@@ -12,6 +12,7 @@ import numpy as np
 from transformers.utils import logging
 
 from ..utils.compat import embedding_dimension
+from ..utils.validation import check_int
 
 logger = logging.get_logger(__name__)
 
@@ -58,9 +59,7 @@ class HashingEncoder:
     """
 
     def __init__(self, dim: int = 64):
-        if not isinstance(dim, int) or dim < 2:
-            raise ValueError(f"`dim` must be an int >= 2, got {dim!r}.")
-        self.dim = dim
+        self.dim = check_int(dim, "dim", minimum=2)
         self.name = f"hashing:{dim}"
 
     def _bucket(self, token: str) -> tuple[int, float]:

@@ -8,6 +8,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ..utils.validation import check_float
+
 
 class RelevanceGate:
     """Passes hits whose score is strictly above a threshold.
@@ -35,11 +37,8 @@ class RelevanceGate:
         window: int = 100_000,
     ):
         if threshold is not None and threshold != "auto":
-            if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not np.isfinite(threshold):
-                raise ValueError(f"`gate` must be a finite number, 'auto' or None, got {threshold!r}.")
-            threshold = float(threshold)
-        if not 0.0 <= quantile <= 1.0:
-            raise ValueError(f"`gate_quantile` must be in [0, 1], got {quantile}.")
+            threshold = check_float(threshold, "gate", hint="or 'auto' or None")
+        check_float(quantile, "gate_quantile", minimum=0.0, maximum=1.0)
         self.threshold = threshold
         self.quantile = quantile
         self.min_observations = min_observations

@@ -12,6 +12,7 @@ from transformers.utils import logging
 
 from ..persistence.memory_files import ANN_CACHE_MIN_ITEMS
 from ..utils.ranking import top_k_indices
+from ..utils.validation import check_int
 from .backends import serves_searches
 from .support import DEFAULT_MATCH_THRESHOLD, DEFAULT_MIN_CONTRIBUTORS, ContributorSupport, check_support_rule
 
@@ -90,10 +91,8 @@ class GlobalMemory:
         seed: int = 0,
         num_threads: int = 1,
     ):
-        if min_community_users < 1:
-            raise ValueError(f"`min_community_users` must be >= 1, got {min_community_users}.")
-        if n_communities is not None and n_communities < 1:
-            raise ValueError(f"`n_communities` must be >= 1, got {n_communities}.")
+        min_community_users = check_int(min_community_users, "min_community_users", minimum=1)
+        n_communities = check_int(n_communities, "n_communities", minimum=1, optional=True)
         check_support_rule(min_contributors, match_threshold, max_matches)
         self.dim = dim
         self.min_community_users = min_community_users
@@ -106,9 +105,7 @@ class GlobalMemory:
         self.seed = seed
         self.num_threads = num_threads
         self.max_matches = int(max_matches)
-        if isinstance(exact_match_below, bool) or not isinstance(exact_match_below, int) or exact_match_below < 0:
-            raise ValueError(f"`exact_match_below` must be an int >= 0, got {exact_match_below!r}.")
-        self.exact_match_below = exact_match_below
+        self.exact_match_below = check_int(exact_match_below, "exact_match_below", minimum=0)
         self.support = ContributorSupport(min_contributors, match_threshold)
 
         self._vectors = np.empty((64, dim), dtype=np.float32)

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import threading
-import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from huggingface_hub import ModelCard, ModelHubMixin
@@ -16,32 +15,10 @@ from transformers.utils import logging
 
 from ..persistence.cards import render_card
 from ..persistence.folder import save_folder
-from ..persistence.hub import resolve_folder
-from ..persistence.memory_files import (
-    ANN_INDEX_FILE,
-    CONFIG_FILE,
-    EMBEDDINGS_FILE,
-    FORMAT_VERSION,
-    MEMORY_FILES,
-    RECORDS_FILE,
-    ann_index_entry,
-    check_config,
-    check_loaded,
-    gate_owners,
-    is_memory_folder,
-    match_pairs,
-    no_ann_cache,
-    paused_gc,
-    read_ann_index,
-    read_backend_rows,
-    read_json,
-    read_records,
-    read_tensors,
-    save_ann_index,
-    write_backend_files,
-    write_files,
-)
-from ..persistence.registry import ClassRegistry, qualified_name
+from ..persistence.hub import push_folder, resolve_folder
+from ..persistence.memory_files import CONFIG_FILE, MEMORY_FILES, is_memory_folder
+from ..persistence.memory_format import MemoryState, load_memory, merge_memories, save_memory
+from ..persistence.registry import ClassRegistry
 from ..records import (
     DEFAULT_MAX_TEXT_CHARS,
     Interaction,
@@ -49,33 +26,29 @@ from ..records import (
     RetrievedItem,
     _check_text,
     check_user_id,
+    coerce_interaction,
+    coerce_interactions,
     to_timestamp,
 )
+from ..utils.validation import check_bool, check_int
 from ..version import __version__
 from .backends import VectorBackend, WriteJournal
+from .config import LoGoMemoryConfig
 from .encoders import Encoder, normalize_rows, resolve_encoder
 from .gate import RelevanceGate
 from .global_memory import SCOPES, GlobalMemory
-from .local import REGIONS, SCORERS, LocalMemory
-from .mediator import MEDIATORS, Mediator
+from .local import REGIONS, LocalMemory
+from .mediator import Mediator
 from .support import DEFAULT_MATCH_THRESHOLD, DEFAULT_MIN_CONTRIBUTORS
 
 logger = logging.get_logger(__name__)
 
-
-def _check_k(k: Any, name: str = "k") -> int:
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(f"`{name}` must be a positive int, got {k!r}.")
-    return int(k)
+T = TypeVar("T")
 
 
-def _check_bool(value: Any, name: str, optional: bool = False) -> bool | None:
-    """A real bool (`"no"` is not false, and not true either)."""
-    if optional and value is None:
-        return None
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"`{name}` must be a bool{' or None' if optional else ''}, got {value!r}.")
-    return bool(value)
+def _local_keys(records: Iterable[Interaction], region: str) -> list[tuple[str, str, str]]:
+    """The backend's `"local"` keys of `records` in `region`."""
+    return [(record.user_id, region, record.id) for record in records]
 
 
 class LoGoMemory(
@@ -146,6 +119,8 @@ class LoGoMemory(
     ```
     """
 
+    config_class = LoGoMemoryConfig  # the saved settings (what `config.json` holds besides counts and state)
+
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)  # ModelHubMixin's class kwargs (library_name, tags, ...)
         MEMORY_TYPES.register(cls)
@@ -181,43 +156,32 @@ class LoGoMemory(
         device: str | None = None,
         backend: VectorBackend | None = None,
     ):
-        if scorer not in SCORERS:
-            raise ValueError(f"`scorer` must be one of {SCORERS}, got {scorer!r}.")
-        if global_scope not in SCOPES:
-            raise ValueError(f"`global_scope` must be one of {SCOPES}, got {global_scope!r}.")
-        if capacity is not None and capacity < 1:
-            raise ValueError(f"`capacity` must be >= 1 or None, got {capacity}.")
-        if dedup_threshold is not None and not -1.0 <= dedup_threshold <= 1.0:
-            raise ValueError(f"`dedup_threshold` must be a cosine in [-1, 1] or None, got {dedup_threshold}.")
-        if buffer_size < 0:
-            raise ValueError(f"`buffer_size` must be >= 0, got {buffer_size}.")
+        # The saved settings, checked (`LoGoMemoryConfig.__post_init__`) before the encoder loads.
+        self._settings = settings = LoGoMemoryConfig(
+            scorer=scorer, gate=gate, gate_quantile=gate_quantile, use_global=use_global, global_scope=global_scope,
+            min_community_users=min_community_users, min_contributors=min_contributors,
+            match_threshold=match_threshold, max_matches=max_matches, exact_match_below=exact_match_below,
+            n_communities=n_communities, capacity=capacity, dedup_threshold=dedup_threshold, buffer_size=buffer_size,
+            bm25_idf=bm25_idf, max_text_chars=max_text_chars, share_by_default=share_by_default, hnsw_M=hnsw_M,
+            hnsw_ef_construction=hnsw_ef_construction, hnsw_ef=hnsw_ef, exact_below=exact_below, seed=seed,
+        )  # fmt: skip
         self.encoder: Encoder = resolve_encoder(encoder, device=device)
         self.dim = int(self.encoder.dim)
-        self.scorer = scorer
-        self.gate = RelevanceGate(gate, quantile=gate_quantile)
-        self.use_global = _check_bool(use_global, "use_global")
-        self.global_scope = global_scope
-        self.capacity = capacity
-        self.dedup_threshold = dedup_threshold
-        self.buffer_size = buffer_size
-        self.bm25_idf = bm25_idf
-        self.max_text_chars = max_text_chars
-        self.share_by_default = share_by_default
+        self.gate = RelevanceGate(settings.gate, quantile=settings.gate_quantile)
         self.mediator = mediator if mediator is not None else Mediator()
-        self.seed = seed
         self.global_memory = GlobalMemory(
             self.dim,
-            min_community_users=min_community_users,
-            min_contributors=min_contributors,
-            match_threshold=match_threshold,
-            max_matches=max_matches,
-            exact_match_below=exact_match_below,
-            n_communities=n_communities,
-            M=hnsw_M,
-            ef_construction=hnsw_ef_construction,
-            ef=hnsw_ef,
-            exact_below=exact_below,
-            seed=seed,
+            min_community_users=settings.min_community_users,
+            min_contributors=settings.min_contributors,
+            match_threshold=settings.match_threshold,
+            max_matches=settings.max_matches,
+            exact_match_below=settings.exact_match_below,
+            n_communities=settings.n_communities,
+            M=settings.hnsw_M,
+            ef_construction=settings.hnsw_ef_construction,
+            ef=settings.hnsw_ef,
+            exact_below=settings.exact_below,
+            seed=settings.seed,
             num_threads=num_threads,
         )
         self._locals: dict[str, LocalMemory] = {}
@@ -231,31 +195,39 @@ class LoGoMemory(
         self._journal: WriteJournal | None = None
         self._write_seq = 0  # the write order of backend rows (a load from the backend restores it)
         if backend is not None:
-            self._attach_backend(backend, fresh=True)
+            self.attach_backend(backend, fresh=True)
 
-    def _attach_backend(self, backend: VectorBackend, fresh: bool) -> None:
-        if not isinstance(backend, VectorBackend):
-            raise TypeError(f"`backend` must implement VectorBackend, got {type(backend).__name__}.")
-        backend.connect(self.dim)
-        if fresh:
-            held = {scope: backend.count(scope) for scope in ("local", "global")}
-            if any(held.values()):
-                raise ValueError(
-                    f"{backend!r} already holds {held['local']} local and {held['global']} global rows: load that "
-                    "memory with LoGoMemory.from_pretrained, or give this one an empty collection."
-                )
-        self.backend = backend
-        self._journal = WriteJournal(backend)
-        self.global_memory.backend = backend
-        for local in self._locals.values():
-            local.backend = backend
+    def _local_rows(
+        self,
+        records: Sequence[Interaction],
+        vectors: Sequence[np.ndarray],
+        region: str,
+        scores: Sequence[float] | None = None,
+    ) -> list[dict]:
+        """The backend's `"local"` rows of `records`, numbered in write order."""
+        rows = []
+        for i, (record, vector) in enumerate(zip(records, vectors, strict=True)):
+            self._write_seq += 1
+            rows.append({
+                "user_id": record.user_id, "region": region, "record_id": record.id, "timestamp": record.timestamp,
+                "seq": self._write_seq, "score": None if scores is None else float(scores[i]),
+                "record": record.to_dict(), "vector": vector,
+            })  # fmt: skip
+        return rows
 
-    def _local_row(self, record: Interaction, vector: np.ndarray, region: str, score: float | None = None) -> dict:
-        self._write_seq += 1
-        return {
-            "user_id": record.user_id, "region": region, "record_id": record.id, "timestamp": record.timestamp,
-            "seq": self._write_seq, "score": score, "record": record.to_dict(), "vector": vector,
-        }  # fmt: skip
+    def _write(self, change: Callable[[], T]) -> T:
+        """The one path of every write: applies `change` in process under the lock (it queues the matching backend
+        writes with `_queue`), then writes the queue through, so that the backend sees the writes in memory order."""
+        with self._lock:
+            result = change()
+            self._commit()
+            return result
+
+    def _queue(self, op: str, scope: str, build: Callable[..., Any], *args: Any) -> None:
+        """Queues a backend write (`op`: a [`WriteJournal`] method); its payload, `build(*args)`, is built only when
+        there is a backend."""
+        if self._journal is not None:
+            getattr(self._journal, op)(scope, build(*args))
 
     def _commit(self) -> None:
         """Writes the queued backend writes through (under the lock, so the backend sees them in memory order)."""
@@ -285,7 +257,7 @@ class LoGoMemory(
     def __repr__(self) -> str:
         return (
             f"LoGoMemory(users={len(self._locals)}, records={len(self)}, encoder={self.encoder.name!r}, "
-            f"scorer={self.scorer!r}, gate={self.gate.threshold!r})"
+            f"scorer={self._settings.scorer!r}, gate={self.gate.threshold!r})"
         )
 
     def users(self) -> list[str]:
@@ -325,18 +297,9 @@ class LoGoMemory(
 
     def is_shared(self, user_id: str) -> bool:
         with self._lock:
-            return self._share.get(user_id, self.share_by_default)
+            return self._share.get(user_id, self._settings.share_by_default)
 
     # ----------------------------------------------------------------- writes
-    def _coerce(self, interaction: Any) -> Interaction:
-        if isinstance(interaction, dict):
-            interaction = Interaction.from_dict(interaction, max_text_chars=self.max_text_chars)
-        if not isinstance(interaction, Interaction):
-            raise TypeError(f"expected an Interaction (or a dict), got {type(interaction).__name__}.")
-        for name in ("prompt", "response"):
-            _check_text(name, getattr(interaction, name), self.max_text_chars)
-        return interaction
-
     def _encode(self, texts: Sequence[str], batch_size: int = 256, progress: bool = False) -> np.ndarray:
         chunks = []
         starts = range(0, len(texts), batch_size)
@@ -353,7 +316,8 @@ class LoGoMemory(
 
     def add(self, interaction: Interaction | dict) -> str:
         """Stores one interaction; returns its id (the id of the stored twin if it was a near-duplicate)."""
-        return self.add_many([interaction])[0]
+        # Coerced here too, so that an error names the field alone rather than `interactions[0]`.
+        return self.add_many([coerce_interaction(interaction, self._settings.max_text_chars)])[0]
 
     def add_many(
         self, interactions: Iterable[Interaction | dict], batch_size: int = 256, show_progress: bool = False
@@ -368,31 +332,25 @@ class LoGoMemory(
         Returns:
             `list[str]`: the stored id for each input (an earlier record's id for a near-duplicate).
         """
-        if interactions is None or isinstance(interactions, (str, bytes, dict, Interaction)):
-            raise TypeError(
-                "`interactions` must be an iterable of Interaction or dict records, got "
-                f"{type(interactions).__name__} (use `add` for one record)."
-            )
-        batch_size = _check_k(batch_size, "batch_size")
-        records = [self._coerce(item) for item in interactions]
-        keys = [(r.user_id, r.id) for r in records]
-        if len(set(keys)) != len(keys):
-            raise ValueError("`id` values repeat within the batch for the same user.")
+        batch_size = check_int(batch_size, "batch_size", minimum=1)
+        records = coerce_interactions(interactions, max_text_chars=self._settings.max_text_chars)
         vectors = self._encode([r.text for r in records], batch_size, show_progress)
-        with self._lock:
+
+        def change() -> list[str]:
             for record in records:
                 local = self._locals.get(record.user_id)
                 if local is not None and record.id in local.history:
                     raise ValueError(f"`id` {record.id!r} is already stored for user {record.user_id!r}.")
-            ids = self._insert(records, vectors)
-            self._commit()
-            return ids
+            return self._insert(records, vectors)
+
+        return self._write(change)
 
     def _local(self, user_id: str) -> LocalMemory:
         local = self._locals.get(user_id)
         if local is None:
+            s = self._settings
             local = self._locals[user_id] = LocalMemory(
-                user_id, self.dim, self.capacity, self.dedup_threshold, self.buffer_size, self.bm25_idf
+                user_id, self.dim, s.capacity, s.dedup_threshold, s.buffer_size, s.bm25_idf
             )
             local.backend = self.backend
         return local
@@ -403,11 +361,10 @@ class LoGoMemory(
             stored_id, added, gone = self._local(record.user_id).add(record, vector)
             ids.append(stored_id)
             evicted.extend(gone)
-            if self._journal is not None:
-                self._journal.delete("local", [(r.user_id, "history", r.id) for r in gone])
-                if added:
-                    self._journal.upsert("local", [self._local_row(record, vector, "history")])
-            if added and self._share.get(record.user_id, self.share_by_default):
+            self._queue("delete", "local", _local_keys, gone, "history")
+            if added:
+                self._queue("upsert", "local", self._local_rows, [record], [vector], "history")
+            if added and self._share.get(record.user_id, self._settings.share_by_default):
                 shared.append((record, vector))
         self._unshare([(r.user_id, r.id) for r in evicted])
         self._share_records(shared)
@@ -424,34 +381,33 @@ class LoGoMemory(
         self.global_memory.add(
             labels, [r.user_id for r, _ in pairs], np.stack([v for _, v in pairs]), [r.timestamp for r, _ in pairs]
         )
-        if self._journal is not None:
-            self._journal.upsert("global", [
-                {"label": label, "user_id": r.user_id, "record_id": r.id, "timestamp": r.timestamp, "vector": v}
-                for label, (r, v) in zip(labels, pairs, strict=True)
-            ])  # fmt: skip
+        self._queue("upsert", "global", lambda: [
+            {"label": label, "user_id": r.user_id, "record_id": r.id, "timestamp": r.timestamp, "vector": v}
+            for label, (r, v) in zip(labels, pairs, strict=True)
+        ])  # fmt: skip
 
     def _unshare(self, keys: Iterable[tuple[str, str]]) -> None:
         labels = [self._labels.pop(key) for key in keys if key in self._labels]
         for label in labels:
             del self._label_keys[label]
         self.global_memory.remove(labels)
-        if self._journal is not None:
-            self._journal.delete("global", labels)
+        self._queue("delete", "global", lambda: labels)
 
     def delete(self, user_id: str, interaction_id: str) -> bool:
         """Really deletes one record (history and buffer, local and global). Returns whether it existed."""
         user_id = check_user_id(user_id)
         if not isinstance(interaction_id, str):
             raise TypeError(f"`interaction_id` must be a str, got {type(interaction_id).__name__}.")
-        with self._lock:
+
+        def change() -> bool:
             local = self._locals.get(user_id)
             if local is None or not local.remove(interaction_id):
                 return False
             self._unshare([(user_id, interaction_id)])
-            if self._journal is not None:
-                self._journal.delete("local", [(user_id, region, interaction_id) for region in ("history", "buffer")])
-            self._commit()
+            self._queue("delete", "local", lambda: [(user_id, r, interaction_id) for r in ("history", "buffer")])
             return True
+
+        return self._write(change)
 
     def forget_user(self, user_id: str) -> bool:
         """Erases a user: records, embeddings, buffer, global contributions, the global user table and the sharing
@@ -459,7 +415,8 @@ class LoGoMemory(
         holds their id or text, and removes every leftover of earlier saves (see [`~persistence.save_folder`]).
         The relevance gate forgets the scores their queries contributed."""
         user_id = check_user_id(user_id)
-        with self._lock:
+
+        def change() -> bool:
             local = self._locals.pop(user_id, None)
             known = local is not None or user_id in self._share or user_id in self.global_memory.users
             self._share.pop(user_id, None)
@@ -467,19 +424,19 @@ class LoGoMemory(
                 self._unshare([(user_id, rid) for rid in local.history.ids])
             self.global_memory.forget(user_id)  # the user table too: the id is in no later save
             self.gate.forget(user_id)  # and the scores their queries added to the gate's quantile
-            if self._journal is not None:  # a delete by user in both collections, each checked empty afterwards
-                self._journal.delete_user("local", user_id)
-                self._journal.delete_user("global", user_id)
-            self._commit()
+            for scope in ("local", "global"):  # a delete by user in both collections, each checked empty afterwards
+                self._queue("delete_user", scope, lambda: user_id)
             return known
+
+        return self._write(change)
 
     def set_sharing(self, user_id: str, share: bool) -> None:
         """Opts a user in to or out of the global memory. Opting out removes their items from it at once."""
         user_id = check_user_id(user_id)
-        if not isinstance(share, bool):
-            raise TypeError(f"`share` must be a bool, got {type(share).__name__}.")
-        with self._lock:
-            was = self._share.get(user_id, self.share_by_default)
+        share = check_bool(share, "share")
+
+        def change() -> None:
+            was = self._share.get(user_id, self._settings.share_by_default)
             self._share[user_id] = share
             local = self._locals.get(user_id)
             if was == share or local is None:
@@ -488,7 +445,8 @@ class LoGoMemory(
                 self._share_records([(local.history.records[i], local.history.vector(i)) for i in local.history.ids])
             else:
                 self._unshare([(user_id, rid) for rid in local.history.ids])
-            self._commit()
+
+        self._write(change)
 
     def set_buffer(
         self, user_id: str, interactions: Sequence[Interaction | dict], scores: Sequence[float] | None = None
@@ -501,10 +459,7 @@ class LoGoMemory(
             scores (`Sequence[float]`, *optional*): a score per record (e.g. its post-update drift score).
         """
         user_id = check_user_id(user_id)
-        records = [self._coerce(item) for item in interactions]
-        for record in records:
-            if record.user_id != user_id:
-                raise ValueError(f"buffer item {record.id!r} belongs to user {record.user_id!r}, not {user_id!r}.")
+        records = coerce_interactions(interactions, user_id, max_text_chars=self._settings.max_text_chars)
         with self._lock:
             known = self._known_vectors(user_id, records)
         # Kept buffer items (most of a buffer, period after period) reuse their stored vector; only new ones encode.
@@ -513,17 +468,15 @@ class LoGoMemory(
         for i, vector in zip(new, encoded, strict=True):
             known[i] = vector
         vectors = np.stack(known) if known else np.empty((0, self.dim), dtype=np.float32)
-        with self._lock:
+
+        def change() -> None:
             local = self._local(user_id)
-            old = list(local.buffer.ids)
+            old = [local.buffer.records[rid] for rid in local.buffer.ids]
             local.set_buffer(records, vectors, scores)
-            if self._journal is not None:
-                self._journal.delete("local", [(user_id, "buffer", rid) for rid in old])
-                self._journal.upsert("local", [
-                    self._local_row(r, v, "buffer", None if scores is None else float(scores[i]))
-                    for i, (r, v) in enumerate(zip(records, vectors, strict=True))
-                ])  # fmt: skip
-            self._commit()
+            self._queue("delete", "local", _local_keys, old, "buffer")
+            self._queue("upsert", "local", self._local_rows, records, vectors, "buffer", scores)
+
+        self._write(change)
 
     def _known_vectors(self, user_id: str, records: Sequence[Interaction]) -> list[np.ndarray | None]:
         """Per record, the vector this user's memory already stores for the same id and text, or None."""
@@ -572,22 +525,23 @@ class LoGoMemory(
             [`MediatedContext`]: `.items` (the context) and `.weight` (a suggested λ), plus diagnostics.
         """
         user_id = check_user_id(user_id)
-        query = _check_text("query", query, self.max_text_chars)
-        k = _check_k(k)
+        query = _check_text("query", query, self._settings.max_text_chars)
+        k = check_int(k, "k", minimum=1)
         if region not in REGIONS:
             raise ValueError(f"`region` must be one of {REGIONS}, got {region!r}.")
-        scope = self.global_scope if scope is None else scope
+        scope = self._settings.global_scope if scope is None else scope
         if scope not in SCOPES:
             raise ValueError(f"`scope` must be one of {SCOPES}, got {scope!r}.")
         before = None if before is None else to_timestamp(before, "before")
-        use_global = _check_bool(use_global, "use_global", optional=True)
-        use_global = self.use_global if use_global is None else use_global
+        use_global = check_bool(use_global, "use_global", optional=True)
+        use_global = self._settings.use_global if use_global is None else use_global
         # BM25 reads of the local memory need no embedding: skip the encoder (a transformer forward per query, on
         # the decoding path of SpringForCausalLM) unless dense scores or the global memory need it.
-        query_vector = self._encode([query])[0] if self.scorer == "dense" or use_global else None
+        scorer = self._settings.scorer
+        query_vector = self._encode([query])[0] if scorer == "dense" or use_global else None
         with self._lock:
             local = self._locals.get(user_id)
-            hits = local.search(query_vector, query, k, self.scorer, region, before) if local is not None else []
+            hits = local.search(query_vector, query, k, scorer, region, before) if local is not None else []
             passed, threshold = self.gate(hits, owner=user_id)
             global_hits = []
             if use_global:
@@ -615,80 +569,149 @@ class LoGoMemory(
         return self.retrieve_context(user_id, query, k, **kwargs).items
 
     # ------------------------------------------------------------ persistence
-    def config(self) -> dict:
-        """The settings written to `config.json` (without counts and state)."""
+    @property
+    def settings(self) -> LoGoMemoryConfig:
+        """The saved settings as the memory runs now (a gate replaced or a sharing rule changed since construction
+        included)."""
         gm = self.global_memory
-        return {
-            "encoder": self.encoder.name,
-            "dim": self.dim,
-            "metric": "cosine",
-            "normalized": True,
-            "scorer": self.scorer,
-            "gate": self.gate.threshold,
-            "gate_quantile": self.gate.quantile,
-            "use_global": self.use_global,
-            "global_scope": self.global_scope,
-            "min_community_users": gm.min_community_users,
-            "min_contributors": gm.min_contributors,
-            "match_threshold": gm.match_threshold,
-            "max_matches": gm.max_matches,
-            "exact_match_below": gm.exact_match_below,
-            "n_communities": gm.n_communities,
-            "capacity": self.capacity,
-            "dedup_threshold": self.dedup_threshold,
-            "buffer_size": self.buffer_size,
-            "bm25_idf": self.bm25_idf,
-            "max_text_chars": self.max_text_chars,
-            "share_by_default": self.share_by_default,
-            "hnsw_M": gm.M,
-            "hnsw_ef_construction": gm.ef_construction,
-            "hnsw_ef": gm.ef,
-            "exact_below": gm.exact_below,
-            "seed": self.seed,
-        }
+        return dataclasses.replace(
+            self._settings, gate=self.gate.threshold, gate_quantile=self.gate.quantile,
+            min_contributors=gm.min_contributors, match_threshold=gm.match_threshold,
+        )  # fmt: skip
 
-    def _snapshot(self, directory: Path | None = None) -> tuple[dict, list[dict], dict[str, np.ndarray]]:
-        """Everything to write, copied under the lock so writers can continue while files are written. With a
-        `directory`, the global ANN index is cached there too (when worth it, see [`GlobalMemory.cacheable_index`]),
-        under the same lock so it matches the snapshot."""
+    def __getattr__(self, name: str) -> Any:
+        # The settings read as attributes too (`memory.scorer`, `memory.capacity`, ...), as before `settings` existed.
+        if name in LoGoMemoryConfig.names() and "_settings" in self.__dict__:
+            return getattr(self.settings, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def config(self) -> dict:
+        """The settings written to `config.json` (without counts and state): the encoder's name and dimension and
+        the [`LoGoMemoryConfig`] fields."""
+        return {"encoder": self.encoder.name, "dim": self.dim, "metric": "cosine", "normalized": True,
+                **self.settings.to_dict()}  # fmt: skip
+
+    def export_state(self, *, records: bool = True, cache_index: Callable[[Any], None] | None = None) -> MemoryState:
+        """This memory's contents as a [`MemoryState`], copied under the lock so that writers can continue while a
+        save writes its files.
+
+        Args:
+            records (`bool`, *optional*, defaults to `True`): include the records, their vectors and labels, the
+                sharing rule's matches and the communities. Without them (a save on an external backend, which holds
+                the records) every queued backend write is confirmed first, else [`BackendError`] is raised.
+            cache_index (`Callable`, *optional*): called under the same lock with the global ANN index when it is
+                worth caching (see [`GlobalMemory.cacheable_index`]), so that a dump of it matches the state.
+        """
         with self._lock:
-            lines, vectors, labels = [], [], []
+            if not records:
+                self._commit()
+            state = MemoryState(
+                records=[], regions=[], scores=[],
+                embeddings=np.empty((0, self.dim), dtype=np.float32), labels=np.empty(0, dtype=np.int64),
+                sharing=dict(self._share), next_label=self._next_label,
+                gate_observed=self.gate.observed(), gate_owners=self.gate.owners(),
+                counts={"users": len(self._locals), "records": len(self), "buffer_records": self.num_buffer_items,
+                        "shared_records": len(self._labels)},
+            )  # fmt: skip
+            if not records:
+                return state
+            vectors, labels = [], []
             for user_id, local in self._locals.items():
                 for region, store in (("history", local.history), ("buffer", local.buffer)):
-                    for rid in store.ids_in_write_order():
-                        line = store.records[rid].to_dict()
-                        line["region"] = region
-                        if rid in store.extras:
-                            line["score"] = store.extras[rid]
-                        lines.append(line)
-                        vectors.append(store._vectors[store.rows[rid]])
-                        labels.append(self._labels.get((user_id, rid), -1) if region == "history" else -1)
-            community = self.global_memory.community_state()
-            config, gate = self._saved_state()
-            config["communities"] = {k: v for k, v in community.items() if k != "centroids"}
-            labels = np.asarray(labels, dtype=np.int64)
-            embeddings = np.stack(vectors) if vectors else np.empty((0, self.dim), dtype=np.float32)
+                    ids = store.ids_in_write_order()
+                    state.records += [store.records[rid] for rid in ids]
+                    state.regions += [region] * len(ids)
+                    state.scores += [store.extras.get(rid) for rid in ids]
+                    vectors.append(store.vectors[[store.rows[rid] for rid in ids]])
+                    labels += [self._labels.get((user_id, rid), -1) if region == "history" else -1 for rid in ids]
+            if state.records:
+                state.embeddings = np.concatenate(vectors)
+            state.labels = np.asarray(labels, dtype=np.int64)
             gm = self.global_memory
-            # The shared records in label order: what the ANN entry checksums, and how the sharing rule's matches
-            # (label pairs) become record positions, which a load restores instead of searching again.
-            shared_rows = np.flatnonzero(labels >= 0)
-            by_label = shared_rows[np.argsort(labels[shared_rows], kind="stable")]
-            pairs = gm.match_pairs()
-            match_rows = None if pairs is None else by_label[np.searchsorted(labels[by_label], pairs)]
-            index = gm.cacheable_index() if directory is not None else None
-            ann = None
-            if index is not None and save_ann_index(directory, index):
-                ann = (embeddings[by_label], labels[by_label], gm.ann_params())
-            tensors = {
-                "embeddings": embeddings,
-                "labels": labels,
-                **({} if match_rows is None else {"match_pairs": match_rows}),
-                **gate,
-                "community_centroids": community["centroids"],
-            }
-        if ann is not None:  # the checksums, outside the lock: writers need not wait for them
-            config["ann_index"] = ann_index_entry(directory, *ann)
-        return config, lines, tensors
+            # The matches (label pairs) as record positions: a load restores them instead of searching again.
+            rows, pairs = state.shared_rows(), gm.match_pairs()
+            state.match_pairs = None if pairs is None else rows[np.searchsorted(state.labels[rows], pairs)]
+            state.community = gm.community_state()
+            index = gm.cacheable_index() if cache_index is not None else None
+            if index is not None:
+                cache_index(index)
+        return state
+
+    def attach_backend(self, backend: VectorBackend, *, fresh: bool = True) -> None:
+        """Connects this memory to an external backend that every later write goes through to.
+
+        Args:
+            backend ([`VectorBackend`]): the store.
+            fresh (`bool`, *optional*, defaults to `True`): the store must be empty (a load from it passes `False`
+                and then restores its rows with [`~LoGoMemory.restore_state`]).
+        """
+        if not isinstance(backend, VectorBackend):
+            raise TypeError(f"`backend` must implement VectorBackend, got {type(backend).__name__}.")
+        backend.connect(self.dim)
+        if fresh:
+            held = {scope: backend.count(scope) for scope in ("local", "global")}
+            if any(held.values()):
+                raise ValueError(
+                    f"{backend!r} already holds {held['local']} local and {held['global']} global rows: load that "
+                    "memory with LoGoMemory.from_pretrained, or give this one an empty collection."
+                )
+        self.backend = backend
+        self._journal = WriteJournal(backend)
+        self.global_memory.backend = backend
+        for local in self._locals.values():
+            local.backend = backend
+
+    def restore_state(self, state: MemoryState, *, index: Any = None) -> None:
+        """Fills this fresh memory from `state` (a load or a merge), bypassing dedup and eviction: they ran when it
+        was written. Nothing is queued for the backend: a memory on a backend is restored from its rows.
+
+        Args:
+            state ([`MemoryState`]): what to restore.
+            index (`hnswlib.Index`, *optional*): the global ANN index over the shared records, built with their
+                labels (a load's cache). Without it the index is rebuilt, and, unless the memory is on a backend
+                (whose rows other processes may use), the labels are renumbered densely so that deletions and
+                evictions never make them, or the arrays indexed by them, grow without bound.
+        """
+        with self._lock:
+            self._share = dict(state.sharing)
+            histories: dict[str, list[int]] = {}  # user -> positions of their records, in state order
+            buffers: dict[str, list[int]] = {}
+            for position, (record, region) in enumerate(zip(state.records, state.regions, strict=True)):
+                self._local(record.user_id)  # users keep their order of first appearance
+                (buffers if region == "buffer" else histories).setdefault(record.user_id, []).append(position)
+            for user_id, positions in histories.items():  # one bulk insert per user
+                rows = np.asarray(positions, dtype=np.int64)
+                self._locals[user_id].history.add_many([state.records[i] for i in positions], state.embeddings[rows])
+            for user_id, positions in buffers.items():
+                scores = [state.scores[i] for i in positions]
+                self._locals[user_id].set_buffer(
+                    [state.records[i] for i in positions],
+                    state.embeddings[np.asarray(positions, dtype=np.int64)],
+                    None if None in scores else scores,
+                )
+            rows = state.shared_rows()
+            keep = index is not None or self.backend is not None
+            labels = state.labels[rows] if keep else np.arange(len(rows), dtype=np.int64)
+            for label, row in zip(labels.tolist(), rows.tolist(), strict=True):
+                key = (state.records[row].user_id, state.records[row].id)
+                self._labels[key] = label
+                self._label_keys[label] = key
+            if len(rows):
+                label_of = np.full(len(state.records), -1, dtype=np.int64)  # record position -> label
+                label_of[rows] = labels
+                self.global_memory.restore(
+                    labels.tolist(),
+                    [state.records[row].user_id for row in rows.tolist()],
+                    state.embeddings[rows],
+                    [state.records[row].timestamp for row in rows.tolist()],
+                    index=index,
+                    matches=None if state.match_pairs is None else label_of[state.match_pairs],
+                )
+            self._next_label = state.next_label if keep else len(rows)
+            self._write_seq = state.write_seq
+            self.gate.load_observed(state.gate_observed, state.gate_owners)
+            if state.community:
+                self.global_memory.load_community_state(state.community)
 
     @classmethod
     def merge(cls, memories: Sequence[LoGoMemory]) -> LoGoMemory:
@@ -709,100 +732,10 @@ class LoGoMemory(
         memories = list(memories)
         if not memories or not all(isinstance(m, LoGoMemory) for m in memories):
             raise TypeError("`memories` must be a non-empty sequence of LoGoMemory.")
-        first = memories[0]
-        settings = first.config()
-        lines, embeddings, labels, observed, owners, sharing = [], [], [], [], [], {}
-        owner: dict[str, int] = {}
-        next_label = 0
-        for i, memory in enumerate(memories):
-            config, part_lines, tensors = memory._snapshot()  # disjointness is checked on what is merged
-            different = sorted(
-                k for k in settings if k in _INIT_KEYS + ("encoder", "dim") and config[k] != settings[k]
-            )
-            if different:
-                raise ValueError(f"memory {i} differs from memory 0 in {different}; merge memories of one setup.")
-            for user in dict.fromkeys(line["user_id"] for line in part_lines):
-                if user in owner:
-                    raise ValueError(
-                        f"user {user!r} is in memory {owner[user]} and memory {i}; shards must be disjoint."
-                    )
-                owner[user] = i
-            part_labels = tensors["labels"].copy()
-            part_labels[part_labels >= 0] += next_label  # disjoint ranges; the restore renumbers them densely
-            lines += part_lines
-            embeddings.append(tensors["embeddings"])
-            labels.append(part_labels)
-            next_label += config["next_label"]
-            gate_users = config["gate_users"]
-            observed.append(tensors["gate_observed"])
-            owners += [gate_users[j] if j >= 0 else None for j in tensors["gate_owner"].tolist()]
-            sharing.update(config["sharing"])
-        merged = cls(
-            first.encoder, mediator=copy.deepcopy(first.mediator), num_threads=first.global_memory.num_threads,
-            **{k: v for k, v in settings.items() if k in _INIT_KEYS},
-        )  # fmt: skip
-        gate_users = sorted({o for o in owners if o is not None})
-        position = {user: j for j, user in enumerate(gate_users)}
-        config = {**settings, "sharing": sharing, "next_label": next_label, "gate_users": gate_users}
-        tensors = {  # no "match_pairs": the restore searches every match, across memories too
-            "embeddings": np.concatenate(embeddings) if lines else np.empty((0, first.dim), dtype=np.float32),
-            "labels": np.concatenate(labels).astype(np.int64),
-            "gate_observed": np.concatenate(observed),
-            "gate_owner": np.asarray([position.get(o, -1) for o in owners], dtype=np.int64),
-        }
-        records = [(Interaction.from_dict(line, max_text_chars=merged.max_text_chars), line) for line in lines]
-        merged._restore(config, records, tensors)
-        return merged
+        return merge_memories(cls, memories)
 
     def _save_pretrained(self, save_directory: Path) -> None:
-        if self.backend is not None:
-            config, tensors = self._backend_snapshot()
-            write_backend_files(save_directory, config, tensors)
-        else:
-            config, lines, tensors = self._snapshot(Path(save_directory))
-            write_files(save_directory, config, lines, tensors)
-        self._card_counts = config["counts"]
-
-    def _saved_state(self) -> tuple[dict, dict[str, np.ndarray]]:
-        """What every save writes, folder or backend (call under the lock): the config (format, settings, mediator,
-        counts, sharing flags, labels) and the gate's tensors. Whose query each gate score came from is saved as an
-        index into `gate_users` (-1: unknown), so a reloaded memory can still forget a user's contributions; only
-        users the memory still knows are named."""
-        owners = self.gate.owners()
-        gate_users = sorted({o for o in owners if o is not None})
-        position = {user: i for i, user in enumerate(gate_users)}
-        config = {
-            "format_version": FORMAT_VERSION,
-            "library": "transformers_spring",
-            "library_version": __version__,
-            **self.config(),
-            "mediator": {"class": qualified_name(type(self.mediator)), **self.mediator.config()},
-            "counts": {
-                "users": len(self._locals),
-                "records": len(self),
-                "buffer_records": self.num_buffer_items,
-                "shared_records": len(self._labels),
-            },
-            "sharing": dict(self._share),
-            "next_label": self._next_label,
-            "gate_users": gate_users,
-            "saved_at": time.time(),
-        }
-        gate = {
-            "gate_observed": self.gate.observed(),
-            "gate_owner": np.asarray([position.get(o, -1) for o in owners], dtype=np.int64),
-        }
-        return config, gate
-
-    def _backend_snapshot(self) -> tuple[dict, dict[str, np.ndarray]]:
-        """A save on an external backend: the settings, the manifest naming the backend and the gate's state, once
-        every queued write is confirmed (else [`BackendError`], and nothing is written)."""
-        with self._lock:
-            self._commit()
-            config, gate = self._saved_state()
-            config["backend"] = self.backend.manifest()
-        empty = {"embeddings": np.empty((0, self.dim), dtype=np.float32), "labels": np.empty(0, dtype=np.int64)}
-        return config, {**empty, **gate}
+        self._card_counts = save_memory(self, Path(save_directory))
 
     def generate_model_card(self, *args, **kwargs) -> ModelCard:
         counts = getattr(self, "_card_counts", None) or {"users": len(self._locals), "records": len(self)}
@@ -821,7 +754,16 @@ class LoGoMemory(
             )
         )
 
-    def save_pretrained(self, save_directory: str | Path, *, push_to_hub: bool = False, repo_id=None, **kwargs):
+    def save_pretrained(
+        self,
+        save_directory: str | Path,
+        *,
+        config: dict | None = None,
+        model_card_kwargs: dict | None = None,
+        push_to_hub: bool = False,
+        repo_id: str | None = None,
+        **push_kwargs,
+    ) -> str | None:
         """Saves `config.json`, `records.jsonl`, `embeddings.safetensors` and the card into `save_directory`, next
         to whatever else it holds: only the files this memory's earlier saves wrote (listed in
         `spring_manifest.json`) are replaced or removed, a file it did not write is never overwritten, and the
@@ -831,47 +773,67 @@ class LoGoMemory(
 
         Args:
             save_directory (`str` or `Path`): the target directory.
-            push_to_hub (`bool`, *optional*, defaults to `False`): also push to `repo_id` (default: the directory
-                name) with [`~LoGoMemory.push_to_hub`].
-            kwargs: `config` and `model_card_kwargs` go to `ModelHubMixin.save_pretrained`; the rest to
-                `push_to_hub`.
+            config (`dict`, *optional*), model_card_kwargs (`dict`, *optional*): passed to
+                `ModelHubMixin.save_pretrained` (this memory writes its own `config.json`).
+            push_to_hub (`bool`, *optional*, defaults to `False`): then pushes to `repo_id` with
+                [`~LoGoMemory.push_to_hub`].
+            repo_id (`str`, *optional*): the Hub repo (default: the directory's name).
+            push_kwargs: passed to [`~LoGoMemory.push_to_hub`].
 
-        This is the one public method overridden besides `from_pretrained`: `ModelHubMixin.save_pretrained` writes
-        straight into the target (and first deletes any `config.json` there, the user's own included), so it runs
-        here inside the staging folder of a safe save instead.
+        Returns:
+            The `CommitInfo` of the push with `push_to_hub`, else `None`.
+
+        `ModelHubMixin.save_pretrained` writes straight into the target (and first deletes any `config.json` there,
+        the user's own included), so it runs here inside the staging folder of a safe save instead.
         """
-        save_kwargs = {key: kwargs.pop(key) for key in ("config", "model_card_kwargs") if key in kwargs}
         with self._save_lock, save_folder(save_directory, "LoGoMemory", adopt=is_memory_folder) as tmp:
-            super().save_pretrained(tmp, **save_kwargs)
-        target = Path(save_directory).absolute()
+            super().save_pretrained(tmp, config=config, model_card_kwargs=model_card_kwargs)
         if push_to_hub:
-            return self.push_to_hub(repo_id or target.name, **save_kwargs, **kwargs)
+            return self.push_to_hub(repo_id or Path(save_directory).absolute().name, **push_kwargs)
         return None
 
-    def push_to_hub(self, repo_id: str, *, ignore_patterns: list[str] | str | None = None, **kwargs) -> str:
-        """`ModelHubMixin.push_to_hub` (a private repo is up to `private=`), except that the machine-local ANN
-        cache (`ann_index.hnsw`, loaded into C++ code) is never uploaded: a loaded memory rebuilds its index.
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        private: bool | None = True,
+        token: str | bool | None = None,
+        commit_message: str = "Upload with transformers-spring",
+        revision: str | None = None,
+        create_pr: bool = False,
+        ignore_patterns: list[str] | str | None = None,
+    ) -> str:
+        """Saves the memory into a temporary folder and uploads it to `repo_id` in one commit (see
+        [`~persistence.hub.push_folder`]). The machine-local ANN cache (`ann_index.hnsw`, loaded into C++ code) is
+        never uploaded: a loaded memory rebuilds its index.
 
         Args:
-            repo_id (`str`): the Hub repo.
+            repo_id (`str`): the Hub repo (created if needed).
+            private (`bool`, *optional*, defaults to `True`): whether a new repo is private (a memory holds users'
+                text); `None` leaves it to the Hub's default.
+            token (`str` or `bool`, *optional*), commit_message (`str`, *optional*), revision (`str`, *optional*),
+            create_pr (`bool`, *optional*, defaults to `False`): as for `HfApi.upload_folder`.
             ignore_patterns (`list[str]` or `str`, *optional*): more files not to push.
-            kwargs: passed to `ModelHubMixin.push_to_hub` (`private`, `token`, `commit_message`, ...).
+
+        Returns:
+            The `CommitInfo` of the upload.
         """
-        patterns = [ignore_patterns] if isinstance(ignore_patterns, str) else list(ignore_patterns or [])
-        with no_ann_cache():
-            return super().push_to_hub(repo_id, ignore_patterns=[*patterns, f"*{ANN_INDEX_FILE}"], **kwargs)
+        return push_folder(
+            lambda folder: self.save_pretrained(folder), repo_id, private=private, token=token,
+            commit_message=commit_message, revision=revision, create_pr=create_pr, ignore_patterns=ignore_patterns,
+        )  # fmt: skip
 
     @classmethod
     def from_pretrained(
         cls,
         pretrained_model_name_or_path: str | Path,
         *,
-        force_download: bool = False,
+        revision: str | None = None,
         token: str | bool | None = None,
         cache_dir: str | Path | None = None,
         local_files_only: bool = False,
-        revision: str | None = None,
-        **model_kwargs,
+        force_download: bool = False,
+        **kwargs,
     ) -> LoGoMemory:
         """Loads a memory from a local directory or a Hub repo id (works offline from the Hub cache with
         `HF_HUB_OFFLINE=1`). Nothing is unpickled or executed: records are JSON, vectors safetensors, and every
@@ -879,8 +841,10 @@ class LoGoMemory(
 
         Args:
             pretrained_model_name_or_path (`str` or `Path`): a directory or a repo id.
-            model_kwargs: `encoder=` (required when the memory was saved with a custom encoder) and any
-                constructor argument to override the saved one.
+            revision, token, cache_dir, local_files_only, force_download: Hub options.
+            kwargs: `encoder=` (required when the memory was saved with a custom encoder), `backend=` (the store of
+                a memory saved on a backend, instead of the one its manifest names) and any constructor argument to
+                override the saved one.
         """
         directory = resolve_folder(
             pretrained_model_name_or_path, marker=CONFIG_FILE, kind="LoGoMemory", allow_patterns=MEMORY_FILES,
@@ -894,212 +858,14 @@ class LoGoMemory(
             force_download=force_download,
             local_files_only=local_files_only,
             token=token,
-            **model_kwargs,
+            **kwargs,
         )
 
     @classmethod
-    def _from_pretrained(cls, *, model_id: str, encoder: Any = None, backend: Any = None, **kwargs) -> LoGoMemory:
+    def _from_pretrained(cls, *, model_id: str, **kwargs) -> LoGoMemory:
         for key in ("revision", "cache_dir", "force_download", "local_files_only", "token", "proxies"):
-            kwargs.pop(key, None)
-        directory = Path(model_id)
-        config = read_json(directory / CONFIG_FILE)
-        version = config.get("format_version")
-        if version != FORMAT_VERSION:
-            raise ValueError(
-                f"{CONFIG_FILE} in {directory} has format_version {version!r}; this transformers_spring "
-                f"({__version__}) reads format_version {FORMAT_VERSION}."
-            )
-        for key in ("dim", "encoder", "next_label"):
-            if key not in config:
-                raise ValueError(f"{CONFIG_FILE} in {directory} is missing the field {key!r}.")
-        check_config(config, directory / CONFIG_FILE)
-        saved_encoder = config["encoder"]
-        if encoder is None:
-            if not isinstance(saved_encoder, str) or saved_encoder.startswith(("callable:", "sentence-transformers:")):
-                raise ValueError(
-                    f"{CONFIG_FILE} records the custom encoder {saved_encoder!r}; pass the same one as `encoder=`."
-                )
-            encoder = saved_encoder
-        settings = {key: config[key] for key in _INIT_KEYS if key in config}
-        settings.update(kwargs)
-        saved_mediator = config.get("mediator", {})
-        if not isinstance(saved_mediator, dict):
-            raise ValueError(f"{CONFIG_FILE} in {directory}: field 'mediator' must be an object.")
-        mediator_config = {k: v for k, v in saved_mediator.items() if k != "class"}
-        if "mediator" not in kwargs and saved_mediator:  # dispatch on the saved class: a subclass survives
-            try:
-                settings["mediator"] = MEDIATORS.resolve(str(saved_mediator.get("class", "Mediator")))(
-                    **mediator_config
-                )
-            except TypeError as err:
-                raise ValueError(
-                    f"{CONFIG_FILE} in {directory}: field 'mediator' does not fit its class: {err}"
-                ) from err
-        memory = cls(encoder, **settings)
-        if memory.dim != config["dim"]:
-            raise ValueError(
-                f"embedding dim mismatch: {CONFIG_FILE} in {directory} says dim={config['dim']}, but the encoder "
-                f"{memory.encoder.name!r} produces dim={memory.dim}."
-            )
-        tensors = read_tensors(directory, config["dim"])
-        with paused_gc():
-            return memory._load_records(config, tensors, directory, backend)
-
-    def _load_records(self, config: dict, tensors: dict, directory: Path, backend: Any) -> LoGoMemory:
-        """Fills this fresh memory from `directory`'s records, or from the backend its config names."""
-        if config.get("backend") is not None:
-            return self._connect_saved_backend(config, tensors, directory, backend)
-        if backend is not None:
-            raise ValueError(
-                f"{CONFIG_FILE} in {directory} names no backend: this memory's records are in the folder."
-            )
-        lines = read_records(directory, self.max_text_chars)
-        if len(lines) != tensors["embeddings"].shape[0]:
-            raise ValueError(
-                f"{RECORDS_FILE} has {len(lines)} records but {EMBEDDINGS_FILE} has "
-                f"{tensors['embeddings'].shape[0]} embeddings in {directory}."
-            )
-        check_loaded(
-            config, lines, tensors, directory, dim=self.dim,
-            capacity=config.get("capacity") if "capacity" in config else self.capacity,
-            share_by_default=config.get("share_by_default", self.share_by_default),  # as saved, not as overridden
-        )  # fmt: skip
-        match_pairs(tensors, lines, directory)  # refuses malformed saved matches before anything is restored
-        self._restore(config, lines, tensors, directory)
-        return self
-
-    def _connect_saved_backend(self, config: dict, tensors: dict, directory: Path, backend: Any) -> LoGoMemory:
-        """Loads a memory saved on an external backend: connects to the store its manifest names (or `backend`) and
-        restores every record from there, keeping the global labels (other processes may use the same store)."""
-        manifest = config["backend"]
-        if backend is None:
-            if not isinstance(manifest, dict) or manifest.get("type") != "milvus":
-                raise ValueError(
-                    f"{CONFIG_FILE} in {directory}: field 'backend' names no known backend: {manifest!r}."
-                )
-            from .milvus import MilvusBackend
-
-            backend = MilvusBackend.from_manifest(manifest)
-        self._attach_backend(backend, fresh=False)
-        sharing = {u: bool(s) for u, s in config.get("sharing", {}).items()}
-        lines, rows, last_seq = read_backend_rows(
-            backend.rows("local"), backend.rows("global"), dim=self.dim, max_text_chars=self.max_text_chars,
-            where=f"{backend!r}", sharing=sharing, share_by_default=config.get("share_by_default", True),
-        )  # fmt: skip
-        labels = rows["labels"]
-        config = dict(config, next_label=max(int(config["next_label"]), int(labels.max(initial=-1)) + 1))
-        config.pop("communities", None)  # other writers may have changed them: clustered afresh at the next search
-        observed = tensors.get("gate_observed", np.empty(0))
-        rows.update({key: tensors[key] for key in ("gate_observed", "gate_owner") if key in tensors})
-        if observed.ndim != 1 or not np.isfinite(observed).all():
-            raise ValueError(f"{EMBEDDINGS_FILE} in {directory}: 'gate_observed' must be finite scores.")
-        self._restore(config, lines, rows, keep_labels=True)
-        self._write_seq = last_seq
-        return self
-
-    def _restore(
-        self,
-        config: dict,
-        lines: list[tuple[Interaction, dict]],
-        tensors: dict[str, np.ndarray],
-        directory: Path | None = None,
-        keep_labels: bool = False,
-    ) -> None:
-        """Fills a fresh memory from loaded files, bypassing dedup and eviction (they ran when it was written). The
-        global index comes from `directory`'s ANN cache when it is valid, else it is rebuilt."""
-        embeddings, labels = tensors["embeddings"], tensors["labels"]
-        self._share = {u: bool(s) for u, s in config.get("sharing", {}).items()}
-        buffers: dict[str, list] = {}
-        shared = []
-        histories: dict[str, list[int]] = {}  # user -> positions of their history records, in file order
-        for position, ((record, line), label) in enumerate(zip(lines, labels.tolist(), strict=True)):
-            if record.user_id not in self._locals:
-                self._local(record.user_id)  # users keep their order of first appearance in the file
-            if line.get("region", "history") == "buffer":
-                buffers.setdefault(record.user_id, []).append((record, embeddings[position], line.get("score")))
-                continue
-            histories.setdefault(record.user_id, []).append(position)
-            if label >= 0:
-                shared.append((label, record, position))
-        for user_id, positions in histories.items():  # one bulk insert per user
-            records, seen = [lines[i][0] for i in positions], set()
-            for record in records:
-                if record.id in seen:
-                    raise ValueError(f"{RECORDS_FILE}: id {record.id!r} repeats for user {user_id!r}.")
-                seen.add(record.id)
-            self._locals[user_id].history.add_many(records, embeddings[np.asarray(positions, dtype=np.int64)])
-        for user_id, items in buffers.items():
-            scores = [s for _, _, s in items]
-            self._locals[user_id].set_buffer(
-                [r for r, _, _ in items], np.stack([v for _, v, _ in items]), None if None in scores else scores
-            )
-        shared.sort(key=lambda item: item[0])
-        gm = self.global_memory
-        saved_labels = np.asarray([label for label, _, _ in shared], dtype=np.int64)
-        vectors = embeddings[np.asarray([position for _, _, position in shared], dtype=np.int64)]
-        index = None
-        # The cache keeps the saved labels: reused only while they are dense enough, so that label-indexed arrays
-        # stay bounded by the live items (a rebuild renumbers them densely).
-        if shared and directory is not None and config["next_label"] <= 2 * len(shared) + 1024:
-            index = read_ann_index(
-                directory, config.get("ann_index"), vectors, saved_labels,
-                gm.ann_params(), max_elements=2 * len(shared),
-            )  # fmt: skip
-        if index is None and not keep_labels:
-            # Labels are internal (record <-> ANN row); renumbered densely on every load that rebuilds the index, so
-            # deletions and evictions never make them, or the arrays indexed by them, grow without bound.
-            shared = [(label, record, position) for label, (_, record, position) in enumerate(shared)]
-        load_label = np.full(len(lines), -1, dtype=np.int64)  # record position -> this load's label
-        load_label[[position for _, _, position in shared]] = [label for label, _, _ in shared]
-        for label, record, _ in shared:
-            self._labels[(record.user_id, record.id)] = label
-            self._label_keys[label] = (record.user_id, record.id)
-        matches = None
-        pairs = tensors.get("match_pairs")  # checked by `match_pairs` on load
-        if pairs is not None and float(config.get("match_threshold", gm.match_threshold)) == gm.match_threshold:
-            matches = load_label[pairs]  # (a changed threshold searches afresh)
-        if shared:
-            gm.restore(
-                [label for label, _, _ in shared],
-                [r.user_id for _, r, _ in shared],
-                vectors,
-                [r.timestamp for _, r, _ in shared],
-                index=index,
-                matches=matches,
-            )
-        self._next_label = config["next_label"] if index is not None or keep_labels else len(shared)
-        observed = tensors.get("gate_observed", np.empty(0))
-        self.gate.load_observed(observed, gate_owners(config, tensors, len(observed)))
-        community = config.get("communities")
-        if community:
-            community = dict(community, centroids=tensors.get("community_centroids", np.empty((0, self.dim))))
-            self.global_memory.load_community_state(community)
-
-
-_INIT_KEYS = (
-    "scorer",
-    "gate",
-    "gate_quantile",
-    "use_global",
-    "global_scope",
-    "min_community_users",
-    "min_contributors",
-    "match_threshold",
-    "max_matches",
-    "exact_match_below",
-    "n_communities",
-    "capacity",
-    "dedup_threshold",
-    "buffer_size",
-    "bm25_idf",
-    "max_text_chars",
-    "share_by_default",
-    "hnsw_M",
-    "hnsw_ef_construction",
-    "hnsw_ef",
-    "exact_below",
-    "seed",
-)
+            kwargs.pop(key, None)  # the folder is already resolved
+        return load_memory(cls, Path(model_id), **kwargs)
 
 
 # Every LoGoMemory class by qualified name: a composite folder's manifest names the memory's class and the loader

@@ -14,6 +14,7 @@ import numpy as np
 
 from ..persistence.registry import ClassRegistry
 from ..records import MediatedContext, RetrievedItem
+from ..utils.validation import check_float
 
 
 class Mediator:
@@ -50,10 +51,8 @@ class Mediator:
         global_weight: float = 0.25,
     ):
         for name, value in (("local_weight", local_weight), ("global_weight", global_weight)):
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"`{name}` must be in [0, 1], got {value}.")
-        if kappa <= 0:
-            raise ValueError(f"`kappa` must be > 0, got {kappa}.")
+            check_float(value, name, minimum=0.0, maximum=1.0)
+        check_float(kappa, "kappa", minimum=0.0, min_inclusive=False)
         self.kappa = kappa
         self.min_local_items = min_local_items
         self.strong_local_items = strong_local_items
@@ -182,14 +181,10 @@ class CalibratedMediator(Mediator):
         bad = any(isinstance(e, bool) or not isinstance(e, (int, np.integer)) or e < 1 for e in edges)
         if not edges or bad or any(b <= a for a, b in zip(edges, edges[1:], strict=False)):
             raise ValueError(f"`count_edges` must be increasing positive ints, got {count_edges!r}.")
-        if (
-            isinstance(agreement_threshold, bool)
-            or not isinstance(agreement_threshold, (int, float))
-            or not (-1.0 <= agreement_threshold <= 1.0)
-        ):
-            raise ValueError(f"`agreement_threshold` must be a cosine in [-1, 1], got {agreement_threshold!r}.")
         self.count_edges = [int(e) for e in edges]
-        self.agreement_threshold = float(agreement_threshold)
+        self.agreement_threshold = check_float(
+            agreement_threshold, "agreement_threshold", minimum=-1.0, maximum=1.0, hint="a cosine"
+        )
         self.rules: dict[str, list] = {}
         for key, value in (rules or {}).items():
             if not isinstance(key, str) or not _RULE_KEY.fullmatch(key):

@@ -18,6 +18,7 @@ import numpy as np
 from transformers.utils import logging
 
 from ..records import MAX_ID_CHARS, user_bucket
+from ..utils.validation import check_choice, check_int
 from .backends import SCOPES, BackendError
 
 logger = logging.get_logger(__name__)
@@ -105,14 +106,11 @@ class MilvusBackend:
             uri = str(Path(uri).absolute())  # a Milvus Lite file: absolute, so a save names it from anywhere
         if searches is None:
             searches = "process" if lite else "milvus"
-        if searches not in SEARCHES:
-            raise ValueError(f"`searches` must be one of {SEARCHES}, got {searches!r}.")
+        check_choice(searches, "searches", SEARCHES)
         if not isinstance(collection, str) or not collection.replace("_", "a").isalnum() or collection[0].isdigit():
             raise ValueError(f"`collection` must be letters, digits and '_' (not first a digit), got {collection!r}.")
-        if isinstance(num_buckets, bool) or not isinstance(num_buckets, int) or not 1 <= num_buckets <= 1024:
-            raise ValueError(f"`num_buckets` must be an int in [1, 1024], got {num_buckets!r}.")
-        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
-            raise ValueError(f"`retries` must be an int >= 0, got {retries!r}.")
+        num_buckets = check_int(num_buckets, "num_buckets", minimum=1, maximum=1024)
+        retries = check_int(retries, "retries", minimum=0)
         self.uri = uri
         self.collection = collection
         self.db_name = db_name
@@ -121,8 +119,7 @@ class MilvusBackend:
             hnsw = {"index_type": "HNSW", "params": {"M": 16, "efConstruction": 200}}
             global_index = hnsw if searches == "milvus" else {"index_type": "FLAT", "params": {}}
         self.global_index = global_index
-        if isinstance(search_ef, bool) or not isinstance(search_ef, int) or search_ef < 1:
-            raise ValueError(f"`search_ef` must be an int >= 1, got {search_ef!r}.")
+        search_ef = check_int(search_ef, "search_ef", minimum=1)
         self.timeout, self.retries, self.backoff = float(timeout), retries, float(backoff)
         self.search_ef = search_ef
         self._searches = searches

@@ -3,36 +3,31 @@ closely matching content, so what the global memory hands out is a shared intere
 
 from __future__ import annotations
 
-import numpy as np
+from ..utils.validation import check_float, check_int
 
 DEFAULT_MIN_CONTRIBUTORS = 3
 DEFAULT_MATCH_THRESHOLD = 0.75
 
 
 def check_support_rule(min_contributors, match_threshold, max_matches=None) -> None:
-    """Validates the rule's parameters; the error names the field."""
-    if (
-        isinstance(min_contributors, bool)
-        or not isinstance(min_contributors, (int, np.integer))
-        or min_contributors < 1
-    ):
-        raise ValueError(
-            f"`min_contributors` must be an int >= 1 (distinct users, the author included, whose closely matching "
-            f"content an item needs before it is served; 1 turns the rule off), got {min_contributors!r}."
-        )
-    if (
-        isinstance(match_threshold, bool)
-        or not isinstance(match_threshold, (int, float, np.floating))
-        or not 0.0 < float(match_threshold) <= 1.0
-    ):
-        raise ValueError(
-            f"`match_threshold` must be a cosine in (0, 1] (how close another user's item must be to count as "
-            f"matching content), got {match_threshold!r}."
-        )
-    if max_matches is not None and (
-        isinstance(max_matches, bool) or not isinstance(max_matches, (int, np.integer)) or max_matches < 1
-    ):
-        raise ValueError(f"`max_matches` must be an int >= 1, got {max_matches!r}.")
+    """Validates the rule's parameters (see [`~utils.validation`]: a wrong type is a `TypeError`, a value out of
+    range a `ValueError`, each naming the field)."""
+    check_int(
+        min_contributors,
+        "min_contributors",
+        minimum=1,
+        hint="distinct users, the author included, whose closely matching content an item needs before it is "
+        "served; 1 turns the rule off",
+    )
+    check_float(
+        match_threshold,
+        "match_threshold",
+        minimum=0.0,
+        maximum=1.0,
+        min_inclusive=False,
+        hint="the cosine at which another user's item counts as matching content",
+    )
+    check_int(max_matches, "max_matches", minimum=1, optional=True)
 
 
 class ContributorSupport:

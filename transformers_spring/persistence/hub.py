@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from .atomic import looks_like_repo_id, resolve_saved_directory
@@ -62,3 +62,60 @@ def resolve_folder(
         except (EntryNotFoundError, LocalEntryNotFoundError, HfHubHTTPError, HFValidationError, OSError, ValueError):
             return None  # not a repo of this kind (or unreachable)
     return Path(snapshot_download(path, allow_patterns=list(allow_patterns) if allow_patterns else None, **hub))
+
+
+def push_folder(
+    save: Callable[[Path], object],
+    repo_id: str,
+    *,
+    private: bool | None = True,
+    token: str | bool | None = None,
+    commit_message: str = "Upload with transformers-spring",
+    revision: str | None = None,
+    create_pr: bool = False,
+    ignore_patterns: Sequence[str] | str | None = None,
+    delete_patterns: Sequence[str] | str | None = None,
+) -> object:
+    """The one `push_to_hub` of the library: `save(folder)` writes into a fresh temporary folder, which is uploaded to
+    `repo_id` in one commit (the repo is created if needed). The memory's machine-local ANN cache is never written
+    into the upload, nor uploaded.
+
+    Args:
+        save (`Callable[[Path], object]`): writes the folder (usually the object's `save_pretrained`).
+        repo_id (`str`): the Hub repo.
+        private (`bool`, *optional*, defaults to `True`): whether a new repo is private (adapters and memories are
+            derived from users' text); `None` leaves it to the Hub's default.
+        token, commit_message, revision, create_pr: as for `HfApi.upload_folder`.
+        ignore_patterns (`Sequence[str]` or `str`, *optional*): more files not to upload.
+        delete_patterns (`Sequence[str]` or `str`, *optional*): repo files to delete in the same commit (a state's
+            forgotten users).
+
+    Returns:
+        The `CommitInfo` of the upload.
+    """
+    import tempfile
+
+    from huggingface_hub import HfApi
+
+    from .memory_files import ANN_INDEX_FILE, no_ann_cache
+
+    if not isinstance(repo_id, str) or not repo_id.strip():
+        raise ValueError(f"`repo_id` must be a non-empty Hub repo id, got {repo_id!r}.")
+    ignore = [ignore_patterns] if isinstance(ignore_patterns, str) else list(ignore_patterns or [])
+    delete = [delete_patterns] if isinstance(delete_patterns, str) else list(delete_patterns or [])
+    api = HfApi(token=token)
+    repo = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    with tempfile.TemporaryDirectory(prefix="spring-push-") as tmp:
+        folder = Path(tmp) / "upload"
+        with no_ann_cache():
+            save(folder)
+        return api.upload_folder(
+            repo_id=getattr(repo, "repo_id", repo_id),
+            folder_path=str(folder),
+            commit_message=commit_message,
+            revision=revision,
+            create_pr=create_pr,
+            repo_type="model",
+            ignore_patterns=[*ignore, f"*{ANN_INDEX_FILE}"],
+            **({"delete_patterns": delete} if delete else {}),
+        )

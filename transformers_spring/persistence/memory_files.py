@@ -1,6 +1,7 @@
 """The files of a saved `LoGoMemory`: their names and format version, how they are read, and every check a load
 runs on them before anything is restored (types, ranges, consistency, size limits). `LoGoMemory` snapshots and
-restores its own state; reading, writing and validating its files lives here, with the rest of persistence."""
+restores its own state; reading, writing and validating its files lives here, and how a state becomes these files
+and back in [`~persistence.memory_format`]."""
 
 from __future__ import annotations
 

@@ -19,6 +19,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..utils.validation import check_choice, check_int
+
 SERVING_MANIFEST = "serving_manifest.json"
 SERVING_FORMAT_VERSION = 1
 ADAPTER_CONFIG = "adapter_config.json"
@@ -28,17 +30,16 @@ VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 VLLM_DEFAULT_MAX_LORA_RANK = 16
 # `init_lora_weights` values vLLM serves (the others, PiSSA, OLoRA, CorDA, LoftQ, change the base weights too).
 _VLLM_INIT_WEIGHTS = ("gaussian", "eva", "orthogonal", "mica", "lora_ga")
-# PEFT features vLLM refuses (`PEFTHelper._validate_features`).
+# PEFT features vLLM refuses (the feature validation of its `PEFTHelper`).
 _VLLM_UNSUPPORTED = ("lora_bias", "layer_replication", "alora_invocation_tokens", "use_qalora", "use_bdlora")
 # Model types (`config.model_type`) whose vLLM model class does not support LoRA at all.
 VLLM_NO_LORA_MODEL_TYPES = ("gpt2",)
 
 
 def check_max_lora_rank(max_lora_rank: Any) -> int:
-    """`max_lora_rank` as vLLM would accept it (one of [`VLLM_LORA_RANKS`])."""
-    if isinstance(max_lora_rank, bool) or not isinstance(max_lora_rank, int) or max_lora_rank not in VLLM_LORA_RANKS:
-        raise ValueError(f"`max_lora_rank` must be one of vLLM's values {VLLM_LORA_RANKS}, got {max_lora_rank!r}.")
-    return max_lora_rank
+    """`max_lora_rank` as vLLM would accept it (one of [`VLLM_LORA_RANKS`]): an int (`TypeError` otherwise) that is
+    one of vLLM's values (`ValueError` otherwise)."""
+    return check_choice(check_int(max_lora_rank, "max_lora_rank"), "max_lora_rank", VLLM_LORA_RANKS)
 
 
 def vllm_lora_problems(adapter_dir: str | os.PathLike, max_lora_rank: int = VLLM_DEFAULT_MAX_LORA_RANK) -> list[str]:

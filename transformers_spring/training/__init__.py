@@ -1,5 +1,6 @@
 """SPRInG's parametric half: drift-selective per-user LoRA updates with a residual replay buffer."""
 
+from .adapter_pool import AdapterPool
 from .continual import ContinualPersonalizer
 from .data import EncodedSample, SpringDataCollator, SpringDataset, SpringFormatter
 from .drift import (
@@ -19,6 +20,7 @@ from .spring_config import SpringTrainingArguments
 from .spring_trainer import SpringPeriodOutput, SpringTrainer
 
 __all__ = [
+    "AdapterPool",
     "BaseLogProbCache",
     "ContinualPersonalizer",
     "DriftScores",

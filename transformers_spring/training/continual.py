@@ -1,14 +1,14 @@
-"""`ContinualPersonalizer`: SPRInG updates for many users over time, with bounded resident adapters and persistence."""
+"""`ContinualPersonalizer`: SPRInG updates for many users over time. It coordinates the period trainer
+([`SpringTrainer`]), the bounded adapter pool ([`~training.adapter_pool.AdapterPool`]), the state files
+([`~persistence.continual_state`]), the serving export ([`~persistence.serving_export`]) and the shard merge
+([`~training.sharding.merge_shards`])."""
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
 import shutil
 import tempfile
 import weakref
-from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,29 +16,36 @@ from typing import Any
 import torch
 from transformers.utils import logging
 
+from ..generation.adapters import DEFAULT_ADAPTER_NAME_TEMPLATE, check_adapter_name_template
 from ..generation.config import SPRING_CONFIG_NAME, SpringConfig
-from ..generation.model import ADAPTERS_DIR, load_memory_component, save_spring_files, spring_components
+from ..generation.model import ADAPTERS_DIR, MEMORY_DIR, load_memory_component, save_spring_files, spring_components
 from ..memory import LoGoMemory
 from ..persistence.cards import render_card
+from ..persistence.continual_state import (
+    CACHE_FILE,
+    STATE_FILE,
+    ContinualState,
+    UserState,
+    read_continual_state,
+    read_training_args,
+    write_continual_state,
+    write_training_args,
+)
 from ..persistence.folder import save_folder
-from ..persistence.hub import resolve_folder
-from ..persistence.memory_files import ANN_INDEX_FILE, no_ann_cache
-from ..records import Interaction, check_user_id
-from ..utils.modeling import base_name_or_path, is_peft_model, unwrap_model
-from ..version import __version__
-from .data import coerce_interactions
+from ..persistence.hub import push_folder, resolve_folder
+from ..persistence.serving import check_max_lora_rank
+from ..persistence.serving_export import export_adapters_for_serving
+from ..records import Interaction, check_user_id, coerce_interactions
+from ..utils.modeling import base_name_or_path
+from ..utils.validation import check_int
+from .adapter_pool import AdapterPool
 from .drift import BaseLogProbCache
 from .lora import adapter_name_for, adapter_names
-from .sharding import UserShard
+from .sharding import UserShard, merge_shards
 from .spring_config import SPRING_FIELDS, SpringTrainingArguments
 from .spring_trainer import SpringPeriodOutput, SpringTrainer
 
 logger = logging.get_logger(__name__)
-
-STATE_FILE = "continual_state.json"
-ARGS_FILE = "training_args.json"
-CACHE_FILE = "base_logprobs.json"
-FORMAT_VERSION = 1
 
 
 class ContinualPersonalizer:
@@ -47,26 +54,27 @@ class ContinualPersonalizer:
     per period; it runs a [`SpringTrainer`] (score → select → train → rebuild the buffer) on that user's adapter and
     counts the user's periods (the first call is period 0, which trains on everything).
 
-    All users share one base model; each has a LoRA adapter in it named after the user (the name
-    [`SpringForCausalLM`] routes `personalization=user_id` to). Only `max_resident_adapters` adapters stay loaded
-    (least recently used first out): peft's `add_adapter` and `set_adapter` get slower with every adapter loaded, so
-    the rest are offloaded to disk and loaded back when their user comes again (a bit-exact safetensors round trip).
-    Swapping uses peft's load/delete rather than `hotswap_adapter`, because routing at generation is by adapter name
-    and a hot-swapped slot would keep its old name.
+    All users share one base model; each has a LoRA adapter in it named `adapter_name_for(user_id, template)`, with
+    the template of `spring_config.adapter_name_template` (`"{user_id}"` without a `spring_config`): the name
+    [`SpringForCausalLM`] routes `personalization=user_id` to. The template is saved with the state. Only
+    `max_resident_adapters` adapters stay loaded (least recently used first out, see
+    [`~training.adapter_pool.AdapterPool`], `personalizer.adapter_pool`); the rest are offloaded to disk and loaded
+    back when their user comes again (a bit-exact safetensors round trip).
 
     Everything is saved by [`~ContinualPersonalizer.save_pretrained`] (atomically) and resumed by
     [`~ContinualPersonalizer.from_pretrained`]:
 
     ```
-    <dir>/adapters/<user>/adapter_config.json, adapter_model.safetensors   # peft multi-adapter layout
+    <dir>/adapters/<adapter>/adapter_config.json, adapter_model.safetensors  # peft multi-adapter layout
     <dir>/memory/                                                          # LoGoMemory with the residual buffers
-    <dir>/continual_state.json                                             # users, adapter names, period counters
+    <dir>/continual_state.json                                             # users, adapters, naming template
     <dir>/training_args.json, base_logprobs.json, spring_config.json, README.md, tokenizer files
     ```
 
     The directory is also a [`SpringForCausalLM`] checkpoint (`SpringForCausalLM.from_pretrained(dir)` loads every
     adapter and the memory), and one user's adapter loads with
-    `PeftModel.from_pretrained(base, f"{dir}/adapters", subfolder=user, adapter_name=user)`.
+    `PeftModel.from_pretrained(base, f"{dir}/adapters", subfolder=name, adapter_name=name)`, where `name` is
+    `personalizer.adapter_name(user)`.
 
     Args:
         model (`PreTrainedModel` or `PeftModel`):
@@ -80,7 +88,8 @@ class ContinualPersonalizer:
             Holds the residual buffers. Defaults to a `LoGoMemory(scorer="bm25", gate=None,
             buffer_size=args.buffer_size)` (SPRInG retrieves from the buffer with BM25) with the default encoder.
         spring_config ([`SpringConfig`], *optional*):
-            Decoding settings used by [`~ContinualPersonalizer.to_spring_model`] and saved with the state.
+            Decoding settings used by [`~ContinualPersonalizer.to_spring_model`] and saved with the state; its
+            `adapter_name_template` names the users' adapters.
         max_resident_adapters (`int`, *optional*, defaults to 8):
             How many user adapters stay loaded in the model.
         offload_dir (`str`, *optional*):
@@ -102,6 +111,7 @@ class ContinualPersonalizer:
     ...     for user, items in period.items():
     ...         personalizer.observe(user, items)
     >>> personalizer.save_pretrained("spring-state")
+    >>> resumed = ContinualPersonalizer.from_pretrained(base_model, "spring-state")  # later, with a fresh base model
     >>> spring = personalizer.to_spring_model()
     >>> spring.generate(**inputs, personalization="alice")
     ```
@@ -127,12 +137,11 @@ class ContinualPersonalizer:
             raise TypeError(f"`model` must be a causal LM (nn.Module), got {type(model).__name__}.")
         if tokenizer is None or not callable(tokenizer):
             raise TypeError(f"`tokenizer` must be a tokenizer, got {type(tokenizer).__name__}.")
-        if isinstance(max_resident_adapters, bool) or not isinstance(max_resident_adapters, int):
-            raise TypeError(f"`max_resident_adapters` must be an int, got {type(max_resident_adapters).__name__}.")
-        if max_resident_adapters < 1:
-            raise ValueError(f"`max_resident_adapters` must be >= 1, got {max_resident_adapters}.")
+        max_resident_adapters = check_int(max_resident_adapters, "max_resident_adapters", minimum=1)
         if spring_config is not None and not isinstance(spring_config, SpringConfig):
             raise TypeError(f"`spring_config` must be a SpringConfig, got {type(spring_config).__name__}.")
+        template = spring_config.adapter_name_template if spring_config is not None else DEFAULT_ADAPTER_NAME_TEMPLATE
+        self._template = check_adapter_name_template(template, "spring_config.adapter_name_template")
         if offload_dir is None:
             self._workdir = Path(tempfile.mkdtemp(prefix="spring-personalizer-"))
             self._cleanup = weakref.finalize(self, shutil.rmtree, str(self._workdir), True)
@@ -145,23 +154,35 @@ class ContinualPersonalizer:
             raise TypeError(f"`args` must be a SpringTrainingArguments, got {type(args).__name__}.")
         if memory is None:
             memory = LoGoMemory(scorer="bm25", gate=None, buffer_size=max(args.buffer_size, 1))
-        self.model = model
+        self.adapter_pool = AdapterPool(model, max_resident_adapters, self._workdir / "offloaded")
         self.tokenizer = tokenizer
         self.args = args
         self.memory = memory
         self.spring_config = spring_config
-        self.max_resident_adapters = max_resident_adapters
         self.callbacks = callbacks
         self.score_cache = score_cache if score_cache is not None else BaseLogProbCache(base_name_or_path(model))
         self.shard = shard
-        self._saved_base_model: str | None = None  # the base model a loaded state says it was trained on
-        self._users: dict[str, dict[str, Any]] = {}
-        self._resident: OrderedDict[str, bool] = OrderedDict()  # adapter name -> changed since last offloaded
-        self._offloaded: dict[str, Path] = {}  # adapter name -> its latest copy on disk
-        self._offload_root = self._workdir / "offloaded"
-        # Adapters a failed first period left behind (peft cannot delete a model's only adapter); they hold their
-        # fresh initial weights again, so the user's next period 0 reuses them.
-        self._orphans: set[str] = set()
+        self.saved_base_model: str | None = None  # the base model a loaded state says it was trained on
+        self._users: dict[str, UserState] = {}
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The shared model (a `PeftModel` once the first user's adapter exists)."""
+        return self.adapter_pool.model
+
+    @model.setter
+    def model(self, model: torch.nn.Module) -> None:
+        self.adapter_pool.model = model
+
+    @property
+    def max_resident_adapters(self) -> int:
+        """How many user adapters stay loaded in the model."""
+        return self.adapter_pool.max_resident
+
+    @property
+    def adapter_name_template(self) -> str:
+        """How a user id becomes an adapter name (`adapter_name_for(user_id, template)`)."""
+        return self._template
 
     # ------------------------------------------------------------------------------------------------ users
     @property
@@ -172,23 +193,53 @@ class ContinualPersonalizer:
     @property
     def resident_users(self) -> list[str]:
         """Users whose adapter is loaded in the model, least recently used first."""
-        by_name = {entry["adapter"]: user for user, entry in self._users.items()}
-        return [by_name[name] for name in self._resident if name in by_name]
+        by_name = {entry.adapter: user for user, entry in self._users.items()}
+        return [by_name[name] for name in self.adapter_pool.resident if name in by_name]
 
     def period(self, user_id: str) -> int:
         """The period index the user's next [`~ContinualPersonalizer.observe`] call will run (0 for a new user)."""
         entry = self._users.get(check_user_id(user_id))
-        return entry["next_period"] if entry else 0
+        return entry.next_period if entry else 0
 
     def adapter_name(self, user_id: str) -> str:
         """The user's adapter name in `model`. Raises `KeyError` for an unknown user."""
-        return self._entry(user_id)["adapter"]
+        return self.user_state(user_id).adapter
 
-    def _entry(self, user_id: str) -> dict[str, Any]:
+    def user_state(self, user_id: str) -> UserState:
+        """The user's saved entry (adapter name, next period, number of observed interactions). Raises `KeyError`
+        for an unknown user."""
         user_id = check_user_id(user_id)
         if user_id not in self._users:
             raise KeyError(f"unknown user {user_id!r}: no period was observed for it (known: {len(self._users)}).")
         return self._users[user_id]
+
+    def add_user(self, user_id: str, state: UserState, adapter_path: str | os.PathLike) -> None:
+        """Adds a user trained elsewhere (a saved state, another worker's shard): their counters and their adapter,
+        copied from the peft folder `adapter_path` and loaded when first needed.
+
+        Args:
+            user_id (`str`): a user this personalizer does not know yet.
+            state ([`~persistence.continual_state.UserState`]): the user's entry; its adapter name must be
+                `adapter_name_for(user_id, self.adapter_name_template)`.
+            adapter_path (`str` or `os.PathLike`): the adapter's folder (`adapter_config.json` and weights).
+
+        Raises:
+            `ValueError`: a known user, another adapter name, no adapter folder, or a model that already holds an
+            adapter of that name.
+        """
+        user_id = check_user_id(user_id)
+        if user_id in self._users:
+            raise ValueError(f"user {user_id!r} is already known.")
+        name = adapter_name_for(user_id, self._template)
+        if state.adapter != name:
+            raise ValueError(f"the adapter of user {user_id!r} is {name!r}, not {state.adapter!r}.")
+        source = Path(adapter_path)
+        if not (source / "adapter_config.json").is_file() or source.is_symlink():
+            raise ValueError(f"user {user_id!r} has no saved adapter ({name!r}) at {source}.")
+        if name in adapter_names(self.model) or name in self.adapter_pool:
+            raise ValueError(f"`model` already has an adapter named {name!r}; pass the plain base model.")
+        self.adapter_pool.add_offloaded(name, source)
+        self._users[user_id] = UserState(name, state.next_period, state.num_observed)
 
     def state_dict(self, user_id: str) -> dict[str, torch.Tensor]:
         """A copy of the user's adapter weights (peft state-dict keys), loading it from disk when offloaded."""
@@ -196,6 +247,12 @@ class ContinualPersonalizer:
 
         name = self.load_user(user_id)
         return {k: v.detach().clone() for k, v in get_peft_model_state_dict(self.model, adapter_name=name).items()}
+
+    def load_user(self, user_id: str) -> str:
+        """Makes the user's adapter resident (loading it from disk if offloaded); returns its name."""
+        name = self.adapter_name(user_id)
+        self.adapter_pool.make_resident(name)
+        return name
 
     # ------------------------------------------------------------------------------------------------ periods
     def observe(
@@ -220,28 +277,28 @@ class ContinualPersonalizer:
         """
         user_id = check_user_id(user_id)
         records = coerce_interactions(interactions, user_id, "interactions")
-        name = adapter_name_for(user_id)
+        name = adapter_name_for(user_id, self._template)
         if self.shard is not None and not self.shard.owns(user_id):
             logger.debug(f"user {user_id!r} belongs to another shard than {self.shard}; not trained here.")
             return SpringPeriodOutput(user_id, self.period(user_id), name, skipped=True)
         entry = self._users.get(user_id)
-        clash = next((u for u, e in self._users.items() if e["adapter"] == name and u != user_id), None)
+        clash = next((u for u, e in self._users.items() if e.adapter == name and u != user_id), None)
         if clash is not None:
             raise ValueError(
                 f"`user_id` {user_id!r} and {clash!r} map to the same adapter name {name!r}; use ids that differ in "
                 "[A-Za-z0-9_-] characters."
             )
-        if entry is None and name in adapter_names(self.model) and name not in self._orphans:
+        if entry is None and name in adapter_names(self.model) and not self.adapter_pool.owns(name):
             raise ValueError(
                 f"the model already has an adapter named {name!r} that this personalizer does not manage; "
                 f"new user {user_id!r} would overwrite it."
             )
-        period = entry["next_period"] if entry else 0
+        period = entry.next_period if entry else 0
         if not records:
             logger.info(f"user {user_id!r}: empty period; nothing to do (next period stays {period}).")
             return SpringPeriodOutput(user_id, period, name, skipped=True)
         if entry is not None:
-            self._make_resident(name)
+            self.adapter_pool.make_resident(name)
         callbacks = list(self.callbacks or []) + list(trainer_kwargs.pop("callbacks", None) or [])
         trainer = SpringTrainer(
             model=self.model,
@@ -261,19 +318,12 @@ class ContinualPersonalizer:
             output = trainer.run_period()
         except BaseException:
             if entry is None and name in adapter_names(trainer.model):
-                self._orphans.add(name)
+                self.adapter_pool.mark_failed(name)
             raise
         finally:
             self.model = trainer.model  # wrapped with peft at the first user
-        self._orphans.discard(name)
-        self._users[user_id] = {
-            "adapter": name,
-            "next_period": period + 1,
-            "num_observed": (entry["num_observed"] if entry else 0) + len(records),
-        }
-        self._resident[name] = True
-        self._resident.move_to_end(name)
-        self._evict(protect=name)
+        self._users[user_id] = UserState(name, period + 1, (entry.num_observed if entry else 0) + len(records))
+        self.adapter_pool.mark_trained(name)
         return output
 
     def forget_user(self, user_id: str) -> bool:
@@ -288,76 +338,36 @@ class ContinualPersonalizer:
         Returns:
             `bool`: whether the user was known (to the personalizer or its memory).
         """
-        from ..utils.compat import erase_adapter
-
         user_id = check_user_id(user_id)
         entry = self._users.pop(user_id, None)
         known = entry is not None
-        name = entry["adapter"] if entry else adapter_name_for(user_id)
-        if entry is not None or name in self._orphans:
-            self._resident.pop(name, None)
-            if is_peft_model(self.model) and not erase_adapter(self.model, name):
-                self._orphans.add(name)  # peft keeps a model's last adapter: zeroed, reused by the next period 0
-            else:
-                self._orphans.discard(name)
-        offloaded = self._offloaded.pop(name, None)
-        if offloaded is not None:
-            shutil.rmtree(offloaded, ignore_errors=True)
+        self.adapter_pool.remove(entry.adapter if entry else adapter_name_for(user_id, self._template))
         self.score_cache.drop_user(user_id)
         forget = getattr(self.memory, "forget_user", None)
         if callable(forget):
             known = bool(forget(user_id)) or known
         return known
 
-    # ------------------------------------------------------------------------------------------------ residency
-    def load_user(self, user_id: str) -> str:
-        """Makes the user's adapter resident (loading it from disk if offloaded); returns its name."""
-        name = self._entry(user_id)["adapter"]
-        self._make_resident(name)
-        return name
-
-    def _make_resident(self, name: str) -> None:
-        if name in self._resident:
-            self._resident.move_to_end(name)
-            return
-        path = self._offloaded.get(name)
-        if path is None:
-            raise KeyError(f"adapter {name!r} is neither loaded nor offloaded.")
-        if is_peft_model(self.model):
-            self.model.load_adapter(str(path), adapter_name=name, is_trainable=True)
-        else:
-            from peft import PeftModel
-
-            self.model = PeftModel.from_pretrained(self.model, str(path), adapter_name=name, is_trainable=True)
-        self.model.set_adapter(name)  # never leave a soon-evicted adapter active
-        self._resident[name] = False
-        self._evict(protect=name)
-
-    def _evict(self, protect: str) -> None:
-        while len(self._resident) > self.max_resident_adapters:
-            victim = next(name for name in self._resident if name != protect)
-            if self._resident[victim] or victim not in self._offloaded:
-                self._offload_root.mkdir(parents=True, exist_ok=True)
-                self.model.save_pretrained(str(self._offload_root), selected_adapters=[victim])
-                self._offloaded[victim] = self._offload_root / victim
-            self.model.delete_adapter(victim)
-            del self._resident[victim]
-            logger.debug(f"offloaded adapter {victim!r} to {self._offloaded[victim]}")
-
     # ------------------------------------------------------------------------------------------------ persistence
-    def _state(self) -> dict[str, Any]:
-        return {
-            "format_version": FORMAT_VERSION,
-            "library": "transformers_spring",
-            "library_version": __version__,
-            "base_model_name_or_path": base_name_or_path(self.model),
-            "max_resident_adapters": self.max_resident_adapters,
-            "spring_args": self.args.spring_dict(),
-            "users": self._users,
-            **({"shard": [self.shard.index, self.shard.count]} if self.shard is not None else {}),
-        }
+    def _state(self) -> ContinualState:
+        return ContinualState(
+            users=dict(self._users),
+            adapter_name_template=self._template,
+            base_model_name_or_path=base_name_or_path(self.model),
+            max_resident_adapters=self.max_resident_adapters,
+            spring_args=self.args.spring_dict(),
+            shard=(self.shard.index, self.shard.count) if self.shard is not None else None,
+        )
 
-    def save_pretrained(self, save_directory: str | os.PathLike, *, save_tokenizer: bool = True) -> None:
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        *,
+        save_tokenizer: bool = True,
+        push_to_hub: bool = False,
+        repo_id: str | None = None,
+        **push_kwargs,
+    ) -> None:
         """Saves every adapter, the memory, the base log-prob cache, the settings and the per-user period counters.
 
         Only the files this state's earlier saves wrote (listed in `spring_manifest.json`) are replaced or removed;
@@ -368,6 +378,10 @@ class ContinualPersonalizer:
         Args:
             save_directory (`str` or `os.PathLike`): the target directory.
             save_tokenizer (`bool`, *optional*, defaults to `True`): also save the tokenizer.
+            push_to_hub (`bool`, *optional*, defaults to `False`): then also upload the state with
+                [`~ContinualPersonalizer.push_to_hub`].
+            repo_id (`str`, *optional*): the Hub repo to push to (default: the name of `save_directory`).
+            push_kwargs: passed to [`~ContinualPersonalizer.push_to_hub`] (`private`, `token`, ...).
         """
         from accelerate import PartialState
 
@@ -381,25 +395,26 @@ class ContinualPersonalizer:
             with save_folder(save_directory, "ContinualPersonalizer", adopt=adopt, components=parts) as tmp:
                 self._write(tmp, save_tokenizer)
         state.wait_for_everyone()
+        if push_to_hub:
+            self.push_to_hub(repo_id or Path(save_directory).name, **push_kwargs)
 
     def _write(self, directory: Path, save_tokenizer: bool) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         adapters = directory / ADAPTERS_DIR
         adapters.mkdir()
-        managed = {entry["adapter"] for entry in self._users.values()}
-        resident = [name for name in self._resident if name in managed]
+        managed = {entry.adapter for entry in self._users.values()}
+        resident = [name for name in self.adapter_pool.resident if name in managed]
         if resident:
             self.model.save_pretrained(str(adapters), selected_adapters=resident)
             (adapters / "README.md").unlink(missing_ok=True)  # the top-level card describes the whole state
         for name in sorted(managed - set(resident)):
-            shutil.copytree(self._offloaded[name], adapters / name)
+            shutil.copytree(self.adapter_pool.path_of(name), adapters / name)
         config, _ = save_spring_files(
             directory, self.spring_config, self.model, self.memory, self.tokenizer if save_tokenizer else None
         )
         self.score_cache.save(directory / CACHE_FILE)
-        # not sort_keys: users stay in first-observed order
-        (directory / STATE_FILE).write_text(json.dumps(self._state(), indent=2), encoding="utf-8")
-        (directory / ARGS_FILE).write_text(json.dumps(_args_diff(self.args), indent=2, sort_keys=True), "utf-8")
+        write_continual_state(directory, self._state())
+        write_training_args(directory, self.args)
         base = config.base_model_name_or_path
         (directory / "README.md").write_text(
             render_card(
@@ -412,83 +427,106 @@ class ContinualPersonalizer:
         self,
         repo_id: str,
         *,
-        private: bool = True,
-        token: str | None = None,
+        private: bool | None = True,
+        token: str | bool | None = None,
         commit_message: str = "Upload SPRInG personalization state",
         revision: str | None = None,
         create_pr: bool = False,
-    ):
-        """Saves to a temporary directory and uploads it to `repo_id` in one commit (the repo is created if needed,
-        private by default: adapters and buffers are derived from users' text).
+    ) -> Any:
+        """Saves the state ([`~ContinualPersonalizer.save_pretrained`]) into a temporary folder and uploads it to
+        `repo_id` in one commit (the repo is created if needed). The repo mirrors the state: adapter and memory files
+        of users forgotten since the last push are deleted in the same commit, and the memory's machine-local ANN
+        cache is never uploaded.
+
+        Args:
+            repo_id (`str`): the Hub repo.
+            private (`bool`, *optional*, defaults to `True`): whether a new repo is private (adapters and buffers are
+                derived from users' text); `None` leaves it to the Hub's default.
+            token (`str` or `bool`, *optional*): the Hub token.
+            commit_message (`str`, *optional*, defaults to `"Upload SPRInG personalization state"`): the commit
+                message.
+            revision (`str`, *optional*): the branch to push to.
+            create_pr (`bool`, *optional*, defaults to `False`): open a pull request instead of committing.
 
         Returns:
             The `CommitInfo` of the upload.
         """
-        from huggingface_hub import HfApi
-
-        api = HfApi(token=token)
-        repo = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        with tempfile.TemporaryDirectory() as tmp:
-            folder = Path(tmp) / "state"
-            with no_ann_cache():  # the memory's machine-local ANN cache is never uploaded
-                self.save_pretrained(folder)
-            return api.upload_folder(
-                repo_id=getattr(repo, "repo_id", repo_id),
-                folder_path=str(folder),
-                commit_message=commit_message,
-                revision=revision,
-                create_pr=create_pr,
-                repo_type="model",
-                # The repo mirrors the state: adapters and memory files of users forgotten since the last push go.
-                delete_patterns=[f"{ADAPTERS_DIR}/**", "memory/**"],
-                ignore_patterns=[f"*{ANN_INDEX_FILE}"],  # the memory's machine-local ANN cache is never uploaded
-            )
+        return push_folder(
+            self.save_pretrained,
+            repo_id,
+            private=private,
+            token=token,
+            commit_message=commit_message,
+            revision=revision,
+            create_pr=create_pr,
+            delete_patterns=[f"{ADAPTERS_DIR}/**", f"{MEMORY_DIR}/**"],
+        )
 
     @classmethod
     def from_pretrained(
         cls,
-        pretrained_name_or_path: str | os.PathLike,
         model: torch.nn.Module,
+        pretrained_model_name_or_path: str | os.PathLike,
         tokenizer: Any = None,
         args: SpringTrainingArguments | None = None,
         memory: Any = None,
         *,
-        memory_kwargs: dict | None = None,
         revision: str | None = None,
         token: str | bool | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        local_files_only: bool = False,
+        force_download: bool = False,
+        memory_kwargs: dict | None = None,
         **kwargs,
     ) -> ContinualPersonalizer:
-        """Resumes from a directory (or Hub repo) written by [`~ContinualPersonalizer.save_pretrained`].
+        """Resumes from a directory (or Hub repo) written by [`~ContinualPersonalizer.save_pretrained`]; the model
+        comes first, as in peft's `PeftModel.from_pretrained(model, model_id)`.
 
         Adapters are loaded lazily: they are copied to the offload directory and loaded into `model` when their user
         is observed again (or by [`~ContinualPersonalizer.load_user`]).
 
         Args:
-            pretrained_name_or_path (`str` or `os.PathLike`): a saved directory or a Hub repo id.
             model (`PreTrainedModel`): the same base model the state was trained on (without the saved adapters).
+            pretrained_model_name_or_path (`str` or `os.PathLike`): a saved directory or a Hub repo id.
             tokenizer (*optional*): defaults to the saved tokenizer.
             args ([`SpringTrainingArguments`], *optional*): defaults to the saved ones (training settings included).
-            memory (*optional*): defaults to the saved `LoGoMemory` (pass `memory_kwargs={"encoder": ...}` for a
-                memory saved with a custom encoder).
-            revision, token: Hub options.
-            kwargs: passed to the constructor (`max_resident_adapters`, `offload_dir`, `callbacks`, ...).
+            memory (*optional*): defaults to the saved `LoGoMemory`.
+            revision (`str`, *optional*): the revision of the Hub repo.
+            token (`str` or `bool`, *optional*): the Hub token.
+            cache_dir (`str` or `os.PathLike`, *optional*): the Hub cache.
+            local_files_only (`bool`, *optional*, defaults to `False`): only read the Hub cache.
+            force_download (`bool`, *optional*, defaults to `False`): download again even when cached.
+            memory_kwargs (`dict`, *optional*): passed to the memory's load (e.g. `{"encoder": ...}` for a memory
+                saved with a custom encoder).
+            kwargs: passed to the constructor (`max_resident_adapters`, `offload_dir`, `callbacks`, `spring_config`,
+                ...).
+
+        Raises:
+            `ValueError`: an invalid state file, or a `spring_config` whose `adapter_name_template` is not the one
+            the state's adapters were named with.
         """
-        directory = resolve_folder(
-            pretrained_name_or_path, marker=STATE_FILE, kind="ContinualPersonalizer", revision=revision, token=token
-        )
-        state = json.loads((directory / STATE_FILE).read_text(encoding="utf-8"))
-        if state.get("format_version") != FORMAT_VERSION:
-            raise ValueError(
-                f"{STATE_FILE} in {directory} has format_version {state.get('format_version')!r}; this version reads "
-                f"{FORMAT_VERSION}."
+        if isinstance(model, (str, os.PathLike)) and isinstance(pretrained_model_name_or_path, torch.nn.Module):
+            # The (path, model) order of earlier releases, accepted for one more release.
+            logger.warning(
+                "ContinualPersonalizer.from_pretrained(path, model) is deprecated and will stop working in the next "
+                "release: pass the model first, from_pretrained(model, path), as in peft's PeftModel.from_pretrained."
             )
-        users = state.get("users")
-        if not isinstance(users, dict):
-            raise ValueError(f"{STATE_FILE} in {directory} is missing the field 'users'.")
+            model, pretrained_model_name_or_path = pretrained_model_name_or_path, model
+        directory = resolve_folder(
+            pretrained_model_name_or_path,
+            marker=STATE_FILE,
+            kind="ContinualPersonalizer",
+            revision=revision,
+            token=token,
+            cache_dir=cache_dir,
+            force_download=force_download,
+            local_files_only=local_files_only,
+        )
+        state = read_continual_state(directory)  # every name that becomes a path is checked before any copy
         if args is None:
-            args = _args_from_diff(json.loads((directory / ARGS_FILE).read_text(encoding="utf-8")))
+            args = read_training_args(directory, SpringTrainingArguments)
         else:
-            saved = state.get("spring_args", {})
+            saved = state.spring_args
             changed = {
                 k: (saved[k], getattr(args, k)) for k in SPRING_FIELDS if k in saved and saved[k] != getattr(args, k)
             }
@@ -503,35 +541,27 @@ class ContinualPersonalizer:
         spring_config = kwargs.pop("spring_config", None)
         if spring_config is None and (directory / SPRING_CONFIG_NAME).is_file():
             spring_config = SpringConfig.from_pretrained(directory)
+        if spring_config is None and state.adapter_name_template != DEFAULT_ADAPTER_NAME_TEMPLATE:
+            spring_config = SpringConfig(adapter_name_template=state.adapter_name_template)
+        given = spring_config.adapter_name_template if spring_config is not None else DEFAULT_ADAPTER_NAME_TEMPLATE
+        if given != state.adapter_name_template:
+            raise ValueError(
+                f"`spring_config.adapter_name_template` is {given!r}, but the adapters in {directory} are named "
+                f"with {state.adapter_name_template!r}."
+            )
         cache = None
         if (directory / CACHE_FILE).is_file():
             cache = BaseLogProbCache.load(directory / CACHE_FILE, model_name=base_name_or_path(model))
-        kwargs.setdefault("max_resident_adapters", state.get("max_resident_adapters", 8))
-        if "shard" in state and "shard" not in kwargs:  # a worker's save resumes as that worker
-            shard = state["shard"]
-            if not (isinstance(shard, list) and len(shard) == 2):
-                raise ValueError(f"{STATE_FILE} in {directory}: field 'shard' must be [index, count], got {shard!r}.")
+        kwargs.setdefault("max_resident_adapters", state.max_resident_adapters or 8)
+        if state.shard is not None and "shard" not in kwargs:  # a worker's save resumes as that worker
             try:
-                kwargs["shard"] = UserShard(*shard)
+                kwargs["shard"] = UserShard(*state.shard)
             except (TypeError, ValueError) as err:
                 raise ValueError(f"{STATE_FILE} in {directory}: field 'shard': {err}") from None
         personalizer = cls(model, tokenizer, args, memory, spring_config=spring_config, score_cache=cache, **kwargs)
-        personalizer._saved_base_model = state.get("base_model_name_or_path")
-        present = set(adapter_names(model))
-        root = personalizer._offload_root
-        root.mkdir(parents=True, exist_ok=True)
-        entries = _checked_users(users, directory / STATE_FILE)  # every name that becomes a path, checked first
-        for user_id, entry in entries.items():
-            name = entry["adapter"]
-            source = directory / ADAPTERS_DIR / name
-            if not (source / "adapter_config.json").is_file() or source.is_symlink():
-                raise ValueError(f"{STATE_FILE}: user {user_id!r} has no saved adapter ({name!r}) in {directory}.")
-            if name in present:
-                raise ValueError(f"`model` already has an adapter named {name!r}; pass the plain base model.")
-            # A private copy: the saved directory may be overwritten later (e.g. by saving back to it).
-            shutil.copytree(source, root / name, dirs_exist_ok=True)
-            personalizer._offloaded[name] = root / name
-            personalizer._users[user_id] = entry
+        personalizer.saved_base_model = state.base_model_name_or_path
+        for user_id, entry in state.users.items():
+            personalizer.add_user(user_id, entry, directory / ADAPTERS_DIR / entry.adapter)
         return personalizer
 
     def export_for_serving(
@@ -567,65 +597,19 @@ class ContinualPersonalizer:
         left are listed in `retired_lora_int_ids`. A server never serves an old or forgotten user's cached adapter
         under a reused id.
         """
-        import hashlib
-
-        from accelerate import PartialState
-        from peft import get_peft_model_state_dict
-
-        from ..persistence.serving import (
-            ADAPTER_WEIGHTS,
-            VLLM_NO_LORA_MODEL_TYPES,
-            assign_lora_int_ids,
-            check_max_lora_rank,
-            check_vllm_lora,
-            lora_rank,
-            previous_serving_ids,
-            write_adapter_folder,
-            write_serving_manifest,
-        )
-
         max_lora_rank = check_max_lora_rank(max_lora_rank)
         if isinstance(users, str):
             raise TypeError("`users` must be a sequence of user ids, not one string.")
         chosen = list(dict.fromkeys(check_user_id(u) for u in (self.users if users is None else users)))
         names = {user: self.adapter_name(user) for user in chosen}  # KeyError for an unknown user, before writing
-        model_type = getattr(getattr(unwrap_model(self.model), "config", None), "model_type", None)
-        if model_type in VLLM_NO_LORA_MODEL_TYPES:
-            logger.warning(
-                f"vLLM's {model_type} model class does not support LoRA: these adapters load with peft, S-LoRA or "
-                "LoRAX, but not in vLLM."
-            )
-        manifest: dict[str, Any] = {}
-        state = PartialState()
-        if state.is_main_process:
-            previous = previous_serving_ids(directory)
-            with save_folder(directory, "ServingExport", argument="directory") as tmp:
-                entries = []
-                for user in chosen:
-                    name = names[user]
-                    folder = tmp / name
-                    if name in self._resident:
-                        weights = get_peft_model_state_dict(self.model, adapter_name=name)
-                        write_adapter_folder(folder, self.model.peft_config[name], weights)
-                    else:  # offloaded: the two files peft wrote, copied bit for bit (nothing else, no symlink)
-                        folder.mkdir()
-                        for file in ("adapter_config.json", ADAPTER_WEIGHTS):
-                            source = self._offloaded[name] / file
-                            if source.is_symlink() or not source.is_file():
-                                raise ValueError(f"the offloaded adapter of {user!r} has no regular file {file}.")
-                            shutil.copyfile(source, folder / file)
-                    check_vllm_lora(folder, max_lora_rank)
-                    config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
-                    digest = hashlib.sha256((folder / ADAPTER_WEIGHTS).read_bytes()).hexdigest()
-                    entries.append(
-                        {"user_id": user, "lora_name": name, "path": name, "rank": lora_rank(config), "sha256": digest}
-                    )
-                assign_lora_int_ids(entries, previous)
-                manifest = write_serving_manifest(
-                    tmp, entries, base_name_or_path(self.model), max_lora_rank, retired=previous.retired(entries)
-                )
-        state.wait_for_everyone()
-        return manifest
+        pool = self.adapter_pool
+        return export_adapters_for_serving(
+            directory,
+            self.model,
+            names,
+            lambda name: None if pool.is_resident(name) else pool.path_of(name),
+            max_lora_rank=max_lora_rank,
+        )
 
     @classmethod
     def merge_shards(
@@ -640,7 +624,7 @@ class ContinualPersonalizer:
         """Combines the states that sharded workers saved (each with `shard=`, see [`claim_user_shard`]) into one
         state in `save_directory`, and returns it: every user's adapter (a bit-exact copy), period counters, memory
         records and buffer ([`LoGoMemory.merge`]) and base log-probs. The result is the state a single process that
-        trained every user would have saved.
+        trained every user would have saved. See [`~training.sharding.merge_shards`].
 
         Args:
             shard_directories (`Sequence[str | os.PathLike]`): the workers' saved folders.
@@ -656,59 +640,10 @@ class ContinualPersonalizer:
 
         Raises:
             `ValueError`: a user in two shards; a missing shard (each worker's save records its shard `index` of
-            `count`); shards trained with other SPRInG settings or on another base model; some shards with a memory
-            and some without. Nothing is written then.
+            `count`); shards trained with other SPRInG settings, another adapter-name template or on another base
+            model; some shards with a memory and some without. Nothing is written then.
         """
-        shards = [
-            cls.from_pretrained(directory, model, memory_kwargs=memory_kwargs) for directory in shard_directories
-        ]
-        if not shards:
-            raise ValueError("`shard_directories` is empty.")
-        first = shards[0]
-        recorded = [shard.shard for shard in shards]
-        if any(r is not None for r in recorded):
-            counts = {r.count if r is not None else None for r in recorded}
-            indices = sorted(r.index for r in recorded if r is not None)
-            if len(counts) != 1 or None in counts or indices != list(range(next(iter(counts)))):
-                found = [(r.index, r.count) if r is not None else None for r in recorded]
-                raise ValueError(
-                    f"the shards' saved (index, count) are {found}: pass every worker's folder, each once."
-                )
-        base = base_name_or_path(model)
-        owner: dict[str, int] = {}
-        for i, shard in enumerate(shards):
-            if shard.args.spring_dict() != first.args.spring_dict():
-                raise ValueError(f"shard {i} ({shard_directories[i]}) was trained with other SPRInG settings.")
-            saved = shard._saved_base_model
-            if saved and base and saved != base:
-                raise ValueError(f"shard {i} ({shard_directories[i]}) was trained on {saved!r}, not on {base!r}.")
-            for user in shard.users:
-                if user in owner:
-                    raise ValueError(
-                        f"user {user!r} is in shard {owner[user]} and shard {i}; shards must be disjoint."
-                    )
-                owner[user] = i
-        memories = [s.memory for s in shards]
-        if any(m is None for m in memories) and any(m is not None for m in memories):
-            raise ValueError("some shards have a memory and some do not; their buffers cannot be merged.")
-        memory = LoGoMemory.merge(memories) if memories[0] is not None else None
-        cache = BaseLogProbCache(first.score_cache.model_name)
-        for shard in shards:
-            for key in shard.score_cache.keys():
-                cache.put(key, shard.score_cache.get(key))
-        kwargs.setdefault("max_resident_adapters", first.max_resident_adapters)
-        merged = cls(
-            model, first.tokenizer, first.args, memory, spring_config=first.spring_config, score_cache=cache, **kwargs
-        )
-        root = merged._offload_root
-        root.mkdir(parents=True, exist_ok=True)
-        for shard in shards:
-            for user, entry in shard._users.items():
-                shutil.copytree(shard._offloaded[entry["adapter"]], root / entry["adapter"], dirs_exist_ok=True)
-                merged._offloaded[entry["adapter"]] = root / entry["adapter"]
-                merged._users[user] = dict(entry)
-        merged.save_pretrained(save_directory)
-        return merged
+        return merge_shards(cls, shard_directories, save_directory, model, memory_kwargs=memory_kwargs, **kwargs)
 
     # ------------------------------------------------------------------------------------------------ inference
     def to_spring_model(self, spring_config: SpringConfig | None = None, users: Sequence[str] | None = None):
@@ -716,16 +651,28 @@ class ContinualPersonalizer:
 
         Args:
             spring_config ([`SpringConfig`], *optional*): decoding settings (default: the personalizer's, else the
-                paper's).
+                paper's with the personalizer's `adapter_name_template`). Its `adapter_name_template` must be the
+                personalizer's: with another one no user would reach their adapter.
             users (`Sequence[str]`, *optional*): users whose adapters must be loaded (default: every user when they
                 fit in `max_resident_adapters`, else the resident ones). Users whose adapter is not loaded decode with
                 the base model.
+
+        Raises:
+            `ValueError`: a `spring_config` with another `adapter_name_template`, or more `users` than
+            `max_resident_adapters`.
 
         Note: rows without `personalization` use the model's active adapter (the last one trained or loaded), as
         `PeftModel.generate` does; wrap calls in `model.disable_adapter()` for the plain base model.
         """
         from ..generation import SpringForCausalLM
 
+        config = spring_config or self.spring_config or SpringConfig(adapter_name_template=self._template)
+        if config.adapter_name_template != self._template:
+            raise ValueError(
+                f"`spring_config.adapter_name_template` is {config.adapter_name_template!r}, but this personalizer "
+                f"names its adapters with {self._template!r}; pass a SpringConfig with "
+                f"adapter_name_template={self._template!r}."
+            )
         if users is None:
             users = self.users if len(self._users) <= self.max_resident_adapters else []
             if len(self._users) > self.max_resident_adapters:
@@ -740,65 +687,4 @@ class ContinualPersonalizer:
         for user in users:
             self.load_user(user)
         self.model.eval()
-        config = spring_config or self.spring_config or SpringConfig()
         return SpringForCausalLM(self.model, memory=self.memory, config=config, tokenizer=self.tokenizer)
-
-
-# ---------------------------------------------------------------------------------------------------- helpers
-def _checked_users(users: dict, path: Path) -> dict[str, dict[str, Any]]:
-    """`continual_state.json`'s `users`, validated: real user ids, each with the adapter name the library derives
-    from it (a name from a file becomes a path, so `"../../x"` is refused), and non-negative int counters."""
-    checked = {}
-    for user_id, entry in users.items():
-        try:
-            user_id = check_user_id(user_id)
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"{path}: field 'users' holds an invalid user id: {err}") from None
-        if not isinstance(entry, dict):
-            raise ValueError(f"{path}: field 'users.{user_id}' must be an object, got {type(entry).__name__}.")
-        name = entry.get("adapter")
-        if name != adapter_name_for(user_id):
-            raise ValueError(
-                f"{path}: field 'users.{user_id}.adapter' is {name!r}, but the adapter of user {user_id!r} is "
-                f"{adapter_name_for(user_id)!r}."
-            )
-        counters = {}
-        for key in ("next_period", "num_observed"):
-            value = entry.get(key, 0 if key == "num_observed" else None)
-            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**31:
-                raise ValueError(f"{path}: field 'users.{user_id}.{key}' must be a non-negative int, got {value!r}.")
-            counters[key] = value
-        checked[user_id] = {"adapter": name, **counters}
-    return checked
-
-
-_SECRET_FIELDS = ("hub_token", "push_to_hub_token")
-
-
-def _args_diff(args: SpringTrainingArguments) -> dict[str, Any]:
-    """The fields of `args` that differ from their declared defaults (secrets excluded). The defaults are read from
-    the dataclass fields: building a second `TrainingArguments` would re-initialise accelerate's process state, which
-    breaks a distributed run."""
-    current = args.to_dict()
-    diff = {}
-    for f in dataclasses.fields(SpringTrainingArguments):
-        if not f.init or f.name in _SECRET_FIELDS or f.name not in current:
-            continue
-        if f.default is not dataclasses.MISSING:
-            default = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            default = f.default_factory()
-        else:
-            default = dataclasses.MISSING
-        default = getattr(default, "value", default)  # enums are saved as their values
-        if current[f.name] != default or f.name == "output_dir":
-            diff[f.name] = current[f.name]
-    return diff
-
-
-def _args_from_diff(data: dict[str, Any]) -> SpringTrainingArguments:
-    init_fields = {f.name for f in dataclasses.fields(SpringTrainingArguments) if f.init}
-    unknown = sorted(set(data) - init_fields)
-    if unknown:
-        logger.warning(f"{ARGS_FILE}: ignoring unknown field(s) {unknown}.")
-    return SpringTrainingArguments(**{k: v for k, v in data.items() if k in init_fields})

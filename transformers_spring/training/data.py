@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,6 +12,7 @@ import torch
 from transformers.utils import logging
 
 from ..records import Interaction
+from ..utils.modeling import pad_token_id
 
 logger = logging.get_logger(__name__)
 
@@ -49,44 +50,6 @@ class EncodedSample:
         digest.update(b"|")
         digest.update(",".join(map(str, self.input_ids)).encode())
         return f"{self.user_id}\x1f{self.id}\x1f{digest.hexdigest()[:32]}"
-
-
-def coerce_interactions(
-    interactions: Any, user_id: str | None = None, name: str = "interactions"
-) -> list[Interaction]:
-    """Validates a period's samples: a sequence of [`Interaction`] (or dicts with `user_id`, `prompt`, `response`),
-    each belonging to `user_id` when given, with unique ids.
-
-    Raises:
-        `TypeError` / `ValueError` naming the offending field.
-    """
-    if interactions is None:
-        raise TypeError(f"`{name}` is None; expected a list of Interaction (an empty list is a no-op).")
-    if isinstance(interactions, (str, bytes, dict, Interaction)) or not isinstance(interactions, Iterable):
-        raise TypeError(f"`{name}` must be a list of Interaction or dicts, got {type(interactions).__name__}.")
-    records: list[Interaction] = []
-    for index, item in enumerate(interactions):
-        if isinstance(item, dict):
-            try:
-                item = Interaction.from_dict(item)
-            except (TypeError, ValueError) as err:
-                raise type(err)(f"`{name}[{index}]`: {err}") from err
-        elif not isinstance(item, Interaction):
-            raise TypeError(f"`{name}[{index}]` must be an Interaction or a dict, got {type(item).__name__}.")
-        for field_name in ("prompt", "response"):
-            value = getattr(item, field_name)
-            if not isinstance(value, str) or not value.strip():
-                raise ValueError(f"`{name}[{index}].{field_name}` must be a non-empty str, got {value!r}.")
-        if user_id is not None and item.user_id != user_id:
-            raise ValueError(
-                f"`{name}[{index}].user_id` is {item.user_id!r}, but this update is for user {user_id!r}."
-            )
-        records.append(item)
-    ids = [item.id for item in records]
-    if len(set(ids)) != len(ids):
-        repeated = sorted({i for i in ids if ids.count(i) > 1})
-        raise ValueError(f"`{name}` has repeated `id` values {repeated[:5]}; ids must be unique within a period.")
-    return records
 
 
 class SpringFormatter:
@@ -137,11 +100,7 @@ class SpringFormatter:
 
     @property
     def pad_token_id(self) -> int:
-        tok = self.tokenizer
-        for value in (tok.pad_token_id, tok.eos_token_id):
-            if value is not None:
-                return int(value)
-        return 0  # masked out anyway
+        return pad_token_id(self.tokenizer.pad_token_id, self.tokenizer.eos_token_id, default=0)  # 0: masked out
 
     def _messages(self, interaction: Interaction) -> list[dict]:
         content = self.prompt_template.format(prompt=interaction.prompt, user_id=interaction.user_id)

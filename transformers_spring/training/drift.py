@@ -29,6 +29,7 @@ from ..utils.compat import (
     supports_logits_to_keep_mask,
 )
 from ..utils.ranking import top_k_indices
+from ..utils.validation import check_int
 from .data import EncodedSample, SpringDataCollator, SpringDataset, label_targets
 
 logger = logging.get_logger(__name__)
@@ -115,7 +116,7 @@ class BaseLogProbCache:
             )
             return cache
         for key, (total, count) in data.get("entries", {}).items():
-            cache._values[key] = LogProb(float(total), int(count))
+            cache.put(key, LogProb(float(total), int(count)))
         return cache
 
     def save(self, path: str | os.PathLike) -> None:
@@ -244,8 +245,7 @@ def compute_logprobs(
     Returns:
         `list[LogProb]`, one per sample, in order.
     """
-    if batch_size < 1:
-        raise ValueError(f"`batch_size` must be >= 1, got {batch_size}.")
+    batch_size = check_int(batch_size, "batch_size", minimum=1)
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     n = len(samples)
     totals = torch.zeros(n, dtype=torch.float64)

@@ -7,10 +7,17 @@ then combines the shards into one state, identical to a 1-process run (see
 from __future__ import annotations
 
 import os
-from collections.abc import MutableMapping
+from collections.abc import MutableMapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from ..records import check_user_id, user_bucket
+from ..utils.validation import check_int
+
+if TYPE_CHECKING:
+    import torch
+
+    from .continual import ContinualPersonalizer
 
 # What `accelerate launch` / torchrun set so that processes form one process group. A sharded worker removes them
 # before transformers or accelerate read them, so that each worker trains alone.
@@ -33,9 +40,7 @@ def shard_of(user_id: str, num_shards: int) -> int:
     """The shard of a user: its [`~records.user_bucket`] among `num_shards`. Stable across processes, machines
     and Python versions (unlike `hash()`), and independent of which other users exist."""
     user_id = check_user_id(user_id)
-    if isinstance(num_shards, bool) or not isinstance(num_shards, int) or num_shards < 1:
-        raise ValueError(f"`num_shards` must be an int >= 1, got {num_shards!r}.")
-    return user_bucket(user_id, num_shards)
+    return user_bucket(user_id, check_int(num_shards, "num_shards", minimum=1))
 
 
 @dataclass(frozen=True)
@@ -52,9 +57,7 @@ class UserShard:
 
     def __post_init__(self):
         for name in ("index", "count"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"`{name}` must be an int, got {value!r}.")
+            check_int(getattr(self, name), name)
         if self.count < 1 or not 0 <= self.index < self.count:
             raise ValueError(f"a shard needs 0 <= index < count, got index={self.index}, count={self.count}.")
 
@@ -99,3 +102,73 @@ def claim_user_shard(environ: MutableMapping[str, str] | None = None) -> UserSha
     for name in DISTRIBUTED_ENV:
         env.pop(name, None)
     return UserShard(rank, world)
+
+
+def merge_shards(
+    personalizer_cls: type[ContinualPersonalizer],
+    shard_directories: Sequence[str | os.PathLike],
+    save_directory: str | os.PathLike,
+    model: torch.nn.Module,
+    *,
+    memory_kwargs: dict | None = None,
+    **kwargs: Any,
+) -> ContinualPersonalizer:
+    """Combines the states that sharded workers saved into one state in `save_directory`, and returns it: the body
+    of [`~ContinualPersonalizer.merge_shards`], which calls it with its own class and documents the other arguments,
+    the result and the errors (nothing is written when the shards do not fit together).
+
+    Args:
+        personalizer_cls (`type[ContinualPersonalizer]`): the class that loads the shards and builds the merge.
+    """
+    from ..memory import LoGoMemory
+    from ..utils.modeling import base_name_or_path
+    from .drift import BaseLogProbCache
+
+    shards = [
+        personalizer_cls.from_pretrained(model, directory, memory_kwargs=memory_kwargs)
+        for directory in shard_directories
+    ]
+    if not shards:
+        raise ValueError("`shard_directories` is empty.")
+    first = shards[0]
+    recorded = [shard.shard for shard in shards]
+    if any(r is not None for r in recorded):
+        counts = {r.count if r is not None else None for r in recorded}
+        indices = sorted(r.index for r in recorded if r is not None)
+        if len(counts) != 1 or None in counts or indices != list(range(next(iter(counts)))):
+            found = [(r.index, r.count) if r is not None else None for r in recorded]
+            raise ValueError(f"the shards' saved (index, count) are {found}: pass every worker's folder, each once.")
+    base = base_name_or_path(model)
+    owner: dict[str, int] = {}
+    for i, shard in enumerate(shards):
+        if shard.args.spring_dict() != first.args.spring_dict():
+            raise ValueError(f"shard {i} ({shard_directories[i]}) was trained with other SPRInG settings.")
+        if shard.adapter_name_template != first.adapter_name_template:
+            raise ValueError(
+                f"shard {i} ({shard_directories[i]}) names adapters with `adapter_name_template` "
+                f"{shard.adapter_name_template!r}, shard 0 with {first.adapter_name_template!r}."
+            )
+        saved = shard.saved_base_model
+        if saved and base and saved != base:
+            raise ValueError(f"shard {i} ({shard_directories[i]}) was trained on {saved!r}, not on {base!r}.")
+        for user in shard.users:
+            if user in owner:
+                raise ValueError(f"user {user!r} is in shard {owner[user]} and shard {i}; shards must be disjoint.")
+            owner[user] = i
+    memories = [s.memory for s in shards]
+    if any(m is None for m in memories) and any(m is not None for m in memories):
+        raise ValueError("some shards have a memory and some do not; their buffers cannot be merged.")
+    memory = LoGoMemory.merge(memories) if memories[0] is not None else None
+    cache = BaseLogProbCache(first.score_cache.model_name)
+    for shard in shards:
+        for key in shard.score_cache.keys():
+            cache.put(key, shard.score_cache.get(key))
+    kwargs.setdefault("max_resident_adapters", first.max_resident_adapters)
+    merged = personalizer_cls(
+        model, first.tokenizer, first.args, memory, spring_config=first.spring_config, score_cache=cache, **kwargs
+    )
+    for shard in shards:
+        for user in shard.users:
+            merged.add_user(user, shard.user_state(user), shard.adapter_pool.path_of(shard.adapter_name(user)))
+    merged.save_pretrained(save_directory)
+    return merged

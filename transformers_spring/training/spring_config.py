@@ -10,6 +10,8 @@ from typing import Any
 from transformers import TrainingArguments
 from transformers.utils import logging
 
+from ..utils.validation import check_choice, check_float, check_int
+
 logger = logging.get_logger(__name__)
 
 SCORE_REDUCTIONS = ("mean", "sum")
@@ -202,19 +204,8 @@ class SpringTrainingArguments(TrainingArguments):
         super().__post_init__()
 
     def _check_spring_fields(self) -> None:
-        for name, kind, valid, requirement in _FIELD_CHECKS:
-            value = getattr(self, name)
-            if kind == "int_or_none" and value is None:
-                continue
-            if kind != "choice":
-                integer = kind != "number"
-                if isinstance(value, bool) or not isinstance(value, (int,) if integer else (int, float)):
-                    article = "an int" if integer else "a number"
-                    raise TypeError(f"`{name}` must be {article}, got {type(value).__name__} ({value!r}).")
-                if not math.isfinite(value):
-                    raise ValueError(f"`{name}` must be finite, got {value}.")
-            if not valid(value):  # repr of an int or float is its str: the number messages read `got 1.5`
-                raise ValueError(f"`{name}` must be {requirement}, got {value!r}.")
+        for name, check, requirement in _FIELD_CHECKS:
+            check(getattr(self, name), name, **requirement)
         targets = self.lora_target_modules
         if isinstance(targets, tuple):
             self.lora_target_modules = targets = list(targets)
@@ -261,18 +252,18 @@ class SpringTrainingArguments(TrainingArguments):
 # The bounded and multiple-choice SPRInG fields, checked in this order: (field, kind, valid, requirement). Kinds
 # "number", "int" and "int_or_none" first raise a TypeError for another type and a ValueError for inf/nan; then an
 # invalid value raises "`<field>` must be <requirement>, got <value>.".
-_FIELD_CHECKS: tuple[tuple[str, str, Callable[[Any], bool], str], ...] = (
-    ("selection_ratio", "number", lambda v: 0.0 < v <= 1.0, "in (0, 1]"),
-    ("drift_alpha", "number", lambda v: v >= 0, ">= 0"),
-    ("score_reduction", "choice", lambda v: v in SCORE_REDUCTIONS, f"one of {SCORE_REDUCTIONS}"),
-    ("buffer_size", "int", lambda v: v >= 0, ">= 0"),
-    ("rescore_buffer", "choice", lambda v: v in RESCORE_MODES, f"one of {RESCORE_MODES}"),
-    ("lora_r", "int", lambda v: v >= 1, ">= 1"),
-    ("lora_alpha", "number", lambda v: v > 0, "> 0"),
-    ("lora_dropout", "number", lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
-    ("max_length", "int", lambda v: v >= 2, ">= 2 (one prompt and one response token)"),
-    ("scoring_batch_size", "int_or_none", lambda v: v >= 1, ">= 1 or None"),
-    ("scoring_dtype", "choice", lambda v: v is None or v in SCORING_DTYPES, f"None or one of {SCORING_DTYPES}"),
+_FIELD_CHECKS: tuple[tuple[str, Callable[..., Any], dict[str, Any]], ...] = (
+    ("selection_ratio", check_float, {"minimum": 0.0, "maximum": 1.0, "min_inclusive": False}),
+    ("drift_alpha", check_float, {"minimum": 0.0}),
+    ("score_reduction", check_choice, {"choices": SCORE_REDUCTIONS}),
+    ("buffer_size", check_int, {"minimum": 0}),
+    ("rescore_buffer", check_choice, {"choices": RESCORE_MODES}),
+    ("lora_r", check_int, {"minimum": 1}),
+    ("lora_alpha", check_float, {"minimum": 0.0, "min_inclusive": False}),
+    ("lora_dropout", check_float, {"minimum": 0.0, "maximum": 1.0, "max_inclusive": False}),
+    ("max_length", check_int, {"minimum": 2, "hint": "one prompt and one response token"}),
+    ("scoring_batch_size", check_int, {"minimum": 1, "optional": True}),
+    ("scoring_dtype", check_choice, {"choices": (None, *SCORING_DTYPES)}),
 )
 
 # The SPRInG-specific fields: those `TrainingArguments` does not have, in declaration order.

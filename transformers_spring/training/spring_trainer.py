@@ -13,14 +13,14 @@ from transformers import Trainer
 from transformers.trainer_utils import TrainOutput
 from transformers.utils import logging
 
-from ..records import BufferStore, Interaction, check_user_id
+from ..records import BufferStore, Interaction, check_user_id, coerce_interactions
 from ..utils.compat import supports_logits_to_keep_mask
+from ..utils.validation import check_int
 from .data import (
     EncodedSample,
     SpringDataCollator,
     SpringDataset,
     SpringFormatter,
-    coerce_interactions,
     label_targets,
 )
 from .drift import (
@@ -178,9 +178,7 @@ class SpringTrainer(Trainer):
         if model is None or not isinstance(model, torch.nn.Module):
             raise TypeError(f"`model` must be a causal LM (nn.Module), got {type(model).__name__}.")
         self.user_id = check_user_id(user_id)
-        if isinstance(period, bool) or not isinstance(period, int) or period < 0:
-            raise ValueError(f"`period` must be an int >= 0, got {period!r}.")
-        self.period = period
+        self.period = check_int(period, "period", minimum=0)
         self.records = coerce_interactions(train_interactions, self.user_id, "train_interactions")
         eval_records = (
             coerce_interactions(eval_interactions, self.user_id, "eval_interactions") if eval_interactions else []

@@ -23,7 +23,7 @@ import transformers
 from packaging import version
 from transformers import GenerationConfig
 
-from .modeling import unwrap_model
+from .modeling import pad_token_id, unwrap_model
 
 TRANSFORMERS_VERSION = version.parse(transformers.__version__)
 
@@ -160,11 +160,8 @@ def pad_token_tensor(generation_config: GenerationConfig, device: torch.device) 
     >= 4.41); falls back to the public `pad_token_id`, then the first EOS."""
     tensor = getattr(generation_config, "_pad_token_tensor", None)
     if tensor is None:
-        for value in (generation_config.pad_token_id, generation_config.eos_token_id):
-            if value is not None:
-                value = value[0] if isinstance(value, (list, tuple)) else value
-                tensor = torch.tensor(int(value))
-                break
+        value = pad_token_id(generation_config.pad_token_id, generation_config.eos_token_id)
+        tensor = None if value is None else torch.tensor(value)
     return None if tensor is None else tensor.to(device)
 
 
@@ -366,3 +363,12 @@ def accelerate_state_initialized() -> bool:
     from accelerate.state import PartialState
 
     return bool(getattr(PartialState, "_shared_state", {}))
+
+
+def parser_action(parser: Any, dest: str) -> Any:
+    """The `argparse.Action` that fills `dest` (argparse keeps them in the private `_actions` list, in every Python
+    version this package supports; `HfArgumentParser` builds them from a dataclass, so there is no public handle)."""
+    for action in parser._actions:
+        if action.dest == dest:
+            return action
+    raise KeyError(f"the parser has no argument for {dest!r}.")

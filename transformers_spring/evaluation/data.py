@@ -1,0 +1,59 @@
+"""What the benchmarks read: the data file in its format, and the users' temporal splits."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..data import read_news_jsonl
+from ..records import Interaction
+from .benchmark_config import BenchmarkArguments
+from .decoding import is_testable
+
+
+def load_interactions(args: BenchmarkArguments) -> list[Interaction]:
+    """Reads `args.data` in its format (see [`BenchmarkArguments.data_format`])."""
+    from ..data import read_interactions_jsonl, read_lamp
+
+    path = Path(args.data)
+    if not path.is_file():
+        raise FileNotFoundError(f"`data` file not found: {path}")
+    fmt = args.data_format
+    if fmt == "auto":
+        if path.suffix == ".json":
+            fmt = "lamp"
+        else:
+            with open(path, encoding="utf-8") as f:
+                first = next((line for line in f if line.strip()), "{}")
+            try:
+                keys = set(json.loads(first))
+            except (json.JSONDecodeError, TypeError) as err:
+                raise ValueError(f"`data` {path}: the first line is not a JSON object ({err}).") from err
+            fmt = "news" if {"headline", "authors"} <= keys else "jsonl"
+    if fmt == "news":
+        return read_news_jsonl(path)
+    if fmt == "jsonl":
+        return read_interactions_jsonl(path)
+    return read_lamp(path, args.lamp_outputs, task=args.lamp_task, include_queries=bool(args.lamp_queries))
+
+
+def benchmark_splits(args: BenchmarkArguments, items: list[Interaction] | None = None) -> dict[str, list]:
+    """Each chosen user's periods (see [`ContinualBenchmark`]'s protocol): the stream (`items`, else read from
+    `args.data`) cut into `num_periods` periods with the latest `test_fraction` of each held out, users picked by
+    `args.user_selection` on their full counts, then capped to their latest `max_items`."""
+    from ..data import group_by_user, select_users, temporal_split
+
+    items = items if items is not None else load_interactions(args)
+    least = 2 * args.num_periods  # the fewest items that give every period a training and a held-out item
+    # A text-only item (a LaMP-7 tweet) has no input of its own: it trains and is history, and is never tested.
+    split = dict(test_fraction=args.test_fraction, testable=is_testable)
+    splits = temporal_split(items, args.num_periods, min_items=max(args.min_items, least), **split)
+    # Users are picked on their full counts (so "stratified" spans heavy and light users), then capped.
+    chosen = select_users(splits, args.users, strategy=args.user_selection, seed=args.seed)
+    if args.max_items:  # each chosen user's most recent N items of the raw stream, split again
+        streams = group_by_user(items)
+        recent = []
+        for user in chosen:
+            recent += sorted(streams[user], key=lambda it: it.timestamp)[-args.max_items :]
+        splits = temporal_split(recent, args.num_periods, min_items=least, **split)
+    return {user: splits[user] for user in chosen}

@@ -1,0 +1,101 @@
+"""Writes per-user adapters as an export folder for a multi-LoRA serving engine (the layout and the vLLM rules are in
+[`~persistence.serving`])."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers.utils import logging
+
+from ..utils.modeling import base_name_or_path, unwrap_model
+from .folder import save_folder
+from .serving import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    VLLM_NO_LORA_MODEL_TYPES,
+    assign_lora_int_ids,
+    check_max_lora_rank,
+    check_vllm_lora,
+    lora_rank,
+    previous_serving_ids,
+    write_adapter_folder,
+    write_serving_manifest,
+)
+
+logger = logging.get_logger(__name__)
+
+
+def export_adapters_for_serving(
+    directory: str | os.PathLike,
+    model: torch.nn.Module,
+    adapters: Mapping[str, str],
+    offloaded_folder: Callable[[str], Path | None],
+    *,
+    max_lora_rank: int,
+) -> dict[str, Any]:
+    """Writes one plain peft folder per user plus `serving_manifest.json`, checking every folder against vLLM's LoRA
+    rules before anything is committed; the save is atomic and keeps files it did not write. Only the main process
+    of a distributed run writes.
+
+    Args:
+        directory (`str` or `os.PathLike`): the export folder.
+        model (`PeftModel`): the model holding the resident adapters.
+        adapters (`Mapping[str, str]`): user id → adapter name, in export order.
+        offloaded_folder (`Callable[[str], Path | None]`): the peft folder of an adapter that is not loaded in
+            `model` (its two files are copied bit for bit), or None for a loaded one (its weights are read from
+            `model`).
+        max_lora_rank (`int`): the server's `--max-lora-rank`.
+
+    Returns:
+        `dict`: the manifest written (empty on the other processes of a distributed run).
+
+    Raises:
+        `ValueError`: an adapter vLLM would refuse (the field is named), or a `max_lora_rank` it does not accept.
+    """
+    from accelerate import PartialState
+    from peft import get_peft_model_state_dict
+
+    max_lora_rank = check_max_lora_rank(max_lora_rank)
+    model_type = getattr(getattr(unwrap_model(model), "config", None), "model_type", None)
+    if model_type in VLLM_NO_LORA_MODEL_TYPES:
+        logger.warning(
+            f"vLLM's {model_type} model class does not support LoRA: these adapters load with peft, S-LoRA or "
+            "LoRAX, but not in vLLM."
+        )
+    manifest: dict[str, Any] = {}
+    state = PartialState()
+    if state.is_main_process:
+        previous = previous_serving_ids(directory)
+        with save_folder(directory, "ServingExport", argument="directory") as tmp:
+            entries = []
+            for user, name in adapters.items():
+                folder = tmp / name
+                source = offloaded_folder(name)
+                if source is None:
+                    weights = get_peft_model_state_dict(model, adapter_name=name)
+                    write_adapter_folder(folder, model.peft_config[name], weights)
+                else:  # the two files peft wrote, copied bit for bit (nothing else, no symlink)
+                    folder.mkdir()
+                    for file in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+                        if (source / file).is_symlink() or not (source / file).is_file():
+                            raise ValueError(f"the offloaded adapter of {user!r} has no regular file {file}.")
+                        shutil.copyfile(source / file, folder / file)
+                check_vllm_lora(folder, max_lora_rank)
+                config = json.loads((folder / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+                digest = hashlib.sha256((folder / ADAPTER_WEIGHTS).read_bytes()).hexdigest()
+                entries.append(
+                    {"user_id": user, "lora_name": name, "path": name, "rank": lora_rank(config), "sha256": digest}
+                )
+            assign_lora_int_ids(entries, previous)
+            manifest = write_serving_manifest(
+                tmp, entries, base_name_or_path(model), max_lora_rank, retired=previous.retired(entries)
+            )
+    state.wait_for_everyone()
+    return manifest
