@@ -106,6 +106,7 @@ def backend(request):
     from transformers_spring.memory import MilvusBackend
 
     uri, made = request.getfixturevalue("milvus_lite_uri"), []
+    request.getfixturevalue("monkeypatch").setenv("SPRING_MILVUS_URI", uri)  # where a load connects: the caller says
 
     def make():
         searches = "process" if kind == "milvus-process" else "milvus"

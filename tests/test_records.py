@@ -29,6 +29,8 @@ def test_defaults_and_text():
         ({"timestamp": math.nan}, "timestamp"),
         ({"timestamp": math.inf}, "timestamp"),
         ({"timestamp": "yesterday"}, "timestamp"),
+        ({"timestamp": 10**400}, "timestamp"),  # (past float's range: an OverflowError before)
+        ({"metadata": {1: "x"}}, "metadata"),  # (JSON would bring it back as "1")
         ({"metadata": {"x": object()}}, "metadata"),
         ({"metadata": "tag"}, "metadata"),
         ({"prompt": "x" * 20_001}, "prompt"),

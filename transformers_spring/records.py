@@ -112,6 +112,24 @@ def user_bucket(user_id: str, num_buckets: int) -> int:
     return int.from_bytes(hashlib.sha256(user_id.encode("utf-8")).digest()[:8], "big") % num_buckets
 
 
+def _check_metadata_keys(metadata: dict) -> None:
+    """Refuses a key that is not a str anywhere in `metadata`: JSON would save `{1: "x"}` as `{"1": "x"}`, so the
+    record would come back from a save and a load with other keys than it was stored with."""
+    stack: list[tuple[str, Any]] = [("metadata", metadata)]
+    while stack:  # (iterative: deep nesting cannot overflow the stack; json.dumps has already refused cycles)
+        path, node = stack.pop()
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if not isinstance(key, str):
+                    raise TypeError(
+                        f"`{path}` has the key {key!r} of type {type(key).__name__}; `metadata` keys must be str "
+                        "(JSON would turn it into a string on save)."
+                    )
+                stack.append((f"{path}[{key!r}]", value))
+        elif isinstance(node, (list, tuple)):
+            stack.extend((f"{path}[{i}]", item) for i, item in enumerate(node))
+
+
 def _freeze(value: Any) -> Any:
     """A read-only deep copy of JSON data: dicts become [`FrozenDict`], lists [`FrozenList`] (equal to the
     originals)."""
@@ -179,7 +197,10 @@ def to_timestamp(value: Any, name: str = "timestamp") -> float:
         except ValueError as err:
             raise ValueError(f"`{name}` {value!r} is not an ISO-8601 date or time.") from err
     if isinstance(value, (int, float, np.integer, np.floating)):
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError:  # (an int past float's range, e.g. 10**400 in a JSON file)
+            raise ValueError(f"`{name}` is too large to be a time.") from None
         if not math.isfinite(value):
             raise ValueError(f"`{name}` must be finite, got {value}.")
         return value
@@ -202,7 +223,8 @@ class Interaction:
         timestamp (`float`, `datetime`, `date` or ISO `str`, *optional*):
             When it happened; stored as POSIX seconds (UTC for naive datetimes). Defaults to now.
         metadata (`dict`, *optional*):
-            Any JSON-serialisable extras (category, link, ...); stored as a read-only copy.
+            Any JSON-serialisable extras (category, link, ...) whose keys, nested ones too, are str (a `TypeError`
+            names any other: JSON would turn it into a string on save); stored as a read-only copy.
         id (`str`, *optional*):
             A stable id (the same rules as `user_id`); a random UUID when not given.
         max_text_chars (`int`, *optional*, defaults to 20000):
@@ -232,8 +254,9 @@ class Interaction:
         if metadata:  # (an empty dict is valid JSON: no need to serialise it)
             try:
                 _utf8("metadata", json.dumps(metadata, allow_nan=False, ensure_ascii=False))
-            except (TypeError, ValueError) as err:
+            except (TypeError, ValueError, RecursionError) as err:
                 raise ValueError(f"`metadata` must be JSON-serialisable as UTF-8: {err}") from err
+            _check_metadata_keys(metadata)
         set_field(self, "metadata", metadata if isinstance(metadata, FrozenDict) else _freeze(metadata))
         set_field(self, "id", uuid.uuid4().hex if self.id is None else check_name(self.id, "id"))
 

@@ -102,10 +102,25 @@ def test_a_save_is_a_manifest_without_token_and_reconnects(make_memory, backend,
     }
     assert all(b"Milvus" not in p.read_bytes() or p.name == "README.md" for p in (tmp_path / "m").iterdir())
     assert not any(b"root:Milvus" in p.read_bytes() for p in (tmp_path / "m").iterdir())
-    memory.add(topical("u9", "rockets", 1))  # written after the save, by the same store: a reconnect sees it
-    loaded = LoGoMemory.from_pretrained(tmp_path / "m")
+    assert "uri" not in config["backend"] and config["backend"]["fingerprint"]["local"]["rows"] == len(memory)
+    store = memory.backend
+    # Rows written after the save load with it: the saved rows are all there (their sampled key hashes too).
+    memory.add(topical("u9", "rockets", 1))
+    loaded = LoGoMemory.from_pretrained(
+        tmp_path / "m", backend=MilvusBackend(store.uri, collection=store.collection, num_buckets=4)
+    )
     assert len(loaded) == len(memory) and "u9" in loaded.users()
     assert loaded._next_label >= memory._next_label  # labels other writers use are never handed out again
+    # Rows of the save deleted since: not the rows the save recorded, refused unless the caller chooses otherwise.
+    memory.forget_user("u0")
+    with pytest.raises(ValueError, match="not the .* rows the save recorded|rows are missing"):
+        LoGoMemory.from_pretrained(
+            tmp_path / "m", backend=MilvusBackend(store.uri, collection=store.collection, num_buckets=4)
+        )
+    # The caller may load what the store holds now (a folder cannot make that choice).
+    again = MilvusBackend(store.uri, collection=store.collection, num_buckets=4, check_fingerprint=False)
+    loaded = LoGoMemory.from_pretrained(tmp_path / "m", backend=again)
+    assert len(loaded) == len(memory) and "u0" not in loaded.users()
 
 
 @on_milvus
@@ -119,13 +134,17 @@ def test_a_tampered_row_is_refused_naming_the_collection(make_memory, backend, t
     store.upsert("local", [row])
     store.flush()
     with pytest.raises(ValueError, match=r"_local: record .* of user 'u1': the stored record names user 'u0'"):
-        LoGoMemory.from_pretrained(tmp_path / "m")
+        LoGoMemory.from_pretrained(
+            tmp_path / "m", backend=MilvusBackend(store.uri, collection=store.collection, num_buckets=4)
+        )
     row["record"] = dict(row["record"], user_id="u1")
     row["vector"] = 2 * row["vector"]
     store.upsert("local", [row])
     store.flush()
     with pytest.raises(ValueError, match="norm 1"):
-        LoGoMemory.from_pretrained(tmp_path / "m")
+        LoGoMemory.from_pretrained(
+            tmp_path / "m", backend=MilvusBackend(store.uri, collection=store.collection, num_buckets=4)
+        )
 
 
 @on_milvus
@@ -138,7 +157,8 @@ def test_forget_user_leaves_no_row(make_memory, backend):
     assert all(row["user_id"] != "u2" for scope in ("local", "global") for row in memory.backend.rows(scope))
 
 
-def test_bad_settings_are_named():
+def test_bad_settings_are_named(monkeypatch):
+    monkeypatch.delenv("SPRING_MILVUS_URI", raising=False)
     for kwargs, field in [
         (dict(uri=""), "uri"),
         (dict(uri="x.db", collection="1bad"), "collection"),
@@ -150,25 +170,27 @@ def test_bad_settings_are_named():
     ]:
         with pytest.raises(ValueError, match=field):
             MilvusBackend(**kwargs)
-    with pytest.raises(ValueError, match="uri"):
-        MilvusBackend.from_manifest({"type": "milvus", "collection": "c"})
+    with pytest.raises(
+        ValueError, match=r"never chooses where to connect: pass `backend=MilvusBackend\(uri, collection='c'"
+    ):
+        MilvusBackend.from_manifest({"type": "milvus", "collection": "c", "uri": "http://elsewhere:19530"})
 
 
 def test_who_answers_searches_defaults_by_uri():
     assert MilvusBackend("x.db").searches == "process" and not MilvusBackend("x.db").serves_searches
     assert MilvusBackend("http://milvus:19530").serves_searches
-    assert MilvusBackend.from_manifest(MilvusBackend("x.db", searches="milvus").manifest()).searches == "milvus"
-    server = MilvusBackend("http://milvus:19530", collection="c", num_buckets=8)
-    again = MilvusBackend.from_manifest(server.manifest())
+    saved = {"type": "milvus", "collection": "c", "num_buckets": 8, "searches": "milvus"}
+    assert MilvusBackend.from_manifest(saved, "/tmp/x.db").searches == "milvus"
+    again = MilvusBackend.from_manifest(saved, "http://milvus:19530")
     assert (again.uri, again.collection, again.num_buckets, again.searches) == (
         "http://milvus:19530",
         "c",
         8,
         "milvus",
     )
-    for uri, want in [("x.db", "process"), ("http://milvus:19530", "milvus")]:  # a manifest written before `searches`
-        old = {k: v for k, v in MilvusBackend(uri).manifest().items() if k != "searches"}
-        assert MilvusBackend.from_manifest(old).searches == want
+    for uri, want in [("/tmp/x.db", "process"), ("http://milvus:19530", "milvus")]:  # saved before `searches`
+        old = {k: v for k, v in saved.items() if k != "searches"}
+        assert MilvusBackend.from_manifest(old, uri).searches == want
     with pytest.raises(AttributeError):  # fixed at construction: a memory builds or skips its index by it
         MilvusBackend("x.db").searches = "milvus"
 
@@ -214,5 +236,7 @@ def test_process_searches_never_call_milvus_and_match_the_default(
     same_answers(memory)
     assert memory.backend.count("local", "u9") == 1 and memory.backend.count("local", "u3") == 0  # Milvus has them
     memory.save_pretrained(tmp_path / "m")
-    same_answers(LoGoMemory.from_pretrained(tmp_path / "m"))  # a load rebuilds the index from Milvus's rows
+    store = memory.backend
+    again = MilvusBackend(store.uri, collection=store.collection, num_buckets=4)  # "process": a file's default
+    same_answers(LoGoMemory.from_pretrained(tmp_path / "m", backend=again))  # the index is rebuilt from Milvus's rows
     assert calls == []

@@ -117,7 +117,7 @@ def _read_rows(path: Path) -> list:
     return [row for _, row in jsonl_rows(text.splitlines(), path)]
 
 
-def _read_outputs(path: Path) -> tuple[str | None, dict[str, str]]:
+def read_outputs(path: Path) -> tuple[str | None, dict[str, str]]:
     try:
         with open(path, encoding="utf-8-sig") as f:
             data = json.load(f)
@@ -231,7 +231,7 @@ def read_lamp(
         outputs_path = Path(outputs_path)
         if not outputs_path.is_file():
             raise FileNotFoundError(f"outputs file not found: {outputs_path}")
-        outputs_task, golds = _read_outputs(outputs_path)
+        outputs_task, golds = read_outputs(outputs_path)
         if outputs_task is not None:
             outputs_task = normalize_task(outputs_task)
             if task is not None and normalize_task(task) != outputs_task:

@@ -79,10 +79,10 @@ def _outputs_task(path: str | None) -> str | None:
     by the reader."""
     if not path:
         return None
-    from ..data.lamp import _read_outputs
+    from ..data.lamp import read_outputs
 
     try:
-        return _read_outputs(Path(path))[0]
+        return read_outputs(Path(path))[0]
     except (OSError, ValueError):
         return None
 

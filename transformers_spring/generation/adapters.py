@@ -4,6 +4,7 @@ row of a batch reaches its adapter (peft's `adapter_names` mechanism, with a mut
 from __future__ import annotations
 
 import re
+import string
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 
@@ -27,14 +28,24 @@ DEFAULT_ADAPTER_NAME_TEMPLATE = "{user_id}"
 
 
 def check_adapter_name_template(template: str, name: str = "adapter_name_template") -> str:
-    """Validates an adapter-name template: a str with exactly the `{user_id}` placeholder."""
-    if not isinstance(template, str) or "{user_id}" not in template:
-        raise ValueError(f"`{name}` must be a str containing '{{user_id}}', got {template!r}.")
+    """Validates an adapter-name template: a short str whose only placeholder is a bare `{user_id}` (no format spec,
+    conversion or attribute access: a template read from a saved state is parsed, never formatted with a huge width),
+    and whose fixed text is in `[A-Za-z0-9_-]`."""
+    if not isinstance(template, str) or len(template) > 256:
+        raise ValueError(
+            f"`{name}` must be a str of at most 256 characters containing '{{user_id}}', got {template!r}."
+        )
     try:
-        rendered = template.format(user_id="u")
-    except (KeyError, IndexError, ValueError) as err:
-        raise ValueError(f"`{name}` {template!r} may use no placeholder but '{{user_id}}': {err}.") from err
-    if rendered != sanitize_adapter_name(rendered):
+        parts = list(string.Formatter().parse(template))
+    except ValueError as err:
+        raise ValueError(f"`{name}` {template!r} is not a valid template: {err}.") from err
+    fields = [(field, spec, conversion) for _, field, spec, conversion in parts if field is not None]
+    if not fields or any(field != "user_id" or spec or conversion for field, spec, conversion in fields):
+        raise ValueError(
+            f"`{name}` must contain '{{user_id}}' and no other placeholder or format spec, got {template!r}."
+        )
+    text = "".join(literal for literal, *_ in parts)
+    if text != sanitize_adapter_name(text):
         raise ValueError(f"`{name}` {template!r} holds characters outside [A-Za-z0-9_-].")
     return template
 

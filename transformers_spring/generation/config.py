@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
+import string
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +23,13 @@ GENERATION_MODES = ("fused", "processor")
 PENALTY_MODES = ("per_path", "mixture")
 CHAT_INSERTION_MODES = ("auto", "prefix")
 RETRIEVAL_REGIONS = ("all", "history", "buffer")
+# Template checks (see `check_format_template`): a template comes from a saved file as often as from code, and
+# `"{prompt:>3000000000}"` would allocate gigabytes each time it is formatted. No real template pads a field wider.
+MAX_TEMPLATE_FIELD_WIDTH = 1000
+# Longer than any real prompt or history template; spares the parse of a hostile megabyte string.
+MAX_TEMPLATE_CHARS = 100_000
+HISTORY_ITEM_FIELDS = ("prompt", "response", "text", "user_id", "source", "score")
+_SPEC_NUMBERS = re.compile(r"\d+")
 
 
 @dataclass
@@ -148,15 +157,8 @@ class SpringConfig:
             self.gate = None
         self.gate = check_gate(self.gate, "gate")
         check_choice(self.retrieval_region, "retrieval_region", RETRIEVAL_REGIONS)
-        if "{history}" not in self.retrieval_template:
-            raise ValueError(f"`retrieval_template` must contain '{{history}}', got {self.retrieval_template!r}.")
-        try:
-            self.history_item_template.format(prompt="", response="", text="", user_id="", source="", score=0.0)
-        except (KeyError, IndexError, ValueError) as err:
-            raise ValueError(
-                f"`history_item_template` {self.history_item_template!r} uses an unknown placeholder: {err}. Allowed: "
-                "{prompt}, {response}, {text}, {user_id}, {source}, {score}."
-            ) from err
+        check_format_template(self.retrieval_template, "retrieval_template", ("history",), required="history")
+        check_format_template(self.history_item_template, "history_item_template", HISTORY_ITEM_FIELDS)
         check_choice(self.chat_insertion, "chat_insertion", CHAT_INSERTION_MODES)
         self.max_history_tokens = check_int(self.max_history_tokens, "max_history_tokens", minimum=1)
         check_choice(self.mode, "mode", GENERATION_MODES)
@@ -190,8 +192,14 @@ class SpringConfig:
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> SpringConfig:
-        with open(path, encoding="utf-8") as handle:
-            return cls.from_dict(json.load(handle))
+        """Reads a config file, refusing one above [`~persistence.json_files.MAX_SPRING_CONFIG_BYTES`] before
+        parsing it (the file may come from a folder someone else wrote)."""
+        from ..persistence.json_files import MAX_SPRING_CONFIG_BYTES, read_json_capped
+
+        data = read_json_capped(path, MAX_SPRING_CONFIG_BYTES)
+        if not isinstance(data, dict):
+            raise ValueError(f"{path} must hold a JSON object.")
+        return cls.from_dict(data)
 
     def save_pretrained(
         self,
@@ -274,6 +282,55 @@ class SpringConfig:
         if not path.is_file():  # a repo without one: the snapshot downloaded nothing
             raise FileNotFoundError(f"no {SPRING_CONFIG_NAME} in {pretrained_model_name_or_path!r}.")
         return cls.from_json_file(path)
+
+
+def check_format_template(template: Any, name: str, allowed: tuple[str, ...], *, required: str | None = None) -> str:
+    """Validates a `str.format` template without formatting it with its real values: it is parsed with
+    `string.Formatter().parse`, and every replacement field must be one of `allowed` by plain name (no positional
+    field, attribute or index access, no `!r`/`!s`/`!a` conversion), with a format spec that holds no nested field
+    and no width or precision above [`MAX_TEMPLATE_FIELD_WIDTH`]. Only then is it formatted once with empty values,
+    which checks each spec against its field's type (`{score:.2f}` fine, `{prompt:d}` not) at a bounded cost.
+
+    Args:
+        template (`str`): the template.
+        name (`str`): its argument name, for error messages.
+        allowed (`tuple[str, ...]`): the placeholder names it may use.
+        required (`str`, *optional*): a placeholder it must use.
+
+    Raises:
+        `ValueError`: naming the argument and the offending field.
+    """
+    if not isinstance(template, str):
+        raise ValueError(f"`{name}` must be a str, got {type(template).__name__}.")
+    if len(template) > MAX_TEMPLATE_CHARS:
+        raise ValueError(f"`{name}` is {len(template)} characters long, above the limit of {MAX_TEMPLATE_CHARS}.")
+    placeholders = ", ".join("{" + a + "}" for a in allowed)
+    hint = f"allowed placeholders: {placeholders}; double literal braces as '{{{{' and '}}}}'"
+    try:
+        fields = [(f, spec, conv) for _, f, spec, conv in string.Formatter().parse(template) if f is not None]
+    except ValueError as err:
+        raise ValueError(f"`{name}` {template!r} is not a valid template ({err}); {hint}.") from None
+    for field_name, spec, conversion in fields:
+        if field_name not in allowed:
+            raise ValueError(f"`{name}` uses the placeholder {{{field_name}}}; {hint}.")
+        if conversion is not None:
+            raise ValueError(f"`{name}`: field {{{field_name}}} uses the conversion '!{conversion}'; none is allowed.")
+        if "{" in spec or "}" in spec:
+            raise ValueError(f"`{name}`: field {{{field_name}}} has a nested field in its format spec {spec!r}.")
+        widest = max((int(n) for n in _SPEC_NUMBERS.findall(spec)), default=0)
+        if widest > MAX_TEMPLATE_FIELD_WIDTH:
+            raise ValueError(
+                f"`{name}`: field {{{field_name}}} has the width or precision {widest} in its format spec {spec!r}, "
+                f"above the limit of {MAX_TEMPLATE_FIELD_WIDTH}."
+            )
+    if required is not None and required not in {f for f, _, _ in fields}:
+        raise ValueError(f"`{name}` must contain '{{{required}}}', got {template!r}.")
+    empty = {field_name: 0.0 if field_name == "score" else "" for field_name in allowed}
+    try:
+        template.format(**empty)
+    except (KeyError, IndexError, ValueError, TypeError) as err:
+        raise ValueError(f"`{name}` {template!r} cannot be formatted ({err!r}); {hint}.") from None
+    return template
 
 
 def check_weight(value: Any, name: str) -> float:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import time
@@ -15,7 +16,7 @@ from transformers import GenerationConfig, LogitsProcessorList
 from transformers.utils import logging
 
 from ..persistence.cards import render_card
-from ..persistence.folder import save_folder
+from ..persistence.folder import reading, save_folder
 from ..persistence.hub import push_folder, resolve_folder
 from ..persistence.spring_folder import (  # the names training/continual.py imports from here too
     ADAPTERS_DIR,
@@ -577,32 +578,35 @@ class SpringForCausalLM(nn.Module):
             pretrained_model_name_or_path, marker=SPRING_CONFIG_NAME, kind="SpringForCausalLM", probe=True,
             revision=revision, **hub,
         )  # fmt: skip
-        if found is not None:
-            config = SpringConfig.from_pretrained(found)
-            base_id = base_override or config.base_model_name_or_path
-            if not base_id:
-                raise ValueError(
-                    f"{SPRING_CONFIG_NAME} in {pretrained_model_name_or_path!r} names no base model; pass "
-                    "`base_model_name_or_path=`."
-                )
-            model = AutoModelForCausalLM.from_pretrained(base_id, **hub, **hf_kwargs)
-            if load_adapters and (found / ADAPTERS_DIR).is_dir():
-                model = load_saved_adapters(model, found / ADAPTERS_DIR, is_trainable)
-            if memory is None and load_memory:
-                memory = load_memory_component(found, memory_kwargs)
-            tokenizer_sources = [str(found), base_id]
-        else:
-            base_id = base_override or str(pretrained_model_name_or_path)
-            hub["revision"] = revision  # the model and its tokenizer come from the repo named
-            model = AutoModelForCausalLM.from_pretrained(base_id, **hub, **hf_kwargs)
-            config = SpringConfig()
-            tokenizer_sources = [base_id]
+        # One version of a saved folder for the whole read: a save of another process waits (persistence/folder.py).
+        with reading(found) if found is not None else contextlib.nullcontext():
+            if found is not None:
+                config = SpringConfig.from_pretrained(found)
+                base_id = base_override or config.base_model_name_or_path
+                if not base_id:
+                    raise ValueError(
+                        f"{SPRING_CONFIG_NAME} in {pretrained_model_name_or_path!r} names no base model; pass "
+                        "`base_model_name_or_path=`."
+                    )
+                model = AutoModelForCausalLM.from_pretrained(base_id, **hub, **hf_kwargs)
+                # `lexists`: a symlinked `adapters` (even a dangling one) is refused by the load, not silently skipped.
+                if load_adapters and os.path.lexists(found / ADAPTERS_DIR):
+                    model = load_saved_adapters(model, found / ADAPTERS_DIR, is_trainable)
+                if memory is None and load_memory:
+                    memory = load_memory_component(found, memory_kwargs)
+                tokenizer_sources = [str(found), base_id]
+            else:
+                base_id = base_override or str(pretrained_model_name_or_path)
+                hub["revision"] = revision  # the model and its tokenizer come from the repo named
+                model = AutoModelForCausalLM.from_pretrained(base_id, **hub, **hf_kwargs)
+                config = SpringConfig()
+                tokenizer_sources = [base_id]
+            if tokenizer is None:
+                tokenizer = load_tokenizer(tokenizer_sources, **hub)
         if spring_config is not None:
             config = copy.deepcopy(spring_config)
         if config.base_model_name_or_path is None:
             config.base_model_name_or_path = base_id
-        if tokenizer is None:
-            tokenizer = load_tokenizer(tokenizer_sources, **hub)
         return cls(model, memory=memory, config=config, tokenizer=tokenizer)
 
 

@@ -6,7 +6,7 @@ an hnswlib index for the global memory), and nothing below runs. An external bac
 [`~memory.milvus.MilvusBackend`]) holds two collections, `"local"` (every history and buffer record, with its record)
 and `"global"` (the shared items, keyed by their global label), serves the memory's dense searches unless it sets
 `serves_searches = False` (then the in-process mirror answers them), and is where a memory saved with it is loaded
-from again. BM25, the relevance gate, the mediator, deduplication, the sharing rule and the buffer logic stay above
+from again, when the caller passes it (a saved folder never names where to connect). BM25, the relevance gate, the mediator, deduplication, the sharing rule and the buffer logic stay above
 it, unchanged.
 """
 
@@ -77,7 +77,9 @@ class VectorBackend(Protocol):
         """Makes every write so far visible to searches on the fast path."""
 
     def manifest(self) -> dict:
-        """What a saved memory records to connect again (never a secret such as a token)."""
+        """What a saved memory records about its rows: where they are inside a store (collection names) and how to
+        recognise them (a fingerprint). Never where to connect (a load connects to the store its caller passes) nor
+        a secret such as a token."""
 
 
 def serves_searches(backend: VectorBackend | None) -> bool:

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from transformers.utils import logging
 
 from ..persistence.cards import render_card
-from ..persistence.folder import save_folder
+from ..persistence.folder import reading, save_folder
 from ..persistence.hub import push_folder, resolve_folder
 from ..persistence.memory_files import CONFIG_FILE, MEMORY_FILES, is_memory_folder
 from ..persistence.memory_format import MemoryState, load_memory, merge_memories, save_memory
@@ -851,15 +851,11 @@ class LoGoMemory(
             revision=revision, token=token, cache_dir=cache_dir, force_download=force_download,
             local_files_only=local_files_only,
         )  # fmt: skip
-        return cls._from_pretrained(
-            model_id=str(directory),
-            revision=revision,
-            cache_dir=cache_dir,
-            force_download=force_download,
-            local_files_only=local_files_only,
-            token=token,
-            **kwargs,
-        )
+        with reading(directory):  # one version for the whole read: a save of another process waits
+            return cls._from_pretrained(
+                model_id=str(directory), revision=revision, cache_dir=cache_dir, force_download=force_download,
+                local_files_only=local_files_only, token=token, **kwargs,
+            )  # fmt: skip
 
     @classmethod
     def _from_pretrained(cls, *, model_id: str, **kwargs) -> LoGoMemory:

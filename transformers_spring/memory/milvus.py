@@ -25,6 +25,7 @@ logger = logging.get_logger(__name__)
 
 REGIONS = ("history", "buffer")
 _TOKEN_ENV = "SPRING_MILVUS_TOKEN"
+URI_ENV = "SPRING_MILVUS_URI"
 SEARCHES = ("process", "milvus")
 
 
@@ -46,6 +47,46 @@ def _literal(value: str) -> str:
 def local_key(user_id: str, region: str, record_id: str) -> str:
     """The primary key of a local row: fixed length, so no id can collide with another or exceed the field."""
     return hashlib.sha256(json.dumps([user_id, region, record_id]).encode("utf-8")).hexdigest()
+
+
+def _is_lite(uri: str) -> bool:
+    return not uri.startswith(("http://", "https://", "tcp://", "unix:"))
+
+
+def uri_hint(uri: str) -> str:
+    """A URI as a save may name it in error messages: without credentials or query (a server URI may carry them)."""
+    if _is_lite(uri):
+        return uri
+    scheme, _, rest = uri.partition("://")
+    host = rest.split("/", 1)[0].rsplit("@", 1)[-1].split("?", 1)[0]
+    return f"{scheme}://{host}"
+
+
+FINGERPRINT_SAMPLE = 64  # saved key hashes that every later state of the store must still hold
+
+
+def _key_hash(key: str) -> str:
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()[:16]
+
+
+def key_fingerprint(keys) -> dict:
+    """How many distinct primary keys a collection holds, a sha256 of them, sorted, and a sample of their hashes (the
+    `FINGERPRINT_SAMPLE` smallest): what a save records so that a load recognises the same rows, notices rows that
+    went missing or a different store, and still accepts rows written after the save (see
+    [`~MilvusBackend.check_saved`])."""
+    keys = sorted({str(k) for k in keys})
+    digest = hashlib.sha256("\n".join(keys).encode("utf-8")).hexdigest()
+    return {"rows": len(keys), "sha256": digest, "sample": sorted(map(_key_hash, keys))[:FINGERPRINT_SAMPLE]}
+
+
+def _holds_saved_rows(saved: dict, keys) -> bool:
+    """Whether a store's keys may be the saved rows plus later writes: at least as many rows, and every sampled
+    key hash of the save still there (a fingerprint without a sample cannot tell: False)."""
+    sample = saved.get("sample")
+    if not isinstance(sample, list):
+        return False
+    hashes = {_key_hash(str(k)) for k in keys}
+    return len(hashes) >= int(saved.get("rows", 0)) and all(isinstance(h, str) and h in hashes for h in sample)
 
 
 class MilvusBackend:
@@ -78,6 +119,9 @@ class MilvusBackend:
         search_ef (`int`, *optional*, defaults to 256): the HNSW beam of a global search (at least 4 × its limit).
         searches (`str`, *optional*): `"process"` (the in-process mirror answers dense searches) or `"milvus"`
             (Milvus answers them); defaults to `"process"` for a Milvus Lite file and `"milvus"` for a server URI.
+        check_fingerprint (`bool`, *optional*, defaults to `True`): when this backend loads a saved memory, refuse a
+            store whose rows are not the ones the save recorded. `False` loads what the store holds now (rows written
+            after the save, or damage: the caller's decision, which a saved folder cannot make).
         timeout (`float`, *optional*, defaults to 10): seconds per call.
         retries (`int`, *optional*, defaults to 4): retries of a failed call, with backoff doubling from `backoff`.
         backoff (`float`, *optional*, defaults to 0.2): the first retry delay, in seconds.
@@ -97,11 +141,14 @@ class MilvusBackend:
         backoff: float = 0.2,
         search_ef: int = 256,
         searches: str | None = None,
+        check_fingerprint: bool = True,
     ):
         if not isinstance(uri, (str, os.PathLike)) or not str(uri):
             raise ValueError(f"`uri` must be a file path or a Milvus server URI, got {uri!r}.")
         uri = str(uri)
-        lite = not uri.startswith(("http://", "https://", "tcp://", "unix:"))
+        lite = _is_lite(uri)
+        # Kept for a load, which refuses it: a relative path names whatever store sits in the working directory.
+        self._relative = lite and not Path(uri).is_absolute()
         if lite:
             uri = str(Path(uri).absolute())  # a Milvus Lite file: absolute, so a save names it from anywhere
         if searches is None:
@@ -127,6 +174,9 @@ class MilvusBackend:
         self._client = None
         self._dim: int | None = None
         self._dirty: set[str] = set()
+        self._lite = lite
+        self.check_fingerprint = bool(check_fingerprint)
+        self._create = True  # False while a load opens the store: it never creates what a save should hold
 
     @property
     def searches(self) -> str:
@@ -184,6 +234,7 @@ class MilvusBackend:
         DataType = pymilvus.DataType  # noqa: N806 (pymilvus's enum)
 
         self._dim = int(dim)
+        create, self._create = self._create, True  # a load's refusal to create holds for its own connect only
         client = self.client
         for scope in SCOPES:
             name = self.name(scope)
@@ -193,6 +244,11 @@ class MilvusBackend:
                     self._adopt_global_index()
                 self._call("load_collection", scope, client.load_collection, name)
                 continue
+            if not create:
+                raise ValueError(
+                    f"Milvus at {self.uri!r} has no collection {name!r}, which the saved memory's rows are in (a "
+                    "deleted collection, or another store): a load never creates it."
+                )
             schema = pymilvus.MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
             if scope == "local":
                 schema.add_field("key", DataType.VARCHAR, is_primary=True, max_length=64)
@@ -369,11 +425,39 @@ class MilvusBackend:
         return int(result[0]["count(*)"]) if result else 0
 
     def rows(self, scope: str) -> Iterator[dict]:
+        """Every row of `scope`, one per primary key. A crash can leave two rows with one key; the newest (by the
+        memory's write order, `seq`, for local rows; the later timestamp for global ones) is kept, written back so
+        that the store holds it once, and the repair is logged."""
+        kept: dict[Any, dict] = {}
+        repaired: set[Any] = set()
         fields = (
-            ["user_id", "region", "record_id", "timestamp", "seq", "score", "has_score", "record", "vector"]
+            ["key", "user_id", "region", "record_id", "timestamp", "seq", "score", "has_score", "record", "vector"]
             if scope == "local"
             else ["label", "user_id", "record_id", "timestamp", "vector"]
         )
+        for row in self._stored_rows(scope, fields):
+            if scope == "local":
+                row["score"] = row["score"] if row.pop("has_score") else None
+            key = row["key"] if scope == "local" else int(row["label"])
+            old = kept.get(key)
+            if old is not None:
+                order = "seq" if scope == "local" else "timestamp"
+                repaired.add(key)
+                if float(row.get(order, 0)) < float(old.get(order, 0)):
+                    continue
+            kept[key] = row
+        if repaired:
+            logger.warning(
+                "Milvus collection %r at %r held %d primary key(s) twice (a crashed write); kept the newest row of "
+                "each and wrote it back: %s", self.name(scope), self.uri, len(repaired), sorted(map(str, repaired))[:5],
+            )  # fmt: skip
+            # An upsert replaces every stored row with its key: the store then holds the kept one once.
+            self.upsert(scope, [dict(kept[key]) for key in repaired])
+            self.flush()
+        yield from kept.values()
+
+    def _stored_rows(self, scope: str, fields: list[str]) -> Iterator[dict]:
+        """The `fields` of every stored row of `scope`, as Milvus returns them (a crash's duplicates included)."""
         iterator = self._call(
             "query_iterator", scope, self.client.query_iterator, self.name(scope), batch_size=4096, filter="",
             output_fields=fields,
@@ -384,10 +468,7 @@ class MilvusBackend:
                 batch = self._call("query_iterator", scope, iterator.next, retry=False)
                 if not batch:
                     return
-                for row in batch:
-                    if scope == "local":
-                        row["score"] = row["score"] if row.pop("has_score") else None
-                    yield row
+                yield from batch
         finally:
             iterator.close()
 
@@ -403,28 +484,112 @@ class MilvusBackend:
             self._client = None
 
     # ------------------------------------------------------------------- manifest
+    def fingerprint(self) -> dict:
+        """Per scope, how many rows the store holds and a digest of their primary keys (see [`key_fingerprint`]),
+        read without the vectors."""
+        fields = {"local": "key", "global": "label"}
+        return {
+            scope: key_fingerprint(row[fields[scope]] for row in self._stored_rows(scope, [fields[scope]]))
+            for scope in SCOPES
+        }
+
     def manifest(self) -> dict:
+        """What a save records: the collections and a fingerprint of their rows. Never where to connect (a load
+        connects to the caller's backend or `$SPRING_MILVUS_URI`), nor a secret: `uri_hint` only names the store in
+        error messages."""
         return {
             "type": "milvus",
-            "uri": self.uri,
+            "uri_hint": uri_hint(self.uri),
             "collection": self.collection,
             "db_name": self.db_name,
             "num_buckets": self.num_buckets,
             "searches": self.searches,
             "collections": {scope: self.name(scope) for scope in SCOPES},
+            "fingerprint": self.fingerprint(),
         }
 
     @classmethod
-    def from_manifest(cls, manifest: dict, **kwargs) -> MilvusBackend:
-        """The backend a saved memory names (`token` from `kwargs` or the environment: a save never holds one)."""
+    def from_manifest(cls, manifest: dict, uri: str | None = None, **kwargs) -> MilvusBackend:
+        """The backend of a saved memory on the caller's store: `uri` or, without it, `$SPRING_MILVUS_URI` (a URI a
+        manifest names is never connected to: the token would go with it). `token` comes from `kwargs` or the
+        environment: a save never holds one."""
         if not isinstance(manifest, dict) or manifest.get("type") != "milvus":
             raise ValueError(f"not a Milvus backend manifest: {manifest!r}.")
-        for field in ("uri", "collection"):
-            if not isinstance(manifest.get(field), str):
-                raise ValueError(f"the Milvus backend manifest is missing the string field {field!r}.")
+        if not isinstance(manifest.get("collection"), str):
+            raise ValueError("the Milvus backend manifest is missing the string field 'collection'.")
+        uri = uri or os.environ.get(URI_ENV)
+        if not uri:
+            hint = manifest.get("uri_hint", manifest.get("uri"))
+            raise ValueError(
+                f"this memory's rows are in the Milvus collections {manifest['collection']!r}_local and _global"
+                f"{f' (saved from {hint!r})' if isinstance(hint, str) else ''}; a saved folder never chooses where to "
+                f"connect: pass `backend=MilvusBackend(uri, collection={manifest['collection']!r})` to "
+                f"from_pretrained, or set ${URI_ENV}."
+            )
         settings = {"collection": manifest["collection"], "db_name": manifest.get("db_name")}
         for field in ("num_buckets", "searches"):
             if manifest.get(field) is not None:
                 settings[field] = manifest[field]
         settings.update(kwargs)
-        return cls(manifest["uri"], **settings)
+        return cls(uri, **settings)
+
+    def open_saved(self, manifest: dict, where: str = "the saved memory") -> None:
+        """Prepares this backend to load the memory `manifest` describes, before it connects: the collection must be
+        the manifest's, a Milvus Lite path absolute and present, and the connect creates nothing.
+
+        Raises:
+            `ValueError`: another collection, or a relative path.
+            `FileNotFoundError`: the Milvus Lite store does not exist.
+        """
+        if manifest.get("collection") != self.collection:
+            raise ValueError(
+                f"{where} is stored in the Milvus collections {manifest.get('collection')!r}_local and _global, not "
+                f"in {self.collection!r}: pass `backend=MilvusBackend(uri, collection={manifest.get('collection')!r})`."
+            )
+        if self._relative:
+            raise ValueError(
+                f"a load opens Milvus Lite stores by absolute path only, got a relative path (now {self.uri!r}): a "
+                "relative one names whatever sits in the working directory. Pass an absolute path."
+            )
+        if self._lite and not Path(self.uri).exists():
+            raise FileNotFoundError(
+                f"the Milvus Lite store {self.uri!r} that {where} needs does not exist (deleted or moved?)."
+            )
+        self._create = False
+
+    def check_saved(self, manifest: dict, local_rows: Sequence[dict], global_rows: Sequence[dict]) -> None:
+        """Compares the rows a load read with the fingerprint `manifest` saved (unless `check_fingerprint=False`).
+
+        Raises:
+            `ValueError`: rows are missing (expected against found counts per collection), or they are not the rows
+                the save recorded (another store, or writes after the save).
+        """
+        saved = manifest.get("fingerprint")
+        if not self.check_fingerprint:
+            return
+        if not isinstance(saved, dict):
+            logger.warning(
+                "The saved memory on %r predates store fingerprints: its rows are loaded unchecked. Save it again.",
+                self.name("local"),
+            )
+            return
+        keys = {"local": [r["key"] for r in local_rows], "global": [int(r["label"]) for r in global_rows]}
+        found = {scope: key_fingerprint(keys[scope]) for scope in SCOPES}
+        for scope in SCOPES:
+            want, got = saved.get(scope) or {}, found[scope]
+            if {k: want.get(k) for k in ("rows", "sha256")} == {k: got[k] for k in ("rows", "sha256")}:
+                continue
+            name = f"Milvus collection {self.name(scope)!r} at {self.uri!r}"
+            if _holds_saved_rows(want, keys[scope]):  # the saved rows are there, with rows written since
+                logger.info(f"{name} holds {got['rows'] - int(want['rows'])} row(s) written after the save.")
+                continue
+            if got["rows"] < int(want.get("rows", 0)):
+                raise ValueError(
+                    f"{name} holds {got['rows']} rows where the save recorded {want.get('rows')}: rows are missing "
+                    "(a deleted segment, a damaged store manifest, or another store)."
+                )
+            raise ValueError(
+                f"{name} holds {got['rows']} rows that are not the {want.get('rows')} the save recorded: another "
+                "store (another tenant?), or rows of the save deleted since. Save the memory again, or pass "
+                "`MilvusBackend(..., check_fingerprint=False)` to load what the store holds now."
+            )

@@ -6,13 +6,22 @@
 <dir>/base_logprobs.json     # the base log-prob cache (written by `BaseLogProbCache.save`)
 ```
 
-A `continual_state.json` without `adapter_name_template` (saved before the key existed) means `"{user_id}"`."""
+A `continual_state.json` without `adapter_name_template` (saved before the key existed) means `"{user_id}"`.
+
+A saved folder may come from someone else, so reading one never lets it act: each file is size-capped before it is
+parsed (see [`~persistence.json_files`]), two users never share an adapter, and `training_args.json` only restores
+the training hyperparameters in [`RESUMABLE_TRAINING_FIELDS`] (plus the SPRInG fields): pushing, reporting,
+checkpoint and config paths always come from the caller."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
+import shutil
+import tempfile
+import weakref
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +31,7 @@ from transformers.utils import logging
 from ..generation.adapters import DEFAULT_ADAPTER_NAME_TEMPLATE, adapter_name_for, check_adapter_name_template
 from ..records import check_user_id
 from ..version import __version__
+from .json_files import MAX_STATE_BYTES, MAX_TRAINING_ARGS_BYTES, read_json_capped
 
 logger = logging.get_logger(__name__)
 
@@ -31,6 +41,50 @@ CACHE_FILE = "base_logprobs.json"
 FORMAT_VERSION = 1
 # Never written to `training_args.json`: a pushed state would leak them.
 SECRET_FIELDS = ("hub_token", "push_to_hub_token")
+# The `TrainingArguments` fields a saved `training_args.json` may restore: hyperparameters that change how a period
+# trains, never where anything is written, pushed, reported or loaded from. Every other field (`push_to_hub`,
+# `hub_*`, `report_to`, `output_dir`, `logging_dir`, `resume_from_checkpoint`, `deepspeed`, `fsdp_config`,
+# `save_strategy`, `torch_compile`, `dataloader_num_workers`, ...) takes its default or the caller's value. The
+# SPRInG fields (those the arguments class adds to `TrainingArguments`) are restored too; they are validated by it.
+RESUMABLE_TRAINING_FIELDS = frozenset(
+    {
+        "learning_rate",
+        "lr_scheduler_type",
+        "warmup_steps",
+        "warmup_ratio",
+        "num_train_epochs",
+        "max_steps",
+        "per_device_train_batch_size",
+        "per_device_eval_batch_size",
+        "gradient_accumulation_steps",
+        "average_tokens_across_devices",
+        "optim",
+        "weight_decay",
+        "adam_beta1",
+        "adam_beta2",
+        "adam_epsilon",
+        "max_grad_norm",
+        "label_smoothing_factor",
+        "neftune_noise_alpha",
+        "bf16",
+        "fp16",
+        "tf32",
+        "activation_checkpointing",
+        "use_cpu",
+        "seed",
+        "data_seed",
+        "full_determinism",
+        "logging_strategy",
+        "logging_steps",
+        "logging_first_step",
+        "disable_tqdm",
+        "eval_strategy",
+        "eval_steps",
+        "remove_unused_columns",
+        "dataloader_drop_last",
+        "ddp_find_unused_parameters",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -99,7 +153,7 @@ def read_continual_state(directory: str | os.PathLike) -> ContinualState:
         `ValueError`: naming the file and the field.
     """
     path = Path(directory) / STATE_FILE
-    data = json.loads(path.read_text(encoding="utf-8"))
+    data = read_json_capped(path, MAX_STATE_BYTES)
     if not isinstance(data, dict) or data.get("format_version") != FORMAT_VERSION:
         found = data.get("format_version") if isinstance(data, dict) else None
         raise ValueError(f"{path} has format_version {found!r}; this version reads {FORMAT_VERSION}.")
@@ -117,11 +171,17 @@ def read_continual_state(directory: str | os.PathLike) -> ContinualState:
             raise ValueError(f"{path}: field 'shard' must be [index, count], got {shard!r}.")
         shard = tuple(shard)
     spring_args = data.get("spring_args", {})
+    base_model = data.get("base_model_name_or_path")
+    if base_model is not None and not isinstance(base_model, str):
+        raise ValueError(f"{path}: field 'base_model_name_or_path' must be a string or null, got {base_model!r}.")
+    max_resident = data.get("max_resident_adapters")
+    if max_resident is not None and (isinstance(max_resident, bool) or not isinstance(max_resident, int)):
+        raise ValueError(f"{path}: field 'max_resident_adapters' must be an int or null, got {max_resident!r}.")
     return ContinualState(
         users=_checked_users(users, template, path),
         adapter_name_template=template,
-        base_model_name_or_path=data.get("base_model_name_or_path"),
-        max_resident_adapters=data.get("max_resident_adapters"),
+        base_model_name_or_path=base_model,
+        max_resident_adapters=max_resident,
         spring_args=spring_args if isinstance(spring_args, dict) else {},
         shard=shard,
     )
@@ -149,17 +209,50 @@ def _checked_users(users: dict, template: str, path: Path) -> dict[str, UserStat
                 raise ValueError(f"{path}: field 'users.{user_id}.{key}' must be a non-negative int, got {value!r}.")
             counters[key] = value
         checked[user_id] = UserState(expected, **counters)
+    check_one_user_per_adapter({user: entry.adapter for user, entry in checked.items()}, str(path))
     return checked
 
 
+def check_one_user_per_adapter(adapters: Mapping[str, str], where: str) -> None:
+    """Checks that no two users share an adapter name. `adapter_name_for` replaces the characters of a user id
+    outside `[A-Za-z0-9_-]` by `_`, so `"a.b"` and `"a_b"` both map to `"a_b"`: accepted together, one user would
+    train, and decode with, the other's weights.
+
+    Args:
+        adapters (`Mapping[str, str]`): user id → adapter name.
+        where (`str`): what holds them (a file, "the merged shards", ...), for the error message.
+
+    Raises:
+        `ValueError`: naming both users and the adapter.
+    """
+    owner: dict[str, str] = {}
+    for user, name in adapters.items():
+        if name in owner and owner[name] != user:
+            raise ValueError(
+                f"{where}: users {owner[name]!r} and {user!r} map to the same adapter name {name!r}; one user would "
+                "use the other's weights. Use user ids that differ in [A-Za-z0-9_-] characters."
+            )
+        owner[name] = user
+
+
+def check_new_user_adapter(adapters: Mapping[str, str], user_id: str, name: str) -> None:
+    """Checks that `user_id`'s adapter name `name` is not already another user's (see
+    [`check_one_user_per_adapter`]); `adapters` maps the known users to their adapter names."""
+    check_one_user_per_adapter({**{u: a for u, a in adapters.items() if u != user_id}, user_id: name}, "observe")
+
+
 def write_training_args(directory: str | os.PathLike, args: Any) -> None:
-    """Writes `training_args.json`: the fields of the dataclass `args` that differ from their declared defaults
-    (`output_dir` always; secrets never). The defaults are read from the dataclass fields: building a second
-    `TrainingArguments` would re-initialise accelerate's process state, which breaks a distributed run."""
+    """Writes `training_args.json`: the fields of the dataclass `args` that [`read_training_args`] restores and that
+    differ from their declared defaults (`output_dir` always, as a record; secrets never). The defaults are read from
+    the dataclass fields: building a second `TrainingArguments` would re-initialise accelerate's process state,
+    which breaks a distributed run."""
     current = args.to_dict()
+    restored = _restored_fields(type(args))
     diff = {}
     for f in dataclasses.fields(args):
         if not f.init or f.name in SECRET_FIELDS or f.name not in current:
+            continue
+        if f.name not in restored and f.name != "output_dir":  # never read back: a save records what a load restores
             continue
         if f.default is not dataclasses.MISSING:
             default = f.default
@@ -173,14 +266,54 @@ def write_training_args(directory: str | os.PathLike, args: Any) -> None:
     (Path(directory) / ARGS_FILE).write_text(json.dumps(diff, indent=2, sort_keys=True), encoding="utf-8")
 
 
-def read_training_args(directory: str | os.PathLike, args_class: type) -> Any:
-    """The `args_class` instance `training_args.json` describes (unknown fields, from a newer release, are ignored
-    with a warning)."""
-    data = json.loads((Path(directory) / ARGS_FILE).read_text(encoding="utf-8"))
+def _restored_fields(args_class: type) -> set[str]:
+    """The fields of `args_class` a `training_args.json` may set: [`RESUMABLE_TRAINING_FIELDS`] and the fields it
+    adds to `TrainingArguments` (the SPRInG settings)."""
+    from transformers import TrainingArguments
+
+    base_fields = {f.name for f in dataclasses.fields(TrainingArguments)}
+    own_fields = {f.name for f in dataclasses.fields(args_class) if f.init} - base_fields
+    return (RESUMABLE_TRAINING_FIELDS & base_fields) | own_fields
+
+
+def read_training_args(
+    directory: str | os.PathLike, args_class: type, work_dir: str | os.PathLike | None = None
+) -> Any:
+    """The `args_class` instance `training_args.json` describes, restoring only the training hyperparameters
+    ([`RESUMABLE_TRAINING_FIELDS`] and the fields `args_class` adds to `TrainingArguments`). A saved folder may come
+    from someone else: a field that would push (`push_to_hub`, `hub_model_id`, ...), report (`report_to`), write
+    elsewhere (`output_dir`, `logging_dir`) or load a file (`resume_from_checkpoint`, `deepspeed`, ...) is ignored,
+    with a warning naming it, and keeps its default (`push_to_hub=False`, `report_to="none"`, ...).
+
+    Args:
+        directory (`str` or `os.PathLike`): the saved folder.
+        args_class (`type`): the arguments dataclass (a `TrainingArguments` subclass).
+        work_dir (`str` or `os.PathLike`, *optional*): the personalizer's own work folder (its `offload_dir`);
+            `output_dir` becomes `<work_dir>/trainer_output`, or a fresh temporary folder, removed with the
+            arguments, when it is None.
+
+    Raises:
+        `ValueError`: the file is too large (see [`~persistence.json_files.MAX_TRAINING_ARGS_BYTES`]), not a JSON
+        object, or holds an invalid value.
+    """
+    path = Path(directory) / ARGS_FILE
+    data = read_json_capped(path, MAX_TRAINING_ARGS_BYTES)
     if not isinstance(data, dict):
-        raise ValueError(f"{Path(directory) / ARGS_FILE} must hold a JSON object.")
-    init_fields = {f.name for f in dataclasses.fields(args_class) if f.init}
-    unknown = sorted(set(data) - init_fields)
-    if unknown:
-        logger.warning(f"{ARGS_FILE}: ignoring unknown field(s) {unknown}.")
-    return args_class(**{k: v for k, v in data.items() if k in init_fields})
+        raise ValueError(f"{path} must hold a JSON object.")
+    allowed = _restored_fields(args_class)
+    ignored = sorted(set(data) - allowed - {"output_dir"})  # output_dir is always written, always replaced
+    if ignored:
+        logger.warning(
+            f"{path}: ignoring saved field(s) {ignored}: a loaded state restores only training hyperparameters; "
+            "pass your own `args` for pushing, reporting, checkpointing or paths."
+        )
+    if work_dir is not None:
+        output_dir = Path(work_dir) / "trainer_output"
+        cleanup = None
+    else:
+        output_dir = Path(tempfile.mkdtemp(prefix="spring-trainer-")) / "trainer_output"
+        cleanup = output_dir.parent
+    args = args_class(output_dir=str(output_dir), **{k: v for k, v in data.items() if k in allowed})
+    if cleanup is not None:
+        weakref.finalize(args, shutil.rmtree, str(cleanup), True)
+    return args

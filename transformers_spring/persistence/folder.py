@@ -16,43 +16,162 @@ name: a complete staged generation above the manifest's is rolled forward (steps
 incomplete or already-committed staging folder is removed, with any temporary files. So after a crash at any point
 the next save or load sees the newest complete version and no leftover survives it.
 
+Many threads and processes on one folder: a save holds the folder's lock exclusively for its whole duration, so two
+saves are serialized (the second waits, up to `LOCK_TIMEOUT` seconds, then raises a `TimeoutError` naming the
+folder). A recovery takes the lock shared, and exclusively only when there is something to roll forward or remove, so
+it never takes a live save's staging folder for a crashed one. Within a process the lock is a thread lock; across
+processes it is an OS lock (`fcntl.flock`) on the file `.spring-lock` in the folder, which the OS releases when its
+holder dies (a `kill -9` never leaves a folder locked). The last holder removes that file, so a folder at rest holds
+exactly what the save wrote. Recovery releases the lock when it returns: a loader that reads the folder's files after
+it holds [`reading`] around the read, so that no save of another process replaces them midway. Without `fcntl`
+(Windows), only the thread lock guards a folder, as before: two processes on one folder are not supported there.
+
 This module imports only the standard library, so that crash tests can run it in a bare subprocess.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import json
 import os
 import shutil
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock, only the in-process thread lock guards a folder (see the module docstring)
+    fcntl = None
 
 MANIFEST_FILE = "spring_manifest.json"
 MANIFEST_VERSION = 1
 STAGING_PREFIX = ".spring-staging-"
 COMPLETE_MARKER = ".spring-complete"
 TMP_INFIX = ".spring-tmp-"
+LOCK_FILE = ".spring-lock"
+# How long a save or a load waits for another process's save of the same folder before giving up, in seconds.
+LOCK_TIMEOUT = 600.0
 # Siblings the directory-swap saves of transformers_spring < 0.3 could leave behind (removed by the next save).
 LEGACY_SIBLING_PATTERNS = (".{name}.tmp-*", ".{name}.spring-old-*")
 
 
-# One lock per folder within a process: a save and a load's recovery of the same folder never interleave, and a
-# recovery never takes another thread's in-flight staging folder for a crashed one. (Two processes saving into one
-# folder at once are not supported.)
-_LOCKS: dict[str, threading.RLock] = {}
+class _FolderLock:
+    """A folder's lock within this process: a thread lock (re-entrant, so a save or a read may recover the folder it
+    holds), and the descriptor of the OS lock on `LOCK_FILE` while a thread holds it (None: not held, or no OS lock
+    here). Descriptors of one file conflict even within a process, so a process takes the OS lock once per folder."""
+
+    def __init__(self) -> None:
+        self.thread_lock = threading.RLock()
+        self.fd: int | None = None
+        self.exclusive = False
+        self.depth = 0
+
+
+_LOCKS: dict[str, _FolderLock] = {}
 _LOCKS_GUARD = threading.Lock()
+# Staging folders this process is writing: a composite save's part (written into the outer staging folder) is
+# committed by the outer save.
 _ACTIVE_STAGING: set[str] = set()
+# Filesystems that cannot lock (some network mounts): such a folder is guarded by the thread lock only.
+_NO_LOCKING = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
 
 
-def _folder_lock(target: Path) -> threading.RLock:
+def _folder_lock(target: Path) -> _FolderLock:
     key = str(target.absolute())
     with _LOCKS_GUARD:
-        return _LOCKS.setdefault(key, threading.RLock())
+        return _LOCKS.setdefault(key, _FolderLock())
+
+
+@contextmanager
+def _locked(target: Path, exclusive: bool) -> Iterator[None]:
+    """Holds `target`'s lock (see the module docstring), shared or exclusive; nested in the same thread, the held
+    lock is reused (and made exclusive if asked)."""
+    lock = _folder_lock(target)
+    with lock.thread_lock:
+        outermost = lock.depth == 0
+        if outermost:
+            lock.fd, lock.exclusive = _os_lock(target, exclusive), exclusive
+        elif exclusive and not lock.exclusive:
+            if lock.fd is not None:
+                # Not atomic (flock drops the shared lock first): the callers re-read the folder once exclusive.
+                _flock(lock.fd, target, True, time.monotonic() + LOCK_TIMEOUT)
+            lock.exclusive = True
+        lock.depth += 1
+        try:
+            yield
+        finally:
+            lock.depth -= 1
+            if outermost:
+                fd, lock.fd = lock.fd, None
+                if fd is not None:
+                    _os_unlock(target, fd)
+
+
+def _os_lock(target: Path, exclusive: bool) -> int | None:
+    """A descriptor of `target/LOCK_FILE` locked with `flock`, or None where no OS lock can be taken."""
+    if fcntl is None:
+        return None
+    path, deadline = target / LOCK_FILE, time.monotonic() + LOCK_TIMEOUT
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
+        except OSError:  # a read-only folder (nobody saves into it through this library) or a symlink in the way
+            return None
+        try:
+            _flock(fd, target, exclusive, deadline)
+            # The last holder removes the file: a lock won on a removed file guards nothing, so retry on the new one.
+            if os.path.samestat(os.fstat(fd), os.stat(path, follow_symlinks=False)):
+                return fd
+        except FileNotFoundError:
+            pass
+        except OSError as err:
+            os.close(fd)
+            if err.errno in _NO_LOCKING:
+                return None
+            raise
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+
+
+def _flock(fd: int, target: Path, exclusive: bool, deadline: float) -> None:
+    """`flock`, polled rather than blocking so that a wait can end with an error that names the folder."""
+    mode = (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB
+    delay = 0.001
+    while True:
+        try:
+            fcntl.flock(fd, mode)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise TimeoutError(
+                    f"{target} is locked by another process's save or read (its {LOCK_FILE} has been held for more than "
+                    f"{LOCK_TIMEOUT:.0f} s); wait for that save to finish, or save into another folder."
+                ) from None
+            time.sleep(delay)
+            delay = min(2 * delay, 0.05)
+
+
+def _os_unlock(target: Path, fd: int) -> None:
+    """Releases the OS lock; the last holder out removes the lock file, so that no save or load leaves it behind."""
+    path = target / LOCK_FILE
+    try:
+        # Removing needs the lock exclusively: a holder or waiter that opened the file meanwhile retries on a new
+        # one (see `_os_lock`). If another process holds it, the conversion fails and that holder removes it later.
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if os.path.samestat(os.fstat(fd), os.stat(path, follow_symlinks=False)):
+            os.unlink(path)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _step(name: str) -> None:
@@ -66,8 +185,9 @@ class UnsafeSaveError(ValueError):
 def check_save_directory(directory: str | os.PathLike, argument: str = "save_directory") -> Path:
     """The absolute path of a folder a save may write into.
 
-    Refuses what is not a path, a path that is a file or whose parent is a file, the working directory, the home
-    directory and a filesystem root (a save there would mix its files with the user's own).
+    Refuses what is not a path, a path that is a file or whose parent is a file, a path whose last component is `.`
+    or `..`, the working directory or any folder above it, the home directory and a filesystem root (a save there
+    would mix its files with the user's own).
 
     Args:
         directory (`str` or `os.PathLike`): the folder.
@@ -84,10 +204,17 @@ def check_save_directory(directory: str | os.PathLike, argument: str = "save_dir
     resolved = target.resolve()
     if resolved == Path(resolved.anchor):
         raise UnsafeSaveError(f"`{argument}` ({target}) is a filesystem root; save into a folder of its own.")
+    with contextlib.suppress(OSError):
+        if resolved in Path.cwd().resolve().parents:
+            raise UnsafeSaveError(
+                f"`{argument}` ({target}) is a folder above the working directory; save into a folder of its own."
+            )
     for name, special in (("working directory", Path.cwd()), ("home directory", Path.home())):
         with contextlib.suppress(OSError):
             if resolved == special.resolve():
                 raise UnsafeSaveError(f"`{argument}` ({target}) is the {name}; save into a folder of its own.")
+    if os.path.basename(text.rstrip("/" + os.sep)) in (".", ".."):  # pathlib drops a trailing `.`: read the text
+        raise UnsafeSaveError(f"`{argument}` ({directory!r}) ends in `.` or `..`; save into a folder of its own.")
     if target.exists() and not target.is_dir():
         raise UnsafeSaveError(f"`{argument}` ({target}) is a file, not a folder.")
     for parent in target.parents:
@@ -148,7 +275,7 @@ def _check_relative(name: str, where: Path, field: str) -> None:
     parts = Path(name).parts
     if not name or os.path.isabs(name) or "\x00" in name or ".." in parts or name != Path(name).as_posix():
         raise ValueError(f"{where}: field {field!r} holds the unsafe path {name!r}.")
-    if name == MANIFEST_FILE or any(part.startswith((STAGING_PREFIX, COMPLETE_MARKER)) for part in parts):
+    if name == MANIFEST_FILE or any(part.startswith((STAGING_PREFIX, COMPLETE_MARKER, LOCK_FILE)) for part in parts):
         raise ValueError(f"{where}: field {field!r} holds the reserved path {name!r}.")
 
 
@@ -300,8 +427,37 @@ def recover(directory: str | os.PathLike) -> dict | None:
     target = Path(directory)
     if not target.is_dir():
         return None
-    with _folder_lock(target):
-        return _recover(target)
+    with _locked(target, exclusive=False):
+        if not _has_leftovers(target):  # the common case: readers share the lock
+            return read_manifest(target)
+        with _locked(target, exclusive=True):
+            return _recover(target)
+
+
+@contextmanager
+def reading(directory: str | os.PathLike) -> Iterator[dict | None]:
+    """Holds a folder at one version while its files are read: recovers it (see [`recover`]), then holds its lock
+    shared until the block exits, so that no save (of this process or another) replaces a file midway through the
+    read. Other reads go on meanwhile; saves wait.
+
+    Args:
+        directory (`str` or `os.PathLike`): the folder.
+
+    Yields:
+        `dict` or `None`: the manifest after recovery (None for a folder without one, or no folder).
+    """
+    target = Path(directory)
+    if not target.is_dir():
+        yield None
+        return
+    with _locked(target, exclusive=False):
+        yield recover(target)
+
+
+def _has_leftovers(target: Path) -> bool:
+    """Whether an interrupted save left anything for recovery (a save in flight holds the lock, so under it every
+    staging folder of another thread or process is a leftover)."""
+    return bool(_staging_folders(target)) or any(target.glob(f".*{glob.escape(TMP_INFIX)}*"))
 
 
 def _recover(target: Path) -> dict | None:
@@ -364,7 +520,7 @@ def save_folder(
         # manifest already make it atomic, so a second commit inside it would only repeat the work.
         yield target
         return
-    with _folder_lock(target):
+    with _locked(target, exclusive=True):  # a second save of the folder waits for this one (LOCK_TIMEOUT)
         yield from _save(target, kind, adopt, argument, components)
 
 
@@ -415,7 +571,7 @@ def _save(target: Path, kind, adopt, argument: str, components) -> Iterator[Path
             marker["type"] = kind
         if components is not None:
             marker["components"] = components(staging)
-            _check_manifest(marker, staging / COMPLETE_MARKER)
+        _check_manifest(marker, staging / COMPLETE_MARKER)  # no reserved name (the lock file) among the files
         _fsync_tree(staging)
         _step("marker")
         _write_json_atomic(staging / COMPLETE_MARKER, marker)

@@ -11,6 +11,7 @@ import gc
 import hashlib
 import hmac
 import json
+import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -42,12 +43,28 @@ ANN_CACHE_MIN_ITEMS = 10_000  # below this a rebuild takes well under a second: 
 # Size limits on loaded files, so that a small edit cannot make a load allocate without bound or run for minutes.
 MAX_CONFIG_BYTES = 64 * 2**20
 MAX_RECORD_LINE_CHARS = 2**20  # one records.jsonl line (texts are capped at `max_text_chars` anyway)
+MAX_RECORD_LINE_BYTES = 4 * MAX_RECORD_LINE_CHARS  # (UTF-8: at most 4 bytes a character)
+MAX_BLANK_LINES = 1_024  # a save writes none; a hand edit may leave a few, a flood of them is refused
 MAX_DIM = 65_536
 MAX_GATE_HISTORY = 1_000_000
 MAX_COMMUNITIES = 4_096
+MAX_TENSOR_HEADER_BYTES = 2**20  # a saved header names at most six tensors: a few hundred bytes
+
+# What `embeddings.safetensors` may hold, and with which dtypes; any other tensor is refused.
+_FLOATS, _INTS = ("F16", "F32", "F64"), ("I8", "I16", "I32", "I64", "U8", "U16", "U32", "U64")
+TENSOR_DTYPES = {
+    "embeddings": _FLOATS,
+    "labels": _INTS,
+    "gate_observed": _FLOATS,
+    "gate_owner": _INTS,
+    "match_pairs": _INTS,
+    "community_centroids": _FLOATS,
+}
+_ITEM_BYTES = {"F16": 2, "F32": 4, "F64": 8, "I8": 1, "I16": 2, "I32": 4, "I64": 8, "U8": 1, "U16": 2, "U32": 4,
+               "U64": 8}  # fmt: skip
 
 
-def _allowed_root(directory: Path) -> Path:
+def allowed_root(directory: Path) -> Path:
     """Where a loaded file may really live: the folder itself, or for a Hub cache snapshot
     (`.../models--org--name/snapshots/<rev>/...`, whose files are symlinks into `../../blobs/`) the repo's cache."""
     for folder in (directory, *directory.parents):
@@ -59,7 +76,7 @@ def _allowed_root(directory: Path) -> Path:
 def check_file(path: Path, directory: Path) -> None:
     """A file a load reads must lie inside the folder (a symlink to another memory's, or any other, file is refused;
     the Hub cache's own symlinks into its blob store are fine)."""
-    root = _allowed_root(directory.absolute())
+    root = allowed_root(directory.absolute())
     if path.is_symlink() and root == directory.resolve():
         raise ValueError(f"{path.name} in {directory} is a symlink; refusing to read it.")
     if path.exists() and root not in path.resolve().parents:
@@ -81,51 +98,181 @@ def read_json(path: Path) -> dict:
     return data
 
 
+def read_tensor_header(path: Path, dim: int) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """The tensors `embeddings.safetensors` declares, as `name -> (dtype, shape)`, checked from its JSON header
+    before any tensor is read: known names and dtypes only, shapes that fit `dim` and each other, and data offsets
+    that the file really holds (so a header cannot make a load allocate more than the file's size).
+
+    Args:
+        path (`Path`): the file. dim (`int`): `config.json`'s `dim`.
+    """
+    where = f"{EMBEDDINGS_FILE} in {path.parent}"
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        length = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+        if not 0 < length <= min(MAX_TENSOR_HEADER_BYTES, size - 8):
+            raise ValueError(f"{where} is corrupt: its header length {length} is not within the file's {size} bytes.")
+        raw = f.read(length)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        raise ValueError(f"{where} is corrupt: its header is not valid JSON: {err}") from err
+    if not isinstance(header, dict):
+        raise ValueError(f"{where} is corrupt: its header is not a JSON object.")
+    header.pop("__metadata__", None)  # (strings only: the safetensors reader checks it)
+    data_bytes, out = size - 8 - length, {}
+    for name, entry in header.items():
+        if name not in TENSOR_DTYPES:
+            raise ValueError(
+                f"{where} holds an unknown tensor {name!r:.80}; a memory saves only {sorted(TENSOR_DTYPES)}."
+            )
+        entry = entry if isinstance(entry, dict) else {}
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        allowed = TENSOR_DTYPES[name]
+        if dtype not in allowed:
+            kind = "an integer" if allowed is _INTS else "a float"
+            raise ValueError(f"{where}: tensor {name!r} has dtype {dtype!r:.20}; expected {kind} dtype {allowed}.")
+        if not isinstance(shape, list) or not all(_int(n) and n >= 0 for n in shape):
+            raise ValueError(f"{where}: tensor {name!r} has the malformed shape {shape!r:.80}.")
+        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_int(n) for n in offsets)
+                or not 0 <= offsets[0] <= offsets[1] <= data_bytes
+                or offsets[1] - offsets[0] != _ITEM_BYTES[dtype] * int(np.prod(shape, dtype=object))):  # fmt: skip
+            raise ValueError(
+                f"{where}: tensor {name!r} of shape {shape!r:.80} has data offsets {offsets!r:.80} outside the file."
+            )
+        out[name] = (dtype, tuple(shape))
+    _check_tensor_shapes({name: shape for name, (_, shape) in out.items()}, dim, where)
+    return out
+
+
+def _check_tensor_shapes(shapes: dict[str, tuple[int, ...]], dim: int, where: str) -> None:
+    """The shapes a save writes: `embeddings` `(n, dim)`, `labels` `(n,)`, `gate_observed` and `gate_owner` `(g,)`,
+    `match_pairs` `(m, 2)` and `community_centroids` `(c, dim)`, within the limits on `g` and `c`."""
+    if "embeddings" not in shapes or "labels" not in shapes:
+        raise ValueError(f"{where} lacks the 'embeddings' or 'labels' tensor.")
+
+    def refuse(name: str, expected: str) -> None:
+        raise ValueError(f"{where}: tensor {name!r} has shape {shapes[name]}; expected {expected}.")
+
+    if len(shapes["embeddings"]) != 2 or shapes["embeddings"][1] != dim:
+        raise ValueError(
+            f"embedding dim mismatch: {where}: tensor 'embeddings' has shape {shapes['embeddings']}, but "
+            f"{CONFIG_FILE} says dim={dim}."
+        )
+    n, gates = shapes["embeddings"][0], shapes.get("gate_observed", (0,))
+    if len(gates) != 1 or gates[0] > MAX_GATE_HISTORY:
+        refuse("gate_observed", f"(g,) with g <= {MAX_GATE_HISTORY}")
+    if shapes["labels"] != (n,):
+        refuse("labels", f"({n},): one label per embedding")
+    if shapes.get("gate_owner", gates) != gates:
+        refuse("gate_owner", f"{gates}: one owner per 'gate_observed' score")
+    if len(shapes.get("match_pairs", (0, 2))) != 2 or shapes.get("match_pairs", (0, 2))[1] != 2:
+        refuse("match_pairs", "(m, 2): pairs of record positions")
+    centroids = shapes.get("community_centroids", (0, dim))
+    if len(centroids) != 2 or centroids[1] != dim or centroids[0] > MAX_COMMUNITIES:
+        refuse("community_centroids", f"(c, {dim}) with c <= {MAX_COMMUNITIES}")
+
+
 def read_tensors(directory: Path, dim: int) -> dict[str, np.ndarray]:
+    """`embeddings.safetensors`, its header checked first (see [`read_tensor_header`]), its embeddings finite."""
     path = directory / EMBEDDINGS_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{EMBEDDINGS_FILE} not found in {directory}.")
     check_file(path, directory)
+    read_tensor_header(path, dim)
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as err:
         raise ValueError(f"{EMBEDDINGS_FILE} in {directory} is corrupt: {err}") from err
-    embeddings = tensors.get("embeddings")
-    if embeddings is None or "labels" not in tensors:
-        raise ValueError(f"{EMBEDDINGS_FILE} in {directory} lacks the 'embeddings' or 'labels' tensor.")
-    if embeddings.ndim != 2 or embeddings.shape[1] != dim:
+    finite = np.isfinite(tensors["embeddings"]).all(axis=1)
+    if not finite.all():
         raise ValueError(
-            f"embedding dim mismatch: {EMBEDDINGS_FILE} in {directory} holds shape {embeddings.shape}, "
-            f"but {CONFIG_FILE} says dim={dim}."
+            f"{EMBEDDINGS_FILE} in {directory}: 'embeddings' row {int(np.argmin(finite))} contains NaN or inf."
         )
-    if not np.isfinite(embeddings).all():
-        raise ValueError(f"{EMBEDDINGS_FILE} in {directory} contains NaN or inf.")
     return tensors
 
 
-def read_records(directory: Path, max_text_chars: int) -> list[tuple[Interaction, dict]]:
+def read_records(
+    directory: Path, max_text_chars: int, expected: int, max_users: int | None = None
+) -> list[tuple[Interaction, dict]]:
+    """`records.jsonl`, streamed and checked line by line against what the other files say, so that an oversized or
+    hostile file is refused without being read whole: its size must fit `expected` lines of at most
+    `MAX_RECORD_LINE_CHARS`, and parsing stops at the first line past `expected` records, a line over the cap,
+    invalid UTF-8 or JSON, a record that fails validation, an unknown region, a buffer score that is not a finite
+    number, an id repeated for a user in one region, or a user past `config.json`'s `counts.users`. Errors name the
+    line.
+
+    Args:
+        directory (`Path`): the memory folder.
+        max_text_chars (`int`): the longest accepted prompt or response.
+        expected (`int`): the record count (the rows of `embeddings.safetensors`, checked against the config).
+        max_users (`int`, *optional*): `config.json`'s `counts.users` (None: a memory saved without counts).
+    """
     path = directory / RECORDS_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{RECORDS_FILE} not found in {directory}.")
     check_file(path, directory)
-    out = []
-    with open(path, encoding="utf-8") as f:
-        number = 0
-        while raw := f.readline(MAX_RECORD_LINE_CHARS + 1):  # bounded: one edited line cannot fill memory
+    size, limit = path.stat().st_size, (expected + 1) * (MAX_RECORD_LINE_BYTES + 1)
+    if size > limit:  # (before a byte is read: a 1 GiB file for 10 records costs nothing)
+        raise ValueError(
+            f"{RECORDS_FILE} in {directory} is {size} bytes, but {expected} records ({EMBEDDINGS_FILE}) of at most "
+            f"{MAX_RECORD_LINE_CHARS} chars take at most {limit} bytes."
+        )
+    out, keys, users, blank, number = [], set(), set(), 0, 0
+    with open(path, "rb") as f:  # (bytes: each line is decoded alone, so invalid UTF-8 is reported at its line)
+        while raw := f.readline(MAX_RECORD_LINE_BYTES + 1):  # bounded: one edited line cannot fill memory
             number += 1
-            if len(raw) > MAX_RECORD_LINE_CHARS:
-                raise ValueError(f"{RECORDS_FILE} line {number} in {directory} is over {MAX_RECORD_LINE_CHARS} chars.")
-            if not raw.strip():
-                continue
+            where = f"{RECORDS_FILE} line {number} in {directory}"
             try:
-                line = json.loads(raw)
-                record = Interaction.from_dict(line, max_text_chars=max_text_chars)
-                if line.get("region", "history") not in ("history", "buffer"):
-                    raise ValueError(f"unknown region {line.get('region')!r}")
-            except (json.JSONDecodeError, TypeError, ValueError) as err:
-                raise ValueError(f"{RECORDS_FILE} line {number} in {directory}: {err}") from err
+                text = raw.decode("utf-8") if len(raw) <= MAX_RECORD_LINE_BYTES else None
+            except UnicodeDecodeError as err:
+                raise ValueError(f"{where} is not valid UTF-8 (byte {err.start}: {err.reason}).") from None
+            if text is None or len(text) > MAX_RECORD_LINE_CHARS:
+                raise ValueError(f"{where} is over {MAX_RECORD_LINE_CHARS} chars.")
+            if not text.strip():
+                blank += 1
+                if blank > MAX_BLANK_LINES:
+                    raise ValueError(f"{where}: more than {MAX_BLANK_LINES} blank lines.")
+                continue
+            if len(out) == expected:
+                raise ValueError(f"{where}: more records than the {expected} embeddings of {EMBEDDINGS_FILE}.")
+            record, line = _read_line(text, max_text_chars, where)
+            key = (record.user_id, record.id, line.get("region", "history"))
+            if key in keys:
+                raise ValueError(f"{where}: field 'id' {record.id!r} repeats for user {record.user_id!r} ({key[2]}).")
+            keys.add(key)
+            users.add(record.user_id)
+            if max_users is not None and len(users) > max_users:
+                raise ValueError(
+                    f"{where}: field 'user_id' {record.user_id!r} makes {len(users)} users, more than the {max_users} "
+                    f"of {CONFIG_FILE}'s field 'counts.users'."
+                )
             out.append((record, line))
+    if len(out) != expected:
+        raise ValueError(
+            f"{RECORDS_FILE} has {len(out)} records but {EMBEDDINGS_FILE} has {expected} embeddings in {directory}."
+        )
     return out
+
+
+def _read_line(text: str, max_text_chars: int, where: str) -> tuple[Interaction, dict]:
+    """One `records.jsonl` line as a validated record and its JSON object; errors name the line (`where`)."""
+    try:
+        line = json.loads(text)
+        record = Interaction.from_dict(line, max_text_chars=max_text_chars)
+    except (json.JSONDecodeError, TypeError, ValueError, RecursionError) as err:  # (RecursionError: [[[[...]]]])
+        raise ValueError(f"{where}: {err}") from err
+    if line.get("region", "history") not in ("history", "buffer"):
+        raise ValueError(f"{where}: field 'region' must be 'history' or 'buffer', got {line.get('region')!r:.80}.")
+    score = line.get("score")
+    try:  # (a str or list is a TypeError, an int past float's range an OverflowError)
+        finite = score is None or (not isinstance(score, bool) and math.isfinite(score))
+    except (TypeError, OverflowError):
+        finite = False
+    if not finite:
+        raise ValueError(f"{where}: field 'score' must be a finite number or absent, got {score!r:.80}.")
+    return record, line
 
 
 def is_memory_folder(directory: Path) -> bool:
@@ -142,9 +289,7 @@ def gate_owners(config: dict, tensors: dict, n: int) -> list[str | None] | None:
     saved before owners were kept."""
     if "gate_owner" not in tensors:
         return None
-    users, index = config.get("gate_users", []), tensors["gate_owner"]
-    if not isinstance(users, list) or not all(isinstance(u, str) for u in users):
-        raise ValueError(f"{CONFIG_FILE}: field 'gate_users' must be a list of user ids.")
+    users, index = config.get("gate_users", []), tensors["gate_owner"]  # (types checked by `check_config`)
     if index.ndim != 1 or index.shape[0] != n:
         raise ValueError(f"{EMBEDDINGS_FILE}: 'gate_owner' must hold one index per gate score ({n}).")
     if index.size and (index.min() < -1 or index.max() >= len(users)):
@@ -195,6 +340,20 @@ def check_config(config: dict, path: Path) -> None:
         for user, community in communities.get("user_community", {}).items():
             if not _int(community) or not -1 <= community < max(len(sizes), 1):
                 raise ValueError(f"{path}: field 'communities.user_community.{user}' is out of range: {community!r}.")
+        if communities:  # (a load restores these two with the rest)
+            if not _int(communities.get("clustered_items")) or communities["clustered_items"] < 0:
+                raise ValueError(f"{path}: field 'communities.clustered_items' must be a non-negative int.")
+            if not isinstance(communities.get("stale"), bool):
+                raise ValueError(f"{path}: field 'communities.stale' must be true or false.")
+    counts = config.get("counts", {})  # (a memory saved without counts is checked against its embeddings alone)
+    if not isinstance(counts, dict):
+        raise ValueError(f"{path}: field 'counts' must be an object of counts, got {counts!r:.80}.")
+    for key in ("users", "records", "buffer_records", "shared_records"):
+        if key in counts and (not _int(counts[key]) or not 0 <= counts[key] < 2**62):
+            raise ValueError(f"{path}: field 'counts.{key}' must be a non-negative int, got {counts[key]!r:.80}.")
+    users = config.get("gate_users", [])
+    if not isinstance(users, list) or not all(isinstance(u, str) for u in users):
+        raise ValueError(f"{path}: field 'gate_users' must be a list of user ids.")
 
 
 def check_loaded(
@@ -206,13 +365,13 @@ def check_loaded(
     dim: int,
     capacity: int | None,
     share_by_default: bool,
+    buffer_size: int | None = None,
 ) -> None:
     """Consistency of the loaded files with each other, before anything is restored: labels, counts, norms, the
-    capacity, opted-out users and the size limits. Errors name the file and field."""
+    capacity and buffer size, opted-out users and community state (dtypes and shapes were checked from the
+    tensors' header). Errors name the file and field."""
     embeddings, labels = tensors["embeddings"], tensors["labels"]
     where = f"{EMBEDDINGS_FILE} in {directory}"
-    if labels.dtype.kind not in "iu" or labels.ndim != 1 or labels.shape[0] != embeddings.shape[0]:
-        raise ValueError(f"{where}: 'labels' must be one integer per embedding, got {labels.dtype} {labels.shape}.")
     # float32 sums of squares: exact enough for a 1e-3 tolerance, and no float64 copy of every embedding
     e32 = embeddings.astype(np.float32, copy=False)  # a float16 file is checked in float32 too
     norms = np.sqrt(np.einsum("ij,ij->i", e32, e32)) if len(embeddings) else np.empty(0)
@@ -232,8 +391,10 @@ def check_loaded(
         raise ValueError(f"{where}: 'labels' repeat; each shared record has its own label.")
     sharing = config.get("sharing", {})
     per_user: dict[str, int] = {}
+    per_buffer: dict[str, int] = {}
     for (record, _), label, in_history in zip(lines, labels.tolist(), is_history.tolist(), strict=True):
         if not in_history:
+            per_buffer[record.user_id] = per_buffer.get(record.user_id, 0) + 1
             continue
         per_user[record.user_id] = per_user.get(record.user_id, 0) + 1
         if label != -1 and not sharing.get(record.user_id, share_by_default):
@@ -247,12 +408,31 @@ def check_loaded(
                 f"{RECORDS_FILE} in {directory}: user {over!r} has {per_user[over]} history records, over the "
                 f"`capacity` of {capacity} ({CONFIG_FILE})."
             )
-    observed = tensors.get("gate_observed", np.empty(0))
-    if observed.ndim != 1 or observed.shape[0] > MAX_GATE_HISTORY or not np.isfinite(observed).all():
-        raise ValueError(f"{where}: 'gate_observed' must be at most {MAX_GATE_HISTORY} finite scores.")
-    centroids = tensors.get("community_centroids")
-    if centroids is not None and (centroids.size > MAX_COMMUNITIES * dim or not np.isfinite(centroids).all()):
-        raise ValueError(f"{where}: 'community_centroids' must be at most {MAX_COMMUNITIES} finite vectors.")
+    over = next((u for u, n in per_buffer.items() if buffer_size is not None and n > buffer_size), None)
+    if over is not None:
+        raise ValueError(
+            f"{RECORDS_FILE} in {directory}: user {over!r} has {per_buffer[over]} buffer records, over the "
+            f"`buffer_size` of {buffer_size} ({CONFIG_FILE})."
+        )
+    counts = config.get("counts", {})
+    found = {"records": len(history), "buffer_records": len(lines) - len(history), "shared_records": shared.size}
+    wrong = next((key for key, n in found.items() if counts.get(key, n) != n), None)
+    if wrong is not None:
+        raise ValueError(
+            f"{CONFIG_FILE} in {directory}: field 'counts.{wrong}' is {counts[wrong]}, but {RECORDS_FILE} and "
+            f"{EMBEDDINGS_FILE} hold {found[wrong]}."
+        )
+    if not np.isfinite(tensors.get("gate_observed", np.empty(0))).all():
+        raise ValueError(f"{where}: 'gate_observed' must be finite scores.")
+    centroids = tensors.get("community_centroids", np.empty((0, dim)))
+    if not np.isfinite(centroids).all():
+        raise ValueError(f"{where}: 'community_centroids' must be finite vectors.")
+    sizes = (config.get("communities") or {}).get("sizes", [])
+    if config.get("communities") and centroids.shape[0] != len(sizes):
+        raise ValueError(
+            f"{where}: 'community_centroids' holds {centroids.shape[0]} centroids, but {CONFIG_FILE}'s field "
+            f"'communities.sizes' has {len(sizes)} communities."
+        )
 
 
 def write_files(directory: Path, config: dict, lines: list[dict], tensors: dict[str, np.ndarray]) -> None:
@@ -458,7 +638,7 @@ def read_ann_index(directory: Path, entry: Any, vectors: np.ndarray, labels: np.
     if not isinstance(entry, dict) or entry.get("file") != ANN_INDEX_FILE or not isinstance(entry.get("hmac"), str):
         logger.warning(f"{CONFIG_FILE} in {directory}: field 'ann_index' is malformed; rebuilding the index.")
         return None
-    if _allowed_root(directory.absolute()) != directory.resolve():
+    if allowed_root(directory.absolute()) != directory.resolve():
         return None  # a Hub cache snapshot: its index is never trusted (and never downloaded)
     if not path.is_file() or path.is_symlink():
         logger.info(f"{ANN_INDEX_FILE} not in {directory}; rebuilding the global index.")

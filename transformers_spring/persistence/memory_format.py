@@ -152,15 +152,15 @@ def _saved_tensors(state: MemoryState, config: dict) -> dict[str, np.ndarray]:
 
 # ------------------------------------------------------------------------------------------------------------ load
 def load_memory(cls: type, directory: Path, *, encoder: Any = None, backend: Any = None, **kwargs) -> Any:
-    """A `cls` (a `LoGoMemory` class) loaded from `directory`: its records, or the backend its manifest names (or
-    `backend`). Nothing is unpickled or executed, and every file is checked before anything is restored.
+    """A `cls` (a `LoGoMemory` class) loaded from `directory`: its records, or the rows of the caller's `backend` that
+    its manifest fingerprints. Nothing is unpickled or executed, and every file is checked before anything is restored.
 
     Args:
         cls (`type`): the memory class to build.
         directory (`Path`): the memory folder.
         encoder (*optional*): required when the memory was saved with a custom encoder.
-        backend ([`VectorBackend`], *optional*): the store of a memory saved on a backend, instead of the one its
-            manifest names.
+        backend ([`VectorBackend`], *optional*): the store of a memory saved on a backend (a folder never names
+            where to connect; without it, a Milvus memory connects to `$SPRING_MILVUS_URI` or raises).
         kwargs: constructor arguments that override the saved ones.
     """
     config = read_json(directory / CONFIG_FILE)
@@ -184,7 +184,12 @@ def load_memory(cls: type, directory: Path, *, encoder: Any = None, backend: Any
     settings = {**cls.config_class.saved(config), **kwargs}
     if "mediator" not in kwargs:
         settings["mediator"] = _saved_mediator(config, directory)
-    memory = cls(encoder, **settings)
+    try:
+        memory = cls(encoder, **settings)
+    except (TypeError, ValueError, OverflowError) as err:
+        if kwargs:  # (the caller's own arguments may be what is refused: their error stands)
+            raise
+        raise ValueError(f"{CONFIG_FILE} in {directory} holds a setting the memory refuses: {err}") from err
     if memory.dim != config["dim"]:
         raise ValueError(
             f"embedding dim mismatch: {CONFIG_FILE} in {directory} says dim={config['dim']}, but the encoder "
@@ -216,42 +221,56 @@ def _saved_mediator(config: dict, directory: Path) -> Any:
         return MEDIATORS.resolve(str(saved.get("class", "Mediator")))(
             **{k: v for k, v in saved.items() if k != "class"}
         )
-    except TypeError as err:
+    except (TypeError, ValueError) as err:  # (an unknown class, an unknown or out-of-range setting)
         raise ValueError(f"{CONFIG_FILE} in {directory}: field 'mediator' does not fit its class: {err}") from err
 
 
 def _load_folder_records(memory: Any, config: dict, tensors: dict, directory: Path) -> None:
     """Fills a fresh memory from `directory`'s records, once they pass every check."""
-    settings = memory.settings
-    lines = read_records(directory, settings.max_text_chars)
-    if len(lines) != tensors["embeddings"].shape[0]:
+    settings, counts = memory.settings, config.get("counts", {})
+    expected = tensors["embeddings"].shape[0]
+    # The config and the embeddings must agree on the count before records.jsonl is streamed against it.
+    if "records" in counts and counts["records"] + counts.get("buffer_records", 0) != expected:
         raise ValueError(
-            f"{RECORDS_FILE} has {len(lines)} records but {EMBEDDINGS_FILE} has "
-            f"{tensors['embeddings'].shape[0]} embeddings in {directory}."
+            f"{CONFIG_FILE} in {directory}: field 'counts' says {counts['records']} records and "
+            f"{counts.get('buffer_records', 0)} buffer records, but {EMBEDDINGS_FILE} holds {expected} embeddings."
         )
+    lines = read_records(directory, settings.max_text_chars, expected, counts.get("users"))
     check_loaded(
         config, lines, tensors, directory, dim=memory.dim,
         capacity=config.get("capacity") if "capacity" in config else settings.capacity,
         share_by_default=config.get("share_by_default", settings.share_by_default),  # as saved, not as overridden
+        buffer_size=config.get("buffer_size", settings.buffer_size),
     )  # fmt: skip
     match_pairs(tensors, lines, directory)  # refuses malformed saved matches before anything is restored
     _restore(memory, config, lines, tensors, directory)
 
 
 def _connect_saved_backend(memory: Any, config: dict, tensors: dict, directory: Path, backend: Any) -> None:
-    """Loads a memory saved on an external backend: connects to the store its manifest names (or `backend`) and
-    restores every record from there, keeping the global labels (other processes may use the same store)."""
+    """Loads a memory saved on an external backend: connects to the caller's store (`backend`, or one built from the
+    caller's environment: never a URI the folder names, which would receive the caller's token), checks it holds the
+    rows the save recorded, and restores every record from there, keeping the global labels (other processes may
+    use the same store)."""
     manifest = config["backend"]
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{CONFIG_FILE} in {directory}: field 'backend' must be an object.")
     if backend is None:
-        if not isinstance(manifest, dict) or manifest.get("type") != "milvus":
+        if manifest.get("type") != "milvus":
             raise ValueError(f"{CONFIG_FILE} in {directory}: field 'backend' names no known backend: {manifest!r}.")
         from ..memory.milvus import MilvusBackend  # (an optional dependency)
 
-        backend = MilvusBackend.from_manifest(manifest)
+        backend = MilvusBackend.from_manifest(manifest)  # `$SPRING_MILVUS_URI`, else an error asking for `backend=`
+    # A backend that can check a save (MilvusBackend) refuses another collection or a missing store before it
+    # connects, and the rows it reads against the save's fingerprint.
+    if hasattr(backend, "open_saved"):
+        backend.open_saved(manifest, where=f"the memory in {directory}")
     memory.attach_backend(backend, fresh=False)
+    local_rows, global_rows = list(backend.rows("local")), list(backend.rows("global"))
+    if hasattr(backend, "check_saved"):
+        backend.check_saved(manifest, local_rows, global_rows)
     sharing = {u: bool(s) for u, s in config.get("sharing", {}).items()}
     lines, rows, last_seq = read_backend_rows(
-        backend.rows("local"), backend.rows("global"), dim=memory.dim, max_text_chars=memory.settings.max_text_chars,
+        local_rows, global_rows, dim=memory.dim, max_text_chars=memory.settings.max_text_chars,
         where=f"{backend!r}", sharing=sharing, share_by_default=config.get("share_by_default", True),
     )  # fmt: skip
     labels = rows["labels"]

@@ -4,7 +4,9 @@ manifest (user → `lora_int_id`, path, rank), each folder checked against the r
 The export folder:
 
 ```
-<dir>/serving_manifest.json            # base model, max_lora_rank, and per user: lora_name, lora_int_id, path, rank
+<dir>/serving_manifest.json            # base model, max_lora_rank, and per user: lora_name, lora_int_id, path, rank,
+                                       # sha256 of the weights
+<dir>/.lora_int_ids.json               # every lora_int_id this folder ever gave out (survives a lost manifest)
 <dir>/<adapter>/adapter_config.json    # a peft LoRA folder: PeftModel.from_pretrained(base, f"<dir>/<adapter>")
 <dir>/<adapter>/adapter_model.safetensors
 <dir>/spring_manifest.json             # the atomic-save manifest (persistence.folder)
@@ -13,15 +15,24 @@ The export folder:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from transformers.utils import logging
+
 from ..utils.validation import check_choice, check_int
+from .json_files import MAX_SERVING_MANIFEST_BYTES, read_json_capped
+
+logger = logging.get_logger(__name__)
 
 SERVING_MANIFEST = "serving_manifest.json"
+# Every `lora_int_id` the folder ever gave out, written by each export next to the manifest: vLLM caches adapters by
+# id, so losing the manifest (deleted, or replaced by hand) must not let the next export give an old id to new weights.
+LORA_INT_IDS_FILE = ".lora_int_ids.json"
 SERVING_FORMAT_VERSION = 1
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -29,9 +40,9 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 VLLM_DEFAULT_MAX_LORA_RANK = 16
 # `init_lora_weights` values vLLM serves (the others, PiSSA, OLoRA, CorDA, LoftQ, change the base weights too).
-_VLLM_INIT_WEIGHTS = ("gaussian", "eva", "orthogonal", "mica", "lora_ga")
+VLLM_INIT_WEIGHTS = ("gaussian", "eva", "orthogonal", "mica", "lora_ga")
 # PEFT features vLLM refuses (the feature validation of its `PEFTHelper`).
-_VLLM_UNSUPPORTED = ("lora_bias", "layer_replication", "alora_invocation_tokens", "use_qalora", "use_bdlora")
+VLLM_UNSUPPORTED = ("lora_bias", "layer_replication", "alora_invocation_tokens", "use_qalora", "use_bdlora")
 # Model types (`config.model_type`) whose vLLM model class does not support LoRA at all.
 VLLM_NO_LORA_MODEL_TYPES = ("gpt2",)
 
@@ -93,12 +104,12 @@ def vllm_lora_problems(adapter_dir: str | os.PathLike, max_lora_rank: int = VLLM
         problems.append(f"{config_path}: field 'modules_to_save' is set; vLLM does not support it.")
     if config.get("use_dora"):
         problems.append(f"{config_path}: field 'use_dora' is true; vLLM does not support DoRA.")
-    for field in _VLLM_UNSUPPORTED:
+    for field in VLLM_UNSUPPORTED:
         if config.get(field):
             problems.append(f"{config_path}: field {field!r} is set; vLLM does not support it.")
     init = config.get("init_lora_weights", True)
-    if isinstance(init, str) and init not in _VLLM_INIT_WEIGHTS:
-        problems.append(f"{config_path}: field 'init_lora_weights' is {init!r}; vLLM serves {_VLLM_INIT_WEIGHTS}.")
+    if isinstance(init, str) and init not in VLLM_INIT_WEIGHTS:
+        problems.append(f"{config_path}: field 'init_lora_weights' is {init!r}; vLLM serves {VLLM_INIT_WEIGHTS}.")
     weights = folder / ADAPTER_WEIGHTS
     if not weights.is_file() or weights.is_symlink():
         problems.append(f"{weights} is missing.")
@@ -148,9 +159,9 @@ def lora_rank(config: dict) -> int:
 class PreviousIds:
     """The `lora_int_id`s an earlier export into the same folder gave out (empty for a new folder)."""
 
-    def __init__(self, entries: Sequence[dict] = (), retired: Sequence[int] = ()):
+    def __init__(self, entries: Sequence[dict] = (), retired: Sequence[int] = (), given: Sequence[int] = ()):
         self.by_user = {e["user_id"]: (e["lora_int_id"], e.get("sha256")) for e in entries}
-        self.used = {e["lora_int_id"] for e in entries} | set(retired)
+        self.used = {e["lora_int_id"] for e in entries} | set(retired) | set(given)
 
     def retired(self, entries: Sequence[dict]) -> list[int]:
         """Every id given out before and not in `entries`: retired for good."""
@@ -158,11 +169,39 @@ class PreviousIds:
 
 
 def previous_serving_ids(directory: str | os.PathLike) -> PreviousIds:
-    """The ids of the export already in `directory`, if any (see [`read_serving_manifest`])."""
+    """The ids of the export already in `directory`, if any: those of its manifest (see [`read_serving_manifest`],
+    which also verifies its weights) and every id [`LORA_INT_IDS_FILE`] records, so that no id is given out twice
+    even when the manifest was lost."""
+    given = read_lora_int_ids(directory)
     if not (Path(directory) / SERVING_MANIFEST).is_file():
-        return PreviousIds()
+        if given:
+            logger.warning(
+                f"{Path(directory) / SERVING_MANIFEST} is missing: every user gets a new lora_int_id, above the "
+                f"{len(given)} id(s) this folder gave out before."
+            )
+        return PreviousIds(given=given)
     manifest = read_serving_manifest(directory)
-    return PreviousIds(manifest["adapters"], manifest.get("retired_lora_int_ids", []))
+    return PreviousIds(manifest["adapters"], manifest.get("retired_lora_int_ids", []), given)
+
+
+def read_lora_int_ids(directory: str | os.PathLike) -> list[int]:
+    """The ids [`LORA_INT_IDS_FILE`] in `directory` records (empty when there is none)."""
+    path = Path(directory) / LORA_INT_IDS_FILE
+    if not path.exists() and not path.is_symlink():
+        return []
+    if path.is_symlink():
+        raise ValueError(f"{path} is a symlink; it is not read.")
+    data = read_json_capped(path, MAX_SERVING_MANIFEST_BYTES)
+    ids = data.get("lora_int_ids") if isinstance(data, dict) else None
+    if not isinstance(ids, list) or not all(_positive_int(i) for i in ids):
+        raise ValueError(f"{path}: field 'lora_int_ids' must list positive ints.")
+    return ids
+
+
+def write_lora_int_ids(directory: Path, ids: Sequence[int]) -> None:
+    """Writes [`LORA_INT_IDS_FILE`]: `ids`, every id the folder ever gave out."""
+    record = {"format_version": SERVING_FORMAT_VERSION, "lora_int_ids": sorted(set(ids))}
+    (directory / LORA_INT_IDS_FILE).write_text(json.dumps(record), encoding="utf-8")
 
 
 def assign_lora_int_ids(entries: list[dict], previous: PreviousIds) -> None:
@@ -199,22 +238,31 @@ def write_serving_manifest(
     return manifest
 
 
-MAX_MANIFEST_BYTES = 64 * 2**20
+def read_serving_manifest(directory: str | os.PathLike, *, verify_weights: bool = True) -> dict[str, Any]:
+    """The manifest of an export folder, cross-checked against the folder, with each adapter's `path` resolved to
+    an absolute path inside it:
 
+    - the file is at most [`~persistence.json_files.MAX_SERVING_MANIFEST_BYTES`] and not a symlink;
+    - `lora_int_id`s are unique positive ints, none of them retired; `lora_name`s and `user_id`s are unique;
+    - one user per folder and one folder per user: paths stay inside the export folder and no two resolve to the
+      same folder;
+    - each folder's `adapter_model.safetensors` is a regular file whose sha256 is the entry's `sha256` (so the
+      weights a server loads under an id are the ones exported under it).
 
-def read_serving_manifest(directory: str | os.PathLike) -> dict[str, Any]:
-    """The manifest of an export folder, checked (unique positive int ids, unique names and users, paths inside the
-    folder, none of them a retired id), with each adapter's `path` resolved to an absolute path inside it."""
+    Args:
+        directory (`str` or `os.PathLike`): the export folder.
+        verify_weights (`bool`, *optional*, defaults to `True`): hash every adapter's weights against the manifest.
+
+    Raises:
+        `FileNotFoundError`: no manifest. `ValueError`: naming the file and the field that fails a check.
+    """
     root = Path(directory)
     path = root / SERVING_MANIFEST
     if not path.is_file():
         raise FileNotFoundError(f"{SERVING_MANIFEST} not found in {root} (is this an export_for_serving folder?).")
-    if path.is_symlink() or path.stat().st_size > MAX_MANIFEST_BYTES:
-        raise ValueError(f"{path} is a symlink or larger than {MAX_MANIFEST_BYTES} bytes.")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from None
+    if path.is_symlink():
+        raise ValueError(f"{path} is a symlink; it is not read.")
+    manifest = read_json_capped(path, MAX_SERVING_MANIFEST_BYTES)
     if not isinstance(manifest, dict) or manifest.get("format_version") != SERVING_FORMAT_VERSION:
         raise ValueError(f"{path}: field 'format_version' must be {SERVING_FORMAT_VERSION}.")
     adapters = manifest.get("adapters")
@@ -224,6 +272,7 @@ def read_serving_manifest(directory: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(retired, list) or not all(_positive_int(i) for i in retired):
         raise ValueError(f"{path}: field 'retired_lora_int_ids' must list positive ints.")
     seen: dict[str, set] = {"lora_int_id": set(retired), "lora_name": set(), "user_id": set()}
+    folders: dict[Path, str] = {}
     for i, entry in enumerate(adapters):
         if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
             raise ValueError(f"{path}: field 'adapters[{i}].path' must be a string.")
@@ -239,8 +288,40 @@ def read_serving_manifest(directory: str | os.PathLike) -> dict[str, Any]:
         resolved = (root / entry["path"]).resolve()
         if root.resolve() not in resolved.parents:
             raise ValueError(f"{path}: field 'adapters[{i}].path' ({entry['path']!r}) leaves the folder.")
+        if resolved in folders:  # two users on one folder: one would be served the other's weights
+            raise ValueError(
+                f"{path}: field 'adapters[{i}].path' ({entry['path']!r}) is the folder of user "
+                f"{folders[resolved]!r} too; each user needs their own folder."
+            )
+        folders[resolved] = entry["user_id"]
+        if verify_weights:
+            _verify_weights(path, i, entry, resolved)
         entry["path"] = str(resolved)
     return manifest
+
+
+def _verify_weights(path: Path, i: int, entry: dict, folder: Path) -> None:
+    """Checks that the adapter folder of `adapters[i]` holds the weights its recorded `sha256` names."""
+    digest = entry.get("sha256")
+    if not (isinstance(digest, str) and len(digest) == 64 and all(c in "0123456789abcdef" for c in digest)):
+        raise ValueError(f"{path}: field 'adapters[{i}].sha256' must be a sha256 hex digest.")
+    weights = folder / ADAPTER_WEIGHTS
+    if weights.is_symlink() or not weights.is_file():
+        raise ValueError(f"{path}: the weights of 'adapters[{i}]', {weights}, are missing or not a regular file.")
+    if file_sha256(weights) != digest:
+        raise ValueError(
+            f"{path}: field 'adapters[{i}].sha256' does not match {weights}: the weights of user "
+            f"{entry['user_id']!r} changed after the export."
+        )
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The sha256 hex digest of a file, read in 1 MiB chunks (adapter weights may be large)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(2**20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _positive_int(value: Any) -> bool:

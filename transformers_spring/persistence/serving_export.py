@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -15,6 +14,8 @@ import torch
 from transformers.utils import logging
 
 from ..utils.modeling import base_name_or_path, unwrap_model
+from .adapter_checks import check_adapter_folder
+from .continual_state import check_one_user_per_adapter
 from .folder import save_folder
 from .serving import (
     ADAPTER_CONFIG,
@@ -23,9 +24,11 @@ from .serving import (
     assign_lora_int_ids,
     check_max_lora_rank,
     check_vllm_lora,
+    file_sha256,
     lora_rank,
     previous_serving_ids,
     write_adapter_folder,
+    write_lora_int_ids,
     write_serving_manifest,
 )
 
@@ -57,12 +60,15 @@ def export_adapters_for_serving(
         `dict`: the manifest written (empty on the other processes of a distributed run).
 
     Raises:
-        `ValueError`: an adapter vLLM would refuse (the field is named), or a `max_lora_rank` it does not accept.
+        `ValueError`: an adapter vLLM would refuse (the field is named), a `max_lora_rank` it does not accept, or
+        two users with one adapter name (both named).
     """
     from accelerate import PartialState
     from peft import get_peft_model_state_dict
 
     max_lora_rank = check_max_lora_rank(max_lora_rank)
+    # One folder per user: two users on one adapter name would be served each other's weights.
+    check_one_user_per_adapter(adapters, "export_for_serving")
     model_type = getattr(getattr(unwrap_model(model), "config", None), "model_type", None)
     if model_type in VLLM_NO_LORA_MODEL_TYPES:
         logger.warning(
@@ -87,9 +93,11 @@ def export_adapters_for_serving(
                         if (source / file).is_symlink() or not (source / file).is_file():
                             raise ValueError(f"the offloaded adapter of {user!r} has no regular file {file}.")
                         shutil.copyfile(source / file, folder / file)
+                    # The pool checked this folder when it took it in; the copy is checked again before it is served.
+                    check_adapter_folder(folder, base_model=model, check_values=False, where=source)
                 check_vllm_lora(folder, max_lora_rank)
                 config = json.loads((folder / ADAPTER_CONFIG).read_text(encoding="utf-8"))
-                digest = hashlib.sha256((folder / ADAPTER_WEIGHTS).read_bytes()).hexdigest()
+                digest = file_sha256(folder / ADAPTER_WEIGHTS)
                 entries.append(
                     {"user_id": user, "lora_name": name, "path": name, "rank": lora_rank(config), "sha256": digest}
                 )
@@ -97,5 +105,7 @@ def export_adapters_for_serving(
             manifest = write_serving_manifest(
                 tmp, entries, base_name_or_path(model), max_lora_rank, retired=previous.retired(entries)
             )
+            # Beside the manifest and committed with it: the ids survive the manifest's loss (never reused).
+            write_lora_int_ids(tmp, previous.used | {e["lora_int_id"] for e in entries})
     state.wait_for_everyone()
     return manifest

@@ -127,13 +127,18 @@ def load_saved_adapters(model: nn.Module, adapters_dir: str | os.PathLike, is_tr
         `nn.Module`: a `PeftModel` holding the adapters, or `model` itself when the folder holds none.
 
     Raises:
-        `ValueError`: an adapter folder is a symlink or its name is not one the library writes.
+        `ValueError`: `adapters/` or anything in it is a symlink, an adapter's name is not one the library writes, or
+        an adapter fails [`~persistence.adapter_checks.check_adapter_folder`] (the file and field are named). Every
+        adapter is checked before the first one is loaded: on a refusal `model` is untouched.
     """
     from peft import PeftModel
 
     from ..generation.adapters import sanitize_adapter_name
+    from .adapter_checks import adapter_tree, check_adapter_folder
 
     adapters_dir = os.fspath(adapters_dir)
+    # Walks the whole tree first: a symlinked `adapters/`, adapter folder or file is refused before anything is read.
+    adapter_tree(adapters_dir, what="the adapters folder")
     found = []
     if os.path.isfile(os.path.join(adapters_dir, "adapter_config.json")):
         found.append(("default", adapters_dir))
@@ -148,6 +153,8 @@ def load_saved_adapters(model: nn.Module, adapters_dir: str | os.PathLike, is_tr
         found.append((name, sub))
     if not found:
         return model
+    for _, path in found:
+        check_adapter_folder(path, base_model=model)
     (first_name, first_path), rest = found[0], found[1:]
     model = PeftModel.from_pretrained(model, first_path, adapter_name=first_name, is_trainable=is_trainable)
     for name, path in rest:

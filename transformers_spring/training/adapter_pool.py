@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from collections import OrderedDict
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from transformers.utils import logging
 
+from ..persistence.safe_copy import UnsafeFolderError
 from ..utils.modeling import is_peft_model
 
 logger = logging.get_logger(__name__)
@@ -60,14 +63,49 @@ class AdapterPool:
         training, see [`~AdapterPool.mark_failed`])."""
         return name in self or name in self._orphans
 
-    def add_offloaded(self, name: str, path: str | os.PathLike) -> Path:
-        """Adds adapter `name` from the peft folder `path` (copied: `path` may be overwritten later, e.g. by saving
-        back to it); it loads when first needed. Returns the copy's path."""
+    def add_offloaded(
+        self, name: str, path: str | os.PathLike, *, allowed_targets: Sequence[str] | str | None = None
+    ) -> Path:
+        """Adds adapter `name` from the peft folder `path`, a folder the library may not have written; it loads when
+        first needed. `path` is copied (it may be overwritten later, e.g. by saving back to it) into a staging folder
+        without following any link, the copy is checked with
+        [`~persistence.adapter_checks.check_adapter_folder`] against the pool's model, and only then moved into
+        `offload_dir`: a refused folder leaves nothing behind. What [`~AdapterPool.make_resident`] loads later is
+        this checked copy.
+
+        Args:
+            name (`str`): the adapter's name.
+            path (`str` or `os.PathLike`): its peft folder.
+            allowed_targets (`Sequence[str]` or `str`, *optional*): the `target_modules` the adapter may have.
+
+        Returns:
+            `Path`: the copy's path.
+
+        Raises:
+            `ValueError`: a symlink in `path`, or an adapter the checks refuse (the file and field are named).
+        """
+        from ..persistence.adapter_checks import check_adapter_folder, copy_adapter_folder
+
         target = self.offload_dir / name
         self.offload_dir.mkdir(parents=True, exist_ok=True)
-        shutil.copytree(path, target, dirs_exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".incoming-", dir=self.offload_dir))
+        try:
+            copy = copy_adapter_folder(path, staging / name, what=f"the adapter folder of {name!r}")
+            # The copy is what is checked and loaded: the source cannot change between the check and the load.
+            check_adapter_folder(copy, base_model=self.model, allowed_targets=allowed_targets, where=path)
+            self._check_target(target)
+            if target.exists():
+                shutil.rmtree(target)  # a stale copy from an earlier use of this offload directory
+            os.replace(copy, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
         self._offloaded[name] = target
         return target
+
+    def _check_target(self, target: Path) -> None:
+        # peft's save writes through a symlinked folder: an offload must never land outside `offload_dir`.
+        if target.is_symlink() or (target.exists() and not target.is_dir()):
+            raise UnsafeFolderError(f"{target} in the offload directory is a symlink or not a folder.")
 
     def path_of(self, name: str) -> Path:
         """A peft folder holding adapter `name`'s current weights: its offloaded copy, refreshed first when the
@@ -136,6 +174,7 @@ class AdapterPool:
 
     def _offload(self, name: str) -> None:
         self.offload_dir.mkdir(parents=True, exist_ok=True)
+        self._check_target(self.offload_dir / name)
         self.model.save_pretrained(str(self.offload_dir), selected_adapters=[name])
         self._offloaded[name] = self.offload_dir / name
         self._resident[name] = False

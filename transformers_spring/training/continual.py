@@ -20,6 +20,7 @@ from ..generation.adapters import DEFAULT_ADAPTER_NAME_TEMPLATE, check_adapter_n
 from ..generation.config import SPRING_CONFIG_NAME, SpringConfig
 from ..generation.model import ADAPTERS_DIR, MEMORY_DIR, load_memory_component, save_spring_files, spring_components
 from ..memory import LoGoMemory
+from ..persistence.adapter_checks import adapter_tree
 from ..persistence.cards import render_card
 from ..persistence.continual_state import (
     CACHE_FILE,
@@ -31,8 +32,9 @@ from ..persistence.continual_state import (
     write_continual_state,
     write_training_args,
 )
-from ..persistence.folder import save_folder
+from ..persistence.folder import reading, save_folder
 from ..persistence.hub import push_folder, resolve_folder
+from ..persistence.safe_copy import copy_tree
 from ..persistence.serving import check_max_lora_rank
 from ..persistence.serving_export import export_adapters_for_serving
 from ..records import Interaction, check_user_id, coerce_interactions
@@ -40,7 +42,7 @@ from ..utils.modeling import base_name_or_path
 from ..utils.validation import check_int
 from .adapter_pool import AdapterPool
 from .drift import BaseLogProbCache
-from .lora import adapter_name_for, adapter_names
+from .lora import adapter_name_for, adapter_names, find_lora_target_modules
 from .sharding import UserShard, merge_shards
 from .spring_config import SPRING_FIELDS, SpringTrainingArguments
 from .spring_trainer import SpringPeriodOutput, SpringTrainer
@@ -224,8 +226,10 @@ class ContinualPersonalizer:
             adapter_path (`str` or `os.PathLike`): the adapter's folder (`adapter_config.json` and weights).
 
         Raises:
-            `ValueError`: a known user, another adapter name, no adapter folder, or a model that already holds an
-            adapter of that name.
+            `ValueError`: a known user, another adapter name, no adapter folder, a model that already holds an
+            adapter of that name, or an adapter folder that
+            [`~persistence.adapter_checks.check_adapter_folder`] refuses (a symlink, a field that would change the
+            base model, targets other than `args.lora_target_modules`).
         """
         user_id = check_user_id(user_id)
         if user_id in self._users:
@@ -238,8 +242,18 @@ class ContinualPersonalizer:
             raise ValueError(f"user {user_id!r} has no saved adapter ({name!r}) at {source}.")
         if name in adapter_names(self.model) or name in self.adapter_pool:
             raise ValueError(f"`model` already has an adapter named {name!r}; pass the plain base model.")
-        self.adapter_pool.add_offloaded(name, source)
+        self.adapter_pool.add_offloaded(name, source, allowed_targets=self._expected_targets())
         self._users[user_id] = UserState(name, state.next_period, state.num_observed)
+
+    def _expected_targets(self) -> list[str] | str | None:
+        """The `target_modules` this personalizer gives adapters (`args.lora_target_modules`, else the detected
+        query/value projections): an added adapter must target only those. None when they cannot be detected."""
+        if self.args.lora_target_modules is not None:
+            return self.args.lora_target_modules
+        try:
+            return find_lora_target_modules(self.model)
+        except ValueError:
+            return None
 
     def state_dict(self, user_id: str) -> dict[str, torch.Tensor]:
         """A copy of the user's adapter weights (peft state-dict keys), loading it from disk when offloaded."""
@@ -408,7 +422,7 @@ class ContinualPersonalizer:
             self.model.save_pretrained(str(adapters), selected_adapters=resident)
             (adapters / "README.md").unlink(missing_ok=True)  # the top-level card describes the whole state
         for name in sorted(managed - set(resident)):
-            shutil.copytree(self.adapter_pool.path_of(name), adapters / name)
+            copy_tree(self.adapter_pool.path_of(name), adapters / name, what=f"the offloaded adapter {name!r}")
         config, _ = save_spring_files(
             directory, self.spring_config, self.model, self.memory, self.tokenizer if save_tokenizer else None
         )
@@ -522,47 +536,55 @@ class ContinualPersonalizer:
             force_download=force_download,
             local_files_only=local_files_only,
         )
-        state = read_continual_state(directory)  # every name that becomes a path is checked before any copy
-        if args is None:
-            args = read_training_args(directory, SpringTrainingArguments)
-        else:
-            saved = state.spring_args
-            changed = {
-                k: (saved[k], getattr(args, k)) for k in SPRING_FIELDS if k in saved and saved[k] != getattr(args, k)
-            }
-            if changed:
-                logger.warning(f"`args` differ from the saved SPRInG settings (saved, given): {changed}.")
-        if tokenizer is None:
-            from transformers import AutoTokenizer
+        # One version of the folder for the whole read: a save of another process waits (persistence/folder.py).
+        with reading(directory):
+            state = read_continual_state(directory)  # every name that becomes a path is checked before any copy
+            if args is None:
+                args = read_training_args(directory, SpringTrainingArguments, work_dir=kwargs.get("offload_dir"))
+            else:
+                saved = state.spring_args
+                changed = {
+                    k: (saved[k], getattr(args, k))
+                    for k in SPRING_FIELDS
+                    if k in saved and saved[k] != getattr(args, k)
+                }
+                if changed:
+                    logger.warning(f"`args` differ from the saved SPRInG settings (saved, given): {changed}.")
+            if tokenizer is None:
+                from transformers import AutoTokenizer
 
-            tokenizer = AutoTokenizer.from_pretrained(str(directory))
-        if memory is None:
-            memory = load_memory_component(directory, memory_kwargs)
-        spring_config = kwargs.pop("spring_config", None)
-        if spring_config is None and (directory / SPRING_CONFIG_NAME).is_file():
-            spring_config = SpringConfig.from_pretrained(directory)
-        if spring_config is None and state.adapter_name_template != DEFAULT_ADAPTER_NAME_TEMPLATE:
-            spring_config = SpringConfig(adapter_name_template=state.adapter_name_template)
-        given = spring_config.adapter_name_template if spring_config is not None else DEFAULT_ADAPTER_NAME_TEMPLATE
-        if given != state.adapter_name_template:
-            raise ValueError(
-                f"`spring_config.adapter_name_template` is {given!r}, but the adapters in {directory} are named "
-                f"with {state.adapter_name_template!r}."
+                tokenizer = AutoTokenizer.from_pretrained(str(directory))
+            if memory is None:
+                memory = load_memory_component(directory, memory_kwargs)
+            spring_config = kwargs.pop("spring_config", None)
+            if spring_config is None and (directory / SPRING_CONFIG_NAME).is_file():
+                spring_config = SpringConfig.from_pretrained(directory)
+            if spring_config is None and state.adapter_name_template != DEFAULT_ADAPTER_NAME_TEMPLATE:
+                spring_config = SpringConfig(adapter_name_template=state.adapter_name_template)
+            given = spring_config.adapter_name_template if spring_config is not None else DEFAULT_ADAPTER_NAME_TEMPLATE
+            if given != state.adapter_name_template:
+                raise ValueError(
+                    f"`spring_config.adapter_name_template` is {given!r}, but the adapters in {directory} are named "
+                    f"with {state.adapter_name_template!r}."
+                )
+            cache = None
+            if (directory / CACHE_FILE).is_file():
+                cache = BaseLogProbCache.load(directory / CACHE_FILE, model_name=base_name_or_path(model))
+            kwargs.setdefault("max_resident_adapters", state.max_resident_adapters or 8)
+            if state.shard is not None and "shard" not in kwargs:  # a worker's save resumes as that worker
+                try:
+                    kwargs["shard"] = UserShard(*state.shard)
+                except (TypeError, ValueError) as err:
+                    raise ValueError(f"{STATE_FILE} in {directory}: field 'shard': {err}") from None
+            personalizer = cls(
+                model, tokenizer, args, memory, spring_config=spring_config, score_cache=cache, **kwargs
             )
-        cache = None
-        if (directory / CACHE_FILE).is_file():
-            cache = BaseLogProbCache.load(directory / CACHE_FILE, model_name=base_name_or_path(model))
-        kwargs.setdefault("max_resident_adapters", state.max_resident_adapters or 8)
-        if state.shard is not None and "shard" not in kwargs:  # a worker's save resumes as that worker
-            try:
-                kwargs["shard"] = UserShard(*state.shard)
-            except (TypeError, ValueError) as err:
-                raise ValueError(f"{STATE_FILE} in {directory}: field 'shard': {err}") from None
-        personalizer = cls(model, tokenizer, args, memory, spring_config=spring_config, score_cache=cache, **kwargs)
-        personalizer.saved_base_model = state.base_model_name_or_path
-        for user_id, entry in state.users.items():
-            personalizer.add_user(user_id, entry, directory / ADAPTERS_DIR / entry.adapter)
-        return personalizer
+            personalizer.saved_base_model = state.base_model_name_or_path
+            if state.users:  # a symlinked `adapters/`, adapter folder or file is refused before anything is copied
+                adapter_tree(directory / ADAPTERS_DIR, what="the adapters folder")
+            for user_id, entry in state.users.items():
+                personalizer.add_user(user_id, entry, directory / ADAPTERS_DIR / entry.adapter)
+            return personalizer
 
     def export_for_serving(
         self,

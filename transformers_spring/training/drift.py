@@ -124,7 +124,11 @@ class BaseLogProbCache:
 
     @classmethod
     def load(cls, path: str | os.PathLike, model_name: str | None = None) -> BaseLogProbCache:
-        return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")), model_name=model_name)
+        """Reads a saved cache, refusing a file above [`~persistence.json_files.MAX_BASE_LOGPROBS_BYTES`] before
+        parsing it (a saved state may come from someone else)."""
+        from ..persistence.json_files import MAX_BASE_LOGPROBS_BYTES, read_json_capped
+
+        return cls.from_dict(read_json_capped(path, MAX_BASE_LOGPROBS_BYTES), model_name=model_name)
 
 
 def shared_prefix_length(samples: Sequence[EncodedSample]) -> int:

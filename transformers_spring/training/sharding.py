@@ -9,8 +9,11 @@ from __future__ import annotations
 import os
 from collections.abc import MutableMapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..persistence.continual_state import check_one_user_per_adapter, read_continual_state
+from ..persistence.json_files import MAX_ADAPTER_CONFIG_BYTES, read_json_capped
 from ..records import check_user_id, user_bucket
 from ..utils.validation import check_int
 
@@ -138,23 +141,16 @@ def merge_shards(
         if len(counts) != 1 or None in counts or indices != list(range(next(iter(counts)))):
             found = [(r.index, r.count) if r is not None else None for r in recorded]
             raise ValueError(f"the shards' saved (index, count) are {found}: pass every worker's folder, each once.")
-    base = base_name_or_path(model)
+    _check_same_training(shards, shard_directories, base_name_or_path(model))
     owner: dict[str, int] = {}
     for i, shard in enumerate(shards):
-        if shard.args.spring_dict() != first.args.spring_dict():
-            raise ValueError(f"shard {i} ({shard_directories[i]}) was trained with other SPRInG settings.")
-        if shard.adapter_name_template != first.adapter_name_template:
-            raise ValueError(
-                f"shard {i} ({shard_directories[i]}) names adapters with `adapter_name_template` "
-                f"{shard.adapter_name_template!r}, shard 0 with {first.adapter_name_template!r}."
-            )
-        saved = shard.saved_base_model
-        if saved and base and saved != base:
-            raise ValueError(f"shard {i} ({shard_directories[i]}) was trained on {saved!r}, not on {base!r}.")
         for user in shard.users:
             if user in owner:
                 raise ValueError(f"user {user!r} is in shard {owner[user]} and shard {i}; shards must be disjoint.")
             owner[user] = i
+    # Each shard's state file was checked alone: two shards may still hold users with one adapter name ('a.b', 'a_b').
+    adapters = {user: shard.adapter_name(user) for shard in shards for user in shard.users}
+    check_one_user_per_adapter(adapters, "merge_shards")
     memories = [s.memory for s in shards]
     if any(m is None for m in memories) and any(m is not None for m in memories):
         raise ValueError("some shards have a memory and some do not; their buffers cannot be merged.")
@@ -172,3 +168,68 @@ def merge_shards(
             merged.add_user(user, shard.user_state(user), shard.adapter_pool.path_of(shard.adapter_name(user)))
     merged.save_pretrained(save_directory)
     return merged
+
+
+# `adapter_config.json` fields that may differ between shards trained alike: the mode and the library version.
+_LORA_CONFIG_IGNORED = ("inference_mode", "peft_version", "revision")
+
+
+def _check_same_training(shards: list, directories: Sequence[str | os.PathLike], base: str | None) -> None:
+    """Checks that every shard was trained like shard 0: the same base model (known: a shard without one is refused
+    unless nothing, the `model` passed included, names one), adapter-name template, SPRInG settings (both the
+    training arguments and the `spring_args` recorded in the state file) and LoRA config (`modules_to_save`, rank,
+    targets, ...). Raises `ValueError` naming the field and the two shards."""
+    first = shards[0]
+
+    def mismatch(i: int, what: str, value: Any, expected: Any) -> ValueError:
+        return ValueError(
+            f"shard {i} ({directories[i]}) and shard 0 ({directories[0]}) differ in {what}: {value!r} and {expected!r}; "
+            "only shards trained alike can be merged."
+        )
+
+    bases = [shard.saved_base_model for shard in shards]
+    if (base is not None or any(bases)) and not all(bases):
+        i = next(i for i, b in enumerate(bases) if not b)
+        raise ValueError(
+            f"shard {i} ({directories[i]}) does not record its base model, so it cannot be checked against "
+            f"{base or next(b for b in bases if b)!r}; only shards saved from a named model can be merged."
+        )
+    for i, saved in enumerate(bases):
+        if base is not None and saved != base:
+            raise ValueError(f"shard {i} ({directories[i]}) was trained on {saved!r}, not on {base!r}.")
+        if saved != bases[0]:
+            raise mismatch(i, "the base model", saved, bases[0])
+    recorded = [read_continual_state(directory).spring_args for directory in directories]
+    lora = [_lora_config(shard, directories[i]) for i, shard in enumerate(shards)]
+    for i, shard in enumerate(shards):
+        if shard.adapter_name_template != first.adapter_name_template:
+            raise mismatch(i, "`adapter_name_template`", shard.adapter_name_template, first.adapter_name_template)
+        for what, ours, theirs in (
+            ("the SPRInG setting", shard.args.spring_dict(), first.args.spring_dict()),
+            ("the recorded `spring_args` field", recorded[i], recorded[0]),
+            ("the LoRA config field", lora[i], lora[0]),
+        ):
+            if ours is None or theirs is None:  # a shard without users has no LoRA config to compare
+                continue
+            for key in sorted(set(ours) | set(theirs)):
+                if ours.get(key) != theirs.get(key):
+                    raise mismatch(i, f"{what} {key!r}", ours.get(key), theirs.get(key))
+
+
+def _lora_config(shard: Any, directory: str | os.PathLike) -> dict | None:
+    """The LoRA config all adapters of `shard` share (from their `adapter_config.json`), None without users; raises
+    `ValueError` when two of its own adapters differ."""
+    config = None
+    for user in shard.users:
+        path = Path(shard.adapter_pool.path_of(shard.adapter_name(user))) / "adapter_config.json"
+        data = read_json_capped(path, MAX_ADAPTER_CONFIG_BYTES, f"the adapter config of {user!r} in {directory}")
+        if not isinstance(data, dict):
+            raise ValueError(f"the adapter config of {user!r} in {directory} must hold a JSON object.")
+        # peft writes `target_modules` from a set: its order is not part of the config.
+        data = {k: sorted(v) if k == "target_modules" and isinstance(v, list) else v for k, v in data.items()}
+        data = {k: v for k, v in data.items() if k not in _LORA_CONFIG_IGNORED}
+        if config is not None and data != config:
+            key = next(k for k in sorted(set(data) | set(config)) if data.get(k) != config.get(k))
+            raise ValueError(f"{directory}: the adapters of one shard differ in the LoRA config field {key!r}.")
+        config = data
+    return config

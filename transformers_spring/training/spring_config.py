@@ -10,6 +10,7 @@ from typing import Any
 from transformers import TrainingArguments
 from transformers.utils import logging
 
+from ..generation.config import MAX_TEMPLATE_CHARS, check_format_template
 from ..utils.validation import check_choice, check_float, check_int
 
 logger = logging.get_logger(__name__)
@@ -216,17 +217,15 @@ class SpringTrainingArguments(TrainingArguments):
             raise ValueError(
                 f"`lora_target_modules` must be None, a regex string or a non-empty list of module names, got {targets!r}."
             )
-        if not isinstance(self.prompt_template, str) or "{prompt}" not in self.prompt_template:
-            raise ValueError(f"`prompt_template` must be a str containing '{{prompt}}', got {self.prompt_template!r}.")
-        try:
-            self.prompt_template.format(prompt="", user_id="")
-        except (KeyError, IndexError, ValueError) as err:
-            raise ValueError(
-                f"`prompt_template` {self.prompt_template!r} has a placeholder other than {{prompt}} and {{user_id}} "
-                f"({err!r}); double literal braces as '{{{{' and '}}}}'."
-            ) from err
+        # Parsed, not formatted with the real values: a saved `training_args.json` may hold `{prompt:>3000000000}`.
+        check_format_template(self.prompt_template, "prompt_template", ("prompt", "user_id"), required="prompt")
         if self.system_prompt is not None and not isinstance(self.system_prompt, str):
             raise TypeError(f"`system_prompt` must be a str or None, got {type(self.system_prompt).__name__}.")
+        if self.system_prompt is not None and len(self.system_prompt) > MAX_TEMPLATE_CHARS:
+            # Sent verbatim (never formatted), but tokenized with every sample: bounded like a template.
+            raise ValueError(
+                f"`system_prompt` is {len(self.system_prompt)} characters long, above the limit of {MAX_TEMPLATE_CHARS}."
+            )
 
     def get_warmup_steps(self, num_training_steps: int) -> int:
         """Warmup steps; a ratio in [0, 1) is rounded **down** (transformers rounds up).
