@@ -392,3 +392,17 @@ def find_traces(folder, *needles: str) -> list[str]:
             if needle in names[0] or needle.encode("utf-8") in data:
                 hits.append(f"{path}: {needle}")
     return hits
+
+
+def edit_memory_config(target, **changes):
+    """Edits a saved memory's `config.json` in place: `changes` maps dotted paths (`"counts.records"`) to values."""
+    import json
+
+    config = json.loads((target / "config.json").read_text())
+    for key, value in changes.items():
+        node = config
+        *path, last = key.split(".")
+        for part in path:
+            node = node[part]
+        node[last] = value
+    (target / "config.json").write_text(json.dumps(config))

@@ -177,12 +177,15 @@ def test_a_load_never_creates_a_store_from_a_relative_uri(saved, tmp_path, monke
     memory, store, folder = saved
     (tmp_path / "cwd").mkdir()
     monkeypatch.chdir(tmp_path / "cwd")
-    with pytest.raises(ValueError, match="absolute path"):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
         LoGoMemory.from_pretrained(folder, backend=MilvusBackend("store.db", collection="tenant_a", num_buckets=4))
     monkeypatch.setenv("SPRING_MILVUS_URI", "store.db")
-    with pytest.raises(ValueError, match="absolute path"):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
         LoGoMemory.from_pretrained(folder)
-    assert list((tmp_path / "cwd").iterdir()) == []
+    assert list((tmp_path / "cwd").iterdir()) == []  # nothing created in the working directory
+    monkeypatch.chdir(Path(store.uri).parent)  # a relative path to the real store is the caller's choice: it loads
+    monkeypatch.setenv("SPRING_MILVUS_URI", Path(store.uri).name)
+    assert len(LoGoMemory.from_pretrained(folder)) == len(memory)
 
 
 def test_a_load_never_creates_a_missing_collection(saved, monkeypatch):

@@ -327,3 +327,17 @@ def test_a_hub_cache_snapshot_loads_through_its_blob_links(state_template, tmp_p
     )
     p.load_user("alice")
     assert torch.equal(base_logits(p.model), before) and not torch.equal(logits(p.model), before)
+
+
+def test_an_all_linear_personalizer_loads_its_own_save(tmp_path):
+    """peft saves `"all-linear"` as the expanded list of layer names: the personalizer's own targets accept it."""
+    p = ContinualPersonalizer(
+        make_model("llama", TRAINING_VOCAB.size), make_tokenizer(TRAINING_VOCAB, chat=True),
+        make_args(tmp_path, buffer_size=3, lora_target_modules="all-linear"), make_buffer_memory(),
+    )  # fmt: skip
+    p.observe("alice", make_interactions("alice", 6))
+    p.save_pretrained(tmp_path / "state")
+    loaded = ContinualPersonalizer.from_pretrained(make_model("llama", TRAINING_VOCAB.size), tmp_path / "state")
+    loaded.load_user("alice")
+    for name, tensor in p.state_dict("alice").items():
+        assert torch.equal(loaded.state_dict("alice")[name], tensor), name

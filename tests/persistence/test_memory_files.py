@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from testing_utils import populated, topical
+from testing_utils import edit_memory_config, populated, topical
 
 from transformers_spring.memory import LoGoMemory
 
@@ -18,17 +18,6 @@ def _saved_shared(make_memory, tmp_path):
     target = tmp_path / "mem"
     memory.save_pretrained(target)
     return target
-
-
-def _edit_config(target, **changes):
-    config = json.loads((target / "config.json").read_text())
-    for key, value in changes.items():
-        node = config
-        *path, last = key.split(".")
-        for part in path:
-            node = node[part]
-        node[last] = value
-    (target / "config.json").write_text(json.dumps(config))
 
 
 def _edit_tensors(target, edit):
@@ -71,22 +60,22 @@ def _opted_out_label(target):
 CORRUPTIONS = {
     "duplicate label": (lambda t: _edit_tensors(t, _labels(_dup)), "labels.*repeat"),
     "float labels": (lambda t: _edit_tensors(t, _labels(lambda x: x.astype(np.float32))), "labels.*integer"),
-    "negative next_label": (lambda t: _edit_config(t, next_label=-5), "next_label"),
-    "string boolean": (lambda t: _edit_config(t, **{"sharing.u3": "false"}), "sharing.u3"),
-    "label beyond next_label": (lambda t: _edit_config(t, next_label=1), "next_label"),
+    "negative next_label": (lambda t: edit_memory_config(t, next_label=-5), "next_label"),
+    "string boolean": (lambda t: edit_memory_config(t, **{"sharing.u3": "false"}), "sharing.u3"),
+    "label beyond next_label": (lambda t: edit_memory_config(t, next_label=1), "next_label"),
     "unnormalised embeddings": (
         lambda t: _edit_tensors(t, lambda x: x.update(embeddings=x["embeddings"] * 3)),
         "norm",
     ),
     "zero embedding": (lambda t: _edit_tensors(t, lambda x: x["embeddings"].__setitem__(0, 0.0)), "norm"),
-    "capacity ignored": (lambda t: _edit_config(t, capacity=2), "capacity"),
-    "huge dim": (lambda t: _edit_config(t, dim=10**9), "'dim'"),
-    "huge n_communities": (lambda t: _edit_config(t, n_communities=10**8), "n_communities"),
+    "capacity ignored": (lambda t: edit_memory_config(t, capacity=2), "capacity"),
+    "huge dim": (lambda t: edit_memory_config(t, dim=10**9), "'dim'"),
+    "huge n_communities": (lambda t: edit_memory_config(t, n_communities=10**8), "n_communities"),
     "buffer record labelled": (None, "buffer records must be -1"),
     "opted-out user labelled": (None, "does not share"),
     "long line": (lambda t: (t / "records.jsonl").write_text("x" * (2**20 + 10) + "\n"), "line 1"),
     "community out of range": (
-        lambda t: _edit_config(t, **{"communities.user_community.u0": 10**6}),
+        lambda t: edit_memory_config(t, **{"communities.user_community.u0": 10**6}),
         "user_community",
     ),
 }
@@ -103,7 +92,7 @@ def test_corrupted_folders_are_refused_naming_file_and_field(make_memory, tmp_pa
     elif name == "opted-out user labelled":
         _, edit = _opted_out_label(target)
         _edit_tensors(target, _labels(edit))
-        _edit_config(target, next_label=10**4)
+        edit_memory_config(target, next_label=10**4)
     else:
         corrupt(target)
     with pytest.raises(ValueError, match=match):
@@ -125,7 +114,7 @@ def test_huge_labels_load_renumbered_instead_of_allocating(make_memory, tmp_path
     """Labels are internal: a load renumbers them densely, so an edited (or long-churned) label of 2**39 costs
     nothing and later adds still work."""
     target = _saved_shared(make_memory, tmp_path)
-    _edit_config(target, next_label=2**40)
+    edit_memory_config(target, next_label=2**40)
     _edit_tensors(target, _labels(lambda x: np.where(x >= 0, x + 2**39, x)))
     memory = LoGoMemory.from_pretrained(target)
     assert memory._next_label == len(memory.global_memory)
@@ -232,13 +221,13 @@ def test_a_stale_or_foreign_cache_is_rebuilt(make_memory, tmp_path, cached, monk
         data[len(data) // 2] ^= 0xFF
         (target / "ann_index.hnsw").write_bytes(bytes(data))
     elif spoil == "data":
-        _edit_config(target, **{"ann_index.data_sha256": "0" * 64})
+        edit_memory_config(target, **{"ann_index.data_sha256": "0" * 64})
     elif spoil == "params":
         overrides = {"hnsw_M": 8}
     elif spoil == "machine":  # a folder written elsewhere (a clone of someone's repo): its index is never loaded
         monkeypatch.setenv("SPRING_CACHE_HOME", str(tmp_path / "another-machine"))
     elif spoil == "labels":  # sparse labels: reusing them would let label-indexed arrays grow with every write
-        _edit_config(target, next_label=10**6)
+        edit_memory_config(target, next_label=10**6)
     builds = _builds(monkeypatch)
     loaded = LoGoMemory.from_pretrained(target, encoder=memory.encoder, num_threads=1, **overrides)
     assert builds == [1]

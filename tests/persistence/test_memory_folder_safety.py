@@ -9,8 +9,7 @@ import time
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
-from test_memory_files import _edit_config as edit_config  # (one config editor for both files)
-from testing_utils import populated, topical
+from testing_utils import edit_memory_config, populated, topical
 
 from transformers_spring.memory import Interaction, LoGoMemory
 
@@ -51,7 +50,7 @@ def _edit_line(number, edit):
 
 
 def _edit_config(**changes):
-    return lambda target: edit_config(target, **changes)
+    return lambda target: edit_memory_config(target, **changes)
 
 
 def _edit_tensors(edit):

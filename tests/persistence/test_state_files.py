@@ -166,3 +166,10 @@ def test_observe_refuses_a_new_user_on_another_users_adapter(saved_state, tmp_pa
     p.observe("a.b", make_interactions("a.b", 4, prefix="ab"))
     with pytest.raises(ValueError, match=r"'a_b' and 'a\.b' map to the same adapter name 'a_b'"):
         p.observe("a_b", make_interactions("a_b", 4, prefix="a_b"))
+
+
+def test_a_saved_lora_rank_beyond_the_validator_bound_is_refused(tmp_path):
+    """`lora_r` from a folder is held to the adapter validator's bound: `2**24` would allocate without limit."""
+    (tmp_path / "training_args.json").write_text(json.dumps({"lora_r": 2**24}))
+    with pytest.raises(ValueError, match=r"`lora_r` must be an int in \[1, 1024\]"):
+        read_training_args(tmp_path, SpringTrainingArguments)

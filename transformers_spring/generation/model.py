@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import os
 import time
@@ -578,31 +577,32 @@ class SpringForCausalLM(nn.Module):
             pretrained_model_name_or_path, marker=SPRING_CONFIG_NAME, kind="SpringForCausalLM", probe=True,
             revision=revision, **hub,
         )  # fmt: skip
-        # One version of a saved folder for the whole read: a save of another process waits (persistence/folder.py).
-        with reading(found) if found is not None else contextlib.nullcontext():
-            if found is not None:
+        if found is not None:
+            with reading(found):  # one version of the folder per read: a save of another process waits
                 config = SpringConfig.from_pretrained(found)
-                base_id = base_override or config.base_model_name_or_path
-                if not base_id:
-                    raise ValueError(
-                        f"{SPRING_CONFIG_NAME} in {pretrained_model_name_or_path!r} names no base model; pass "
-                        "`base_model_name_or_path=`."
-                    )
-                model = AutoModelForCausalLM.from_pretrained(base_id, **hub, **hf_kwargs)
+            base_id = base_override or config.base_model_name_or_path
+            if not base_id:
+                raise ValueError(
+                    f"{SPRING_CONFIG_NAME} in {pretrained_model_name_or_path!r} names no base model; pass "
+                    "`base_model_name_or_path=`."
+                )
+            # Outside the folder's lock: a base model download may take minutes, and saves would wait for it.
+            model = AutoModelForCausalLM.from_pretrained(base_id, **hub, **hf_kwargs)
+            with reading(found):
                 # `lexists`: a symlinked `adapters` (even a dangling one) is refused by the load, not silently skipped.
                 if load_adapters and os.path.lexists(found / ADAPTERS_DIR):
                     model = load_saved_adapters(model, found / ADAPTERS_DIR, is_trainable)
                 if memory is None and load_memory:
                     memory = load_memory_component(found, memory_kwargs)
-                tokenizer_sources = [str(found), base_id]
-            else:
-                base_id = base_override or str(pretrained_model_name_or_path)
-                hub["revision"] = revision  # the model and its tokenizer come from the repo named
-                model = AutoModelForCausalLM.from_pretrained(base_id, **hub, **hf_kwargs)
-                config = SpringConfig()
-                tokenizer_sources = [base_id]
+                if tokenizer is None:
+                    tokenizer = load_tokenizer([str(found), base_id], **hub)
+        else:
+            base_id = base_override or str(pretrained_model_name_or_path)
+            hub["revision"] = revision  # the model and its tokenizer come from the repo named
+            model = AutoModelForCausalLM.from_pretrained(base_id, **hub, **hf_kwargs)
+            config = SpringConfig()
             if tokenizer is None:
-                tokenizer = load_tokenizer(tokenizer_sources, **hub)
+                tokenizer = load_tokenizer([base_id], **hub)
         if spring_config is not None:
             config = copy.deepcopy(spring_config)
         if config.base_model_name_or_path is None:

@@ -56,7 +56,7 @@ def _is_lite(uri: str) -> bool:
 def uri_hint(uri: str) -> str:
     """A URI as a save may name it in error messages: without credentials or query (a server URI may carry them)."""
     if _is_lite(uri):
-        return uri
+        return Path(uri).name  # the file name only: a pushed folder shows no machine-local path
     scheme, _, rest = uri.partition("://")
     host = rest.split("/", 1)[0].rsplit("@", 1)[-1].split("?", 1)[0]
     return f"{scheme}://{host}"
@@ -148,7 +148,6 @@ class MilvusBackend:
         uri = str(uri)
         lite = _is_lite(uri)
         # Kept for a load, which refuses it: a relative path names whatever store sits in the working directory.
-        self._relative = lite and not Path(uri).is_absolute()
         if lite:
             uri = str(Path(uri).absolute())  # a Milvus Lite file: absolute, so a save names it from anywhere
         if searches is None:
@@ -538,19 +537,16 @@ class MilvusBackend:
         the manifest's, a Milvus Lite path absolute and present, and the connect creates nothing.
 
         Raises:
-            `ValueError`: another collection, or a relative path.
-            `FileNotFoundError`: the Milvus Lite store does not exist.
+            `ValueError`: another collection.
+            `FileNotFoundError`: the Milvus Lite store does not exist (a load never creates one, whatever the path).
         """
         if manifest.get("collection") != self.collection:
             raise ValueError(
                 f"{where} is stored in the Milvus collections {manifest.get('collection')!r}_local and _global, not "
                 f"in {self.collection!r}: pass `backend=MilvusBackend(uri, collection={manifest.get('collection')!r})`."
             )
-        if self._relative:
-            raise ValueError(
-                f"a load opens Milvus Lite stores by absolute path only, got a relative path (now {self.uri!r}): a "
-                "relative one names whatever sits in the working directory. Pass an absolute path."
-            )
+        # The caller's path (made absolute at construction, relative ones from the working directory) must name an
+        # existing store: a load never creates one.
         if self._lite and not Path(self.uri).exists():
             raise FileNotFoundError(
                 f"the Milvus Lite store {self.uri!r} that {where} needs does not exist (deleted or moved?)."

@@ -237,6 +237,8 @@ def _check_lora_fields(config: dict, where: Path, max_rank: int) -> Callable[[st
 
 
 def _within(targets: list[str] | str, allowed: Sequence[str] | str) -> bool:
+    if allowed == "all-linear":  # peft saves the expanded list; each name is checked to be a Linear layer anyway
+        return True
     if isinstance(targets, str) or isinstance(allowed, str):
         return targets == allowed
     return set(targets) <= set(allowed)

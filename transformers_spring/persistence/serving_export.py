@@ -78,8 +78,9 @@ def export_adapters_for_serving(
     manifest: dict[str, Any] = {}
     state = PartialState()
     if state.is_main_process:
-        previous = previous_serving_ids(directory)
         with save_folder(directory, "ServingExport", argument="directory") as tmp:
+            # Read under the folder's lock: two exports at once never hand out one id for different weights.
+            previous = previous_serving_ids(directory)
             entries = []
             for user, name in adapters.items():
                 folder = tmp / name
@@ -93,8 +94,8 @@ def export_adapters_for_serving(
                         if (source / file).is_symlink() or not (source / file).is_file():
                             raise ValueError(f"the offloaded adapter of {user!r} has no regular file {file}.")
                         shutil.copyfile(source / file, folder / file)
-                    # The pool checked this folder when it took it in; the copy is checked again before it is served.
-                    check_adapter_folder(folder, base_model=model, check_values=False, where=source)
+                # Resident or offloaded, every folder is checked by the validator of every load before it is served.
+                check_adapter_folder(folder, base_model=model, check_values=False, where=source or folder)
                 check_vllm_lora(folder, max_lora_rank)
                 config = json.loads((folder / ADAPTER_CONFIG).read_text(encoding="utf-8"))
                 digest = file_sha256(folder / ADAPTER_WEIGHTS)

@@ -11,6 +11,7 @@ from transformers import TrainingArguments
 from transformers.utils import logging
 
 from ..generation.config import MAX_TEMPLATE_CHARS, check_format_template
+from ..persistence.adapter_checks import MAX_LORA_ALPHA, MAX_LORA_RANK
 from ..utils.validation import check_choice, check_float, check_int
 
 logger = logging.get_logger(__name__)
@@ -257,8 +258,9 @@ _FIELD_CHECKS: tuple[tuple[str, Callable[..., Any], dict[str, Any]], ...] = (
     ("score_reduction", check_choice, {"choices": SCORE_REDUCTIONS}),
     ("buffer_size", check_int, {"minimum": 0}),
     ("rescore_buffer", check_choice, {"choices": RESCORE_MODES}),
-    ("lora_r", check_int, {"minimum": 1}),
-    ("lora_alpha", check_float, {"minimum": 0.0, "min_inclusive": False}),
+    # The adapter validator's bounds (a `training_args.json` from a folder must not allocate without limit either).
+    ("lora_r", check_int, {"minimum": 1, "maximum": MAX_LORA_RANK}),
+    ("lora_alpha", check_float, {"minimum": 0.0, "min_inclusive": False, "maximum": MAX_LORA_ALPHA}),
     ("lora_dropout", check_float, {"minimum": 0.0, "maximum": 1.0, "max_inclusive": False}),
     ("max_length", check_int, {"minimum": 2, "hint": "one prompt and one response token"}),
     ("scoring_batch_size", check_int, {"minimum": 1, "optional": True}),
