@@ -85,8 +85,12 @@ def chat_inputs(tokenizer, articles: list[Interaction]) -> dict:
 
 
 def personalization(authors: list[str], articles: list[Interaction], gate=None) -> list[Personalization]:
+    # σ gates the local hits only (global ones are the mediator's): a closed gate also turns the global memory off.
+    use_global = False if gate is not None else None
     return [
-        Personalization(user=author, query=a.prompt, gate=gate, retrieval_kwargs={"before": a.timestamp})
+        Personalization(
+            user=author, query=a.prompt, gate=gate, use_global=use_global, retrieval_kwargs={"before": a.timestamp}
+        )
         for author, a in zip(authors, articles, strict=True)
     ]
 
