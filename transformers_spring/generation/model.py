@@ -6,7 +6,6 @@ import copy
 import os
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,7 +15,7 @@ from transformers.utils import logging
 
 from ..persistence.cards import render_card
 from ..persistence.folder import reading, save_folder
-from ..persistence.hub import push_folder, resolve_folder
+from ..persistence.hub import HubMixin, resolve_folder
 from ..persistence.spring_folder import (  # the names training/continual.py imports from here too
     ADAPTERS_DIR,
     MEMORY_DIR,
@@ -42,7 +41,7 @@ logger = logging.get_logger(__name__)
 _UNSUPPORTED_WITH_PERSONALIZATION = ("assistant_model", "prompt_lookup_num_tokens", "inputs_embeds")
 
 
-class SpringForCausalLM(nn.Module):
+class SpringForCausalLM(HubMixin, nn.Module):
     r"""
     Wraps any causal LM (a transformers model or a `PeftModel` with per-user LoRA adapters) so that
     `generate(..., personalization=...)` runs SPRInG's gated dual-path decoding. Attribute access falls through to the
@@ -76,6 +75,9 @@ class SpringForCausalLM(nn.Module):
     >>> out = spring.generate(**inputs, personalization="alice", max_new_tokens=32, repetition_penalty=1.2)
     ```
     """
+
+    hub_commit_message = "Upload SpringForCausalLM"
+    hub_delete_patterns = (f"{ADAPTERS_DIR}/**", f"{MEMORY_DIR}/**")
 
     def __init__(
         self,
@@ -403,41 +405,6 @@ class SpringForCausalLM(nn.Module):
         return known
 
     # ---------------------------------------------------------------------------------------------- persistence
-    def push_to_hub(
-        self,
-        repo_id: str,
-        *,
-        private: bool | None = True,
-        token: str | bool | None = None,
-        commit_message: str = "Upload SpringForCausalLM",
-        revision: str | None = None,
-        create_pr: bool = False,
-    ) -> Any:
-        """Saves the wrapper ([`save_pretrained`]) into a temporary folder and uploads it to `repo_id` in one commit
-        (the repo is created if needed). The memory's machine-local ANN cache is never uploaded (see
-        `docs/memory.md#the-ann-cache`), and the repo mirrors the wrapper: adapter and memory files of users
-        forgotten since the last push are deleted in the same commit.
-
-        Args:
-            repo_id (`str`): the Hub repo.
-            private (`bool`, *optional*, defaults to `True`): whether a new repo is private (adapters and memories
-                are derived from users' text); `None` leaves it to the Hub's default.
-            token (`str` or `bool`, *optional*): the Hub token.
-            commit_message (`str`, *optional*, defaults to `"Upload SpringForCausalLM"`): the commit message.
-            revision (`str`, *optional*): the branch to push to.
-            create_pr (`bool`, *optional*, defaults to `False`): open a pull request instead of committing.
-
-        Returns:
-            The `CommitInfo` of the upload.
-        """
-        options = dict(private=private, token=token, commit_message=commit_message, revision=revision)
-        return self._push(self.save_pretrained, repo_id, create_pr=create_pr, **options)
-
-    @staticmethod
-    def _push(save, repo_id: str, **options) -> Any:
-        # Forgotten users' adapter and memory files are deleted from the repo in the same commit: it mirrors the save.
-        return push_folder(save, repo_id, delete_patterns=[f"{ADAPTERS_DIR}/**", f"{MEMORY_DIR}/**"], **options)
-
     def save_pretrained(
         self,
         save_directory: str | os.PathLike,
@@ -472,27 +439,21 @@ class SpringForCausalLM(nn.Module):
             `TypeError`: `push_kwargs` holds a name [`push_to_hub`] does not take (checked before anything is written).
         """
         import functools
-        import inspect
 
-        # Checked first: a typo must not cost a save, nor be silently dropped.
-        push_options = inspect.signature(self.push_to_hub).bind("repo_id", **push_kwargs)
-        if push_kwargs and not push_to_hub:
-            logger.warning(f"{sorted(push_kwargs)} are ignored: `push_to_hub` is False.")
+        self._check_push_kwargs(push_to_hub, push_kwargs)  # before anything is written
         adopt = lambda d: (d / SPRING_CONFIG_NAME).is_file()  # noqa: E731 (a save of an earlier release)
         parts = lambda d: spring_components(d, self.memory)  # noqa: E731
         with save_folder(save_directory, "SpringForCausalLM", adopt=adopt, components=parts) as staging:
             self._write(staging, safe_serialization, save_memory, save_tokenizer)
         if not push_to_hub:
             return None
-        push_options.apply_defaults()
-        options = {**push_options.arguments, "repo_id": repo_id or Path(save_directory).name}
         save = functools.partial(
             self.save_pretrained,
             safe_serialization=safe_serialization,
             save_memory=save_memory,
             save_tokenizer=save_tokenizer,
         )  # the upload is this same save, written again into a folder of its own
-        return self._push(save, **options)
+        return self._push_saved(save_directory, repo_id, push_kwargs, save)
 
     def _write(
         self, save_directory: os.PathLike, safe_serialization: bool, save_memory: bool, save_tokenizer: bool

@@ -15,7 +15,7 @@ from transformers.utils import logging
 
 from ..persistence.cards import render_card
 from ..persistence.folder import reading, save_folder
-from ..persistence.hub import push_folder, resolve_folder
+from ..persistence.hub import HubMixin, resolve_folder
 from ..persistence.memory_files import CONFIG_FILE, MEMORY_FILES, is_memory_folder
 from ..persistence.memory_format import MemoryState, load_memory, merge_memories, save_memory
 from ..persistence.registry import ClassRegistry
@@ -52,6 +52,7 @@ def _local_keys(records: Iterable[Interaction], region: str) -> list[tuple[str, 
 
 
 class LoGoMemory(
+    HubMixin,
     ModelHubMixin,
     library_name="transformers_spring",
     tags=["transformers_spring", "personalization", "memory", "logo"],
@@ -786,42 +787,12 @@ class LoGoMemory(
         `ModelHubMixin.save_pretrained` writes straight into the target (and first deletes any `config.json` there,
         the user's own included), so it runs here inside the staging folder of a safe save instead.
         """
+        self._check_push_kwargs(push_to_hub, push_kwargs)  # before anything is written
         with self._save_lock, save_folder(save_directory, "LoGoMemory", adopt=is_memory_folder) as tmp:
-            super().save_pretrained(tmp, config=config, model_card_kwargs=model_card_kwargs)
+            ModelHubMixin.save_pretrained(self, tmp, config=config, model_card_kwargs=model_card_kwargs)
         if push_to_hub:
-            return self.push_to_hub(repo_id or Path(save_directory).absolute().name, **push_kwargs)
+            return self._push_saved(save_directory, repo_id, push_kwargs)
         return None
-
-    def push_to_hub(
-        self,
-        repo_id: str,
-        *,
-        private: bool | None = True,
-        token: str | bool | None = None,
-        commit_message: str = "Upload with transformers-spring",
-        revision: str | None = None,
-        create_pr: bool = False,
-        ignore_patterns: list[str] | str | None = None,
-    ) -> str:
-        """Saves the memory into a temporary folder and uploads it to `repo_id` in one commit (see
-        [`~persistence.hub.push_folder`]). The machine-local ANN cache (`ann_index.hnsw`, loaded into C++ code) is
-        never uploaded: a loaded memory rebuilds its index.
-
-        Args:
-            repo_id (`str`): the Hub repo (created if needed).
-            private (`bool`, *optional*, defaults to `True`): whether a new repo is private (a memory holds users'
-                text); `None` leaves it to the Hub's default.
-            token (`str` or `bool`, *optional*), commit_message (`str`, *optional*), revision (`str`, *optional*),
-            create_pr (`bool`, *optional*, defaults to `False`): as for `HfApi.upload_folder`.
-            ignore_patterns (`list[str]` or `str`, *optional*): more files not to push.
-
-        Returns:
-            The `CommitInfo` of the upload.
-        """
-        return push_folder(
-            lambda folder: self.save_pretrained(folder), repo_id, private=private, token=token,
-            commit_message=commit_message, revision=revision, create_pr=create_pr, ignore_patterns=ignore_patterns,
-        )  # fmt: skip
 
     @classmethod
     def from_pretrained(

@@ -119,3 +119,78 @@ def push_folder(
             ignore_patterns=[*ignore, f"*{ANN_INDEX_FILE}"],
             **({"delete_patterns": delete} if delete else {}),
         )
+
+
+class HubMixin:
+    """The push half of the library's one save/load/push contract, shared by `SpringForCausalLM`,
+    `ContinualPersonalizer` and `LoGoMemory` (each defines `save_pretrained(save_directory, ...)` and
+    `from_pretrained`): `push_to_hub` saves into a fresh folder and uploads it through [`push_folder`], and
+    `save_pretrained(..., push_to_hub=True, repo_id=None, **push_kwargs)` checks its push options before writing
+    anything ([`_check_push_kwargs`]) and pushes the same save after it ([`_push_saved`])."""
+
+    hub_commit_message: str = "Upload with transformers-spring"
+    # Repo files deleted in the same commit, so the repo mirrors the save (forgotten users' adapters and memory).
+    hub_delete_patterns: tuple[str, ...] = ()
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        private: bool | None = True,
+        token: str | bool | None = None,
+        commit_message: str | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+        ignore_patterns: Sequence[str] | str | None = None,
+    ):
+        """Saves (`save_pretrained`) into a temporary folder and uploads it to `repo_id` in one commit (the repo is
+        created if needed). The memory's machine-local ANN cache is never uploaded, and files matching
+        `hub_delete_patterns` that this save does not hold are deleted from the repo in the same commit.
+
+        Args:
+            repo_id (`str`): the Hub repo.
+            private (`bool`, *optional*, defaults to `True`): whether a new repo is private (adapters and memories
+                are derived from users' text); `None` leaves it to the Hub's default.
+            token (`str` or `bool`, *optional*): the Hub token.
+            commit_message (`str`, *optional*): defaults to the class's `hub_commit_message`.
+            revision (`str`, *optional*): the branch to push to.
+            create_pr (`bool`, *optional*, defaults to `False`): open a pull request instead of committing.
+            ignore_patterns (`Sequence[str]` or `str`, *optional*): more files not to upload.
+
+        Returns:
+            The `CommitInfo` of the upload.
+        """
+        options = dict(private=private, token=token, commit_message=commit_message, revision=revision,
+                       create_pr=create_pr, ignore_patterns=ignore_patterns)  # fmt: skip
+        return self._push(self.save_pretrained, repo_id, options)
+
+    def _push_options(self, push_kwargs: dict) -> dict:
+        """`push_to_hub`'s options from `push_kwargs`, defaults filled in; a name it does not take raises `TypeError`."""
+        import inspect
+
+        bound = inspect.signature(HubMixin.push_to_hub).bind(self, "repo_id", **push_kwargs)
+        bound.apply_defaults()
+        return {key: value for key, value in bound.arguments.items() if key not in ("self", "repo_id")}
+
+    def _check_push_kwargs(self, push_to_hub: bool, push_kwargs: dict) -> None:
+        """Checks `save_pretrained`'s `push_kwargs` before anything is written: a typo raises `TypeError` instead of
+        costing a save or being dropped."""
+        self._push_options(push_kwargs)
+        if push_kwargs and not push_to_hub:
+            from transformers.utils import logging
+
+            logging.get_logger(__name__).warning(f"{sorted(push_kwargs)} are ignored: `push_to_hub` is False.")
+
+    def _push_saved(self, save_directory: str | os.PathLike, repo_id: str | None, push_kwargs: dict, save=None):
+        """`save_pretrained(..., push_to_hub=True)`'s push, to `repo_id` (default: the folder's name): through
+        `push_to_hub`, or of `save` (`save_pretrained` with the same options) when the save took options
+        `push_to_hub` cannot repeat."""
+        repo_id = repo_id or Path(save_directory).absolute().name
+        if save is None:
+            return self.push_to_hub(repo_id, **push_kwargs)
+        return self._push(save, repo_id, self._push_options(push_kwargs))
+
+    def _push(self, save: Callable[[Path], object], repo_id: str, options: dict):
+        """Uploads what `save(folder)` writes, with `push_to_hub`'s `options` (see [`push_folder`])."""
+        options = dict(options, commit_message=options.get("commit_message") or self.hub_commit_message)
+        return push_folder(save, repo_id, delete_patterns=self.hub_delete_patterns, **options)

@@ -33,7 +33,7 @@ from ..persistence.continual_state import (
     write_training_args,
 )
 from ..persistence.folder import reading, save_folder
-from ..persistence.hub import push_folder, resolve_folder
+from ..persistence.hub import HubMixin, resolve_folder
 from ..persistence.safe_copy import copy_tree
 from ..persistence.serving import check_max_lora_rank
 from ..persistence.serving_export import export_adapters_for_serving
@@ -50,7 +50,7 @@ from .spring_trainer import SpringPeriodOutput, SpringTrainer
 logger = logging.get_logger(__name__)
 
 
-class ContinualPersonalizer:
+class ContinualPersonalizer(HubMixin):
     r"""
     SPRInG for many users over time: call [`~ContinualPersonalizer.observe`] with each user's new interactions, once
     per period; it runs a [`SpringTrainer`] (score → select → train → rebuild the buffer) on that user's adapter and
@@ -118,6 +118,9 @@ class ContinualPersonalizer:
     >>> spring.generate(**inputs, personalization="alice")
     ```
     """
+
+    hub_commit_message = "Upload SPRInG personalization state"
+    hub_delete_patterns = (f"{ADAPTERS_DIR}/**", f"{MEMORY_DIR}/**")
 
     def __init__(
         self,
@@ -399,6 +402,7 @@ class ContinualPersonalizer:
         """
         from accelerate import PartialState
 
+        self._check_push_kwargs(push_to_hub, push_kwargs)  # before anything is written
         state = PartialState()
         if state.is_main_process:
             adopt = lambda d: (d / STATE_FILE).is_file()  # noqa: E731 (a save of an earlier release)
@@ -410,7 +414,8 @@ class ContinualPersonalizer:
                 self._write(tmp, save_tokenizer)
         state.wait_for_everyone()
         if push_to_hub:
-            self.push_to_hub(repo_id or Path(save_directory).name, **push_kwargs)
+            return self._push_saved(save_directory, repo_id, push_kwargs)
+        return None
 
     def _write(self, directory: Path, save_tokenizer: bool) -> None:
         directory.mkdir(parents=True, exist_ok=True)
@@ -435,45 +440,6 @@ class ContinualPersonalizer:
                 "continual", base_model_line=f"base_model: {base}\n" if base else "", num_users=len(self._users)
             ),
             encoding="utf-8",
-        )
-
-    def push_to_hub(
-        self,
-        repo_id: str,
-        *,
-        private: bool | None = True,
-        token: str | bool | None = None,
-        commit_message: str = "Upload SPRInG personalization state",
-        revision: str | None = None,
-        create_pr: bool = False,
-    ) -> Any:
-        """Saves the state ([`~ContinualPersonalizer.save_pretrained`]) into a temporary folder and uploads it to
-        `repo_id` in one commit (the repo is created if needed). The repo mirrors the state: adapter and memory files
-        of users forgotten since the last push are deleted in the same commit, and the memory's machine-local ANN
-        cache is never uploaded.
-
-        Args:
-            repo_id (`str`): the Hub repo.
-            private (`bool`, *optional*, defaults to `True`): whether a new repo is private (adapters and buffers are
-                derived from users' text); `None` leaves it to the Hub's default.
-            token (`str` or `bool`, *optional*): the Hub token.
-            commit_message (`str`, *optional*, defaults to `"Upload SPRInG personalization state"`): the commit
-                message.
-            revision (`str`, *optional*): the branch to push to.
-            create_pr (`bool`, *optional*, defaults to `False`): open a pull request instead of committing.
-
-        Returns:
-            The `CommitInfo` of the upload.
-        """
-        return push_folder(
-            self.save_pretrained,
-            repo_id,
-            private=private,
-            token=token,
-            commit_message=commit_message,
-            revision=revision,
-            create_pr=create_pr,
-            delete_patterns=[f"{ADAPTERS_DIR}/**", f"{MEMORY_DIR}/**"],
         )
 
     @classmethod
