@@ -48,11 +48,12 @@ from transformers.utils import logging  # noqa: E402
 
 from transformers_spring.data import (  # noqa: E402
     DEFAULT_NEWS_PATH,
+    NEWS_SUBSET_PATH,
     group_by_user,
-    read_news_jsonl,
     select_users,
     temporal_split,
 )
+from transformers_spring.data.tasks import read_stream  # noqa: E402
 from transformers_spring.memory import HashingEncoder, LoGoMemory  # noqa: E402
 from transformers_spring.training import (  # noqa: E402
     ContinualPersonalizer,
@@ -73,9 +74,21 @@ NEWS_PROMPT = "Write a headline for this news article: {prompt}"
 class ScriptArguments:
     """What data the script uses and what it compares."""
 
-    data_path: str = field(default=str(DEFAULT_NEWS_PATH), metadata={"help": "News Category JSON Lines file."})
-    authors: int = field(default=10, metadata={"help": "How many authors (the ones with the most items)."})
-    min_items_per_author: int = field(default=50, metadata={"help": "Only authors with at least this many items."})
+    data_path: str = field(
+        # The full news stream beside a git checkout, else the subset every install ships.
+        default=str(DEFAULT_NEWS_PATH if DEFAULT_NEWS_PATH.is_file() else NEWS_SUBSET_PATH),
+        metadata={"help": "A user stream: JSONL interactions (user_id, prompt, response, timestamp), News Category "
+                  "JSON Lines or a LaMP file (see docs/your-data.md)."},
+    )  # fmt: skip
+    # The full stream has hundreds of authors with 50+ items; the shipped subset has 8 with 34-40.
+    authors: int = field(
+        default=10 if DEFAULT_NEWS_PATH.is_file() else 6,
+        metadata={"help": "How many authors (the ones with the most items)."},
+    )
+    min_items_per_author: int = field(
+        default=50 if DEFAULT_NEWS_PATH.is_file() else 30,
+        metadata={"help": "Only authors with at least this many items."},
+    )
     max_items_per_author: int = field(
         default=60, metadata={"help": "Use each author's most recent N items (0: all of them)."}
     )
@@ -131,8 +144,11 @@ def main():
     torch.manual_seed(args.seed)
 
     # ---------------------------------------------------------------------------------------------- data
-    items = read_news_jsonl(script.data_path, min_items=script.min_items_per_author)
-    by_author = group_by_user(items)  # each author's items oldest first
+    by_author = {
+        author: stream
+        for author, stream in group_by_user(read_stream(script.data_path)).items()  # each author's items oldest first
+        if len(stream) >= script.min_items_per_author
+    }
     if len(by_author) < script.authors:
         raise SystemExit(f"only {len(by_author)} authors have >= {script.min_items_per_author} items in the file.")
     chosen = select_users(by_author, script.authors, strategy="top")

@@ -27,6 +27,20 @@ def test_usage_and_unknown_command(capsys):
     assert "unknown command 'benchmark'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", ["demo", "train", "memory", "bench", "bench-logo"])
+def test_every_help_renders_without_formatting_artefacts(command, capsys):
+    # argparse %-formats help text: an unescaped "30 % selection" used to print the option's internals as a dict.
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert text.startswith(f"usage: spring {command}")
+    for artefact in ("{'option_strings'", "%(", "%%", "<object at", "'dest':"):
+        assert artefact not in text, (command, artefact)
+    if command in ("demo", "bench"):
+        assert "random-30 % selection" in text
+
+
 def test_bench_help_lists_the_options(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["bench", "--help"])

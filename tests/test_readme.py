@@ -20,11 +20,18 @@ import pytest
 from testing_utils import TRAINING_VOCAB, make_model, make_tokenizer
 
 README = Path(__file__).resolve().parents[1] / "README.md"
+TRAINING_DOCS = README.parent / "docs" / "training.md"
 BLOCK = re.compile(r"^```python\n(.*?)^```", re.DOTALL | re.MULTILINE)
 
 
-def python_blocks() -> list[str]:
-    return BLOCK.findall(README.read_text(encoding="utf-8"))
+def python_blocks(path: Path = README) -> list[str]:
+    return BLOCK.findall(path.read_text(encoding="utf-8"))
+
+
+def training_quick_start() -> str:
+    """docs/training.md's "Quick start in Python" block."""
+    text = TRAINING_DOCS.read_text(encoding="utf-8")
+    return BLOCK.findall(text[text.index("## Quick start in Python") :])[0]
 
 
 def undefined_names(code: str) -> set[str]:
@@ -111,3 +118,17 @@ def test_readme_python_blocks_run(tiny_hub, tmp_path):
     assert "me/my-memory" in tiny_hub.downloaded  # the memory was pushed to the (test) Hub and read back from it
     for folder in ("my-memory", "spring-state", "serve", "spring-model"):
         assert (tmp_path / folder).is_dir(), folder
+
+
+def test_training_quick_start_defines_its_names_and_runs(tiny_hub, tmp_path, monkeypatch, capsys):
+    code = training_quick_start()
+    assert "temporal_split" in code and not undefined_names(code)
+    import transformers_spring.utils.models as models
+
+    monkeypatch.setattr(models, "smollm2_path", lambda *a, **k: models.SMOLLM2_HUB_ID)  # no GGUF conversion here
+    namespace = {"__name__": "training_docs"}
+    exec(compile(code, "docs/training.md quick start", "exec"), namespace)
+    assert namespace["personalizer"].users == ["Ed Mazza", "Ron Dicker"]
+    assert all(namespace["personalizer"].period(user) == 3 for user in namespace["users"])
+    assert (tmp_path / "spring-state" / "continual_state.json").is_file()
+    assert namespace["spring"].last_personalization[0].adapter == "Ed_Mazza"

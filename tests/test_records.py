@@ -115,3 +115,19 @@ def test_stored_records_cannot_change():
     copy = Interaction("u", "p", "r", metadata=source)
     source["tags"].append("b")  # the caller's dict is not the stored one
     assert copy.metadata == {"tags": ["a"]}
+
+
+def test_a_repeated_id_names_both_records():
+    from transformers_spring.records import coerce_interactions
+
+    batch = [Interaction("a" if i % 2 else "b", f"p{i}", "r", id=f"x{i}") for i in range(9)]
+    batch[7] = Interaction("a", "again", "r", id="x3")  # batch[3] is user a's x3
+    with pytest.raises(ValueError) as info:
+        coerce_interactions(batch)
+    assert str(info.value) == (
+        "`interactions[7]`: `id` 'x3' repeats `interactions[3]` (user 'a'); a user's ids must be unique."
+    )
+    batch[7] = Interaction("b", "again", "r", id="x3")  # another user's id: no clash
+    assert coerce_interactions(batch) == batch
+    with pytest.raises(ValueError, match=r"^`train_interactions\[1\]`: `id` 'x0' repeats `train_interactions\[0\]`"):
+        coerce_interactions([batch[0], batch[0]], "b", "train_interactions")

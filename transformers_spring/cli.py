@@ -1,4 +1,5 @@
-"""The `spring` command: `spring demo` (the project's main job) and `spring bench` (the full benchmark)."""
+"""The `spring` command: `spring demo` (the project's main job), `spring train` (SPRInG on your own data),
+`spring memory` (what a state holds) and `spring bench` (the full benchmark)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,19 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
-USAGE = """usage: spring {demo,bench,bench-logo,report} [options]
+USAGE = """usage: spring {demo,train,memory,bench,bench-logo,report} [options]
 
   spring demo   SPRInG end to end on the shipped news subset (SmolLM2-135M-Instruct, a few authors, 5 periods):
                 prints the per-period ROUGE table against Base and RAG and saves results + a PNG plot.
+  spring train --data my.jsonl --model ID --out DIR
+                trains each user's SPRInG adapter period by period on your JSONL stream (user_id, prompt,
+                response, timestamp) and saves a state that SpringForCausalLM.from_pretrained(DIR) loads; a
+                checkpoint after each user, resumed when run again (`spring train --help`).
+  spring memory DIR [--user ID [--show_text]]
+                what a state or memory folder holds: users, counts, periods and sharing flags (text only for one
+                user, when asked).
   spring bench  the continual-personalization benchmark: every method on the same model, users and splits
                 (`spring bench --help` lists the options).
   spring bench-logo
@@ -24,17 +33,25 @@ USAGE = """usage: spring {demo,bench,bench-logo,report} [options]
 """
 
 # The demo: 6 authors of the shipped subset, the methods users compare SPRInG with first (`DEMO_METHODS`), and the
-# LoRA learning rate and epochs the full `spring bench` run chose on its validation split (docs/benchmark.md), so
-# that the demo need not repeat the 8-point selection.
-DEMO_DEFAULTS = {
-    "users": 6, "min_items": 10, "max_items": 40, "out": "spring-demo", "learning_rates": "", "learning_rate": 3e-3,
-    "num_train_epochs": 2.0,
-}  # fmt: skip
+# LoRA learning rate and epochs the full `spring bench` run chose on its validation split (docs/benchmark.md,
+# `BENCH_CHOSEN_TRAINING`), so that the demo need not repeat the 8-point selection.
+DEMO_DEFAULTS = {"users": 6, "min_items": 10, "max_items": 40, "out": "spring-demo", "learning_rates": ""}
 
 
 # Switches whose default comes from the task preset (`bool | None` fields). HfArgumentParser gives a field whose
 # default is None neither a bare `--x` form nor `--no_x`; `_parse` adds both, as it does for plain bool fields.
 PRESET_SWITCHES = ("stop_at_newline", "lamp_queries")
+
+
+def escape_help(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Escapes every lone `%` in the help strings: argparse %-formats help text, so "30 % selection" would print
+    the option's internals. `%%` (already escaped, as transformers' own help is) and `%(name)s` placeholders stay."""
+    import re
+
+    for action in parser._actions:  # (argparse has no public iterator over its actions)
+        if isinstance(action.help, str) and "%" in action.help:
+            action.help = re.sub(r"%%|%\(|%", lambda m: m.group() if len(m.group()) == 2 else "%%", action.help)
+    return parser
 
 
 def _parse(argv: Sequence[str], defaults: dict, prog: str, arguments: type | None = None):
@@ -44,6 +61,7 @@ def _parse(argv: Sequence[str], defaults: dict, prog: str, arguments: type | Non
     from .utils.compat import parser_action
 
     parser = HfArgumentParser(arguments or BenchmarkArguments, prog=prog)
+    escape_help(parser)
     for name in PRESET_SWITCHES:
         action = parser_action(parser, name)
         action.nargs, action.const = "?", True  # bare `--x` means true; `--x false` still parses
@@ -115,6 +133,92 @@ def _report(argv: Sequence[str]) -> int:
     return 0
 
 
+def _train_parser(argv: Sequence[str]):
+    """`spring train`'s parser: [`TrainJobArguments`] and [`SpringTrainingArguments`] side by side (as trl's scripts
+    parse a script config and a trainer config), with the job's training defaults, then `--config`'s options, then
+    the flags."""
+    from transformers import HfArgumentParser
+
+    from .training import SpringTrainingArguments
+    from .training.train_job_config import TRAIN_JOB_TRAINING_DEFAULTS, TrainJobArguments, read_options_file
+
+    early = argparse.ArgumentParser(add_help=False)
+    early.add_argument("--config", default=None)
+    early.add_argument("--out", default=None)
+    known, _ = early.parse_known_args(list(argv))
+    parser = escape_help(HfArgumentParser((TrainJobArguments, SpringTrainingArguments), prog="spring train"))
+    # `dataloader_pin_memory` defaults to None (decided by the accelerator), so HfArgumentParser adds no `--no_` form.
+    parser.add_argument("--no_dataloader_pin_memory", "--no-dataloader-pin-memory", dest="dataloader_pin_memory",
+                        action="store_false", default=argparse.SUPPRESS, help="Turn `dataloader_pin_memory` off.")  # fmt: skip
+    allowed = {action.dest for action in parser._actions} - {"help"}
+    options = read_options_file(known.config, allowed) if known.config else {}
+    out = known.out or options.get("out") or TrainJobArguments.out
+    parser.set_defaults(**TRAIN_JOB_TRAINING_DEFAULTS, output_dir=str(Path(out) / "trainer_output"))
+    parser.set_defaults(**options)
+    return parser
+
+
+def _train(argv: Sequence[str]) -> int:
+    from .training.train_job import run_train_job
+
+    try:
+        parser = _train_parser(argv)
+        job, training_args = parser.parse_args_into_dataclasses(args=list(argv))
+        report = run_train_job(job, training_args)
+    except (FileNotFoundError, ValueError, TypeError) as err:  # bad data or options: the message says which
+        print(f"spring train: {err}", file=sys.stderr)
+        return 2
+    users = report["users"]
+    print(f"\nspring train: {len(users)} user(s) trained in this run, {len(report['resumed_users'])} resumed as "
+          f"done, {len(report['skipped_users'])} skipped (too few items); {report['seconds'] / 60:.1f} min.\n")  # fmt: skip
+    if users:
+        print("| user | periods | items | trained on per period | buffer |\n|---|---:|---:|---|---:|")
+        for user, entry in users.items():
+            selected = ", ".join(str(n) for n in entry["selected"]) or "-"
+            print(f"| {user} | {entry['periods']} | {entry['items']} | {selected} | {entry['buffer']} |")
+    gate = report["gate"]
+    print(f"\nSaved to {report['out']}/ (σ = {'none' if gate is None else f'{gate:.3f}'}); decode with "
+          f"SpringForCausalLM.from_pretrained({report['out']!r}) and generate(..., personalization=USER).")  # fmt: skip
+    return 0
+
+
+def _memory(argv: Sequence[str]) -> int:
+    from .training.inspect_state import describe_state
+
+    parser = escape_help(argparse.ArgumentParser(
+        prog="spring memory",
+        description="What a `spring train` state or a LoGoMemory folder holds: per user, history and buffer counts, "
+        "first and last times, sharing flag, adapter and periods. No text unless --show_text for one --user.",
+    ))  # fmt: skip
+    parser.add_argument("directory", help="The state or memory folder.")
+    parser.add_argument("--user", default=None, help="Only this user.")
+    parser.add_argument("--show_text", "--show-text", action="store_true",
+                        help="With --user: also print that user's records (cut to 200 characters).")  # fmt: skip
+    args = parser.parse_args(list(argv))
+    try:
+        summary = describe_state(args.directory, user=args.user, show_text=args.show_text)
+    except (FileNotFoundError, KeyError, ValueError) as err:
+        print(f"spring memory: {err.args[0] if isinstance(err, KeyError) else err}", file=sys.stderr)
+        return 2
+    rows = summary["users"]
+    print(f"{args.directory}: a {summary['kind']} with {summary['num_users']} user(s), "
+          f"{summary['num_records']} history record(s)\n")  # fmt: skip
+    state = summary["kind"] == "state"
+    print("| user | history | buffer | first | last | shared |" + (" adapter | periods | observed |" if state else ""))
+    print("|---|---:|---:|---|---|---|" + ("---|---:|---:|" if state else ""))
+    for row in rows:
+        line = (f"| {row['user_id']} | {row['history']} | {row['buffer']} | {row['first'] or '-'} | "
+                f"{row['last'] or '-'} | {row['shared']} |")  # fmt: skip
+        if state:
+            line += f" {row['adapter'] or '-'} | {row['periods']} | {row['observed']} |"
+        print(line)
+    for record in summary.get("records", []):
+        print(
+            f"\n[{record['region']}] {record['time']}\n  prompt:   {record['prompt']}\n  response: {record['response']}"
+        )
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `spring` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -126,10 +230,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command == "demo":
         from .data import NEWS_SUBSET_PATH
         from .evaluation.methods import DEMO_METHODS
+        from .training.train_job_config import BENCH_CHOSEN_TRAINING
 
-        defaults = {**DEMO_DEFAULTS, "methods": ",".join(DEMO_METHODS), "data": str(NEWS_SUBSET_PATH)}
+        defaults = {**DEMO_DEFAULTS, **BENCH_CHOSEN_TRAINING, "methods": ",".join(DEMO_METHODS),
+                    "data": str(NEWS_SUBSET_PATH)}  # fmt: skip
         args = _parse(rest, defaults, "spring demo")
         return _run(args, "SPRInG demo")
+    if command == "train":
+        return _train(rest)
+    if command == "memory":
+        return _memory(rest)
     if command == "bench":
         args = _parse(rest, {}, "spring bench")
         return _run(args, "SPRInG benchmark")

@@ -351,10 +351,14 @@ def coerce_interactions(
         if user_id is not None and record.user_id != user_id:
             raise ValueError(f"`{name}[{index}].user_id` is {record.user_id!r}, expected {user_id!r}.")
         records.append(record)
-    keys = [(record.user_id, record.id) for record in records]
-    if len(set(keys)) != len(keys):
-        repeated = sorted({key[1] for key in keys if keys.count(key) > 1})
-        raise ValueError(f"`{name}` has repeated `id` values {repeated[:5]}; a user's ids must be unique.")
+    first: dict[tuple[str, str], int] = {}
+    for index, record in enumerate(records):
+        earlier = first.setdefault((record.user_id, record.id), index)
+        if earlier != index:
+            raise ValueError(
+                f"`{name}[{index}]`: `id` {record.id!r} repeats `{name}[{earlier}]` (user {record.user_id!r}); a "
+                "user's ids must be unique."
+            )
     return records
 
 

@@ -116,3 +116,12 @@ def test_remapped_field_is_named_as_in_the_file(tmp_path):
 def test_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.jsonl"):
         read_interactions_jsonl(tmp_path / "nope.jsonl")
+
+
+def test_a_repeated_id_of_one_user_names_both_lines(tmp_path):
+    path = tmp_path / "stream.jsonl"
+    rows = [{"user_id": u, "prompt": "p", "response": "r", "timestamp": i, "id": i_d}
+            for i, (u, i_d) in enumerate([("a", "x"), ("b", "x"), ("a", "y"), ("a", "x")])]  # fmt: skip
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with pytest.raises(ValueError, match=r"stream.jsonl, line 4: field 'id' 'x' repeats line 1 \(user 'a'\)"):
+        read_interactions_jsonl(path)

@@ -92,7 +92,6 @@ def test_missing_timestamps():
     "kwargs, name",
     [
         ({"num_periods": 0}, "num_periods"),
-        ({"test_fraction": 0.0}, "test_fraction"),
         ({"test_fraction": 1.0}, "test_fraction"),
         ({"test_fraction": -0.5}, "test_fraction"),
         ({"min_items": 3}, "min_items"),
@@ -101,6 +100,17 @@ def test_missing_timestamps():
 def test_argument_errors_name_the_argument(kwargs, name):
     with pytest.raises(ValueError, match=name):
         temporal_split(stream("a", 20), **kwargs)
+
+
+def test_nothing_held_out_trains_every_item():
+    # `spring train` holds nothing out: every item trains, periods stay consecutive and time-ordered.
+    splits = temporal_split(stream("a", 11) + stream("b", 2), num_periods=3, test_fraction=0.0)
+    assert list(splits) == ["a"]  # "b" has fewer than num_periods items
+    periods = splits["a"]
+    assert [indices(p.train) for p in periods] == [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9, 10]]
+    assert all(p.test == () for p in periods)
+    with pytest.raises(ValueError, match="min_items"):
+        temporal_split(stream("a", 11), num_periods=3, test_fraction=0.0, min_items=2)
 
 
 def test_single_period():

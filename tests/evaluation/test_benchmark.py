@@ -253,7 +253,7 @@ def _interrupt_after_first_user(bench):
     bench._run_user = run_user
 
 
-def test_a_stopped_run_resumes_from_its_checkpoint_with_the_same_results(tmp_path):
+def test_a_stopped_run_resumes_from_its_checkpoint_with_the_same_results(tmp_path, caplog):
     args = bench_args(tmp_path, methods="copy-input,base,spring,all-100", learning_rates="1e-2,5e-2", epoch_grid="1")
     full = ContinualBenchmark(args, *tiny(), stream()).run(progress=False)
 
@@ -270,8 +270,10 @@ def test_a_stopped_run_resumes_from_its_checkpoint_with_the_same_results(tmp_pat
     original = resumed_bench._run_user
     resumed_bench._run_user = lambda user, *a: resumed_users.append(user) or original(user, *a)
     resumed_bench._select_hyperparameters = lambda *a: pytest.fail("the selection must come from the checkpoint")
-    resumed = resumed_bench.run(progress=False, checkpoint=checkpoint)
+    with caplog.at_level("WARNING"):
+        resumed = resumed_bench.run(progress=False, checkpoint=checkpoint)
     assert resumed["resumed"] and resumed_users == [list(full["users"])[1]]
+    assert f"Resuming from {checkpoint}: 1 of 2 users already done" in caplog.text  # a resume is never silent
     # The total counts both sessions: at least the selection and both users' training.
     timing = resumed["timing_s"]
     assert timing["total"] >= timing["selection"] + timing["train_spring"] - 0.2

@@ -55,6 +55,7 @@ def test_selection_grid():
         ({"epoch_grid": "0"}, "epoch_grid"),
         ({"epoch_grid": ""}, "epoch_grid"),
         ({"validation_fraction": 1.0}, "validation_fraction"),
+        ({"test_fraction": 0.0}, "test_fraction"),  # temporal_split accepts 0 (spring train); a benchmark may not
         ({"selection_users": -1}, "selection_users"),
         ({"prompt_template": "no placeholder"}, "prompt_template"),
     ],

@@ -112,6 +112,26 @@ def test_a_saved_auto_gate_loads_as_the_memorys_gate_alone():
     assert SpringConfig.from_dict({"gate": "auto"}).gate is None
 
 
+def test_unknown_user_is_a_checked_choice_that_round_trips(tmp_path):
+    assert SpringConfig().unknown_user == "base"
+    config = SpringConfig(unknown_user="error")
+    config.save_pretrained(tmp_path)
+    assert SpringConfig.from_pretrained(tmp_path) == config
+    with pytest.raises(ValueError, match="unknown_user"):
+        SpringConfig(unknown_user="ignore")
+    with pytest.raises(TypeError, match="unknown_user"):
+        SpringConfig(unknown_user=True)
+    # A spring_config.json saved before the field existed loads as "base", its behaviour then.
+    data = json.loads((tmp_path / SPRING_CONFIG_NAME).read_text())
+    del data["unknown_user"]
+    (tmp_path / SPRING_CONFIG_NAME).write_text(json.dumps(data))
+    assert SpringConfig.from_pretrained(tmp_path) == SpringConfig()
+    data["unknown_user"] = "strict"  # a hand-edited file is validated too
+    (tmp_path / SPRING_CONFIG_NAME).write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="unknown_user"):
+        SpringConfig.from_pretrained(tmp_path)
+
+
 def test_retrieval_region_and_adapter_template_are_checked():
     with pytest.raises(ValueError, match="retrieval_region"):
         SpringConfig(retrieval_region="everywhere")

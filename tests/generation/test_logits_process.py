@@ -1,6 +1,7 @@
 """Unit tests of RetrievalInterpolationLogitsProcessor on synthetic tensors and tiny models."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -144,12 +145,26 @@ def test_beam_search_raises_a_clear_error():
 
 
 def test_processor_is_single_use():
+    """A second generate() with the same processor is told so first, before the token counts."""
     model = make_model("llama")
     processor = RetrievalInterpolationLogitsProcessor(model, torch.tensor([[3, 4, 5]]), None, 0.5)
     kwargs = {"logits_processor": LogitsProcessorList([processor]), "max_new_tokens": 3, "pad_token_id": PAD}
     model.generate(torch.tensor([[5, 6]]), **kwargs)
-    with pytest.raises(RuntimeError, match="single-use|fresh"):
+    cause = (
+        "this RetrievalInterpolationLogitsProcessor was already used by an earlier generate() call; a processor is "
+        "single-use: build a fresh one (SpringForCausalLM.logits_processor(...)) for every generate() call."
+    )
+    with pytest.raises(RuntimeError, match="^" + re.escape(cause) + r" \(This call passed 2 token\(s\); the last"):
         model.generate(torch.tensor([[5, 6]]), **kwargs)
+
+
+def test_several_tokens_per_step_names_speculative_decoding():
+    processor = RetrievalInterpolationLogitsProcessor(
+        ConstantModel(torch.zeros(1, 10)), torch.tensor([[3]]), None, 0.5
+    )
+    processor(torch.tensor([[1, 2]]), torch.zeros(1, 10))
+    with pytest.raises(RuntimeError, match=r"^assisted / speculative decoding \(several tokens per step\) is not"):
+        processor(torch.tensor([[1, 2, 7, 8]]), torch.zeros(1, 10))
 
 
 def test_standard_processors_still_apply():

@@ -2,6 +2,7 @@
 
 import contextlib
 import json
+import shutil
 from pathlib import Path
 from unittest import mock
 
@@ -261,6 +262,22 @@ def test_from_pretrained_reads_a_hub_repo_from_the_cache(tmp_path, tokenizer):
         SpringForCausalLM.from_pretrained("me/other", cache_dir=tmp_path / "hub", local_files_only=True)
 
 
+def test_from_pretrained_names_a_missing_folder_or_base_model(tmp_path, monkeypatch, tokenizer):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(
+        FileNotFoundError, match=r"^'typo-dir', a SpringForCausalLM folder or a causal LM is no local fo"
+    ):
+        SpringForCausalLM.from_pretrained("typo-dir", local_files_only=True)
+    # A state moved to another machine: the base model path it names is gone.
+    base_dir = tmp_path / "base"
+    make_model("llama").save_pretrained(base_dir)
+    SpringForCausalLM(AutoModelForCausalLM.from_pretrained(base_dir), tokenizer=tokenizer).save_pretrained("state")
+    shutil.rmtree(base_dir)
+    with pytest.raises(FileNotFoundError, match=r"the base model .*base' that spring_config.json in .*state' names "
+                       r"is no local folder.*Pass `base_model_name_or_path=`"):  # fmt: skip
+        SpringForCausalLM.from_pretrained("state", local_files_only=True)
+
+
 def test_from_pretrained_wraps_a_plain_model(tmp_path, llama, tokenizer):
     llama.save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
@@ -475,3 +492,56 @@ def test_score_batches_rows_of_other_adapters_and_lengths_alike(llama, memory, m
     alone = wrapper.score(batch["input_ids"], continuations, batch["attention_mask"], personalization=rows)
     for a, b in zip(together, alone, strict=True):
         assert torch.allclose(a, b, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ right padding
+def right_padded(texts):
+    tokenizer = make_tokenizer()
+    tokenizer.padding_side = "right"  # SmolLM2's tokenizer default
+    return encode(texts, tokenizer)
+
+
+@pytest.mark.parametrize("mode", ["fused", "processor"])
+def test_a_right_padded_batch_decodes_as_its_left_padded_twin(mode, caplog):
+    from testing_utils import make_adapted_model
+    from transformers.utils import logging as hf_logging
+
+    memory = FakeMemory({"alice": [("cats rain", "cats headline w1 w2")], "bob": [("dogs", "w6 w7 dogs")]})
+    wrapper = SpringForCausalLM(
+        make_adapted_model(), memory=memory, config=SpringConfig(mode=mode), tokenizer=make_tokenizer()
+    )  # adapter "alice"; bob decodes with the base model
+    texts, users = ["cats rain sun headline", "dogs vote"], ["alice", "bob"]
+    left, right = encode(texts), right_padded(texts)
+    width = left["input_ids"].shape[1]
+    assert right["attention_mask"][1].tolist() == [1, 1, 0, 0]
+    expected = wrapper.generate(**left, personalization=users, **GREEDY)
+    hf_logging.enable_propagation()
+    try:
+        for _ in range(2):
+            out = wrapper.generate(**right, personalization=users, **GREEDY)
+            assert out[:, width:].tolist() == expected[:, width:].tolist()  # the continuations
+            assert torch.equal(out, expected)  # and the prompts, now left-padded
+    finally:
+        hf_logging.disable_propagation()
+    warnings = [r.getMessage() for r in caplog.records if "right-padded" in r.getMessage()]
+    assert len(warnings) == 1 and 'padding_side = "left"' in warnings[0]  # once per wrapper
+    # The closed-gate path (plain generate with the users' adapters) is re-padded too.
+    closed = [Personalization("alice", history=[]), Personalization("bob", history=[])]
+    assert torch.equal(
+        wrapper.generate(**right, personalization=closed, **GREEDY),
+        wrapper.generate(**left, personalization=closed, **GREEDY),
+    )
+
+
+def test_score_takes_right_padded_prompts_and_the_logits_processor_refuses_them(llama, memory):
+    wrapper = SpringForCausalLM(llama, memory=memory, tokenizer=make_tokenizer())
+    texts, continuations = ["cats rain sun headline", "dogs vote"], [[9, 10], [11]]
+    left, right = encode(texts), right_padded(texts)
+    scores = [
+        wrapper.score(batch["input_ids"], continuations, batch["attention_mask"], personalization="alice")
+        for batch in (left, right)
+    ]
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*scores, strict=True))
+    with pytest.raises(ValueError, match=r"`attention_mask` is right-padded.*padding_side = \"left\""):
+        wrapper.logits_processor(right["input_ids"], right["attention_mask"], "alice")
+    wrapper.logits_processor(left["input_ids"], left["attention_mask"], "alice")

@@ -60,6 +60,22 @@ def test_unknown_dict_keys_are_named():
 
 
 @pytest.mark.parametrize(
+    "entry, error, field",
+    [
+        ("  ", ValueError, "`Personalization.user` must be a non-empty str"),
+        ({"user": ""}, ValueError, "`Personalization.user` must be a non-empty str"),
+        ({"user": "dave", "weight": 2}, ValueError, "`Personalization.weight` must be"),
+        ({"user": "dave", "top_k": "3"}, TypeError, "`Personalization.top_k` must be"),
+        ({"user": "dave", 2: 1, "colour": 1}, TypeError, r"has unknown key\(s\) \[2, .colour.\]"),
+    ],
+)
+def test_a_bad_field_in_a_list_names_the_row(entry, error, field):
+    """One bad row among several is named by its index, whatever the check that refuses it."""
+    with pytest.raises(error, match=r"^`personalization\[3\]`:? " + field):
+        normalize_personalization(["alice", None, "bob", entry], 4)
+
+
+@pytest.mark.parametrize(
     "kwargs, error, match",
     [
         ({"user": ""}, ValueError, "Personalization.user"),

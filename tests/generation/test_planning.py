@@ -120,6 +120,77 @@ def test_a_user_without_an_adapter_decodes_as_the_base_and_is_logged_once(caplog
     assert sum("'Ed Mazza '" in record.getMessage() for record in caplog.records) == 1
 
 
+class ListingMemory(FakeMemory):
+    """A FakeMemory that can say which users it holds records of (as `LoGoMemory.users()` does)."""
+
+    def users(self):
+        return list(self.records)
+
+
+@pytest.fixture
+def info_logs(caplog):
+    """The planner's info-level lines, through transformers' logging."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_info()
+    logger = hf_logging.get_logger("transformers_spring.generation.planning")
+    logger.propagate = True
+    try:
+        with caplog.at_level(logging.INFO, logger="transformers_spring.generation.planning"):
+            yield caplog
+    finally:
+        hf_logging.set_verbosity_warning()
+        logger.propagate = False
+
+
+def test_strict_unknown_user_is_refused_with_close_matches():
+    from transformers_spring.memory import HashingEncoder, LoGoMemory
+
+    memory = LoGoMemory(HashingEncoder(32), gate=None, num_threads=1)
+    memory.add_many([Interaction("Ed Mazza", "cats rain", "cats headline w1", timestamp=1e9)])
+    config = SpringConfig(unknown_user="error")
+    spring = SpringForCausalLM(make_adapted_model(), memory=memory, config=config, tokenizer=make_tokenizer())
+    ids = batch()["input_ids"]
+    with pytest.raises(ValueError, match="'Ed Mazza '") as error:
+        spring.generate(**batch(), personalization=["Ed Mazza "], **GREEDY)
+    message = str(error.value)
+    assert "adapter 'Ed_Mazza_'" in message and "adapter_name_template '{user_id}'" in message
+    assert "memory holds no record" in message and "'Ed Mazza'" in message and "unknown_user='base'" in message
+    # Known to the memory (no adapter), or to the model (adapter, no record), or given an adapter: not unknown.
+    assert spring.plan(ids, personalization="Ed Mazza")[0].adapter == "__base__"
+    assert spring.plan(ids, personalization="alice")[0].adapter == "alice"
+    spring.plan(ids, personalization=Personalization(user="Ed Maza", adapter="alice"))
+    # A memory that cannot list its users is taken to know them; without a memory nobody is known.
+    spring.memory = FakeMemory({})
+    spring.plan(ids, personalization="carol")
+    spring.memory = None
+    with pytest.raises(ValueError, match="'carol'.*there is no memory"):
+        spring.plan(ids, personalization=Personalization(user="carol", history=["cats"]))
+
+
+def test_strict_unknown_user_on_a_model_without_adapters():
+    config = SpringConfig(unknown_user="error")
+    memory = ListingMemory({"alice": [("cats rain", "w1")]})
+    spring = SpringForCausalLM(make_model("llama"), memory=memory, config=config, tokenizer=make_tokenizer())
+    ids = batch()["input_ids"]
+    spring.plan(ids, personalization="alice")
+    calls = len(memory.calls)
+    with pytest.raises(ValueError, match=r"'alce'.*the model has no adapters.*\['alice'\]"):
+        spring.plan(ids, personalization=["alce"])
+    assert len(memory.calls) == calls  # refused before anything is retrieved
+
+
+def test_a_user_unknown_to_a_model_without_adapters_is_logged_once(info_logs):
+    memory = ListingMemory({"alice": [("cats rain", "w1")]})
+    spring = SpringForCausalLM(make_model("llama"), memory=memory, tokenizer=make_tokenizer())
+    for _ in range(2):
+        out = spring.generate(**batch(), personalization="alce", **GREEDY)
+        spring.generate(**batch(), personalization="alice", **GREEDY)
+    assert torch.equal(out, spring.base_model.generate(**batch(), **GREEDY))
+    lines = [record.getMessage() for record in info_logs.records]
+    assert sum("'alce'" in line for line in lines) == 1 and not any("'alice'" in line for line in lines)
+
+
 def test_the_logits_processor_equals_generate_in_processor_mode():
     memory = FakeMemory({"alice": [("cats rain", "cats headline w1 w2"), ("cats sun", "w3 w4 cats")]})
     config = SpringConfig(mode="processor")

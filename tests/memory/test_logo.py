@@ -478,6 +478,23 @@ def test_public_arguments_are_checked_by_name(make_memory, tmp_path):
         memory.save_pretrained(tmp_path / "file" / "mem")
 
 
+def test_id_clashes_name_the_record(make_memory):
+    memory = populated(make_memory)
+    memory.add(Interaction("b", "cats purr", "kitten", id="z"))
+    batch = [topical("a", "cats", 300 + i) for i in range(10)]
+    batch[3], batch[7] = (Interaction("a", f"rockets {i}", "launch", id="x3") for i in (3, 7))
+    before = len(memory)
+    with pytest.raises(ValueError, match=r"^`interactions\[7\]`: `id` 'x3' repeats `interactions\[3\]` \(user 'a'\)"):
+        memory.add_many(batch)
+    batch[7] = Interaction("b", "rockets 7", "launch", id="x7")
+    batch[9] = Interaction("b", "rockets 9", "launch", id="z")
+    with pytest.raises(ValueError, match=r"^`interactions\[9\]`: `id` 'z' is already stored for user 'b'\.$"):
+        memory.add_many(batch)
+    with pytest.raises(ValueError, match=r"^`id` 'z' is already stored for user 'b'\.$"):  # `add` names no index
+        memory.add(batch[9])
+    assert len(memory) == before  # all or nothing
+
+
 def test_a_refused_surrogate_leaves_every_later_save_working(make_memory, tmp_path):
     memory = populated(make_memory)
     bad = json.loads('"\\udc80"')

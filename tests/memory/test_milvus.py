@@ -1,6 +1,10 @@
 """The Milvus backend on Milvus Lite: isolation under hostile ids, retries, and the checks of a reconnect."""
 
+import contextlib
 import json
+import logging
+import os
+import warnings
 
 import numpy as np
 import pytest
@@ -240,3 +244,88 @@ def test_process_searches_never_call_milvus_and_match_the_default(
     again = MilvusBackend(store.uri, collection=store.collection, num_buckets=4)  # "process": a file's default
     same_answers(LoGoMemory.from_pretrained(tmp_path / "m", backend=again))  # the index is rebuilt from Milvus's rows
     assert calls == []
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+@contextlib.contextmanager
+def third_party_output():
+    """The warning-or-above records of pymilvus, grpc and milvus_lite (pymilvus does not propagate to the root
+    logger: a handler on its own logger sees them) and the Python warnings raised from those packages."""
+    handler, names = _Records(), ("pymilvus", "grpc", "milvus_lite")
+    for name in names:
+        logging.getLogger(name).addHandler(handler)
+    caught = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield handler.records, caught
+    finally:
+        for name in names:
+            logging.getLogger(name).removeHandler(handler)
+        third_party = [w for w in caught if any(f"{os.sep}{p}{os.sep}" in w.filename for p in names)]
+        caught[:] = third_party
+
+
+def _create_save_load_retrieve(encoder, uri, path):
+    store = MilvusBackend(uri, collection="quiet", num_buckets=4)
+    memory = LoGoMemory(encoder, gate=None, num_threads=1, exact_below=0, backend=store)
+    memory.add_many(topical(f"u{u}", "cats", i) for u in range(3) for i in range(3))
+    memory.save_pretrained(path)
+    loaded = LoGoMemory.from_pretrained(path, backend=MilvusBackend(uri, collection="quiet", num_buckets=4))
+    assert loaded.retrieve("u0", "kitten purr report", k=2)
+    store.drop()
+    store.close()
+
+
+def test_milvus_lite_is_quiet_unless_asked(encoder, milvus_lite_uri, tmp_path, monkeypatch):
+    # Milvus Lite answers pymilvus's AllocTimestamp with NotImplementedError (grpc logs it with a traceback) and its
+    # queries carry no MVCC timestamp (pymilvus warns at every query iterator): neither asks anything of the user.
+    monkeypatch.delenv("SPRING_SHOW_THIRD_PARTY_LOGS", raising=False)
+    with third_party_output() as (records, caught):
+        _create_save_load_retrieve(encoder, str(tmp_path / "quiet.db"), tmp_path / "m")
+    assert [f"{r.name}: {r.getMessage()}" for r in records] == [] and [str(w.message) for w in caught] == []
+    # SPRING_SHOW_THIRD_PARTY_LOGS=1 shows them again: the filters, not a quieter version, hid them.
+    monkeypatch.setenv("SPRING_SHOW_THIRD_PARTY_LOGS", "1")
+    with third_party_output() as (records, _):
+        _create_save_load_retrieve(encoder, str(tmp_path / "loud.db"), tmp_path / "m2")
+    messages = {(r.name, r.getMessage()) for r in records}
+    assert ("pymilvus.client.iterator.query_iterator", "failed to get mvccTs from milvus server, use client-side ts "
+            "instead") in messages  # fmt: skip
+    assert ("grpc._server", "Exception calling application: Method not implemented!") in messages
+
+
+def test_quiet_filters_are_installed_once_and_narrowly(milvus_lite_uri):
+    from transformers_spring.utils.quiet import MILVUS_LITE_FILTERS, DropMessage
+
+    MilvusBackend(milvus_lite_uri)
+    MilvusBackend(milvus_lite_uri)
+    for name, _ in MILVUS_LITE_FILTERS:
+        assert sum(isinstance(f, DropMessage) for f in logging.getLogger(name).filters) == 1
+    # Only the silenced message: another warning of the same logger, or another grpc error, still shows.
+    other = logging.LogRecord("pymilvus.client.iterator.query_iterator", logging.WARNING, "", 0, "other", None, None)
+    assert logging.getLogger("pymilvus.client.iterator.query_iterator").filter(other)
+    error = logging.LogRecord("grpc._server", logging.ERROR, "", 0, "Exception calling application: boom", None, None)
+    assert logging.getLogger("grpc._server").filter(error)
+
+
+def test_milvus_lite_client_never_pings_its_in_process_server(milvus_lite_uri, tmp_path, monkeypatch):
+    # pymilvus pings every 10 s; Lite's gRPC server allows one ping per 2 h on an idle connection (grpc's default)
+    # and answers the third early ping with GOAWAY "too_many_pings", which grpc's C core prints as an error after
+    # ~2 idle minutes. A loopback connection needs no keepalive.
+    import grpc
+
+    channels, real = [], grpc.insecure_channel
+    monkeypatch.setattr(grpc, "insecure_channel", lambda target, options=None, **kw: channels.append(
+        dict(options or ())) or real(target, options=options, **kw))  # fmt: skip
+    store = MilvusBackend(str(tmp_path / "fresh.db"))  # a new file: a new server, so a new channel
+    assert store.client.list_collections() == []
+    store.close()
+    assert channels and all(o.get("grpc.keepalive_time_ms", 2**31 - 1) >= 2 * 3600 * 1000 for o in channels)

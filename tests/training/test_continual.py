@@ -40,6 +40,38 @@ def assert_same_adapters(a, b):
             assert torch.equal(a[user][key], b[user][key]), (user, key)
 
 
+def test_the_callers_model_is_modified_in_place_and_the_personalizer_says_so(tmp_path, caplog):
+    from peft import LoraConfig, get_peft_model
+    from transformers.utils import logging
+
+    model = make_model("llama", TRAINING_VOCAB.size)
+    ids = torch.tensor([[10, 11, 12, 13]])
+    with torch.no_grad():
+        before = model(ids).logits
+    args = make_args(tmp_path, buffer_size=3, num_train_epochs=1)
+    tokenizer = make_tokenizer(TRAINING_VOCAB, chat=True)
+    logging.enable_propagation()
+    try:
+        p = ContinualPersonalizer(model, tokenizer, args, make_buffer_memory())
+        lines = [r.getMessage() for r in caplog.records if "in place" in r.getMessage()]
+        assert len(lines) == 1 and "disable_adapter()" in lines[0] and "separate copy" in lines[0]
+        assert caplog.records[-1].levelname == "WARNING"
+        caplog.clear()
+        # A model that is a PeftModel already is what it looks like: nothing to warn about.
+        peft = get_peft_model(make_model("llama", TRAINING_VOCAB.size), LoraConfig(r=2, target_modules=["q_proj"]))
+        ContinualPersonalizer(peft, tokenizer, args, make_buffer_memory())
+        assert not any("in place" in r.getMessage() for r in caplog.records)
+    finally:
+        logging.disable_propagation()
+    p.observe("alice", stream("alice", 0))
+    model.eval()
+    with torch.no_grad():
+        assert not torch.allclose(model(ids).logits, before)  # the caller's own object now runs alice's adapter
+        with p.model.disable_adapter():
+            torch.testing.assert_close(model(ids).logits, before)
+            torch.testing.assert_close(p.model(ids).logits, before)
+
+
 def test_observe_counts_periods_and_keeps_buffers(tmp_path):
     p = personalizer(tmp_path)
     assert p.period("alice") == 0
@@ -455,6 +487,16 @@ def test_export_for_serving_refuses_what_vllm_would(tmp_path):
         p.export_for_serving(tmp_path / "serve", users=["nobody"])
     with pytest.raises(TypeError, match="`users`"):
         p.export_for_serving(tmp_path / "serve", users="alice")
+
+
+def test_export_for_serving_records_the_base_model_id_given(tmp_path):
+    p = personalizer(tmp_path, args=make_args(tmp_path, buffer_size=3, num_train_epochs=1))
+    p.observe("alice", stream("alice", 0))
+    manifest = p.export_for_serving(tmp_path / "serve", base_model_id="org/tiny-llama")
+    assert manifest["base_model_name_or_path"] == "org/tiny-llama"
+    with pytest.raises(ValueError, match="`base_model_id`"):
+        p.export_for_serving(tmp_path / "other", base_model_id="/not/a/repo/id")
+    assert not (tmp_path / "other").exists()
 
 
 def test_export_for_serving_warns_for_a_model_vllm_cannot_adapt(tmp_path, caplog):

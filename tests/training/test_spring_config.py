@@ -1,6 +1,9 @@
 """`SpringTrainingArguments`: the paper's defaults, validation naming the field, argument parsing, warmup."""
 
+import warnings
+
 import pytest
+import torch
 from transformers import HfArgumentParser
 
 from transformers_spring.training import SpringTrainingArguments
@@ -72,6 +75,26 @@ def test_warmup_ratio_rounds_down(tmp_path):
     args = SpringTrainingArguments(output_dir=str(tmp_path))
     assert [args.get_warmup_steps(n) for n in (1, 2, 9, 10, 25, 100)] == [0, 0, 0, 1, 2, 10]
     assert SpringTrainingArguments(output_dir=str(tmp_path), warmup_steps=3).get_warmup_steps(100) == 3
+
+
+def test_pin_memory_follows_the_accelerator_unless_set(tmp_path, monkeypatch):
+    # Without an accelerator, pinned memory is never used and torch's DataLoader warns about it at every trainer run.
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: False)
+    args = SpringTrainingArguments(output_dir=str(tmp_path))
+    assert args.dataloader_pin_memory is False
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        list(torch.utils.data.DataLoader([torch.zeros(2)], pin_memory=args.dataloader_pin_memory))  # as Trainer does
+    assert [str(w.message) for w in caught if "pin_memory" in str(w.message)] == []
+    # The caller's choice stands, either way, and so does an accelerator's default.
+    assert SpringTrainingArguments(output_dir=str(tmp_path), dataloader_pin_memory=True).dataloader_pin_memory
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: True)
+    assert SpringTrainingArguments(output_dir=str(tmp_path)).dataloader_pin_memory is True
+    assert not SpringTrainingArguments(output_dir=str(tmp_path), dataloader_pin_memory=False).dataloader_pin_memory
+    parser = HfArgumentParser(SpringTrainingArguments)
+    for argv, want in [([], True), (["--dataloader_pin_memory"], True), (["--dataloader_pin_memory", "false"], False)]:
+        (parsed,) = parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path), *argv])
+        assert parsed.dataloader_pin_memory is want, argv
 
 
 def test_help_renders():

@@ -43,3 +43,28 @@ def test_real_smollm2_loads_offline_and_generates():
     out = model.generate(**inputs, max_new_tokens=20, do_sample=False)
     text = tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     assert text.startswith("The Local Bakery of the World")
+
+
+def test_a_converted_folder_names_its_hub_repo_and_gguf(tmp_path):
+    from transformers_spring.utils.models import SMOLLM2_GGUF_FILE, converted_model
+
+    assert converted_model(tmp_path) is None and converted_model(tmp_path / "missing") is None
+    (tmp_path / ".converted-from-gguf").write_text(f"{SMOLLM2_GGUF_FILE}\n")
+    assert converted_model(tmp_path) == (SMOLLM2_HUB_ID, SMOLLM2_GGUF_FILE)
+    assert "Q4_1" in converted_model(str(tmp_path)).gguf_file
+    (tmp_path / ".converted-from-gguf").write_text("x\n")  # a marker without a GGUF name: SmolLM2's is the only one
+    assert converted_model(tmp_path) == (SMOLLM2_HUB_ID, SMOLLM2_GGUF_FILE)
+
+
+def test_utils_import_nothing_above_them():
+    """`utils` sits below every other subpackage: importing it must not import `persistence` (or any other)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, transformers_spring.utils.modeling, transformers_spring.utils.models; "
+        "print(sorted(m for m in sys.modules if m.startswith('transformers_spring.') "
+        "and not m.startswith('transformers_spring.utils') and m != 'transformers_spring.version'))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -103,8 +103,8 @@ def read_interactions_jsonl(
 
     Raises:
         `FileNotFoundError`: if `path` is not a file.
-        `ValueError`: for a line that is not a JSON object or has a missing or invalid field; the message names the
-        file, the line number and the field.
+        `ValueError`: for a line that is not a JSON object, has a missing or invalid field, or repeats an id of the
+        same user; the message names the file, the line number and the field.
     """
     path = Path(path)
     if not path.is_file():
@@ -120,8 +120,19 @@ def read_interactions_jsonl(
     for attribute in ("user_id", "prompt", "response"):
         if not isinstance(fields[attribute], str) or not fields[attribute]:
             raise ValueError(f"`{attribute.replace('user_id', 'user')}_field` must be a non-empty str.")
+    items, first_line = [], {}
     with open(path, encoding="utf-8-sig") as f:  # -sig: tolerate a byte-order mark some editors add
-        items = [_interaction_from_row(row, path, number, fields) for number, row in jsonl_rows(f, path, strict=True)]
+        for number, row in jsonl_rows(f, path, strict=True):
+            item = _interaction_from_row(row, path, number, fields)
+            # A user's ids are unique (memories and trainers key records by them): refused here, by line, before
+            # anything downstream has stored half of the stream.
+            earlier = first_line.setdefault((item.user_id, item.id), number)
+            if earlier != number:
+                raise ValueError(
+                    f"{path}, line {number}: field {fields['id'] or 'id'!r} {item.id!r} repeats line {earlier} "
+                    f"(user {item.user_id!r}); a user's ids must be unique."
+                )
+            items.append(item)
     return sorted(items, key=lambda item: item.timestamp)
 
 

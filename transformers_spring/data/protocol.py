@@ -71,11 +71,12 @@ def temporal_split(
         num_periods (`int`, *optional*, defaults to 5):
             Periods per user, at least 1.
         test_fraction (`float`, *optional*, defaults to 0.1):
-            The share of each period held out for testing, strictly between 0 and 1.
+            The share of each period held out for testing, in `[0, 1)`. `0` holds nothing out: every item trains
+            (`spring train`).
         min_items (`int`, *optional*):
             Users with fewer items are dropped (one info log line says how many). Defaults to `2 * num_periods`, the
             least that leaves every period one training and one test item (unless `testable` rules some out), and may
-            not be set lower.
+            not be set lower; with `test_fraction=0`, to `num_periods` (one training item a period).
         testable (`Callable[[Interaction], bool]`, *optional*):
             Which items may be test items (e.g. not a LaMP-7 tweet, whose input is its own answer). A held-out item
             that may not be tested trains when it comes before the period's first testable held-out item, and is
@@ -90,14 +91,16 @@ def temporal_split(
         their items (named in the message).
     """
     check_int(num_periods, "num_periods", minimum=1)
-    check_float(test_fraction, "test_fraction", minimum=0.0, maximum=1.0, min_inclusive=False, max_inclusive=False)
-    least = 2 * num_periods
+    check_float(test_fraction, "test_fraction", minimum=0.0, maximum=1.0, max_inclusive=False)
+    held_out = test_fraction > 0
+    least = 2 * num_periods if held_out else num_periods
     if min_items is None:
         min_items = least
     elif check_int(min_items, "min_items", minimum=1) < least:
+        what = "one training and one test item" if held_out else "one training item"
         raise ValueError(
-            f"`min_items` must be at least 2 * num_periods = {least} so that every period keeps one training and "
-            f"one test item, got {min_items}."
+            f"`min_items` must be at least {least} ({'2 * ' if held_out else ''}num_periods) so that every period "
+            f"keeps {what}, got {min_items}."
         )
 
     splits: dict[str, list[PeriodSplit]] = {}
@@ -112,16 +115,17 @@ def temporal_split(
         periods = []
         for period in range(num_periods):
             chunk = items[bounds[period] : bounds[period + 1]]
-            # min_items >= 2 * num_periods makes every chunk at least 2 long, so one training item always remains.
-            num_test = min(max(1, round(test_fraction * len(chunk))), len(chunk) - 1)
-            train, held_out = list(chunk[:-num_test]), list(chunk[-num_test:])
+            # min_items >= 2 * num_periods makes every chunk at least 2 long, so one training item always remains
+            # (with nothing held out, min_items >= num_periods makes it at least 1 long).
+            num_test = min(max(1, round(test_fraction * len(chunk))), len(chunk) - 1) if held_out else 0
+            train, test = list(chunk[: len(chunk) - num_test]), list(chunk[len(chunk) - num_test :])
             if testable is not None:
                 # Untestable items before the first testable held-out one still train (they precede every test
                 # item); those after it are dropped, so that every test item comes after every training item.
-                first = next((i for i, item in enumerate(held_out) if testable(item)), len(held_out))
-                train += held_out[:first]
-                held_out = [item for item in held_out[first:] if testable(item)]
-            periods.append(PeriodSplit(period, tuple(train), tuple(held_out)))
+                first = next((i for i, item in enumerate(test) if testable(item)), len(test))
+                train += test[:first]
+                test = [item for item in test[first:] if testable(item)]
+            periods.append(PeriodSplit(period, tuple(train), tuple(test)))
         splits[user_id] = periods
     if dropped:
         logger.info(f"temporal_split: dropped {dropped} user(s) with fewer than {min_items} interactions.")

@@ -186,7 +186,7 @@ class ContinualBenchmark:
         splits = benchmark_splits(args, self.interactions)
         self._load_model()
         identity = split_identity(splits, self.model, str(args.model))
-        state = load_checkpoint(checkpoint, args, identity)
+        state = load_checkpoint(checkpoint, args, identity, users=len(splits))
         resumed = state is not None
         state = state or {
             "fingerprint": fingerprint(args), "identity": identity, "done": [], "records": [], "elapsed_s": 0.0,

@@ -8,70 +8,11 @@ from pathlib import Path
 from transformers.utils import logging
 
 from ..data import DEFAULT_NEWS_PATH
+from ..data.tasks import NEWS_HISTORY_ITEM, NEWS_PROMPT, PRESETS, TaskPreset  # noqa: F401 (re-exported)
 from ..utils.validation import check_choice, check_float, check_int
 from .methods import METHODS, resolve_methods
 
 logger = logging.get_logger(__name__)
-
-NEWS_PROMPT = "Write a headline for this news article: {prompt}"
-# LaMP-4's retrieval-augmented prompt (Salemi et al., 2023) renders each profile item as `"<title>" is the title for
-# "<text>"`: labelled pairs, so a small model reads them as examples instead of continuing the last article.
-NEWS_HISTORY_ITEM = '"{response}" is the headline for "{prompt}"'
-
-
-@dataclass(frozen=True)
-class TaskPreset:
-    """What a task fixes in the benchmark: the data reader, the user message, how a retrieved history item is
-    written into the history path's prompt, and whether decoding stops at the end of the first line.
-
-    Args:
-        prompt_template (`str`): the user message, with `{prompt}`.
-        history_item_template (`str`): one retrieved item; `{response}` and optionally `{prompt}`. Tasks whose
-            profile items hold only text (LaMP-7) use `{response}` alone.
-        stop_at_newline (`bool`): one-line outputs (headlines, tweets) stop at the line end; long-form ones don't.
-        data_format (`str`): the reader (`"news"`, `"lamp"`, ...).
-        lamp_task (`str` or `None`): the LaMP / LongLaMP task the reader maps profile items with.
-        lamp_queries (`bool`): also read each LaMP question (its input and gold output) as the user's latest item.
-            LaMP-7 needs it: its profile tweets hold no input of their own, so its questions are the only test items.
-    """
-
-    prompt_template: str
-    history_item_template: str
-    stop_at_newline: bool
-    data_format: str = "auto"
-    lamp_task: str | None = None
-    lamp_queries: bool = False
-
-
-# The instructions follow each benchmark's own question wording (LaMP: Salemi et al., 2023; LongLaMP: Kumar et al.,
-# 2024), with the item's input in `{prompt}`.
-PRESETS: dict[str, TaskPreset] = {
-    "news": TaskPreset(NEWS_PROMPT, NEWS_HISTORY_ITEM, True, "auto"),
-    "LaMP_4": TaskPreset(
-        "Generate a headline for the following article: {prompt}", '"{response}" is the title for "{prompt}"', True,
-        "lamp", "LaMP_4",
-    ),
-    "LaMP_5": TaskPreset(
-        "Generate a title for the following abstract of a paper: {prompt}", '"{response}" is the title for "{prompt}"',
-        True, "lamp", "LaMP_5",
-    ),
-    "LaMP_7": TaskPreset(
-        "Paraphrase the following tweet without any explanation before or after it: {prompt}", '"{response}"', True,
-        "lamp", "LaMP_7", True,
-    ),
-    "abstract_generation": TaskPreset(
-        'Generate an abstract for the title "{prompt}".', '"{response}" is the abstract for the title "{prompt}"',
-        False, "lamp", "abstract_generation",
-    ),
-    "topic_writing": TaskPreset(
-        'Generate the content of a Reddit post whose summary is "{prompt}".',
-        '"{response}" is the content of the post with the summary "{prompt}"', False, "lamp", "topic_writing",
-    ),
-    "product_review": TaskPreset(
-        'Generate the review text of a product review whose summary is "{prompt}".',
-        '"{response}" is the review text for the summary "{prompt}"', False, "lamp", "product_review",
-    ),
-}  # fmt: skip
 
 
 def _outputs_task(path: str | None) -> str | None:
@@ -253,6 +194,7 @@ class BenchmarkArguments:
             check_float(getattr(self, name), name, minimum=0.0, maximum=1.0)
         bounds = {"minimum": 0.0, "maximum": 1.0, "min_inclusive": False, "max_inclusive": False}
         check_float(self.validation_fraction, "validation_fraction", **bounds)
+        check_float(self.test_fraction, "test_fraction", **bounds)  # a benchmark needs test items in every period
         check_int(self.selection_users, "selection_users", minimum=0, hint="0: all")
         self._warn_ignored()  # also fails early on a malformed grid
         resolve_methods(self.methods)  # fails early on an unknown name

@@ -61,9 +61,16 @@ def settings_match(saved: Any, args: BenchmarkArguments) -> bool:
     ) and set(saved) <= set(current)
 
 
-def load_checkpoint(path: Path | None, args: BenchmarkArguments, identity: dict[str, str]) -> dict[str, Any] | None:
+def load_checkpoint(
+    path: Path | None, args: BenchmarkArguments, identity: dict[str, str], users: int | None = None
+) -> dict[str, Any] | None:
     """The checkpoint at `path` when it exists and matches `args` and `identity`; None (with a warning saying
-    why) to start over."""
+    why) to start over.
+
+    A run it continues is announced at warning level (the `spring` commands show warnings only): how many of the
+    run's `users` are already done, and how to start over instead. Resuming is the default, so a rerun that
+    silently skipped finished users would look like a bug.
+    """
     if path is None or not path.is_file():
         return None
     try:
@@ -80,7 +87,11 @@ def load_checkpoint(path: Path | None, args: BenchmarkArguments, identity: dict[
     elif state["identity"] != identity:
         logger.warning(f"the benchmark checkpoint {path} was made with another model or data; starting over.")
         return None
-    logger.warning(f"Resuming the benchmark from {path}: {len(state.get('done', []))} user(s) already done.")
+    done = len(state.get("done", []))
+    of = f" of {users}" if users is not None else ""
+    logger.warning(
+        f"Resuming from {path}: {done}{of} users already done (delete it or pass a new --out to start over)."
+    )
     return state
 
 

@@ -2,39 +2,23 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from ..data import read_news_jsonl
 from ..records import Interaction
 from .benchmark_config import BenchmarkArguments
 from .decoding import is_testable
 
 
 def load_interactions(args: BenchmarkArguments) -> list[Interaction]:
-    """Reads `args.data` in its format (see [`BenchmarkArguments.data_format`])."""
-    from ..data import read_interactions_jsonl, read_lamp
+    """Reads `args.data` in its format (see [`BenchmarkArguments.data_format`] and [`read_stream`])."""
+    from ..data.tasks import read_stream
 
-    path = Path(args.data)
-    if not path.is_file():
-        raise FileNotFoundError(f"`data` file not found: {path}")
-    fmt = args.data_format
-    if fmt == "auto":
-        if path.suffix == ".json":
-            fmt = "lamp"
-        else:
-            with open(path, encoding="utf-8") as f:
-                first = next((line for line in f if line.strip()), "{}")
-            try:
-                keys = set(json.loads(first))
-            except (json.JSONDecodeError, TypeError) as err:
-                raise ValueError(f"`data` {path}: the first line is not a JSON object ({err}).") from err
-            fmt = "news" if {"headline", "authors"} <= keys else "jsonl"
-    if fmt == "news":
-        return read_news_jsonl(path)
-    if fmt == "jsonl":
-        return read_interactions_jsonl(path)
-    return read_lamp(path, args.lamp_outputs, task=args.lamp_task, include_queries=bool(args.lamp_queries))
+    if not Path(args.data).is_file():
+        raise FileNotFoundError(f"`data` file not found: {args.data}")
+    return read_stream(
+        args.data, args.data_format, lamp_outputs=args.lamp_outputs, lamp_task=args.lamp_task,
+        lamp_queries=bool(args.lamp_queries),
+    )  # fmt: skip
 
 
 def benchmark_splits(args: BenchmarkArguments, items: list[Interaction] | None = None) -> dict[str, list]:

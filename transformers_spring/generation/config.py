@@ -23,6 +23,7 @@ GENERATION_MODES = ("fused", "processor")
 PENALTY_MODES = ("per_path", "mixture")
 CHAT_INSERTION_MODES = ("auto", "prefix")
 RETRIEVAL_REGIONS = ("all", "history", "buffer")
+UNKNOWN_USER_POLICIES = ("base", "error")
 # Template checks (see `check_format_template`): a template comes from a saved file as often as from code, and
 # `"{prompt:>3000000000}"` would allocate gigabytes each time it is formatted. No real template pads a field wider.
 MAX_TEMPLATE_FIELD_WIDTH = 1000
@@ -102,6 +103,12 @@ class SpringConfig:
             to the personalizer's own and refuses a config that differs.
         base_model_name_or_path (`str`, *optional*):
             The wrapped model's id or path; filled in by `save_pretrained` and used by `from_pretrained`.
+        unknown_user (`str`, *optional*, defaults to `"base"`):
+            What a personalized row of an *unknown* user does: one without an adapter in the model whom the memory
+            holds no record of (a typo such as `"Ed Mazza "` for `"Ed Mazza"` is the usual cause). `"base"`: decode
+            with the base model, logged once per user at info level. `"error"`: raise a `ValueError` naming the user,
+            the adapter and memory looked in, and close matches among the known users. A memory that cannot list its
+            users (no `users`) is taken to know them all.
     """
 
     interpolation_weight: float = field(
@@ -149,6 +156,10 @@ class SpringConfig:
         default="{user_id}", metadata={"help": "Name of a user's LoRA adapter in the wrapped model."}
     )
     base_model_name_or_path: str | None = field(default=None, metadata={"help": "The wrapped model's id or path."})
+    unknown_user: str = field(
+        default="base",
+        metadata={"help": "Users with no adapter and no memory records: 'base' (base model, logged) or 'error'."},
+    )
 
     def __post_init__(self):
         check_weight(self.interpolation_weight, "interpolation_weight")
@@ -166,6 +177,7 @@ class SpringConfig:
         check_early_exit(self.early_exit_epsilon, self.early_exit_patience)
         check_bool(self.skinny_cpu_linear, "skinny_cpu_linear")
         check_adapter_name_template(self.adapter_name_template)
+        check_choice(self.unknown_user, "unknown_user", UNKNOWN_USER_POLICIES)
 
     # ----------------------------------------------------------------------------------------------------- (de)serialise
     def to_dict(self) -> dict[str, Any]:

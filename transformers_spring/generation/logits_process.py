@@ -301,11 +301,17 @@ class RetrievalInterpolationLogitsProcessor(LogitsProcessor):
             )
         if self._prev_input_ids is not None:
             prev = self._prev_input_ids
-            if input_ids.shape[1] != prev.shape[1] + 1:
+            name, seen, now = type(self).__name__, prev.shape[1], input_ids.shape[1]
+            if now <= seen:  # a new generate() starts over from its prompt
                 raise RuntimeError(
-                    f"{type(self).__name__} must see exactly one new token per call (got {input_ids.shape[1]} after "
-                    f"{prev.shape[1]}); assisted / speculative decoding is not supported, and the processor is "
-                    "single-use: build a fresh one for every generate() call."
+                    f"this {name} was already used by an earlier generate() call; a processor is single-use: build a "
+                    "fresh one (SpringForCausalLM.logits_processor(...)) for every generate() call. (This call passed "
+                    f"{now} token(s); the last call had {seen}, and each call must add exactly one.)"
+                )
+            if now > seen + 1:
+                raise RuntimeError(
+                    f"assisted / speculative decoding (several tokens per step) is not supported by {name}: this call "
+                    f"added {now - seen} tokens ({now} after {seen}); it must see exactly one new token per call."
                 )
             if not torch.equal(input_ids[:, :-1], prev):
                 raise RuntimeError(

@@ -41,6 +41,24 @@ logger = logging.get_logger(__name__)
 _UNSUPPORTED_WITH_PERSONALIZATION = ("assistant_model", "prompt_lookup_num_tokens", "inputs_embeds")
 
 
+def _load_base_model(name: str, where: str, hub: dict, hf_kwargs: dict, *, hint: bool) -> nn.Module:
+    """`AutoModelForCausalLM.from_pretrained(name)`; a name that is no local folder and no loadable Hub model is a
+    `FileNotFoundError` that says so first (transformers' own message is about connecting to the Hub)."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(name, **hub, **hf_kwargs)
+    except OSError as err:
+        if os.path.exists(name):
+            raise
+        fix = " Pass `base_model_name_or_path=` (a local folder or Hub id of that model)." if hint else ""
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise FileNotFoundError(
+            f"{where} is no local folder ({os.path.abspath(name)}), and loading it as a Hub model id failed too: "
+            f"{reason}{fix}"
+        ) from err
+
+
 class SpringForCausalLM(HubMixin, nn.Module):
     r"""
     Wraps any causal LM (a transformers model or a `PeftModel` with per-user LoRA adapters) so that
@@ -53,7 +71,8 @@ class SpringForCausalLM(HubMixin, nn.Module):
          local/global mediator; a float `SpringConfig.gate` keeps only local items scored above it);
       2. inserts the retrieved history into the row's prompt (chat-template aware, see [`HistoryPromptBuilder`]);
       3. routes the user's LoRA adapter (`adapter_name_for(user)`) to that row, both paths; users without one decode
-         with the base model;
+         with the base model (users the memory does not know either are refused with
+         `SpringConfig(unknown_user="error")`);
       4. decodes with `p = λ · p(· | history, prompt) + (1 − λ) · p(· | prompt)` — rows whose gate stays closed decode
          with the parametric path only and cost no second forward.
 
@@ -104,6 +123,7 @@ class SpringForCausalLM(HubMixin, nn.Module):
         self.last_personalization: list[RowPersonalization | None] = []
         self.last_generation_stats: dict[str, Any] = {}
         self._users_without_adapter: set[str] = set()  # logged once each
+        self._warned_right_padding = False  # the re-padding warning, once per wrapper
         self._erased_adapters: set[str] = set()  # forgotten users' zeroed adapters (peft keeps a model's last one)
 
     @property
@@ -165,6 +185,11 @@ class SpringForCausalLM(HubMixin, nn.Module):
         Returns:
             What the wrapped model's `generate` returns (token ids of the prompt + the continuation by default).
 
+        A right-padded batch (a row of `attention_mask` with a 0 after a 1, e.g. SmolLM2's tokenizer pads on the right
+        by default) is re-padded on the left before planning and decoding, with a warning (once per wrapper): the
+        returned sequences then hold the left-padded prompts, of the same width. Set `tokenizer.padding_side = "left"`
+        to avoid the copy. Without `personalization` the batch goes to the wrapped model's `generate` untouched.
+
         Raises:
             `ValueError` / `TypeError` naming the argument for unsupported settings (`num_beams` > 1, assisted
             decoding, `inputs_embeds`), a `personalization` list whose length is not the batch size, an unknown
@@ -180,6 +205,11 @@ class SpringForCausalLM(HubMixin, nn.Module):
         attention_mask = _prompt_mask(input_ids, kwargs.get("attention_mask"))
         generation_config = merged_generation_config(self.base_model, kwargs)
         self._check_generation_settings(generation_config, kwargs)
+        if is_right_padded(attention_mask):
+            # Decoding appends after the last position: a right-padded row would continue after its padding.
+            input_ids, attention_mask = left_pad_batch(input_ids, attention_mask, self._pad_id(generation_config))
+            kwargs["attention_mask"] = attention_mask
+            self._warn_right_padding("generate")
 
         plan = self.planner.plan(input_ids, attention_mask, rows)
         infos, router = plan.rows, plan.router
@@ -241,7 +271,8 @@ class SpringForCausalLM(HubMixin, nn.Module):
         probability, not a decoding heuristic's.
 
         Args:
-            input_ids (`torch.LongTensor` of shape `(batch, seq)`): left-padded prompts, as for `generate`.
+            input_ids (`torch.LongTensor` of shape `(batch, seq)`): the prompts, as for `generate`; each row's tokens
+                are taken where `attention_mask` is 1, so left and right padding score alike.
             continuations (sequence of sequences of `int`): per row, the token ids to score after the prompt.
             attention_mask (`torch.LongTensor` of shape `(batch, seq)`, *optional*): the prompts' mask.
             personalization: as for [`generate`]; `None` scores every row with the wrapped model alone.
@@ -322,10 +353,19 @@ class SpringForCausalLM(HubMixin, nn.Module):
 
         Raises:
             `ValueError`: when rows need different LoRA adapters (plain `generate` decodes the main path with the
-            model's active adapter only); use [`generate`] with `personalization=` for that.
+            model's active adapter only), use [`generate`] with `personalization=` for that; or when
+            `attention_mask` is right-padded (the batch goes to your own `generate`, which would continue after the
+            padding): tokenize with `tokenizer.padding_side = "left"`.
         """
         _check_input_ids(input_ids)
         attention_mask = _prompt_mask(input_ids, attention_mask)
+        if is_right_padded(attention_mask):
+            # Unlike `generate`, re-padding here cannot help: the caller decodes their own (right-padded) batch.
+            raise ValueError(
+                "`attention_mask` is right-padded (a row has padding after its tokens), but `generate` continues "
+                'each row after its last position: set `tokenizer.padding_side = "left"` and tokenize the batch '
+                "again, or call SpringForCausalLM.generate(..., personalization=...), which re-pads it."
+            )
         rows = normalize_personalization(personalization, input_ids.shape[0])
         plan = self.planner.plan(input_ids, attention_mask, rows)
         self.last_personalization = plan.rows
@@ -346,9 +386,7 @@ class SpringForCausalLM(HubMixin, nn.Module):
         rows_ids = [info.history_ids if info is not None else None for info in infos]
         weights = [info.weight if info is not None and info.gate_open else 0.0 for info in infos]
         width = max((len(ids) for ids in rows_ids if ids is not None), default=1)
-        # The tokenizer's own pad id outranks the EOS fallback; 0 when none is set (pad positions are masked out).
-        tokenizer_pad = getattr(self.tokenizer, "pad_token_id", None)
-        pad = pad_token_id(generation_config.pad_token_id, tokenizer_pad, generation_config.eos_token_id, default=0)
+        pad = self._pad_id(generation_config)
         history = torch.full((len(infos), width), pad, dtype=torch.long)
         history_mask = torch.zeros((len(infos), width), dtype=torch.long)
         for index, ids in enumerate(rows_ids):
@@ -375,6 +413,22 @@ class SpringForCausalLM(HubMixin, nn.Module):
             eos_token_id=generation_config.eos_token_id,
             adapter_router=plan.router,
             adapter_names=names,
+        )
+
+    def _pad_id(self, generation_config: GenerationConfig) -> int:
+        """The id padding is filled with: the generation config's pad id, the tokenizer's (it outranks the EOS
+        fallback), then EOS; 0 when none is set (pad positions are masked out)."""
+        tokenizer_pad = getattr(self.tokenizer, "pad_token_id", None)
+        return pad_token_id(generation_config.pad_token_id, tokenizer_pad, generation_config.eos_token_id, default=0)
+
+    def _warn_right_padding(self, method: str) -> None:
+        if self._warned_right_padding:
+            return
+        self._warned_right_padding = True
+        logger.warning(
+            f"SpringForCausalLM.{method} got a right-padded batch (an `attention_mask` row has padding after its "
+            "tokens); its rows were re-padded on the left before decoding, so the returned sequences hold "
+            'left-padded prompts. Set `tokenizer.padding_side = "left"` to avoid this (warned once per wrapper).'
         )
 
     def forget_user(self, user_id: str) -> bool:
@@ -529,8 +583,6 @@ class SpringForCausalLM(HubMixin, nn.Module):
             hf_kwargs: passed to `AutoModelForCausalLM.from_pretrained` (e.g. `dtype`); `base_model_name_or_path`
                 overrides the saved one.
         """
-        from transformers import AutoModelForCausalLM
-
         base_override = hf_kwargs.pop("base_model_name_or_path", None)
         hub = dict(token=token, cache_dir=cache_dir, local_files_only=local_files_only, force_download=force_download)
         # A plain model id or path gives None: it is wrapped below.
@@ -548,7 +600,8 @@ class SpringForCausalLM(HubMixin, nn.Module):
                     "`base_model_name_or_path=`."
                 )
             # Outside the folder's lock: a base model download may take minutes, and saves would wait for it.
-            model = AutoModelForCausalLM.from_pretrained(base_id, **hub, **hf_kwargs)
+            where = f"the base model {base_id!r} that {SPRING_CONFIG_NAME} in {str(found)!r} names"
+            model = _load_base_model(base_id, where, hub, hf_kwargs, hint=base_override is None)
             with reading(found):
                 # `lexists`: a symlinked `adapters` (even a dangling one) is refused by the load, not silently skipped.
                 if load_adapters and os.path.lexists(found / ADAPTERS_DIR):
@@ -560,7 +613,8 @@ class SpringForCausalLM(HubMixin, nn.Module):
         else:
             base_id = base_override or str(pretrained_model_name_or_path)
             hub["revision"] = revision  # the model and its tokenizer come from the repo named
-            model = AutoModelForCausalLM.from_pretrained(base_id, **hub, **hf_kwargs)
+            where = f"{base_id!r}, a SpringForCausalLM folder or a causal LM"
+            model = _load_base_model(base_id, where, hub, hf_kwargs, hint=False)
             config = SpringConfig()
             if tokenizer is None:
                 tokenizer = load_tokenizer([base_id], **hub)
@@ -586,6 +640,36 @@ def _prompt_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -
             f"`attention_mask` has shape {tuple(attention_mask.shape)}, expected {tuple(input_ids.shape)}."
         )
     return attention_mask
+
+
+def is_right_padded(attention_mask: torch.Tensor) -> bool:
+    """Whether some row of `attention_mask` has a masked position after an attended one (right padding).
+
+    Args:
+        attention_mask (`torch.Tensor` of shape `(batch, seq)`): 1 for tokens, 0 for padding.
+    """
+    mask = attention_mask.bool()
+    return bool((mask[:, :-1] & ~mask[:, 1:]).any())
+
+
+def left_pad_batch(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch re-padded on the left: each row's attended tokens, in order, moved to the end of the row, and the
+    positions before them filled with `pad_id` (masked out). Left-padded rows come back unchanged; the width is kept.
+
+    Args:
+        input_ids (`torch.Tensor` of shape `(batch, seq)`): the token ids.
+        attention_mask (`torch.Tensor` of shape `(batch, seq)`): 1 for tokens, 0 for padding.
+        pad_id (`int`): the id the padding is filled with.
+
+    Returns:
+        `(input_ids, attention_mask)`, new tensors of the same shape, dtype and device.
+    """
+    # A stable sort on the mask puts the padding first and keeps the tokens' order.
+    order = torch.argsort(attention_mask.ne(0).long(), dim=1, stable=True)
+    mask = attention_mask.gather(1, order)
+    return input_ids.gather(1, order).masked_fill(mask == 0, pad_id), mask
 
 
 def _repeat(names: Sequence[str] | None, expand: int) -> list[str] | None:

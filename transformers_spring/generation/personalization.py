@@ -111,14 +111,17 @@ def _one(value: Any, where: str) -> Personalization | None:
         return None
     if isinstance(value, Personalization):
         return value if value.is_active else None
-    if isinstance(value, str):
-        return Personalization(user=value)
-    if isinstance(value, dict):
+    if isinstance(value, (str, dict)):
+        fields = {"user": value} if isinstance(value, str) else value
         known = {f.name for f in dataclasses.fields(Personalization)}
-        unknown = sorted(set(value) - known)
+        unknown = sorted(set(fields) - known, key=str)  # `key`: a dict's keys need not all be strs
         if unknown:
             raise TypeError(f"`{where}` has unknown key(s) {unknown}; allowed: {sorted(known)}.")
-        return _one(Personalization(**value), where)
+        try:
+            row = Personalization(**fields)
+        except (TypeError, ValueError) as err:  # its message names the field; this names the entry
+            raise type(err)(f"`{where}`: {err}") from err
+        return _one(row, where)
     raise TypeError(
         f"`{where}` must be a user id (str), a Personalization, a dict, None, or a list of those (one per row); got "
         f"{type(value).__name__}."

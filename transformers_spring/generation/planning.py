@@ -13,11 +13,13 @@ decides, in this order:
 4. **the history block**: the items rendered into the prompt ([`HistoryPromptBuilder`]);
 5. **the adapter**: `Personalization.adapter` when given (it must exist), else the user's adapter by the one naming
    rule ([`adapter_name_for`] with `SpringConfig.adapter_name_template`); a user without one decodes with the base
-   model, logged once per user.
+   model, logged once per user. A user who has no adapter *and* of whom the memory holds no record is unknown
+   (usually a typo): `SpringConfig.unknown_user="error"` refuses them before anything is retrieved.
 """
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,7 +29,7 @@ from transformers.utils import logging
 
 from ..memory.gate import RelevanceGate
 from ..utils.compat import active_adapter_of
-from .adapters import BASE_ADAPTER, AdapterRouter
+from .adapters import BASE_ADAPTER, AdapterRouter, adapter_name_for
 from .config import SpringConfig
 from .personalization import Personalization, RowPersonalization
 from .prompting import HistoryPromptBuilder
@@ -78,8 +80,8 @@ class PersonalizationPlanner:
         memory (*optional*): anything with `retrieve_context(user_id, query, k=..., use_global=..., **kwargs)`.
         config ([`SpringConfig`]): the decoding settings.
         tokenizer (*optional*): renders the history and decodes retrieval queries.
-        logged (`set[str]`, *optional*): users already logged as having no adapter (shared across calls, so each
-            is logged once).
+        logged (`set[str]`, *optional*): users already logged as having no adapter or as unknown (shared across
+            calls, so each is logged once).
     """
 
     def __init__(
@@ -101,15 +103,96 @@ class PersonalizationPlanner:
             input_ids (`torch.Tensor` of shape `(batch, seq)`): the prompts.
             attention_mask (`torch.Tensor` of shape `(batch, seq)`): their mask.
             rows (sequence of [`Personalization`] or `None`): one per row (see `normalize_personalization`).
+
+        Raises:
+            `ValueError`: with `SpringConfig.unknown_user="error"`, a row of a user who has no adapter and of whom
+            the memory holds no record (checked before anything is retrieved).
         """
+        router = AdapterRouter(self.model)
+        memory_users: dict[str, set[str] | None] = {}  # this call's view of the memory's users (thread-local)
+        for row in rows:
+            if row is not None:
+                self._check_user(row, router, memory_users)
         infos = [
             None
             if row is None
             else self._plan_row(index, input_ids[index][attention_mask[index].bool()].tolist(), row)
             for index, row in enumerate(rows)
         ]
-        router, names = self._route(infos, rows)
+        router, names = self._route(infos, rows, router)
         return PersonalizationPlan(infos, router, names)
+
+    # ------------------------------------------------------------------------------------------------ users
+    def _check_user(self, row: Personalization, router: AdapterRouter, memory_users: dict) -> None:
+        """Logs, once per user, a row that decodes with the base model because its user has no adapter; refuses
+        an unknown user (no adapter, no memory record) under `unknown_user="error"`."""
+        user = row.user
+        if user is None or row.adapter is not None:  # explicit history without a user, or an adapter chosen
+            return
+        template = self.config.adapter_name_template
+        if router.has_adapters and router.resolve(user, template) != BASE_ADAPTER:
+            return
+        known = self._memory_knows(user, memory_users)
+        unknown = known is False  # a memory that cannot say (None) is taken to know every user
+        if unknown and self.config.unknown_user == "error":
+            raise ValueError(self._unknown_user_message(user, router))
+        if user in self._unknown_users:
+            return
+        if router.has_adapters:
+            record = " and the memory holds no record of them" if unknown else ""
+            logger.info(f"User {user!r} has no adapter in the model{record}; their rows decode with the base model.")
+        elif unknown:  # a model without adapters: only a user the memory does not know is worth a line
+            where = "the memory holds no record of them" if self.memory is not None else "there is no memory"
+            logger.info(f"User {user!r} is unknown ({where}); their rows decode with the base model.")
+        else:
+            return
+        self._unknown_users.add(user)
+
+    def _memory_knows(self, user: str, cache: dict) -> bool | None:
+        """Whether the memory holds a record of `user`: False without a memory, its `has_user(user)` when it has one,
+        else membership in its `users` (a method or a collection, listed once per `plan` call into `cache`), None
+        when it cannot say."""
+        if self.memory is None:
+            return False
+        has_user = getattr(self.memory, "has_user", None)
+        if callable(has_user):  # LoGoMemory: a dict lookup, not a copy of every user id
+            return bool(has_user(user))
+        if "users" not in cache:
+            users = getattr(self.memory, "users", None)
+            if callable(users):
+                users = users()
+            try:
+                cache["users"] = None if users is None or isinstance(users, (str, bytes)) else set(users)
+            except TypeError:  # not a collection of user ids
+                cache["users"] = None
+        return None if cache["users"] is None else user in cache["users"]
+
+    def _unknown_user_message(self, user: str, router: AdapterRouter) -> str:
+        template = self.config.adapter_name_template
+        try:
+            name = adapter_name_for(user, template)
+        except ValueError:  # a reserved name: no adapter can have it
+            name = None
+        if not router.has_adapters:
+            looked = "the model has no adapters"
+        else:
+            looked = f"the model has no adapter {name!r} (SpringConfig.adapter_name_template {template!r})"
+        memory = "there is no memory" if self.memory is None else "the memory holds no record of them"
+        users = getattr(self.memory, "users", None) if self.memory is not None else None
+        try:  # (the error path only: listing every user is fine here)
+            users = set(users() if callable(users) else users or ())
+        except TypeError:
+            users = set()
+        known = sorted(u for u in users if isinstance(u, str)) + sorted(router.adapters)
+        close = difflib.get_close_matches(user, known, n=3)
+        if name is not None and name != user:
+            close += difflib.get_close_matches(name, sorted(router.adapters), n=3)
+        close = list(dict.fromkeys(close))
+        hint = f" Close matches among known users and adapters: {close}." if close else ""
+        return (
+            f"Unknown user {user!r} in `personalization`: {looked}, and {memory}.{hint} Set "
+            "SpringConfig(unknown_user='base') to decode unknown users with the base model instead."
+        )
 
     # ------------------------------------------------------------------------------------------------ one row
     def builder(self) -> HistoryPromptBuilder:
@@ -172,11 +255,10 @@ class PersonalizationPlanner:
 
     # ------------------------------------------------------------------------------------------------ adapters
     def _route(
-        self, infos: list[RowPersonalization | None], rows: Sequence[Personalization | None]
+        self, infos: list[RowPersonalization | None], rows: Sequence[Personalization | None], router: AdapterRouter
     ) -> tuple[AdapterRouter | None, list[str] | None]:
         """Per-row adapter names, or `(None, None)` when nothing needs routing (no adapters, or every row would use
         the model's active adapter anyway)."""
-        router = AdapterRouter(self.model)
         explicit = [row.adapter if row is not None else None for row in rows]
         if not router.has_adapters:
             wanted = sorted({name for name in explicit if name is not None and name != BASE_ADAPTER})
@@ -199,12 +281,7 @@ class PersonalizationPlanner:
             elif info.user is None:  # explicit history without a user
                 info.adapter = default
             else:
-                info.adapter = router.resolve(info.user, self.config.adapter_name_template)
-                if info.adapter == BASE_ADAPTER and info.user not in self._unknown_users:
-                    self._unknown_users.add(info.user)
-                    logger.info(
-                        f"User {info.user!r} has no adapter in the model; their rows decode with the base model."
-                    )
+                info.adapter = router.resolve(info.user, self.config.adapter_name_template)  # logged in _check_user
             names.append(info.adapter)
         if all(name == default for name in names) and default is not None:
             return None, None  # the model as it is already does the right thing

@@ -266,6 +266,11 @@ class LoGoMemory(
         with self._lock:
             return list(self._locals)
 
+    def has_user(self, user_id: str) -> bool:
+        """Whether the memory holds any record of the user (history or buffer); O(1), unlike `user_id in users()`."""
+        with self._lock:
+            return user_id in self._locals
+
     def history(self, user_id: str) -> list[Interaction]:
         """A user's history records, oldest first."""
         with self._lock:
@@ -317,8 +322,8 @@ class LoGoMemory(
 
     def add(self, interaction: Interaction | dict) -> str:
         """Stores one interaction; returns its id (the id of the stored twin if it was a near-duplicate)."""
-        # Coerced here too, so that an error names the field alone rather than `interactions[0]`.
-        return self.add_many([coerce_interaction(interaction, self._settings.max_text_chars)])[0]
+        # Coerced here, so that an error names the field alone rather than `interactions[0]`.
+        return self._add_records([coerce_interaction(interaction, self._settings.max_text_chars)], single=True)[0]
 
     def add_many(
         self, interactions: Iterable[Interaction | dict], batch_size: int = 256, show_progress: bool = False
@@ -335,13 +340,20 @@ class LoGoMemory(
         """
         batch_size = check_int(batch_size, "batch_size", minimum=1)
         records = coerce_interactions(interactions, max_text_chars=self._settings.max_text_chars)
+        return self._add_records(records, batch_size, show_progress)
+
+    def _add_records(
+        self, records: list[Interaction], batch_size: int = 256, show_progress: bool = False, single: bool = False
+    ) -> list[str]:
+        """`add_many` of validated records; `single`: from `add`, whose errors name no index."""
         vectors = self._encode([r.text for r in records], batch_size, show_progress)
 
         def change() -> list[str]:
-            for record in records:
+            for index, record in enumerate(records):
                 local = self._locals.get(record.user_id)
                 if local is not None and record.id in local.history:
-                    raise ValueError(f"`id` {record.id!r} is already stored for user {record.user_id!r}.")
+                    where = "" if single else f"`interactions[{index}]`: "
+                    raise ValueError(f"{where}`id` {record.id!r} is already stored for user {record.user_id!r}.")
             return self._insert(records, vectors)
 
         return self._write(change)

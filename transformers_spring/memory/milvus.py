@@ -18,6 +18,7 @@ import numpy as np
 from transformers.utils import logging
 
 from ..records import MAX_ID_CHARS, user_bucket
+from ..utils.quiet import quiet_milvus_lite
 from ..utils.validation import check_choice, check_int
 from .backends import SCOPES, BackendError
 
@@ -27,6 +28,11 @@ REGIONS = ("history", "buffer")
 _TOKEN_ENV = "SPRING_MILVUS_TOKEN"
 URI_ENV = "SPRING_MILVUS_URI"
 SEARCHES = ("process", "milvus")
+# Milvus Lite serves gRPC in this process, on loopback: no proxy or NAT to keep a connection alive through. pymilvus
+# pings every 10 s, idle or not; Lite's server keeps grpc's default policy (at most one ping per 5 min, or 2 h while
+# idle), so after ~2 idle minutes it sends GOAWAY "too_many_pings" and grpc's C core prints an error line. No pings,
+# no GOAWAY (INT_MAX is grpc's own "keepalive off").
+LITE_GRPC_OPTIONS = {"grpc.keepalive_time_ms": 2**31 - 1, "grpc.keepalive_permit_without_calls": 0}
 
 
 def _pymilvus():
@@ -176,6 +182,8 @@ class MilvusBackend:
         self._lite = lite
         self.check_fingerprint = bool(check_fingerprint)
         self._create = True  # False while a load opens the store: it never creates what a save should hold
+        if lite:
+            quiet_milvus_lite()  # Lite's log lines that carry no action (docs/memory.md, "What we silence, and why")
 
     @property
     def searches(self) -> str:
@@ -225,6 +233,8 @@ class MilvusBackend:
                 kwargs["token"] = self._token
             if self.db_name:
                 kwargs["db_name"] = self.db_name
+            if self._lite:
+                kwargs["grpc_options"] = dict(LITE_GRPC_OPTIONS)
             self._client = self._call("connect", None, cls, **kwargs)
         return self._client
 

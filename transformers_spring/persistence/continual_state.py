@@ -317,3 +317,40 @@ def read_training_args(
     if cleanup is not None:
         weakref.finalize(args, shutil.rmtree, str(cleanup), True)
     return args
+
+
+# ------------------------------------------------------------------------------------------------ `spring train`
+TRAIN_JOB_FILE = "train_job.json"
+# `train_job.json`: a data digest, a dozen options and SPRInG's settings, a few KiB.
+MAX_TRAIN_JOB_BYTES = 1 << 20
+
+
+def write_train_job(directory: str | os.PathLike, job: dict) -> None:
+    """Writes `train_job.json` (what a `spring train` run in this folder reads and how: see
+    [`~training.train_job_config.fingerprint`]) atomically, beside the state that save_pretrained manages.
+
+    Args:
+        directory (`str` or `os.PathLike`): the state folder.
+        job (`dict`): the run's fingerprint.
+    """
+    from .folder import atomic_write_text
+
+    atomic_write_text(Path(directory) / TRAIN_JOB_FILE, json.dumps({"format_version": 1, **job}, indent=2))
+
+
+def read_train_job(directory: str | os.PathLike) -> dict | None:
+    """The run described by `train_job.json` in `directory`, or None when there is none.
+
+    Args:
+        directory (`str` or `os.PathLike`): the state folder.
+
+    Raises:
+        `ValueError`: naming the file, when it is not a JSON object of this format.
+    """
+    path = Path(directory) / TRAIN_JOB_FILE
+    if not path.exists():
+        return None
+    data = read_json_capped(path, MAX_TRAIN_JOB_BYTES)
+    if not isinstance(data, dict) or data.pop("format_version", None) != 1:
+        raise ValueError(f"{path} is not a `spring train` job file of format_version 1.")
+    return data

@@ -37,7 +37,9 @@ def resolve_folder(
         revision, token, cache_dir, force_download, local_files_only: Hub options.
 
     Raises:
-        `FileNotFoundError`: (without `probe`) no such directory or repo, or it holds no `marker`.
+        `FileNotFoundError`: (without `probe`) no such directory or repo, or it holds no `marker`. For a name that is
+        neither a local directory nor a Hub repo that can be read (offline and not cached, no such repo, not a valid
+        id), the message leads with the missing local folder, then says why the Hub did not have it either.
     """
     path = os.fspath(name_or_path)
     local = resolve_saved_directory(path)
@@ -47,10 +49,14 @@ def resolve_folder(
         if probe:
             return None
         raise FileNotFoundError(f"{local} has no {marker}; it is not a {kind} directory.")
+    # A typo'd local path is the likelier mistake than a typo'd repo id: the message leads with the folder.
+    missing = f"no local folder {path!r} ({Path(path).absolute()}) to load the {kind} from"
     if not looks_like_repo_id(path):
         if probe:
             return None
-        raise FileNotFoundError(f"no {kind} directory at {path}.")
+        if Path(path).exists():
+            raise FileNotFoundError(f"{missing}: it is a file, not a {kind} directory.")
+        raise FileNotFoundError(f"{missing}; as a path it cannot be a Hub repo id ('name' or 'owner/name') either.")
     from huggingface_hub import hf_hub_download, snapshot_download
     from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
 
@@ -61,7 +67,42 @@ def resolve_folder(
             hf_hub_download(path, marker, **hub)
         except (EntryNotFoundError, LocalEntryNotFoundError, HfHubHTTPError, HFValidationError, OSError, ValueError):
             return None  # not a repo of this kind (or unreachable)
-    return Path(snapshot_download(path, allow_patterns=list(allow_patterns) if allow_patterns else None, **hub))
+    try:
+        return Path(snapshot_download(path, allow_patterns=list(allow_patterns) if allow_patterns else None, **hub))
+    except (LocalEntryNotFoundError, HfHubHTTPError, HFValidationError) as err:
+        reason = _hub_miss_reason(err, local_files_only, cache_dir)
+        if reason is None:  # a real repo the Hub answered for (wrong revision, gated...): its error is the right one
+            raise
+        raise FileNotFoundError(f"{missing}; tried as a Hub repo id too, {reason}.") from err
+
+
+def _hub_miss_reason(err: Exception, local_files_only: bool, cache_dir: str | os.PathLike | None) -> str | None:
+    """Why `snapshot_download` found no repo, for [`resolve_folder`]'s message; None when the error is about a
+    repo that exists (its own message is then the right one)."""
+    from huggingface_hub import constants, errors
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+    )
+
+    if isinstance(err, HFValidationError):
+        return f"it is not a valid one ({str(err).rstrip('.')})"
+    # Gated, or cached only in part (huggingface_hub >= 2): a repo that exists.
+    exists = (GatedRepoError, getattr(errors, "IncompleteSnapshotError", GatedRepoError))
+    if isinstance(err, exists) or not isinstance(err, (LocalEntryNotFoundError, RepositoryNotFoundError)):
+        return None
+    if isinstance(err, RepositoryNotFoundError):
+        return "the Hub has no such repository (or it is private and the token cannot read it)"
+    cache = f"the Hub cache ({cache_dir or constants.HF_HUB_CACHE})"
+    if local_files_only:
+        return f"it is not in {cache} and `local_files_only=True` forbids downloading it"
+    if isinstance(err.__cause__, OfflineModeIsEnabled) or constants.HF_HUB_OFFLINE:
+        return f"it is not in {cache} and the Hub is offline (HF_HUB_OFFLINE=1)"
+    cause = f" ({type(err.__cause__).__name__}: {err.__cause__})" if err.__cause__ is not None else ""
+    return f"it is not in {cache} and the Hub could not be reached{cause}"
 
 
 def push_folder(

@@ -216,20 +216,33 @@ def assign_lora_int_ids(entries: list[dict], previous: PreviousIds) -> None:
             entry["lora_int_id"], next_id = next_id, next_id + 1
 
 
+# Optional string fields about the base model (absent from manifests of earlier releases): the local folder the
+# adapters were trained on when `base_model_name_or_path` is its Hub id, and what a server should know about it.
+BASE_MODEL_FIELDS = ("base_model_name_or_path", "base_model_local_path", "base_model_note")
+
+
 def write_serving_manifest(
     directory: Path,
     entries: Sequence[dict[str, Any]],
     base_model: str | None,
     max_lora_rank: int,
     retired: Sequence[int] = (),
+    *,
+    base_model_local_path: str | None = None,
+    base_model_note: str | None = None,
 ) -> dict[str, Any]:
-    """Writes `serving_manifest.json`: `adapters` lists, in order, `user_id`, `lora_name`, `lora_int_id` (vLLM's
-    cache key, see [`assign_lora_int_ids`]), `path` (relative to the export folder), `rank` and the weights'
-    `sha256`; `retired_lora_int_ids` the ids earlier exports gave out that must not be reused."""
+    """Writes `serving_manifest.json`: `base_model_name_or_path` (what a server loads: the Hub id when one is
+    known), `adapters` lists, in order, `user_id`, `lora_name`, `lora_int_id` (vLLM's cache key, see
+    [`assign_lora_int_ids`]), `path` (relative to the export folder), `rank` and the weights' `sha256`;
+    `retired_lora_int_ids` the ids earlier exports gave out that must not be reused. `base_model_local_path` (the
+    local folder the adapters were trained on, when it is not `base_model_name_or_path`) and `base_model_note` are
+    written only when given."""
+    optional = {"base_model_local_path": base_model_local_path, "base_model_note": base_model_note}
     manifest = {
         "format_version": SERVING_FORMAT_VERSION,
         "library": "transformers_spring",
         "base_model_name_or_path": base_model,
+        **{key: value for key, value in optional.items() if value is not None},
         "max_lora_rank": max_lora_rank,
         "adapters": list(entries),
         "retired_lora_int_ids": list(retired),
@@ -243,6 +256,8 @@ def read_serving_manifest(directory: str | os.PathLike, *, verify_weights: bool 
     an absolute path inside it:
 
     - the file is at most [`~persistence.json_files.MAX_SERVING_MANIFEST_BYTES`] and not a symlink;
+    - `base_model_name_or_path`, and `base_model_local_path` / `base_model_note` when present (manifests of earlier
+      releases have neither), are strings (the first may be null);
     - `lora_int_id`s are unique positive ints, none of them retired; `lora_name`s and `user_id`s are unique;
     - one user per folder and one folder per user: paths stay inside the export folder and no two resolve to the
       same folder;
@@ -265,6 +280,9 @@ def read_serving_manifest(directory: str | os.PathLike, *, verify_weights: bool 
     manifest = read_json_capped(path, MAX_SERVING_MANIFEST_BYTES)
     if not isinstance(manifest, dict) or manifest.get("format_version") != SERVING_FORMAT_VERSION:
         raise ValueError(f"{path}: field 'format_version' must be {SERVING_FORMAT_VERSION}.")
+    for field in BASE_MODEL_FIELDS:
+        if not isinstance(manifest.get(field), (str, type(None))):
+            raise ValueError(f"{path}: field {field!r} must be a string.")
     adapters = manifest.get("adapters")
     retired = manifest.get("retired_lora_int_ids", [])
     if not isinstance(adapters, list):

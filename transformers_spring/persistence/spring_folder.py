@@ -170,14 +170,17 @@ def load_tokenizer(sources: Sequence[str | os.PathLike], **hub_kwargs) -> Any:
         hub_kwargs: passed to `AutoTokenizer.from_pretrained` (`token`, `cache_dir`, `revision`, ...).
 
     Returns:
-        The tokenizer, or None (with a warning) when none of `sources` has one.
+        The tokenizer, padding on the left (what batched decoding needs; a decoder-only tokenizer such as SmolLM2's
+        saves no padding side and would pad on the right), or None (with a warning) when none of `sources` has one.
     """
     from transformers import AutoTokenizer
 
     for source in sources:
         try:
-            return AutoTokenizer.from_pretrained(source, **hub_kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(source, **hub_kwargs)
         except (OSError, ValueError, TypeError):
             continue
+        tokenizer.padding_side = "left"
+        return tokenizer
     logger.warning("No tokenizer could be loaded; pass `tokenizer=` to personalise generation.")
     return None

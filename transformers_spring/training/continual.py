@@ -38,7 +38,7 @@ from ..persistence.safe_copy import copy_tree
 from ..persistence.serving import check_max_lora_rank
 from ..persistence.serving_export import export_adapters_for_serving
 from ..records import Interaction, check_user_id, coerce_interactions
-from ..utils.modeling import base_name_or_path
+from ..utils.modeling import base_name_or_path, is_peft_model
 from ..utils.validation import check_int
 from .adapter_pool import AdapterPool
 from .drift import BaseLogProbCache
@@ -78,9 +78,17 @@ class ContinualPersonalizer(HubMixin):
     `PeftModel.from_pretrained(base, f"{dir}/adapters", subfolder=name, adapter_name=name)`, where `name` is
     `personalizer.adapter_name(user)`.
 
+    Note: **the model you pass is modified in place.** Like peft's `get_peft_model`, the personalizer injects the
+    users' LoRA layers into `model` itself (no copy, so no doubled memory): after the first `observe`, `model`'s own
+    outputs are those of the active user's adapter. For a non-personalized baseline, use
+    `with personalizer.model.disable_adapter():` or load a separate copy of the base model. A warning says so when
+    `model` is not a `PeftModel` yet (silence it with
+    `transformers.utils.logging.get_logger("transformers_spring.training.continual").setLevel(logging.ERROR)`).
+
     Args:
         model (`PreTrainedModel` or `PeftModel`):
-            The base causal LM (it is wrapped with peft at the first user; `personalizer.model` is the wrapped one).
+            The base causal LM, **modified in place**: its LoRA layers are injected at the first user (see the note
+            above); `personalizer.model` is the peft-wrapped one.
         tokenizer (`PreTrainedTokenizerBase`):
             Its tokenizer.
         args ([`SpringTrainingArguments`], *optional*):
@@ -140,6 +148,14 @@ class ContinualPersonalizer(HubMixin):
             raise TypeError(f"`shard` must be a UserShard, got {type(shard).__name__}.")
         if model is None or not isinstance(model, torch.nn.Module):
             raise TypeError(f"`model` must be a causal LM (nn.Module), got {type(model).__name__}.")
+        if not is_peft_model(model):
+            # A module-level logger: callers that know (the `spring train` CLI) raise its level to silence it.
+            logger.warning(
+                "ContinualPersonalizer modifies the model you pass in place: the users' LoRA layers are injected into "
+                "it (as peft's get_peft_model does), so after the first `observe` its outputs are no longer the base "
+                "model's. For a base-model baseline use `with personalizer.model.disable_adapter():` or load a "
+                "separate copy of the model."
+            )
         if tokenizer is None or not callable(tokenizer):
             raise TypeError(f"`tokenizer` must be a tokenizer, got {type(tokenizer).__name__}.")
         max_resident_adapters = check_int(max_resident_adapters, "max_resident_adapters", minimum=1)
@@ -558,6 +574,7 @@ class ContinualPersonalizer(HubMixin):
         *,
         users: Sequence[str] | None = None,
         max_lora_rank: int = 16,
+        base_model_id: str | None = None,
     ) -> dict[str, Any]:
         """Writes the users' adapters for a multi-LoRA serving engine (vLLM, S-LoRA, LoRAX): one plain peft folder
         per user plus `serving_manifest.json` (user → `lora_name`, `lora_int_id`, `path`, `rank`, weights'
@@ -572,13 +589,17 @@ class ContinualPersonalizer(HubMixin):
                 first).
             max_lora_rank (`int`, *optional*, defaults to 16): the server's `--max-lora-rank` (vLLM's default); one of
                 vLLM's allowed values.
+            base_model_id (`str`, *optional*): the Hub repo id to record as the manifest's `base_model_name_or_path`
+                (what a server loads). By default the model's Hub id when one is known (a Hub id, a Hub cache snapshot,
+                the converted SmolLM2 folder), else its local path, with a warning.
 
         Returns:
             `dict`: the manifest written (empty on the other processes of a distributed run: only the main one
             writes).
 
         Raises:
-            `KeyError`: an unknown user. `ValueError`: an adapter vLLM would refuse (the field is named).
+            `KeyError`: an unknown user. `ValueError`: an adapter vLLM would refuse (the field is named), or a
+            `base_model_id` that is not a repo id.
 
         `lora_int_id`s are vLLM's cache keys, so they are never reused: exporting again into the same folder keeps
         a user's id while their weights are unchanged, and gives new weights (or a new user) a new id; the ids that
@@ -597,6 +618,7 @@ class ContinualPersonalizer(HubMixin):
             names,
             lambda name: None if pool.is_resident(name) else pool.path_of(name),
             max_lora_rank=max_lora_rank,
+            base_model_id=base_model_id,
         )
 
     @classmethod

