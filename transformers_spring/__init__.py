@@ -31,8 +31,8 @@ _EXPORTS = {
     ),
     "records": ("Interaction", "MediatedContext", "RetrievedItem"),
     "training": (
-        "ContinualPersonalizer", "SpringPeriodOutput", "SpringTrainer", "SpringTrainingArguments", "UserShard",
-        "claim_user_shard", "drift_scores",
+        "ContinualPersonalizer", "PersonalizationTuner", "SpringPeriodOutput", "SpringTrainer",
+        "SpringTrainingArguments", "TuningArguments", "UserShard", "claim_user_shard", "drift_scores",
     ),
 }  # fmt: skip
 _SOURCE = {name: module for module, names in _EXPORTS.items() for name in names}
@@ -58,6 +58,7 @@ __all__ = [
     "MilvusBackend",
     "PeriodSplit",
     "Personalization",
+    "PersonalizationTuner",
     "RelevanceGate",
     "RetrievalInterpolationLogitsProcessor",
     "RetrievedItem",
@@ -66,6 +67,7 @@ __all__ = [
     "SpringPeriodOutput",
     "SpringTrainer",
     "SpringTrainingArguments",
+    "TuningArguments",
     "UserShard",
     "VectorBackend",
     "__version__",
@@ -133,9 +135,11 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, eagerly
     from .records import Interaction, MediatedContext, RetrievedItem
     from .training import (
         ContinualPersonalizer,
+        PersonalizationTuner,
         SpringPeriodOutput,
         SpringTrainer,
         SpringTrainingArguments,
+        TuningArguments,
         UserShard,
         claim_user_shard,
         drift_scores,

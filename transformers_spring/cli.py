@@ -10,7 +10,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-USAGE = """usage: spring {demo,train,memory,bench,bench-logo,report} [options]
+USAGE = """usage: spring {demo,train,tune,memory,bench,bench-logo,report} [options]
 
   spring demo   SPRInG end to end on the shipped news subset (SmolLM2-135M-Instruct, a few authors, 5 periods):
                 prints the per-period ROUGE table against Base and RAG and saves results + a PNG plot.
@@ -18,6 +18,10 @@ USAGE = """usage: spring {demo,train,memory,bench,bench-logo,report} [options]
                 trains each user's SPRInG adapter period by period on your JSONL stream (user_id, prompt,
                 response, timestamp) and saves a state that SpringForCausalLM.from_pretrained(DIR) loads; a
                 checkpoint after each user, resumed when run again (`spring train --help`).
+  spring tune --data my.jsonl --model ID --out tuned.json
+                chooses learning rate, epochs, selection, λ, gate, top-k and retrieval region on each user's last
+                period (validation only, successive halving under --max_cost); `spring train --config tuned.json`
+                loads the result (`spring tune --help`).
   spring memory DIR [--user ID [--show_text]]
                 what a state or memory folder holds: users, counts, periods and sharing flags (text only for one
                 user, when asked).
@@ -182,6 +186,40 @@ def _train(argv: Sequence[str]) -> int:
     return 0
 
 
+def _tune(argv: Sequence[str]) -> int:
+    import json
+
+    from transformers import HfArgumentParser
+
+    from .training import SpringTrainingArguments
+    from .training.train_job_config import TRAIN_JOB_TRAINING_DEFAULTS
+    from .training.tuning import run_tune_job
+    from .training.tuning_config import TuningArguments
+
+    try:
+        parser = escape_help(HfArgumentParser((TuningArguments, SpringTrainingArguments), prog="spring tune"))
+        parser.set_defaults(**TRAIN_JOB_TRAINING_DEFAULTS, output_dir=str(Path("spring-tune") / "trainer_output"))
+        job, training_args = parser.parse_args_into_dataclasses(args=list(argv))
+        result = run_tune_job(job, training_args)
+    except (FileNotFoundError, ValueError, TypeError) as err:  # bad data or options: the message says which
+        print(f"spring tune: {err}", file=sys.stderr)
+        return 2
+    trained = sorted((t for t in result.trials if t["validation_nll"] is not None), key=lambda t: t["validation_nll"])
+    print(f"\nspring tune: {len(result.trials)} trials, {result.cost['ratio']:.2f} training passes "
+          f"(max {result.cost['max_cost']:g}), {result.cost['seconds'] / 60:.1f} min.\n")  # fmt: skip
+    print("| stage | lr | epochs | selection | λ | gate | k | region | users | val NLL |")
+    print("|---|---|---|---|---|---|---|---|---:|---:|")
+    for t in trained[:10]:
+        print(f"| {t['stage']} | {t['learning_rate']:g} | {t['num_train_epochs']:g} | {t['selection']} | "
+              f"{t.get('interpolation_weight', '-')} | {t.get('gate', '-')} | {t.get('top_k', '-')} | "
+              f"{t.get('retrieval_region', '-')} | {t['users']} | {t['validation_nll']:.4f} |")  # fmt: skip
+    print(f"\nChosen: {json.dumps(result.options)}")
+    for note in result.notes:
+        print(f"Note: {note}")
+    print(f"Saved to {job.out}; train with `spring train --config {job.out} --data ... --out DIR`.")
+    return 0
+
+
 def _memory(argv: Sequence[str]) -> int:
     from .training.inspect_state import describe_state
 
@@ -238,6 +276,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run(args, "SPRInG demo")
     if command == "train":
         return _train(rest)
+    if command == "tune":
+        return _tune(rest)
     if command == "memory":
         return _memory(rest)
     if command == "bench":

@@ -70,6 +70,13 @@ def test_from_pretrained_needs_the_file(tmp_path):
         ({"early_exit_patience": 0}, ValueError, "early_exit_patience"),
         ({"skinny_cpu_linear": "yes"}, TypeError, "skinny_cpu_linear"),
         ({"adapter_name_template": "user"}, ValueError, "adapter_name_template"),
+        ({"copy_weight": 1.0}, ValueError, "copy_weight"),
+        ({"copy_weight": -0.1}, ValueError, "copy_weight"),
+        ({"copy_weight": "high"}, TypeError, "copy_weight"),
+        ({"copy_max_ngram": 0}, ValueError, "copy_max_ngram"),
+        ({"copy_max_ngram": 2.0}, TypeError, "copy_max_ngram"),
+        ({"copy_sources": "input,prompt"}, ValueError, "copy_sources"),
+        ({"copy_sources": ["input"]}, TypeError, "copy_sources"),
     ],
 )
 def test_invalid_values_name_the_field(kwargs, error, match):
@@ -180,3 +187,21 @@ def test_save_pretrained_pushes_the_config(tmp_path):
     assert uploaded["repo_id"] == "cfg" and uploaded["files"] == [SPRING_CONFIG_NAME]
     assert create.call_args.kwargs["private"] is False and not (tmp_path / "never").exists()
     assert SpringConfig.from_pretrained(tmp_path / "cfg") == SpringConfig(top_k=3)
+
+
+def test_copy_path_fields_default_off_round_trip_and_old_configs_load(tmp_path):
+    config = SpringConfig()
+    assert (config.copy_weight, config.copy_max_ngram, config.copy_sources) == (0.0, 4, "input,history")
+    config = SpringConfig(copy_weight=0.2, copy_max_ngram=2, copy_sources="history")
+    config.save_pretrained(tmp_path)
+    assert SpringConfig.from_pretrained(tmp_path) == config
+    old = {k: v for k, v in SpringConfig(top_k=3).to_dict().items() if not k.startswith("copy_")}
+    assert SpringConfig.from_dict(old) == SpringConfig(top_k=3)  # a config saved before the copy path: off
+
+
+def test_personalization_copy_weight_is_checked():
+    from transformers_spring.generation import Personalization
+
+    assert Personalization(user="a", copy_weight=0.3).copy_weight == 0.3
+    with pytest.raises(ValueError, match="Personalization.copy_weight"):
+        Personalization(user="a", copy_weight=1.0)

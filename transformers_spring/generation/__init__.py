@@ -1,7 +1,9 @@
-"""SPRInG's gated dual-path decoding: `SpringForCausalLM`, its config and the retrieval-interpolation processor."""
+"""SPRInG's gated dual-path decoding: `SpringForCausalLM`, its config, the retrieval-interpolation processor and
+the copy path."""
 
 from .adapters import AdapterRouter
 from .config import SPRING_CONFIG_NAME, SpringConfig
+from .copying import CopyIndex, CopyMixtureLogitsProcessor
 from .cpu_linear import skinny_cpu_linear
 from .fused import FusedDualPathDecoder
 from .logits_process import RetrievalInterpolationLogitsProcessor, js_divergence
@@ -12,6 +14,8 @@ from .prompting import HistoryPromptBuilder
 __all__ = [
     "SPRING_CONFIG_NAME",
     "AdapterRouter",
+    "CopyIndex",
+    "CopyMixtureLogitsProcessor",
     "FusedDualPathDecoder",
     "HistoryPromptBuilder",
     "Personalization",

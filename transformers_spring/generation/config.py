@@ -14,6 +14,7 @@ from transformers.utils import logging
 
 from ..utils.validation import check_bool, check_choice, check_float, check_int
 from .adapters import check_adapter_name_template
+from .copying import check_copy_weight, parse_copy_sources
 
 logger = logging.get_logger(__name__)
 
@@ -109,6 +110,16 @@ class SpringConfig:
             with the base model, logged once per user at info level. `"error"`: raise a `ValueError` naming the user,
             the adapter and memory looked in, and close matches among the known users. A memory that cannot list its
             users (no `users`) is taken to know them all.
+        copy_weight (`float`, *optional*, defaults to 0.0):
+            μ, the weight of the copy path (see `generation/copying.py`), in `[0, 1)`:
+            `p = (1 − μ) · p_spring + μ · p_copy`, where `p_copy` continues spans of the row's copy sources. Applies
+            to personalized rows only, at steps where `p_copy` is defined. 0 (the default) turns it off: decoding is
+            then exactly what it is without the copy path. Choose μ on validation data.
+        copy_max_ngram (`int`, *optional*, defaults to 4):
+            The longest context the copy path matches in its sources (backing off to shorter ones), ≥ 1.
+        copy_sources (`str`, *optional*, defaults to `"input,history"`):
+            The copy path's sources, comma-separated: `"input"` (the row's prompt, without the history block) and
+            `"history"` (the responses of the row's retrieved history items, tokenized without special tokens).
     """
 
     interpolation_weight: float = field(
@@ -160,6 +171,13 @@ class SpringConfig:
         default="base",
         metadata={"help": "Users with no adapter and no memory records: 'base' (base model, logged) or 'error'."},
     )
+    copy_weight: float = field(
+        default=0.0, metadata={"help": "μ: weight of the copy path (spans of the input / past responses); 0 = off."}
+    )
+    copy_max_ngram: int = field(default=4, metadata={"help": "Longest context the copy path matches (>= 1)."})
+    copy_sources: str = field(
+        default="input,history", metadata={"help": "The copy path's sources: comma list of 'input', 'history'."}
+    )
 
     def __post_init__(self):
         check_weight(self.interpolation_weight, "interpolation_weight")
@@ -178,6 +196,9 @@ class SpringConfig:
         check_bool(self.skinny_cpu_linear, "skinny_cpu_linear")
         check_adapter_name_template(self.adapter_name_template)
         check_choice(self.unknown_user, "unknown_user", UNKNOWN_USER_POLICIES)
+        self.copy_weight = check_copy_weight(self.copy_weight, "copy_weight")
+        self.copy_max_ngram = check_int(self.copy_max_ngram, "copy_max_ngram", minimum=1)
+        parse_copy_sources(self.copy_sources, "copy_sources")
 
     # ----------------------------------------------------------------------------------------------------- (de)serialise
     def to_dict(self) -> dict[str, Any]:

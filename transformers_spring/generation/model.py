@@ -30,6 +30,7 @@ from ..utils.compat import merged_generation_config, needs_synced_gpus
 from ..utils.modeling import is_peft_model, pad_token_id
 from .adapters import AdapterRouter, activate_adapters
 from .config import SPRING_CONFIG_NAME, SpringConfig
+from .copying import CopyMixtureLogitsProcessor, build_copy_indexes
 from .fused import FusedDualPathDecoder
 from .logits_process import RetrievalInterpolationLogitsProcessor
 from .personalization import RowPersonalization, normalize_personalization
@@ -74,7 +75,9 @@ class SpringForCausalLM(HubMixin, nn.Module):
          with the base model (users the memory does not know either are refused with
          `SpringConfig(unknown_user="error")`);
       4. decodes with `p = λ · p(· | history, prompt) + (1 − λ) · p(· | prompt)` — rows whose gate stays closed decode
-         with the parametric path only and cost no second forward.
+         with the parametric path only and cost no second forward;
+      5. with `SpringConfig.copy_weight` μ > 0, mixes in the copy path: `(1 − μ) · p + μ · p_copy`, where `p_copy`
+         continues spans of the row's prompt and of the user's retrieved responses (see `generation/copying.py`).
 
     Args:
         model (`nn.Module`):
@@ -217,20 +220,29 @@ class SpringForCausalLM(HubMixin, nn.Module):
         expand = max(1, generation_config.num_return_sequences or 1)
         names = _repeat(plan.names, expand)  # generate() repeats each row `num_return_sequences` times
         open_rows = plan.open_rows
+        copier = self._build_copy_processor(plan, attention_mask, expand)  # None unless some row copies (μ > 0)
         if not open_rows:
             # Time spent on retrieval and prompt building before decoding (the whole overhead of a closed gate).
             self.last_generation_stats = {"mode": "plain", "open_rows": [], "prepare_s": time.perf_counter() - started}
+            if copier is not None:  # p_spring is the plain (adapter) model's; generate's own processors run first
+                kwargs = dict(kwargs)
+                kwargs["logits_processor"] = LogitsProcessorList([copier, *(kwargs.get("logits_processor") or [])])
             # Every gate is closed: this *is* plain generation (plus the users' adapters, if any).
             with activate_adapters(router, names):
-                return self.base_model.generate(input_ids, **kwargs)
+                output = self.base_model.generate(input_ids, **kwargs)
+            if copier is not None:
+                self.last_generation_stats["copy_row_steps"] = copier.copy_row_steps
+            return output
 
         processor = self._build_processor(plan, attention_mask, generation_config, expand)
         kwargs = dict(kwargs)
         if processor.repetition_penalty is not None:
             kwargs["repetition_penalty"] = 1.0  # applied inside the processor instead (per path or on the mixture)
         user_processors = kwargs.pop("logits_processor", None) or []
-        # First among the user processors: anything the caller adds sees the mixture.
-        kwargs["logits_processor"] = LogitsProcessorList([processor, *user_processors])
+        # First among the user processors: anything the caller adds sees the mixture. The copy path comes right after
+        # SPRInG's processor, so that repetition penalty (applied inside it) acts on p_spring only.
+        copiers = [copier] if copier is not None else []
+        kwargs["logits_processor"] = LogitsProcessorList([processor, *copiers, *user_processors])
         decoder = None
         if self.spring_config.mode == "fused":
             # generate() does not hand `streamer` to a custom_generate callable: the decoder gets it directly.
@@ -252,6 +264,8 @@ class SpringForCausalLM(HubMixin, nn.Module):
             "early_exit_steps": dict(processor.exit_steps),
             "prepare_s": prepare_s,
         }
+        if copier is not None:
+            self.last_generation_stats["copy_row_steps"] = copier.copy_row_steps
         return output
 
     @torch.no_grad()
@@ -268,7 +282,8 @@ class SpringForCausalLM(HubMixin, nn.Module):
         `log(λ · p(· | history, prompt) + (1 − λ) · p(· | prompt))`. A closed gate (λ = 0 or no history) scores the
         parametric path alone; λ = 1 the history path alone. This is the likelihood of a user's real text that the
         benchmark reports as NLL. No repetition penalty or other logits processor is applied: it is the model's own
-        probability, not a decoding heuristic's.
+        probability, not a decoding heuristic's. The copy path (`copy_weight` > 0) is part of that model, and mixed in
+        token by token as generate does, with the context `prompt + continuation[:t]`.
 
         Args:
             input_ids (`torch.LongTensor` of shape `(batch, seq)`): the prompts, as for `generate`; each row's tokens
@@ -291,7 +306,9 @@ class SpringForCausalLM(HubMixin, nn.Module):
         rows = normalize_personalization(personalization, batch) if personalization is not None else [None] * batch
         plan = self.planner.plan(input_ids, attention_mask, rows)
         self.last_personalization = plan.rows
-        return score_plan(self.base_model, plan, input_ids, attention_mask, continuations)
+        return score_plan(
+            self.base_model, plan, input_ids, attention_mask, continuations, self.spring_config.copy_max_ngram
+        )
 
     # ---------------------------------------------------------------------------------------------- helpers
     @staticmethod
@@ -374,8 +391,31 @@ class SpringForCausalLM(HubMixin, nn.Module):
                 "these rows decode with different LoRA adapters, which plain `generate` cannot route; call "
                 "SpringForCausalLM.generate(..., personalization=...) instead."
             )
+        if any(info is not None and info.copies for info in plan.rows):
+            logger.warning_once(
+                "`copy_weight` > 0: the copy path is not part of the processor `logits_processor()` returns; "
+                "SpringForCausalLM.generate(..., personalization=...) mixes it in."
+            )
         generation_config = merged_generation_config(self.base_model, dict(generation_kwargs))
         return self._build_processor(plan, attention_mask, generation_config, 1)
+
+    def _build_copy_processor(
+        self, plan: PersonalizationPlan, attention_mask: torch.Tensor, expand: int
+    ) -> CopyMixtureLogitsProcessor | None:
+        """The copy path's processor for the planned rows (repeated `expand` times each), None when no row copies:
+        μ = 0 adds nothing to decoding."""
+        indexes = build_copy_indexes(plan.rows, self.spring_config.copy_max_ngram)
+        if all(index is None for index in indexes):
+            return None
+        weights = [
+            info.copy_weight if index is not None else 0.0 for info, index in zip(plan.rows, indexes, strict=True)
+        ]
+        lengths = attention_mask.ne(0).sum(-1).tolist()
+        return CopyMixtureLogitsProcessor(
+            [i for i in indexes for _ in range(expand)],
+            [w for w in weights for _ in range(expand)],
+            [n for n in lengths for _ in range(expand)],
+        )
 
     def _build_processor(
         self, plan: PersonalizationPlan, attention_mask: torch.Tensor, generation_config: GenerationConfig, expand: int

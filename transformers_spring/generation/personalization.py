@@ -10,6 +10,7 @@ from typing import Any
 from ..records import Interaction, MediatedContext, RetrievedItem
 from ..utils.validation import check_choice, check_int
 from .config import RETRIEVAL_REGIONS, check_gate, check_weight
+from .copying import check_copy_weight
 
 
 @dataclass
@@ -44,6 +45,8 @@ class Personalization:
         retrieval_kwargs (`dict`, *optional*):
             Extra keyword arguments for `memory.retrieve_context`, e.g. `{"before": "2022-01-01"}` (no temporal
             leakage) or `{"region": "buffer"}` (SPRInG's replay buffer only).
+        copy_weight (`float`, *optional*):
+            μ of the copy path for this call, in `[0, 1)`; overrides [`SpringConfig.copy_weight`].
     """
 
     user: str | None = None
@@ -56,6 +59,7 @@ class Personalization:
     region: str | None = None
     adapter: str | None = None
     retrieval_kwargs: dict[str, Any] | None = None
+    copy_weight: float | None = None
 
     def __post_init__(self):
         if self.user is not None and (not isinstance(self.user, str) or not self.user.strip()):
@@ -64,6 +68,8 @@ class Personalization:
             raise TypeError(f"`Personalization.query` must be a str, got {type(self.query).__name__}.")
         if self.weight is not None:
             self.weight = check_weight(self.weight, "Personalization.weight")
+        if self.copy_weight is not None:
+            self.copy_weight = check_copy_weight(self.copy_weight, "Personalization.copy_weight")
         self.top_k = check_int(self.top_k, "Personalization.top_k", minimum=1, optional=True)
         if self.gate == "auto":  # 0.1's "the memory's gate alone", which None means now (see SpringConfig.gate)
             self.gate = None
@@ -100,10 +106,18 @@ class RowPersonalization:
     adapter: str | None = None
     context: MediatedContext | None = field(default=None, repr=False)
     history_ids: list[int] | None = field(default=None, repr=False)
+    # The copy path (generation/copying.py): μ, and the token ids of each copy source (None: no copy path).
+    copy_weight: float = 0.0
+    copy_sources: list[list[int]] | None = field(default=None, repr=False)
 
     @property
     def gate_open(self) -> bool:
         return bool(self.items) and self.weight > 0
+
+    @property
+    def copies(self) -> bool:
+        """Whether the copy path is mixed into this row (μ > 0 and some copy source)."""
+        return self.copy_weight > 0 and bool(self.copy_sources)
 
 
 def _one(value: Any, where: str) -> Personalization | None:

@@ -11,7 +11,10 @@ decides, in this order:
 3. **λ**: `Personalization.weight`, else the memory's suggestion when `SpringConfig.use_memory_weight`, else
    `SpringConfig.interpolation_weight`; λ = 0 skips retrieval altogether;
 4. **the history block**: the items rendered into the prompt ([`HistoryPromptBuilder`]);
-5. **the adapter**: `Personalization.adapter` when given (it must exist), else the user's adapter by the one naming
+5. **the copy path**: μ (`Personalization.copy_weight`, else `SpringConfig.copy_weight`) and, when μ > 0, the
+   token ids of the row's copy sources (`SpringConfig.copy_sources`): its prompt and the responses of its planned
+   history items (see `generation/copying.py`);
+6. **the adapter**: `Personalization.adapter` when given (it must exist), else the user's adapter by the one naming
    rule ([`adapter_name_for`] with `SpringConfig.adapter_name_template`); a user without one decodes with the base
    model, logged once per user. A user who has no adapter *and* of whom the memory holds no record is unknown
    (usually a typo): `SpringConfig.unknown_user="error"` refuses them before anything is retrieved.
@@ -31,6 +34,7 @@ from ..memory.gate import RelevanceGate
 from ..utils.compat import active_adapter_of
 from .adapters import BASE_ADAPTER, AdapterRouter, adapter_name_for
 from .config import SpringConfig
+from .copying import parse_copy_sources, response_text
 from .personalization import Personalization, RowPersonalization
 from .prompting import HistoryPromptBuilder
 
@@ -244,7 +248,23 @@ class PersonalizationPlanner:
                 info.items = []
             else:
                 info.history_ids = history_ids
+        info.copy_weight = row.copy_weight if row.copy_weight is not None else cfg.copy_weight
+        if info.copy_weight > 0:
+            info.copy_sources = self._copy_sources(ids, info.items)
         return info
+
+    def _copy_sources(self, ids: list[int], items: Sequence[Any]) -> list[list[int]]:
+        """The row's copy sources: its prompt tokens (no history block) and its history items' responses (tokenized
+        alone, without special tokens), as `SpringConfig.copy_sources` selects; empty sources are left out."""
+        wanted = parse_copy_sources(self.config.copy_sources)
+        sources = [list(ids)] if "input" in wanted else []
+        if "history" in wanted:
+            tokenizer = self.builder().tokenizer
+            for item in items:
+                text = response_text(item)
+                if text:
+                    sources.append(list(tokenizer(text, add_special_tokens=False)["input_ids"]))
+        return [source for source in sources if source]
 
     def _retrieval_kwargs(self, row: Personalization) -> dict[str, Any]:
         kwargs = dict(row.retrieval_kwargs or {})

@@ -11,6 +11,7 @@ import torch.nn as nn
 
 from ..utils.compat import response_logits
 from .adapters import AdapterRouter, activate_adapters
+from .copying import build_copy_indexes, copy_logprobs
 from .logits_process import mix_logprobs
 from .planning import PersonalizationPlan
 
@@ -24,10 +25,12 @@ def score_plan(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     continuations: Sequence[Sequence[int]],
+    copy_max_ngram: int = 4,
 ) -> list[torch.Tensor]:
     """Per row, `log(λ · p(c | history, prompt) + (1 − λ) · p(c | prompt))` token by token for the row's
     continuation `c`. A closed gate (λ = 0 or no history) scores the parametric path alone, λ = 1 the history path
-    alone, so only the paths that count are computed.
+    alone, so only the paths that count are computed. A row with a copy path (μ > 0) then mixes it in token by token,
+    `log((1 − μ) · p_spring + μ · p_copy(· | prompt + c[:t]))` ([`copy_logprobs`], what decoding does).
 
     Args:
         model (`nn.Module`): the (adapted) model.
@@ -35,6 +38,7 @@ def score_plan(
         input_ids (`torch.Tensor` of shape `(batch, seq)`): the left-padded prompts.
         attention_mask (`torch.Tensor` of shape `(batch, seq)`): their mask.
         continuations (sequence of sequences of `int`): per row, the token ids to score.
+        copy_max_ngram (`int`, *optional*, defaults to 4): `SpringConfig.copy_max_ngram`.
 
     Returns:
         `list[torch.Tensor]`: per row, a float32 tensor of `len(continuations[row])` log-probabilities.
@@ -54,10 +58,16 @@ def score_plan(
             hist_jobs.append((index, list(info.history_ids), name))
     log_main = path_logprobs(model, main_jobs, continuations, plan.router, device)
     log_hist = path_logprobs(model, hist_jobs, continuations, plan.router, device)
-    return [
+    scores = [
         mix_logprobs(log_hist.get(index), log_main.get(index), info.weight if index in log_hist else 0.0)
         for index, info in enumerate(plan.rows)
     ]
+    for index, copy_index in enumerate(build_copy_indexes(plan.rows, copy_max_ngram)):
+        if copy_index is not None:
+            prompt = input_ids[index][attention_mask[index].bool()].tolist()
+            weight = plan.rows[index].copy_weight
+            scores[index] = copy_logprobs(scores[index], copy_index, weight, prompt, continuations[index])
+    return scores
 
 
 def path_logprobs(

@@ -18,6 +18,10 @@ from .lora import adapter_name_for, build_lora_config, find_lora_target_modules
 from .sharding import UserShard, claim_user_shard, shard_of
 from .spring_config import SpringTrainingArguments
 from .spring_trainer import SpringPeriodOutput, SpringTrainer
+from .train_job import run_train_job
+from .train_job_config import TrainJobArguments
+from .tuning import PersonalizationTuner, TuningResult, run_tune_job
+from .tuning_config import TuningArguments
 
 __all__ = [
     "AdapterPool",
@@ -26,12 +30,16 @@ __all__ = [
     "DriftScores",
     "EncodedSample",
     "LogProb",
+    "PersonalizationTuner",
     "SpringDataCollator",
     "SpringDataset",
     "SpringFormatter",
     "SpringPeriodOutput",
     "SpringTrainer",
     "SpringTrainingArguments",
+    "TrainJobArguments",
+    "TuningArguments",
+    "TuningResult",
     "UserShard",
     "adapter_name_for",
     "build_lora_config",
@@ -42,6 +50,8 @@ __all__ = [
     "find_lora_target_modules",
     "num_selected",
     "response_nll",
+    "run_train_job",
+    "run_tune_job",
     "select_top",
     "shard_of",
 ]

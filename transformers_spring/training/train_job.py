@@ -102,7 +102,9 @@ def _load_model(name: str):
     return load_smollm2() if name == "smollm2" else load_causal_lm(name)
 
 
-def buffer_gate(memory: Any, streams: dict[str, Sequence[Interaction]], top_k: int, quantile: float) -> float | None:
+def buffer_gate(
+    memory: Any, streams: dict[str, Sequence[Interaction]], top_k: int, quantile: float, region: str = "buffer"
+) -> float | None:
     """σ, the relevance gate (paper Eq. 5, σ = Q3 by default): the `quantile` of the BM25 scores that the users' own
     training prompts get against their final residual buffers (the top `top_k` hits, each item's own buffer entry
     excluded), or None without any score. `spring bench` pools the same kind of scores online, period by period;
@@ -113,11 +115,14 @@ def buffer_gate(memory: Any, streams: dict[str, Sequence[Interaction]], top_k: i
         streams (`dict[str, Sequence[Interaction]]`): per user, the training items whose prompts are scored.
         top_k (`int`): the items retrieved per query (`SpringConfig.top_k`).
         quantile (`float`): the quantile of the pooled scores.
+        region (`str`, *optional*, defaults to `"buffer"`): where the history path retrieves from (the scores are
+            of that region: σ must compare like with like).
     """
     gate = RelevanceGate("auto", quantile=quantile, min_observations=1, window=10**12)
     for user, items in streams.items():
         for item in items:
-            hits = memory.retrieve_context(user, item.prompt, k=top_k + 1, region="buffer", use_global=False).items
+            region_kwargs = {} if region == "all" else {"region": region}
+            hits = memory.retrieve_context(user, item.prompt, k=top_k + 1, use_global=False, **region_kwargs).items
             gate.observe([hit.score for hit in hits if hit.interaction.id != item.id][:top_k])
     threshold = gate.current_threshold()
     return None if threshold is None else float(threshold)
@@ -277,8 +282,8 @@ def run_train_job(
             dedup_threshold=None, use_global=False, share_by_default=False,
         )  # fmt: skip
         spring_config = SpringConfig(
-            interpolation_weight=job.interpolation_weight, top_k=job.top_k, retrieval_region="buffer",
-            use_global=False,
+            interpolation_weight=job.interpolation_weight, top_k=job.top_k, retrieval_region=job.retrieval_region,
+            use_global=False, copy_weight=job.copy_weight,
             **({"history_item_template": PRESETS[preset].history_item_template} if preset != "none" else {}),
         )  # fmt: skip
         with _quiet_in_place_notice(owned):
@@ -312,7 +317,9 @@ def run_train_job(
     streams = {
         user: [it for split in (periods[1:] or periods) for it in split.train] for user, periods in splits.items()
     }
-    sigma = buffer_gate(personalizer.memory, streams, job.top_k, job.gate_quantile)
+    sigma = None
+    if job.gate == "quantile":
+        sigma = buffer_gate(personalizer.memory, streams, job.top_k, job.gate_quantile, job.retrieval_region)
     config = personalizer.spring_config or SpringConfig(adapter_name_template=personalizer.adapter_name_template)
     personalizer.spring_config = dataclasses.replace(config, gate=sigma)
     personalizer.save_pretrained(out)

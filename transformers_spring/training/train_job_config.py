@@ -146,6 +146,21 @@ class TrainJobArguments:
             "against their buffers (paper: Q3); a query scoring below it decodes with the adapter alone."
         },
     )
+    gate: str = field(
+        default="quantile",
+        metadata={"help": "'quantile' (σ from `gate_quantile`, saved with the state) or 'off' (no relevance gate)."},
+    )
+    retrieval_region: str = field(
+        default="buffer",
+        metadata={"help": "Where the history path retrieves from: 'buffer' (SPRInG's residual buffer), 'history' or "
+                  "'all' (saved as SpringConfig.retrieval_region)."},
+    )  # fmt: skip
+    copy_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "μ of the copy path saved with the state (0: off; see docs/generation.md, 'The copy path')."
+        },
+    )
     max_resident_adapters: int = field(default=8, metadata={"help": "User adapters kept loaded while training."})
     resume: bool = field(
         default=True,
@@ -184,6 +199,9 @@ class TrainJobArguments:
         check_int(self.max_resident_adapters, "max_resident_adapters", minimum=1)
         check_float(self.interpolation_weight, "interpolation_weight", minimum=0.0, maximum=1.0)
         check_float(self.gate_quantile, "gate_quantile", minimum=0.0, maximum=1.0)
+        check_choice(self.gate, "gate", ("quantile", "off"))
+        check_choice(self.retrieval_region, "retrieval_region", ("buffer", "history", "all"))
+        check_float(self.copy_weight, "copy_weight", minimum=0.0, maximum=1.0, max_inclusive=False)
         start, end = parse_time(self.since, "since"), parse_time(self.until, "until")
         if start is not None and end is not None and not start < end:
             raise ValueError(f"`since` ({self.since}) must be before `until` ({self.until}).")
@@ -248,7 +266,7 @@ def fingerprint(job: TrainJobArguments, data_digest: str, training_args: Any) ->
         `dict`: JSON-serializable; two runs may share a state folder only when theirs are equal.
     """
     keys = ("data_format", "preset", "lamp_task", "lamp_queries", "num_periods", "min_items", "encoder",
-            "interpolation_weight", "top_k", "gate_quantile")  # fmt: skip
+            "interpolation_weight", "top_k", "gate", "gate_quantile", "retrieval_region", "copy_weight")  # fmt: skip
     since, until = job.window
     model = str(Path(job.model).resolve()) if Path(job.model).exists() else job.model
     training = {name: getattr(training_args, name, None) for name in RESUME_TRAINING_FIELDS}
