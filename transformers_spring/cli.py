@@ -207,12 +207,13 @@ def _tune(argv: Sequence[str]) -> int:
     trained = sorted((t for t in result.trials if t["validation_nll"] is not None), key=lambda t: t["validation_nll"])
     print(f"\nspring tune: {len(result.trials)} trials, {result.cost['ratio']:.2f} training passes "
           f"(max {result.cost['max_cost']:g}), {result.cost['seconds'] / 60:.1f} min.\n")  # fmt: skip
-    print("| stage | lr | epochs | selection | λ | gate | k | region | users | val NLL |")
-    print("|---|---|---|---|---|---|---|---|---:|---:|")
+    print("| stage | lr | epochs | selection | λ | gate | k | region | μ (copy) | users | val NLL |")
+    print("|---|---|---|---|---|---|---|---|---|---:|---:|")
     for t in trained[:10]:
         print(f"| {t['stage']} | {t['learning_rate']:g} | {t['num_train_epochs']:g} | {t['selection']} | "
               f"{t.get('interpolation_weight', '-')} | {t.get('gate', '-')} | {t.get('top_k', '-')} | "
-              f"{t.get('retrieval_region', '-')} | {t['users']} | {t['validation_nll']:.4f} |")  # fmt: skip
+              f"{t.get('retrieval_region', '-')} | {t.get('copy_weight', '-')} | {t['users']} | "
+              f"{t['validation_nll']:.4f} |")  # fmt: skip
     print(f"\nChosen: {json.dumps(result.options)}")
     for note in result.notes:
         print(f"Note: {note}")

@@ -46,17 +46,20 @@ def resolve_preset(job: TrainJobArguments) -> str:
     format, the LaMP task for a LaMP file), else `"none"` (the prompt is the whole user message).
 
     Args:
-        job ([`TrainJobArguments`]): the job (its `data` file is read for `"auto"`).
+        job ([`TrainJobArguments`] or [`TuningArguments`]): the job (its `data` file is read for `"auto"`; a job
+            without a `preset` field is `"auto"`).
     """
-    if job.preset != "auto":
-        return job.preset
+    preset = getattr(job, "preset", "auto")
+    if preset != "auto":
+        return preset
     fmt = job.data_format if job.data_format != "auto" else detect_format(job.data)
     if fmt == "news":
         return "news"
     if fmt == "lamp":
         from ..data.lamp import normalize_task, read_outputs
 
-        task = job.lamp_task or (read_outputs(Path(job.lamp_outputs))[0] if job.lamp_outputs else None)
+        lamp_task, lamp_outputs = getattr(job, "lamp_task", None), getattr(job, "lamp_outputs", None)
+        task = lamp_task or (read_outputs(Path(lamp_outputs))[0] if lamp_outputs else None)
         task = normalize_task(task) if task else None
         return task if task in PRESETS else "none"
     return "none"
@@ -82,6 +85,42 @@ def _pick_users(items: list[Interaction], job: TrainJobArguments) -> list[Intera
         raise ValueError(f"`users`: no interactions for {missing}{where} in {job.data}; closest ids: {hints}.")
     chosen = set(wanted)
     return [it for it in items if it.user_id in chosen]
+
+
+def user_periods(
+    items: Sequence[Interaction], num_periods: int, min_items: int, where: str, use: str
+) -> tuple[dict[str, list], list[str]]:
+    """Each user's stream cut by time into `num_periods` periods, nothing held out ([`temporal_split`]); users with
+    fewer than `min_items` (0: `num_periods`) interactions are skipped, by name, with one warning. The one cut of
+    `spring train` and `spring tune`.
+
+    Args:
+        items (`Sequence[Interaction]`): the stream.
+        num_periods (`int`): periods per user.
+        min_items (`int`): the fewest interactions a user needs (0: `num_periods`).
+        where (`str`): where the items come from, for the error message (e.g. `"in my.jsonl"`).
+        use (`str`): what skipped users are not, for the warning (e.g. `"trained"`).
+
+    Returns:
+        `(splits, skipped)`: per user the [`PeriodSplit`]s, and the skipped users (sorted).
+
+    Raises:
+        `ValueError`: no user has enough interactions (naming `num_periods` and `min_items`).
+    """
+    from ..data import temporal_split
+
+    least = min_items or num_periods
+    splits = temporal_split(items, num_periods, test_fraction=0.0, min_items=least)
+    skipped = sorted({it.user_id for it in items} - set(splits))
+    if skipped:
+        logger.warning(f"{len(skipped)} user(s) have fewer than {least} interactions and are not {use}: "
+                       f"{skipped[:10]}{' ...' if len(skipped) > 10 else ''}")  # fmt: skip
+    if not splits:
+        raise ValueError(
+            f"no user {where} has at least {least} interactions (`num_periods`={num_periods}, `min_items`="
+            f"{min_items}); lower `num_periods` or `min_items`, or pass more data."
+        )
+    return splits, skipped
 
 
 def _differences(saved: dict, now: dict, prefix: str = "") -> list[str]:
@@ -201,7 +240,6 @@ def run_train_job(
     """
     from tqdm.auto import tqdm
 
-    from ..data import temporal_split
     from ..memory import HashingEncoder, LoGoMemory, resolve_encoder
     from .continual import ContinualPersonalizer
 
@@ -227,16 +265,8 @@ def run_train_job(
 
     # Checked whole before anything is written (a repeated id would otherwise stop the run after some users).
     items = _pick_users(coerce_interactions(interactions, name="interactions"), job)
-    splits = temporal_split(items, job.num_periods, test_fraction=0.0, min_items=job.min_items or job.num_periods)
-    skipped = sorted({it.user_id for it in items} - set(splits))
-    if skipped:
-        logger.warning(f"{len(skipped)} user(s) have fewer than {job.min_items or job.num_periods} interactions and "
-                       f"are not trained: {skipped[:10]}{' ...' if len(skipped) > 10 else ''}")  # fmt: skip
-    if not splits:
-        raise ValueError(
-            f"no user in {job.data} has at least {job.min_items or job.num_periods} interactions"
-            f"{' in the `since`/`until` window' if job.since or job.until else ''}; lower `num_periods` or `min_items`."
-        )
+    window = " in the `since`/`until` window" if job.since or job.until else ""
+    splits, skipped = user_periods(items, job.num_periods, job.min_items, f"in {job.data}{window}", "trained")
     out = Path(job.out)
     job_print = fingerprint(job, interactions_digest(items), training_args)
     saved_job = read_train_job(out) if out.is_dir() else None

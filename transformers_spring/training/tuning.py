@@ -158,7 +158,7 @@ class PersonalizationTuner:
         Raises:
             `ValueError`: no user left (naming `num_periods` and `min_items`), or an unknown `users` id.
         """
-        from ..data import temporal_split
+        from .train_job import user_periods
 
         items = self.interactions
         wanted = self.args.user_list
@@ -168,18 +168,8 @@ class PersonalizationTuner:
             if missing:
                 raise ValueError(f"`users`: no interactions for {missing}.")
             items = [it for it in items if it.user_id in set(wanted)]
-        least = self.args.least_items
-        splits = temporal_split(items, self.args.num_periods, test_fraction=0.0, min_items=least)
-        skipped = sorted({it.user_id for it in items} - set(splits))
-        if skipped:
-            logger.warning(f"{len(skipped)} user(s) have fewer than {least} interactions and are not tuned on: "
-                           f"{skipped[:10]}{' ...' if len(skipped) > 10 else ''}")  # fmt: skip
-        if not splits:
-            raise ValueError(
-                f"no user has at least {least} interactions, the least for `num_periods`={self.args.num_periods} "
-                f"periods with `min_items`={self.args.min_items} (one item per period, the last one validates); "
-                "lower `num_periods` or `min_items`, or pass more data."
-            )
+        # One item per period at least; the last period validates.
+        splits, skipped = user_periods(items, self.args.num_periods, self.args.min_items, "given", "tuned on")
         folds = {user: (list(periods[:-1]), list(periods[-1].train)) for user, periods in splits.items()}
         return folds, skipped
 
@@ -486,8 +476,8 @@ def run_tune_job(
     Returns:
         [`TuningResult`] (also written to `job.out`).
     """
-    from ..data.tasks import read_stream
-    from .train_job import _load_model, _quiet_in_place_notice
+    from ..data.tasks import PRESETS, read_stream
+    from .train_job import DEFAULT_PROMPT_TEMPLATE, _load_model, _quiet_in_place_notice, resolve_preset
 
     if not isinstance(job, TuningArguments):
         raise TypeError(f"`job` must be a TuningArguments, got {type(job).__name__}.")
@@ -499,6 +489,10 @@ def run_tune_job(
         if not job.data.strip():
             raise ValueError("`data` is required: the JSONL (or News Category / LaMP) file to tune on.")
         interactions = read_stream(Path(job.data), job.data_format)
+        preset = resolve_preset(job)
+        # The user message `spring train` would train with: the same validation NLL, the same adapters.
+        if preset != "none" and training_args.prompt_template == DEFAULT_PROMPT_TEMPLATE:
+            training_args.prompt_template = PRESETS[preset].prompt_template
     owned = model is None
     tuner = PersonalizationTuner(model, tokenizer, interactions, training_args, job, encoder=encoder,
                                  progress=progress)  # fmt: skip
