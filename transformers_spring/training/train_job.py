@@ -65,10 +65,17 @@ def resolve_preset(job: TrainJobArguments) -> str:
     return "none"
 
 
-def _pick_users(items: list[Interaction], job: TrainJobArguments) -> list[Interaction]:
-    """The interactions of `job.users` inside the `since`/`until` window; an unknown user is an error with the
-    closest known ids (a typo such as a trailing space is the usual cause)."""
-    since, until = job.window
+def pick_users(items: Sequence[Interaction], job: Any) -> list[Interaction]:
+    """The interactions of `job.users` (every user when empty) inside the job's `since`/`until` window, if it has
+    one; an unknown user is an error with the closest known ids (a typo is the usual cause). Shared by `spring train`
+    and `spring tune`.
+
+    Args:
+        items (`Sequence[Interaction]`): the stream.
+        job ([`TrainJobArguments`] or [`TuningArguments`]): its `user_list`, `data` and optional `window`.
+    """
+    items = list(items)
+    since, until = getattr(job, "window", (None, None))
     if since is not None or until is not None:
         items = [
             it for it in items if (since is None or it.timestamp >= since) and (until is None or it.timestamp < until)
@@ -252,19 +259,20 @@ def run_train_job(
         raise ValueError("pass `model` and `tokenizer` together (or neither, to load `job.model`).")
     if job.threads:
         torch.set_num_threads(job.threads)
+    from ..records import coerce_interactions
+
     data_path = Path(job.data)
-    if interactions is None:
+    if interactions is None:  # the readers check every record (and a JSONL file's ids, by line)
         interactions = read_stream(
             data_path, job.data_format, lamp_outputs=job.lamp_outputs, lamp_task=job.lamp_task,
             lamp_queries=job.lamp_queries,
         )  # fmt: skip
+    else:  # checked whole before anything is written (a repeated id would otherwise stop the run after some users)
+        interactions = coerce_interactions(interactions, name="interactions")
     preset = resolve_preset(job) if data_path.is_file() or job.preset != "auto" else "none"
     if preset != "none" and training_args.prompt_template == DEFAULT_PROMPT_TEMPLATE:
         training_args.prompt_template = PRESETS[preset].prompt_template
-    from ..records import coerce_interactions
-
-    # Checked whole before anything is written (a repeated id would otherwise stop the run after some users).
-    items = _pick_users(coerce_interactions(interactions, name="interactions"), job)
+    items = pick_users(interactions, job)
     window = " in the `since`/`until` window" if job.since or job.until else ""
     splits, skipped = user_periods(items, job.num_periods, job.min_items, f"in {job.data}{window}", "trained")
     out = Path(job.out)

@@ -64,6 +64,44 @@ def parse_time(value: str, name: str) -> float | None:
     return seconds
 
 
+def user_ids(text: str) -> list[str]:
+    """A comma-separated `users` option as a list of ids, in order, without repeats or surrounding spaces (empty:
+    every user)."""
+    return list(dict.fromkeys(u.strip() for u in text.split(",") if u.strip()))
+
+
+def check_stream_job(job: Any, *, min_periods: int = 1, hint: str | None = None) -> None:
+    """The checks every job that cuts users' streams into periods shares (`spring train`'s [`TrainJobArguments`],
+    `spring tune`'s [`TuningArguments`]): the string options, `data_format`, `encoder`, `num_periods` (at least
+    `min_periods`), `min_items`, `threads` and `max_resident_adapters`.
+
+    Args:
+        job: the job's arguments.
+        min_periods (`int`, *optional*, defaults to 1): the fewest periods the job works with.
+        hint (`str`, *optional*): why, for the `num_periods` message.
+
+    Raises:
+        `TypeError` / `ValueError`: naming the field.
+    """
+    for name in ("model", "out"):
+        if not isinstance(getattr(job, name), str) or not getattr(job, name).strip():
+            raise ValueError(f"`{name}` must be a non-empty str, got {getattr(job, name)!r}.")
+    for name in ("data", "users"):
+        if not isinstance(getattr(job, name), str):
+            raise TypeError(f"`{name}` must be a str, got {type(getattr(job, name)).__name__}.")
+    check_choice(job.data_format, "data_format", DATA_FORMATS)
+    check_choice(job.encoder, "encoder", ("minilm", "hashing"))
+    check_int(job.num_periods, "num_periods", minimum=min_periods, hint=hint)
+    check_int(job.min_items, "min_items", minimum=0, hint="0: num_periods")
+    if job.min_items and job.min_items < job.num_periods:
+        raise ValueError(
+            f"`min_items` must be 0 or at least `num_periods` ({job.num_periods}) so that every period has an "
+            f"item, got {job.min_items}."
+        )
+    check_int(job.threads, "threads", minimum=0, hint="0: torch's default")
+    check_int(job.max_resident_adapters, "max_resident_adapters", minimum=1)
+
+
 @dataclass
 class TrainJobArguments:
     """Settings of [`run_train_job`] (the `spring train` command line) other than the training ones."""
@@ -173,30 +211,17 @@ class TrainJobArguments:
     def __post_init__(self):
         if not isinstance(self.data, str) or not self.data.strip():
             raise ValueError("`data` is required: the JSONL (or News Category / LaMP) file to train on.")
-        for name in ("model", "out"):
-            if not isinstance(getattr(self, name), str) or not getattr(self, name).strip():
-                raise ValueError(f"`{name}` must be a non-empty str, got {getattr(self, name)!r}.")
-        for name in ("users", "since", "until"):
+        check_stream_job(self)
+        for name in ("since", "until"):
             if not isinstance(getattr(self, name), str):
                 raise TypeError(f"`{name}` must be a str, got {type(getattr(self, name)).__name__}.")
         for name in ("config", "lamp_outputs", "lamp_task"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
                 raise TypeError(f"`{name}` must be a str or None, got {type(getattr(self, name)).__name__}.")
-        check_choice(self.data_format, "data_format", DATA_FORMATS)
         check_choice(self.preset, "preset", PRESET_CHOICES)
-        check_choice(self.encoder, "encoder", ("minilm", "hashing"))
         check_bool(self.lamp_queries, "lamp_queries")
         check_bool(self.resume, "resume")
-        check_int(self.num_periods, "num_periods", minimum=1)
-        check_int(self.min_items, "min_items", minimum=0, hint="0: num_periods")
-        if self.min_items and self.min_items < self.num_periods:
-            raise ValueError(
-                f"`min_items` must be 0 or at least `num_periods` ({self.num_periods}) so that every period has an "
-                f"item, got {self.min_items}."
-            )
-        check_int(self.threads, "threads", minimum=0, hint="0: torch's default")
         check_int(self.top_k, "top_k", minimum=1)
-        check_int(self.max_resident_adapters, "max_resident_adapters", minimum=1)
         check_float(self.interpolation_weight, "interpolation_weight", minimum=0.0, maximum=1.0)
         check_float(self.gate_quantile, "gate_quantile", minimum=0.0, maximum=1.0)
         check_choice(self.gate, "gate", ("quantile", "off"))
@@ -209,7 +234,7 @@ class TrainJobArguments:
     @property
     def user_list(self) -> list[str]:
         """`users` as a list (empty: every user)."""
-        return list(dict.fromkeys(u.strip() for u in self.users.split(",") if u.strip()))
+        return user_ids(self.users)
 
     @property
     def window(self) -> tuple[float | None, float | None]:

@@ -20,6 +20,7 @@ import torch
 from transformers.utils import logging
 
 from ..generation.config import SpringConfig
+from ..generation.logits_process import mix_logprobs
 from ..records import Interaction
 from .spring_config import SpringTrainingArguments
 from .tuning_config import TuningArguments
@@ -148,6 +149,7 @@ class PersonalizationTuner:
         self.encoder = encoder
         self.progress = progress
         self._personalizers: dict[int, Any] = {}
+        self._formatter = None  # the prompt/response layout of validation items, built at the first score
         self._nlls: dict[tuple[int, str], list[float]] = {}  # (candidate, user) -> per-item validation NLLs
 
     # ------------------------------------------------------------------------------------------------ data
@@ -158,16 +160,9 @@ class PersonalizationTuner:
         Raises:
             `ValueError`: no user left (naming `num_periods` and `min_items`), or an unknown `users` id.
         """
-        from .train_job import user_periods
+        from .train_job import pick_users, user_periods
 
-        items = self.interactions
-        wanted = self.args.user_list
-        if wanted:
-            known = {it.user_id for it in items}
-            missing = [user for user in wanted if user not in known]
-            if missing:
-                raise ValueError(f"`users`: no interactions for {missing}.")
-            items = [it for it in items if it.user_id in set(wanted)]
+        items = pick_users(self.interactions, self.args)
         # One item per period at least; the last period validates.
         splits, skipped = user_periods(items, self.args.num_periods, self.args.min_items, "given", "tuned on")
         folds = {user: (list(periods[:-1]), list(periods[-1].train)) for user, periods in splits.items()}
@@ -248,12 +243,18 @@ class PersonalizationTuner:
     def _item_nlls(self, spring_model, personalizer, user: str, items: Sequence[Interaction], **knobs) -> list[float]:
         """Per validation item, the mean per-token NLL of its gold response (the training target) under what
         `generate` would decode with for `knobs` (`weight`, `top_k`, `gate`, `region`; none: the adapter alone)."""
+        return [_nll(logprobs) for logprobs in self._item_logprobs(spring_model, personalizer, user, items, **knobs)]
+
+    def _item_logprobs(self, spring_model, personalizer, user: str, items: Sequence[Interaction], **knobs) -> list:
+        """Per validation item, the per-token log-probabilities of its gold response (see [`_item_nlls`])."""
         from ..generation.personalization import Personalization
         from .data import SpringFormatter
 
-        formatter = SpringFormatter.from_args(self.tokenizer, personalizer.args)
+        if self._formatter is None:  # candidates differ only in learning rate, epochs and selection: one layout
+            self._formatter = SpringFormatter.from_args(self.tokenizer, self.training_args)
+        formatter = self._formatter
         adapter = personalizer.adapter_name(user)
-        nlls = []
+        out = []
         for item in items:
             sample = formatter.encode(item)
             ids = list(sample.input_ids)
@@ -264,8 +265,8 @@ class PersonalizationTuner:
                 row = Personalization(user=user, adapter=adapter, history=[], weight=0.0)
             with torch.no_grad():
                 (logprobs,) = spring_model.score(prompt, [ids[sample.prompt_length :]], personalization=row)
-            nlls.append(float(-logprobs.float().mean()))
-        return nlls
+            out.append(logprobs)
+        return out
 
     # ------------------------------------------------------------------------------------------------ search
     def tune(self) -> TuningResult:
@@ -414,7 +415,17 @@ class PersonalizationTuner:
         streams = {u: [it for p in (folds[u][0][1:] or folds[u][0]) for it in p.train] for u in users}
         sigmas = {(q, k, region): buffer_gate(personalizer.memory, streams, k, q, region) for _, q in grid["gates"]
                   if q is not None for k in grid["top_ks"] for region in grid["regions"]}  # fmt: skip
-        trials, cache = [], {}
+        trials, cache, paths = [], {}, {}
+
+        def logprobs(weight: float, sigma, k: int, region: str, copy: float) -> list:
+            """Every validation item's gold log-probabilities under one setting (all users, in order)."""
+            out = []
+            for user in users:
+                personalizer.load_user(user)
+                out += self._item_logprobs(spring_model, personalizer, user, folds[user][1], weight=weight, top_k=k,
+                                           gate=sigma, region=region, copy_weight=copy)  # fmt: skip
+            return out
+
         combos = list(itertools.product(grid["interpolation_weights"], grid["gates"], grid["top_ks"], grid["regions"],
                                         grid["copy_weights"]))  # fmt: skip
         for weight, (gate_name, quantile), k, region, copy in combos:
@@ -423,18 +434,38 @@ class PersonalizationTuner:
             # λ = 0 without copying scores the adapter alone whatever the retrieval: computed once.
             key = (0.0,) if weight == 0 and copy == 0 else (weight, sigma, k, region, copy)
             if key not in cache:
-                nlls = []
-                for user in users:
-                    personalizer.load_user(user)
-                    nlls += self._item_nlls(spring_model, personalizer, user, folds[user][1], weight=weight, top_k=k,
-                                            gate=sigma, region=region, copy_weight=copy)  # fmt: skip
-                cache[key] = statistics.fmean(nlls)
+                if copy == 0 and 0 < weight < 1:
+                    # Without the copy path only the mixture depends on λ: both paths are scored once per retrieval
+                    # setting (λ = 0 and λ = 1 return them exactly) and mixed here as `score` mixes them.
+                    if "main" not in paths:
+                        paths["main"] = logprobs(0.0, sigma, k, region, 0.0)
+                        cache[(0.0,)] = statistics.fmean(_nll(lp) for lp in paths["main"])
+                    if (sigma, k, region) not in paths:
+                        paths[(sigma, k, region)] = logprobs(1.0, sigma, k, region, 0.0)
+                        cache[(1.0, sigma, k, region, 0.0)] = statistics.fmean(
+                            _nll(lp) for lp in paths[(sigma, k, region)]
+                        )
+                    mixed = [
+                        mix_logprobs(hist, main, weight)
+                        for hist, main in zip(paths[(sigma, k, region)], paths["main"], strict=True)
+                    ]
+                    cache[key] = statistics.fmean(_nll(lp) for lp in mixed)
+                else:
+                    scored = logprobs(weight, sigma, k, region, copy)
+                    if copy == 0 and weight in (0.0, 1.0):  # the paths a mixed λ reuses
+                        paths["main" if weight == 0 else (sigma, k, region)] = scored
+                    cache[key] = statistics.fmean(_nll(lp) for lp in scored)
             trials.append({"stage": "decoding", **winner.settings(), "interpolation_weight": weight, "gate": gate_name,
                            "gate_quantile": quantile, "sigma": sigma, "top_k": k, "retrieval_region": region,
                            "copy_weight": copy, "rung": None, "users": len(users), "validation_nll": cache[key],
                            "seconds": time.perf_counter() - tick, "trained_samples": 0.0})  # fmt: skip
         best = min(range(len(trials)), key=lambda i: (trials[i]["validation_nll"], i))
         return trials, best
+
+
+def _nll(logprobs: torch.Tensor) -> float:
+    """The mean per-token NLL of one response from its tokens' log-probabilities."""
+    return float(-logprobs.float().mean())
 
 
 def _pareto(trials: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -7,9 +7,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..data.tasks import DATA_FORMATS
 from ..generation.config import RETRIEVAL_REGIONS
-from ..utils.validation import check_choice, check_float, check_int
+from ..utils.validation import check_float, check_int
+from .train_job_config import check_stream_job, user_ids
 
 SELECTION_FORMS = "'drift<ratio>' (drift-selected top ratio, e.g. drift0.3) or 'all'"
 GATE_FORMS = "'off' or 'q<quantile>' (e.g. q0.75)"
@@ -127,26 +127,15 @@ class TuningArguments:
     max_resident_adapters: int = field(default=8, metadata={"help": "Adapters kept loaded per candidate."})
 
     def __post_init__(self):
-        for name in ("data", "model", "out", "users"):
-            if not isinstance(getattr(self, name), str):
-                raise TypeError(f"`{name}` must be a str, got {type(getattr(self, name)).__name__}.")
-        check_choice(self.data_format, "data_format", DATA_FORMATS)
-        check_choice(self.encoder, "encoder", ("minilm", "hashing"))
-        check_int(self.num_periods, "num_periods", minimum=2, hint="one period to train and one to validate on")
-        check_int(self.min_items, "min_items", minimum=0, hint="0: num_periods")
-        if self.min_items and self.min_items < self.num_periods:
-            raise ValueError(f"`min_items` must be 0 or at least `num_periods` ({self.num_periods}), got "
-                             f"{self.min_items}.")  # fmt: skip
-        check_int(self.threads, "threads", minimum=0)
+        check_stream_job(self, min_periods=2, hint="one period to train and one to validate on")
         check_int(self.rung_users, "rung_users", minimum=0, hint="0: a third of the users")
-        check_int(self.max_resident_adapters, "max_resident_adapters", minimum=1)
         check_float(self.max_cost, "max_cost", minimum=0.0, min_inclusive=False)
         self.grid()  # every grid parsed now: a bad value fails before anything is loaded
 
     @property
     def user_list(self) -> list[str]:
         """`users` as a list (empty: every user)."""
-        return list(dict.fromkeys(u.strip() for u in self.users.split(",") if u.strip()))
+        return user_ids(self.users)
 
     @property
     def least_items(self) -> int:
