@@ -85,6 +85,30 @@ def test_bench_logo_end_to_end_on_a_tiny_saved_model(tmp_path, capsys):
     assert (out / "results.md").is_file()
 
 
+def test_demo_tunes_decoding_around_springs_own_training_settings():
+    """`spring demo` runs SPRInG tuned with a narrow search: one training point, SPRInG's own (so the tuned chain
+    copies SPRInG's instead of training a second one), one user and a small decoding grid, which keeps the demo
+    within 10 minutes on 2 cores."""
+    from transformers_spring.cli import DEMO_DEFAULTS, _parse
+    from transformers_spring.evaluation.methods import DEMO_METHODS
+    from transformers_spring.training.train_job_config import BENCH_CHOSEN_TRAINING
+
+    defaults = {**DEMO_DEFAULTS, **BENCH_CHOSEN_TRAINING, "methods": ",".join(DEMO_METHODS)}
+    args = _parse([], defaults, "spring demo")
+    assert "spring-tuned" in args.methods.split(",") and args.tune_max_cost == 1.0
+    grid = args.tuning_arguments().grid()
+    assert grid["learning_rates"] == [args.learning_rate] and grid["epochs"] == [args.num_train_epochs]
+    assert grid["selections"] == [("drift0.3", args.selection_ratio)]
+    decoding = 1
+    for key in ("interpolation_weights", "gates", "top_ks", "regions", "copy_weights", "adaptive_weights"):
+        decoding *= len(grid[key])
+    assert decoding <= 20 and args.tuning_arguments().rung_users == 1
+    # The grid is an ordinary option: the command line replaces it.
+    assert _parse(["--tune_grid", ""], defaults, "spring demo").tuning_arguments().grid()["epochs"] == [1.0, 2.0]
+    with pytest.raises(ValueError, match="unknown option 'lr'"):
+        _parse(["--tune_grid", '{"lr": 1}'], defaults, "spring demo")
+
+
 def test_bench_missing_data_file_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="`data` file not found"):
         main(["bench", "--data", str(tmp_path / "nope.jsonl"), "--model", "unused"])
@@ -134,3 +158,26 @@ def test_report_rebuilds_a_saved_run(tmp_path, capsys):
     assert rebuilt["summary"]["spring"]["average"] == pytest.approx(original["summary"]["spring"]["average"])
     assert (out / "results.md").read_text() == (saved.parent / "results.md").read_text()
     assert main(["report", str(tmp_path / "missing.json")]) == 2
+
+
+def test_train_takes_a_preset_and_auto_or_a_float_learning_rate(tmp_path, capsys):
+    from transformers_spring.cli import _train_parser
+
+    for flags, expected in [
+        ([], ("measured", "auto", 1.0)),
+        (["--learning_rate", "auto"], ("measured", "auto", 1.0)),
+        (["--learning_rate", "3e-3"], ("measured", 3e-3, 1.0)),
+        (["--spring_preset", "paper"], ("paper", 1e-4, 0.3)),
+    ]:
+        argv = ["--data", "x.jsonl", *flags]
+        _, args = _train_parser(argv).parse_args_into_dataclasses(args=argv)
+        assert (args.spring_preset, args.learning_rate, args.selection_ratio) == expected, flags
+    model_dir, data = _tiny_model_and_stream(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--data", str(data), "--model", str(model_dir), "--out", str(tmp_path / "out"),
+              "--learning_rate", "fast"])  # fmt: skip
+    assert exit_info.value.code == 2
+    assert "argument --learning_rate/--learning-rate: must be 'auto' or a positive float, got 'fast'" in (
+        capsys.readouterr().err
+    )
+    assert not (tmp_path / "out").exists()

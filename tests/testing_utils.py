@@ -280,6 +280,40 @@ def reference_generate(
     return out
 
 
+# ------------------------------------------------------------------------------------------ decoding options
+# Two rows whose retrieved histories share spans with their prompts: the copy path and the adaptive λ are compared
+# with slow references on them (tests/generation/test_copying.py, test_adaptive_weight.py).
+OPTION_NEW = 10
+OPTION_GREEDY = {"max_new_tokens": OPTION_NEW, "do_sample": False, "pad_token_id": PAD, "eos_token_id": None}
+OPTION_TEXTS = ["cats rain w1 w2 w3 cats rain", "dogs vote w4 w5 dogs"]
+OPTION_HISTORY = [
+    [Interaction("alice", "cats", "w1 w2 w9 w10 cats rain w11"), Interaction("alice", "rain", "w12 w13")],
+    [Interaction("bob", "dogs", "vote w4 w5 w6 w7")],
+]
+
+
+def option_wrapper(model, **config):
+    """A `SpringForCausalLM` over `model` with λ = 0.5 stated (the slow references mix with it, whatever the
+    library's default) and `config`'s other fields."""
+    from transformers_spring.generation import SpringConfig, SpringForCausalLM
+
+    return SpringForCausalLM(model, config=SpringConfig(**{"interpolation_weight": 0.5, **config}),
+                             tokenizer=make_tokenizer())  # fmt: skip
+
+
+def option_score_case():
+    """`(model, tokenizer, batch, gold)`: a tiny Llama, `OPTION_TEXTS` encoded and one continuation per row to score
+    (the first continues spans of row 0's history)."""
+    tokenizer = make_tokenizer()
+    gold = [tokenizer("w2 w3 cats rain w11 w12", add_special_tokens=False)["input_ids"], [19, 40, 33, 21]]
+    return make_model("llama"), tokenizer, encode_texts(OPTION_TEXTS), gold
+
+
+def encode_texts(texts):
+    """`texts` tokenized as one left-padded batch."""
+    return make_tokenizer()(texts, return_tensors="pt", padding=True)
+
+
 # ------------------------------------------------------------------------------------------------------ memory
 class FakeMemory:
     """Duck-typed memory: returns each user's items (scored by word overlap with the query), counting calls."""
@@ -368,6 +402,7 @@ def make_args(tmp_path, **kwargs):
         "num_train_epochs": 2,
         "per_device_train_batch_size": 4,
         "learning_rate": 5e-2,  # tiny random models: a large step makes every update visible
+        "selection_ratio": 0.3,  # drift selection, which most tests exercise (the default trains on every sample)
         "lora_dropout": 0.0,
         "logging_steps": 1,
         "disable_tqdm": True,

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -31,15 +32,26 @@ USAGE = """usage: spring {demo,train,tune,memory,bench,bench-logo,report} [optio
                 the LoGo study: local-only SPRInG against SPRInG + the global memory for cold-start (history cut to
                 the first m items) and skewed-history users, the mediator fitted on validation queries
                 (`spring bench-logo --help`).
-  spring report RESULTS_JSON [OUT_DIR]
+  spring report RESULTS_JSON [OUT_DIR] [--merge RESULTS_JSON ...]
                 recomputes the summary and bootstrap tables of a saved run with this version and writes
-                results.json, results.md, LaMP files and the plot to OUT_DIR (default: beside RESULTS_JSON).
+                results.json, results.md, LaMP files and the plot to OUT_DIR (default: beside RESULTS_JSON);
+                --merge adds the methods of other runs on the same users and test items.
 """
 
 # The demo: 6 authors of the shipped subset, the methods users compare SPRInG with first (`DEMO_METHODS`), and the
 # LoRA learning rate and epochs the full `spring bench` run chose on its validation split (docs/benchmark.md,
 # `BENCH_CHOSEN_TRAINING`), so that the demo need not repeat the 8-point selection.
-DEMO_DEFAULTS = {"users": 6, "min_items": 10, "max_items": 40, "out": "spring-demo", "learning_rates": ""}
+# SPRInG tuned searches λ, the gate and the retrieval region around SPRInG's own training settings (so its chain
+# is SPRInG's, copied), on one user's validation items: training candidates, a second chain, more users, k = 4 or
+# the copy path (each scored on its own) would take the demo past 10 minutes on 2 cores. λ is free: every λ mixes
+# the same two scored paths.
+DEMO_TUNE_GRID = {
+    "learning_rates": "3e-3", "epochs": "2", "selections": "drift0.3", "interpolation_weights": "0,0.25,0.5,0.75,1",
+    "gates": "off,q0.75", "top_ks": "2", "regions": "buffer,history", "copy_weights": "0", "adaptive_weights": "0",
+    "rung_users": 1,
+}  # fmt: skip
+DEMO_DEFAULTS = {"users": 6, "min_items": 10, "max_items": 40, "out": "spring-demo", "learning_rates": "",
+                 "tune_grid": json.dumps(DEMO_TUNE_GRID), "tune_max_cost": 1.0}  # fmt: skip
 
 
 # Switches whose default comes from the task preset (`bool | None` fields). HfArgumentParser gives a field whose
@@ -88,6 +100,11 @@ def _run(args, title: str) -> int:
     users = results["users"]
     print(f"\n{title}: {len(users)} users, {args.num_periods} periods, model {args.model}, {minutes:.1f} min\n")
     print(markdown_table(results))
+    tuning = results.get("tuning")
+    if tuning:  # what SPRInG tuned decoded with, and what choosing it cost
+        cost = tuning["cost"]
+        print(f"\nSPRInG tuned: {json.dumps(tuning['options'])}, chosen on validation in {cost['seconds'] / 60:.1f} "
+              f"min ({cost['ratio']:.2f} training passes, max {cost['max_cost']:g}).")  # fmt: skip
     print(f"\nSaved to {args.out}/: results.json (every prediction), results.md, rouge_l_per_period.png")
     return 0
 
@@ -118,33 +135,59 @@ def _report(argv: Sequence[str]) -> int:
     from pathlib import Path
 
     from .evaluation import markdown_table, save_results
-    from .evaluation.report import rebuild_report
+    from .evaluation.report import merge_results, rebuild_report
 
+    argv, merged = list(argv), []
+    while "--merge" in argv:  # --merge OTHER_JSON: add that run's methods (same users and test items)
+        at = argv.index("--merge")
+        if at + 1 >= len(argv):
+            print("spring report: --merge needs a results.json", file=sys.stderr)
+            return 2
+        merged.append(Path(argv.pop(at + 1)))
+        argv.pop(at)
     if len(argv) not in (1, 2):
-        print(f"spring report: expected RESULTS_JSON [OUT_DIR]\n\n{USAGE}", file=sys.stderr)
+        print(f"spring report: expected RESULTS_JSON [OUT_DIR] [--merge RESULTS_JSON ...]\n\n{USAGE}", file=sys.stderr)
         return 2
     source = Path(argv[0])
-    try:
-        results = json.loads(source.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        print(f"spring report: cannot read {source}: {err}", file=sys.stderr)
-        return 2
+    runs = []
+    for path in (source, *merged):
+        try:
+            runs.append(json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            print(f"spring report: cannot read {path}: {err}", file=sys.stderr)
+            return 2
     out = Path(argv[1]) if len(argv) == 2 else source.parent
-    results = rebuild_report(results)
+    try:
+        results = merge_results(runs) if merged else rebuild_report(runs[0])
+    except ValueError as err:
+        print(f"spring report: {err}", file=sys.stderr)
+        return 2
     save_results(results, out)
     print(markdown_table(results))
     print(f"\nSaved to {out}/: results.json, results.md, lamp/, rouge_l_per_period.png")
     return 0
 
 
+def _learning_rate_option(text: str) -> float | str:
+    """`--learning_rate`'s value: `auto` or a positive float (HfArgumentParser would parse the `float | str` field
+    with one of the two types only)."""
+    from .training.spring_config import check_learning_rate
+
+    try:
+        return check_learning_rate(text)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"must be 'auto' or a positive float, got {text!r}") from None
+
+
 def _train_parser(argv: Sequence[str]):
     """`spring train`'s parser: [`TrainJobArguments`] and [`SpringTrainingArguments`] side by side (as trl's scripts
     parse a script config and a trainer config), with the job's training defaults, then `--config`'s options, then
-    the flags."""
+    the flags. The learning rate, selection ratio and epochs come from `--spring_preset` unless given."""
     from transformers import HfArgumentParser
 
     from .training import SpringTrainingArguments
     from .training.train_job_config import TRAIN_JOB_TRAINING_DEFAULTS, TrainJobArguments, read_options_file
+    from .utils.compat import parser_action
 
     early = argparse.ArgumentParser(add_help=False)
     early.add_argument("--config", default=None)
@@ -154,6 +197,7 @@ def _train_parser(argv: Sequence[str]):
     # `dataloader_pin_memory` defaults to None (decided by the accelerator), so HfArgumentParser adds no `--no_` form.
     parser.add_argument("--no_dataloader_pin_memory", "--no-dataloader-pin-memory", dest="dataloader_pin_memory",
                         action="store_false", default=argparse.SUPPRESS, help="Turn `dataloader_pin_memory` off.")  # fmt: skip
+    parser_action(parser, "learning_rate").type = _learning_rate_option  # (a bad value: an error naming the flag)
     allowed = {action.dest for action in parser._actions} - {"help"}
     options = read_options_file(known.config, allowed) if known.config else {}
     out = known.out or options.get("out") or TrainJobArguments.out
@@ -180,6 +224,9 @@ def _train(argv: Sequence[str]) -> int:
         for user, entry in users.items():
             selected = ", ".join(str(n) for n in entry["selected"]) or "-"
             print(f"| {user} | {entry['periods']} | {entry['items']} | {selected} | {entry['buffer']} |")
+    choice = report.get("learning_rate_choice")
+    if choice is not None:
+        print(f"\nlearning_rate auto: {choice['learning_rate']:g} ({choice['rule']}).")
     gate = report["gate"]
     print(f"\nSaved to {report['out']}/ (σ = {'none' if gate is None else f'{gate:.3f}'}); decode with "
           f"SpringForCausalLM.from_pretrained({report['out']!r}) and generate(..., personalization=USER).")  # fmt: skip
@@ -207,11 +254,12 @@ def _tune(argv: Sequence[str]) -> int:
     trained = sorted((t for t in result.trials if t["validation_nll"] is not None), key=lambda t: t["validation_nll"])
     print(f"\nspring tune: {len(result.trials)} trials, {result.cost['ratio']:.2f} training passes "
           f"(max {result.cost['max_cost']:g}), {result.cost['seconds'] / 60:.1f} min.\n")  # fmt: skip
-    print("| stage | lr | epochs | selection | λ | gate | k | region | μ (copy) | users | val NLL |")
-    print("|---|---|---|---|---|---|---|---|---|---:|---:|")
+    print("| stage | lr | epochs | selection | λ | β (adaptive) | gate | k | region | μ (copy) | users | val NLL |")
+    print("|---|---|---|---|---|---|---|---|---|---|---:|---:|")
     for t in trained[:10]:
         print(f"| {t['stage']} | {t['learning_rate']:g} | {t['num_train_epochs']:g} | {t['selection']} | "
-              f"{t.get('interpolation_weight', '-')} | {t.get('gate', '-')} | {t.get('top_k', '-')} | "
+              f"{t.get('interpolation_weight', '-')} | {t.get('adaptive_weight', '-')} | {t.get('gate', '-')} | "
+              f"{t.get('top_k', '-')} | "
               f"{t.get('retrieval_region', '-')} | {t.get('copy_weight', '-')} | {t['users']} | "
               f"{t['validation_nll']:.4f} |")  # fmt: skip
     print(f"\nChosen: {json.dumps(result.options)}")

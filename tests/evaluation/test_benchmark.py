@@ -16,10 +16,18 @@ from transformers_spring.evaluation import (
     resolve_methods,
     save_results,
 )
-from transformers_spring.generation import HistoryPromptBuilder, Personalization, SpringConfig
+from transformers_spring.generation import HistoryPromptBuilder, Personalization, SpringConfig, SpringForCausalLM
 from transformers_spring.training import SpringFormatter
 
 TEMPLATE = "write a headline for {prompt}"
+# Every method but spring-tuned: the shared run below is the one release 0.1 recorded (spring-tuned has its own run).
+UNTUNED = tuple(name for name, spec in METHODS.items() if spec.adapter != "tuned")
+# spring-tuned's search on the tiny runs: two learning rates x two selections (neither is SPRInG's 30 %, so its chain
+# trains on its own), the history region with a gate (so σ and the time order of its history are exercised), λ 0.5.
+TUNE_GRID = json.dumps({
+    "learning_rates": "1e-2,5e-2", "epochs": "1", "selections": "drift0.5,all", "interpolation_weights": "0.5",
+    "gates": "q0.5", "top_ks": "2", "regions": "history", "copy_weights": "0,0.1", "adaptive_weights": "0",
+})  # fmt: skip
 
 
 def bench_args(tmp_path, **kwargs):
@@ -42,7 +50,7 @@ def stream():
 def run(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("bench")
     model, tokenizer = make_model("llama", TRAINING_VOCAB.size), make_tokenizer(TRAINING_VOCAB, chat=True)
-    bench = ContinualBenchmark(bench_args(tmp_path), model, tokenizer, stream())
+    bench = ContinualBenchmark(bench_args(tmp_path, methods=",".join(UNTUNED)), model, tokenizer, stream())
     captured = []
     original = bench._generate
 
@@ -87,12 +95,12 @@ def plain_reference(bench, row):
 def test_every_method_decodes_every_test_item(run):
     _, results, _ = run
     records = results["records"]
-    for name in METHODS:
+    for name in UNTUNED:
         own = [r for r in records if r["method"] == name]
         assert len([r for r in own if r["phase"] == "period"]) == 2 * 4  # 2 users x periods 1..4 x 1 test item
         assert len([r for r in own if r["phase"] == "forgetting"]) == 2
         assert all(0.0 <= r["rougeL"] <= 1.0 for r in own)
-    assert set(results["summary"]) == set(METHODS)
+    assert set(results["summary"]) == set(UNTUNED)
 
 
 def test_rows_match_plain_generation_with_their_adapter_and_prompt(run):
@@ -149,15 +157,16 @@ def test_nll_equals_score_of_the_gold_response(run):
     summary = results["summary"]
     assert math.isfinite(summary["spring"]["average"]["nll"])
     assert math.isnan(summary["copy-input"]["average"]["nll"])
-    assert set(results["bootstrap"]) == set(METHODS) - {"spring"}
+    assert set(results["bootstrap"]) == set(UNTUNED) - {"spring"}
     assert results["bootstrap"]["base"]["nll"]["n"] == 8 and results["bootstrap"]["copy-input"]["nll"]["n"] == 0
 
 
-def test_no_test_item_reaches_training_budget_or_gate(tmp_path):
-    """A leak test over every method: test items never reach a trainer, the buffer, σ calibration or the decoding
-    budget (their responses are made much longer than any training response: a leaked one would raise the
-    budget)."""
+def test_no_test_item_reaches_training_budget_or_gate(tmp_path, monkeypatch):
+    """A leak test over every method: test items never reach a trainer, the buffer, σ calibration, spring-tuned's
+    search or the decoding budget (their responses are made much longer than any training response: a leaked one
+    would raise the budget)."""
     from transformers_spring.data import temporal_split
+    from transformers_spring.training import tuning
 
     items = stream()
     splits = temporal_split(items, num_periods=5, test_fraction=0.1)
@@ -168,27 +177,44 @@ def test_no_test_item_reaches_training_budget_or_gate(tmp_path):
     ]
     model, tokenizer = make_model("llama", TRAINING_VOCAB.size), make_tokenizer(TRAINING_VOCAB, chat=True)
     # With the validation selection on: it trains and scores too, and must see only training items.
-    args = bench_args(tmp_path, max_new_tokens=0, learning_rates="1e-2,5e-2", epoch_grid="1", selection_users=0)
+    args = bench_args(tmp_path, max_new_tokens=0, learning_rates="1e-2,5e-2", epoch_grid="1", selection_users=0,
+                      tune_grid=TUNE_GRID)  # fmt: skip
+    assert args.methods == "all"  # spring-tuned included
     bench = ContinualBenchmark(args, model, tokenizer, items)
-    trained, observed = [], []
-    original_train, original_observe = bench._train, bench._observe_gate
+    trained, observed, tuned_on = [], [], []
+    original_train, original_observe, original_tuned = bench._train, bench._observe_gate, bench._observe_tuned_gate
 
     def train(args, user, period, batch, name, memory=None):
-        trained.extend(it.id for it in batch)
+        trained.extend((name, it.id) for it in batch)
         return original_train(args, user, period, batch, name, memory)
 
     def observe(user, train_items):
         observed.extend(it.id for it in train_items)
         return original_observe(user, train_items)
 
-    bench._train, bench._observe_gate = train, observe
+    def observe_tuned(user, train_items):
+        observed.extend(it.id for it in train_items)
+        return original_tuned(user, train_items)
+
+    class RecordingTuner(tuning.PersonalizationTuner):  # what spring-tuned's search is handed
+        def __init__(self, model, tokenizer, interactions, *args, **kwargs):
+            tuned_on.extend(it.id for it in interactions)
+            super().__init__(model, tokenizer, interactions, *args, **kwargs)
+
+    monkeypatch.setattr(tuning, "PersonalizationTuner", RecordingTuner)
+    bench._train, bench._observe_gate, bench._observe_tuned_gate = train, observe, observe_tuned
     results = bench.run(progress=False)
-    assert trained and not set(trained) & test_ids
+    assert trained and not {item for _, item in trained} & test_ids
+    assert any(name.endswith("__tuned") for name, _ in trained)  # spring-tuned's own chain trained too
     assert observed and not set(observed) & test_ids
-    buffered = {it.id for user in splits for it in bench.memory.buffer(user)}
-    assert not buffered & test_ids
-    stored = {it.id for user in splits for it in bench.memory.history(user)}
-    assert not stored & test_ids
+    train_ids = {it.id for periods in splits.values() for s in periods for it in s.train}
+    assert set(tuned_on) == train_ids  # every training item, and nothing else
+    assert results["tuning"]["training_items"] == len(train_ids)
+    for memory in (bench.memory, bench.tuned_memory):
+        buffered = {it.id for user in splits for it in memory.buffer(user)}
+        assert buffered and not buffered & test_ids
+        stored = {it.id for user in splits for it in memory.history(user)}
+        assert stored and not stored & test_ids
     assert results["decoding"]["max_new_tokens"] <= 8  # training responses have 1-6 words (+1)
     validation = set(results["selection"]["validation_ids"])
     assert validation and not validation & test_ids
@@ -254,7 +280,8 @@ def _interrupt_after_first_user(bench):
 
 
 def test_a_stopped_run_resumes_from_its_checkpoint_with_the_same_results(tmp_path, caplog):
-    args = bench_args(tmp_path, methods="copy-input,base,spring,all-100", learning_rates="1e-2,5e-2", epoch_grid="1")
+    args = bench_args(tmp_path, methods="copy-input,base,spring,all-100,spring-tuned", learning_rates="1e-2,5e-2",
+                      epoch_grid="1", tune_grid=TUNE_GRID)  # fmt: skip
     full = ContinualBenchmark(args, *tiny(), stream()).run(progress=False)
 
     checkpoint = tmp_path / "ckpt" / "checkpoint.json"
@@ -264,12 +291,15 @@ def test_a_stopped_run_resumes_from_its_checkpoint_with_the_same_results(tmp_pat
         bench.run(progress=False, checkpoint=checkpoint)
     state = json.loads(checkpoint.read_text())
     assert state["done"] == [list(full["users"])[0]] and state["selection"] == full["selection"]
+    # spring-tuned's search and its σ pool are in the checkpoint: a resumed run neither tunes again nor loses σ.
+    assert state["tuning"]["options"] == full["tuning"]["options"] and state["tuned_gate_scores"]
 
     resumed_bench = ContinualBenchmark(args, *tiny(), stream())
     resumed_users = []
     original = resumed_bench._run_user
     resumed_bench._run_user = lambda user, *a: resumed_users.append(user) or original(user, *a)
     resumed_bench._select_hyperparameters = lambda *a: pytest.fail("the selection must come from the checkpoint")
+    resumed_bench._tune = lambda *a: pytest.fail("the search must come from the checkpoint")
     with caplog.at_level("WARNING"):
         resumed = resumed_bench.run(progress=False, checkpoint=checkpoint)
     assert resumed["resumed"] and resumed_users == [list(full["users"])[1]]
@@ -284,6 +314,8 @@ def test_a_stopped_run_resumes_from_its_checkpoint_with_the_same_results(tmp_pat
         assert r["prediction"] == by_key[key(r)]["prediction"]
         assert r["nll"] == pytest.approx(by_key[key(r)]["nll"], abs=1e-5)
     assert resumed["gate_sigma"] == pytest.approx(full["gate_sigma"])
+    assert resumed["tuning"]["gate_sigma"] == pytest.approx(full["tuning"]["gate_sigma"])
+    assert resumed["tuning"]["options"] == full["tuning"]["options"] and timing["tuning"] > 0
 
 
 def test_a_checkpoint_of_other_settings_is_not_continued(tmp_path, caplog):
@@ -521,6 +553,14 @@ def test_bad_arguments_name_the_field(tmp_path):
         bench_args(tmp_path, prompt_template="no placeholder")
     with pytest.raises(ValueError, match="`data_format`"):
         bench_args(tmp_path, data_format="csv")
+    with pytest.raises(ValueError, match="`tune_grid`: unknown option 'lr'; known: learning_rates, epochs"):
+        bench_args(tmp_path, tune_grid='{"lr": "1e-3"}')
+    with pytest.raises(ValueError, match="`tune_grid`: `learning_rates`"):
+        bench_args(tmp_path, tune_grid='{"learning_rates": "fast"}')
+    with pytest.raises(ValueError, match="`tune_grid` must be a JSON object"):
+        bench_args(tmp_path, tune_grid='["learning_rates"]')
+    with pytest.raises(ValueError, match="`tune_max_cost`"):
+        bench_args(tmp_path, tune_max_cost=0)
     with pytest.raises(FileNotFoundError, match="`data`"):
         ContinualBenchmark(bench_args(tmp_path, data=str(tmp_path / "missing.jsonl"))).run(progress=False)
     assert [m.name for m in resolve_methods("base, spring")] == ["base", "spring"]
@@ -583,3 +623,136 @@ def test_results_equal_those_of_the_recorded_release(run):
             assert record["nll"] is None
         else:
             assert record["nll"] == pytest.approx(old["nll"], abs=1e-5), (old["method"], old["test_id"])
+
+
+# ---------------------------------------------------------------------------------------------------- spring-tuned
+def tuned_user_call(bench, row):
+    """A spring-tuned row as a user decodes it: a fresh wrapper with the tuned config over the benchmark's model and
+    spring-tuned's memory, one prompt alone, `Personalization(user, query, gate=σ)`."""
+    tok = bench.tokenizer
+    spring = SpringForCausalLM(bench.peft_model, memory=bench.tuned_memory, config=bench.tuned_model.spring_config,
+                               tokenizer=tok)  # fmt: skip
+    inputs = tok([bench._formatter.prompt_text(row.item)], return_tensors="pt", add_special_tokens=False)
+    personalization = Personalization(user=row.item.user_id, query=row.item.prompt, gate=row.gate_threshold)
+    with torch.no_grad():
+        out = spring.generate(**inputs, personalization=personalization, max_new_tokens=bench._budget,
+                              do_sample=False, repetition_penalty=1.2, pad_token_id=tok.pad_token_id)  # fmt: skip
+    from transformers_spring.evaluation.decoding import first_line
+
+    return first_line(tok.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True))
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("tuned")
+    args = bench_args(tmp_path, methods="base,spring,spring-tuned", tune_grid=TUNE_GRID)
+    bench = ContinualBenchmark(args, *tiny(), stream())
+    captured, adapters_after_search = [], []
+    original_generate, original_setup = bench._generate, bench._setup_tuned
+
+    def spy(rows):
+        outputs = original_generate(rows)
+        wrapper_rows = [p for p in bench.tuned_model.last_personalization if p is not None]
+        for row, text in zip(rows, outputs, strict=True):
+            reference = tuned_user_call(bench, row) if row.method == "spring-tuned" else None
+            captured.append((row, text, reference, wrapper_rows))
+        return outputs
+
+    def setup(*a):
+        adapters_after_search.append(sorted(bench.peft_model.peft_config))
+        return original_setup(*a)
+
+    bench._generate, bench._setup_tuned = spy, setup
+    results = bench.run(progress=False)
+    return bench, results, captured, adapters_after_search
+
+
+def test_spring_tuned_runs_and_reports_its_choice_and_cost(tuned):
+    bench, results, _, adapters_after_search = tuned
+    records = [r for r in results["records"] if r["method"] == "spring-tuned"]
+    assert len(records) == 2 * 4 + 2 and all(r["nll"] is not None and math.isfinite(r["nll"]) for r in records)
+    assert "spring-tuned" in results["summary"] and results["methods"][-1] == "spring-tuned"
+    tuning = results["tuning"]
+    options = tuning["options"]
+    assert options["learning_rate"] in (1e-2, 5e-2) and options["selection_ratio"] in (0.5, 1.0)
+    assert options["interpolation_weight"] == 0.5 and options["gate"] == "quantile"
+    assert options["retrieval_region"] == "history"
+    cost = tuning["cost"]
+    assert cost["seconds"] > 0 and cost["samples"] > 0 and 0 < cost["ratio"] <= bench.args.tune_max_cost
+    assert tuning["trials"] and tuning["validation"]["users"] and tuning["chain"].startswith("its own")
+    assert results["timing_s"]["tuning"] > 0 and results["timing_s"]["train_tuned"] > 0
+    # The search leaves the shared model as it found it: the anchor alone (no candidate adapter, no second wrapping).
+    assert adapters_after_search == [["bench_anchor"]]
+    assert list(bench.peft_model.peft_config) == ["bench_anchor"]
+    assert bench.tuned_model.spring_config.adapter_name_template == "{user_id}__tuned"
+    for key, value in tuning["spring_config"].items():  # the wrapper decodes with every chosen setting
+        assert getattr(bench.tuned_model.spring_config, key) == value, key
+
+
+def test_spring_tuned_rows_are_a_users_call_to_their_own_wrapper(tuned):
+    from transformers_spring.data import temporal_split
+
+    _, _, captured, _ = tuned
+    splits = temporal_split(stream(), num_periods=5, test_fraction=0.1)
+    rows = [
+        (row, text, reference, planned) for row, text, reference, planned in captured if row.method == "spring-tuned"
+    ]
+    assert len(rows) == 10
+    for index, (row, text, reference, planned) in enumerate(rows):
+        user = row.item.user_id
+        personalization = row.personalization
+        assert (personalization.user, personalization.query) == (user, row.item.prompt)
+        assert personalization.adapter is None and personalization.history is None and personalization.weight is None
+        assert row.adapter == f"{user}__tuned" and [p.adapter for p in planned] == [f"{user}__tuned"]
+        assert text == reference  # what the user's own call generates
+        # σ is pooled from training queries, and every kept item is above it.
+        assert row.gate_threshold is not None
+        assert all(hit.score > row.gate_threshold for hit in row.history)
+        # The history region holds the user's training items up to the state's period: never a test item, never a
+        # later period's item (per user: periods 1-4, then period 1 again under the final state).
+        periods = splits[user]
+        state = index % 5 + 1 if index % 5 < 4 else 4
+        allowed = {it.id for s in periods[: state + 1] for it in s.train}
+        assert row.item in periods[index % 5 + 1 if index % 5 < 4 else 1].test
+        assert {hit.interaction.id for hit in row.history} <= allowed, (row.item.id, state)
+    assert any(row.history for row, *_ in rows)
+
+
+def test_spring_tuned_with_springs_own_settings_reproduces_spring(tmp_path):
+    """With SPRInG's training and decoding settings as the only grid point, spring-tuned's chain copies SPRInG's
+    adapter and buffer after each period (no second training) and its rows equal SPRInG's: predictions, NLLs, σ."""
+    grid = json.dumps({
+        "learning_rates": "5e-2", "epochs": "1", "selections": "drift0.3", "interpolation_weights": "0.5",
+        "gates": "q0.75", "top_ks": "2", "regions": "buffer", "copy_weights": "0", "adaptive_weights": "0",
+    })  # fmt: skip
+    bench = ContinualBenchmark(bench_args(tmp_path, methods="spring,spring-tuned", tune_grid=grid), *tiny(), stream())
+    names, original = [], bench._train
+
+    def train(train_args, user, period, batch, name, memory=None):
+        names.append(name)
+        return original(train_args, user, period, batch, name, memory)
+
+    bench._train = train
+    results = bench.run(progress=False)
+    assert names and not any(name.endswith("__tuned") for name in names)
+    assert results["tuning"]["chain"].startswith("SPRInG's")
+    records = {(r["method"], r["test_id"], r["phase"]): r for r in results["records"]}
+    tuned = [r for r in results["records"] if r["method"] == "spring-tuned"]
+    assert len(tuned) == 10 and any(r["history_items"] for r in tuned)
+    for r in tuned:
+        spring = records[("spring", r["test_id"], r["phase"])]
+        assert r["prediction"] == spring["prediction"] and r["history_items"] == spring["history_items"]
+        assert r["nll"] == pytest.approx(spring["nll"], abs=1e-5)
+        assert r["gate_threshold"] == pytest.approx(spring["gate_threshold"])
+    assert results["tuning"]["gate_sigma"] == pytest.approx(results["gate_sigma"])
+
+
+def test_tuning_settings_are_part_of_the_checkpoint_fingerprint(tmp_path):
+    from transformers_spring.evaluation.checkpoint import fingerprint, settings_match
+
+    args = bench_args(tmp_path, tune_grid=TUNE_GRID, tune_max_cost=2.0)
+    saved = fingerprint(args)
+    assert saved["tune_grid"] == TUNE_GRID and saved["tune_max_cost"] == 2.0
+    assert settings_match(saved, args)
+    assert not settings_match(saved, bench_args(tmp_path, tune_grid=TUNE_GRID, tune_max_cost=3.0))
+    assert not settings_match(saved, bench_args(tmp_path, tune_max_cost=2.0))

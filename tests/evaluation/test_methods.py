@@ -18,13 +18,21 @@ def test_method_table_is_consistent():
     assert DEMO_METHODS and set(DEMO_METHODS) <= set(METHODS)
     for name, spec in METHODS.items():
         assert spec.name == name and spec.label and spec.description
-        assert spec.adapter in (None, "spring", "all100", "random30", "oppu_each"), name
-        assert spec.retrieval in (None, "bm25", "dense", "buffer", "buffer+global"), name
+        assert spec.adapter in (None, "spring", "all100", "random30", "oppu_each", "tuned"), name
+        assert spec.retrieval in (None, "bm25", "dense", "buffer", "buffer+global", "tuned"), name
+        assert (spec.adapter == "tuned") == (spec.retrieval == "tuned"), name  # one search chooses both
         assert (spec.scope is not None) == (spec.retrieval in ("bm25", "dense")), name  # raw history needs a scope
         assert spec.gate is False or spec.retrieval in ("buffer", "buffer+global"), name
     rag = [spec for spec in METHODS.values() if spec.name.startswith("rag-")]
     assert rag and all(spec.weight == 1.0 and spec.adapter is None for spec in rag)  # history in the prompt
     assert METHODS["spring"].gate and not METHODS["spring-nogate"].gate
+
+
+def test_spring_tuned_is_in_the_demo_and_takes_its_settings_from_the_search():
+    spec = METHODS["spring-tuned"]
+    assert (spec.adapter, spec.retrieval, spec.weight, spec.gate) == ("tuned", "tuned", None, False)
+    assert "spring tune" in spec.description and spec.label == "SPRInG tuned"
+    assert DEMO_METHODS[-2:] == ("spring", "spring-tuned")
 
 
 def test_method_spec_is_frozen():

@@ -7,9 +7,24 @@ from collections import Counter
 
 import pytest
 import torch
-from testing_utils import HISTORIES, PAD, PROMPTS, _penalise, left_pad, make_model, make_tokenizer, reference_generate
+from testing_utils import (
+    HISTORIES,
+    OPTION_GREEDY,
+    OPTION_HISTORY,
+    OPTION_NEW,
+    OPTION_TEXTS,
+    PROMPTS,
+    _penalise,
+    encode_texts,
+    left_pad,
+    make_model,
+    make_tokenizer,
+    option_score_case,
+    option_wrapper,
+    reference_generate,
+)
 
-from transformers_spring.generation import Personalization, SpringConfig, SpringForCausalLM
+from transformers_spring.generation import Personalization
 from transformers_spring.generation.copying import (
     CopyIndex,
     CopyMixtureLogitsProcessor,
@@ -18,8 +33,7 @@ from transformers_spring.generation.copying import (
 )
 from transformers_spring.memory import Interaction
 
-NEW = 10
-GREEDY = {"max_new_tokens": NEW, "do_sample": False, "pad_token_id": PAD, "eos_token_id": None}
+NEW, GREEDY = OPTION_NEW, OPTION_GREEDY
 
 
 def slow_copy_distribution(sources, context, max_ngram):
@@ -102,21 +116,6 @@ def test_copy_mixture_is_the_formula():
 
 
 # ------------------------------------------------------------------------------------------------ decoding
-TEXTS = ["cats rain w1 w2 w3 cats rain", "dogs vote w4 w5 dogs"]
-HISTORY = [
-    [Interaction("alice", "cats", "w1 w2 w9 w10 cats rain w11"), Interaction("alice", "rain", "w12 w13")],
-    [Interaction("bob", "dogs", "vote w4 w5 w6 w7")],
-]
-
-
-def wrapper(model, **config):
-    return SpringForCausalLM(model, config=SpringConfig(**config), tokenizer=make_tokenizer())
-
-
-def encode(texts):
-    return make_tokenizer()(texts, return_tensors="pt", padding=True)
-
-
 @torch.no_grad()
 def slow_reference(model, prompt, history, lam, sources, mu, steps, penalty=None, max_ngram=4):
     """Greedy decoding by hand: both paths recomputed in full at each step, the λ-mixture, then the copy mixture
@@ -149,9 +148,9 @@ def sources_by_hand(tokenizer, prompt, items):
 @pytest.mark.parametrize("mode", ["fused", "processor"])
 def test_copy_weight_zero_is_todays_decoding(arch, mode):
     model = make_model(arch)
-    batch = encode(TEXTS)
-    rows = [Personalization(history=HISTORY[0]), Personalization(history=HISTORY[1], copy_weight=0.0)]
-    off = wrapper(model, mode=mode)
+    batch = encode_texts(OPTION_TEXTS)
+    rows = [Personalization(history=OPTION_HISTORY[0]), Personalization(history=OPTION_HISTORY[1], copy_weight=0.0)]
+    off = option_wrapper(model, mode=mode)
     today = off.generate(**batch, personalization=rows, **GREEDY)
     assert "copy_row_steps" not in off.last_generation_stats
     assert all(info.copy_sources is None for info in off.last_personalization)
@@ -162,8 +161,8 @@ def test_copy_weight_zero_is_todays_decoding(arch, mode):
         expected = reference_generate(model, prompt, info.history_ids, 0.5, NEW)
         assert today[row, batch["input_ids"].shape[1] :].tolist() == expected
     # Row 1 keeps μ = 0 by its own override under a config with μ > 0; row 0's λ-only mixture is bit-identical.
-    on = wrapper(model, mode=mode, copy_weight=0.5)
-    rows_on = [Personalization(history=HISTORY[0], copy_weight=0.0), rows[1]]
+    on = option_wrapper(model, mode=mode, copy_weight=0.5)
+    rows_on = [Personalization(history=OPTION_HISTORY[0], copy_weight=0.0), rows[1]]
     assert torch.equal(on.generate(**batch, personalization=rows_on, **GREEDY), today)
     # Low-level: the processors, and their scores, are those of today's decoding.
     extra = {"return_dict_in_generate": True, "output_scores": True}
@@ -178,20 +177,20 @@ def test_copy_weight_zero_is_todays_decoding(arch, mode):
 def test_copy_decoding_equals_slow_reference(arch, mode, penalty):
     model = make_model(arch)
     tokenizer = make_tokenizer()
-    batch = encode(TEXTS + ["sun rain sun w8 rain"])
+    batch = encode_texts(OPTION_TEXTS + ["sun rain sun w8 rain"])
     # Row 0: open gate; row 1: closed gate (empty history, λ = 0.5) with the input as its only source; row 2: none.
-    rows = [Personalization(history=HISTORY[0]), Personalization(history=[]), None]
+    rows = [Personalization(history=OPTION_HISTORY[0]), Personalization(history=[]), None]
     kwargs = dict(GREEDY, repetition_penalty=penalty) if penalty else GREEDY
-    spring = wrapper(model, mode=mode, copy_weight=0.5)
+    spring = option_wrapper(model, mode=mode, copy_weight=0.5)
     out = spring.generate(**batch, personalization=rows, **kwargs)[:, batch["input_ids"].shape[1] :]
     assert spring.last_generation_stats["copy_row_steps"] > 0
-    plain = wrapper(model, mode=mode).generate(**batch, personalization=rows, **kwargs)[:, -NEW:]
+    plain = option_wrapper(model, mode=mode).generate(**batch, personalization=rows, **kwargs)[:, -NEW:]
     assert not torch.equal(out[:2], plain[:2])  # the copy path changed decisions: the comparison is not vacuous
     assert torch.equal(out[2], plain[2])  # a row without personalization is untouched
     for row in range(3):
         info = spring.last_personalization[row]
         prompt = batch["input_ids"][row][batch["attention_mask"][row].bool()].tolist()
-        items = (HISTORY[0], [], None)[row]
+        items = (OPTION_HISTORY[0], [], None)[row]
         sources = sources_by_hand(tokenizer, prompt, items) if items is not None else []
         mu = 0.5 if items is not None else 0.0
         if info is not None:
@@ -205,8 +204,8 @@ def test_copy_decoding_equals_slow_reference(arch, mode, penalty):
 def test_all_gates_closed_still_copies(mode):
     """No row has a history path (plain generate inside): the copy path still applies to personalized rows."""
     model = make_model("llama")
-    batch = encode(TEXTS)
-    spring = wrapper(model, mode=mode, copy_weight=0.5)
+    batch = encode_texts(OPTION_TEXTS)
+    spring = option_wrapper(model, mode=mode, copy_weight=0.5)
     row = Personalization(user="alice", weight=0.0)
     out = spring.generate(**batch, personalization=row, **GREEDY)[:, batch["input_ids"].shape[1] :]
     assert spring.last_generation_stats["mode"] == "plain"
@@ -219,11 +218,11 @@ def test_copy_path_copies_a_prompt_that_holds_the_continuation():
     model = make_model("llama")
     tokenizer = make_tokenizer()
     text = "w1 w2 w3 w4 w5 w6 w7 w8 w1 w2"
-    batch = encode([text])
-    spring = wrapper(model, copy_weight=0.95, copy_sources="input")
+    batch = encode_texts([text])
+    spring = option_wrapper(model, copy_weight=0.95, copy_sources="input")
     out = spring.generate(**batch, personalization=Personalization(history=[]), **dict(GREEDY, max_new_tokens=6))
     assert tokenizer.decode(out[0, batch["input_ids"].shape[1] :]) == "w3 w4 w5 w6 w7 w8"
-    plain = wrapper(model).generate(**batch, personalization=Personalization(history=[]), **GREEDY)
+    plain = option_wrapper(model).generate(**batch, personalization=Personalization(history=[]), **GREEDY)
     assert tokenizer.decode(plain[0, batch["input_ids"].shape[1] :]) != "w3 w4 w5 w6 w7 w8"
 
 
@@ -231,9 +230,9 @@ def test_copy_path_copies_a_prompt_that_holds_the_continuation():
 def test_banned_tokens_stay_banned(mode):
     model = make_model("llama")
     tokenizer = make_tokenizer()
-    batch = encode(["w1 w2 w3 w4 w5 w6 w7 w8 w1 w2"])
+    batch = encode_texts(["w1 w2 w3 w4 w5 w6 w7 w8 w1 w2"])
     banned = tokenizer("w3", add_special_tokens=False)["input_ids"]
-    spring = wrapper(model, mode=mode, copy_weight=0.95)
+    spring = option_wrapper(model, mode=mode, copy_weight=0.95)
     rows = Personalization(history=[Interaction("alice", "cats", "w3 w4")])
     out = spring.generate(**batch, personalization=rows, bad_words_ids=[banned], **GREEDY)
     assert banned[0] not in out[0, batch["input_ids"].shape[1] :].tolist()
@@ -242,17 +241,14 @@ def test_banned_tokens_stay_banned(mode):
 # ------------------------------------------------------------------------------------------------ scoring
 @torch.no_grad()
 def test_score_equals_hand_computation():
-    model = make_model("llama")
-    tokenizer = make_tokenizer()
-    batch = encode(TEXTS)
-    gold = [tokenizer("w2 w3 cats rain w11 w12", add_special_tokens=False)["input_ids"], [19, 40, 33, 21]]
-    rows = [Personalization(history=HISTORY[0]), Personalization(history=HISTORY[1], copy_weight=0.3)]
-    spring = wrapper(model, copy_weight=0.6, copy_max_ngram=3)
+    model, tokenizer, batch, gold = option_score_case()
+    rows = [Personalization(history=OPTION_HISTORY[0]), Personalization(history=OPTION_HISTORY[1], copy_weight=0.3)]
+    spring = option_wrapper(model, copy_weight=0.6, copy_max_ngram=3)
     scores = spring.score(batch["input_ids"], gold, batch["attention_mask"], personalization=rows)
     for row, mu in enumerate((0.6, 0.3)):
         info = spring.last_personalization[row]
         prompt = batch["input_ids"][row][batch["attention_mask"][row].bool()].tolist()
-        sources = sources_by_hand(tokenizer, prompt, HISTORY[row])
+        sources = sources_by_hand(tokenizer, prompt, OPTION_HISTORY[row])
         expected = []
         for t, token in enumerate(gold[row]):
             log_main = torch.log_softmax(model(torch.tensor([prompt + gold[row][:t]])).logits[0, -1].double(), -1)
@@ -265,7 +261,7 @@ def test_score_equals_hand_computation():
             expected.append(float(torch.log(p)))
         assert scores[row].tolist() == pytest.approx(expected, abs=1e-4), row
     # Some tokens were mixed (and one copied from a response), so the check covers the copy path.
-    plain = wrapper(model).score(batch["input_ids"], gold, batch["attention_mask"], personalization=rows)
+    plain = option_wrapper(model).score(batch["input_ids"], gold, batch["attention_mask"], personalization=rows)
     assert not torch.allclose(scores[0], plain[0])
 
 
@@ -274,8 +270,8 @@ def test_score_with_copy_weight_zero_is_unchanged():
     ids, mask = left_pad(PROMPTS)
     rows = [Personalization(history=["cats rain"]), Personalization(history=["w1 w2"], copy_weight=0.0)]
     gold = [HISTORIES[0][:4], HISTORIES[1][:3]]
-    a = wrapper(model).score(ids, gold, mask, personalization=rows)
-    b = wrapper(model, copy_weight=0.5).score(ids, gold, mask, personalization=[rows[0], rows[1]])
+    a = option_wrapper(model).score(ids, gold, mask, personalization=rows)
+    b = option_wrapper(model, copy_weight=0.5).score(ids, gold, mask, personalization=[rows[0], rows[1]])
     assert torch.equal(a[1], b[1])
-    c = wrapper(model, copy_weight=0.0).score(ids, gold, mask, personalization=rows)
+    c = option_wrapper(model, copy_weight=0.0).score(ids, gold, mask, personalization=rows)
     assert all(torch.equal(x, y) for x, y in zip(a, c, strict=True))

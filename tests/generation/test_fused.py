@@ -22,7 +22,8 @@ UNSTACKABLE = {"gemma3"}  # layer 0 is a DynamicSlidingWindowLayer
 
 
 def spring(model, memory, **config):
-    return SpringForCausalLM(model, memory=memory, config=SpringConfig(**config), tokenizer=make_tokenizer())
+    config = SpringConfig(**{"interpolation_weight": 0.5, **config})  # stated: the references mix with 0.5
+    return SpringForCausalLM(model, memory=memory, config=config, tokenizer=make_tokenizer())
 
 
 def encode(texts):

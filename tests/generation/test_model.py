@@ -43,7 +43,7 @@ def test_attribute_access_falls_through(wrapper, llama):
     assert wrapper.config is llama.config
     assert wrapper.get_base_model() is llama
     assert wrapper.generation_config is llama.generation_config
-    assert wrapper.spring_config.interpolation_weight == 0.5
+    assert wrapper.spring_config.interpolation_weight == 0.25  # the measured default
     ids = torch.tensor([[5, 6, 7]])
     torch.testing.assert_close(wrapper(input_ids=ids).logits, llama(input_ids=ids).logits)
 
@@ -131,7 +131,8 @@ def test_retrieval_arguments(wrapper, memory):
 
 def test_float_gate_and_memory_weight(llama, tokenizer):
     memory = FakeMemory({"alice": [("cats rain", "w1"), ("w2", "w3")]}, weight=0.2)
-    wrapper = SpringForCausalLM(llama, memory=memory, config=SpringConfig(gate=1.5), tokenizer=tokenizer)
+    config = SpringConfig(gate=1.5, interpolation_weight=0.5)
+    wrapper = SpringForCausalLM(llama, memory=memory, config=config, tokenizer=tokenizer)
     wrapper.generate(**encode(["cats rain sun"]), personalization="alice", **GREEDY)
     info = wrapper.last_personalization[0]
     assert [hit.score > 1.5 for hit in info.items] == [True]  # the second item (score 0.5) is gated out
@@ -185,7 +186,8 @@ def test_mixed_batch_of_user_adapters_equals_each_alone(peft_llama, memory, mode
 
 
 def test_user_adapter_is_active_on_both_paths(peft_llama, memory):
-    wrapper = SpringForCausalLM(peft_llama, memory=memory, tokenizer=make_tokenizer())
+    config = SpringConfig(interpolation_weight=0.5)
+    wrapper = SpringForCausalLM(peft_llama, memory=memory, config=config, tokenizer=make_tokenizer())
     batch = encode(["cats rain sun"])
     out = wrapper.generate(**batch, personalization="bob", **GREEDY)
     history_ids = torch.tensor([wrapper.last_personalization[0].history_ids])

@@ -56,7 +56,7 @@ def test_weight_rule_and_lambda_zero_skips_retrieval():
     memory = MixedMemory()
     spring = SpringForCausalLM(make_model("llama"), memory=memory, tokenizer=make_tokenizer())
     ids = batch()["input_ids"]
-    assert spring.plan(ids, personalization="alice")[0].weight == 0.5  # the config's λ
+    assert spring.plan(ids, personalization="alice")[0].weight == 0.25  # the config's λ (the measured default)
     spring.spring_config = SpringConfig(use_memory_weight=True)
     assert spring.plan(ids, personalization="alice")[0].weight == 0.25  # the memory's suggestion
     assert spring.plan(ids, personalization=Personalization(user="alice", weight=0.75))[0].weight == 0.75

@@ -41,7 +41,10 @@ def test_spring_folder_loads_and_decodes_as_saved(saved):
     )
     assert sorted(spring.base_model.peft_config) == expected["adapters"]
     assert len(spring.memory) == expected["memory_records"] and spring.memory.users() == expected["memory_users"]
-    assert spring.spring_config == SpringConfig(use_global=False, base_model_name_or_path=str(saved / "base"))
+    expected_config = SpringConfig(
+        use_global=False, interpolation_weight=0.5, base_model_name_or_path=str(saved / "base")
+    )
+    assert spring.spring_config == expected_config  # λ as saved by 0.1 (its default then), not today's default
     input_ids = torch.tensor([expected["input_ids"]])
     assert spring.tokenizer(expected["prompt"])["input_ids"] == expected["input_ids"]
     out = spring.generate(

@@ -18,7 +18,8 @@ def stream(user, period, n=6):
 
 def personalizer(tmp_path, **kwargs):
     kwargs.setdefault("max_resident_adapters", 8)
-    args = kwargs.pop("args", None) or make_args(tmp_path, buffer_size=3)
+    # The paper's top-30 % drift selection (the default preset trains on every sample): these tests check selections.
+    args = kwargs.pop("args", None) or make_args(tmp_path, buffer_size=3, selection_ratio=0.3)
     return ContinualPersonalizer(
         make_model("llama", TRAINING_VOCAB.size),
         make_tokenizer(TRAINING_VOCAB, chat=True),
@@ -432,6 +433,177 @@ def test_save_pretrained_can_push_to_hub(tmp_path):
     assert [c.args[1:] for c in push.call_args_list] == [("my-state",), ("me/other",)]
     assert push.call_args_list[0].kwargs == {"private": False}
     assert (tmp_path / "my-state" / "continual_state.json").is_file()
+
+
+# ------------------------------------------------------------------------------------------------ learning_rate="auto"
+class TrainerSpy:
+    """Records the learning rate and adapter of every SpringTrainer the personalizer builds."""
+
+    def __init__(self, monkeypatch):
+        from transformers_spring.training import continual
+
+        self.runs = []
+        real = continual.SpringTrainer
+        runs = self.runs
+
+        class Spy(real):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, **kwargs)
+                runs.append((self.adapter_name, self.args.learning_rate))
+
+        monkeypatch.setattr(continual, "SpringTrainer", Spy)
+
+
+def fake_scorer(monkeypatch, nlls):
+    """Replaces the held-out scorer: the i-th call returns `nlls[i]`; records the held-out ids and active adapter."""
+    from transformers_spring.training import continual
+
+    calls = []
+
+    def score(model, samples, args, pad_token_id):
+        calls.append(([s.id for s in samples], model.active_adapter))
+        return nlls[len(calls) - 1]
+
+    monkeypatch.setattr(continual, "held_out_nll", score)
+    return calls
+
+
+@pytest.mark.parametrize("nlls, chosen", [((2.0, 1.0), 3e-3), ((1.0, 2.0), 1e-3), ((1.5, 1.5), 1e-3)])
+def test_auto_learning_rate_is_chosen_once_by_validation(tmp_path, monkeypatch, nlls, chosen):
+    spy = TrainerSpy(monkeypatch)
+    calls = fake_scorer(monkeypatch, nlls)
+    p = personalizer(tmp_path, args=make_args(tmp_path, buffer_size=3, learning_rate="auto", num_train_epochs=1))
+    assert p.args.learning_rate == "auto" and p.learning_rate_choice is None
+    p.observe("alice", stream("alice", 0, n=4))  # too few items to search: the size default, for now
+    assert p.learning_rate_choice == {"learning_rate": 3e-3, "rule": "size default", "grid": [],
+                                      "num_parameters": p.learning_rate_choice["num_parameters"]}  # fmt: skip
+    assert calls == [] and spy.runs == [("alice", 3e-3)]
+    bob = stream("bob", 0, n=12)
+    p.observe("bob", list(reversed(bob)))  # the held-out items are the latest by time, whatever the order given
+    assert [ids for ids, _ in calls] == [["bob-10", "bob-11"]] * 2
+    search = [name for name, _ in spy.runs[1:3]]
+    assert search[0] == search[1] and search[0].startswith("__spring_lr_search_")  # one throwaway, reset per rate
+    assert [adapter for _, adapter in calls] == search
+    assert spy.runs[1:] == [(search[0], 1e-3), (search[0], 3e-3), ("bob", chosen)]  # 1e-3, 3e-3 (= size default)
+    assert p.learning_rate_choice["rule"] == "validation" and p.learning_rate_choice["learning_rate"] == chosen
+    assert p.learning_rate_choice["grid"] == [{"learning_rate": 1e-3, "validation_nll": nlls[0]},
+                                              {"learning_rate": 3e-3, "validation_nll": nlls[1]}]  # fmt: skip
+    assert (p.learning_rate_choice["fit_items"], p.learning_rate_choice["validation_items"]) == (10, 2)
+    assert sorted(p.model.peft_config) == ["alice", "bob"]  # the throwaway adapter is gone
+    p.observe("carol", stream("carol", 0, n=12))  # chosen once: no second search
+    p.observe("alice", stream("alice", 1, n=4))
+    assert len(calls) == 2 and spy.runs[-2:] == [("carol", chosen), ("alice", chosen)]
+    assert p.args.learning_rate == "auto"  # the arguments still say what was asked
+
+
+def test_the_learning_rate_choice_survives_save_and_load(tmp_path, monkeypatch):
+    calls = fake_scorer(monkeypatch, (2.0, 1.0))
+    p = personalizer(tmp_path, args=make_args(tmp_path, buffer_size=3, learning_rate="auto", num_train_epochs=1))
+    p.observe("bob", stream("bob", 0, n=12))
+    p.save_pretrained(tmp_path / "state")
+    state = json.loads((tmp_path / "state" / "continual_state.json").read_text())
+    assert state["learning_rate_choice"] == p.learning_rate_choice
+    assert json.loads((tmp_path / "state" / "training_args.json").read_text())["learning_rate"] == "auto"
+    assert "bob" not in json.dumps(state["learning_rate_choice"])  # no trace of the user it was chosen on
+    monkeypatch.setattr("transformers_spring.training.continual.held_out_nll", mock.Mock(side_effect=AssertionError))
+    spy = TrainerSpy(monkeypatch)
+    loaded = ContinualPersonalizer.from_pretrained(
+        make_model("llama", TRAINING_VOCAB.size), tmp_path / "state", memory_kwargs={"encoder": HashingEncoder(32)}
+    )
+    assert loaded.args.learning_rate == "auto" and loaded.learning_rate_choice == p.learning_rate_choice
+    loaded.observe("carol", stream("carol", 0, n=12))  # no new search
+    assert spy.runs == [("carol", 3e-3)] and len(calls) == 2
+    # Given explicit arguments, the saved choice does not apply.
+    explicit = ContinualPersonalizer.from_pretrained(
+        make_model("llama", TRAINING_VOCAB.size), tmp_path / "state", args=make_args(tmp_path, learning_rate=2e-2),
+        memory_kwargs={"encoder": HashingEncoder(32)},
+    )  # fmt: skip
+    assert explicit.learning_rate_choice is None
+    # A state saved before the choice existed still loads (and chooses when it first needs to).
+    del state["learning_rate_choice"]
+    (tmp_path / "state" / "continual_state.json").write_text(json.dumps(state))
+    old = ContinualPersonalizer.from_pretrained(
+        make_model("llama", TRAINING_VOCAB.size), tmp_path / "state", memory_kwargs={"encoder": HashingEncoder(32)}
+    )
+    assert old.learning_rate_choice is None and old.users == ["bob"]
+
+
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        ({"rule": "guess"}, r"'learning_rate_choice\.rule'"),
+        ({"learning_rate": -1}, r"'learning_rate_choice\.learning_rate'"),
+        ({"learning_rate": "3e-3"}, r"'learning_rate_choice\.learning_rate'"),
+        ({"grid": [{"learning_rate": 1e-3, "validation_nll": "low"}]}, r"'learning_rate_choice\.grid\[0\]"),
+        ({"fit_items": -2}, r"'learning_rate_choice\.fit_items'"),
+    ],
+)
+def test_a_bad_learning_rate_choice_in_the_state_file_is_named(tmp_path, edit, match):
+    p = personalizer(tmp_path, args=make_args(tmp_path, buffer_size=3, learning_rate="auto", num_train_epochs=1))
+    p.observe("alice", stream("alice", 0, n=3))
+    p.save_pretrained(tmp_path / "state")
+    path = tmp_path / "state" / "continual_state.json"
+    state = json.loads(path.read_text())
+    state["learning_rate_choice"].update(edit)
+    path.write_text(json.dumps(state))
+    with pytest.raises(ValueError, match=match):
+        ContinualPersonalizer.from_pretrained(make_model("llama", TRAINING_VOCAB.size), tmp_path / "state")
+
+
+def test_auto_search_on_a_tiny_model_picks_the_lowest_held_out_nll(tmp_path):
+    from transformers_spring.training import SpringFormatter, SpringTrainer
+    from transformers_spring.training.continual import held_out_nll
+
+    args = make_args(tmp_path, buffer_size=3, learning_rate="auto", num_train_epochs=1)
+    p = personalizer(tmp_path, args=args)
+    bob = stream("bob", 0, n=12)
+    p.observe("bob", bob)
+    choice = p.learning_rate_choice
+    nlls = [entry["validation_nll"] for entry in choice["grid"]]
+    assert [entry["learning_rate"] for entry in choice["grid"]] == [1e-3, 3e-3] and all(n > 0 for n in nlls)
+    assert choice["rule"] == "validation" and choice["learning_rate"] == [1e-3, 3e-3][nlls.index(min(nlls))]
+    assert list(p.model.peft_config) == ["bob"]  # the throwaway adapter is gone (it was the model's first)
+    # Each recorded NLL is that of a fresh LoRA trained at its rate on the first 10 items, scored on the last 2.
+    tokenizer = make_tokenizer(TRAINING_VOCAB, chat=True)
+    samples = SpringFormatter.from_args(tokenizer, args).encode_many(bob[10:])
+    for rate, expected in zip((1e-3, 3e-3), nlls, strict=True):
+        trainer = SpringTrainer(model=make_model("llama", TRAINING_VOCAB.size), args=args.with_learning_rate(rate),
+                                user_id="bob", train_interactions=bob[:10], processing_class=tokenizer,
+                                adapter_name="__spring_lr_search_0")  # fmt: skip
+        trainer.run_period()
+        assert held_out_nll(trainer.model, samples, args, tokenizer.pad_token_id) == pytest.approx(expected, abs=1e-5)
+
+
+def test_the_preset_is_saved_and_an_older_state_reads_as_the_papers(tmp_path):
+    args = make_args(tmp_path, buffer_size=3, spring_preset="paper", learning_rate=None)  # None: the preset's
+    p = personalizer(tmp_path, args=args)
+    p.observe("alice", stream("alice", 0))
+    p.save_pretrained(tmp_path / "state")
+    path = tmp_path / "state" / "training_args.json"
+    saved = json.loads(path.read_text())
+    assert (saved["spring_preset"], saved["learning_rate"], saved["selection_ratio"]) == ("paper", 1e-4, 0.3)
+    load = lambda: ContinualPersonalizer.from_pretrained(make_model("llama", TRAINING_VOCAB.size), tmp_path / "state")  # noqa: E731
+    assert (load().args.spring_preset, load().args.learning_rate, load().args.selection_ratio) == ("paper", 1e-4, 0.3)
+    # The measured preset is written too (at its default): a file without it is from before presets existed.
+    p = personalizer(tmp_path / "m", args=make_args(tmp_path / "m", buffer_size=3, selection_ratio=None))
+    p.observe("alice", stream("alice", 0))
+    p.save_pretrained(tmp_path / "state")
+    saved = json.loads(path.read_text())
+    assert (saved["spring_preset"], saved["learning_rate"], saved["selection_ratio"]) == ("measured", 5e-2, 1.0)
+    assert (load().args.spring_preset, load().args.selection_ratio) == ("measured", 1.0)
+    path.write_text(json.dumps({k: v for k, v in saved.items() if k not in ("spring_preset", "selection_ratio")}))
+    old = load().args  # what an earlier release saved: the fields it left out had the paper's defaults
+    assert (old.spring_preset, old.learning_rate, old.selection_ratio) == ("paper", 5e-2, 0.3)
+
+
+def test_a_float_learning_rate_is_used_as_given(tmp_path, monkeypatch):
+    spy = TrainerSpy(monkeypatch)
+    calls = fake_scorer(monkeypatch, ())
+    p = personalizer(tmp_path)
+    p.observe("bob", stream("bob", 0, n=12))
+    assert calls == [] and spy.runs == [("bob", 5e-2)] and p.learning_rate_choice is None
+    p.save_pretrained(tmp_path / "state")
+    assert "learning_rate_choice" not in json.loads((tmp_path / "state" / "continual_state.json").read_text())
 
 
 # ------------------------------------------------------------------------------------------------ serving export

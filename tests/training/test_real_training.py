@@ -29,7 +29,7 @@ def test_smollm2_news_periods(tmp_path):
     stream = [item for item in read_news_jsonl(min_items=50) if item.user_id == "Lee Moran"][-12:]
     args = SpringTrainingArguments(
         output_dir=str(tmp_path / "out"), num_train_epochs=1, use_cpu=True, disable_tqdm=True,
-        prompt_template="Write a headline for this news article: {prompt}", max_length=256,
+        prompt_template="Write a headline for this news article: {prompt}", max_length=256, spring_preset="paper",
     )  # fmt: skip
     formatter = SpringFormatter.from_args(tokenizer, args)
     sample = formatter.encode(stream[0])

@@ -1,6 +1,7 @@
 import pytest
 import torch
-from testing_utils import TRAINING_VOCAB, lora_params, make_args, make_buffer_memory, make_interactions, make_model
+from testing_utils import TRAINING_VOCAB, lora_params, make_buffer_memory, make_interactions, make_model
+from testing_utils import make_args as make_tiny_args
 from transformers import TrainerCallback
 
 from transformers_spring.training import (
@@ -11,6 +12,12 @@ from transformers_spring.training import (
     drift_scores,
     num_selected,
 )
+
+
+def make_args(tmp_path, **kwargs):
+    """Tiny-model arguments with the paper's drift selection (top 30 %), which most of these tests check: the default
+    preset trains on every sample."""
+    return make_tiny_args(tmp_path, **{"selection_ratio": 0.3, **kwargs})
 
 
 def run(model, args, user, period, items, memory=None, tokenizer=None, cache=None, **kwargs):
@@ -261,4 +268,52 @@ def test_default_args(tmp_path, model, tokenizer, monkeypatch):
     monkeypatch.chdir(tmp_path)
     trainer = SpringTrainer(model=model, user_id="alice", processing_class=tokenizer,
                             train_interactions=make_interactions("alice", 1))  # fmt: skip
-    assert isinstance(trainer.args, SpringTrainingArguments) and trainer.args.selection_ratio == 0.3
+    assert isinstance(trainer.args, SpringTrainingArguments) and trainer.args.selection_ratio == 1.0
+    assert trainer.args.learning_rate == 3e-3  # "auto": the size default of a tiny model
+
+
+def test_auto_learning_rate_becomes_the_size_default_before_the_optimizer(tmp_path, model, tokenizer):
+    seen = {}
+
+    class Spy(TrainerCallback):
+        def on_train_begin(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
+            seen["args"] = args.learning_rate
+            seen["optimizer"] = [group["initial_lr"] for group in optimizer.param_groups]
+
+    args = make_tiny_args(tmp_path, learning_rate="auto")
+    assert args.learning_rate == "auto"
+    trainer = SpringTrainer(model=model, args=args, user_id="alice", train_interactions=make_interactions("alice", 4),
+                            processing_class=tokenizer, callbacks=[Spy()])  # fmt: skip
+    assert trainer.args.learning_rate == 3e-3 and args.learning_rate == "auto"  # a copy: the caller's args stay
+    assert trainer.args.output_dir == args.output_dir and trainer.args.seed == args.seed
+    trainer.run_period()
+    assert seen["args"] == 3e-3 and seen["optimizer"] and set(seen["optimizer"]) == {3e-3}
+    explicit = SpringTrainer(model=trainer.model, args=make_tiny_args(tmp_path, learning_rate=2e-2), user_id="alice",
+                             period=1, processing_class=tokenizer)  # fmt: skip
+    assert explicit.args.learning_rate == 2e-2
+
+
+def test_training_on_every_sample_still_rebuilds_the_buffer(tmp_path, model, tokenizer):
+    # selection_ratio=1.0 (the default preset): no pre-update scoring, but Eq. 3-4 still keep the best `buffer_size`
+    # of (the period's samples + the old buffer), scored with the updated adapter.
+    args = make_tiny_args(tmp_path, buffer_size=3, selection_ratio=None)  # (make_args states 0.3)
+    assert args.selection_ratio == 1.0
+    memory, cache = make_buffer_memory(), BaseLogProbCache()
+    trainer, _ = run(model, args, "alice", 0, make_interactions("alice", 4), memory, tokenizer, cache)
+    peft_model = trainer.model
+    new = make_interactions("alice", 5, start=4)
+    _, first = run(peft_model, args, "alice", 1, new, memory, tokenizer, cache)
+    assert first.scores == {} and first.selected_ids == [i.id for i in new]
+    scores = drift_scores(peft_model, SpringFormatter.from_args(tokenizer, args).encode_many(new)).scores
+    ranked = sorted(range(5), key=lambda i: -scores[i])[:3]
+    assert first.buffer_ids == [new[i].id for i in ranked]
+    assert [i.id for i in memory.buffer("alice")] == first.buffer_ids
+    assert memory.buffer_scores("alice") == pytest.approx({new[i].id: scores[i] for i in ranked}, abs=1e-6)
+    old = memory.buffer("alice")
+    newer = make_interactions("alice", 2, start=20)
+    _, second = run(peft_model, args, "alice", 2, newer, memory, tokenizer, cache)
+    pool = newer + old
+    scores = drift_scores(peft_model, SpringFormatter.from_args(tokenizer, args).encode_many(pool)).scores
+    ranked = sorted(range(len(pool)), key=lambda i: -scores[i])
+    assert second.buffer_ids == [pool[i].id for i in ranked[:3]]
+    assert set(second.evicted_ids) == {pool[i].id for i in ranked[3:]} & {i.id for i in old}

@@ -65,8 +65,9 @@ def test_train_saves_a_state_that_decodes_personalized(tmp_path, data, model_dir
     state = json.loads((out / "continual_state.json").read_text())
     assert {u: e["next_period"] for u, e in state["users"].items()} == dict.fromkeys(USERS, 2)
     config = json.loads((out / "spring_config.json").read_text())
-    assert config["retrieval_region"] == "buffer" and config["use_global"] is False
-    assert config["gate"] is None or isinstance(config["gate"], float)
+    # The measured decoding defaults (λ 0.25 from the whole stream, no gate), saved as values.
+    assert (config["interpolation_weight"], config["top_k"], config["retrieval_region"]) == (0.25, 2, "all")
+    assert config["gate"] is None and config["use_global"] is False and config["preset"] == "measured"
 
     spring = SpringForCausalLM.from_pretrained(out)
     tokenizer = spring.tokenizer
@@ -78,6 +79,16 @@ def test_train_saves_a_state_that_decodes_personalized(tmp_path, data, model_dir
     with spring.base_model.disable_adapter():
         plain = spring.base_model.generate(**inputs, **kwargs)
     assert not torch.equal(personal, plain)  # the user's adapter changes what the tiny model says
+
+
+def test_the_paper_preset_gives_the_papers_decoding_and_explicit_options_win(tmp_path, data, model_dir):
+    out = tmp_path / "paper"
+    assert train(data, model_dir, out, "--spring_preset", "paper", "--top_k", "3") == 0
+    config = json.loads((out / "spring_config.json").read_text())
+    assert (config["interpolation_weight"], config["top_k"], config["retrieval_region"]) == (0.5, 3, "buffer")
+    assert isinstance(config["gate"], float)  # the paper's Q3 gate, computed from the training prompts
+    training = json.loads((out / "training_args.json").read_text())
+    assert (training["spring_preset"], training["selection_ratio"]) == ("paper", 0.3)  # (`train` sets the lr)
 
 
 def test_a_stopped_run_resumes_and_ends_as_an_uninterrupted_one(tmp_path, data, model_dir, capsys, caplog):
@@ -168,7 +179,7 @@ def test_config_file_gives_options_and_flags_win(tmp_path, data, model_dir, caps
 
 def test_spring_memory_prints_counts_and_text_only_when_asked(tmp_path, data, model_dir, capsys):
     out = tmp_path / "state"
-    assert train(data, model_dir, out, "--users", "alice,bob") == 0
+    assert train(data, model_dir, out, "--users", "alice,bob", "--selection_ratio", "0.3") == 0  # 2 of 4 kept
     capsys.readouterr()
     assert main(["memory", str(out)]) == 0
     printed = capsys.readouterr().out
@@ -193,7 +204,107 @@ def test_the_parser_takes_training_flags_and_the_out_of_a_config(tmp_path):
     job, args = _train_parser(argv).parse_args_into_dataclasses(args=argv)
     assert args.dataloader_pin_memory is False and job.out == str(tmp_path / "from-config")
     assert args.output_dir == str(tmp_path / "from-config" / "trainer_output")
-    assert args.learning_rate == 3e-3 and args.disable_tqdm  # the job's defaults, not the paper's 1e-4
+    assert args.disable_tqdm and args.logging_strategy == "no"  # the job's defaults
+    # The learning rate, selection and epochs: the measured preset's, not the paper's 1e-4 and 30 %.
+    assert (args.spring_preset, args.learning_rate, args.selection_ratio, args.num_train_epochs) == (
+        "measured", "auto", 1.0, 2.0,
+    )  # fmt: skip
     argv = ["--data", "x.jsonl", "--config", str(options), f"--out={tmp_path / 'flag'}"]
     job, args = _train_parser(argv).parse_args_into_dataclasses(args=argv)
     assert job.out == str(tmp_path / "flag") and args.output_dir == str(tmp_path / "flag" / "trainer_output")
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (["--learning_rate", "auto"], ("measured", "auto", 1.0)),
+        (["--learning_rate", "3e-3"], ("measured", 3e-3, 1.0)),
+        (["--learning-rate", "AUTO"], ("measured", "auto", 1.0)),
+        (["--spring_preset", "paper"], ("paper", 1e-4, 0.3)),
+        (["--spring_preset", "paper", "--learning_rate", "auto"], ("paper", "auto", 0.3)),
+        (["--spring_preset", "paper", "--selection_ratio", "1"], ("paper", 1e-4, 1.0)),
+    ],
+)
+def test_the_parser_takes_the_preset_and_auto_or_a_float_learning_rate(flags, expected):
+    from transformers_spring.cli import _train_parser
+
+    argv = ["--data", "x.jsonl", *flags]
+    _, args = _train_parser(argv).parse_args_into_dataclasses(args=argv)
+    assert (args.spring_preset, args.learning_rate, args.selection_ratio) == expected
+
+
+def test_the_parser_refuses_a_bad_learning_rate_by_name(capsys, tmp_path):
+    from transformers_spring.cli import _train_parser
+
+    for value in ("fast", "-1e-3", "0"):
+        argv = ["--data", "x.jsonl", f"--learning_rate={value}"]
+        with pytest.raises(SystemExit) as exit_info:
+            _train_parser(argv).parse_args_into_dataclasses(args=argv)
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert "argument --learning_rate" in err and "must be 'auto' or a positive float" in err and value in err
+    options = tmp_path / "o.json"  # a `--config` value goes through the same check
+    options.write_text(json.dumps({"learning_rate": "fast"}))
+    argv = ["--data", "x.jsonl", "--config", str(options)]
+    with pytest.raises(SystemExit):
+        _train_parser(argv).parse_args_into_dataclasses(args=argv)
+    assert "argument --learning_rate" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        _train_parser(["--spring_preset", "fast"]).parse_args_into_dataclasses(args=["--spring_preset", "fast"])
+    assert "argument --spring_preset" in capsys.readouterr().err
+
+
+def test_train_help_lists_the_preset_and_the_learning_rate(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    printed = capsys.readouterr().out
+    assert "--spring_preset {measured,paper}" in printed and "--learning_rate" in printed
+    assert "'auto'" in printed and "'paper'" in printed
+
+
+def test_auto_learning_rate_is_recorded_as_asked_and_resumed_as_chosen(tmp_path, model_dir, capsys, monkeypatch):
+    from transformers_spring.training import continual
+
+    # Two users of 24 items: period 0 holds 12, enough for the search (on alice, the first); bob's is not searched.
+    path = tmp_path / "long.jsonl"
+    write_interactions_jsonl(sorted([it for u in ("alice", "bob") for it in make_interactions(u, 24)],
+                                    key=lambda it: it.timestamp), path)  # fmt: skip
+    scored = []
+
+    def score(model, samples, args, pad_token_id):  # 1e-3 wins: not the size default, so a lost choice would show
+        scored.append([s.id for s in samples])
+        return (1.0, 2.0)[(len(scored) - 1) % 2]
+
+    monkeypatch.setattr(continual, "held_out_nll", score)
+    flags = ["--learning_rate", "auto", "--selection_ratio", "0.5"]  # (the last --learning_rate wins)
+    whole = tmp_path / "whole"
+    assert train(path, model_dir, whole, *flags) == 0
+    assert "learning_rate auto: 0.001 (validation)." in capsys.readouterr().out
+    assert scored == [["alice-10", "alice-11"]] * 2
+    job = json.loads((whole / "train_job.json").read_text())
+    assert job["training_args"]["learning_rate"] == "auto" and "spring_preset" not in job["spring_args"]
+    choice = json.loads((whole / "continual_state.json").read_text())["learning_rate_choice"]
+    assert choice["learning_rate"] == 1e-3 and choice["rule"] == "validation"
+
+    out = tmp_path / "stopped"
+    real, calls = ContinualPersonalizer.observe, []
+
+    def observe(self, user, items, **kwargs):
+        calls.append(user)
+        if len(calls) == 3:  # bob's first period: the state saved after alice holds the choice
+            raise KeyboardInterrupt
+        return real(self, user, items, **kwargs)
+
+    with mock.patch.object(ContinualPersonalizer, "observe", observe), pytest.raises(KeyboardInterrupt):
+        train(path, model_dir, out, *flags)
+    scored.clear()
+    assert train(path, model_dir, out, *flags) == 0
+    assert scored == []  # resumed with the saved choice: no second search (bob has 12 period-0 items too)
+    assert json.loads((out / "continual_state.json").read_text())["learning_rate_choice"] == choice
+    resumed, expected = adapters(out), adapters(whole)
+    for user in expected:
+        for key, value in expected[user].items():
+            torch.testing.assert_close(resumed[user][key], value, rtol=1e-5, atol=1e-6)
+    # A run asked with another learning rate is another run.
+    err = refused(capsys, path, model_dir, out, "--learning_rate", "1e-3", "--selection_ratio", "0.5")
+    assert "training_args.learning_rate differ" in err and "saved: learning_rate='auto'" in err

@@ -106,6 +106,43 @@ def test_lambda_follows_whether_history_predicts_the_response(tmp_path, repeat, 
     assert not result.notes  # every choice is a `spring train` option
 
 
+def adaptive_aware_score(self, input_ids, continuations, attention_mask=None, personalization=None):
+    """As `history_aware_score`, where an adaptive λ (β > 0, 0 < λ < 1) follows the confident path: the history
+    path's 0.9 on a hit, the adapter's 0.1 on a miss; any fixed λ mixes both."""
+    REAL_SCORE(self, input_ids, continuations, attention_mask, personalization)
+    row = self.last_personalization[0]
+    gold = self.tokenizer.decode(continuations[0], skip_special_tokens=True).strip()
+    hit = any(getattr(it, "interaction", it).response == gold for it in row.items)
+    weight = row.weight if row.gate_open else 0.0
+    if row.adaptive_weight > 0 and 0 < weight < 1:
+        p = 0.9 if hit else 0.1
+    else:
+        p = weight * (0.9 if hit else 0.01) + (1 - weight) * 0.1
+    return [torch.full((len(continuations[0]),), float(torch.log(torch.tensor(p))))]
+
+
+def half_repeating_stream(user: str) -> list[Interaction]:
+    """Validation items of which half repeat an earlier response and half are new."""
+    repeat, new = repeating_stream(user, repeat=True), repeating_stream(user, repeat=False)
+    return repeat[:4] + [repeat[4], new[5], repeat[6], new[7]]
+
+
+@pytest.mark.parametrize("stream, expected", [(half_repeating_stream, 3.0), (repeating_stream, 0.0)])
+def test_adaptive_lambda_is_chosen_when_it_beats_every_fixed_lambda(tmp_path, stream, expected):
+    items = [it for user in ("alice", "bob") for it in stream(user)]
+    t = tuner(tmp_path, items, num_periods=2, selections="all", interpolation_weights="0,0.5,1",
+              adaptive_weights="0,3")  # fmt: skip
+    with mock.patch.object(SpringForCausalLM, "score", adaptive_aware_score):
+        result = t.tune()
+    assert result.options["adaptive_weight"] == expected == result.spring_config["adaptive_weight"]
+    adaptive = [tr for tr in result.trials if tr["stage"] == "decoding" and tr["adaptive_weight"] > 0]
+    assert [tr["interpolation_weight"] for tr in adaptive] == [0.5]  # only λ strictly inside (0, 1)
+    if expected:
+        assert result.options["interpolation_weight"] == 0.5
+    else:  # every repeat is a hit: λ = 1 alone is best, and stays fixed
+        assert result.options["interpolation_weight"] == 1.0
+
+
 # (c) ----------------------------------------------------------------------------------------------------- bad input
 def test_too_few_items_empty_grids_and_unknown_knobs_name_the_field(tmp_path):
     t = tuner(tmp_path, make_interactions("alice", 2))  # 3 periods need 3 items
@@ -121,6 +158,7 @@ def test_too_few_items_empty_grids_and_unknown_knobs_name_the_field(tmp_path):
         ("top_ks", "two", "`top_ks`: 'two'"),
         ("interpolation_weights", "0,1.5", "`interpolation_weights` must be"),
         ("num_periods", 1, "`num_periods` must be"),
+        ("adaptive_weights", "0,-1", "`adaptive_weights` must be"),
     ]:
         with pytest.raises(ValueError, match=message):
             TuningArguments(**{field: value})
@@ -181,3 +219,22 @@ def test_successive_halving_stays_within_max_cost(tmp_path):
     assert result.pareto and all(trial["rung"] == 0 for trial in result.pareto)
     # The candidates' adapters are removed (peft keeps a model's last adapter: zeroed, at most one is left).
     assert len([name for name in t.model.peft_config if "__tune" in name]) <= 1
+
+
+def test_history_is_rendered_as_the_tuned_state_renders_it(tmp_path):
+    items = [it for user in ("alice", "bob") for it in make_interactions(user, 6)]
+    t = tuner(tmp_path, items)
+    assert t._personalizer(t.candidates()[0]).spring_config.history_item_template == "{prompt}\n{response}"
+    t = tuner(tmp_path, items)
+    t.history_item_template = '"{response}" is the headline for "{prompt}"'
+    config = t._personalizer(t.candidates()[0]).spring_config
+    assert config.history_item_template == '"{response}" is the headline for "{prompt}"'
+
+
+def test_rungs_start_with_the_users_cheapest_to_train(tmp_path):
+    sizes = {"heavy": 12, "light": 6, "middle": 9}
+    items = [it for user, n in sizes.items() for it in make_interactions(user, n)]
+    result = tuner(tmp_path, items, rung_users=1, max_cost=50.0).tune()
+    assert result.validation["tuning_users"] == ["light", "middle", "heavy"]
+    first_rung = [t for t in result.trials if t["stage"] == "training" and t["rung"] == 0]
+    assert first_rung and all(t["users"] == 1 for t in first_rung)  # rung 0: the lightest user alone

@@ -4,12 +4,14 @@ one model, one set of users and one split."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import random
 import statistics
 import tempfile
 import time
+import warnings
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -38,6 +40,8 @@ logger = logging.get_logger(__name__)
 # The naming rule of the SPRInG chain's adapters (`adapter_name_for(user, SPRING_ADAPTER_TEMPLATE)`), the wrapper's
 # `SpringConfig.adapter_name_template`. Kept from earlier releases: a LoRA's initial weights are seeded by its name.
 SPRING_ADAPTER_TEMPLATE = "{user_id}__spring"
+# The spring-tuned chain's adapters: the naming rule of its own wrapper (`ContinualBenchmark.tuned_model`).
+TUNED_ADAPTER_TEMPLATE = "{user_id}__tuned"
 
 
 class ContinualBenchmark:
@@ -58,6 +62,14 @@ class ContinualBenchmark:
     Users run one after another (only one user's adapters are ever loaded); within a user and period, every method's
     rows share batched `generate` calls (each row routed to its own adapter and history by [`SpringForCausalLM`]).
 
+    SPRInG tuned (`spring-tuned`): before any user runs, [`PersonalizationTuner`] (`spring tune`) searches SPRInG's
+    training and decoding settings once, on every user's *training* items only (each user's last of `num_periods`
+    cuts of them validates; see `tune_grid` and `tune_max_cost`). Its chain then trains with the chosen learning
+    rate, epochs and selection into its own adapters and residual buffer (a second memory, filled period by period;
+    when the search chose SPRInG's own training settings, SPRInG's adapter and buffer are copied instead of trained
+    twice), and its rows decode through a second `SpringForCausalLM` configured with the chosen λ, k, region, copy
+    weight and gate, called as a user calls it (`Personalization(user=..., query=..., gate=σ)`).
+
     Args:
         args ([`BenchmarkArguments`]): the settings.
         model (`PreTrainedModel`, *optional*): the causal LM; loaded from `args.model` when omitted.
@@ -70,6 +82,10 @@ class ContinualBenchmark:
         self.methods = resolve_methods(args.methods)
         self.model, self.tokenizer = model, tokenizer
         self.interactions = interactions
+        # spring-tuned's parts, set up once its search has run (see `_setup_tuned`).
+        self.tuned_model = self.tuned_memory = None
+        self._tuned_gate: RelevanceGate | None = None
+        self._tuned_mirrors_spring = False
 
     # ------------------------------------------------------------------------------------------------ set-up
     def _load_model(self) -> None:
@@ -174,7 +190,8 @@ class ContinualBenchmark:
         Returns:
             `dict`: `config`, `selection` (the validation grid and the chosen learning rate and epochs), `users` (with
             their per-period train/test counts), `records` (one per decoded test item: method, user, period, phase,
-            prediction, reference, scores, NLL), `summary` (see [`summarize`]) and `bootstrap`.
+            prediction, reference, scores, NLL), `summary` (see [`summarize`]) and `bootstrap`; with spring-tuned,
+            `tuning` (the search's choice, its trials and its `cost`: seconds, trained samples and passes).
         """
 
         args = self.args
@@ -206,6 +223,11 @@ class ContinualBenchmark:
                 self._checkpoint(checkpoint, state)
             chosen = state["selection"]["chosen"]
             spring_args, plain_args = training_args[(chosen["learning_rate"], chosen["num_train_epochs"])]
+            if self._tuned_names():
+                if "tuning" not in state:  # a resumed run keeps its search: tuning again would cost as much
+                    state["tuning"] = self._tune(splits, spring_args)
+                    self._checkpoint(checkpoint, state)
+                self._setup_tuned(state["tuning"], spring_args, state.get("tuned_gate_scores", []))
             done = set(state["done"])
             for user in tqdm(list(splits), desc="users", disable=not progress):
                 if user in done:
@@ -238,6 +260,8 @@ class ContinualBenchmark:
                 "greedy": True,
             },
         }
+        if "tuning" in state:
+            results["tuning"] = self._tuning_report(state["tuning"])
         return rebuild_report(results)  # summary, bootstrap and drift tables: one code path with `spring report`
 
     def _tick(self, state: dict[str, Any]) -> None:
@@ -249,6 +273,8 @@ class ContinualBenchmark:
     def _checkpoint(self, path: Path | None, state: dict[str, Any]) -> None:
         self._tick(state)
         state["gate_scores"] = self._gate.observed().tolist()
+        if self._tuned_gate is not None:
+            state["tuned_gate_scores"] = self._tuned_gate.observed().tolist()
         state["timing_s"] = dict(self._timing)
         save_checkpoint(path, state)
 
@@ -276,10 +302,12 @@ class ContinualBenchmark:
         self.peft_model = get_peft_model(self.model, build_lora_config(anchor, self.model), "bench_anchor")
         self.score_cache = BaseLogProbCache(str(args.model))
         encoder = HashingEncoder(256) if args.encoder == "hashing" else resolve_encoder(None)
-        self.memory = LoGoMemory(
-            wrap_encoder(encoder) if wrap_encoder else encoder, scorer="bm25", gate=None, bm25_idf=args.bm25_idf,
-            buffer_size=max(args.buffer_size, 1), dedup_threshold=None, **memory_kwargs,
+        # Kept for spring-tuned's memory, which must retrieve exactly as this one does.
+        self._memory_settings = dict(
+            scorer="bm25", gate=None, bm25_idf=args.bm25_idf, buffer_size=max(args.buffer_size, 1),
+            dedup_threshold=None, **memory_kwargs,
         )  # fmt: skip
+        self.memory = LoGoMemory(wrap_encoder(encoder) if wrap_encoder else encoder, **self._memory_settings)
         self.memory.add_many(train_items)
         self.spring_model = SpringForCausalLM(
             self.peft_model, memory=self.memory, tokenizer=self.tokenizer,
@@ -309,13 +337,142 @@ class ContinualBenchmark:
         self._budget = args.max_new_tokens or decoding_budget(self.tokenizer, train_items, args.budget_quantile)
         self._line_end_tokens = line_end_tokens(self.tokenizer) if args.stop_at_newline else None
 
-    def _decoder(self) -> RowDecoder:
-        """Decodes rows through `self.spring_model`, the `SpringForCausalLM` users call."""
+    def _decoder(self, spring_model=None) -> RowDecoder:
+        """Decodes rows through `spring_model` (default `self.spring_model`), the `SpringForCausalLM` users call."""
         return RowDecoder(
-            self.spring_model, self.tokenizer, self._formatter, max_new_tokens=self._budget,
-            repetition_penalty=self.args.repetition_penalty, batch_size=self.args.generation_batch_size,
-            line_end_tokens=self._line_end_tokens,
+            self.spring_model if spring_model is None else spring_model, self.tokenizer, self._formatter,
+            max_new_tokens=self._budget, repetition_penalty=self.args.repetition_penalty,
+            batch_size=self.args.generation_batch_size, line_end_tokens=self._line_end_tokens,
         )  # fmt: skip
+
+    # ------------------------------------------------------------------------------------------------ spring-tuned
+    def _tuned_names(self) -> set[str]:
+        """The methods decoded through spring-tuned's wrapper."""
+        return {m.name for m in self.methods if m.adapter == "tuned"}
+
+    def _tune(self, splits: dict[str, list], spring_args) -> dict[str, Any]:
+        """Runs [`PersonalizationTuner`] once on every user's training items (never a test item) and returns its
+        [`~TuningResult.to_dict`] plus the number of items it read and the rule.
+
+        The tuner adds its candidates' adapters to the benchmark's peft model and removes them at the end; it gets
+        the model already wrapped (after `_build`), so peft never has to delete a model's last adapter (the anchor
+        stays) and no LoRA layer is injected into a model peft wraps again later.
+
+        Args:
+            splits (`dict[str, list[PeriodSplit]]`): the run's users and periods.
+            spring_args ([`SpringTrainingArguments`]): the settings it does not search (LoRA, buffer size, prompt
+                template, batch size, seed): SPRInG's in this run.
+        """
+        from ..training.tuning import PersonalizationTuner
+
+        items = [it for periods in splits.values() for split in periods for it in split.train]
+        tick = time.perf_counter()
+        before = set(self.peft_model.peft_config)
+        try:
+            with warnings.catch_warnings():
+                # The tuner deletes its adapters one by one, an active one among them: peft warns that it activates
+                # another. Nothing to act on: the anchor is made active again below.
+                warnings.filterwarnings("ignore", message="Adapter .* was active which is now deleted")
+                result = PersonalizationTuner(
+                    self.peft_model, self.tokenizer, items, spring_args, self.args.tuning_arguments(),
+                    encoder=self.memory.encoder, progress=self._progress,
+                    history_item_template=self.args.history_item_template,
+                ).tune()  # fmt: skip
+        finally:
+            self._drop_adapters(set(self.peft_model.peft_config) - before)  # none if the tuner cleaned up
+            self.peft_model.eval()  # its trainers leave train mode (LoRA dropout) on
+        self._timing["tuning"] += time.perf_counter() - tick
+        return {
+            # As the checkpoint stores it (JSON), so that a resumed run reports exactly what a fresh one does.
+            **json.loads(json.dumps(result.to_dict(), default=str)),
+            "training_items": len(items),
+            "rule": f"`spring tune` on every user's training items only, each user's stream of them cut into "
+            f"{self.args.num_periods} periods: the last one validates (mean per-token NLL of its gold responses), "
+            "the earlier ones train; no test item is read",
+        }
+
+    def _setup_tuned(self, tuning: dict[str, Any], spring_args, gate_scores: Sequence[float]) -> None:
+        """spring-tuned's parts from the search's choice: its training arguments, its memory (the residual buffers
+        of its own chain), its wrapper (the chosen decoding settings, its own adapter names) and its gate."""
+        from ..generation import SpringConfig, SpringForCausalLM
+        from ..memory import LoGoMemory
+
+        options = tuning["options"]
+        chosen = (options["learning_rate"], options["num_train_epochs"], options["selection_ratio"])
+        # With SPRInG's own training settings the chain would repeat SPRInG's training step for step (the same
+        # trainer, items and settings; only the LoRA's initial weights, seeded by the adapter name, differ): it
+        # copies SPRInG's adapter and buffer after each period instead (see `_run_user`), at no training cost.
+        fixed = (spring_args.learning_rate, spring_args.num_train_epochs, spring_args.selection_ratio)
+        self._tuned_mirrors_spring = chosen == fixed
+        self._tuned_args = dataclasses.replace(
+            spring_args, learning_rate=chosen[0], num_train_epochs=chosen[1], selection_ratio=chosen[2]
+        )
+        # Its own memory: the chain's residual buffers must not overwrite SPRInG's. It is filled with each period's
+        # training items as the chain reaches them, so a history region never returns a later period's item.
+        self.tuned_memory = LoGoMemory(self.memory.encoder, **self._memory_settings)
+        base = SpringConfig(history_item_template=self.args.history_item_template,
+                            adapter_name_template=TUNED_ADAPTER_TEMPLATE)  # fmt: skip
+        # Every decoding field the search chose, whatever they are (the tuner's grid may grow).
+        config = dataclasses.replace(base, **tuning["spring_config"])
+        self.tuned_model = SpringForCausalLM(self.peft_model, memory=self.tuned_memory, config=config,
+                                             tokenizer=self.tokenizer)  # fmt: skip
+        self._tuned_gate = None
+        if options.get("gate") == "quantile":
+            # σ as for SPRInG: an online quantile of training-query scores against the chain's memory, here of the
+            # chosen region and k (σ must compare like with like), read but never fed at test time.
+            self._tuned_gate = RelevanceGate("auto", quantile=options["gate_quantile"], min_observations=1,
+                                             window=10**12)  # fmt: skip
+            self._tuned_gate.load_observed(np.asarray(gate_scores, dtype=np.float64))
+
+    def _update_tuned(self, user: str, period: int, train, names: dict[str, str], mirror: bool) -> None:
+        """spring-tuned's update for one period: its memory gains the period's training items, then its adapter
+        trains with the tuned settings, or (`mirror`) takes SPRInG's adapter and buffer of this period."""
+        self.tuned_memory.add_many(train)
+        if not mirror:
+            self._train(self._tuned_args, user, period, train, names["tuned"], self.tuned_memory)
+            return
+        tick = time.perf_counter()
+        self._copy_adapter(names["spring"], names["tuned"], self._tuned_args)
+        self.peft_model.eval()  # a new adapter's modules start in train mode (LoRA dropout on)
+        buffer, scores = self.memory.buffer(user), self.memory.buffer_scores(user)
+        self.tuned_memory.set_buffer(
+            user, buffer, scores=[scores[it.id] for it in buffer] if all(it.id in scores for it in buffer) else None
+        )
+        self._timing["train_tuned"] += time.perf_counter() - tick
+
+    def _observe_tuned_gate(self, user: str, train) -> None:
+        """spring-tuned's σ pool: the period's *training* queries against its memory (each item's own entry
+        excluded), with the chosen k and region; nothing when the search turned the gate off."""
+        if self._tuned_gate is None:
+            return
+        config = self.tuned_model.spring_config
+        region = {} if config.retrieval_region == "all" else {"region": config.retrieval_region}
+        for item in train:
+            hits = self.tuned_memory.retrieve_context(
+                user, item.prompt, k=config.top_k + 1, use_global=False, **region
+            ).items
+            self._tuned_gate.observe([hit.score for hit in hits if hit.interaction.id != item.id][: config.top_k])
+
+    def _tuned_sigma(self) -> float | None:
+        threshold = None if self._tuned_gate is None else self._tuned_gate.current_threshold()
+        return None if threshold is None else float(threshold)
+
+    def _tuning_report(self, tuning: dict[str, Any]) -> dict[str, Any]:
+        """`results["tuning"]`: the choice (`options`, `spring_config`), its `cost` and the search's report, and
+        spring-tuned's final σ."""
+        report = tuning.get("report", {})
+        return {
+            "options": tuning["options"],
+            "spring_config": tuning["spring_config"],
+            "cost": report.get("cost", {}),
+            "gate_sigma": self._tuned_sigma(),
+            "chain": "SPRInG's (the same training settings: its adapter and buffer copied after each period)"
+            if self._tuned_mirrors_spring and "spring" in self._needed_adapters()
+            else "its own (trained with the tuned settings)",
+            "training_items": tuning.get("training_items"),
+            "rule": tuning.get("rule"),
+            **{key: value for key, value in report.items() if key != "cost"},
+        }
 
     # ------------------------------------------------------------------------------------------------ per user
     def _needed_adapters(self) -> set[str]:
@@ -361,21 +518,30 @@ class ContinualBenchmark:
         # rows decode exactly as `generate(personalization=user)` does; the comparison chains are chosen per row.
         names = {kind: adapter_name_for(user, f"{{user_id}}__{kind}") for kind in ("all100", "random30", "oppu_each")}
         names["spring"] = adapter_name_for(user, SPRING_ADAPTER_TEMPLATE)
+        names["tuned"] = adapter_name_for(user, TUNED_ADAPTER_TEMPLATE)
         rng = random.Random(f"{args.seed}:{user}")
         records: list[dict[str, Any]] = []
         try:
             # Period 0: one adapter on all of it, the common starting point of every continual LoRA chain (every
             # method reading SPRInG's buffer decodes with the "spring" chain, so `needed` covers them too).
-            if needed - {"oppu_each"}:
+            if needed & {"spring", "all100", "random30"}:
                 self._train(spring_args, user, 0, periods[0].train, names["spring"], self.memory)
                 for kind in ("all100", "random30"):
                     if kind in needed:
                         self._copy_adapter(names["spring"], names[kind], spring_args)
+            # spring-tuned's chain: its own period 0 (the tuned learning rate and epochs apply from the start), or
+            # SPRInG's, copied, when the search chose SPRInG's training settings and SPRInG trains in this run.
+            mirror = "spring" in needed and self._tuned_mirrors_spring
+            if "tuned" in needed:
+                self._update_tuned(user, 0, periods[0].train, names, mirror)
             for t in range(1, len(periods)):
                 train = periods[t].train
                 if "spring" in needed:
                     self._train(spring_args, user, t, train, names["spring"], self.memory)
                     self._observe_gate(user, train)
+                if "tuned" in needed:
+                    self._update_tuned(user, t, train, names, mirror)
+                    self._observe_tuned_gate(user, train)
                 if "all100" in needed:
                     self._train(plain_args, user, t, train, names["all100"])
                 if "random30" in needed:
@@ -420,7 +586,10 @@ class ContinualBenchmark:
     def _personalization(self, method: MethodSpec, user: str, item: Interaction, history, names) -> Personalization:
         """What a row of `method` hands to `SpringForCausalLM`, as a user would: SPRInG's rows name the user alone
         (the user's adapter and memory, the buffer region of the wrapper's config, σ as the call's gate); the other
-        methods pick their adapter chain (`adapter=`), their raw-history RAG items (`history=`) and λ."""
+        methods pick their adapter chain (`adapter=`), their raw-history RAG items (`history=`) and λ. spring-tuned's
+        rows name the user alone too, for its own wrapper (the tuned settings, its adapters and memory)."""
+        if method.adapter == "tuned":
+            return Personalization(user=user, query=item.prompt, gate=self._tuned_sigma())
         adapter = names[method.adapter] if method.adapter else BASE_ADAPTER
         own = adapter_name_for(user, SPRING_ADAPTER_TEMPLATE)
         adapter = None if adapter == own else adapter  # the user's own adapter: routed by the naming rule
@@ -483,10 +652,22 @@ class ContinualBenchmark:
         ]
 
     def _generate(self, rows: list[BenchmarkRow]) -> list[str]:
-        return self._decoder().generate(rows)
+        return self._by_wrapper(rows, RowDecoder.generate)
 
     def _nll(self, rows: list[BenchmarkRow]) -> list[float | None]:
-        return self._decoder().nll(rows)
+        return self._by_wrapper(rows, RowDecoder.nll)
+
+    def _by_wrapper(self, rows: list[BenchmarkRow], call) -> list:
+        """`call(decoder, rows)` with each row decoded through its wrapper: spring-tuned's rows through
+        `self.tuned_model`, the others through `self.spring_model`; results in the rows' order."""
+        tuned = self._tuned_names()
+        out: list = [None] * len(rows)
+        for wrapper in (self.spring_model, self.tuned_model):
+            own = [i for i, row in enumerate(rows) if (row.method in tuned) == (wrapper is self.tuned_model)]
+            if own:
+                for i, value in zip(own, call(self._decoder(wrapper), [rows[i] for i in own]), strict=True):
+                    out[i] = value
+        return out
 
 
 def run_benchmark(args: BenchmarkArguments, progress: bool = True, **kwargs: Any) -> dict[str, Any]:

@@ -156,6 +156,21 @@ class BenchmarkArguments:
         default=8,
         metadata={"help": "Users the selection runs on, evenly spaced by item count among the chosen ones (0: all)."},
     )
+    tune_max_cost: float = field(
+        default=3.0,
+        metadata={
+            "help": "spring-tuned: the training budget of its `spring tune` search, in passes over the training "
+            "items it tunes on (trained samples x epochs), as `spring tune --max_cost`."
+        },
+    )
+    tune_grid: str = field(
+        default="",
+        metadata={
+            "help": "spring-tuned: a JSON object of `spring tune` grid options replacing its defaults, e.g. "
+            '\'{"learning_rates": "1e-3,3e-3", "copy_weights": "0,0.1"}\' (keys: the grids of `spring tune '
+            "--help`, `rung_users`, `max_resident_adapters`). Empty: `spring tune`'s defaults."
+        },
+    )
     resume: bool = field(
         default=True,
         metadata={
@@ -196,6 +211,8 @@ class BenchmarkArguments:
         check_float(self.validation_fraction, "validation_fraction", **bounds)
         check_float(self.test_fraction, "test_fraction", **bounds)  # a benchmark needs test items in every period
         check_int(self.selection_users, "selection_users", minimum=0, hint="0: all")
+        check_float(self.tune_max_cost, "tune_max_cost", minimum=0.0, min_inclusive=False)
+        self.tuning_arguments()  # a malformed `tune_grid` fails now, before any model is loaded
         self._warn_ignored()  # also fails early on a malformed grid
         resolve_methods(self.methods)  # fails early on an unknown name
 
@@ -243,3 +260,59 @@ class BenchmarkArguments:
         if rates and not epochs:
             raise ValueError("`epoch_grid` is empty but `learning_rates` is not.")
         return [(lr, ep) for lr in rates for ep in epochs]
+
+    def tuning_arguments(self):
+        """The [`TuningArguments`] of the spring-tuned method's search: `spring tune`'s defaults, the benchmark's
+        `num_periods`, `encoder` and `tune_max_cost`, and the `tune_grid` overrides.
+
+        Raises:
+            `ValueError`: `tune_grid` is not a JSON object, names an unknown option (the known ones are listed) or
+            holds a value `spring tune` refuses.
+        """
+        import json
+
+        from ..training.tuning_config import TuningArguments
+
+        known = tune_grid_options()
+        try:
+            overrides = json.loads(self.tune_grid) if self.tune_grid.strip() else {}
+        except json.JSONDecodeError as err:
+            raise ValueError(f"`tune_grid` must be a JSON object, got {self.tune_grid!r} ({err}).") from None
+        if not isinstance(overrides, dict):
+            raise ValueError(f"`tune_grid` must be a JSON object, got {self.tune_grid!r}.")
+        for key in overrides:
+            if key not in known:
+                raise ValueError(f"`tune_grid`: unknown option {key!r}; known: {', '.join(known)}.")
+        values = {key: _grid_value(key, value, known[key]) for key, value in overrides.items()}
+        try:
+            return TuningArguments(num_periods=self.num_periods, encoder=self.encoder, max_cost=self.tune_max_cost,
+                                   **values)  # fmt: skip
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"`tune_grid`: {err}") from None
+
+
+# What the benchmark sets itself in the spring-tuned search (its data, periods, encoder and budget): not overridable.
+_TUNING_FIXED = ("data", "data_format", "model", "out", "users", "num_periods", "min_items", "encoder", "threads",
+                 "max_cost")  # fmt: skip
+
+
+def tune_grid_options() -> dict[str, type]:
+    """The [`TuningArguments`] options `tune_grid` may set, with the type of their value: the search grids
+    (comma-separated strings) and the search's own knobs."""
+    from dataclasses import fields
+
+    from ..training.tuning_config import TuningArguments
+
+    return {f.name: type(f.default) for f in fields(TuningArguments) if f.name not in _TUNING_FIXED}
+
+
+def _grid_value(key: str, value, kind: type):
+    """A `tune_grid` value as [`TuningArguments`] takes it: a grid given as a JSON list or number becomes its
+    comma-separated string."""
+    if kind is str and isinstance(value, list):
+        value = ",".join(str(v) for v in value)
+    elif kind is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise ValueError(f"`tune_grid`: {key!r} must be a {kind.__name__}, got {value!r}.")
+    return value

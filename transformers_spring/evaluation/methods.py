@@ -21,10 +21,12 @@ class MethodSpec:
         label (`str`): the name shown in tables and plots.
         adapter (`str` or `None`): which per-user LoRA chain it decodes with: `"spring"` (drift top-30 % updates),
             `"all100"` (continual updates on every sample), `"random30"` (continual updates on a random 30 %),
-            `"oppu_each"` (a fresh LoRA per period) or `None` (the base model).
+            `"oppu_each"` (a fresh LoRA per period), `"tuned"` (SPRInG's updates with the learning rate, epochs and
+            selection `spring tune` chose on validation data, its own residual buffer) or `None` (the base model).
         retrieval (`str` or `None`): where the history path's items come from: `"bm25"` / `"dense"` (the user's raw
             history, top `rag_k`), `"buffer"` (SPRInG's residual buffer, BM25 top `spring_k`), `"buffer+global"`
-            (the buffer plus LoGo's global memory through the mediator) or `None` (no retrieval).
+            (the buffer plus LoGo's global memory through the mediator), `"tuned"` (the region, k, gate, λ and copy
+            weight `spring tune` chose, decoded through a wrapper configured with them) or `None` (no retrieval).
         scope (`str` or `None`): for raw-history retrieval, `"each"` (the current period's training items) or
             `"accum"` (every training item up to the current period).
         weight (`float` or `None`): λ of the probability mixture (1.0 = the history in the prompt, as RAG does);
@@ -113,11 +115,15 @@ METHODS: dict[str, MethodSpec] = {
             "spring-logo", "SPRInG + LoGo", "spring", "buffer+global", None, None, True,
             description="SPRInG with LoGo's global memory on (other users' earlier items through the mediator)",
         ),
+        MethodSpec(
+            "spring-tuned", "SPRInG tuned", "tuned", "tuned", None, None,
+            description="SPRInG with every setting chosen by `spring tune` on the training split's validation part",
+        ),
     )
 }  # fmt: skip
 
 FLOORS = ("copy-input", "last-response", "bm25-nearest")
-DEMO_METHODS = (*FLOORS, "base", "rag-bm25-each", "rag-bm25-accum", "spring")
+DEMO_METHODS = (*FLOORS, "base", "rag-bm25-each", "rag-bm25-accum", "spring", "spring-tuned")
 
 
 def resolve_methods(names: str | list[str] | tuple[str, ...] | None) -> list[MethodSpec]:

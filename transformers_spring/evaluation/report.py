@@ -85,12 +85,16 @@ def markdown_table(results: dict[str, Any]) -> str:
         lines.append(
             f"| {_label(method)} | {_fmt(f['rougeL'])} | {_fmt(c['rougeL'])} ({c['n']}) | {_fmt(w['rougeL'])} ({w['n']}) |"
         )
-    bootstrap = results.get("bootstrap") or {}
-    if bootstrap:
-        lines += ["", "Paired bootstrap (95 %) of SPRInG minus each method, over the same test items:", "",
-                  "| Method | Δ R-L [95 % CI] | Δ NLL [95 % CI] (negative: SPRInG more likely) |", "|---|---|---|"]  # fmt: skip
-        for method, entry in bootstrap.items():
-            lines.append(f"| {_label(method)} | {_interval(entry['rougeL'])} | {_interval(entry['nll'])} |")
+    for key, who, short in (("bootstrap", "SPRInG", "SPRInG"), ("bootstrap_tuned", "SPRInG tuned", "tuned")):
+        table = results.get(key) or {}
+        if table:
+            lines += ["", f"Paired bootstrap (95 %) of {who} minus each method, over the same test items:", "",
+                      f"| Method | Δ R-L [95 % CI] | Δ NLL [95 % CI] (negative: {short} more likely) |",
+                      "|---|---|---|"]  # fmt: skip
+            for method, entry in table.items():
+                lines.append(f"| {_label(method)} | {_interval(entry['rougeL'])} | {_interval(entry['nll'])} |")
+    if results.get("tuning"):
+        lines += ["", *tuning_markdown(results["tuning"])]
     drift = results.get("drift_bootstrap") or {}
     if drift:
         lines += ["", "Drift selection at λ = 0 (adapters alone): SPRInG's top-30 % adapter minus each, paired "
@@ -98,7 +102,132 @@ def markdown_table(results: dict[str, Any]) -> str:
                   "| Method | Δ NLL [95 % CI] (negative: top-30 % more likely) | Δ R-L [95 % CI] |", "|---|---|---|"]  # fmt: skip
         for method, entry in drift.items():
             lines.append(f"| {_label(method)} | {_interval(entry['nll'])} | {_interval(entry['rougeL'])} |")
+        # Beside the drift table only: a run without the drift ablations has no heavy-author question either.
+        heavy = results.get("drift_bootstrap_heavy")
+        if heavy is not None:
+            lines += ["", *_heavy_markdown(heavy)]
     return "\n".join(lines)
+
+
+def tuning_markdown(tuning: dict[str, Any]) -> list[str]:
+    """`spring-tuned`'s choice, its cost and the Pareto front of validation NLL against trained samples, as markdown
+    lines, from a [`TuningResult.to_dict`]."""
+    options, report = tuning.get("options", {}), tuning.get("report", {})
+    cost = report.get("cost", {})
+    lines = ["`spring tune` on the training split (validation only) chose: " + ", ".join(
+        f"{key} {value}" for key, value in options.items()) + "."]  # fmt: skip
+    if cost:
+        lines.append(
+            f"Cost: {cost.get('seconds', math.nan) / 60:.1f} min, {cost.get('ratio', math.nan):.2f} training passes "
+            f"(budget {cost.get('max_cost', math.nan):g}), {cost.get('rungs', '?')} halving rung(s)."
+        )
+    pareto = report.get("pareto") or []
+    if pareto:
+        lines += ["", "| lr | epochs | selection | trained samples | validation NLL |", "|---|---|---|---:|---:|"]
+        for t in pareto:
+            lines.append(f"| {t['learning_rate']:g} | {t['num_train_epochs']:g} | {t['selection']} | "
+                         f"{t['trained_samples']:g} | {t['validation_nll']:.4f} |")  # fmt: skip
+    return lines
+
+
+def merge_results(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One benchmark result from several runs on the same users and test items, each contributing its methods: for
+    adding a method to a long run without running the others again. The runs must hold the same users with the same
+    per-period train/test counts and the same test ids; a method in two runs is taken from the first. The first
+    run's settings are kept, and `merged_from` records every run's methods, settings and timings.
+
+    Args:
+        results (`Sequence[dict]`): [`ContinualBenchmark.run`] outputs or `results.json` files read back.
+
+    Raises:
+        `ValueError`: fewer than two runs, or runs whose users, splits or test items differ (named).
+    """
+    if len(results) < 2:
+        raise ValueError("merge_results needs at least two runs.")
+    first = results[0]
+
+    def test_ids(run: dict[str, Any]) -> set[tuple]:
+        return {(r["user"], r["period"], r["phase"], r["test_id"]) for r in run["records"]}
+
+    ids = test_ids(first)
+    for i, run in enumerate(results[1:], start=1):
+        for key in ("records", "methods", "users"):
+            if key not in run:
+                raise ValueError(f"run {i} lacks {key!r}; pass benchmark results.json files.")
+        if run["users"] != first["users"]:
+            differ = sorted(set(run["users"]) ^ set(first["users"])) or sorted(
+                u for u in first["users"] if run["users"].get(u) != first["users"][u]
+            )
+            raise ValueError(f"run {i} and run 0 differ in their users or splits ({differ[:5]}); only runs on the "
+                             "same users and periods can be merged.")  # fmt: skip
+        if test_ids(run) != ids:
+            raise ValueError(f"run {i} and run 0 decoded different test items; only runs on the same splits can be "
+                             "merged.")  # fmt: skip
+    methods: list[str] = []
+    records: list[dict[str, Any]] = []
+    for run in results:
+        new = [m for m in run["methods"] if m not in methods]
+        methods += new
+        records += [r for r in run["records"] if r["method"] in new]
+    merged = dict(first)
+    merged["methods"], merged["records"] = methods, records
+    for run in results[1:]:
+        for key in ("tuning", "selection_tuned"):
+            if key in run and key not in merged:
+                merged[key] = run[key]
+    merged["merged_from"] = [
+        {"methods": run["methods"], "config": run.get("config"), "timing_s": run.get("timing_s")} for run in results
+    ]
+    return rebuild_report(merged)
+
+
+def _verdict(stat: dict[str, Any], lower_is_better: bool) -> str:
+    """The verdict on the top-30 % adapter minus another: better or worse when the 95 % interval lies wholly on one
+    side of zero, "no clear difference" otherwise (or without items)."""
+    if not stat.get("n") or math.isnan(stat["low"]) or math.isnan(stat["high"]):
+        return "no clear difference"
+    if stat["high"] < 0:
+        return "better" if lower_is_better else "worse"
+    if stat["low"] > 0:
+        return "worse" if lower_is_better else "better"
+    return "no clear difference"
+
+
+def _heavy_markdown(heavy: dict[str, Any]) -> list[str]:
+    """The heavy-author section of [`markdown_table`]: who, each adapter's levels, the paired intervals and one
+    generated sentence."""
+    min_items = heavy.get("min_items", HEAVY_MIN_ITEMS)
+    lines = [f"### The paper's regime: heavy authors (>= {min_items} items)", ""]
+    users = heavy.get("users") or []
+    if not users:
+        return lines + [f"No author has at least {min_items} items (train + test over all periods) in this run."]
+    counts = heavy.get("user_items") or {}
+    named = ", ".join(f"{user} ({counts[user]})" if user in counts else user for user in users)
+    lines += [f"{len(users)} author(s) with at least {min_items} items (train + test over all periods): {named}; "
+              f"{heavy.get('test_items', 0)} test items.", ""]  # fmt: skip
+    means = heavy.get("means") or {}
+    if means:
+        lines += ["Per-item means over these test items (periods pooled), adapters alone:", "",
+                  "| Method (λ = 0) | NLL | R-L | n |", "|---|---|---|---|"]  # fmt: skip
+        for method, m in means.items():
+            lines.append(f"| {_label(method)} | {_fmt(m['nll'])} | {_fmt(m['rougeL'])} | {m['n']} |")
+        lines.append("")
+    others = [m for m in DRIFT_ABLATIONS if m in heavy]
+    if not others:
+        return lines + ["No paired comparison: the run lacks the top-30 % adapter or both ablations."]
+    lines += ["SPRInG's top-30 % adapter minus each, paired bootstrap (95 %) over the heavy authors' test items:", "",
+              "| Method | Δ NLL [95 % CI] (negative: top-30 % more likely) | Δ R-L [95 % CI] |", "|---|---|---|"]  # fmt: skip
+    for method in others:
+        entry = heavy[method]
+        lines.append(f"| {_label(method)} | {_interval(entry['nll'])} | {_interval(entry['rougeL'])} |")
+    verdicts = [
+        f"against {_label(m)}: {_verdict(heavy[m]['nll'], True)} by NLL, {_verdict(heavy[m]['rougeL'], False)} by "
+        "ROUGE-L"
+        for m in others
+    ]
+    lines += ["", f"On these authors the drift top-30 % adapter is, {'; '.join(verdicts)} (a 95 % interval wholly "
+              "on one side of zero decides; otherwise no clear difference)."]  # fmt: skip
+    return lines
 
 
 def _interval(stat: dict[str, Any]) -> str:
@@ -219,6 +348,67 @@ def drift_bootstrap(records: Sequence[dict[str, Any]], methods: Sequence[str], s
     return bootstrap_table(records, ["spring-lambda0", *others], reference="spring-lambda0", seed=seed)
 
 
+# The paper's users have long histories; in the news benchmark only its heaviest authors come close.
+HEAVY_MIN_ITEMS = 150
+
+
+def _total_items(periods: Any) -> int:
+    """A user's items over every period from `results["users"]`: a list of per-period `{"train", "test"}` counts
+    (or a dict keyed by period)."""
+    rows = periods.values() if isinstance(periods, dict) else periods
+    return sum(int(p.get("train", 0)) + int(p.get("test", 0)) for p in rows)
+
+
+def heavy_users(users: dict[str, Any] | None, heavy_min_items: int = HEAVY_MIN_ITEMS) -> dict[str, int]:
+    """The users with at least `heavy_min_items` items (train + test summed over periods), heaviest first.
+
+    Args:
+        users (`dict`): `results["users"]`, user to per-period `{"train", "test"}` counts; `None` or empty gives
+            no user.
+        heavy_min_items (`int`, *optional*, defaults to `HEAVY_MIN_ITEMS`): the inclusive threshold.
+
+    Returns:
+        `dict[str, int]`: user to total items, ordered by total (descending), then name.
+    """
+    totals = {user: _total_items(periods) for user, periods in (users or {}).items()}
+    heavy = [(user, n) for user, n in totals.items() if n >= heavy_min_items]
+    return dict(sorted(heavy, key=lambda item: (-item[1], item[0])))
+
+
+def drift_bootstrap_heavy(
+    results: dict[str, Any], heavy_min_items: int = HEAVY_MIN_ITEMS, seed: int = 0
+) -> dict[str, Any]:
+    """[`drift_bootstrap`] on the heavy users' records only, with each adapter's mean NLL and ROUGE-L there.
+
+    Args:
+        results (`dict`): a benchmark's results (`records`, `methods`, `users`).
+        heavy_min_items (`int`, *optional*, defaults to `HEAVY_MIN_ITEMS`): a user is heavy from this many items on.
+        seed (`int`, *optional*, defaults to 0): the resampling seed.
+
+    Returns:
+        `dict`: `min_items`, `users` (heaviest first), `user_items` (their totals; with no heavy user `users` is
+        `[]` and nothing follows), `test_items` (distinct test items of phase "period"), `means` (per method
+        present of `spring-lambda0` and the drift ablations: per-sample mean `nll`, `rougeL` and `n` over those
+        items, periods pooled) and, where the run has the methods, [`drift_bootstrap`]'s entries keyed by method.
+    """
+    totals = heavy_users(results.get("users"), heavy_min_items)
+    heavy: dict[str, Any] = {"min_items": heavy_min_items, "users": list(totals), "user_items": totals}
+    if not totals:
+        return heavy
+    records = [r for r in results.get("records", []) if r["user"] in totals]
+    methods = results.get("methods", [])
+    period_rows = [r for r in records if r["phase"] == "period"]
+    heavy["test_items"] = len({(r["user"], r["period"], r["test_id"]) for r in period_rows})
+    heavy["means"] = {}
+    for method in ("spring-lambda0", *DRIFT_ABLATIONS):
+        own = [r for r in period_rows if r["method"] == method]
+        if method in methods and own:
+            means = _means(own)
+            heavy["means"][method] = {"nll": means["nll"], "rougeL": means["rougeL"], "n": len(own)}
+    heavy.update(drift_bootstrap(records, methods, seed=seed))
+    return heavy
+
+
 def bootstrap_table(
     records: Sequence[dict[str, Any]], methods: Sequence[str], reference: str = "spring", seed: int = 0
 ) -> dict[str, dict[str, Any]]:
@@ -247,12 +437,15 @@ def bootstrap_table(
     return table
 
 
-def rebuild_report(results: dict[str, Any]) -> dict[str, Any]:
-    """`results` with `summary`, `bootstrap` and `drift_bootstrap` recomputed from its records by this version of
-    the package (e.g. for a run made, or resumed, with an older one). Records, settings and timings are kept.
+def rebuild_report(results: dict[str, Any], heavy_min_items: int = HEAVY_MIN_ITEMS) -> dict[str, Any]:
+    """`results` with `summary`, `bootstrap`, `drift_bootstrap` and `drift_bootstrap_heavy` recomputed from its
+    records by this version of the package (e.g. for a run made, or resumed, with an older one). Records, settings
+    and timings are kept.
 
     Args:
         results (`dict`): what [`ContinualBenchmark.run`] returned, or `results.json` read back.
+        heavy_min_items (`int`, *optional*, defaults to `HEAVY_MIN_ITEMS`): the item count from which a user
+            counts as heavy for [`drift_bootstrap_heavy`].
     """
     for key in ("records", "methods", "config"):
         if key not in results:
@@ -261,7 +454,9 @@ def rebuild_report(results: dict[str, Any]) -> dict[str, Any]:
     rebuilt = dict(results)
     rebuilt["summary"] = summarize(records, methods, config["num_periods"], config.get("cold_start_max_train", 5))
     rebuilt["bootstrap"] = bootstrap_table(records, methods, "spring") if "spring" in methods else {}
+    rebuilt["bootstrap_tuned"] = bootstrap_table(records, methods, "spring-tuned") if "spring-tuned" in methods else {}
     rebuilt["drift_bootstrap"] = drift_bootstrap(records, methods)
+    rebuilt["drift_bootstrap_heavy"] = drift_bootstrap_heavy(results, heavy_min_items)
     return rebuilt
 
 

@@ -2,16 +2,17 @@
 the copy path."""
 
 from .adapters import AdapterRouter
-from .config import SPRING_CONFIG_NAME, SpringConfig
+from .config import DECODING_PRESETS, SPRING_CONFIG_NAME, SpringConfig
 from .copying import CopyIndex, CopyMixtureLogitsProcessor
 from .cpu_linear import skinny_cpu_linear
 from .fused import FusedDualPathDecoder
-from .logits_process import RetrievalInterpolationLogitsProcessor, js_divergence
+from .logits_process import RetrievalInterpolationLogitsProcessor, adaptive_log_weights, js_divergence
 from .model import SpringForCausalLM
 from .personalization import Personalization, RowPersonalization
 from .prompting import HistoryPromptBuilder
 
 __all__ = [
+    "DECODING_PRESETS",
     "SPRING_CONFIG_NAME",
     "AdapterRouter",
     "CopyIndex",
@@ -23,6 +24,7 @@ __all__ = [
     "RowPersonalization",
     "SpringConfig",
     "SpringForCausalLM",
+    "adaptive_log_weights",
     "js_divergence",
     "skinny_cpu_linear",
 ]

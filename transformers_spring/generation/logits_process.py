@@ -20,7 +20,7 @@ from ..utils.compat import (
 )
 from ..utils.validation import check_choice, check_float
 from .adapters import AdapterRouter, override_adapters
-from .config import PENALTY_MODES, check_early_exit, check_weight
+from .config import PENALTY_MODES, check_adaptive_weight, check_early_exit, check_weight
 
 logger = logging.get_logger(__name__)
 
@@ -74,7 +74,44 @@ def log_mixture(
     return torch.logaddexp(log_hist + log_weight, log_main + log_one_minus_weight)
 
 
-def mix_logprobs(log_hist: torch.Tensor | None, log_main: torch.Tensor | None, weight: float) -> torch.Tensor:
+def entropy(logprobs: torch.Tensor) -> torch.Tensor:
+    """Entropy (nats) of each distribution in the last dimension of `logprobs` (normalised log-probabilities;
+    `-inf` entries count as zero mass)."""
+    return torch.special.entr(logprobs.exp()).sum(-1)
+
+
+def adaptive_log_weights(
+    weight: torch.Tensor, adaptive_weight: torch.Tensor, entropy_hist: torch.Tensor, entropy_main: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`log λ_t` and `log(1 − λ_t)` of the per-token adaptive λ: `λ_t = σ(logit λ + β · (H_main − H_hist))`.
+
+    The path that is more confident at this token (lower entropy of its next-token distribution) gets more weight,
+    as in kNN-LM work that sets the interpolation per token from the two distributions' confidence. β = 0 is the
+    fixed λ, computed as `log λ`, `log1p(−λ)` so that it is bit-identical to decoding without the option; λ = 1 stays 1
+    (`logit 1 = +∞`). All arguments broadcast (one value per row, or per row and token).
+
+    Args:
+        weight (`torch.Tensor`): λ in `[0, 1]`.
+        adaptive_weight (`torch.Tensor`): β ≥ 0.
+        entropy_hist (`torch.Tensor`): the history path's next-token entropy (nats).
+        entropy_main (`torch.Tensor`): the parametric path's.
+    """
+    logit = torch.logit(weight) + adaptive_weight * (entropy_main - entropy_hist)
+    fixed = adaptive_weight == 0
+    log_w = torch.where(fixed, torch.log(weight), torch.nn.functional.logsigmoid(logit))
+    log_1mw = torch.where(fixed, torch.log1p(-weight), torch.nn.functional.logsigmoid(-logit))
+    return log_w, log_1mw
+
+
+def mix_logprobs(
+    log_hist: torch.Tensor | None,
+    log_main: torch.Tensor | None,
+    weight: float,
+    *,
+    adaptive_weight: float = 0.0,
+    entropy_hist: torch.Tensor | None = None,
+    entropy_main: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Per-token log-probabilities under SPRInG's mixture with one λ, from each path's log-probabilities of the same
     tokens: [`log_mixture`] (the one implementation), with λ = 0 giving `log_main` and λ = 1 `log_hist` exactly, so
     a path that is not needed may be None. Used by `SpringForCausalLM.score` and the LoGo study's λ grid.
@@ -83,8 +120,23 @@ def mix_logprobs(log_hist: torch.Tensor | None, log_main: torch.Tensor | None, w
         log_hist (`torch.Tensor`, *optional*): the history path's log-probabilities (None when λ = 0).
         log_main (`torch.Tensor`, *optional*): the parametric path's (None when λ = 1).
         weight (`float`): λ in `[0, 1]`.
+        adaptive_weight (`float`, *optional*, defaults to 0.0): β of the per-token adaptive λ
+            ([`adaptive_log_weights`]); 0 keeps λ fixed.
+        entropy_hist (`torch.Tensor`, *optional*): with β > 0, each position's next-token entropy on the history
+            path (the full distribution's, not only the scored token's).
+        entropy_main (`torch.Tensor`, *optional*): the same on the parametric path.
     """
     weight = check_weight(weight, "weight")
+    adaptive_weight = check_adaptive_weight(adaptive_weight, "adaptive_weight")
+    if adaptive_weight > 0 and 0.0 < weight < 1.0 and log_hist is not None and log_main is not None:
+        if entropy_hist is None or entropy_main is None:
+            raise ValueError("mix_logprobs needs both paths' entropies when `adaptive_weight` > 0.")
+        dtype = log_hist.dtype
+        log_w, log_1mw = adaptive_log_weights(
+            torch.tensor(weight, dtype=dtype), torch.tensor(adaptive_weight, dtype=dtype),
+            entropy_hist.to(dtype), entropy_main.to(dtype),
+        )  # fmt: skip
+        return log_mixture(log_hist, log_main, log_w, log_1mw)
     if weight <= 0.0 or log_hist is None:
         if log_main is None:
             raise ValueError("mix_logprobs needs the parametric path's log-probabilities when λ < 1.")
@@ -147,6 +199,9 @@ class RetrievalInterpolationLogitsProcessor(LogitsProcessor):
             Routes per-row LoRA adapters; `adapter_names` must then be given too.
         adapter_names (list of `str`, *optional*):
             The adapter of each row (`"__base__"` for none), used for this processor's own forwards.
+        adaptive_weight (`float` or sequence of `float`, *optional*, defaults to 0.0):
+            β of the per-token adaptive λ, one value or one per row, ≥ 0 ([`adaptive_log_weights`]: the paths'
+            entropies are those of the distributions mixed, after the per-path repetition penalty). 0 keeps λ fixed.
     """
 
     # The paged / continuous-batching path passes 3-D scores and has no notion of our per-request cache.
@@ -167,6 +222,7 @@ class RetrievalInterpolationLogitsProcessor(LogitsProcessor):
         eos_token_id: int | Iterable[int] | None = None,
         adapter_router: AdapterRouter | None = None,
         adapter_names: Sequence[str] | None = None,
+        adaptive_weight: float | Sequence[float] = 0.0,
     ):
         if not isinstance(history_input_ids, torch.Tensor) or history_input_ids.dim() != 2:
             raise ValueError("`history_input_ids` must be a 2-D LongTensor of shape (batch, history_len).")
@@ -192,6 +248,17 @@ class RetrievalInterpolationLogitsProcessor(LogitsProcessor):
         if len(weights) != batch:
             raise ValueError(f"`weight` has {len(weights)} values but `history_input_ids` has {batch} rows.")
         weights = [check_weight(w, "weight") for w in weights]
+        if isinstance(adaptive_weight, (int, float)) and not isinstance(adaptive_weight, bool):
+            betas = [adaptive_weight] * batch
+        elif isinstance(adaptive_weight, Sequence) and not isinstance(adaptive_weight, str):
+            betas = list(adaptive_weight)
+        else:
+            raise TypeError(
+                f"`adaptive_weight` must be a float or a sequence of floats, got {type(adaptive_weight).__name__}."
+            )
+        if len(betas) != batch:
+            raise ValueError(f"`adaptive_weight` has {len(betas)} values but `history_input_ids` has {batch} rows.")
+        betas = [check_adaptive_weight(b, "adaptive_weight") for b in betas]
         check_choice(penalty_mode, "penalty_mode", PENALTY_MODES)
         check_float(repetition_penalty, "repetition_penalty", minimum=0.0, min_inclusive=False, optional=True)
         check_early_exit(early_exit_epsilon, early_exit_patience)
@@ -204,6 +271,7 @@ class RetrievalInterpolationLogitsProcessor(LogitsProcessor):
         self.batch_size = batch
         self.weights = torch.tensor(weights, dtype=torch.float32)
         self._log_weights: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.adaptive_weights = torch.tensor(betas, dtype=torch.float32)
         self.repetition_penalty = None if repetition_penalty in (None, 1.0) else float(repetition_penalty)
         self.penalty_mode = penalty_mode
         self.prompt_attention_mask = prompt_attention_mask
@@ -400,7 +468,14 @@ class RetrievalInterpolationLogitsProcessor(LogitsProcessor):
                     torch.log1p(-weights),
                 )  # log λ, log(1 − λ), once per generation
             log_w, log_1mw = self._log_weights
-            mixed = log_mixture(log_hist, log_main[active], log_w[active], log_1mw[active])
+            log_w, log_1mw = log_w[active], log_1mw[active]
+            betas = self.adaptive_weights[self._active]
+            if bool((betas > 0).any()):  # the per-token adaptive λ, from this step's two distributions
+                betas = betas.to(scores.device).unsqueeze(-1)
+                weights = self.weights[self._active].to(scores.device).unsqueeze(-1)
+                h_hist, h_main = entropy(log_hist).unsqueeze(-1), entropy(log_main[active]).unsqueeze(-1)
+                log_w, log_1mw = adaptive_log_weights(weights, betas, h_hist, h_main)
+            mixed = log_mixture(log_hist, log_main[active], log_w, log_1mw)
             output = log_main.index_copy(0, active, mixed)
             # Tokens banned upstream (min length, bad words, forced tokens...) must stay banned after the mix.
             output = output.masked_fill(torch.isneginf(scores), -math.inf)

@@ -425,6 +425,7 @@ class SpringForCausalLM(HubMixin, nn.Module):
         cfg = self.spring_config
         rows_ids = [info.history_ids if info is not None else None for info in infos]
         weights = [info.weight if info is not None and info.gate_open else 0.0 for info in infos]
+        betas = [info.adaptive_weight if info is not None else 0.0 for info in infos]
         width = max((len(ids) for ids in rows_ids if ids is not None), default=1)
         pad = self._pad_id(generation_config)
         history = torch.full((len(infos), width), pad, dtype=torch.long)
@@ -440,6 +441,7 @@ class SpringForCausalLM(HubMixin, nn.Module):
             history_mask = history_mask.repeat_interleave(expand, 0)
             attention_mask = attention_mask.repeat_interleave(expand, 0)
             weights = [w for w in weights for _ in range(expand)]
+            betas = [b for b in betas for _ in range(expand)]
         return RetrievalInterpolationLogitsProcessor(
             self.base_model,
             history,
@@ -453,6 +455,7 @@ class SpringForCausalLM(HubMixin, nn.Module):
             eos_token_id=generation_config.eos_token_id,
             adapter_router=plan.router,
             adapter_names=names,
+            adaptive_weight=betas,
         )
 
     def _pad_id(self, generation_config: GenerationConfig) -> int:

@@ -9,7 +9,7 @@ from typing import Any
 
 from ..records import Interaction, MediatedContext, RetrievedItem
 from ..utils.validation import check_choice, check_int
-from .config import RETRIEVAL_REGIONS, check_gate, check_weight
+from .config import RETRIEVAL_REGIONS, check_adaptive_weight, check_gate, check_weight
 from .copying import check_copy_weight
 
 
@@ -47,6 +47,8 @@ class Personalization:
             leakage) or `{"region": "buffer"}` (SPRInG's replay buffer only).
         copy_weight (`float`, *optional*):
             μ of the copy path for this call, in `[0, 1)`; overrides [`SpringConfig.copy_weight`].
+        adaptive_weight (`float`, *optional*):
+            β of the per-token adaptive λ for this call, ≥ 0; overrides [`SpringConfig.adaptive_weight`].
     """
 
     user: str | None = None
@@ -60,6 +62,7 @@ class Personalization:
     adapter: str | None = None
     retrieval_kwargs: dict[str, Any] | None = None
     copy_weight: float | None = None
+    adaptive_weight: float | None = None
 
     def __post_init__(self):
         if self.user is not None and (not isinstance(self.user, str) or not self.user.strip()):
@@ -70,6 +73,8 @@ class Personalization:
             self.weight = check_weight(self.weight, "Personalization.weight")
         if self.copy_weight is not None:
             self.copy_weight = check_copy_weight(self.copy_weight, "Personalization.copy_weight")
+        if self.adaptive_weight is not None:
+            self.adaptive_weight = check_adaptive_weight(self.adaptive_weight, "Personalization.adaptive_weight")
         self.top_k = check_int(self.top_k, "Personalization.top_k", minimum=1, optional=True)
         if self.gate == "auto":  # 0.1's "the memory's gate alone", which None means now (see SpringConfig.gate)
             self.gate = None
@@ -109,6 +114,8 @@ class RowPersonalization:
     # The copy path (generation/copying.py): μ, and the token ids of each copy source (None: no copy path).
     copy_weight: float = 0.0
     copy_sources: list[list[int]] | None = field(default=None, repr=False)
+    # β of the per-token adaptive λ (0: λ fixed).
+    adaptive_weight: float = 0.0
 
     @property
     def gate_open(self) -> bool:

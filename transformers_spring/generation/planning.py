@@ -9,7 +9,8 @@ decides, in this order:
 2. **the gate**: a float `Personalization.gate` / `SpringConfig.gate` keeps only the *local* retrieved items whose
    score is strictly above it ([`gate_items`], paper Eq. 5); global items are the mediator's business and pass;
 3. **λ**: `Personalization.weight`, else the memory's suggestion when `SpringConfig.use_memory_weight`, else
-   `SpringConfig.interpolation_weight`; λ = 0 skips retrieval altogether;
+   `SpringConfig.interpolation_weight`; λ = 0 skips retrieval altogether; β of the per-token adaptive λ is
+   `Personalization.adaptive_weight`, else `SpringConfig.adaptive_weight`;
 4. **the history block**: the items rendered into the prompt ([`HistoryPromptBuilder`]);
 5. **the copy path**: μ (`Personalization.copy_weight`, else `SpringConfig.copy_weight`) and, when μ > 0, the
    token ids of the row's copy sources (`SpringConfig.copy_sources`): its prompt and the responses of its planned
@@ -248,6 +249,7 @@ class PersonalizationPlanner:
                 info.items = []
             else:
                 info.history_ids = history_ids
+        info.adaptive_weight = row.adaptive_weight if row.adaptive_weight is not None else cfg.adaptive_weight
         info.copy_weight = row.copy_weight if row.copy_weight is not None else cfg.copy_weight
         if info.copy_weight > 0:
             info.copy_sources = self._copy_sources(ids, info.items)

@@ -12,7 +12,7 @@ import torch.nn as nn
 from ..utils.compat import response_logits
 from .adapters import AdapterRouter, activate_adapters
 from .copying import build_copy_indexes, copy_logprobs
-from .logits_process import mix_logprobs
+from .logits_process import entropy, mix_logprobs
 from .planning import PersonalizationPlan
 
 # A job: `(row, prefix token ids, adapter name or None)`.
@@ -56,12 +56,26 @@ def score_plan(
             main_jobs.append((index, prompt, name))
         if open_gate:
             hist_jobs.append((index, list(info.history_ids), name))
-    log_main = path_logprobs(model, main_jobs, continuations, plan.router, device)
-    log_hist = path_logprobs(model, hist_jobs, continuations, plan.router, device)
-    scores = [
-        mix_logprobs(log_hist.get(index), log_main.get(index), info.weight if index in log_hist else 0.0)
-        for index, info in enumerate(plan.rows)
-    ]
+    # The per-token adaptive λ needs each position's full next-token entropy on both paths, not only the gold
+    # token's log-probability: computed only when a mixed row asks for it.
+    adaptive = any(
+        info is not None and info.adaptive_weight > 0 and 0 < info.weight < 1 and info.gate_open for info in plan.rows
+    )
+    main_entropy: dict[int, torch.Tensor] | None = {} if adaptive else None
+    hist_entropy: dict[int, torch.Tensor] | None = {} if adaptive else None
+    log_main = path_logprobs(model, main_jobs, continuations, plan.router, device, entropies=main_entropy)
+    log_hist = path_logprobs(model, hist_jobs, continuations, plan.router, device, entropies=hist_entropy)
+    scores = []
+    for index, info in enumerate(plan.rows):
+        mixed = index in log_hist
+        beta = info.adaptive_weight if mixed else 0.0
+        scores.append(
+            mix_logprobs(
+                log_hist.get(index), log_main.get(index), info.weight if mixed else 0.0, adaptive_weight=beta,
+                entropy_hist=hist_entropy.get(index) if hist_entropy is not None else None,
+                entropy_main=main_entropy.get(index) if main_entropy is not None else None,
+            )
+        )  # fmt: skip
     for index, copy_index in enumerate(build_copy_indexes(plan.rows, copy_max_ngram)):
         if copy_index is not None:
             prompt = input_ids[index][attention_mask[index].bool()].tolist()
@@ -77,10 +91,12 @@ def path_logprobs(
     router: AdapterRouter | None,
     device: torch.device,
     max_tokens: int = 4096,
+    entropies: dict[int, torch.Tensor] | None = None,
 ) -> dict[int, torch.Tensor]:
     """log p(continuation | prefix) token by token for `jobs`, from teacher-forced forwards of right-padded batches of
     similar length (at most `max_tokens` padded tokens each), every row routed to its adapter. Only the positions that
-    predict a continuation token go through the LM head where the model allows it (`compat.response_logits`)."""
+    predict a continuation token go through the LM head where the model allows it (`compat.response_logits`).
+    Given a dict as `entropies`, it is filled with each row's per-position next-token entropy (nats)."""
     out: dict[int, torch.Tensor] = {}
     order = sorted(jobs, key=lambda job: len(job[1]) + len(continuations[job[0]]))
     start = 0
@@ -107,8 +123,12 @@ def path_logprobs(
         with activate_adapters(router, names):
             logits = response_logits(model, ids.to(device), mask.to(device), keep.to(device)).float()
         target = torch.tensor(targets, dtype=torch.long, device=logits.device)
-        logprobs = torch.log_softmax(logits, dim=-1).gather(-1, target[:, None])[:, 0].cpu()
-        pieces = logprobs.split([len(continuations[i]) for i, _, _ in chunk])
+        full = torch.log_softmax(logits, dim=-1)
+        sizes = [len(continuations[i]) for i, _, _ in chunk]
+        pieces = full.gather(-1, target[:, None])[:, 0].cpu().split(sizes)
         for (index, _, _), piece in zip(chunk, pieces, strict=True):
             out[index] = piece
+        if entropies is not None:
+            for (index, _, _), piece in zip(chunk, entropy(full).cpu().split(sizes), strict=True):
+                entropies[index] = piece
     return out

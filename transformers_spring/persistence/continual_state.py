@@ -1,12 +1,15 @@
 """The state files of a [`ContinualPersonalizer`] folder, read (and validated) and written here only:
 
 ```
-<dir>/continual_state.json   # format version, base model, naming template, users -> {adapter, next_period, num_observed}
+<dir>/continual_state.json   # format version, base model, naming template, users -> {adapter, next_period, num_observed},
+                             # and how `learning_rate="auto"` was resolved (`learning_rate_choice`)
 <dir>/training_args.json     # the training arguments that differ from their defaults (no secrets)
 <dir>/base_logprobs.json     # the base log-prob cache (written by `BaseLogProbCache.save`)
 ```
 
-A `continual_state.json` without `adapter_name_template` (saved before the key existed) means `"{user_id}"`.
+A `continual_state.json` without `adapter_name_template` (saved before the key existed) means `"{user_id}"`; one
+without `learning_rate_choice` means that no choice was made yet. A `training_args.json` without `spring_preset`
+(saved before presets existed) was written under the paper's defaults: it is read with `spring_preset="paper"`.
 
 A saved folder may come from someone else, so reading one never lets it act: each file is size-capped before it is
 parsed (see [`~persistence.json_files`]), two users never share an adapter, and `training_args.json` only restores
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -41,6 +45,14 @@ CACHE_FILE = "base_logprobs.json"
 FORMAT_VERSION = 1
 # Never written to `training_args.json`: a pushed state would leak them.
 SECRET_FIELDS = ("hub_token", "push_to_hub_token")
+# Always written to `training_args.json` (when the arguments have it), even at its default: a file without
+# `spring_preset` is one saved before presets existed, whose unset fields had the paper's defaults (`LEGACY_PRESET`).
+PRESET_FIELD = "spring_preset"
+LEGACY_PRESET = "paper"
+# How `ContinualPersonalizer` resolved `learning_rate="auto"` (`learning_rate_choice` in `continual_state.json`).
+LEARNING_RATE_RULES = ("validation", "size default")
+# A grid of a handful of learning rates; a longer list in a file is refused rather than carried along.
+MAX_LEARNING_RATE_GRID = 64
 # The `TrainingArguments` fields a saved `training_args.json` may restore: hyperparameters that change how a period
 # trains, never where anything is written, pushed, reported or loaded from. Every other field (`push_to_hub`,
 # `hub_*`, `report_to`, `output_dir`, `logging_dir`, `resume_from_checkpoint`, `deepspeed`, `fsdp_config`,
@@ -116,6 +128,10 @@ class ContinualState:
         max_resident_adapters (`int`, *optional*): the saved personalizer's bound on loaded adapters.
         spring_args (`dict`, *optional*): the SPRInG settings (`SpringTrainingArguments.spring_dict()`).
         shard (`tuple[int, int]`, *optional*): a sharded worker's `(index, count)`.
+        learning_rate_choice (`dict`, *optional*): how `learning_rate="auto"` was resolved: `learning_rate` (a
+            float), `rule` (`"validation"` or `"size default"`), `grid` (per learning rate tried, its
+            `validation_nll`; empty without a search) and counts (`fit_items`, `validation_items`,
+            `num_parameters`). None: not resolved yet (or a float learning rate).
     """
 
     users: dict[str, UserState] = field(default_factory=dict)
@@ -124,6 +140,7 @@ class ContinualState:
     max_resident_adapters: int | None = None
     spring_args: dict[str, Any] = field(default_factory=dict)
     shard: tuple[int, int] | None = None
+    learning_rate_choice: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -136,6 +153,7 @@ class ContinualState:
             "spring_args": self.spring_args,
             "users": {user: entry.to_dict() for user, entry in self.users.items()},
             **({"shard": list(self.shard)} if self.shard is not None else {}),
+            **({"learning_rate_choice": self.learning_rate_choice} if self.learning_rate_choice is not None else {}),
         }
 
 
@@ -184,7 +202,60 @@ def read_continual_state(directory: str | os.PathLike) -> ContinualState:
         max_resident_adapters=max_resident,
         spring_args=spring_args if isinstance(spring_args, dict) else {},
         shard=shard,
+        learning_rate_choice=check_learning_rate_choice(data.get("learning_rate_choice"), str(path)),
     )
+
+
+def check_learning_rate_choice(choice: Any, where: str = "") -> dict[str, Any] | None:
+    """Validates a `learning_rate_choice` (see [`ContinualState`]) and returns it with plain values: a positive
+    finite `learning_rate`, a known `rule`, a `grid` of `{learning_rate, validation_nll}` entries (a non-finite NLL is
+    stored as None) and non-negative int counts. None passes.
+
+    Args:
+        choice (`Any`): the value.
+        where (`str`, *optional*): what holds it, for the messages (e.g. the file).
+
+    Raises:
+        `ValueError`: naming the field (`learning_rate_choice.rule`, ...).
+    """
+    if choice is None:
+        return None
+    prefix = f"{where}: field " if where else ""
+
+    def wrong(part: str, requirement: str, value: Any) -> ValueError:
+        return ValueError(f"{prefix}'learning_rate_choice{part}' must be {requirement}, got {value!r}.")
+
+    def rate(value: Any, part: str) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+            raise wrong(part, "a positive finite number", value)
+        return float(value)
+
+    if not isinstance(choice, dict):
+        raise wrong("", "an object or null", type(choice).__name__)
+    if choice.get("rule") not in LEARNING_RATE_RULES:
+        raise wrong(".rule", f"one of {LEARNING_RATE_RULES}", choice.get("rule"))
+    checked: dict[str, Any] = {"learning_rate": rate(choice.get("learning_rate"), ".learning_rate")}
+    checked["rule"] = choice["rule"]
+    grid = choice.get("grid", [])
+    if not isinstance(grid, list) or len(grid) > MAX_LEARNING_RATE_GRID:
+        raise wrong(".grid", f"a list of at most {MAX_LEARNING_RATE_GRID} entries", type(grid).__name__)
+    checked["grid"] = []
+    for i, entry in enumerate(grid):
+        if not isinstance(entry, dict):
+            raise wrong(f".grid[{i}]", "an object", type(entry).__name__)
+        nll = entry.get("validation_nll")
+        if nll is not None and (isinstance(nll, bool) or not isinstance(nll, (int, float))):
+            raise wrong(f".grid[{i}].validation_nll", "a number or null", nll)
+        learning_rate = rate(entry.get("learning_rate"), f".grid[{i}].learning_rate")
+        finite = nll is not None and math.isfinite(nll)
+        checked["grid"].append({"learning_rate": learning_rate, "validation_nll": float(nll) if finite else None})
+    for key in ("fit_items", "validation_items", "num_parameters"):
+        if key in choice:
+            value = choice[key]
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise wrong(f".{key}", "a non-negative int", value)
+            checked[key] = value
+    return checked
 
 
 def _checked_users(users: dict, template: str, path: Path) -> dict[str, UserState]:
@@ -243,9 +314,9 @@ def check_new_user_adapter(adapters: Mapping[str, str], user_id: str, name: str)
 
 def write_training_args(directory: str | os.PathLike, args: Any) -> None:
     """Writes `training_args.json`: the fields of the dataclass `args` that [`read_training_args`] restores and that
-    differ from their declared defaults (`output_dir` always, as a record; secrets never). The defaults are read from
-    the dataclass fields: building a second `TrainingArguments` would re-initialise accelerate's process state,
-    which breaks a distributed run."""
+    differ from their declared defaults (`output_dir` always, as a record, and `spring_preset` always, see
+    [`PRESET_FIELD`]; secrets never). The defaults are read from the dataclass fields: building a second
+    `TrainingArguments` would re-initialise accelerate's process state, which breaks a distributed run."""
     current = args.to_dict()
     restored = _restored_fields(type(args))
     diff = {}
@@ -261,7 +332,7 @@ def write_training_args(directory: str | os.PathLike, args: Any) -> None:
         else:
             default = dataclasses.MISSING
         default = getattr(default, "value", default)  # enums are saved as their values
-        if current[f.name] != default or f.name == "output_dir":
+        if current[f.name] != default or f.name in ("output_dir", PRESET_FIELD):
             diff[f.name] = current[f.name]
     (Path(directory) / ARGS_FILE).write_text(json.dumps(diff, indent=2, sort_keys=True), encoding="utf-8")
 
@@ -283,7 +354,9 @@ def read_training_args(
     ([`RESUMABLE_TRAINING_FIELDS`] and the fields `args_class` adds to `TrainingArguments`). A saved folder may come
     from someone else: a field that would push (`push_to_hub`, `hub_model_id`, ...), report (`report_to`), write
     elsewhere (`output_dir`, `logging_dir`) or load a file (`resume_from_checkpoint`, `deepspeed`, ...) is ignored,
-    with a warning naming it, and keeps its default (`push_to_hub=False`, `report_to="none"`, ...).
+    with a warning naming it, and keeps its default (`push_to_hub=False`, `report_to="none"`, ...). A file without
+    `spring_preset` (saved before presets existed) is read with `spring_preset="paper"`, the defaults it was saved
+    under.
 
     Args:
         directory (`str` or `os.PathLike`): the saved folder.
@@ -313,7 +386,13 @@ def read_training_args(
     else:
         output_dir = Path(tempfile.mkdtemp(prefix="spring-trainer-")) / "trainer_output"
         cleanup = output_dir.parent
-    args = args_class(output_dir=str(output_dir), **{k: v for k, v in data.items() if k in allowed})
+    restored = {k: v for k, v in data.items() if k in allowed}
+    if PRESET_FIELD in allowed and PRESET_FIELD not in data:
+        # Saved before presets existed: the fields it leaves out had the defaults of then, the paper's.
+        restored[PRESET_FIELD] = LEGACY_PRESET
+        logger.info(f"{path} has no `{PRESET_FIELD}` (saved by an earlier release): read with its defaults of then, "
+                    f"{PRESET_FIELD}={LEGACY_PRESET!r}.")  # fmt: skip
+    args = args_class(output_dir=str(output_dir), **restored)
     if cleanup is not None:
         weakref.finalize(args, shutil.rmtree, str(cleanup), True)
     return args

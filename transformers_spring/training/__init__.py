@@ -16,7 +16,7 @@ from .drift import (
 )
 from .lora import adapter_name_for, build_lora_config, find_lora_target_modules
 from .sharding import UserShard, claim_user_shard, shard_of
-from .spring_config import SpringTrainingArguments
+from .spring_config import TRAINING_PRESETS, SpringTrainingArguments, default_learning_rate
 from .spring_trainer import SpringPeriodOutput, SpringTrainer
 from .train_job import run_train_job
 from .train_job_config import TrainJobArguments
@@ -37,6 +37,7 @@ __all__ = [
     "SpringPeriodOutput",
     "SpringTrainer",
     "SpringTrainingArguments",
+    "TRAINING_PRESETS",
     "TrainJobArguments",
     "TuningArguments",
     "TuningResult",
@@ -45,6 +46,7 @@ __all__ = [
     "build_lora_config",
     "claim_user_shard",
     "compute_logprobs",
+    "default_learning_rate",
     "drift_score",
     "drift_scores",
     "find_lora_target_modules",

@@ -5,8 +5,10 @@
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
+import statistics
 import tempfile
 import weakref
 from collections.abc import Sequence
@@ -38,16 +40,55 @@ from ..persistence.safe_copy import copy_tree
 from ..persistence.serving import check_max_lora_rank
 from ..persistence.serving_export import export_adapters_for_serving
 from ..records import Interaction, check_user_id, coerce_interactions
+from ..utils.compat import erase_adapter
 from ..utils.modeling import base_name_or_path, is_peft_model
 from ..utils.validation import check_int
 from .adapter_pool import AdapterPool
-from .drift import BaseLogProbCache
-from .lora import adapter_name_for, adapter_names, find_lora_target_modules
+from .data import EncodedSample, SpringFormatter
+from .drift import BaseLogProbCache, compute_logprobs
+from .lora import adapter_name_for, adapter_names, adapter_state, find_lora_target_modules, restore_adapter_state
 from .sharding import UserShard, merge_shards
-from .spring_config import SPRING_FIELDS, SpringTrainingArguments
+from .spring_config import (
+    AUTO_LEARNING_RATE,
+    SPRING_FIELDS,
+    SpringTrainingArguments,
+    count_model_parameters,
+    default_learning_rate,
+)
 from .spring_trainer import SpringPeriodOutput, SpringTrainer
 
 logger = logging.get_logger(__name__)
+
+# `learning_rate="auto"`: the validation search runs on the first period-0 update with at least
+# `AUTO_SEARCH_MIN_ITEMS` items. Its latest `AUTO_SEARCH_VALIDATION_FRACTION` (at least
+# `AUTO_SEARCH_MIN_VALIDATION_ITEMS`) are held out and the rest train a fresh LoRA per candidate: the rates of
+# `AUTO_SEARCH_LEARNING_RATES` (around the measured 3e-3, see `TRAINING_PRESETS`), then the model's size default when
+# it is another. The same split rule as `spring bench`'s validation selection (docs/benchmark.md).
+AUTO_SEARCH_MIN_ITEMS = 10
+AUTO_SEARCH_VALIDATION_FRACTION = 0.2
+AUTO_SEARCH_MIN_VALIDATION_ITEMS = 2
+AUTO_SEARCH_LEARNING_RATES = (1e-3, 3e-3)
+# The search's throwaway adapter: one per search, reset to the same initial weights for every candidate, removed right
+# after it. Named `<prefix><n>` with the first free n: peft keeps a model's only adapter (zeroed, see
+# `erase_adapter`), and a zeroed LoRA (A = B = 0) has no gradient, so a stuck one is never trained again.
+SEARCH_ADAPTER_PREFIX = "__spring_lr_search_"
+
+
+def held_out_nll(model: torch.nn.Module, samples: Sequence[EncodedSample], args: Any, pad_token_id: int) -> float:
+    """The mean over `samples` of their responses' per-token NLL under `model` as it is (its active adapter): how
+    `spring bench` and `spring tune` validate a learning rate.
+
+    Args:
+        model (`nn.Module`): the model, with the adapter to judge active.
+        samples (`Sequence[EncodedSample]`): the held-out samples (their responses are the gold ones).
+        args ([`SpringTrainingArguments`]): the scoring batch size and shared-prefix setting.
+        pad_token_id (`int`): the padding id.
+    """
+    logprobs = compute_logprobs(
+        model, samples, batch_size=args.effective_scoring_batch_size, pad_token_id=pad_token_id,
+        shared_prefix=args.scoring_shared_prefix,
+    )  # fmt: skip
+    return statistics.fmean(-lp.reduce("mean") for lp in logprobs)
 
 
 class ContinualPersonalizer(HubMixin):
@@ -92,8 +133,8 @@ class ContinualPersonalizer(HubMixin):
         tokenizer (`PreTrainedTokenizerBase`):
             Its tokenizer.
         args ([`SpringTrainingArguments`], *optional*):
-            Training and SPRInG settings for every user; defaults to the paper's, with `output_dir` in a temporary
-            directory.
+            Training and SPRInG settings for every user; defaults to `SpringTrainingArguments()` (the `"measured"`
+            preset: `learning_rate="auto"`, every sample), with `output_dir` in a temporary directory.
         memory (`LoGoMemory`, *optional*):
             Holds the residual buffers. Defaults to a `LoGoMemory(scorer="bm25", gate=None,
             buffer_size=args.buffer_size)` (SPRInG retrieves from the buffer with BM25) with the default encoder.
@@ -112,6 +153,16 @@ class ContinualPersonalizer(HubMixin):
             Train only this worker's users (see [`claim_user_shard`]): `observe` for another worker's user is a
             logged no-op. Save each worker's state into its own folder and combine them with
             [`~ContinualPersonalizer.merge_shards`].
+
+    With `args.learning_rate="auto"` (the default), the learning rate is chosen once for all users: the first
+    period-0 update with at least 10 items runs a small validation search first. Its latest 20 % (at least 2 items)
+    are held out, a throwaway LoRA trains on the rest (every sample, `args.num_train_epochs`) for each of 1e-3, 3e-3
+    and the model's size default ([`default_learning_rate`]) when it is another, and the rate of the lowest mean
+    per-token NLL of the held-out gold responses (adapter only; ties: the earlier) trains that update and every later
+    one of every user. Updates before it (users whose period 0 has fewer items) train at the size default. How the
+    rate was chosen is `personalizer.learning_rate_choice` (`learning_rate`, `rule`: `"validation"` or
+    `"size default"`, `grid`: the NLL of each rate tried), logged at info and saved with the state, so a resumed
+    personalizer does not search again.
 
     Example:
 
@@ -184,6 +235,8 @@ class ContinualPersonalizer(HubMixin):
         self.score_cache = score_cache if score_cache is not None else BaseLogProbCache(base_name_or_path(model))
         self.shard = shard
         self.saved_base_model: str | None = None  # the base model a loaded state says it was trained on
+        # How `learning_rate="auto"` was resolved (None until the first update, and with a float learning rate).
+        self.learning_rate_choice: dict[str, Any] | None = None
         self._users: dict[str, UserState] = {}
 
     @property
@@ -330,12 +383,13 @@ class ContinualPersonalizer(HubMixin):
         if not records:
             logger.info(f"user {user_id!r}: empty period; nothing to do (next period stays {period}).")
             return SpringPeriodOutput(user_id, period, name, skipped=True)
+        args = self._update_args(user_id, records, period)
         if entry is not None:
             self.adapter_pool.make_resident(name)
         callbacks = list(self.callbacks or []) + list(trainer_kwargs.pop("callbacks", None) or [])
         trainer = SpringTrainer(
             model=self.model,
-            args=self.args,
+            args=args,
             user_id=user_id,
             period=period,
             train_interactions=records,
@@ -355,9 +409,100 @@ class ContinualPersonalizer(HubMixin):
             raise
         finally:
             self.model = trainer.model  # wrapped with peft at the first user
+            self._drop_search_adapters()  # (peft keeps a model's only adapter: a search's goes once another exists)
         self._users[user_id] = UserState(name, period + 1, (entry.num_observed if entry else 0) + len(records))
         self.adapter_pool.mark_trained(name)
         return output
+
+    # ------------------------------------------------------------------------------------------------ learning rate
+    def _update_args(self, user_id: str, records: Sequence[Interaction], period: int) -> SpringTrainingArguments:
+        """The arguments of this update: `args` itself, or for `learning_rate="auto"` a copy holding the chosen
+        float, searched first when this is the first period-0 update with enough items (see the class docstring)."""
+        if self.args.learning_rate != AUTO_LEARNING_RATE:
+            return self.args
+        choice = self.learning_rate_choice
+        searched = choice is not None and choice["rule"] == "validation"
+        if not searched and period == 0 and len(records) >= AUTO_SEARCH_MIN_ITEMS:
+            choice = self._search_learning_rate(user_id, records)
+            nlls = [math.inf if e["validation_nll"] is None else e["validation_nll"] for e in choice["grid"]]
+            tried = ", ".join(
+                f"{e['learning_rate']:g}: {nll:.4f}" for e, nll in zip(choice["grid"], nlls, strict=True)
+            )
+            logger.info(
+                f"learning_rate='auto': {choice['learning_rate']:g}, the lowest held-out NLL on the first period-0 "
+                f"update with >= {AUTO_SEARCH_MIN_ITEMS} items ({choice['fit_items']} fit, "
+                f"{choice['validation_items']} held out; per rate: {tried}); used for every later update."
+            )
+        elif choice is None:
+            num_params = count_model_parameters(self.model)
+            choice = {"learning_rate": default_learning_rate(num_params), "rule": "size default", "grid": [],
+                      "num_parameters": num_params}  # fmt: skip
+            logger.info(
+                f"learning_rate='auto': {choice['learning_rate']:g}, the default for a model of "
+                f"{num_params / 1e6:.0f}M parameters, until a period-0 update with >= {AUTO_SEARCH_MIN_ITEMS} items "
+                "allows a validation search."
+            )
+        self.learning_rate_choice = choice
+        return self.args.with_learning_rate(choice["learning_rate"])
+
+    def _search_learning_rate(self, user_id: str, records: Sequence[Interaction]) -> dict[str, Any]:
+        """The validation search of `learning_rate="auto"` on one user's period-0 items (see the class docstring).
+        One throwaway adapter, reset to the same initial weights for every candidate, removed at the end."""
+        ordered = sorted(records, key=lambda item: item.timestamp)  # stable: items at one time keep their order
+        n_val = max(AUTO_SEARCH_MIN_VALIDATION_ITEMS, round(AUTO_SEARCH_VALIDATION_FRACTION * len(ordered)))
+        fit, held_out = ordered[:-n_val], ordered[-n_val:]
+        num_params = count_model_parameters(self.model)
+        grid = list(dict.fromkeys((*AUTO_SEARCH_LEARNING_RATES, default_learning_rate(num_params))))
+        formatter = SpringFormatter.from_args(self.tokenizer, self.args)
+        samples = formatter.encode_many(held_out)
+        taken = set(adapter_names(self.model))
+        active = getattr(self.model, "active_adapter", None) if taken else None
+        name = next(
+            f"{SEARCH_ADAPTER_PREFIX}{n}" for n in range(len(taken) + 1) if f"{SEARCH_ADAPTER_PREFIX}{n}" not in taken
+        )
+        initial = None
+        scores = []
+        try:
+            for rate in grid:
+                if initial is not None:
+                    restore_adapter_state(self.model, initial)
+                trainer = SpringTrainer(
+                    model=self.model, args=self.args.with_learning_rate(rate), user_id=user_id, period=0,
+                    train_interactions=fit, processing_class=self.tokenizer, adapter_name=name,
+                )  # fmt: skip
+                self.model = trainer.model  # wrapped with peft when this is the model's first adapter
+                if initial is None:
+                    initial = adapter_state(self.model, name)
+                trainer.run_period()
+                nll = held_out_nll(self.model, samples, self.args, formatter.pad_token_id)
+                scores.append(nll if math.isfinite(nll) else math.inf)
+        finally:
+            self._drop_search_adapters(activate=active)
+        best = min(range(len(grid)), key=lambda i: (scores[i], i))
+        return {
+            "learning_rate": grid[best],
+            "rule": "validation",
+            "grid": [
+                {"learning_rate": rate, "validation_nll": nll if math.isfinite(nll) else None}
+                for rate, nll in zip(grid, scores, strict=True)
+            ],  # fmt: skip
+            "fit_items": len(fit),
+            "validation_items": len(held_out),
+            "num_parameters": num_params,
+        }
+
+    def _drop_search_adapters(self, activate: str | None = None) -> None:
+        """Removes the searches' throwaway adapters from the model. peft cannot delete a model's only adapter: that
+        one is zeroed and kept until another adapter exists (the next update's). A throwaway that is active hands
+        over to `activate` (else another adapter) first: peft would warn about deleting the active adapter."""
+        names = adapter_names(self.model)
+        throwaways = [name for name in names if name.startswith(SEARCH_ADAPTER_PREFIX)]
+        others = [name for name in names if not name.startswith(SEARCH_ADAPTER_PREFIX)]
+        if others and getattr(self.model, "active_adapter", None) in throwaways:
+            self.model.set_adapter(activate if activate in others else others[-1])
+        for name in throwaways:
+            if not erase_adapter(self.model, name):
+                logger.debug(f"the search adapter {name!r} is the model's only one: zeroed, removed after the next.")
 
     def forget_user(self, user_id: str) -> bool:
         """Erases a user everywhere the personalizer keeps them: the adapter (in the model, or its offloaded copy),
@@ -390,6 +535,7 @@ class ContinualPersonalizer(HubMixin):
             max_resident_adapters=self.max_resident_adapters,
             spring_args=self.args.spring_dict(),
             shard=(self.shard.index, self.shard.count) if self.shard is not None else None,
+            learning_rate_choice=self.learning_rate_choice,
         )
 
     def save_pretrained(
@@ -562,6 +708,9 @@ class ContinualPersonalizer(HubMixin):
                 model, tokenizer, args, memory, spring_config=spring_config, score_cache=cache, **kwargs
             )
             personalizer.saved_base_model = state.base_model_name_or_path
+            if state.learning_rate_choice is not None and personalizer.args.learning_rate == AUTO_LEARNING_RATE:
+                # "auto" was resolved before the save: the resumed personalizer goes on with it (no new search).
+                personalizer.learning_rate_choice = state.learning_rate_choice
             if state.users:  # a symlinked `adapters/`, adapter folder or file is refused before anything is copied
                 adapter_tree(directory / ADAPTERS_DIR, what="the adapters folder")
             for user_id, entry in state.users.items():

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from transformers.utils import logging
+
 from ..persistence.continual_state import check_one_user_per_adapter, read_continual_state
 from ..persistence.json_files import MAX_ADAPTER_CONFIG_BYTES, read_json_capped
 from ..records import check_user_id, user_bucket
@@ -37,6 +39,8 @@ DISTRIBUTED_ENV = (
     "MASTER_PORT",
     "TORCHELASTIC_RUN_ID",
 )
+
+logger = logging.get_logger(__name__)
 
 
 def shard_of(user_id: str, num_shards: int) -> int:
@@ -166,6 +170,15 @@ def merge_shards(
     for shard in shards:
         for user in shard.users:
             merged.add_user(user, shard.user_state(user), shard.adapter_pool.path_of(shard.adapter_name(user)))
+    # learning_rate="auto": each shard chose on its own first users; the merged state keeps shard 0's choice (so it
+    # does not search again) and says so when the shards disagree.
+    choices = [(i, s.learning_rate_choice) for i, s in enumerate(shards) if s.learning_rate_choice is not None]
+    if choices:
+        rates = {i: c["learning_rate"] for i, c in choices}
+        if len(set(rates.values())) > 1:
+            logger.warning(f"merge_shards: the shards chose different learning rates for learning_rate='auto' "
+                           f"({rates}); the merged state keeps shard {choices[0][0]}'s for its later updates.")  # fmt: skip
+        merged.learning_rate_choice = choices[0][1]
     merged.save_pretrained(save_directory)
     return merged
 

@@ -40,7 +40,12 @@ from .lora import (
     create_adapter,
     restore_adapter_state,
 )
-from .spring_config import SpringTrainingArguments
+from .spring_config import (
+    AUTO_LEARNING_RATE,
+    SpringTrainingArguments,
+    count_model_parameters,
+    default_learning_rate,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -85,12 +90,15 @@ class SpringTrainer(Trainer):
 
     1. **score** the period's new samples with Eq. 1, `S = −log(p_adap / p_base) + α · log p_base`, under the user's
        current adapter and the base model (the same model inside `disable_adapter()`; base log-probs are cached);
-    2. **select** the top `ceil(selection_ratio · n)` (Eq. 2). Period 0 trains on all samples, unscored;
+    2. **select** the top `ceil(selection_ratio · n)` (Eq. 2). Period 0 trains on all samples, unscored, and so does
+       `selection_ratio=1.0` (the default `"measured"` preset; the paper's top 30 % is `selection_ratio=0.3`);
     3. **train** the user's LoRA adapter from its previous state on the selected samples with the normal Trainer
        loop (callbacks, logging, gradient accumulation and `accelerate launch` all work; the old buffer is never
        trained on);
     4. **rebuild the residual buffer** (Eq. 3–4): re-score `selected ∪ old buffer` with the updated adapter and keep
-       the top `buffer_size` in the user's pinned buffer of `memory` (`LoGoMemory.set_buffer`, with scores).
+       the top `buffer_size` in the user's pinned buffer of `memory` (`LoGoMemory.set_buffer`, with scores). With
+       `selection_ratio=1.0` the new samples have no pre-update score, so the pool is always scored here: the same
+       Eq. 3–4 buffer, from one scoring pass per period instead of two.
 
     `train()` runs all four steps and returns the Trainer's `TrainOutput` (its metrics include the SPRInG ones);
     [`~SpringTrainer.run_period`] does the same and returns the full [`SpringPeriodOutput`]. A trainer runs its period
@@ -110,7 +118,9 @@ class SpringTrainer(Trainer):
             The base causal LM, or a `PeftModel` holding users' adapters. A base model is wrapped with peft at the
             first adapter; the wrapped model is `trainer.model` afterwards.
         args ([`SpringTrainingArguments`], *optional*):
-            Training and SPRInG settings; defaults to the paper's.
+            Training and SPRInG settings; defaults to `SpringTrainingArguments()` (the `"measured"` preset). A
+            `learning_rate` of `"auto"` becomes [`default_learning_rate`] for the model's size before the optimizer
+            exists (`trainer.args` is then a copy holding that float; logged once at info).
         user_id (`str`):
             The user whose adapter is updated. Every interaction must belong to this user.
         period (`int`, *optional*, defaults to 0):
@@ -177,6 +187,15 @@ class SpringTrainer(Trainer):
             raise TypeError(f"`args` must be a SpringTrainingArguments, got {type(args).__name__}.")
         if model is None or not isinstance(model, torch.nn.Module):
             raise TypeError(f"`model` must be a causal LM (nn.Module), got {type(model).__name__}.")
+        if args.learning_rate == AUTO_LEARNING_RATE:
+            # Resolved here, before the Trainer exists: AdamW, the scheduler and any integration only see a float.
+            num_params = count_model_parameters(model)
+            learning_rate = default_learning_rate(num_params)
+            logger.info_once(
+                f"learning_rate='auto': {learning_rate:g}, the default for a model of {num_params / 1e6:.0f}M "
+                "parameters (see `default_learning_rate`)."
+            )
+            args = args.with_learning_rate(learning_rate)
         self.user_id = check_user_id(user_id)
         self.period = check_int(period, "period", minimum=0)
         self.records = coerce_interactions(train_interactions, self.user_id, "train_interactions")

@@ -142,6 +142,17 @@ def _differences(saved: dict, now: dict, prefix: str = "") -> list[str]:
     return keys
 
 
+def _saved_settings(saved: dict, changed: list[str]) -> str:
+    """The saved values of the differing training settings (e.g. after the defaults changed: the `"measured"`
+    preset's learning_rate "auto" and every sample, where an earlier release used 3e-3 and 30 %)."""
+    values = []
+    for key in changed:
+        section, _, name = key.partition(".")
+        if section in ("training_args", "spring_args") and name and "." not in name:
+            values.append(f"{name}={saved.get(section, {}).get(name)!r}")
+    return f" (saved: {', '.join(values)})" if values else ""
+
+
 def _load_model(name: str):
     from ..utils import load_causal_lm, load_smollm2
 
@@ -238,8 +249,9 @@ def run_train_job(
 
     Returns:
         `dict`: `out`, `preset`, `users` (per user: `periods`, `items`, `selected` per period trained in this run,
-        `buffer`), `resumed_users` (trained by an earlier run), `skipped_users` (too few items), `gate` (σ) and
-        `seconds`.
+        `buffer`), `resumed_users` (trained by an earlier run), `skipped_users` (too few items), `gate` (σ),
+        `learning_rate_choice` (how `learning_rate="auto"` was resolved, see [`ContinualPersonalizer`]; None for a
+        float learning rate) and `seconds`.
 
     Raises:
         `ValueError`: a bad record (file, line and field), an unknown `users` id, no user with enough items, or an
@@ -276,6 +288,7 @@ def run_train_job(
     window = " in the `since`/`until` window" if job.since or job.until else ""
     splits, skipped = user_periods(items, job.num_periods, job.min_items, f"in {job.data}{window}", "trained")
     out = Path(job.out)
+    job = job.with_decoding_preset(training_args.spring_preset)  # the unset decoding settings, as the preset says
     job_print = fingerprint(job, interactions_digest(items), training_args)
     saved_job = read_train_job(out) if out.is_dir() else None
     has_state = (out / STATE_FILE).is_file()
@@ -292,7 +305,7 @@ def run_train_job(
         if changed:
             raise ValueError(
                 f"`out` {out} holds a run with other data or settings ({', '.join(changed)} differ); continue it with "
-                "the same ones, or pass a new --out."
+                f"the same ones{_saved_settings(saved_job, changed)}, or pass a new --out."
             )
     owned = model is None  # a model the job loads itself: no caller keeps a reference that in-place wrapping changes
     if owned:  # (after the checks above: a refused run downloads nothing)
@@ -321,7 +334,8 @@ def run_train_job(
         )  # fmt: skip
         spring_config = SpringConfig(
             interpolation_weight=job.interpolation_weight, top_k=job.top_k, retrieval_region=job.retrieval_region,
-            use_global=False, copy_weight=job.copy_weight,
+            preset=training_args.spring_preset,
+            use_global=False, copy_weight=job.copy_weight, adaptive_weight=job.adaptive_weight,
             **({"history_item_template": PRESETS[preset].history_item_template} if preset != "none" else {}),
         )  # fmt: skip
         with _quiet_in_place_notice(owned):
@@ -362,5 +376,6 @@ def run_train_job(
     personalizer.spring_config = dataclasses.replace(config, gate=sigma)
     personalizer.save_pretrained(out)
     report["gate"] = sigma
+    report["learning_rate_choice"] = personalizer.learning_rate_choice
     report["seconds"] = time.perf_counter() - started
     return report

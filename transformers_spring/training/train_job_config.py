@@ -3,6 +3,7 @@ training settings themselves are a [`SpringTrainingArguments`], parsed beside it
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -15,14 +16,15 @@ from ..data.tasks import DATA_FORMATS, PRESETS
 from ..utils.validation import check_bool, check_choice, check_float, check_int
 
 # The LoRA learning rate and epochs per period that `spring bench`'s validation selection chose on the news stream
-# (docs/benchmark.md): `spring train` and `spring demo` start from them instead of the paper's 1e-4, which the
-# benchmark ranks last. A tuner's JSON (`--config`) or the flags override them.
+# (docs/benchmark.md): `spring demo` starts from them instead of the paper's 1e-4, which the benchmark ranks last.
 BENCH_CHOSEN_TRAINING = {"learning_rate": 3e-3, "num_train_epochs": 2.0}
 
 # Training settings `spring train` sets unless the flags or `--config` do: its own progress bar replaces the
-# Trainer's, and one trainer runs per user and period, so per-step logs and checkpoints would only be noise.
+# Trainer's, and one trainer runs per user and period, so per-step logs and checkpoints would only be noise. The
+# learning rate, selection ratio and epochs are not set here: they come from `--spring_preset` (`"measured"`:
+# `learning_rate="auto"`, which is 3e-3 for SmolLM2-135M unless a validation search finds better, every sample,
+# 2 epochs), so that `--spring_preset paper` gives the paper's.
 TRAIN_JOB_TRAINING_DEFAULTS = {
-    **BENCH_CHOSEN_TRAINING,
     "disable_tqdm": True,
     "logging_strategy": "no",
     "save_strategy": "no",
@@ -30,6 +32,10 @@ TRAIN_JOB_TRAINING_DEFAULTS = {
 }
 
 PRESET_CHOICES = ("auto", "none", *PRESETS)
+# The relevance gate `spring train` saves when `--gate` is unset, per `spring_preset` (λ, k and the region come from
+# `generation.config.DECODING_PRESETS`): off in "measured" (on the full news benchmark the gate cost +0.046
+# nats/token, docs/benchmark.md), the paper's Q3 of training-query scores in "paper".
+TRAIN_JOB_GATE_PRESETS = {"measured": "off", "paper": "quantile"}
 
 
 def parse_time(value: str, name: str) -> float | None:
@@ -173,10 +179,13 @@ class TrainJobArguments:
         default="minilm",
         metadata={"help": "Memory encoder: 'minilm' (packaged all-MiniLM-L6-v2) or 'hashing' (fast, for smoke runs)."},
     )
-    interpolation_weight: float = field(
-        default=0.5, metadata={"help": "λ saved in the state's decoding settings (paper: 0.5)."}
+    interpolation_weight: float | None = field(
+        default=None,
+        metadata={"help": "λ saved in the state's decoding settings (unset: the preset's; measured 0.25, paper 0.5)."},
     )
-    top_k: int = field(default=2, metadata={"help": "Buffer items the history path retrieves (paper: 2)."})
+    top_k: int | None = field(
+        default=None, metadata={"help": "Items the history path retrieves (unset: the preset's, 2)."}
+    )
     gate_quantile: float = field(
         default=0.75,
         metadata={
@@ -184,14 +193,16 @@ class TrainJobArguments:
             "against their buffers (paper: Q3); a query scoring below it decodes with the adapter alone."
         },
     )
-    gate: str = field(
-        default="quantile",
-        metadata={"help": "'quantile' (σ from `gate_quantile`, saved with the state) or 'off' (no relevance gate)."},
-    )
-    retrieval_region: str = field(
-        default="buffer",
+    gate: str | None = field(
+        default=None,
+        metadata={"help": "'quantile' (σ from `gate_quantile`, saved with the state) or 'off' (no relevance gate); "
+                  "unset: the preset's (measured 'off', paper 'quantile')."},
+    )  # fmt: skip
+    retrieval_region: str | None = field(
+        default=None,
         metadata={"help": "Where the history path retrieves from: 'buffer' (SPRInG's residual buffer), 'history' or "
-                  "'all' (saved as SpringConfig.retrieval_region)."},
+                  "'all' (saved as SpringConfig.retrieval_region); unset: the preset's (measured 'all', paper "
+                  "'buffer')."},
     )  # fmt: skip
     copy_weight: float = field(
         default=0.0,
@@ -199,6 +210,10 @@ class TrainJobArguments:
             "help": "μ of the copy path saved with the state (0: off; see docs/generation.md, 'The copy path')."
         },
     )
+    adaptive_weight: float = field(
+        default=0.0,
+        metadata={"help": "β of the per-token adaptive λ saved with the state (0: λ fixed; SpringConfig.adaptive_weight)."},
+    )  # fmt: skip
     max_resident_adapters: int = field(default=8, metadata={"help": "User adapters kept loaded while training."})
     resume: bool = field(
         default=True,
@@ -221,15 +236,32 @@ class TrainJobArguments:
         check_choice(self.preset, "preset", PRESET_CHOICES)
         check_bool(self.lamp_queries, "lamp_queries")
         check_bool(self.resume, "resume")
-        check_int(self.top_k, "top_k", minimum=1)
-        check_float(self.interpolation_weight, "interpolation_weight", minimum=0.0, maximum=1.0)
+        check_int(self.top_k, "top_k", minimum=1, optional=True)
+        check_float(self.interpolation_weight, "interpolation_weight", minimum=0.0, maximum=1.0, optional=True)
         check_float(self.gate_quantile, "gate_quantile", minimum=0.0, maximum=1.0)
-        check_choice(self.gate, "gate", ("quantile", "off"))
-        check_choice(self.retrieval_region, "retrieval_region", ("buffer", "history", "all"))
+        if self.gate is not None:
+            check_choice(self.gate, "gate", ("quantile", "off"))
+        if self.retrieval_region is not None:
+            check_choice(self.retrieval_region, "retrieval_region", ("buffer", "history", "all"))
         check_float(self.copy_weight, "copy_weight", minimum=0.0, maximum=1.0, max_inclusive=False)
+        check_float(self.adaptive_weight, "adaptive_weight", minimum=0.0)
         start, end = parse_time(self.since, "since"), parse_time(self.until, "until")
         if start is not None and end is not None and not start < end:
             raise ValueError(f"`since` ({self.since}) must be before `until` ({self.until}).")
+
+    def with_decoding_preset(self, preset: str) -> TrainJobArguments:
+        """A copy whose unset decoding settings (`interpolation_weight`, `top_k`, `retrieval_region`, `gate`) are
+        the preset's: `SpringTrainingArguments.spring_preset`, so `--spring_preset paper` gives the paper's decoding
+        as well as its training. Set values are kept.
+
+        Args:
+            preset (`str`): `"measured"` or `"paper"` ([`DECODING_PRESETS`], [`TRAIN_JOB_GATE_PRESETS`]).
+        """
+        from ..generation.config import DECODING_PRESETS
+
+        check_choice(preset, "spring_preset", tuple(DECODING_PRESETS))
+        values = {**DECODING_PRESETS[preset], "gate": TRAIN_JOB_GATE_PRESETS[preset]}
+        return dataclasses.replace(self, **{k: v for k, v in values.items() if getattr(self, k) is None})
 
     @property
     def user_list(self) -> list[str]:
@@ -282,6 +314,11 @@ def fingerprint(job: TrainJobArguments, data_digest: str, training_args: Any) ->
     update ([`RESUME_TRAINING_FIELDS`]). Values are normalized (users sorted, times as POSIX seconds, a local model
     path made absolute) so that the same run written two ways still matches.
 
+    The settings are recorded as asked, after the preset filled them in: `learning_rate` is `"auto"` when it was
+    asked for (the rate it resolved to is saved with the state and reused by a resumed run), and `spring_preset`
+    itself is left out (what it set is recorded; a run saved before presets existed still resumes when its values
+    are given).
+
     Args:
         job ([`TrainJobArguments`]): the job.
         data_digest (`str`): the SHA-256 of the interactions it trains on (see `interactions_digest`).
@@ -291,7 +328,8 @@ def fingerprint(job: TrainJobArguments, data_digest: str, training_args: Any) ->
         `dict`: JSON-serializable; two runs may share a state folder only when theirs are equal.
     """
     keys = ("data_format", "preset", "lamp_task", "lamp_queries", "num_periods", "min_items", "encoder",
-            "interpolation_weight", "top_k", "gate", "gate_quantile", "retrieval_region", "copy_weight")  # fmt: skip
+            "interpolation_weight", "top_k", "gate", "gate_quantile", "retrieval_region", "copy_weight",
+            "adaptive_weight")  # fmt: skip
     since, until = job.window
     model = str(Path(job.model).resolve()) if Path(job.model).exists() else job.model
     training = {name: getattr(training_args, name, None) for name in RESUME_TRAINING_FIELDS}
@@ -305,7 +343,7 @@ def fingerprint(job: TrainJobArguments, data_digest: str, training_args: Any) ->
                 "until": until,
                 "model": model,
                 "prompt_template": training_args.prompt_template,
-                "spring_args": training_args.spring_dict(),
+                "spring_args": {k: v for k, v in training_args.spring_dict().items() if k != "spring_preset"},
                 "training_args": training,
             },
             default=str,

@@ -102,7 +102,7 @@ class PersonalizationTuner:
     caller's test items are safe as long as they are not passed in.
 
     The search is cost-aware. Training candidates go through successive halving: rung 0 trains every candidate on a
-    subset of users (`args.rung_users`, default a third, at least 1) and keeps the best half by mean validation NLL
+    subset of users (`args.rung_users`, default a third, at least 1; the users cheapest to train first) and keeps the best half by mean validation NLL
     of the adapter alone (λ = 0); each next rung doubles the users (users already trained for a survivor are not
     trained again) until one candidate is left, every user is in, or the next rung would exceed `args.max_cost`
     passes over the users' training items (trained samples x epochs). The decoding grid then runs on the winner's
@@ -121,6 +121,8 @@ class PersonalizationTuner:
         args ([`TuningArguments`]): periods, users, search space and budget.
         encoder (*optional*): the memory's encoder (default: `args.encoder`).
         progress (`bool`, *optional*, defaults to `True`): tqdm bars.
+        history_item_template (`str`, *optional*): how a retrieved item is rendered in the history path, as the
+            state being tuned for will render it (`SpringConfig.history_item_template`; its default when omitted).
     """
 
     def __init__(
@@ -133,6 +135,7 @@ class PersonalizationTuner:
         *,
         encoder: Any = None,
         progress: bool = True,
+        history_item_template: str | None = None,
     ):
         from ..records import coerce_interactions
 
@@ -148,6 +151,7 @@ class PersonalizationTuner:
         self.grid = args.grid()
         self.encoder = encoder
         self.progress = progress
+        self.history_item_template = history_item_template
         self._personalizers: dict[int, Any] = {}
         self._formatter = None  # the prompt/response layout of validation items, built at the first score
         self._nlls: dict[tuple[int, str], list[float]] = {}  # (candidate, user) -> per-item validation NLLs
@@ -203,8 +207,9 @@ class PersonalizationTuner:
             dedup_threshold=None, use_global=False, share_by_default=False,
         )  # fmt: skip
         # Own adapter names per candidate: every candidate's adapters live side by side in the one shared model.
+        template = {"history_item_template": self.history_item_template} if self.history_item_template else {}
         config = SpringConfig(adapter_name_template=f"{{user_id}}__tune{candidate.index}", retrieval_region="buffer",
-                              use_global=False)  # fmt: skip
+                              use_global=False, **template)  # fmt: skip
         personalizer = ContinualPersonalizer(
             self.model, self.tokenizer, args, memory, spring_config=config,
             max_resident_adapters=self.args.max_resident_adapters,
@@ -289,7 +294,10 @@ class PersonalizationTuner:
 
         started = time.perf_counter()
         folds, skipped = self.folds()
-        users = list(folds)
+        # Rungs grow from the users cheapest to train (fewest fit items; ties in stream order): the budget then buys
+        # every candidate on several users at rung 0, and the heaviest users, who dominate the cost, join the last
+        # rungs, where only the survivors train on them.
+        users = sorted(folds, key=lambda u: sum(len(p.train) for p in folds[u][0]))
         candidates = self.candidates()
         one_pass = float(sum(len(p.train) for fit, _ in folds.values() for p in fit))
         budget = self.args.max_cost * one_pass
@@ -384,6 +392,7 @@ class PersonalizationTuner:
             "gate": "off" if gate_quantile is None else "quantile",
             "retrieval_region": choice["retrieval_region"],
             "copy_weight": choice["copy_weight"],
+            "adaptive_weight": choice["adaptive_weight"],
             "num_periods": self.args.num_periods,
         }
         if gate_quantile is not None:
@@ -391,7 +400,8 @@ class PersonalizationTuner:
         notes = []
         spring_config = {"interpolation_weight": choice["interpolation_weight"], "top_k": choice["top_k"],
                          "gate": None, "retrieval_region": choice["retrieval_region"], "use_global": False,
-                         "copy_weight": choice["copy_weight"]}  # fmt: skip
+                         "copy_weight": choice["copy_weight"],
+                         "adaptive_weight": choice["adaptive_weight"]}  # fmt: skip
         seconds = time.perf_counter() - started
         cost = {"seconds": seconds, "training_seconds": training_seconds, "samples": spent,
                 "one_pass_samples": one_pass, "ratio": spent / one_pass, "max_cost": self.args.max_cost,
@@ -417,13 +427,14 @@ class PersonalizationTuner:
                   if q is not None for k in grid["top_ks"] for region in grid["regions"]}  # fmt: skip
         trials, cache, paths = [], {}, {}
 
-        def logprobs(weight: float, sigma, k: int, region: str, copy: float) -> list:
+        def logprobs(weight: float, sigma, k: int, region: str, copy: float, beta: float = 0.0) -> list:
             """Every validation item's gold log-probabilities under one setting (all users, in order)."""
             out = []
             for user in users:
                 personalizer.load_user(user)
                 out += self._item_logprobs(spring_model, personalizer, user, folds[user][1], weight=weight, top_k=k,
-                                           gate=sigma, region=region, copy_weight=copy)  # fmt: skip
+                                           gate=sigma, region=region, copy_weight=copy,
+                                           adaptive_weight=beta)  # fmt: skip
             return out
 
         combos = list(itertools.product(grid["interpolation_weights"], grid["gates"], grid["top_ks"], grid["regions"],
@@ -457,8 +468,21 @@ class PersonalizationTuner:
                     cache[key] = statistics.fmean(_nll(lp) for lp in scored)
             trials.append({"stage": "decoding", **winner.settings(), "interpolation_weight": weight, "gate": gate_name,
                            "gate_quantile": quantile, "sigma": sigma, "top_k": k, "retrieval_region": region,
-                           "copy_weight": copy, "rung": None, "users": len(users), "validation_nll": cache[key],
-                           "seconds": time.perf_counter() - tick, "trained_samples": 0.0})  # fmt: skip
+                           "copy_weight": copy, "adaptive_weight": 0.0, "rung": None, "users": len(users),
+                           "validation_nll": cache[key], "seconds": time.perf_counter() - tick,
+                           "trained_samples": 0.0})  # fmt: skip
+        best = min(range(len(trials)), key=lambda i: (trials[i]["validation_nll"], i))
+        # The per-token adaptive λ needs both paths' full distributions at every token, so it is not mixed from the
+        # cached paths: each β > 0 is scored for every intermediate λ on the best retrieval and copy setting only.
+        fixed = dict(trials[best])
+        betas = [b for b in grid["adaptive_weights"] if b > 0]
+        for weight, beta in itertools.product([w for w in grid["interpolation_weights"] if 0 < w < 1], betas):
+            tick = time.perf_counter()
+            scored = logprobs(weight, fixed["sigma"], fixed["top_k"], fixed["retrieval_region"], fixed["copy_weight"],
+                              beta)  # fmt: skip
+            trials.append({**fixed, "interpolation_weight": weight, "adaptive_weight": beta,
+                           "validation_nll": statistics.fmean(_nll(lp) for lp in scored),
+                           "seconds": time.perf_counter() - tick})  # fmt: skip
         best = min(range(len(trials)), key=lambda i: (trials[i]["validation_nll"], i))
         return trials, best
 
@@ -516,17 +540,21 @@ def run_tune_job(
         raise ValueError("pass `model` and `tokenizer` together (or neither, to load `job.model`).")
     if job.threads:
         torch.set_num_threads(job.threads)
+    template = None
     if interactions is None:
         if not job.data.strip():
             raise ValueError("`data` is required: the JSONL (or News Category / LaMP) file to tune on.")
         interactions = read_stream(Path(job.data), job.data_format)
         preset = resolve_preset(job)
-        # The user message `spring train` would train with: the same validation NLL, the same adapters.
-        if preset != "none" and training_args.prompt_template == DEFAULT_PROMPT_TEMPLATE:
-            training_args.prompt_template = PRESETS[preset].prompt_template
+        # The user message and history rendering `spring train` would use: the same validation NLL, the same
+        # adapters, the same history path.
+        if preset != "none":
+            template = PRESETS[preset].history_item_template
+            if training_args.prompt_template == DEFAULT_PROMPT_TEMPLATE:
+                training_args.prompt_template = PRESETS[preset].prompt_template
     owned = model is None
     tuner = PersonalizationTuner(model, tokenizer, interactions, training_args, job, encoder=encoder,
-                                 progress=progress)  # fmt: skip
+                                 progress=progress, history_item_template=template)  # fmt: skip
     tuner.folds()  # too few items fails before the model is loaded
     if owned:
         tuner.model, tuner.tokenizer = _load_model(job.model)

@@ -114,6 +114,13 @@ class TuningArguments:
             "the input and of the user's retrieved responses (SpringConfig.copy_weight; docs/generation.md)."
         },
     )
+    adaptive_weights: str = field(
+        default="0,1,3",
+        metadata={
+            "help": "Grid of β of the per-token adaptive λ (SpringConfig.adaptive_weight; 0 = fixed λ): each β > 0 is "
+            "tried for every λ strictly between 0 and 1, on the best retrieval and copy setting of the fixed λs."
+        },
+    )
     max_cost: float = field(
         default=3.0,
         metadata={
@@ -144,7 +151,8 @@ class TuningArguments:
 
     def grid(self) -> dict[str, list[Any]]:
         """The parsed search space: `learning_rates`, `epochs`, `selections` (`(name, ratio)` pairs),
-        `interpolation_weights`, `gates` (`(name, quantile or None)` pairs), `top_ks`, `regions` and `copy_weights`.
+        `interpolation_weights`, `gates` (`(name, quantile or None)` pairs), `top_ks`, `regions`, `copy_weights`
+        and `adaptive_weights`.
 
         Raises:
             `ValueError`: an empty grid or a value it cannot parse, naming the field.
@@ -167,6 +175,9 @@ class TuningArguments:
         copy_weights = [_number(v, "copy_weights") for v in _items(self.copy_weights, "copy_weights")]
         for value in copy_weights:
             check_float(value, "copy_weights", minimum=0.0, maximum=1.0, max_inclusive=False)
+        adaptive = [_number(v, "adaptive_weights") for v in _items(self.adaptive_weights, "adaptive_weights")]
+        for value in adaptive:
+            check_float(value, "adaptive_weights", minimum=0.0)
         regions = _items(self.regions, "regions")
         for region in regions:
             if region not in RETRIEVAL_REGIONS:
@@ -180,4 +191,5 @@ class TuningArguments:
             "top_ks": top_ks,
             "regions": regions,
             "copy_weights": copy_weights,
+            "adaptive_weights": adaptive,
         }
