@@ -11,6 +11,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from .evaluation.benchmark_config import BenchmarkArguments
+from .training.train_job_config import BENCH_CHOSEN_TRAINING
+
 USAGE = """usage: spring {demo,train,tune,memory,bench,bench-logo,report} [options]
 
   spring demo   SPRInG end to end on the shipped news subset (SmolLM2-135M-Instruct, a few authors, 5 periods):
@@ -46,7 +49,9 @@ USAGE = """usage: spring {demo,train,tune,memory,bench,bench-logo,report} [optio
 # the copy path (each scored on its own) would take the demo past 10 minutes on 2 cores. λ is free: every λ mixes
 # the same two scored paths.
 DEMO_TUNE_GRID = {
-    "learning_rates": "3e-3", "epochs": "2", "selections": "drift0.3", "interpolation_weights": "0,0.25,0.5,0.75,1",
+    "learning_rates": f"{BENCH_CHOSEN_TRAINING['learning_rate']:g}",
+    "epochs": f"{BENCH_CHOSEN_TRAINING['num_train_epochs']:g}",
+    "selections": f"drift{BenchmarkArguments.selection_ratio:g}", "interpolation_weights": "0,0.25,0.5,0.75,1",
     "gates": "off,q0.75", "top_ks": "2", "regions": "buffer,history", "copy_weights": "0", "adaptive_weights": "0",
     "rung_users": 1,
 }  # fmt: skip
@@ -317,7 +322,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command == "demo":
         from .data import NEWS_SUBSET_PATH
         from .evaluation.methods import DEMO_METHODS
-        from .training.train_job_config import BENCH_CHOSEN_TRAINING
 
         defaults = {**DEMO_DEFAULTS, **BENCH_CHOSEN_TRAINING, "methods": ",".join(DEMO_METHODS),
                     "data": str(NEWS_SUBSET_PATH)}  # fmt: skip

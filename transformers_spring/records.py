@@ -293,6 +293,13 @@ class Interaction:
         )
 
 
+def is_testable(item: Interaction) -> bool:
+    """Whether an item can be held out and predicted: a text-only item (a LaMP-7 tweet, whose input is its answer,
+    `metadata["text_only"]`) cannot, since copying its input would score it perfectly. Test splits, validation splits
+    and the tuner's validation items all use this one rule."""
+    return not item.metadata.get("text_only")
+
+
 def coerce_interaction(value: Any, max_text_chars: int | None = None) -> Interaction:
     """An [`Interaction`] from an `Interaction` or a dict (see [`Interaction.from_dict`]), its `prompt` and `response`
     held to the one text rule of a record: a str (`TypeError` otherwise) of at most `max_text_chars` characters,

@@ -248,6 +248,12 @@ def test_merge_results_adds_the_other_runs_methods_and_the_tuned_bootstrap():
     assert (
         "SPRInG tuned minus each method" in text and "chose: learning_rate 0.003" in text and "2.00 training" in text
     )
+    # The benchmark's own layout (`results["tuning"]`: cost and Pareto front at the top) prints the same.
+    flat = {"options": {"learning_rate": 0.003}, "cost": new["tuning"]["report"]["cost"],
+            "pareto": [{"learning_rate": 0.003, "num_train_epochs": 2, "selection": "all", "trained_samples": 52.0,
+                        "validation_nll": 4.4}]}  # fmt: skip
+    text = markdown_table({**merged, "tuning": flat})
+    assert "2.00 training" in text and "| 0.003 | 2 | all | 52 | 4.4000 |" in text
 
 
 def test_merge_results_refuses_other_users_or_items():
@@ -258,6 +264,10 @@ def test_merge_results_refuses_other_users_or_items():
     other = run_of(["spring"])
     other["records"][0]["test_id"] = "elsewhere"
     with pytest.raises(ValueError, match="different test items"):
+        merge_results([run_of(["base"]), other])
+    other = run_of(["spring"])
+    other["config"] = {**other["config"], "model": "another-model", "seed": 1}
+    with pytest.raises(ValueError, match=r"differ in \['model', 'seed'\]"):
         merge_results([run_of(["base"]), other])
 
 

@@ -15,15 +15,18 @@ def test_measured_defaults_and_the_paper_preset():
     config = SpringConfig()
     assert (config.interpolation_weight, config.top_k, config.gate, config.mode) == (0.25, 2, None, "fused")
     assert config.retrieval_region == "all" and config.adapter_name_template == "{user_id}"
-    assert config.preset == "measured" and config.adaptive_weight == 0.0 and config.copy_weight == 0.0
-    paper = SpringConfig(preset="paper")
+    assert config.spring_preset == "measured" and config.adaptive_weight == 0.0 and config.copy_weight == 0.0
+    paper = SpringConfig(spring_preset="paper")
     assert (paper.interpolation_weight, paper.top_k, paper.retrieval_region) == (0.5, 2, "buffer")
     # A value you pass wins over the preset's, and a saved config reloads as saved.
-    assert SpringConfig(preset="paper", interpolation_weight=0.1, retrieval_region="all").interpolation_weight == 0.1
+    assert (
+        SpringConfig(spring_preset="paper", interpolation_weight=0.1, retrieval_region="all").interpolation_weight
+        == 0.1
+    )
     assert SpringConfig.from_dict(paper.to_dict()) == paper
     assert SpringConfig.from_dict({"interpolation_weight": 0.5}).interpolation_weight == 0.5  # a 0.1 file
-    with pytest.raises(ValueError, match="preset"):
-        SpringConfig(preset="fast")
+    with pytest.raises(ValueError, match="spring_preset"):
+        SpringConfig(spring_preset="fast")
     assert (config.penalty_mode, config.chat_insertion, config.early_exit_epsilon) == ("per_path", "auto", 0.0)
     assert config.use_memory_weight is False and config.use_global is True
 

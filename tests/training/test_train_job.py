@@ -67,7 +67,7 @@ def test_train_saves_a_state_that_decodes_personalized(tmp_path, data, model_dir
     config = json.loads((out / "spring_config.json").read_text())
     # The measured decoding defaults (λ 0.25 from the whole stream, no gate), saved as values.
     assert (config["interpolation_weight"], config["top_k"], config["retrieval_region"]) == (0.25, 2, "all")
-    assert config["gate"] is None and config["use_global"] is False and config["preset"] == "measured"
+    assert config["gate"] is None and config["use_global"] is False and config["spring_preset"] == "measured"
 
     spring = SpringForCausalLM.from_pretrained(out)
     tokenizer = spring.tokenizer
@@ -308,3 +308,13 @@ def test_auto_learning_rate_is_recorded_as_asked_and_resumed_as_chosen(tmp_path,
     # A run asked with another learning rate is another run.
     err = refused(capsys, path, model_dir, out, "--learning_rate", "1e-3", "--selection_ratio", "0.5")
     assert "training_args.learning_rate differ" in err and "saved: learning_rate='auto'" in err
+
+
+def test_a_run_saved_before_a_fingerprint_key_existed_still_resumes(tmp_path, data, model_dir, caplog):
+    out = tmp_path / "state"
+    assert train(data, model_dir, out, "--users", "alice") == 0
+    job = json.loads((out / "train_job.json").read_text())
+    saved = dict(job["fingerprint"] if "fingerprint" in job else job)
+    assert saved.pop("adaptive_weight") == 0.0  # what an earlier release did not write
+    (out / "train_job.json").write_text(json.dumps({**job, "fingerprint": saved} if "fingerprint" in job else saved))
+    assert train(data, model_dir, out, "--users", "alice") == 0  # the same run: resumed, not refused

@@ -131,12 +131,17 @@ def half_repeating_stream(user: str) -> list[Interaction]:
 def test_adaptive_lambda_is_chosen_when_it_beats_every_fixed_lambda(tmp_path, stream, expected):
     items = [it for user in ("alice", "bob") for it in stream(user)]
     t = tuner(tmp_path, items, num_periods=2, selections="all", interpolation_weights="0,0.5,1",
-              adaptive_weights="0,3")  # fmt: skip
+              adaptive_weights="0,3", top_ks="1,2")  # fmt: skip
     with mock.patch.object(SpringForCausalLM, "score", adaptive_aware_score):
         result = t.tune()
     assert result.options["adaptive_weight"] == expected == result.spring_config["adaptive_weight"]
     adaptive = [tr for tr in result.trials if tr["stage"] == "decoding" and tr["adaptive_weight"] > 0]
     assert [tr["interpolation_weight"] for tr in adaptive] == [0.5]  # only λ strictly inside (0, 1)
+    # β is tried on the best retrieval setting among the mixed trials (at λ = 0 every setting ties).
+    mixed = [tr for tr in result.trials if tr["stage"] == "decoding" and tr["adaptive_weight"] == 0
+             and 0 < tr["interpolation_weight"] < 1]  # fmt: skip
+    best = min(mixed, key=lambda tr: tr["validation_nll"])
+    assert all((tr["top_k"], tr["retrieval_region"]) == (best["top_k"], best["retrieval_region"]) for tr in adaptive)
     if expected:
         assert result.options["interpolation_weight"] == 0.5
     else:  # every repeat is a hit: λ = 1 alone is best, and stays fixed
@@ -238,3 +243,16 @@ def test_rungs_start_with_the_users_cheapest_to_train(tmp_path):
     assert result.validation["tuning_users"] == ["light", "middle", "heavy"]
     first_rung = [t for t in result.trials if t["stage"] == "training" and t["rung"] == 0]
     assert first_rung and all(t["users"] == 1 for t in first_rung)  # rung 0: the lightest user alone
+
+
+def test_text_only_items_never_validate(tmp_path):
+    """A LaMP-7 profile tweet (its input is its answer) would reward copying: it trains but never validates."""
+    alice = make_interactions("alice", 6)
+    alice[-1] = Interaction("alice", alice[-1].response, alice[-1].response, timestamp=alice[-1].timestamp,
+                            id=alice[-1].id, metadata={"text_only": True})  # fmt: skip
+    bob = [Interaction("bob", it.response, it.response, timestamp=it.timestamp, id=it.id, metadata={"text_only": True})
+           for it in make_interactions("bob", 6)]  # fmt: skip
+    folds, skipped = tuner(tmp_path, alice + bob).folds()
+    assert [it.id for it in folds["alice"][1]] == [alice[-2].id] and "bob" in skipped and "bob" not in folds
+    with pytest.raises(ValueError, match="nothing to validate on"):
+        tuner(tmp_path, bob).folds()

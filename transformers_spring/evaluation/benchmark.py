@@ -26,11 +26,11 @@ from ..generation import Personalization
 from ..generation.adapters import BASE_ADAPTER, adapter_name_for
 from ..memory.encoders import normalize_rows
 from ..memory.gate import RelevanceGate
-from ..records import Interaction
+from ..records import Interaction, is_testable
 from .benchmark_config import BenchmarkArguments
 from .checkpoint import fingerprint, load_checkpoint, save_checkpoint, split_identity
 from .data import benchmark_splits
-from .decoding import BenchmarkRow, RowDecoder, decoding_budget, is_testable, line_end_tokens
+from .decoding import BenchmarkRow, RowDecoder, decoding_budget, line_end_tokens
 from .methods import MethodSpec, earlier_training_items, floor_prediction, rag_items, resolve_methods
 from .metrics import rouge_scores
 from .report import rebuild_report, save_results

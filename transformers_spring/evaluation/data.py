@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..records import Interaction
+from ..records import Interaction, is_testable
 from .benchmark_config import BenchmarkArguments
-from .decoding import is_testable
 
 
 def load_interactions(args: BenchmarkArguments) -> list[Interaction]:

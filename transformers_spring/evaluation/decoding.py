@@ -175,11 +175,6 @@ def history_key(item: Any) -> tuple:
     )
 
 
-def is_testable(item: Interaction) -> bool:
-    """Whether an item can be a test item: a text-only item (a LaMP-7 tweet, whose input is its answer) cannot."""
-    return not item.metadata.get("text_only")
-
-
 def first_line(text: str) -> str:
     """The first non-empty line of a generation (a headline is one line), without surrounding quotes."""
     for line in text.strip().splitlines():

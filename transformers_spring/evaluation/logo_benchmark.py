@@ -21,10 +21,10 @@ from ..generation.adapters import BASE_ADAPTER
 from ..generation.logits_process import mix_logprobs
 from ..memory.gate import RelevanceGate
 from ..memory.mediator import CalibratedMediator, MediatorExample
-from ..records import Interaction
+from ..records import Interaction, is_testable
 from .benchmark import ContinualBenchmark
 from .data import benchmark_splits
-from .decoding import BenchmarkRow, history_key, is_testable
+from .decoding import BenchmarkRow, history_key
 from .logo_benchmark_config import LoGoBenchmarkArguments
 from .metrics import rouge_scores
 from .report import save_logo_results

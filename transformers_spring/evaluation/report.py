@@ -112,8 +112,9 @@ def markdown_table(results: dict[str, Any]) -> str:
 def tuning_markdown(tuning: dict[str, Any]) -> list[str]:
     """`spring-tuned`'s choice, its cost and the Pareto front of validation NLL against trained samples, as markdown
     lines, from a [`TuningResult.to_dict`]."""
-    options, report = tuning.get("options", {}), tuning.get("report", {})
-    cost = report.get("cost", {})
+    # `results["tuning"]` keeps `cost` and `pareto` at the top; `TuningResult.to_dict()` nests them under `report`.
+    options, report = tuning.get("options", {}), {**tuning.get("report", {}), **tuning}
+    cost = report.get("cost") or {}
     lines = ["`spring tune` on the training split (validation only) chose: " + ", ".join(
         f"{key} {value}" for key, value in options.items()) + "."]  # fmt: skip
     if cost:
@@ -130,11 +131,19 @@ def tuning_markdown(tuning: dict[str, Any]) -> list[str]:
     return lines
 
 
+# The settings two merged runs must share (besides their users and test items): the model and how every method is
+# prompted, decoded and scored. Methods, grids, output folders and threads may differ.
+MERGE_SAME_SETTINGS = ("model", "preset", "num_periods", "test_fraction", "prompt_template", "history_item_template",
+                       "max_new_tokens", "budget_quantile", "stop_at_newline", "nll", "repetition_penalty",
+                       "generation_batch_size", "encoder", "seed", "bm25_idf")  # fmt: skip
+
+
 def merge_results(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """One benchmark result from several runs on the same users and test items, each contributing its methods: for
     adding a method to a long run without running the others again. The runs must hold the same users with the same
     per-period train/test counts and the same test ids; a method in two runs is taken from the first. The first
-    run's settings are kept, and `merged_from` records every run's methods, settings and timings.
+    run's settings are kept, and `merged_from` records every run's methods, settings and timings. The runs must also
+    share the settings of [`MERGE_SAME_SETTINGS`] (model, prompts, decoding, scoring, seed).
 
     Args:
         results (`Sequence[dict]`): [`ContinualBenchmark.run`] outputs or `results.json` files read back.
@@ -163,6 +172,11 @@ def merge_results(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
         if test_ids(run) != ids:
             raise ValueError(f"run {i} and run 0 decoded different test items; only runs on the same splits can be "
                              "merged.")  # fmt: skip
+        differ = [key for key in MERGE_SAME_SETTINGS
+                  if (run.get("config") or {}).get(key) != (first.get("config") or {}).get(key)]  # fmt: skip
+        if differ:
+            raise ValueError(f"run {i} and run 0 differ in {differ}: their methods would not be compared on the same "
+                             "model and decoding.")  # fmt: skip
     methods: list[str] = []
     records: list[dict[str, Any]] = []
     for run in results:
@@ -172,9 +186,8 @@ def merge_results(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
     merged = dict(first)
     merged["methods"], merged["records"] = methods, records
     for run in results[1:]:
-        for key in ("tuning", "selection_tuned"):
-            if key in run and key not in merged:
-                merged[key] = run[key]
+        if "tuning" in run and "tuning" not in merged:
+            merged["tuning"] = run["tuning"]
     merged["merged_from"] = [
         {"methods": run["methods"], "config": run.get("config"), "timing_s": run.get("timing_s")} for run in results
     ]

@@ -248,7 +248,9 @@ class RetrievalInterpolationLogitsProcessor(LogitsProcessor):
         if len(weights) != batch:
             raise ValueError(f"`weight` has {len(weights)} values but `history_input_ids` has {batch} rows.")
         weights = [check_weight(w, "weight") for w in weights]
-        if isinstance(adaptive_weight, (int, float)) and not isinstance(adaptive_weight, bool):
+        if isinstance(adaptive_weight, torch.Tensor):
+            betas = [float(b) for b in adaptive_weight.reshape(-1).tolist()]
+        elif isinstance(adaptive_weight, (int, float)) and not isinstance(adaptive_weight, bool):
             betas = [adaptive_weight] * batch
         elif isinstance(adaptive_weight, Sequence) and not isinstance(adaptive_weight, str):
             betas = list(adaptive_weight)

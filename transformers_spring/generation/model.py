@@ -86,7 +86,8 @@ class SpringForCausalLM(HubMixin, nn.Module):
             Any object with `retrieve_context(user_id, query, k=..., use_global=...) -> MediatedContext`, e.g.
             `transformers_spring.memory.LoGoMemory`.
         config ([`SpringConfig`], *optional*):
-            Decoding settings; defaults to the paper's (λ = 0.5, k = 2).
+            Decoding settings; defaults to `SpringConfig()`, the measured preset (λ = 0.25, k = 2, every region;
+            `SpringConfig(spring_preset="paper")` for the paper's).
         tokenizer (`PreTrainedTokenizerBase`, *optional*):
             Needed to render history and to decode retrieval queries.
 

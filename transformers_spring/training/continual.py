@@ -63,7 +63,8 @@ logger = logging.get_logger(__name__)
 # `AUTO_SEARCH_MIN_ITEMS` items. Its latest `AUTO_SEARCH_VALIDATION_FRACTION` (at least
 # `AUTO_SEARCH_MIN_VALIDATION_ITEMS`) are held out and the rest train a fresh LoRA per candidate: the rates of
 # `AUTO_SEARCH_LEARNING_RATES` (around the measured 3e-3, see `TRAINING_PRESETS`), then the model's size default when
-# it is another. The same split rule as `spring bench`'s validation selection (docs/benchmark.md).
+# it is another. Like `spring bench`'s validation selection (docs/benchmark.md), the latest items of period 0 hold out,
+# with at least 2 of them here, so that one odd headline does not decide.
 AUTO_SEARCH_MIN_ITEMS = 10
 AUTO_SEARCH_VALIDATION_FRACTION = 0.2
 AUTO_SEARCH_MIN_VALIDATION_ITEMS = 2
@@ -75,8 +76,8 @@ SEARCH_ADAPTER_PREFIX = "__spring_lr_search_"
 
 
 def held_out_nll(model: torch.nn.Module, samples: Sequence[EncodedSample], args: Any, pad_token_id: int) -> float:
-    """The mean over `samples` of their responses' per-token NLL under `model` as it is (its active adapter): how
-    `spring bench` and `spring tune` validate a learning rate.
+    """The mean over `samples` of their responses' per-token NLL under `model` as it is (its active adapter): the
+    criterion `spring bench` and `spring tune` validate a learning rate with.
 
     Args:
         model (`nn.Module`): the model, with the adapter to judge active.

@@ -130,11 +130,18 @@ def user_periods(
     return splits, skipped
 
 
+# Fingerprint keys added after a release, with the value every run of that release had: a `train_job.json` that
+# lacks one still resumes when today's value is that one.
+FINGERPRINT_ADDED_KEYS = {"adaptive_weight": 0.0}
+
+
 def _differences(saved: dict, now: dict, prefix: str = "") -> list[str]:
     """The (dotted) keys whose values differ between two job fingerprints."""
     keys = []
     for key in sorted(set(saved) | set(now)):
         old, new = saved.get(key), now.get(key)
+        if not prefix and key not in saved and key in FINGERPRINT_ADDED_KEYS:
+            old = FINGERPRINT_ADDED_KEYS[key]
         if isinstance(old, dict) and isinstance(new, dict):
             keys += _differences(old, new, f"{prefix}{key}.")
         elif old != new:
@@ -334,7 +341,7 @@ def run_train_job(
         )  # fmt: skip
         spring_config = SpringConfig(
             interpolation_weight=job.interpolation_weight, top_k=job.top_k, retrieval_region=job.retrieval_region,
-            preset=training_args.spring_preset,
+            spring_preset=training_args.spring_preset,
             use_global=False, copy_weight=job.copy_weight, adaptive_weight=job.adaptive_weight,
             **({"history_item_template": PRESETS[preset].history_item_template} if preset != "none" else {}),
         )  # fmt: skip

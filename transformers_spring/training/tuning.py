@@ -21,7 +21,7 @@ from transformers.utils import logging
 
 from ..generation.config import SpringConfig
 from ..generation.logits_process import mix_logprobs
-from ..records import Interaction
+from ..records import Interaction, is_testable
 from .spring_config import SpringTrainingArguments
 from .tuning_config import TuningArguments
 
@@ -169,8 +169,17 @@ class PersonalizationTuner:
         items = pick_users(self.interactions, self.args)
         # One item per period at least; the last period validates.
         splits, skipped = user_periods(items, self.args.num_periods, self.args.min_items, "given", "tuned on")
-        folds = {user: (list(periods[:-1]), list(periods[-1].train)) for user, periods in splits.items()}
-        return folds, skipped
+        # Only items that can be predicted validate: a text-only item (its input is its answer) would reward copying.
+        folds = {user: (list(periods[:-1]), [it for it in periods[-1].train if is_testable(it)])
+                 for user, periods in splits.items()}  # fmt: skip
+        unpredictable = sorted(user for user, (_, val) in folds.items() if not val)
+        if unpredictable and len(unpredictable) == len(folds):
+            raise ValueError(
+                "no user has an item in their last period that can be predicted (every one is text-only, e.g. a "
+                "LaMP-7 profile tweet whose input is its answer): there is nothing to validate on."
+            )
+        folds = {user: fold for user, fold in folds.items() if fold[1]}
+        return folds, sorted([*skipped, *unpredictable])
 
     def candidates(self) -> list[TrainingCandidate]:
         """The training grid, learning rate outermost (its order is the tie-break order)."""
@@ -474,8 +483,10 @@ class PersonalizationTuner:
         best = min(range(len(trials)), key=lambda i: (trials[i]["validation_nll"], i))
         # The per-token adaptive λ needs both paths' full distributions at every token, so it is not mixed from the
         # cached paths: each β > 0 is scored for every intermediate λ on the best retrieval and copy setting only.
-        fixed = dict(trials[best])
-        betas = [b for b in grid["adaptive_weights"] if b > 0]
+        # (Among the mixed trials: at λ = 0 every retrieval setting ties, so the best overall may name any of them.)
+        mixed = [i for i, t in enumerate(trials) if 0 < t["interpolation_weight"] < 1]
+        fixed = dict(trials[min(mixed, key=lambda i: (trials[i]["validation_nll"], i))]) if mixed else {}
+        betas = [b for b in grid["adaptive_weights"] if b > 0] if mixed else []
         for weight, beta in itertools.product([w for w in grid["interpolation_weights"] if 0 < w < 1], betas):
             tick = time.perf_counter()
             scored = logprobs(weight, fixed["sigma"], fixed["top_k"], fixed["retrieval_region"], fixed["copy_weight"],
