@@ -256,3 +256,32 @@ def test_text_only_items_never_validate(tmp_path):
     assert [it.id for it in folds["alice"][1]] == [alice[-2].id] and "bob" in skipped and "bob" not in folds
     with pytest.raises(ValueError, match="nothing to validate on"):
         tuner(tmp_path, bob).folds()
+
+
+def test_spring_tune_on_a_lamp7_file_validates_on_the_questions(tmp_path, capsys):
+    """LaMP-7: the profile tweets are text-only (trained on, never validated); the questions validate."""
+    model_dir = tmp_path / "tiny-model"
+    make_model("llama", TRAINING_VOCAB.size).save_pretrained(model_dir)
+    make_tokenizer(TRAINING_VOCAB, chat=True).save_pretrained(model_dir)
+    words = TRAINING_VOCAB.words
+    questions, golds = [], []
+    for u in range(2):
+        profile = [{"text": f"{words[(u + i) % len(words)]} {words[(u + 2 * i) % len(words)]}", "id": f"{u}{i:02d}",
+                    "date": f"2009-04-{i + 1:02d}"} for i in range(6)]  # fmt: skip
+        questions.append({"id": f"q{u}", "input": "Paraphrase the following tweet without any explanation before or "
+                          f"after it: {words[u]} {words[u + 1]}", "profile": profile})  # fmt: skip
+        golds.append({"id": f"q{u}", "output": f"{words[u + 1]} {words[u]}"})
+    data, outputs = tmp_path / "dev_questions.json", tmp_path / "dev_outputs.json"
+    data.write_text(json.dumps(questions))
+    outputs.write_text(json.dumps({"task": "LaMP_7", "golds": golds}))
+    tuned = tmp_path / "tuned.json"
+    common = ["--data", str(data), "--lamp_outputs", str(outputs), "--model", str(model_dir), "--use_cpu", "true",
+              "--lora_dropout", "0", "--buffer_size", "3", "--encoder", "hashing", "--output_dir",
+              str(tmp_path / "trainer")]  # fmt: skip
+    grid = [f"--{k}={v}" for k, v in SMALL_GRID.items() if k not in ("encoder", "num_periods")]
+    assert main(["tune", *common, *grid, "--num_periods", "2", "--lamp_queries", "true", "--out", str(tuned)]) == 0
+    report = json.loads(tuned.read_text())["report"]
+    assert list(report["validation"]["validation_items"].values()) == [1, 1]  # each user's question alone
+    capsys.readouterr()
+    assert main(["tune", *common, *grid, "--num_periods", "2", "--out", str(tuned)]) == 2  # profile tweets only
+    assert "nothing to validate on" in capsys.readouterr().err

@@ -292,8 +292,8 @@ class BenchmarkArguments:
 
 
 # What the benchmark sets itself in the spring-tuned search (its data, periods, encoder and budget): not overridable.
-_TUNING_FIXED = ("data", "data_format", "model", "out", "users", "num_periods", "min_items", "encoder", "threads",
-                 "max_cost")  # fmt: skip
+_TUNING_FIXED = ("data", "data_format", "preset", "lamp_outputs", "lamp_task", "lamp_queries", "model", "out", "users",
+                 "num_periods", "min_items", "encoder", "threads", "max_cost")  # fmt: skip
 
 
 def tune_grid_options() -> dict[str, type]:

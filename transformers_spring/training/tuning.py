@@ -555,7 +555,8 @@ def run_tune_job(
     if interactions is None:
         if not job.data.strip():
             raise ValueError("`data` is required: the JSONL (or News Category / LaMP) file to tune on.")
-        interactions = read_stream(Path(job.data), job.data_format)
+        interactions = read_stream(Path(job.data), job.data_format, lamp_outputs=job.lamp_outputs,
+                                   lamp_task=job.lamp_task, lamp_queries=job.lamp_queries)  # fmt: skip
         preset = resolve_preset(job)
         # The user message and history rendering `spring train` would use: the same validation NLL, the same
         # adapters, the same history path.

@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..generation.config import RETRIEVAL_REGIONS
-from ..utils.validation import check_float, check_int
-from .train_job_config import check_stream_job, user_ids
+from ..utils.validation import check_bool, check_choice, check_float, check_int
+from .train_job_config import PRESET_CHOICES, check_stream_job, user_ids
 
 SELECTION_FORMS = "'drift<ratio>' (drift-selected top ratio, e.g. drift0.3) or 'all'"
 GATE_FORMS = "'off' or 'q<quantile>' (e.g. q0.75)"
@@ -74,6 +74,22 @@ class TuningArguments:
         metadata={"help": "The user stream (JSONL of user_id, prompt, response, timestamp; or News / LaMP files)."},
     )
     data_format: str = field(default="auto", metadata={"help": "'auto', 'jsonl', 'news' or 'lamp'."})
+    preset: str = field(
+        default="auto",
+        metadata={
+            "help": "Task preset fixing the user message and how a history item is written, as in `spring train` "
+            "('auto': 'news' for the News Category format, the LaMP task for LaMP files, else 'none')."
+        },
+    )
+    lamp_outputs: str | None = field(default=None, metadata={"help": "LaMP outputs file (golds), if any."})
+    lamp_task: str | None = field(default=None, metadata={"help": "LaMP / LongLaMP task, e.g. 'LaMP_7'."})
+    lamp_queries: bool = field(
+        default=False,
+        metadata={
+            "help": "Also read each LaMP question with its gold output as the user's latest item (needs golds): "
+            "for LaMP-7, whose profile tweets are text-only and never validate, the questions are what validates."
+        },
+    )
     model: str = field(default="smollm2", metadata={"help": "'smollm2' or any causal LM id or path."})
     out: str = field(
         default="tuned.json",
@@ -135,6 +151,11 @@ class TuningArguments:
 
     def __post_init__(self):
         check_stream_job(self, min_periods=2, hint="one period to train and one to validate on")
+        check_choice(self.preset, "preset", PRESET_CHOICES)
+        check_bool(self.lamp_queries, "lamp_queries")
+        for name in ("lamp_outputs", "lamp_task"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise TypeError(f"`{name}` must be a str or None, got {type(getattr(self, name)).__name__}.")
         check_int(self.rung_users, "rung_users", minimum=0, hint="0: a third of the users")
         check_float(self.max_cost, "max_cost", minimum=0.0, min_inclusive=False)
         self.grid()  # every grid parsed now: a bad value fails before anything is loaded
