@@ -87,7 +87,7 @@ def test_bench_logo_end_to_end_on_a_tiny_saved_model(tmp_path, capsys):
 
 def test_demo_tunes_decoding_around_springs_own_training_settings():
     """`spring demo` runs SPRInG tuned with a narrow search: one training point, SPRInG's own (so the tuned chain
-    copies SPRInG's instead of training a second one), one user and a small decoding grid, which keeps the demo
+    copies SPRInG's instead of training a second one), two users and a small decoding grid, which keeps the demo
     within 10 minutes on 2 cores."""
     from transformers_spring.cli import DEMO_DEFAULTS, _parse
     from transformers_spring.evaluation.methods import DEMO_METHODS
@@ -102,7 +102,7 @@ def test_demo_tunes_decoding_around_springs_own_training_settings():
     decoding = 1
     for key in ("interpolation_weights", "gates", "top_ks", "regions", "copy_weights", "adaptive_weights"):
         decoding *= len(grid[key])
-    assert decoding <= 20 and args.tuning_arguments().rung_users == 1
+    assert decoding <= 20 and args.tuning_arguments().rung_users == 2
     # The grid is an ordinary option: the command line replaces it.
     assert _parse(["--tune_grid", ""], defaults, "spring demo").tuning_arguments().grid()["epochs"] == [1.0, 2.0]
     with pytest.raises(ValueError, match="unknown option 'lr'"):

@@ -45,15 +45,16 @@ USAGE = """usage: spring {demo,train,tune,memory,bench,bench-logo,report} [optio
 # LoRA learning rate and epochs the full `spring bench` run chose on its validation split (docs/benchmark.md,
 # `BENCH_CHOSEN_TRAINING`), so that the demo need not repeat the 8-point selection.
 # SPRInG tuned searches λ, the gate and the retrieval region around SPRInG's own training settings (so its chain
-# is SPRInG's, copied), on one user's validation items: training candidates, a second chain, more users, k = 4 or
-# the copy path (each scored on its own) would take the demo past 10 minutes on 2 cores. λ is free: every λ mixes
-# the same two scored paths.
+# is SPRInG's, copied), on two users' validation items (the two cheapest to train: one alone, the lightest, has ~7
+# items and chose SPRInG's own settings); training candidates, a second chain, more users, k = 4 or the copy path
+# (each scored on its own) would take the demo past 10 minutes on 2 cores. λ is free: every λ mixes the same two
+# scored paths.
 DEMO_TUNE_GRID = {
     "learning_rates": f"{BENCH_CHOSEN_TRAINING['learning_rate']:g}",
     "epochs": f"{BENCH_CHOSEN_TRAINING['num_train_epochs']:g}",
     "selections": f"drift{BenchmarkArguments.selection_ratio:g}", "interpolation_weights": "0,0.25,0.5,0.75,1",
     "gates": "off,q0.75", "top_ks": "2", "regions": "buffer,history", "copy_weights": "0", "adaptive_weights": "0",
-    "rung_users": 1,
+    "rung_users": 2,
 }  # fmt: skip
 DEMO_DEFAULTS = {"users": 6, "min_items": 10, "max_items": 40, "out": "spring-demo", "learning_rates": "",
                  "tune_grid": json.dumps(DEMO_TUNE_GRID), "tune_max_cost": 1.0}  # fmt: skip
