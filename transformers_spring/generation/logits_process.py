@@ -149,6 +149,22 @@ def mix_logprobs(
     return log_mixture(log_hist, log_main, torch.log(lam), torch.log1p(-lam))
 
 
+def _per_row(value: float | Sequence[float] | torch.Tensor, batch: int, name: str) -> list[float]:
+    """One value per row from a float (every row), a sequence or a tensor of `batch` values; a `TypeError` or a
+    `ValueError` naming `name` otherwise."""
+    if isinstance(value, torch.Tensor):
+        values = [float(v) for v in value.reshape(-1).tolist()]
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        values = [value] * batch
+    elif isinstance(value, Sequence) and not isinstance(value, str):
+        values = list(value)
+    else:
+        raise TypeError(f"`{name}` must be a float or a sequence of floats, got {type(value).__name__}.")
+    if len(values) != batch:
+        raise ValueError(f"`{name}` has {len(values)} values but `history_input_ids` has {batch} rows.")
+    return values
+
+
 class RetrievalInterpolationLogitsProcessor(LogitsProcessor):
     r"""
     SPRInG's retrieval interpolation (paper Eq. 6–8) as a [`~transformers.LogitsProcessor`]:
@@ -237,30 +253,10 @@ class RetrievalInterpolationLogitsProcessor(LogitsProcessor):
         # A real token must sit in the last column of every used row: the next position is read from there.
         if length and bool(((history_attention_mask[:, -1] == 0) & (history_attention_mask.sum(-1) > 0)).any()):
             raise ValueError("`history_input_ids` must be left-padded (its attention mask ends with 0 in some row).")
-        if isinstance(weight, torch.Tensor):
-            weights = [float(w) for w in weight.reshape(-1).tolist()]
-        elif isinstance(weight, (int, float)) and not isinstance(weight, bool):
-            weights = [weight] * batch
-        elif isinstance(weight, Sequence) and not isinstance(weight, str):
-            weights = list(weight)
-        else:
-            raise TypeError(f"`weight` must be a float or a sequence of floats, got {type(weight).__name__}.")
-        if len(weights) != batch:
-            raise ValueError(f"`weight` has {len(weights)} values but `history_input_ids` has {batch} rows.")
-        weights = [check_weight(w, "weight") for w in weights]
-        if isinstance(adaptive_weight, torch.Tensor):
-            betas = [float(b) for b in adaptive_weight.reshape(-1).tolist()]
-        elif isinstance(adaptive_weight, (int, float)) and not isinstance(adaptive_weight, bool):
-            betas = [adaptive_weight] * batch
-        elif isinstance(adaptive_weight, Sequence) and not isinstance(adaptive_weight, str):
-            betas = list(adaptive_weight)
-        else:
-            raise TypeError(
-                f"`adaptive_weight` must be a float or a sequence of floats, got {type(adaptive_weight).__name__}."
-            )
-        if len(betas) != batch:
-            raise ValueError(f"`adaptive_weight` has {len(betas)} values but `history_input_ids` has {batch} rows.")
-        betas = [check_adaptive_weight(b, "adaptive_weight") for b in betas]
+        weights = [check_weight(w, "weight") for w in _per_row(weight, batch, "weight")]
+        betas = [
+            check_adaptive_weight(b, "adaptive_weight") for b in _per_row(adaptive_weight, batch, "adaptive_weight")
+        ]
         check_choice(penalty_mode, "penalty_mode", PENALTY_MODES)
         check_float(repetition_penalty, "repetition_penalty", minimum=0.0, min_inclusive=False, optional=True)
         check_early_exit(early_exit_epsilon, early_exit_patience)
