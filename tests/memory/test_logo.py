@@ -62,7 +62,7 @@ def test_settings_are_one_dataclass_with_the_saved_keys(make_memory):
     config = memory.config()
     assert set(config) == {
         "encoder", "dim", "metric", "normalized", "scorer", "gate", "gate_quantile", "use_global", "global_scope",
-        "min_community_users", "min_contributors", "match_threshold", "max_matches", "exact_match_below",
+        "min_community_users", "sharing_policy", "min_contributors", "match_threshold", "max_matches", "exact_match_below",
         "n_communities", "capacity", "dedup_threshold", "buffer_size", "bm25_idf", "max_text_chars",
         "share_by_default", "hnsw_M", "hnsw_ef_construction", "hnsw_ef", "exact_below", "seed",
     }  # fmt: skip
@@ -596,3 +596,129 @@ def test_merge_combines_disjoint_memories_without_re_embedding(make_memory):
         LoGoMemory.merge([parts[0], parts[0]])
     with pytest.raises(ValueError, match="capacity"):
         LoGoMemory.merge([parts[0], make_memory(capacity=5)])
+
+
+# ----------------------------------------------------------- sharing policy
+def _global_authors(memory, users=None, query="kitten purr whiskers rocket orbit report"):
+    """Whose items the global memory serves to anyone (every user and a stranger asking)."""
+    askers = (users or memory.users()) + ["stranger"]
+    return {h.interaction.user_id for u in askers for h in memory.retrieve_context(u, query, k=40).global_hits}
+
+
+@on_every_backend
+def test_consented_serves_only_users_who_opted_in(make_memory):
+    memory = populated(make_memory, users=6, n_communities=1, min_community_users=1, sharing_policy="consented")
+    assert memory.sharing_policy == "consented" and not memory.share_by_default
+    assert memory.consenting_users() == [] and len(memory.global_memory) == 0 and _global_authors(memory) == set()
+    memory.set_sharing("u0", True)
+    memory.set_sharing("u2", True)
+    memory.set_sharing("u4", True)
+    assert memory.consenting_users() == ["u0", "u2", "u4"]
+    # Verbatim, without the contributor rule: the global memory serves every item of the users who opted in.
+    assert _global_authors(memory) == {"u0", "u2", "u4"}
+    assert len(memory.global_memory) == 24 and all(memory.global_memory.is_servable(label) for label in range(24))
+    memory.add(topical("u1", "cats", 90))  # u1 never opted in: its new items stay out too
+    memory.add(topical("u2", "cats", 91))  # u2 did: its new item is served
+    assert len(memory.global_memory) == 25 and "u1" not in _global_authors(memory)
+    memory.set_sharing("u4", False)  # opt-out: withdrawn at once
+    assert _global_authors(memory) == {"u0", "u2"}
+    assert memory.forget_user("u0")
+    assert _global_authors(memory) == {"u2"} and memory.consenting_users() == ["u2"]
+
+
+def test_private_policy_still_needs_contributors(make_memory):
+    # The same users under "private": u1's unique item is never served, even though every user shares.
+    memory = populated(make_memory, users=6, n_communities=1, min_community_users=1)
+    assert memory.sharing_policy == "private" and memory.share_by_default
+    unique = Interaction("u1", "zq unique rocket manifest", "zq unique headline", timestamp=2e9)
+    memory.add(unique)
+    label = memory._labels[("u1", unique.id)]
+    assert not memory.global_memory.is_servable(label)
+    memory.set_sharing_policy("consented")
+    memory.set_sharing("u1", True)
+    assert memory.global_memory.is_servable(memory._labels[("u1", unique.id)])
+
+
+def test_policy_settings_are_checked_by_name(make_memory):
+    with pytest.raises(ValueError, match="`sharing_policy`"):
+        make_memory(sharing_policy="open")
+    with pytest.raises(TypeError, match="`sharing_policy`"):
+        make_memory(sharing_policy=1)
+    with pytest.raises(ValueError, match="share_by_default=True"):
+        make_memory(sharing_policy="consented", share_by_default=True)
+    memory = make_memory()
+    with pytest.raises(ValueError, match="`sharing_policy`"):
+        memory.set_sharing_policy("public")
+    assert memory.sharing_policy == "private"  # a refused change changes nothing
+    assert make_memory(share_by_default=False).share_by_default is False
+
+
+@on_every_backend
+def test_policy_and_consent_round_trip(make_memory, backend, tmp_path):
+    memory = populated(make_memory, users=6, n_communities=1, min_community_users=1, sharing_policy="consented")
+    memory.set_sharing("u1", True)
+    memory.set_sharing("u3", True)
+    memory.set_sharing("u5", False)
+    before = _global_authors(memory)
+    memory.save_pretrained(tmp_path / "mem")
+    config = json.loads((tmp_path / "mem" / "config.json").read_text())
+    assert config["sharing_policy"] == "consented" and config["share_by_default"] is False
+    assert config["sharing"] == {"u1": True, "u3": True, "u5": False}
+    card = (tmp_path / "mem" / "README.md").read_text()
+    assert "| sharing policy | `consented`: the items of the 2 user(s) who opted in" in card
+    loaded = LoGoMemory.from_pretrained(tmp_path / "mem", num_threads=1)
+    assert loaded.sharing_policy == "consented" and loaded.consenting_users() == ["u1", "u3"]
+    assert _global_authors(loaded) == before == {"u1", "u3"}
+    # A load never changes the policy: the saved flags mean what the saved policy says.
+    with pytest.raises(ValueError, match=r"sharing_policy='consented'.*set_sharing_policy\('private'\)"):
+        LoGoMemory.from_pretrained(tmp_path / "mem", sharing_policy="private")
+    assert LoGoMemory.from_pretrained(tmp_path / "mem", sharing_policy="consented").consenting_users() == ["u1", "u3"]
+
+
+def test_policy_change_on_a_saved_memory(make_memory, tmp_path):
+    memory = populated(make_memory, users=6, n_communities=1, min_community_users=1)
+    memory.set_sharing("u0", True)  # under "private": taking part under the rule, not consent to be quoted
+    memory.set_sharing("u2", False)
+    memory.save_pretrained(tmp_path / "mem")
+    assert (
+        "`private`: an item is served to other users only when 3 distinct users"
+        in (tmp_path / "mem" / "README.md").read_text()
+    )
+    loaded = LoGoMemory.from_pretrained(tmp_path / "mem")
+    assert loaded.sharing_policy == "private" and len(loaded.global_memory) == 40
+
+    change = loaded.set_sharing_policy("consented")
+    assert change == {"shared_users": 0, "shared_records": 0, "withdrawn_records": 40}
+    assert loaded.consenting_users() == [] and _global_authors(loaded) == set() and not loaded.is_shared("u0")
+    assert not loaded.is_shared("u2")  # the opt-out is kept
+    loaded.set_sharing("u1", True)
+    assert _global_authors(loaded) == {"u1"} and loaded.min_contributors == 3  # kept for a change back
+    same = loaded.set_sharing_policy("consented")  # the same policy again keeps the consent
+    assert same == {"shared_users": 1, "shared_records": 8, "withdrawn_records": 0} and _global_authors(loaded) == {
+        "u1"
+    }
+    loaded.save_pretrained(tmp_path / "mem")
+    again = LoGoMemory.from_pretrained(tmp_path / "mem")
+    assert again.sharing_policy == "consented" and _global_authors(again) == {"u1"}
+
+    back = again.set_sharing_policy("private")
+    # Everyone but the opted-out u2 shares again, under the contributor rule.
+    assert back["shared_users"] == 5 and back["shared_records"] == 40 and back["withdrawn_records"] == 0
+    assert again.global_memory.min_contributors == 3 and not again.is_shared("u2")
+    assert "u2" not in _global_authors(again)
+
+
+def test_a_hostile_policy_or_consent_is_refused_on_load(make_memory, tmp_path):
+    memory = populated(make_memory, users=4, n_communities=1, min_community_users=1, sharing_policy="consented")
+    memory.set_sharing("u1", True)
+    memory.save_pretrained(tmp_path / "mem")
+    path = tmp_path / "mem" / "config.json"
+    config = json.loads(path.read_text())
+    for field, value, match in (
+        ("sharing_policy", "everyone", "sharing_policy"),
+        ("share_by_default", True, "share_by_default=True"),
+        ("sharing", {"u1": False}, "u1.*does not share, has a global label"),  # u1's labelled items, no consent
+    ):
+        path.write_text(json.dumps({**config, field: value}))
+        with pytest.raises(ValueError, match=match):
+            LoGoMemory.from_pretrained(tmp_path / "mem")

@@ -10,7 +10,7 @@ from ..records import DEFAULT_MAX_TEXT_CHARS
 from ..utils.validation import check_bool, check_choice, check_float, check_int
 from .global_memory import SCOPES
 from .local import SCORERS
-from .support import DEFAULT_MATCH_THRESHOLD, DEFAULT_MIN_CONTRIBUTORS
+from .support import DEFAULT_MATCH_THRESHOLD, DEFAULT_MIN_CONTRIBUTORS, SHARING_POLICIES
 
 
 @dataclass
@@ -35,6 +35,12 @@ class LoGoMemoryConfig:
         default="own", metadata={"help": "'own' community or 'all' eligible communities for global hits."}
     )
     min_community_users: int = field(default=5, metadata={"help": "Smallest community allowed to feed retrieval."})
+    sharing_policy: str = field(
+        default="private",
+        metadata={"help": "What the global memory serves to other users: 'private' (only items that enough users "
+                          "wrote alike, see min_contributors) or 'consented' (the items of users who opted in, "
+                          "verbatim)."},
+    )  # fmt: skip
     min_contributors: int = field(
         default=DEFAULT_MIN_CONTRIBUTORS,
         metadata={"help": "Distinct users, the author included, that must write alike before an item is served to "
@@ -61,9 +67,11 @@ class LoGoMemoryConfig:
     max_text_chars: int = field(
         default=DEFAULT_MAX_TEXT_CHARS, metadata={"help": "Longest accepted prompt, response or query."}
     )
-    share_by_default: bool = field(
-        default=True, metadata={"help": "Whether new users' records feed the global memory."}
-    )
+    share_by_default: bool | None = field(
+        default=None,
+        metadata={"help": "Whether users who never called set_sharing feed the global memory (None: the policy's "
+                          "default, True under 'private', False under 'consented', where consent is explicit)."},
+    )  # fmt: skip
     hnsw_M: int = field(default=16, metadata={"help": "hnswlib `M` of the global ANN index."})
     hnsw_ef_construction: int = field(default=200, metadata={"help": "hnswlib `ef_construction` of the index."})
     hnsw_ef: int = field(default=64, metadata={"help": "hnswlib `ef` (search breadth) of the index."})
@@ -75,6 +83,14 @@ class LoGoMemoryConfig:
     def __post_init__(self):
         check_choice(self.scorer, "scorer", SCORERS)
         check_choice(self.global_scope, "global_scope", SCOPES)
+        check_choice(self.sharing_policy, "sharing_policy", SHARING_POLICIES)
+        share = check_bool(self.share_by_default, "share_by_default", optional=True)
+        if share and self.sharing_policy == "consented":
+            raise ValueError(
+                "`share_by_default=True` contradicts `sharing_policy='consented'`: consent is explicit, each user opts in "
+                "with set_sharing(user, True)."
+            )
+        self.share_by_default = self.sharing_policy == "private" if share is None else share
         self.use_global = check_bool(self.use_global, "use_global")
         self.capacity = check_int(self.capacity, "capacity", minimum=1, optional=True)
         check_float(self.dedup_threshold, "dedup_threshold", minimum=-1.0, maximum=1.0, optional=True, hint="a cosine")

@@ -78,8 +78,17 @@ class LoGoMemory(
         use_global (`bool`, *optional*, defaults to `True`): whether `retrieve` consults the global memory.
         global_scope (`str`, *optional*, defaults to `"own"`): `"own"` community or `"all"` eligible communities.
         min_community_users (`int`, *optional*, defaults to 5): smallest community allowed to feed retrieval.
-        min_contributors (`int`, *optional*, defaults to 3): the sharing rule: an item is served to other users only
-            when this many distinct users, its author included, wrote closely matching content (1 turns it off).
+        sharing_policy (`str`, *optional*, defaults to `"private"`): the sharing policy, what the global memory may serve
+            to other users, saved with the memory and changed only by [`~LoGoMemory.set_sharing_policy`]:
+            - `"private"`: every sharing user's items feed the global memory (users opt out with `set_sharing(user,
+              False)`), and an item is served only under the contributor rule (`min_contributors`,
+              `match_threshold`): a shared interest, never one user's unique text.
+            - `"consented"`: for public text or text shared with consent (published headlines, reviews posted
+              publicly, a team's documents). Only the items of users who opted in with `set_sharing(user, True)`
+              feed the global memory, and they are served verbatim. A user who never opted in is never served.
+        min_contributors (`int`, *optional*, defaults to 3): the contributor rule of `"private"`: an item is served to
+            other users only when this many distinct users, its author included, wrote closely matching content (1
+            turns it off). `"consented"` serves its items without it (the value is kept for a change back).
         match_threshold (`float`, *optional*, defaults to 0.75): the encoder cosine at which two users' items match
             (see [`ContributorSupport`]).
         max_matches (`int`, *optional*, defaults to 32), exact_match_below (`int`, *optional*, defaults to 20000):
@@ -90,7 +99,9 @@ class LoGoMemory(
         buffer_size (`int`, *optional*, defaults to 50): most records in a user's pinned buffer.
         bm25_idf (`str`, *optional*, defaults to `"okapi"`): `"okapi"` or `"lucene"`, see [`BM25Index`].
         max_text_chars (`int`, *optional*, defaults to 20000): longest accepted prompt, response or query.
-        share_by_default (`bool`, *optional*, defaults to `True`): whether new users' records feed the global memory.
+        share_by_default (`bool`, *optional*): whether users who never called `set_sharing` feed the global memory;
+            by default `True` under `"private"` and `False` under `"consented"` (where `True` is refused: consent is
+            explicit).
         mediator ([`Mediator`], *optional*): the reconciliation rule; a default [`Mediator`] when not given.
         hnsw_M (`int`, *optional*, defaults to 16), hnsw_ef_construction (`int`, *optional*, defaults to 200),
         hnsw_ef (`int`, *optional*, defaults to 64): global ANN index parameters.
@@ -136,6 +147,7 @@ class LoGoMemory(
         use_global: bool = True,
         global_scope: str = "own",
         min_community_users: int = 5,
+        sharing_policy: str = "private",
         min_contributors: int = DEFAULT_MIN_CONTRIBUTORS,
         match_threshold: float = DEFAULT_MATCH_THRESHOLD,
         max_matches: int = 32,
@@ -146,7 +158,7 @@ class LoGoMemory(
         buffer_size: int = 50,
         bm25_idf: str = "okapi",
         max_text_chars: int = DEFAULT_MAX_TEXT_CHARS,
-        share_by_default: bool = True,
+        share_by_default: bool | None = None,
         mediator: Mediator | None = None,
         hnsw_M: int = 16,
         hnsw_ef_construction: int = 200,
@@ -160,7 +172,7 @@ class LoGoMemory(
         # The saved settings, checked (`LoGoMemoryConfig.__post_init__`) before the encoder loads.
         self._settings = settings = LoGoMemoryConfig(
             scorer=scorer, gate=gate, gate_quantile=gate_quantile, use_global=use_global, global_scope=global_scope,
-            min_community_users=min_community_users, min_contributors=min_contributors,
+            min_community_users=min_community_users, sharing_policy=sharing_policy, min_contributors=min_contributors,
             match_threshold=match_threshold, max_matches=max_matches, exact_match_below=exact_match_below,
             n_communities=n_communities, capacity=capacity, dedup_threshold=dedup_threshold, buffer_size=buffer_size,
             bm25_idf=bm25_idf, max_text_chars=max_text_chars, share_by_default=share_by_default, hnsw_M=hnsw_M,
@@ -173,7 +185,7 @@ class LoGoMemory(
         self.global_memory = GlobalMemory(
             self.dim,
             min_community_users=settings.min_community_users,
-            min_contributors=settings.min_contributors,
+            min_contributors=self._served_rule(settings),
             match_threshold=settings.match_threshold,
             max_matches=settings.max_matches,
             exact_match_below=settings.exact_match_below,
@@ -444,7 +456,10 @@ class LoGoMemory(
         return self._write(change)
 
     def set_sharing(self, user_id: str, share: bool) -> None:
-        """Opts a user in to or out of the global memory. Opting out removes their items from it at once."""
+        """Opts a user in to or out of the global memory. Opting out removes their items from it at once.
+
+        Under the `"private"` policy, opting in means taking part under the contributor rule; under `"consented"`,
+        it is the user's consent to have their items served verbatim to other users (see `sharing_policy`)."""
         user_id = check_user_id(user_id)
         share = check_bool(share, "share")
 
@@ -460,6 +475,64 @@ class LoGoMemory(
                 self._unshare([(user_id, rid) for rid in local.history.ids])
 
         self._write(change)
+
+    @staticmethod
+    def _served_rule(settings: LoGoMemoryConfig) -> int:
+        """The `min_contributors` the global memory applies: consented items are served verbatim."""
+        return 1 if settings.sharing_policy == "consented" else settings.min_contributors
+
+    def consenting_users(self) -> list[str]:
+        """The users whose items feed the global memory now: under `"consented"`, those who opted in."""
+        with self._lock:
+            known = dict.fromkeys([*self._locals, *self._share])
+            return [u for u in known if self._share.get(u, self._settings.share_by_default)]
+
+    def set_sharing_policy(self, sharing_policy: str, *, share_by_default: bool | None = None) -> dict[str, int]:
+        """Changes the sharing policy of this memory (a loaded one included): the only way a policy changes.
+
+        - To `"consented"`: every item leaves the global memory, and every earlier opt-in is dropped, since taking
+          part under the contributor rule is not consent to be quoted. Users opt in again with
+          `set_sharing(user, True)`; opt-outs are kept.
+        - To `"private"`: the contributor rule applies again, and the items of every user who shares under it
+          (consented users, and users who never chose when `share_by_default` is true) feed the global memory.
+
+        Args:
+            sharing_policy (`str`): `"private"` or `"consented"`.
+            share_by_default (`bool`, *optional*): the new policy's default for users who never chose (None: the
+                policy's own default).
+
+        Returns:
+            `dict[str, int]`: `shared_users` and `shared_records` in the global memory afterwards, and
+            `withdrawn_records`, the items the change took out of it.
+        """
+        settings = dataclasses.replace(
+            self._settings, sharing_policy=sharing_policy, share_by_default=share_by_default
+        )
+
+        def change() -> dict[str, int]:
+            before = set(self._labels)
+            if settings == self._settings:  # the same policy again keeps every choice (consent included)
+                return {"shared_users": len(self.consenting_users()), "shared_records": len(before),
+                        "withdrawn_records": 0}  # fmt: skip
+            if settings.sharing_policy == "consented" and self._settings.sharing_policy != "consented":
+                self._share = {u: False for u, share in self._share.items() if not share}
+            self._settings = settings
+            self._unshare(list(self._labels))
+            self.global_memory.set_support_rule(min_contributors=self._served_rule(settings))
+            users = [u for u, local in self._locals.items() if self._share.get(u, settings.share_by_default)]
+            for user in users:
+                history = self._locals[user].history
+                self._share_records([(history.records[i], history.vector(i)) for i in history.ids])
+            logger.info(
+                "Sharing policy %r: %d user(s) share %d item(s).", sharing_policy, len(users), len(self._labels)
+            )
+            return {
+                "shared_users": len(users),
+                "shared_records": len(self._labels),
+                "withdrawn_records": len(before - set(self._labels)),
+            }
+
+        return self._write(change)
 
     def set_buffer(
         self, user_id: str, interactions: Sequence[Interaction | dict], scores: Sequence[float] | None = None
@@ -587,9 +660,11 @@ class LoGoMemory(
         """The saved settings as the memory runs now (a gate replaced or a sharing rule changed since construction
         included)."""
         gm = self.global_memory
+        # Under "consented" the global memory serves without the contributor rule; the setting keeps its value.
+        rule = gm.min_contributors if self._settings.sharing_policy == "private" else self._settings.min_contributors
         return dataclasses.replace(
             self._settings, gate=self.gate.threshold, gate_quantile=self.gate.quantile,
-            min_contributors=gm.min_contributors, match_threshold=gm.match_threshold,
+            min_contributors=rule, match_threshold=gm.match_threshold,
         )  # fmt: skip
 
     def __getattr__(self, name: str) -> Any:
@@ -753,6 +828,17 @@ class LoGoMemory(
     def generate_model_card(self, *args, **kwargs) -> ModelCard:
         counts = getattr(self, "_card_counts", None) or {"users": len(self._locals), "records": len(self)}
         opted_out = sorted(u for u, share in self._share.items() if not share)
+        settings = self.settings
+        if settings.sharing_policy == "consented":
+            policy = (
+                f"`consented`: the items of the {len(self.consenting_users())} user(s) who opted in are served "
+                "verbatim to other users; nobody else's"
+            )
+        else:
+            policy = (
+                f"`private`: an item is served to other users only when {settings.min_contributors} distinct users "
+                f"wrote closely matching content (cosine >= {settings.match_threshold})"
+            )
         return ModelCard(
             render_card(
                 "memory",
@@ -764,6 +850,7 @@ class LoGoMemory(
                 encoder=self.encoder.name,
                 dim=self.dim,
                 opted_out=f"{len(opted_out)} user(s)",
+                policy=policy,
             )
         )
 

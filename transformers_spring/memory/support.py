@@ -8,6 +8,13 @@ from ..utils.validation import check_float, check_int
 DEFAULT_MIN_CONTRIBUTORS = 3
 DEFAULT_MATCH_THRESHOLD = 0.75
 
+# What the global memory may hand to other users (see [`LoGoMemory`]'s `sharing`):
+# - "private": every sharing user's items feed it, but an item is served only under the contributor rule below, so
+#   nobody's unique text ever reaches another user;
+# - "consented": only the items of users who opted in (`set_sharing(user, True)`) feed it, and those are served
+#   verbatim (public or consented text: published headlines, public reviews, a team's shared documents).
+SHARING_POLICIES = ("private", "consented")
+
 
 def check_support_rule(min_contributors, match_threshold, max_matches=None) -> None:
     """Validates the rule's parameters (see [`~utils.validation`]: a wrong type is a `TypeError`, a value out of

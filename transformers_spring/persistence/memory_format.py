@@ -181,6 +181,14 @@ def load_memory(cls: type, directory: Path, *, encoder: Any = None, backend: Any
                 f"{CONFIG_FILE} records the custom encoder {saved_encoder!r}; pass the same one as `encoder=`."
             )
         encoder = saved_encoder
+    saved_policy = config.get("sharing_policy", "private")  # (saves from before the policy existed ran "private")
+    if "sharing_policy" in kwargs and kwargs["sharing_policy"] != saved_policy:
+        # The saved flags mean what the saved policy says: under another one they would silently grant or drop
+        # consent. A change is explicit, on the loaded memory.
+        raise ValueError(
+            f"{CONFIG_FILE} in {directory} was saved with sharing_policy={saved_policy!r}; load it as saved and "
+            f"call memory.set_sharing_policy({kwargs['sharing_policy']!r})."
+        )
     settings = {**cls.config_class.saved(config), **kwargs}
     if "mediator" not in kwargs:
         settings["mediator"] = _saved_mediator(config, directory)
