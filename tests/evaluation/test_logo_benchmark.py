@@ -138,6 +138,16 @@ def test_mediators_are_fitted_on_validation_queries_before_any_test_item(run):
     assert results["validation"]["ids"] and not set(results["validation"]["ids"]) & tests
     assert set(results["mediators"]) == {LOGO, OPEN}
     assert results["validation"]["queries"][LOGO] > 0
+    # The late fold (the last period's latest training items) puts warm users in the fit.
+    splits = benchmark_splits(bench.args, bench.interactions)
+    late = {it.id for periods in splits.values() for it in periods[-1].train}
+    assert results["validation"]["late_ids"] and set(results["validation"]["late_ids"]) <= late
+    assert set(results["validation"]["late_ids"]) <= set(results["validation"]["ids"])
+    warm = min(r["n_local"] for r in results["records"] if r["cut"] == "all")
+    assert results["validation"]["max_n_local"] >= warm
+    # "*" is never fitted: a cell validation did not cover keeps the local decision.
+    for arm in (LOGO, OPEN):
+        assert results["mediators"][arm]["rules"]["*"] == [0, bench.args.interpolation_weight]
 
 
 def test_summary_buckets_and_bias_flag(run):

@@ -66,9 +66,49 @@ def test_fit_picks_the_lowest_validation_nll_per_cell_and_falls_back_when_thin()
     warm = mediator.mediate(local, glob, n_local=40, k=2)
     assert warm.items == local and warm.weight == 0.5
     assert mediator.mediate([], [], n_local=0, k=2).weight == 0.0  # an empty context scores the plain path
-    # A cell no rule covers (no '*' when every cell is thin) uses the default Mediator.
+    # A cell too thin for a rule of its own, with no coarser rule, gets the local decision: '*' is never fitted.
     thin = CalibratedMediator.fit(examples[:3], WEIGHTS, min_examples=10)
-    assert thin.rules == {} and thin.mediate([], glob, 0, 2).weight == Mediator().global_weight
+    assert thin.rules == {"*": [0, 0.5]} and thin.mediate([], glob, 0, 2).items == []
+    assert thin.mediate(local, glob, 0, 2).items == local and thin.mediate(local, glob, 0, 2).weight == 0.5
+
+
+def noisy(rng, local, chosen, n, spread):
+    """`n` tables whose local decision (slot 0 at λ 0.5) scores `local` and whose 2-slot λ 0.25 scores `chosen`,
+    each with paired noise of the given spread."""
+    out = []
+    for _ in range(n):
+        nll = np.full((3, len(WEIGHTS)), 9.0)
+        noise = rng.normal(0.0, spread)
+        nll[0, 2], nll[2, 1] = local + noise, chosen + noise + rng.normal(0.0, spread)
+        out.append(nll)
+    return out
+
+
+def test_a_cell_without_a_clear_validation_gain_keeps_the_local_decision():
+    rng = np.random.default_rng(0)
+    clear = [MediatorExample(0, False, None, t) for t in noisy(rng, 5.0, 4.0, 30, 0.3)]  # gain 1.0, tight
+    unclear = [MediatorExample(40, True, 0.9, t) for t in noisy(rng, 5.0, 4.95, 30, 1.0)]  # gain 0.05 ± 0.18
+    worse = [MediatorExample(8, True, 0.9, t) for t in noisy(rng, 5.0, 5.5, 30, 0.3)]  # global hurts
+    mediator = CalibratedMediator.fit(clear + unclear + worse, WEIGHTS, min_examples=10)
+    assert mediator.rules["n0|l0|a-"] == [2, 0.25]
+    gain, bound = mediator.fit_gains["n0|l0|a-"]
+    assert gain > 0.9 and bound > 0.8
+    # The mean of the 2-slot choice beats local in the unclear cell, but its bound does not clear 0.
+    gain, bound = mediator.fit_gains["n4|l1|a1"]
+    assert bound <= 0 and mediator.rules["n4|l1|a1"] == [0, 0.5]
+    assert mediator.rules["n3|l1|a1"] == [0, 0.5] and mediator.fit_gains["n3|l1|a1"][0] == 0.0
+    assert mediator.rules["*"] == [0, 0.5]
+    # The same data with gain_z=0 keeps any mean gain: the unclear cell then uses global slots.
+    loose = CalibratedMediator.fit(clear + unclear + worse, WEIGHTS, min_examples=10, gain_z=0.0)
+    assert loose.rules["n4|l1|a1"] == ([2, 0.25] if loose.fit_gains["n4|l1|a1"][0] > 0 else [0, 0.5])
+    # Reloads with the memory's config, and the fit's diagnostics are checked by name.
+    assert CalibratedMediator(**{k: v for k, v in mediator.config().items()}).config() == mediator.config()
+    with pytest.raises(ValueError, match="fit_gains"):
+        CalibratedMediator(fit_gains={"*": ["a", 1]})
+    with pytest.raises(ValueError, match="min_examples"):
+        CalibratedMediator.fit(clear, WEIGHTS, min_examples=1)
+    with pytest.raises(ValueError, match="gain_z"):
+        CalibratedMediator.fit(clear, WEIGHTS, gain_z=-1)
 
 
 def test_fit_refuses_bad_examples():
@@ -128,6 +168,6 @@ def test_without_a_global_item_the_local_decision_is_untouched():
     tables = [MediatorExample(40, True, None, np.array([[3.0, 5.0, 5.0], [5.0, 5.0, 5.0], [5.0, 5.0, 5.0]]),
                               has_global=False) for _ in range(10)]  # fmt: skip
     fitted = CalibratedMediator.fit(tables, WEIGHTS, min_examples=5)
-    assert fitted.rules["*"] == [0, 0.5]
+    assert fitted.rules["*"] == [0, 0.5] and fitted.rules["n4|l1"] == [0, 0.5]
     with pytest.raises(ValueError, match="local weight"):
         CalibratedMediator.fit(tables, [0.0, 0.25], min_examples=5)

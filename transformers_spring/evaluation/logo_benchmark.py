@@ -72,10 +72,15 @@ class LoGoBenchmark(ContinualBenchmark):
       `interpolation_weight`. `spring-logo`: the same local hits and the global hits, mediated by a
       [`CalibratedMediator`] fitted on validation queries. `spring-logo-open` (`compare_open`): the same with the
       sharing rule off, and its own fitted mediator.
-    - **Validation, never test.** For every user, the latest `validation_fraction` of the period-0 training split is
-      held out; each held-out item is scored under every history cut that does not contain it (the "all" cut is an
-      adapter on the rest of period 0), for every context split (`global_slots` of `spring_k`) and λ of
-      `mediator_weights`. The mediator is fitted on these tables before any test item is decoded.
+    - **Validation, never test, on every kind of user.** Two folds per user, from two periods:
+      - *early*: the latest `validation_fraction` of the period-0 training split, each item scored under every
+        history cut that does not contain it (the "all" cut is an adapter on the rest of period 0);
+      - *late* (with two periods or more): the latest `validation_fraction` of the last period's training split,
+        scored with the whole training stream before it as the history and an adapter trained on it, so that warm
+        users (the test's "all" cut, dozens of items) are in the fit, not only the cold ones.
+      Every row is scored for every context split (`global_slots` of `spring_k`) and λ of `mediator_weights`. The
+      mediator is fitted on these tables before any test item is decoded, and keeps a cell's local decision unless
+      the validation gain clears its bound (see [`CalibratedMediator.fit`]).
     - **Buckets.** Cold start: `m <= 5`; warm: "all". Bias: at "all", test items whose topic (`category_field`)
       is under `bias_rare_share` of the user's training items so far while the user's top topic holds at least
       `bias_dominant_share` of them.
@@ -153,6 +158,8 @@ class LoGoBenchmark(ContinualBenchmark):
             "validation": {
                 "queries": {arm: len(e) for arm, e in examples.items()},
                 "ids": sorted(set(validation_ids)),
+                "late_ids": sorted(it.id for periods in splits.values() for it in self._late_fold(periods)[1]),
+                "max_n_local": max((e.n_local for e in examples[self._arms[0]]), default=0),
             },
             "users": {u: [{"train": len(s.train), "test": len(s.test)} for s in ps] for u, ps in splits.items()},
             "records": records,
@@ -188,6 +195,16 @@ class LoGoBenchmark(ContinualBenchmark):
         period0 = list(periods[0].train)
         n_val = max(1, round(self.args.validation_fraction * len(period0)))
         return period0[:-n_val], [it for it in period0[-n_val:] if is_testable(it)]
+
+    def _late_fold(self, periods) -> tuple[list[Interaction], list[Interaction]]:
+        """The late validation fold of a user: the training stream before the latest `validation_fraction` of the
+        last period's training split, and those items (testable only); empty with a single period."""
+        if len(periods) < 2 or not periods[-1].train:
+            return [], []
+        stream = [it for split in periods for it in split.train]
+        last = list(periods[-1].train)
+        n_val = max(1, round(self.args.validation_fraction * len(last)))
+        return stream[: len(stream) - n_val], [it for it in last[-n_val:] if is_testable(it)]
 
     def _fit_adapter(self, user, periods, spring_args) -> dict | None:
         """The validation "all" state of a user: an adapter on the fold's rest (named `<user>__fit`, kept until the
@@ -233,10 +250,16 @@ class LoGoBenchmark(ContinualBenchmark):
                     adapter = self._train_cut(spring_args, user, history, name)
                 for arm, tables in self._tables(user, rows, adapter, len(history)).items():
                     examples[arm] += [t["example"] for t in tables]
+            history, late = self._late_fold(periods)
+            if late and history:  # a warm user: the whole stream before the fold, as the test's "all" cut has it
+                self._set_history(user, history)
+                adapter = self._train_cut(spring_args, user, history, name)
+                for arm, tables in self._tables(user, late, adapter, len(history)).items():
+                    examples[arm] += [t["example"] for t in tables]
         finally:
             self._drop_adapters([name] + ([fitted["adapter"]] if fitted else []))
             self._set_history(user, stream)
-        return [it.id for it in val]
+        return [it.id for it in val + late]
 
     def _test_user(self, user, periods, spring_args) -> list[dict[str, Any]]:
         from ..training import adapter_name_for

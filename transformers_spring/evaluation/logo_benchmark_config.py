@@ -70,8 +70,8 @@ class LoGoBenchmarkArguments(BenchmarkArguments):
         check_support_rule(self.min_contributors, self.match_threshold)
         for name in ("bias_rare_share", "bias_dominant_share"):
             check_float(getattr(self, name), name, minimum=0.0, maximum=1.0)
-        for name in ("min_community_users", "mediator_min_examples"):
-            check_int(getattr(self, name), name, minimum=1)
+        check_int(self.min_community_users, "min_community_users", minimum=1)
+        check_int(self.mediator_min_examples, "mediator_min_examples", minimum=2)
 
     def cuts(self) -> list[int | None]:
         """The history sizes, ascending, `None` for 'all' (last)."""

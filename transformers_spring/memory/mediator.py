@@ -14,7 +14,7 @@ import numpy as np
 
 from ..persistence.registry import ClassRegistry
 from ..records import MediatedContext, RetrievedItem
-from ..utils.validation import check_float
+from ..utils.validation import check_float, check_int
 
 
 class Mediator:
@@ -164,6 +164,8 @@ class CalibratedMediator(Mediator):
             (`[0, 1), [1, 3), ..., [21, inf)`).
         agreement_threshold (`float`, *optional*, defaults to 0.4): cosine from which global agrees with local.
         fit_counts (`dict[str, int]`, *optional*): validation examples per cell when fitted (kept for inspection).
+        fit_gains (`dict[str, list]`, *optional*): per fitted cell, the best choice's mean validation NLL gain over
+            the local decision and its one-sided lower confidence bound (kept for inspection).
         kwargs: the default [`Mediator`]'s settings, used where no rule applies.
     """
 
@@ -173,10 +175,19 @@ class CalibratedMediator(Mediator):
         count_edges: Sequence[int] = (1, 3, 6, 21),
         agreement_threshold: float = 0.4,
         fit_counts: dict[str, int] | None = None,
+        fit_gains: dict[str, Sequence[float]] | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
         self.fit_counts = dict(fit_counts or {})  # validation examples per cell, as fitted (a diagnostic)
+        self.fit_gains = {}
+        for cell, gain in (fit_gains or {}).items():
+            numbers = isinstance(gain, (list, tuple)) and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in gain
+            )
+            if not isinstance(cell, str) or not numbers or len(gain) != 2:
+                raise ValueError(f"`fit_gains[{cell!r}]` must be [mean gain, lower bound] (finite numbers).")
+            self.fit_gains[cell] = [float(v) for v in gain]
         edges = list(count_edges)
         bad = any(isinstance(e, bool) or not isinstance(e, (int, np.integer)) or e < 1 for e in edges)
         if not edges or bad or any(b <= a for a, b in zip(edges, edges[1:], strict=False)):
@@ -211,6 +222,7 @@ class CalibratedMediator(Mediator):
             "count_edges": list(self.count_edges),
             "agreement_threshold": self.agreement_threshold,
             "fit_counts": dict(self.fit_counts),
+            "fit_gains": {cell: list(gain) for cell, gain in self.fit_gains.items()},
         }
 
     # ------------------------------------------------------------------ features
@@ -267,19 +279,28 @@ class CalibratedMediator(Mediator):
         min_examples: int = 10,
         count_edges: Sequence[int] = (1, 3, 6, 21),
         agreement_threshold: float = 0.4,
+        gain_z: float = 1.645,
         **kwargs,
     ) -> CalibratedMediator:
-        """Fits the rules on validation examples: for every feature cell (and every coarser cell) with at least
-        `min_examples` examples, the `(global_slots, weight)` of the lowest mean NLL (ties: fewer global slots, then
-        the smaller weight). Zero global slots means the local decision (the local hits at `local_weight`), which is
-        also what an example without a servable global hit gets whatever the rule.
+        """Fits the rules on validation examples so that the mediator never hurts where validation can tell: for
+        every feature cell (and every coarser cell but `*`) with at least `min_examples` examples, the
+        `(global_slots, weight)` of the lowest mean NLL (ties: fewer global slots, then the smaller weight), kept
+        only when it beats the **local decision** (the local hits at `local_weight`, zero global slots) with the
+        one-sided bound `mean gain - gain_z * standard error > 0` over the cell's paired examples; otherwise the
+        cell gets the local decision. `*`, the last fallback of a cell too thin for a rule, is always the local
+        decision: validation says nothing about such a cell. An example without a servable global hit gets the
+        local decision whatever the rule.
 
         Args:
             examples (`Sequence[MediatorExample]`): validation queries, never test ones.
             weights (`Sequence[float]`): the λ grid the examples' `nll` columns follow.
             min_examples (`int`, *optional*, defaults to 10): the fewest examples a cell needs for a rule of its own.
+            gain_z (`float`, *optional*, defaults to 1.645): the z of the gain's lower bound (1.645: one-sided 95 %;
+                0 keeps any mean gain).
             count_edges, agreement_threshold, kwargs: as for the constructor.
         """
+        gain_z = check_float(gain_z, "gain_z", minimum=0.0)
+        min_examples = check_int(min_examples, "min_examples", minimum=2, hint="a gain needs a spread")
         weights = [float(w) for w in weights]
         if not examples:
             raise ValueError("`examples` is empty: the mediator needs validation queries to fit on.")
@@ -304,15 +325,23 @@ class CalibratedMediator(Mediator):
                 table[1:, :] = local
             for cell in mediator.cells(example.n_local, example.has_local, example.agreement):
                 tables.setdefault(cell, []).append(table)
-        rules = {}
+        local_rule = [0, mediator.local_weight]
+        rules, gains = {"*": list(local_rule)}, {}
         for cell, group in tables.items():
-            if len(group) < min_examples:
+            if len(group) < min_examples or cell == "*":
                 continue
-            mean = np.mean(group, axis=0)
+            stacked = np.stack(group)
+            mean = stacked.mean(axis=0)
             slots, column = np.unravel_index(int(np.argmin(mean)), mean.shape)
-            rules[cell] = [int(slots), weights[column]]
+            # Paired per example: the local decision's NLL minus the chosen one's (positive: the choice helps).
+            diff = stacked[:, 0, local_column] - stacked[:, slots, column]
+            error = float(diff.std(ddof=1) / math.sqrt(len(diff)))
+            gain, bound = float(diff.mean()), float(diff.mean()) - gain_z * error
+            gains[cell] = [gain, bound]
+            rules[cell] = [int(slots), weights[column]] if slots > 0 and bound > 0 else list(local_rule)
         mediator.rules = rules
         mediator.fit_counts = {cell: len(group) for cell, group in tables.items()}
+        mediator.fit_gains = gains
         return mediator
 
 
