@@ -1,6 +1,7 @@
 import json
 from unittest import mock
 
+import numpy as np
 import pytest
 import torch
 from huggingface_hub import HfApi
@@ -759,3 +760,204 @@ def test_a_tampered_serving_manifest_is_refused(tmp_path):
     path.write_text("{oops")
     with pytest.raises(ValueError, match="serving_manifest.json is not valid JSON"):
         p.export_for_serving(tmp_path / "serve")
+
+
+# ------------------------------------------------------------------------------------------------ community adapters
+TOPIC_WORDS = {"cats": ("cats dogs", 0), "vote": ("vote rain", 40)}
+GROUPS = {"cats": ("a0", "a1", "a2"), "vote": ("b0", "b1", "b2", "b3")}
+
+
+def topic_items(user, topic, n=6, start=0):
+    from transformers_spring.memory import Interaction
+
+    words, off = TOPIC_WORDS[topic]
+    return [
+        Interaction(user, f"{words} w{off + (3 * i) % 40} w{off + (7 * i + 1) % 40}", f"{words.split()[0]} w{off + i}",
+                    timestamp=1e9 + start + i, id=f"{user}-{start + i}")
+        for i in range(start, start + n)
+    ]  # fmt: skip
+
+
+def saved_base(tmp_path):
+    """A tiny base model loaded from a folder, so that a SPRInG folder names it (`base_model_name_or_path`)."""
+    from transformers import AutoModelForCausalLM
+
+    if not (tmp_path / "base").is_dir():
+        make_model("llama", TRAINING_VOCAB.size).save_pretrained(tmp_path / "base")
+    return AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+
+
+def community_personalizer(tmp_path, model=None, **kwargs):
+    from transformers_spring.memory import LoGoMemory
+
+    memory = LoGoMemory(HashingEncoder(32), scorer="bm25", gate=None, num_threads=1, n_communities=2)
+    p = ContinualPersonalizer(
+        model if model is not None else make_model("llama", TRAINING_VOCAB.size), make_tokenizer(TRAINING_VOCAB, chat=True),
+        make_args(tmp_path, buffer_size=3), memory, **kwargs,
+    )  # fmt: skip
+    for topic, users in GROUPS.items():
+        for user in users:
+            memory.add_many(topic_items(user, topic))
+    return p
+
+
+def lora_weights(model, name):
+    """An adapter's LoRA tensors keyed without the adapter's name (comparable across adapters)."""
+    return {k.replace(f".{name}.", "."): v.detach().clone() for k, v in model.named_parameters() if f".{name}." in k}
+
+
+def names_by_topic(table):
+    return {("cats" if "a0" in a.members or "a1" in a.members else "vote"): a.name for a in table}
+
+
+def test_community_adapters_are_trained_per_community_and_route_users_without_an_adapter(tmp_path):
+    p = community_personalizer(tmp_path)
+    table = p.train_community_adapters(min_users=3, progress=False)
+    assert sorted(sorted(a.members) for a in table) == [["a0", "a1", "a2"], ["b0", "b1", "b2", "b3"]]
+    assert [a.num_items for a in table] == [18, 24] or [a.num_items for a in table] == [24, 18]
+    by_topic = names_by_topic(table)
+    assert set(by_topic.values()) == {"__community_0", "__community_1"}
+    assert p.users == []  # community adapters are not users
+    assert p.train_community_adapters(min_users=4, progress=False).names == ["__community_0"]  # cats: only 3 users
+    table = p.train_community_adapters(min_users=3, progress=False)
+    by_topic = names_by_topic(table)
+
+    p.memory.add_many(topic_items("newbie", "vote", n=2, start=50))  # history, no adapter
+    spring = p.to_spring_model()
+    tok = p.tokenizer
+    inputs = tok.apply_chat_template([{"role": "user", "content": "vote rain w41"}], add_generation_prompt=True,
+                                     return_tensors="pt", return_dict=True)  # fmt: skip
+    from transformers_spring.generation import Personalization
+
+    plan = spring.plan(inputs["input_ids"], inputs["attention_mask"], personalization=["newbie"])
+    assert plan[0].adapter == by_topic["vote"]
+    routed = spring.generate(**inputs, personalization="newbie", max_new_tokens=4, do_sample=False)
+    explicit = spring.generate(
+        **inputs, personalization=Personalization(user="newbie", adapter=by_topic["vote"]), max_new_tokens=4,
+        do_sample=False,
+    )  # fmt: skip
+    assert torch.equal(routed, explicit)
+    base = spring.generate(
+        **inputs, personalization=Personalization(user="newbie", adapter="__base__"), max_new_tokens=4,
+        do_sample=False,
+    )  # fmt: skip
+    assert not torch.equal(routed, base)  # the community adapter is not the base model
+    # A user the memory does not know has no vector: the base model.
+    assert spring.plan(inputs["input_ids"], inputs["attention_mask"], personalization=["stranger"])[0].adapter == (
+        "__base__"
+    )
+    with pytest.raises(ValueError, match="community adapter name"):
+        p.observe("__community_0", topic_items("__community_0", "cats"))
+
+
+def test_a_new_users_adapter_starts_from_their_community_adapter(tmp_path, monkeypatch):
+    from transformers import Trainer
+    from transformers.trainer_utils import TrainOutput
+
+    for init in (True, False):
+        p = community_personalizer(tmp_path / str(init), community_init=init)
+        by_topic = names_by_topic(p.train_community_adapters(min_users=3, progress=False))
+        with monkeypatch.context() as patch:  # no training step: the adapter keeps its starting weights
+            patch.setattr(Trainer, "train", lambda self, *a, **k: TrainOutput(0, 0.0, {}))
+            p.observe("fresh", topic_items("fresh", "cats", n=3, start=60))
+        start = lora_weights(p.model, "fresh")
+        community = lora_weights(p.model, by_topic["cats"])
+        same = all(torch.equal(start[k], community[k]) for k in community)
+        assert same is init and start.keys() == community.keys()
+        assert p.community_adapters[by_topic["cats"]].initialized == (["fresh"] if init else [])
+        if init:  # recorded, saved, and reported when a member of that community is erased
+            p.save_pretrained(tmp_path / "init-state")
+            saved = json.loads((tmp_path / "init-state" / "community_adapters.json").read_text())
+            assert [a["initialized"] for a in saved["adapters"] if a["name"] == by_topic["cats"]] == [["fresh"]]
+            report = p.forget_user("a0")  # cats falls to 2 members: dropped; fresh's adapter started from it
+            assert report.dropped == [by_topic["cats"]] and report.derived_users == ["fresh"]
+        if not init:  # peft's initialisation: B = 0
+            assert all(not v.any() for k, v in start.items() if "lora_B" in k)
+
+
+def test_forget_user_retrains_or_drops_the_community_adapters_they_trained(tmp_path):
+    from testing_utils import find_traces
+
+    p = community_personalizer(tmp_path)
+    by_topic = names_by_topic(p.train_community_adapters(min_users=3, progress=False))
+    before = lora_weights(p.model, by_topic["vote"])
+    report = p.forget_user("b1")  # vote keeps 3 members: retrained without b1
+    assert report and report.retrained == [by_topic["vote"]] and report.dropped == []
+    assert p.community_adapters[by_topic["vote"]].members == ["b0", "b2", "b3"]
+    assert p.community_adapters[by_topic["vote"]].num_items == 18
+    after = lora_weights(p.model, by_topic["vote"])
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    report = p.forget_user("a2")  # cats falls to 2 members: dropped
+    assert report.dropped == [by_topic["cats"]] and report.retrained == []
+    assert p.community_adapters.names == [by_topic["vote"]] and by_topic["cats"] not in p.adapter_pool
+    assert not p.forget_user("nobody")
+    out = tmp_path / "state"
+    p.save_pretrained(out)
+    assert find_traces(out, "b1-", "a2-") == []  # no record id of theirs in any file
+    saved = json.loads((out / "community_adapters.json").read_text())
+    assert [a["members"] for a in saved["adapters"]] == [["b0", "b2", "b3"]]
+    assert not (out / "adapters" / by_topic["cats"]).exists()
+
+
+def test_community_adapters_survive_save_and_load(tmp_path):
+    from transformers_spring.generation import SpringForCausalLM
+
+    p = community_personalizer(tmp_path, model=saved_base(tmp_path))
+    table = p.train_community_adapters(min_users=3, progress=False)
+    p.memory.add_many(topic_items("newbie", "cats", n=2, start=50))
+    out = tmp_path / "state"
+    p.save_pretrained(out)
+    manifest = json.loads((out / "spring_manifest.json").read_text())
+    assert any(c["name"] == "communities" for c in manifest.get("components", []))
+    loaded = ContinualPersonalizer.from_pretrained(
+        make_model("llama", TRAINING_VOCAB.size), out, memory_kwargs={"encoder": HashingEncoder(32)}
+    )
+    assert loaded.community_adapters.names == table.names
+    for a in table:
+        b = loaded.community_adapters[a.name]
+        assert b.members == a.members and b.num_items == a.num_items and np.allclose(b.centroid, a.centroid)
+        loaded.adapter_pool.make_resident(a.name)
+        left, right = lora_weights(p.model, a.name), lora_weights(loaded.model, a.name)
+        assert all(torch.equal(left[k], right[k]) for k in left)
+    spring = SpringForCausalLM.from_pretrained(out, memory_kwargs={"encoder": HashingEncoder(32)})
+    tok = p.tokenizer
+    inputs = tok.apply_chat_template([{"role": "user", "content": "cats dogs w3"}], add_generation_prompt=True,
+                                     return_tensors="pt", return_dict=True)  # fmt: skip
+    here = p.to_spring_model()
+    plan = spring.plan(inputs["input_ids"], inputs["attention_mask"], personalization=["newbie"])
+    assert plan[0].adapter == names_by_topic(table)["cats"]
+    assert torch.equal(
+        spring.generate(**inputs, personalization="newbie", max_new_tokens=4, do_sample=False),
+        here.generate(**inputs, personalization="newbie", max_new_tokens=4, do_sample=False),
+    )
+    assert spring.forget_user("a0") and spring.community_adapters.contributed("a0") == []  # the wrapper drops
+
+
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        ({"name": "../x"}, r"adapters\[0\]\.name"),
+        ({"name": "__community_9"}, "has no adapter '__community_9'"),
+        ({"members": ["ok", 3]}, r"adapters\[0\]\.members"),
+        ({"members": []}, r"adapters\[0\]\.members"),
+        ({"centroid": [float("nan")] * 32}, r"adapters\[0\]\.centroid"),
+        ({"num_items": -1}, r"adapters\[0\]\.num_items"),
+    ],
+)
+def test_a_hostile_community_file_is_refused_naming_the_field(tmp_path, edit, match):
+    from transformers_spring.generation import SpringForCausalLM
+
+    p = community_personalizer(tmp_path, model=saved_base(tmp_path))
+    p.train_community_adapters(min_users=3, progress=False)
+    out = tmp_path / "state"
+    p.save_pretrained(out)
+    path = out / "community_adapters.json"
+    data = json.loads(path.read_text())
+    data["adapters"][0].update(edit)
+    path.write_text(json.dumps(data))  # (NaN is written as NaN, which json reads back)
+    with pytest.raises(ValueError, match=match):
+        ContinualPersonalizer.from_pretrained(
+            make_model("llama", TRAINING_VOCAB.size), out, memory_kwargs={"encoder": HashingEncoder(32)}
+        )
+    with pytest.raises(ValueError, match=match):
+        SpringForCausalLM.from_pretrained(out, memory_kwargs={"encoder": HashingEncoder(32)})

@@ -2,6 +2,7 @@
 the copy path."""
 
 from .adapters import AdapterRouter
+from .community import CommunityAdapter, CommunityAdapters
 from .config import DECODING_PRESETS, SPRING_CONFIG_NAME, SpringConfig
 from .copying import CopyIndex, CopyMixtureLogitsProcessor
 from .cpu_linear import skinny_cpu_linear
@@ -15,6 +16,8 @@ __all__ = [
     "DECODING_PRESETS",
     "SPRING_CONFIG_NAME",
     "AdapterRouter",
+    "CommunityAdapter",
+    "CommunityAdapters",
     "CopyIndex",
     "CopyMixtureLogitsProcessor",
     "FusedDualPathDecoder",

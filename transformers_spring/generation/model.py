@@ -14,6 +14,7 @@ from transformers import GenerationConfig, LogitsProcessorList
 from transformers.utils import logging
 
 from ..persistence.cards import render_card
+from ..persistence.community_files import read_community_adapters
 from ..persistence.folder import reading, save_folder
 from ..persistence.hub import HubMixin, resolve_folder
 from ..persistence.spring_folder import (  # the names training/continual.py imports from here too
@@ -29,6 +30,7 @@ from ..records import RetrievalMemory
 from ..utils.compat import merged_generation_config, needs_synced_gpus
 from ..utils.modeling import is_peft_model, pad_token_id
 from .adapters import AdapterRouter, activate_adapters
+from .community import CommunityAdapters
 from .config import SPRING_CONFIG_NAME, SpringConfig
 from .copying import CopyMixtureLogitsProcessor, build_copy_indexes
 from .fused import FusedDualPathDecoder
@@ -72,8 +74,8 @@ class SpringForCausalLM(HubMixin, nn.Module):
          local/global mediator; a float `SpringConfig.gate` keeps only local items scored above it);
       2. inserts the retrieved history into the row's prompt (chat-template aware, see [`HistoryPromptBuilder`]);
       3. routes the user's LoRA adapter (`adapter_name_for(user)`) to that row, both paths; users without one decode
-         with the base model (users the memory does not know either are refused with
-         `SpringConfig(unknown_user="error")`);
+         with the community adapter nearest their memory items when the model has `community_adapters`, else with
+         the base model (users the memory does not know either are refused with `SpringConfig(unknown_user="error")`);
       4. decodes with `p = λ · p(· | history, prompt) + (1 − λ) · p(· | prompt)` — rows whose gate stays closed decode
          with the parametric path only and cost no second forward;
       5. with `SpringConfig.copy_weight` μ > 0, mixes in the copy path: `(1 − μ) · p + μ · p_copy`, where `p_copy`
@@ -90,6 +92,9 @@ class SpringForCausalLM(HubMixin, nn.Module):
             `SpringConfig(spring_preset="paper")` for the paper's).
         tokenizer (`PreTrainedTokenizerBase`, *optional*):
             Needed to render history and to decode retrieval queries.
+        community_adapters ([`CommunityAdapters`], *optional*):
+            The routing table of the model's community adapters (trained by
+            [`~ContinualPersonalizer.train_community_adapters`]), saved as `community_adapters.json`.
 
     Example:
 
@@ -108,6 +113,7 @@ class SpringForCausalLM(HubMixin, nn.Module):
         memory: Any = None,
         config: SpringConfig | None = None,
         tokenizer: Any = None,
+        community_adapters: CommunityAdapters | None = None,
     ):
         super().__init__()
         if not hasattr(model, "generate"):
@@ -124,6 +130,11 @@ class SpringForCausalLM(HubMixin, nn.Module):
         self.memory = memory
         self.spring_config = config if config is not None else SpringConfig()
         self.tokenizer = tokenizer
+        if community_adapters is not None and not isinstance(community_adapters, CommunityAdapters):
+            raise TypeError(
+                f"`community_adapters` must be CommunityAdapters, got {type(community_adapters).__name__}."
+            )
+        self.community_adapters = community_adapters
         self.last_personalization: list[RowPersonalization | None] = []
         self.last_generation_stats: dict[str, Any] = {}
         self._users_without_adapter: set[str] = set()  # logged once each
@@ -135,8 +146,9 @@ class SpringForCausalLM(HubMixin, nn.Module):
         """The personalization pipeline over the wrapper's current model, memory, config and tokenizer (the one
         path from `personalization=` to decoding inputs, see [`PersonalizationPlanner`])."""
         return PersonalizationPlanner(
-            self.base_model, self.memory, self.spring_config, self.tokenizer, logged=self._users_without_adapter
-        )
+            self.base_model, self.memory, self.spring_config, self.tokenizer, logged=self._users_without_adapter,
+            communities=self.community_adapters,
+        )  # fmt: skip
 
     def plan(self, input_ids: torch.LongTensor, attention_mask: torch.LongTensor | None = None, personalization=None):
         r"""
@@ -494,12 +506,24 @@ class SpringForCausalLM(HubMixin, nn.Module):
         forget = getattr(self.memory, "forget_user", None)
         if callable(forget):
             known = bool(forget(user_id))
+        names = []
         if is_peft_model(self.base_model):
             name = AdapterRouter(self.base_model).resolve(user_id, self.spring_config.adapter_name_template)
-            if name in self.base_model.peft_config:
-                known = True
-                if not erase_adapter(self.base_model, name):  # the model's last adapter: zeroed, never saved again
-                    self._erased_adapters.add(name)
+            names = [name] if name in self.base_model.peft_config else []
+            known = known or bool(names)
+        if self.community_adapters is not None:
+            # The wrapper cannot retrain a community adapter without the user: it drops the ones they trained
+            # (ContinualPersonalizer.forget_user retrains them on the remaining members instead).
+            contributed = self.community_adapters.contributed(user_id)
+            for name in contributed:
+                self.community_adapters.remove(name)
+            if contributed:
+                logger.info(f"Forgetting {user_id!r} dropped the community adapter(s) they trained: {contributed}.")
+            names += [n for n in contributed if is_peft_model(self.base_model) and n in self.base_model.peft_config]
+            known = known or bool(contributed)
+        for name in names:
+            if not erase_adapter(self.base_model, name):  # the model's last adapter: zeroed, never saved again
+                self._erased_adapters.add(name)
         return known
 
     # ---------------------------------------------------------------------------------------------- persistence
@@ -562,6 +586,7 @@ class SpringForCausalLM(HubMixin, nn.Module):
             self.base_model,
             self.memory if save_memory else None,
             self.tokenizer if save_tokenizer else None,
+            self.community_adapters,
         )
         extras = ["the memory (`memory/`)"] if memory_saved else []
         erased = self._erased_adapters
@@ -648,13 +673,16 @@ class SpringForCausalLM(HubMixin, nn.Module):
             model = _load_base_model(base_id, where, hub, hf_kwargs, hint=base_override is None)
             with reading(found):
                 # `lexists`: a symlinked `adapters` (even a dangling one) is refused by the load, not silently skipped.
+                communities = None
                 if load_adapters and os.path.lexists(found / ADAPTERS_DIR):
                     model = load_saved_adapters(model, found / ADAPTERS_DIR, is_trainable)
+                    communities = read_community_adapters(found, set(getattr(model, "peft_config", {}) or {}))
                 if memory is None and load_memory:
                     memory = load_memory_component(found, memory_kwargs)
                 if tokenizer is None:
                     tokenizer = load_tokenizer([str(found), base_id], **hub)
         else:
+            communities = None
             base_id = base_override or str(pretrained_model_name_or_path)
             hub["revision"] = revision  # the model and its tokenizer come from the repo named
             where = f"{base_id!r}, a SpringForCausalLM folder or a causal LM"
@@ -666,7 +694,7 @@ class SpringForCausalLM(HubMixin, nn.Module):
             config = copy.deepcopy(spring_config)
         if config.base_model_name_or_path is None:
             config.base_model_name_or_path = base_id
-        return cls(model, memory=memory, config=config, tokenizer=tokenizer)
+        return cls(model, memory=memory, config=config, tokenizer=tokenizer, community_adapters=communities)
 
 
 # -------------------------------------------------------------------------------------------------- module helpers

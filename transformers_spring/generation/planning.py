@@ -16,8 +16,9 @@ decides, in this order:
    token ids of the row's copy sources (`SpringConfig.copy_sources`): its prompt and the responses of its planned
    history items (see `generation/copying.py`);
 6. **the adapter**: `Personalization.adapter` when given (it must exist), else the user's adapter by the one naming
-   rule ([`adapter_name_for`] with `SpringConfig.adapter_name_template`); a user without one decodes with the base
-   model, logged once per user. A user who has no adapter *and* of whom the memory holds no record is unknown
+   rule ([`adapter_name_for`] with `SpringConfig.adapter_name_template`); a user without one decodes with the
+   community adapter nearest the mean embedding of their memory items ([`CommunityAdapters.route`]) when the model
+   has community adapters, else with the base model, logged once per user. A user who has no adapter *and* of whom the memory holds no record is unknown
    (usually a typo): `SpringConfig.unknown_user="error"` refuses them before anything is retrieved.
 """
 
@@ -34,6 +35,7 @@ from transformers.utils import logging
 from ..memory.gate import RelevanceGate
 from ..utils.compat import active_adapter_of
 from .adapters import BASE_ADAPTER, AdapterRouter, adapter_name_for
+from .community import CommunityAdapters
 from .config import SpringConfig
 from .copying import parse_copy_sources, response_text
 from .personalization import Personalization, RowPersonalization
@@ -85,14 +87,24 @@ class PersonalizationPlanner:
         memory (*optional*): anything with `retrieve_context(user_id, query, k=..., use_global=..., **kwargs)`.
         config ([`SpringConfig`]): the decoding settings.
         tokenizer (*optional*): renders the history and decodes retrieval queries.
+        communities ([`CommunityAdapters`], *optional*): the community adapters a user without an adapter is routed
+            to.
         logged (`set[str]`, *optional*): users already logged as having no adapter or as unknown (shared across
             calls, so each is logged once).
     """
 
     def __init__(
-        self, model: nn.Module, memory: Any, config: SpringConfig, tokenizer: Any, *, logged: set[str] | None = None
+        self,
+        model: nn.Module,
+        memory: Any,
+        config: SpringConfig,
+        tokenizer: Any,
+        *,
+        logged: set[str] | None = None,
+        communities: CommunityAdapters | None = None,
     ):
         self.model = model
+        self.communities = communities
         self.memory = memory
         self.config = config
         self.tokenizer = tokenizer
@@ -137,6 +149,8 @@ class PersonalizationPlanner:
         template = self.config.adapter_name_template
         if router.has_adapters and router.resolve(user, template) != BASE_ADAPTER:
             return
+        if router.has_adapters and self._community_adapter(user, router) is not None:
+            return  # (a user without an adapter of their own, routed to their community's)
         known = self._memory_knows(user, memory_users)
         unknown = known is False  # a memory that cannot say (None) is taken to know every user
         if unknown and self.config.unknown_user == "error":
@@ -276,6 +290,15 @@ class PersonalizationPlanner:
         return kwargs
 
     # ------------------------------------------------------------------------------------------------ adapters
+    def _community_adapter(self, user: str, router: AdapterRouter) -> str | None:
+        """The community adapter of a user without an adapter: the one nearest the mean embedding of their memory
+        items, among those the model holds; None without community adapters or items."""
+        if self.communities is None or not len(self.communities):
+            return None
+        user_vector = getattr(self.memory, "user_vector", None)
+        vector = user_vector(user) if callable(user_vector) else None
+        return self.communities.route(vector, available=router.adapters)
+
     def _route(
         self, infos: list[RowPersonalization | None], rows: Sequence[Personalization | None], router: AdapterRouter
     ) -> tuple[AdapterRouter | None, list[str] | None]:
@@ -304,6 +327,8 @@ class PersonalizationPlanner:
                 info.adapter = default
             else:
                 info.adapter = router.resolve(info.user, self.config.adapter_name_template)  # logged in _check_user
+                if info.adapter == BASE_ADAPTER:
+                    info.adapter = self._community_adapter(info.user, router) or BASE_ADAPTER
             names.append(info.adapter)
         if all(name == default for name in names) and default is not None:
             return None, None  # the model as it is already does the right thing

@@ -306,6 +306,18 @@ class LoGoMemory(
             rows = [local.history.rows[i] for i in ids]
             return [local.history.records[i] for i in ids], local.history.vectors[rows].copy()
 
+    def user_vector(self, user_id: str) -> np.ndarray | None:
+        """The normalised mean embedding of a user's history (what communities and community adapters route by), or
+        None for a user without history."""
+        with self._lock:
+            local = self._locals.get(check_user_id(user_id))
+            vector = local.centroid() if local is not None else None
+            return None if vector is None else vector.copy()
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """Normalised embeddings of `texts` with the memory's encoder, shape `(len(texts), dim)` (nothing stored)."""
+        return self._encode(list(texts))
+
     def get(self, user_id: str, interaction_id: str) -> Interaction | None:
         with self._lock:
             local = self._locals.get(user_id)

@@ -3,6 +3,7 @@
 ```
 <dir>/spring_config.json        # SpringConfig, with base_model_name_or_path (the base weights are not saved)
 <dir>/adapters/<name>/...       # the LoRA adapters, peft's multi-adapter layout
+<dir>/community_adapters.json   # which adapters are community adapters, their members and centroids (when any)
 <dir>/memory/...                # the memory, through its own save_pretrained
 <dir>/tokenizer*.json           # the tokenizer
 <dir>/spring_manifest.json      # the atomic-save manifest (persistence.folder), with the components above
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch.nn as nn
 from transformers.utils import logging
 
+from .community_files import COMMUNITY_FILE, write_community_adapters
 from .folder import component, read_manifest
 from .registry import qualified_name
 
@@ -50,6 +52,8 @@ def spring_components(directory: Path, memory: Any) -> list[dict]:
     parts = [{"name": "config", "path": SPRING_CONFIG_NAME, "type": "SpringConfig"}]
     if (directory / ADAPTERS_DIR).is_dir():
         parts.append({"name": "adapters", "path": ADAPTERS_DIR, "type": "peft.LoraConfig"})
+    if (directory / COMMUNITY_FILE).is_file():
+        parts.append({"name": "communities", "path": COMMUNITY_FILE, "type": "CommunityAdapters"})
     if (directory / MEMORY_DIR).is_dir():
         parts.append({"name": "memory", "path": MEMORY_DIR, "type": qualified_name(type(memory))})
     if (directory / "tokenizer_config.json").is_file():
@@ -79,11 +83,17 @@ def load_memory_component(directory: Path, memory_kwargs: dict | None) -> Any:
 
 
 def save_spring_files(
-    directory: str | os.PathLike, spring_config: SpringConfig | None, model: nn.Module, memory: Any, tokenizer: Any
+    directory: str | os.PathLike,
+    spring_config: SpringConfig | None,
+    model: nn.Module,
+    memory: Any,
+    tokenizer: Any,
+    communities: Any = None,
 ) -> tuple[SpringConfig, bool]:
     """
     Writes what every SPRInG folder holds besides its adapters: `spring_config.json` (with the base model's id
-    filled in), the memory under `memory/` and the tokenizer (each when not None).
+    filled in), the memory under `memory/`, the tokenizer and `community_adapters.json` (each when not None or
+    empty).
 
     Args:
         directory (`str` or `os.PathLike`): the folder to write (a save's staging folder).
@@ -91,6 +101,8 @@ def save_spring_files(
         model (`nn.Module`): the model, whose base id fills in `base_model_name_or_path` when the config has none.
         memory (`Any`): the memory to save under `memory/`, or None.
         tokenizer (`Any`): the tokenizer to save, or None.
+        communities ([`~generation.community.CommunityAdapters`], *optional*): the community adapters' routing
+            table (their weights are saved with the other adapters).
 
     Returns:
         `(SpringConfig, bool)`: the config as written, and whether the memory was saved.
@@ -102,6 +114,8 @@ def save_spring_files(
     if config.base_model_name_or_path is None:
         config.base_model_name_or_path = base_name_or_path(model)
     config.save_pretrained(directory)
+    if communities is not None and len(communities):
+        write_community_adapters(directory, communities)
     memory_saved = False
     if memory is not None:
         if callable(getattr(memory, "save_pretrained", None)):

@@ -1,7 +1,7 @@
 """SPRInG's parametric half: drift-selective per-user LoRA updates with a residual replay buffer."""
 
 from .adapter_pool import AdapterPool
-from .continual import ContinualPersonalizer
+from .continual import ContinualPersonalizer, ForgetReport
 from .data import EncodedSample, SpringDataCollator, SpringDataset, SpringFormatter
 from .drift import (
     BaseLogProbCache,
@@ -29,6 +29,7 @@ __all__ = [
     "ContinualPersonalizer",
     "DriftScores",
     "EncodedSample",
+    "ForgetReport",
     "LogProb",
     "PersonalizationTuner",
     "SpringDataCollator",

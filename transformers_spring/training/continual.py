@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
 import os
 import shutil
@@ -15,15 +17,18 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from transformers.utils import logging
 
 from ..generation.adapters import DEFAULT_ADAPTER_NAME_TEMPLATE, check_adapter_name_template
+from ..generation.community import CommunityAdapter, CommunityAdapters
 from ..generation.config import SPRING_CONFIG_NAME, SpringConfig
 from ..generation.model import ADAPTERS_DIR, MEMORY_DIR, load_memory_component, save_spring_files, spring_components
 from ..memory import LoGoMemory
 from ..persistence.adapter_checks import adapter_tree
 from ..persistence.cards import render_card
+from ..persistence.community_files import read_community_adapters
 from ..persistence.continual_state import (
     CACHE_FILE,
     STATE_FILE,
@@ -42,11 +47,18 @@ from ..persistence.serving_export import export_adapters_for_serving
 from ..records import Interaction, check_user_id, coerce_interactions
 from ..utils.compat import erase_adapter
 from ..utils.modeling import base_name_or_path, is_peft_model
-from ..utils.validation import check_int
+from ..utils.validation import check_bool, check_int
 from .adapter_pool import AdapterPool
 from .data import EncodedSample, SpringFormatter
 from .drift import BaseLogProbCache, compute_logprobs
-from .lora import adapter_name_for, adapter_names, adapter_state, find_lora_target_modules, restore_adapter_state
+from .lora import (
+    adapter_name_for,
+    adapter_names,
+    adapter_state,
+    copy_adapter_weights,
+    find_lora_target_modules,
+    restore_adapter_state,
+)
 from .sharding import UserShard, merge_shards
 from .spring_config import (
     AUTO_LEARNING_RATE,
@@ -73,6 +85,35 @@ AUTO_SEARCH_LEARNING_RATES = (1e-3, 3e-3)
 # after it. Named `<prefix><n>` with the first free n: peft keeps a model's only adapter (zeroed, see
 # `erase_adapter`), and a zeroed LoRA (A = B = 0) has no gradient, so a stuck one is never trained again.
 SEARCH_ADAPTER_PREFIX = "__spring_lr_search_"
+
+
+@dataclasses.dataclass
+class ForgetReport:
+    """What [`~ContinualPersonalizer.forget_user`] did; true when the user was known.
+
+    Args:
+        known (`bool`): whether the user was known (to the personalizer, its memory or a community adapter).
+        retrained (`list[str]`): the community adapters retrained without the user.
+        dropped (`list[str]`): the community adapters dropped (too few members left).
+        derived_users (`list[str]`): users whose adapters started from one of those community adapters before the
+            erasure: their adapters still carry what they started from (retrain them with `forget_user` and
+            `observe`, or keep them, as your erasure policy says).
+    """
+
+    known: bool
+    retrained: list[str] = dataclasses.field(default_factory=list)
+    dropped: list[str] = dataclasses.field(default_factory=list)
+    derived_users: list[str] = dataclasses.field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return self.known
+
+
+def _adapter_folders(directory: Path) -> set[str]:
+    """The adapter folder names under a state's `adapters/` (checked for links by `adapter_tree` before)."""
+    return (
+        {p.name for p in directory.iterdir() if (p / "adapter_config.json").is_file()} if directory.is_dir() else set()
+    )
 
 
 def held_out_nll(model: torch.nn.Module, samples: Sequence[EncodedSample], args: Any, pad_token_id: int) -> float:
@@ -154,6 +195,9 @@ class ContinualPersonalizer(HubMixin):
             Train only this worker's users (see [`claim_user_shard`]): `observe` for another worker's user is a
             logged no-op. Save each worker's state into its own folder and combine them with
             [`~ContinualPersonalizer.merge_shards`].
+        community_init (`bool`, *optional*, defaults to `True`):
+            Once [`~ContinualPersonalizer.train_community_adapters`] has run, a new user's adapter starts from the
+            community adapter nearest their first items instead of from peft's initialisation.
 
     With `args.learning_rate="auto"` (the default), the learning rate is chosen once for all users: the first
     period-0 update with at least 10 items runs a small validation search first. Its latest 20 % (at least 2 items)
@@ -195,6 +239,7 @@ class ContinualPersonalizer(HubMixin):
         callbacks: list | None = None,
         score_cache: BaseLogProbCache | None = None,
         shard: UserShard | None = None,
+        community_init: bool = True,
     ):
         if shard is not None and not isinstance(shard, UserShard):
             raise TypeError(f"`shard` must be a UserShard, got {type(shard).__name__}.")
@@ -239,6 +284,9 @@ class ContinualPersonalizer(HubMixin):
         # How `learning_rate="auto"` was resolved (None until the first update, and with a float learning rate).
         self.learning_rate_choice: dict[str, Any] | None = None
         self._users: dict[str, UserState] = {}
+        # Community adapters (`train_community_adapters`): in the adapter pool with the users', routed by this table.
+        self.community_adapters: CommunityAdapters | None = None
+        self.community_init = check_bool(community_init, "community_init")
 
     @property
     def model(self) -> torch.nn.Module:
@@ -375,6 +423,8 @@ class ContinualPersonalizer(HubMixin):
                 f"`user_id` {user_id!r} and {clash!r} map to the same adapter name {name!r}; use ids that differ in "
                 "[A-Za-z0-9_-] characters."
             )
+        if self.community_adapters is not None and name in self.community_adapters:
+            raise ValueError(f"`user_id` {user_id!r} maps to the community adapter name {name!r}; use another id.")
         if entry is None and name in adapter_names(self.model) and not self.adapter_pool.owns(name):
             raise ValueError(
                 f"the model already has an adapter named {name!r} that this personalizer does not manage; "
@@ -387,6 +437,9 @@ class ContinualPersonalizer(HubMixin):
         args = self._update_args(user_id, records, period)
         if entry is not None:
             self.adapter_pool.make_resident(name)
+        community = self._community_for(records) if entry is None else None
+        if community is not None:
+            self.adapter_pool.make_resident(community)  # before the trainer activates the user's adapter
         callbacks = list(self.callbacks or []) + list(trainer_kwargs.pop("callbacks", None) or [])
         trainer = SpringTrainer(
             model=self.model,
@@ -402,6 +455,9 @@ class ContinualPersonalizer(HubMixin):
             callbacks=callbacks or None,
             **trainer_kwargs,
         )
+        if community is not None and trainer.created_adapter:
+            copy_adapter_weights(trainer.model, community, name)
+            logger.info(f"user {user_id!r}: the new adapter starts from the community adapter {community!r}.")
         try:
             output = trainer.run_period()
         except BaseException:
@@ -412,6 +468,8 @@ class ContinualPersonalizer(HubMixin):
             self.model = trainer.model  # wrapped with peft at the first user
             self._drop_search_adapters()  # (peft keeps a model's only adapter: a search's goes once another exists)
         self._users[user_id] = UserState(name, period + 1, (entry.num_observed if entry else 0) + len(records))
+        if community is not None and trainer.created_adapter:
+            self.community_adapters[community].initialized.append(user_id)
         self.adapter_pool.mark_trained(name)
         return output
 
@@ -505,6 +563,124 @@ class ContinualPersonalizer(HubMixin):
             if not erase_adapter(self.model, name):
                 logger.debug(f"the search adapter {name!r} is the model's only one: zeroed, removed after the next.")
 
+    # ------------------------------------------------------------------------------------------------ communities
+    def train_community_adapters(
+        self,
+        *,
+        min_users: int = 3,
+        max_items_per_user: int | None = 64,
+        min_similarity: float = 0.0,
+        progress: bool = True,
+    ) -> CommunityAdapters:
+        """Trains one LoRA adapter per community of the memory's global memory (see [`GlobalMemory`]) with at least
+        `min_users` members, on their pooled history items: collective knowledge that reaches a new or cold-start
+        user without serving anyone's text (the parametric counterpart of LoGo's global memory). Any earlier
+        community adapters are replaced.
+
+        - **Who contributes**: the users the global memory holds, so the memory's sharing policy decides: under
+          `"private"`, every user who did not opt out; under `"consented"`, only users who opted in.
+        - **Training**: a fresh adapter (`__community_<n>`) per community, period 0 of [`SpringTrainer`] on every
+          member's latest `max_items_per_user` history items (so no member dominates), at this personalizer's
+          learning rate (`"auto"`: its chosen rate, else the model's size default) and epochs.
+        - **Use**: a new user's adapter starts from the community adapter nearest their first items
+          (`community_init`), and [`SpringForCausalLM`] (see [`~ContinualPersonalizer.to_spring_model`]) decodes a user
+          without an adapter with the one nearest their memory items.
+        - **Erasure**: [`~ContinualPersonalizer.forget_user`] retrains the adapters a user contributed to, or drops
+          them.
+        - **What leaks**: an adapter trained on a user's text can reproduce it. `benchmarks/bench_community_leak.py`
+          measures how much of one user's unique text a community adapter reproduces, against the base model.
+
+        Args:
+            min_users (`int`, *optional*, defaults to 3): the fewest contributing users of a community adapter.
+            max_items_per_user (`int`, *optional*, defaults to 64): the most (latest) items each member contributes
+                (None: all).
+            min_similarity (`float`, *optional*, defaults to 0.0): the lowest cosine at which a user is routed to a
+                community adapter.
+            progress (`bool`, *optional*, defaults to `True`): a tqdm bar over communities.
+
+        Returns:
+            [`CommunityAdapters`]: the routing table (also `personalizer.community_adapters`).
+
+        Raises:
+            `TypeError`: a memory without a global memory (not a [`LoGoMemory`]).
+        """
+        from tqdm.auto import tqdm
+
+        table = CommunityAdapters(min_users, min_similarity, max_items_per_user=max_items_per_user)
+        global_memory = getattr(self.memory, "global_memory", None)
+        if global_memory is None:
+            raise TypeError(f"community adapters need a LoGoMemory, got {type(self.memory).__name__}.")
+        for name in list(self.community_adapters.names if self.community_adapters is not None else []):
+            self._drop_community(name)
+        self.community_adapters = table
+        communities = sorted(global_memory.communities().items())  # members in the memory's first-write order
+        chosen = [members for _, members in communities if len(members) >= table.min_users]
+        for members in tqdm(chosen, desc="community adapters", disable=not progress or not chosen):
+            self._train_community(None, members)
+        logger.info(
+            f"{len(table)} community adapter(s) trained, from {len(communities)} communities "
+            f"({sum(len(m) for m in chosen)} contributing users; a community needs >= {table.min_users} users)."
+        )
+        return table
+
+    def _train_community(self, name: str | None, members: Sequence[str]) -> str | None:
+        """(Re)trains a community adapter from scratch on `members`' pooled items and records it: `name` when it can
+        be reused, else a new name (None: a new adapter). Returns the name, or None when the members have no items
+        (an old `name` is then dropped)."""
+        table, limit = self.community_adapters, self.community_adapters.max_items_per_user
+        kept, vectors = [], []
+        for j, user in enumerate(members):
+            records, embeddings = self.memory.history_embeddings(user)
+            order = sorted(range(len(records)), key=lambda i: records[i].timestamp)
+            for i in order[-limit:] if limit is not None else order:
+                kept.append((j, records[i]))
+                vectors.append(embeddings[i])
+        if name is not None:
+            self._drop_community(name)  # a retrain starts from scratch: nothing of the old weights survives
+        if not kept:
+            return None
+        if name is None or name in adapter_names(self.model):  # (peft keeps a model's last adapter, zeroed)
+            name = table.next_name({entry.adapter for entry in self._users.values()} | set(adapter_names(self.model)))
+        # The pooled items become the community's own (ids stay distinct across members).
+        pooled = [dataclasses.replace(record, user_id=name, id=f"{j}-{record.id}") for j, record in kept]
+        pooled.sort(key=lambda item: item.timestamp)
+        trainer = SpringTrainer(
+            model=self.model, args=self._community_args(), user_id=name, period=0, train_interactions=pooled,
+            processing_class=self.tokenizer, adapter_name=name,
+        )  # fmt: skip
+        try:
+            trainer.run_period()
+        finally:
+            self.model = trainer.model
+        self.adapter_pool.mark_trained(name)
+        table.add(CommunityAdapter(name, list(members), np.mean(np.stack(vectors), axis=0), len(pooled)))
+        return name
+
+    def _drop_community(self, name: str) -> None:
+        self.adapter_pool.remove(name)
+        if self.community_adapters is not None:
+            self.community_adapters.remove(name)
+
+    def _community_args(self) -> SpringTrainingArguments:
+        if self.args.learning_rate != AUTO_LEARNING_RATE:
+            return self.args
+        choice = self.learning_rate_choice
+        rate = choice["learning_rate"] if choice else default_learning_rate(count_model_parameters(self.model))
+        return self.args.with_learning_rate(rate)
+
+    def _community_for(self, records: Sequence[Interaction]) -> str | None:
+        """The community adapter a new user's adapter starts from: the one nearest their first items."""
+        table = self.community_adapters
+        if (
+            not self.community_init
+            or table is None
+            or not len(table)
+            or not callable(getattr(self.memory, "embed", None))
+        ):
+            return None
+        vectors = self.memory.embed([record.text for record in records])
+        return table.route(vectors.mean(axis=0) if len(vectors) else None)
+
     def forget_user(self, user_id: str) -> bool:
         """Erases a user everywhere the personalizer keeps them: the adapter (in the model, or its offloaded copy),
         the period counters and routing entry, the base log-prob cache entries and the memory (records, buffer,
@@ -514,8 +690,12 @@ class ContinualPersonalizer(HubMixin):
         Args:
             user_id (`str`): the user.
 
+        Community adapters the user's items trained are retrained on the remaining members (fresh, so nothing of the
+        user survives in them), or dropped when fewer than `min_users` members remain.
+
         Returns:
-            `bool`: whether the user was known (to the personalizer or its memory).
+            [`ForgetReport`]: true when the user was known (to the personalizer, its memory or a community adapter);
+            `retrained` and `dropped` name the community adapters.
         """
         user_id = check_user_id(user_id)
         entry = self._users.pop(user_id, None)
@@ -525,7 +705,30 @@ class ContinualPersonalizer(HubMixin):
         forget = getattr(self.memory, "forget_user", None)
         if callable(forget):
             known = bool(forget(user_id)) or known
-        return known
+        report = ForgetReport(known)
+        for adapter in self.community_adapters or []:
+            if user_id in adapter.initialized:
+                adapter.initialized.remove(user_id)
+        for name in self.community_adapters.contributed(user_id) if self.community_adapters is not None else []:
+            report.known = True
+            derived = self.community_adapters[name].initialized
+            report.derived_users += [u for u in derived if u not in report.derived_users]
+            members = [m for m in self.community_adapters[name].members if m != user_id]
+            retrained = None
+            if len(members) >= self.community_adapters.min_users:
+                retrained = self._train_community(name, members)
+            if retrained is not None:
+                report.retrained.append(retrained)
+            else:
+                self._drop_community(name)
+                report.dropped.append(name)
+        if report.retrained or report.dropped:
+            logger.info(
+                f"Forgetting {user_id!r}: community adapters retrained without them {report.retrained}, dropped "
+                f"(fewer than {self.community_adapters.min_users} members left) {report.dropped}; users whose "
+                f"adapters started from them: {report.derived_users}."
+            )
+        return report
 
     # ------------------------------------------------------------------------------------------------ persistence
     def _state(self) -> ContinualState:
@@ -585,6 +788,7 @@ class ContinualPersonalizer(HubMixin):
         adapters = directory / ADAPTERS_DIR
         adapters.mkdir()
         managed = {entry.adapter for entry in self._users.values()}
+        managed |= set(self.community_adapters.names) if self.community_adapters is not None else set()
         resident = [name for name in self.adapter_pool.resident if name in managed]
         if resident:
             self.model.save_pretrained(str(adapters), selected_adapters=resident)
@@ -592,8 +796,9 @@ class ContinualPersonalizer(HubMixin):
         for name in sorted(managed - set(resident)):
             copy_tree(self.adapter_pool.path_of(name), adapters / name, what=f"the offloaded adapter {name!r}")
         config, _ = save_spring_files(
-            directory, self.spring_config, self.model, self.memory, self.tokenizer if save_tokenizer else None
-        )
+            directory, self.spring_config, self.model, self.memory, self.tokenizer if save_tokenizer else None,
+            self.community_adapters,
+        )  # fmt: skip
         self.score_cache.save(directory / CACHE_FILE)
         write_continual_state(directory, self._state())
         write_training_args(directory, self.args)
@@ -716,6 +921,17 @@ class ContinualPersonalizer(HubMixin):
                 adapter_tree(directory / ADAPTERS_DIR, what="the adapters folder")
             for user_id, entry in state.users.items():
                 personalizer.add_user(user_id, entry, directory / ADAPTERS_DIR / entry.adapter)
+            communities = read_community_adapters(directory, _adapter_folders(directory / ADAPTERS_DIR))
+            if communities is not None:
+                clash = sorted(set(communities.names) & {entry.adapter for entry in state.users.values()})
+                if clash:
+                    raise ValueError(f"{directory}: the community adapter(s) {clash} are also users' adapters.")
+                for adapter in communities:
+                    personalizer.adapter_pool.add_offloaded(
+                        adapter.name, directory / ADAPTERS_DIR / adapter.name,
+                        allowed_targets=personalizer._expected_targets(),
+                    )  # fmt: skip
+                personalizer.community_adapters = communities
             return personalizer
 
     def export_for_serving(
@@ -841,10 +1057,16 @@ class ContinualPersonalizer(HubMixin):
                     "to choose whose adapters to load (others decode with the base model)."
                 )
         users = list(users)
-        if len(users) > self.max_resident_adapters:
-            raise ValueError(f"`users` has {len(users)} users; at most `max_resident_adapters` = "
-                             f"{self.max_resident_adapters} can be loaded.")  # fmt: skip
+        communities = self.community_adapters.names if self.community_adapters is not None else []
+        if len(users) + len(communities) > self.max_resident_adapters:
+            raise ValueError(f"`users` has {len(users)} users and there are {len(communities)} community adapters; "
+                             f"at most `max_resident_adapters` = {self.max_resident_adapters} can be loaded.")  # fmt: skip
+        for name in communities:
+            self.adapter_pool.make_resident(name)
         for user in users:
             self.load_user(user)
         self.model.eval()
-        return SpringForCausalLM(self.model, memory=self.memory, config=config, tokenizer=self.tokenizer)
+        return SpringForCausalLM(
+            self.model, memory=self.memory, config=config, tokenizer=self.tokenizer,
+            community_adapters=copy.deepcopy(self.community_adapters),
+        )  # fmt: skip

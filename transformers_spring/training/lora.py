@@ -137,3 +137,29 @@ def restore_adapter_state(model: nn.Module, state: dict[str, torch.Tensor]) -> N
     params = dict(model.named_parameters())
     for param_name, value in state.items():
         params[param_name].copy_(value)
+
+
+@torch.no_grad()
+def copy_adapter_weights(model: nn.Module, source: str, target: str) -> int:
+    """Copies adapter `source`'s LoRA weights into adapter `target` (same rank and targets), in place: how a user's
+    new adapter starts from their community's instead of from peft's initialisation. Returns how many tensors were
+    copied.
+
+    Raises:
+        `ValueError`: the adapters do not have the same layers and shapes.
+    """
+    params = dict(model.named_parameters())
+    copied = 0
+    for param_name, value in list(params.items()):
+        if not is_lora_parameter_of(param_name, [source]):
+            continue
+        twin = param_name.replace(f".{source}.", f".{target}.")
+        if twin not in params or params[twin].shape != value.shape:
+            raise ValueError(
+                f"adapters {source!r} and {target!r} differ at {param_name!r}: they cannot share weights."
+            )
+        params[twin].copy_(value)
+        copied += 1
+    if not copied:
+        raise ValueError(f"adapter {source!r} has no LoRA weights in the model.")
+    return copied

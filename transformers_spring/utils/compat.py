@@ -311,6 +311,8 @@ def erase_adapter(model: nn.Module, name: str) -> bool:
     if name not in names:
         return True
     if len(names) > 1:
+        if getattr(model, "active_adapter", None) == name:  # peft warns when the active adapter is deleted
+            model.set_adapter(next(other for other in names if other != name))
         model.delete_adapter(name)
         return True
     with torch.no_grad():
