@@ -75,7 +75,7 @@ def test_bench_logo_end_to_end_on_a_tiny_saved_model(tmp_path, capsys):
     code = main([
         "bench-logo", "--data", str(data), "--model", str(model_dir), "--users", "2", "--min_items", "10",
         "--prompt_template", "write a headline for {prompt}", "--max_new_tokens", "3", "--num_train_epochs", "1",
-        "--encoder", "hashing", "--learning_rates", "", "--history_cuts", "0,all", "--mediator_min_examples", "1",
+        "--encoder", "hashing", "--learning_rates", "", "--history_cuts", "0,all", "--mediator_min_examples", "2",
         "--out", str(out),
     ])  # fmt: skip
     assert code == 0
