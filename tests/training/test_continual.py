@@ -961,3 +961,39 @@ def test_a_hostile_community_file_is_refused_naming_the_field(tmp_path, edit, ma
         )
     with pytest.raises(ValueError, match=match):
         SpringForCausalLM.from_pretrained(out, memory_kwargs={"encoder": HashingEncoder(32)})
+
+
+def test_a_member_who_stops_sharing_leaves_the_community_adapters(tmp_path):
+    p = community_personalizer(tmp_path)
+    by_topic = names_by_topic(p.train_community_adapters(min_users=3, progress=False))
+    p.memory.set_sharing("b2", False)  # an opt-out: b2's items must leave every adapter they trained
+    p.memory.set_sharing("a1", False)  # cats falls below 3 sharing members
+    p.to_spring_model()
+    assert p.community_adapters.names == [by_topic["vote"]]
+    assert p.community_adapters[by_topic["vote"]].members == ["b0", "b1", "b3"]
+    # A policy change withdraws every earlier opt-in: nothing is left to train on.
+    p.memory.set_sharing_policy("consented")
+    p.save_pretrained(tmp_path / "state")
+    assert p.community_adapters.names == [] and not (tmp_path / "state" / "community_adapters.json").exists()
+
+
+def test_a_wrapper_saves_only_the_community_adapters_it_holds(tmp_path):
+    from transformers_spring.generation import SpringForCausalLM
+
+    p = community_personalizer(tmp_path, model=saved_base(tmp_path), max_resident_adapters=2)
+    table = p.train_community_adapters(min_users=3, progress=False)
+    spring = p.to_spring_model()
+    assert spring.community_adapters is p.community_adapters  # shared: a later erasure reaches the wrapper
+    p.observe("fresh", topic_items("fresh", "cats", n=3, start=60))  # evicts the least recently used adapter
+    held = [a.name for a in table if a.name in spring.base_model.peft_config]
+    assert len(held) == 1
+    spring.save_pretrained(tmp_path / "wrapped")
+    saved = json.loads((tmp_path / "wrapped" / "community_adapters.json").read_text())
+    assert [a["name"] for a in saved["adapters"]] == held
+    loaded = SpringForCausalLM.from_pretrained(tmp_path / "wrapped", memory_kwargs={"encoder": HashingEncoder(32)})
+    assert loaded.community_adapters.names == held
+    assert loaded.forget_user("fresh") and all("fresh" not in a.initialized for a in loaded.community_adapters)
+    # A user id that maps to a community adapter's name does not erase it.
+    name = held[0]
+    loaded.forget_user(name)
+    assert name in loaded.base_model.peft_config

@@ -489,14 +489,16 @@ class SpringForCausalLM(HubMixin, nn.Module):
 
     def forget_user(self, user_id: str) -> bool:
         """Erases a user from the wrapper: their LoRA adapter (the one `personalization=user_id` routes to) and
-        their memory (records, buffer, global contributions). The next `save_pretrained` writes none of it and
-        removes the files earlier saves wrote for them.
+        their memory (records, buffer, global contributions). The community adapters their items trained are dropped
+        (the wrapper cannot retrain them; [`~ContinualPersonalizer.forget_user`] retrains them on the remaining
+        members), and their id leaves the routing table. The next `save_pretrained` writes none of it and removes
+        the files earlier saves wrote for them.
 
         Args:
             user_id (`str`): the user.
 
         Returns:
-            `bool`: whether the user had an adapter or memory.
+            `bool`: whether the user had an adapter, memory records or a community adapter.
         """
         from ..records import check_user_id
         from ..utils.compat import erase_adapter
@@ -509,9 +511,13 @@ class SpringForCausalLM(HubMixin, nn.Module):
         names = []
         if is_peft_model(self.base_model):
             name = AdapterRouter(self.base_model).resolve(user_id, self.spring_config.adapter_name_template)
-            names = [name] if name in self.base_model.peft_config else []
+            communal = self.community_adapters is not None and name in self.community_adapters
+            names = [name] if name in self.base_model.peft_config and not communal else []  # (no user owns those)
             known = known or bool(names)
         if self.community_adapters is not None:
+            for adapter in self.community_adapters:
+                if user_id in adapter.initialized:  # (their id must not outlive them in community_adapters.json)
+                    adapter.initialized.remove(user_id)
             # The wrapper cannot retrain a community adapter without the user: it drops the ones they trained
             # (ContinualPersonalizer.forget_user retrains them on the remaining members instead).
             contributed = self.community_adapters.contributed(user_id)
@@ -580,17 +586,26 @@ class SpringForCausalLM(HubMixin, nn.Module):
     def _write(
         self, save_directory: os.PathLike, safe_serialization: bool, save_memory: bool, save_tokenizer: bool
     ) -> None:
+        erased = self._erased_adapters
+        kept = [name for name in getattr(self.base_model, "peft_config", {}) if name not in erased]
+        communities = None
+        if self.community_adapters is not None and is_peft_model(self.base_model):
+            # Only the community adapters whose weights this save writes (one evicted from a personalizer's pool, or
+            # dropped, is not in the model): a folder's table never names an adapter the folder lacks.
+            saved = [a for a in self.community_adapters if a.name in kept]
+            communities = CommunityAdapters(
+                self.community_adapters.min_users, self.community_adapters.min_similarity, saved,
+                max_items_per_user=self.community_adapters.max_items_per_user,
+            )  # fmt: skip
         config, memory_saved = save_spring_files(
             save_directory,
             self.spring_config,
             self.base_model,
             self.memory if save_memory else None,
             self.tokenizer if save_tokenizer else None,
-            self.community_adapters,
+            communities,
         )
         extras = ["the memory (`memory/`)"] if memory_saved else []
-        erased = self._erased_adapters
-        kept = [name for name in getattr(self.base_model, "peft_config", {}) if name not in erased]
         if is_peft_model(self.base_model) and kept:  # a forgotten user's zeroed (undeletable) adapter is not saved
             self.base_model.save_pretrained(
                 os.path.join(save_directory, ADAPTERS_DIR), safe_serialization=safe_serialization,

@@ -306,6 +306,12 @@ class LoGoMemory(
             rows = [local.history.rows[i] for i in ids]
             return [local.history.records[i] for i in ids], local.history.vectors[rows].copy()
 
+    def communities(self) -> dict[int, list[str]]:
+        """The global memory's communities, community id -> member user ids (reclustered first when stale, under the
+        memory's lock): the users whose items feed the global memory under the sharing policy."""
+        with self._lock:
+            return self.global_memory.communities()
+
     def user_vector(self, user_id: str) -> np.ndarray | None:
         """The normalised mean embedding of a user's history (what communities and community adapters route by), or
         None for a user without history."""
@@ -511,22 +517,27 @@ class LoGoMemory(
         Args:
             sharing_policy (`str`): `"private"` or `"consented"`.
             share_by_default (`bool`, *optional*): the new policy's default for users who never chose (None: the
-                policy's own default).
+                current default when the policy stays, else the new policy's own default).
 
         Returns:
             `dict[str, int]`: `shared_users` and `shared_records` in the global memory afterwards, and
             `withdrawn_records`, the items the change took out of it.
         """
-        settings = dataclasses.replace(
-            self._settings, sharing_policy=sharing_policy, share_by_default=share_by_default
-        )
 
         def change() -> dict[str, int]:
+            # From the settings as the memory runs now: a contributor rule tightened since construction stays.
+            current = self.settings
+            default = (
+                current.share_by_default
+                if share_by_default is None and sharing_policy == current.sharing_policy
+                else share_by_default
+            )
+            settings = dataclasses.replace(current, sharing_policy=sharing_policy, share_by_default=default)
             before = set(self._labels)
-            if settings == self._settings:  # the same policy again keeps every choice (consent included)
+            if settings == current:  # the same policy again keeps every choice (consent included)
                 return {"shared_users": len(self.consenting_users()), "shared_records": len(before),
                         "withdrawn_records": 0}  # fmt: skip
-            if settings.sharing_policy == "consented" and self._settings.sharing_policy != "consented":
+            if settings.sharing_policy == "consented" and current.sharing_policy != "consented":
                 self._share = {u: False for u, share in self._share.items() if not share}
             self._settings = settings
             self._unshare(list(self._labels))

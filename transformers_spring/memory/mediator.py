@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import re
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -279,7 +280,7 @@ class CalibratedMediator(Mediator):
         min_examples: int = 10,
         count_edges: Sequence[int] = (1, 3, 6, 21),
         agreement_threshold: float = 0.4,
-        gain_z: float = 1.645,
+        gain_z: float | None = None,
         **kwargs,
     ) -> CalibratedMediator:
         """Fits the rules on validation examples so that the mediator never hurts where validation can tell: for
@@ -287,7 +288,8 @@ class CalibratedMediator(Mediator):
         `(global_slots, weight)` of the lowest mean NLL (ties: fewer global slots, then the smaller weight), kept
         only when it beats the **local decision** (the local hits at `local_weight`, zero global slots) with the
         one-sided bound `mean gain - gain_z * standard error > 0` over the cell's paired examples; otherwise the
-        cell gets the local decision. `*`, the last fallback of a cell too thin for a rule, is always the local
+        cell gets the local decision. The choice and the bound use the same examples, so the default `gain_z` is
+        Bonferroni-corrected for the choices searched: a one-sided 5 % over every `(global_slots > 0, weight)`. `*`, the last fallback of a cell too thin for a rule, is always the local
         decision: validation says nothing about such a cell. An example without a servable global hit gets the
         local decision whatever the rule.
 
@@ -295,11 +297,11 @@ class CalibratedMediator(Mediator):
             examples (`Sequence[MediatorExample]`): validation queries, never test ones.
             weights (`Sequence[float]`): the λ grid the examples' `nll` columns follow.
             min_examples (`int`, *optional*, defaults to 10): the fewest examples a cell needs for a rule of its own.
-            gain_z (`float`, *optional*, defaults to 1.645): the z of the gain's lower bound (1.645: one-sided 95 %;
-                0 keeps any mean gain).
+            gain_z (`float`, *optional*): the z of the gain's lower bound (default: the Bonferroni z above, 2.69 for
+                2 slots x 7 weights; 0 keeps any mean gain).
             count_edges, agreement_threshold, kwargs: as for the constructor.
         """
-        gain_z = check_float(gain_z, "gain_z", minimum=0.0)
+        gain_z = check_float(gain_z, "gain_z", minimum=0.0, optional=True)
         min_examples = check_int(min_examples, "min_examples", minimum=2, hint="a gain needs a spread")
         weights = [float(w) for w in weights]
         if not examples:
@@ -311,6 +313,8 @@ class CalibratedMediator(Mediator):
         if len(shape) != 2 or shape[1] != len(weights):
             raise ValueError(f"each example's `nll` must have shape (slots + 1, {len(weights)}), got {shape}.")
         local_column = weights.index(mediator.local_weight)
+        if gain_z is None:  # one-sided 5 %, Bonferroni over the choices with global slots that argmin searches
+            gain_z = statistics.NormalDist().inv_cdf(1 - 0.05 / max(1, (shape[0] - 1) * shape[1]))
         tables: dict[str, list[np.ndarray]] = {}
         for example in examples:
             table = np.asarray(example.nll, dtype=np.float64)

@@ -233,6 +233,14 @@ def _saved_mediator(config: dict, directory: Path) -> Any:
         raise ValueError(f"{CONFIG_FILE} in {directory}: field 'mediator' does not fit its class: {err}") from err
 
 
+def _saved_share_default(config: dict) -> bool:
+    """Whether a user without a saved choice shared when the memory was saved: the rows a load accepts in the global
+    memory. Under "consented" only an explicit opt-in counts, whatever the file's `share_by_default` says."""
+    if config.get("sharing_policy", "private") == "consented":
+        return False
+    return bool(config.get("share_by_default", True))
+
+
 def _load_folder_records(memory: Any, config: dict, tensors: dict, directory: Path) -> None:
     """Fills a fresh memory from `directory`'s records, once they pass every check."""
     settings, counts = memory.settings, config.get("counts", {})
@@ -247,7 +255,7 @@ def _load_folder_records(memory: Any, config: dict, tensors: dict, directory: Pa
     check_loaded(
         config, lines, tensors, directory, dim=memory.dim,
         capacity=config.get("capacity") if "capacity" in config else settings.capacity,
-        share_by_default=config.get("share_by_default", settings.share_by_default),  # as saved, not as overridden
+        share_by_default=_saved_share_default(config),  # as saved, not as overridden
         buffer_size=config.get("buffer_size", settings.buffer_size),
     )  # fmt: skip
     match_pairs(tensors, lines, directory)  # refuses malformed saved matches before anything is restored
@@ -279,7 +287,7 @@ def _connect_saved_backend(memory: Any, config: dict, tensors: dict, directory: 
     sharing = {u: bool(s) for u, s in config.get("sharing", {}).items()}
     lines, rows, last_seq = read_backend_rows(
         local_rows, global_rows, dim=memory.dim, max_text_chars=memory.settings.max_text_chars,
-        where=f"{backend!r}", sharing=sharing, share_by_default=config.get("share_by_default", True),
+        where=f"{backend!r}", sharing=sharing, share_by_default=_saved_share_default(config),
     )  # fmt: skip
     labels = rows["labels"]
     config = dict(config, next_label=max(int(config["next_label"]), int(labels.max(initial=-1)) + 1))

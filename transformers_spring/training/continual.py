@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 import os
@@ -437,6 +436,8 @@ class ContinualPersonalizer(HubMixin):
         args = self._update_args(user_id, records, period)
         if entry is not None:
             self.adapter_pool.make_resident(name)
+        if entry is None:
+            self._sync_communities()
         community = self._community_for(records) if entry is None else None
         if community is not None:
             self.adapter_pool.make_resident(community)  # before the trainer activates the user's adapter
@@ -455,10 +456,10 @@ class ContinualPersonalizer(HubMixin):
             callbacks=callbacks or None,
             **trainer_kwargs,
         )
-        if community is not None and trainer.created_adapter:
-            copy_adapter_weights(trainer.model, community, name)
-            logger.info(f"user {user_id!r}: the new adapter starts from the community adapter {community!r}.")
         try:
+            if community is not None and trainer.created_adapter:
+                copy_adapter_weights(trainer.model, community, name)
+                logger.info(f"user {user_id!r}: the new adapter starts from the community adapter {community!r}.")
             output = trainer.run_period()
         except BaseException:
             if entry is None and name in adapter_names(trainer.model):
@@ -567,7 +568,7 @@ class ContinualPersonalizer(HubMixin):
     def train_community_adapters(
         self,
         *,
-        min_users: int = 3,
+        min_users: int | None = None,
         max_items_per_user: int | None = 64,
         min_similarity: float = 0.0,
         progress: bool = True,
@@ -585,13 +586,15 @@ class ContinualPersonalizer(HubMixin):
         - **Use**: a new user's adapter starts from the community adapter nearest their first items
           (`community_init`), and [`SpringForCausalLM`] (see [`~ContinualPersonalizer.to_spring_model`]) decodes a user
           without an adapter with the one nearest their memory items.
-        - **Erasure**: [`~ContinualPersonalizer.forget_user`] retrains the adapters a user contributed to, or drops
-          them.
+        - **Erasure and consent**: [`~ContinualPersonalizer.forget_user`] retrains the adapters a user contributed
+          to, or drops them; so does the next `observe`, `save_pretrained` or `to_spring_model` for a member who no
+          longer shares (an opt-out, a policy change, a record-level erasure in the memory).
         - **What leaks**: an adapter trained on a user's text can reproduce it. `benchmarks/bench_community_leak.py`
           measures how much of one user's unique text a community adapter reproduces, against the base model.
 
         Args:
-            min_users (`int`, *optional*, defaults to 3): the fewest contributing users of a community adapter.
+            min_users (`int`, *optional*): the fewest contributing users of a community adapter (default: the
+                memory's `min_community_users`, the smallest community allowed to feed retrieval).
             max_items_per_user (`int`, *optional*, defaults to 64): the most (latest) items each member contributes
                 (None: all).
             min_similarity (`float`, *optional*, defaults to 0.0): the lowest cosine at which a user is routed to a
@@ -606,14 +609,15 @@ class ContinualPersonalizer(HubMixin):
         """
         from tqdm.auto import tqdm
 
-        table = CommunityAdapters(min_users, min_similarity, max_items_per_user=max_items_per_user)
-        global_memory = getattr(self.memory, "global_memory", None)
-        if global_memory is None:
+        if not callable(getattr(self.memory, "communities", None)):
             raise TypeError(f"community adapters need a LoGoMemory, got {type(self.memory).__name__}.")
+        if min_users is None:
+            min_users = self.memory.min_community_users
+        table = CommunityAdapters(min_users, min_similarity, max_items_per_user=max_items_per_user)
         for name in list(self.community_adapters.names if self.community_adapters is not None else []):
             self._drop_community(name)
         self.community_adapters = table
-        communities = sorted(global_memory.communities().items())  # members in the memory's first-write order
+        communities = sorted(self.memory.communities().items())  # members in the memory's first-write order
         chosen = [members for _, members in communities if len(members) >= table.min_users]
         for members in tqdm(chosen, desc="community adapters", disable=not progress or not chosen):
             self._train_community(None, members)
@@ -628,6 +632,7 @@ class ContinualPersonalizer(HubMixin):
         be reused, else a new name (None: a new adapter). Returns the name, or None when the members have no items
         (an old `name` is then dropped)."""
         table, limit = self.community_adapters, self.community_adapters.max_items_per_user
+        members = [m for m in members if self._shares(m)]
         kept, vectors = [], []
         for j, user in enumerate(members):
             records, embeddings = self.memory.history_embeddings(user)
@@ -656,6 +661,28 @@ class ContinualPersonalizer(HubMixin):
         table.add(CommunityAdapter(name, list(members), np.mean(np.stack(vectors), axis=0), len(pooled)))
         return name
 
+    def _shares(self, user_id: str) -> bool:
+        """Whether `user_id`'s items may train a community adapter: the memory holds them and the user shares under
+        its sharing policy."""
+        is_shared = getattr(self.memory, "is_shared", None)
+        return self.memory.has_user(user_id) and (is_shared(user_id) if callable(is_shared) else True)
+
+    def _sync_communities(self) -> None:
+        """Retrains, or drops, every community adapter with a member who no longer shares (an opt-out, a policy
+        change, an erasure in the memory): no adapter keeps serving what a user withdrew."""
+        table = self.community_adapters
+        for adapter in list(table) if table is not None else []:
+            members = [m for m in adapter.members if self._shares(m)]
+            if len(members) == len(adapter.members):
+                continue
+            retrained = self._train_community(adapter.name, members) if len(members) >= table.min_users else None
+            if retrained is None:
+                self._drop_community(adapter.name)
+            logger.info(
+                f"Community adapter {adapter.name!r}: {len(adapter.members) - len(members)} member(s) no longer "
+                f"share; {'retrained as ' + repr(retrained) if retrained else 'dropped'}."
+            )
+
     def _drop_community(self, name: str) -> None:
         self.adapter_pool.remove(name)
         if self.community_adapters is not None:
@@ -681,7 +708,7 @@ class ContinualPersonalizer(HubMixin):
         vectors = self.memory.embed([record.text for record in records])
         return table.route(vectors.mean(axis=0) if len(vectors) else None)
 
-    def forget_user(self, user_id: str) -> bool:
+    def forget_user(self, user_id: str) -> ForgetReport:
         """Erases a user everywhere the personalizer keeps them: the adapter (in the model, or its offloaded copy),
         the period counters and routing entry, the base log-prob cache entries and the memory (records, buffer,
         global contributions). The next [`~ContinualPersonalizer.save_pretrained`] writes a folder with none of it
@@ -784,6 +811,7 @@ class ContinualPersonalizer(HubMixin):
         return None
 
     def _write(self, directory: Path, save_tokenizer: bool) -> None:
+        self._sync_communities()
         directory.mkdir(parents=True, exist_ok=True)
         adapters = directory / ADAPTERS_DIR
         adapters.mkdir()
@@ -1030,12 +1058,15 @@ class ContinualPersonalizer(HubMixin):
                 paper's with the personalizer's `adapter_name_template`). Its `adapter_name_template` must be the
                 personalizer's: with another one no user would reach their adapter.
             users (`Sequence[str]`, *optional*): users whose adapters must be loaded (default: every user when they
-                fit in `max_resident_adapters`, else the resident ones). Users whose adapter is not loaded decode with
-                the base model.
+                fit in the resident slots the community adapters leave, else none). Users whose adapter is not
+                loaded decode with the community adapter nearest their memory items, else with the base model.
+
+        Community adapters are loaded first (at most `max_resident_adapters`, the largest first; a warning names
+        those left out), and the wrapper shares the personalizer's routing table, so a later erasure reaches it.
 
         Raises:
-            `ValueError`: a `spring_config` with another `adapter_name_template`, or more `users` than
-            `max_resident_adapters`.
+            `ValueError`: a `spring_config` with another `adapter_name_template`, or more `users` than the resident
+            slots left.
 
         Note: rows without `personalization` use the model's active adapter (the last one trained or loaded), as
         `PeftModel.generate` does; wrap calls in `model.disable_adapter()` for the plain base model.
@@ -1049,24 +1080,34 @@ class ContinualPersonalizer(HubMixin):
                 f"names its adapters with {self._template!r}; pass a SpringConfig with "
                 f"adapter_name_template={self._template!r}."
             )
+        self._sync_communities()
+        table = self.community_adapters
+        communities = sorted(table, key=lambda a: -a.num_items) if table is not None else []
+        loaded = [a.name for a in communities[: self.max_resident_adapters]]
+        if len(loaded) < len(communities):
+            logger.warning(
+                f"{len(communities)} community adapters but {self.max_resident_adapters} resident slots: "
+                f"{[a.name for a in communities[len(loaded) :]]} are not loaded (their users decode with the base model)."
+            )
+        slots = self.max_resident_adapters - len(loaded)
         if users is None:
-            users = self.users if len(self._users) <= self.max_resident_adapters else []
-            if len(self._users) > self.max_resident_adapters:
+            users = self.users if len(self._users) <= slots else []
+            if len(self._users) > slots:
                 logger.warning(
-                    f"{len(self._users)} users but only {self.max_resident_adapters} resident adapters; pass `users=` "
-                    "to choose whose adapters to load (others decode with the base model)."
+                    f"{len(self._users)} users but only {slots} resident slots left; pass `users=` to choose whose "
+                    "adapters to load (the others decode with their community's adapter or the base model)."
                 )
         users = list(users)
-        communities = self.community_adapters.names if self.community_adapters is not None else []
-        if len(users) + len(communities) > self.max_resident_adapters:
-            raise ValueError(f"`users` has {len(users)} users and there are {len(communities)} community adapters; "
-                             f"at most `max_resident_adapters` = {self.max_resident_adapters} can be loaded.")  # fmt: skip
-        for name in communities:
+        if len(users) > slots:
+            raise ValueError(
+                f"`users` has {len(users)} users; with {len(loaded)} community adapters loaded, at most {slots} of "
+                f"the `max_resident_adapters` = {self.max_resident_adapters} slots are left."
+            )
+        for name in loaded:
             self.adapter_pool.make_resident(name)
         for user in users:
             self.load_user(user)
         self.model.eval()
         return SpringForCausalLM(
-            self.model, memory=self.memory, config=config, tokenizer=self.tokenizer,
-            community_adapters=copy.deepcopy(self.community_adapters),
-        )  # fmt: skip
+            self.model, memory=self.memory, config=config, tokenizer=self.tokenizer, community_adapters=table
+        )

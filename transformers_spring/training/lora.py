@@ -149,8 +149,8 @@ def copy_adapter_weights(model: nn.Module, source: str, target: str) -> int:
         `ValueError`: the adapters do not have the same layers and shapes.
     """
     params = dict(model.named_parameters())
-    copied = 0
-    for param_name, value in list(params.items()):
+    pairs = []
+    for param_name, value in params.items():
         if not is_lora_parameter_of(param_name, [source]):
             continue
         twin = param_name.replace(f".{source}.", f".{target}.")
@@ -158,8 +158,9 @@ def copy_adapter_weights(model: nn.Module, source: str, target: str) -> int:
             raise ValueError(
                 f"adapters {source!r} and {target!r} differ at {param_name!r}: they cannot share weights."
             )
-        params[twin].copy_(value)
-        copied += 1
-    if not copied:
+        pairs.append((params[twin], value))
+    if not pairs:
         raise ValueError(f"adapter {source!r} has no LoRA weights in the model.")
-    return copied
+    for twin, value in pairs:  # (every pair checked first: a refusal leaves `target` as it was)
+        twin.copy_(value)
+    return len(pairs)
