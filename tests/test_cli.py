@@ -75,11 +75,11 @@ def test_bench_logo_end_to_end_on_a_tiny_saved_model(tmp_path, capsys):
     code = main([
         "bench-logo", "--data", str(data), "--model", str(model_dir), "--users", "2", "--min_items", "10",
         "--prompt_template", "write a headline for {prompt}", "--max_new_tokens", "3", "--num_train_epochs", "1",
-        "--encoder", "hashing", "--learning_rates", "", "--history_cuts", "0,all", "--mediator_min_examples", "2",
+        "--encoder", "hashing", "--learning_rates", "", "--history_cuts", "0,all", "--mediator_min_examples", "2", "--community_min_users", "1",
         "--out", str(out),
     ])  # fmt: skip
     assert code == 0
-    assert "SPRInG + LoGo" in capsys.readouterr().out
+    assert "SPRInG + consented retrieval" in capsys.readouterr().out
     results = json.loads((out / "results.json").read_text())
     assert {r["cut"] for r in results["records"]} == {0, "all"}
     assert (out / "results.md").is_file()

@@ -1,4 +1,5 @@
-"""The LoGo study on tiny models: history cuts, arms on the same adapter, NLL against `score`, validation only."""
+"""The LoGo study on tiny models: history cuts, arms and their adapters, NLL against `score`, validation only,
+cross-fitted community adapters and the checkpoint."""
 
 import json
 
@@ -13,7 +14,7 @@ from transformers_spring.evaluation import (
     logo_markdown,
     save_logo_results,
 )
-from transformers_spring.evaluation.logo_benchmark import LOCAL, LOGO, OPEN
+from transformers_spring.evaluation.logo_benchmark import BOTH, COMMUNITY, CONSENTED, LOCAL
 from transformers_spring.records import Interaction
 
 TEMPLATE = "write a headline for {prompt}"
@@ -24,7 +25,7 @@ def logo_args(tmp_path, **kwargs):
     defaults = dict(
         users=len(USERS), min_items=10, max_items=0, prompt_template=TEMPLATE, max_new_tokens=3,
         generation_batch_size=2, encoder="hashing", learning_rate=5e-2, num_train_epochs=1, learning_rates="",
-        history_cuts="0,1,3,all", min_contributors=1, min_community_users=1, mediator_min_examples=2,
+        history_cuts="0,1,3,all", min_community_users=1, community_min_users=1, mediator_min_examples=2,
         out=str(tmp_path / "out"),
     )  # fmt: skip
     defaults.update(kwargs)
@@ -45,7 +46,7 @@ def stream():
 def run(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("logo")
     model, tokenizer = make_model("llama", TRAINING_VOCAB.size), make_tokenizer(TRAINING_VOCAB, chat=True)
-    bench = LoGoBenchmark(logo_args(tmp_path, compare_open=True), model, tokenizer, stream())
+    bench = LoGoBenchmark(logo_args(tmp_path), model, tokenizer, stream())
     events, captured = [], []
     original_generate, original_fit = bench._generate, None
 
@@ -92,7 +93,7 @@ def test_every_test_item_is_decoded_under_every_cut_and_arm(run):
         for it in p.test
     }
     for cut in (0, 1, 3, "all"):
-        for method in (LOCAL, LOGO, OPEN):
+        for method in (LOCAL, CONSENTED, COMMUNITY, BOTH):
             got = {r["test_id"] for r in results["records"] if r["cut"] == cut and r["method"] == method}
             assert got == tests, (cut, method)
 
@@ -109,7 +110,7 @@ def test_nll_equals_score_of_the_decoded_row(run):
     assert seen == len(results["records"])
 
 
-def test_cut_histories_hold_only_the_first_m_items_and_the_arms_share_the_adapter(run):
+def test_cut_histories_hold_only_the_first_m_items_and_the_arms_share_their_adapters(run):
     bench, results, captured, *_ = run
     for row, _, n_local in captured:
         assert n_local in (0, 1, 3) or n_local > 3
@@ -117,18 +118,41 @@ def test_cut_histories_hold_only_the_first_m_items_and_the_arms_share_the_adapte
         local = [hit for hit in row.history if hit.source == "local"]
         assert all(hit.interaction.timestamp < row.item.timestamp for hit in row.history)
         if n_local == 0:
-            assert not local and row.adapter == "__base__"
-        if row.method == LOCAL:
+            assert not local
+            if row.method in (LOCAL, CONSENTED):
+                assert row.adapter == "__base__"
+            else:  # the community adapter nearest the query (the base model when none is near enough)
+                assert row.adapter == "__base__" or row.adapter.startswith("__community_")
+        if row.method in (LOCAL, COMMUNITY):
             assert not any(hit.source == "global" for hit in row.history)
+    # LOCAL and CONSENTED decode with the user's adapter, COMMUNITY and BOTH with the community-started one.
     adapters = {}
     for row, _, n_local in captured:
-        adapters.setdefault((row.item.id, n_local), set()).add(row.adapter)
+        kind = "local" if row.method in (LOCAL, CONSENTED) else "community"
+        adapters.setdefault((row.item.id, n_local, kind), set()).add(row.adapter)
     assert all(len(names) == 1 for names in adapters.values())
+    differ = [
+        key for key, names in adapters.items() if key[2] == "local" and names != adapters[(*key[:2], "community")]
+    ]
+    assert differ  # the community arms do decode with other adapters
+
+
+def test_community_adapters_are_cross_fitted(run):
+    bench, results, captured, *_ = run
+    users = list(bench._fold)
+    assert {bench._fold[u] for u in users} == {0, 1} and set(results["communities"]) == {"0", "1"}
+    routed = 0
+    for row, _, n_local in captured:
+        if row.method == COMMUNITY and n_local == 0 and row.adapter != "__base__":  # routed by the query
+            table = bench._communities[bench._fold[row.item.user_id]]
+            assert row.adapter in table.names and row.item.user_id not in table[row.adapter].members
+            routed += 1
+    assert routed
 
 
 def test_mediators_are_fitted_on_validation_queries_before_any_test_item(run):
     bench, results, _, events, _ = run
-    assert events.index("fit") < events.index("test") and events.count("fit") == 2
+    assert events.index("fit") < events.index("test") and events.count("fit") == 2  # CONSENTED and BOTH
     tests = {
         it.id
         for periods in benchmark_splits(bench.args, bench.interactions).values()
@@ -136,8 +160,8 @@ def test_mediators_are_fitted_on_validation_queries_before_any_test_item(run):
         for it in p.test
     }
     assert results["validation"]["ids"] and not set(results["validation"]["ids"]) & tests
-    assert set(results["mediators"]) == {LOGO, OPEN}
-    assert results["validation"]["queries"][LOGO] > 0
+    assert set(results["mediators"]) == {CONSENTED, BOTH}
+    assert results["validation"]["queries"][CONSENTED] > 0
     # The late fold (the last period's latest training items) puts warm users in the fit.
     splits = benchmark_splits(bench.args, bench.interactions)
     late = {it.id for periods in splits.values() for it in periods[-1].train}
@@ -146,7 +170,7 @@ def test_mediators_are_fitted_on_validation_queries_before_any_test_item(run):
     warm = min(r["n_local"] for r in results["records"] if r["cut"] == "all")
     assert results["validation"]["max_n_local"] >= warm
     # "*" is never fitted: a cell validation did not cover keeps the local decision.
-    for arm in (LOGO, OPEN):
+    for arm in (CONSENTED, BOTH):
         assert results["mediators"][arm]["rules"]["*"] == [0, bench.args.interpolation_weight]
 
 
@@ -163,7 +187,7 @@ def test_summary_buckets_and_bias_flag(run):
     expected = sum(sum(v) / len(v) for v in by_item.values()) / len(by_item)
     assert summary["cold"][LOCAL]["nll"] == pytest.approx(expected)
     assert list(summary)[:4] == ["m=0", "m=1", "m=3", "m=all"]
-    diff = summary["cold"][f"{LOGO} - spring-local"]["nll"]
+    diff = summary["cold"][f"{CONSENTED} - spring-local"]["nll"]
     assert diff["n"] == summary["m=0"][LOCAL]["n"]  # one value per test item, not per (item, cut)
     rare = [r for r in results["records"] if r["cut"] == "all" and r["category"] == "rare"]
     assert rare and all(r["bias"] for r in rare)
@@ -174,7 +198,9 @@ def test_results_are_saved_with_table_and_plot(run):
     _, results, _, _, tmp_path = run
     paths = save_logo_results(results, tmp_path / "saved")
     assert json.loads(paths["json"].read_text())["records"]
-    assert "SPRInG + LoGo" in paths["markdown"].read_text() and "Δ NLL" in logo_markdown(results)
+    text = paths["markdown"].read_text()
+    assert "SPRInG + consented retrieval" in text and "SPRInG + community adapter" in text
+    assert "Δ NLL" in logo_markdown(results) and "Sharing policy: consented" in text
     assert paths["plot"] is None or paths["plot"].read_bytes()[:4] == b"\x89PNG"
 
 
@@ -184,8 +210,10 @@ def test_results_are_saved_with_table_and_plot(run):
         ({"history_cuts": "0,x"}, "history_cuts"),
         ({"history_cuts": ""}, "history_cuts"),
         ({"mediator_weights": "0,2"}, "mediator_weights"),
-        ({"min_contributors": 0}, "min_contributors"),
-        ({"match_threshold": 0}, "match_threshold"),
+        ({"arms": "consented,open"}, "arms"),
+        ({"arms": ""}, "arms"),
+        ({"community_min_users": 0}, "community_min_users"),
+        ({"mediator_min_examples": 1}, "mediator_min_examples"),
         ({"bias_rare_share": 1.5}, "bias_rare_share"),
     ],
 )
@@ -199,3 +227,41 @@ def test_the_study_needs_its_own_arguments(tmp_path):
 
     with pytest.raises(TypeError, match="LoGoBenchmarkArguments"):
         LoGoBenchmark(BenchmarkArguments(encoder="hashing"), model=torch.nn.Module())
+
+
+def test_a_stopped_study_resumes_from_its_checkpoint_with_the_same_results(tmp_path):
+    """A run stopped after its first test user continues from the checkpoint: the records equal an uninterrupted
+    run's, and the finished users are not decoded again."""
+    from transformers_spring.evaluation.checkpoint import save_checkpoint  # noqa: F401 (the file format)
+
+    def bench(**kwargs):
+        model, tokenizer = make_model("llama", TRAINING_VOCAB.size), make_tokenizer(TRAINING_VOCAB, chat=True)
+        args = logo_args(tmp_path, history_cuts="0,all", arms="consented,community", **kwargs)
+        return LoGoBenchmark(args, model, tokenizer, stream())
+
+    whole = bench().run(progress=False)
+    checkpoint = tmp_path / "checkpoint.json"
+    stopped = bench()
+    original, calls = stopped._test_user, []
+
+    def stop_after_one(user, *args):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(user)
+        return original(user, *args)
+
+    stopped._test_user = stop_after_one
+    with pytest.raises(KeyboardInterrupt):
+        stopped.run(progress=False, checkpoint=checkpoint)
+    saved = json.loads(checkpoint.read_text())
+    assert saved["done"] == calls and len(saved["validated"]) == len(USERS) and "gate_sigma" in saved
+    resumed_bench = bench()
+    decoded = []
+    original_resumed = resumed_bench._test_user
+    resumed_bench._test_user = lambda user, *args: decoded.append(user) or original_resumed(user, *args)
+    resumed = resumed_bench.run(progress=False, checkpoint=checkpoint)
+    assert resumed["resumed"] and calls[0] not in decoded
+    key = lambda r: (r["method"], r["user"], r["test_id"], str(r["cut"]))  # noqa: E731
+    left = {key(r): (r["prediction"], round(r["nll"], 5)) for r in whole["records"]}
+    right = {key(r): (r["prediction"], round(r["nll"], 5)) for r in resumed["records"]}
+    assert left == right

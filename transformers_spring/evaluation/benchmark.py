@@ -478,10 +478,15 @@ class ContinualBenchmark:
     def _needed_adapters(self) -> set[str]:
         return {m.adapter for m in self.methods if m.adapter is not None}
 
-    def _train(self, args, user: str, period: int, items, name: str, memory=None) -> None:
+    def _train(
+        self, args, user: str, period: int, items, name: str, memory=None, init_from: str | None = None
+    ) -> None:
+        """One period of `user`'s adapter `name` ([`SpringTrainer`]); a new adapter starts from adapter `init_from`'s
+        weights when given (as [`ContinualPersonalizer`] starts a new user from their community's adapter)."""
         from transformers import PrinterCallback, ProgressCallback
 
         from ..training import SpringTrainer
+        from ..training.lora import copy_adapter_weights
 
         tick = time.perf_counter()
         trainer = SpringTrainer(
@@ -490,6 +495,8 @@ class ContinualBenchmark:
         )  # fmt: skip
         for callback in (PrinterCallback, ProgressCallback):  # the benchmark has its own progress bar
             trainer.remove_callback(callback)
+        if init_from is not None and trainer.created_adapter:
+            copy_adapter_weights(self.peft_model, init_from, name)
         trainer.run_period()
         self.peft_model.eval()  # the Trainer leaves the model in train mode (LoRA dropout on)
         self._timing[f"train_{name.rsplit('__', 1)[-1]}"] += time.perf_counter() - tick

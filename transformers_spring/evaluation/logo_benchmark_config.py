@@ -1,20 +1,27 @@
 """`LoGoBenchmarkArguments`: the settings of the LoGo study (`spring bench-logo`): does the collective memory help
-cold-start users and users with a skewed history?"""
+cold-start users and users with a skewed history, under a stated sharing policy?"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..memory.support import DEFAULT_MATCH_THRESHOLD, DEFAULT_MIN_CONTRIBUTORS, check_support_rule
 from ..utils.validation import check_float, check_int
 from .benchmark_config import BenchmarkArguments
+
+# The study's arms: the `arms` option's names -> the method names its records carry.
+LOGO_ARMS = {
+    "consented": "spring-logo-consented",
+    "community": "spring-community",
+    "both": "spring-community-consented",
+}
 
 
 @dataclass
 class LoGoBenchmarkArguments(BenchmarkArguments):
     """[`BenchmarkArguments`] (data, model, users, periods, decoding, LoRA settings and their validation selection)
-    plus what the LoGo study adds. The study compares local-only SPRInG with SPRInG + LoGo (the global memory
-    reconciled by a mediator fitted on validation queries) on the same adapters, items and decoding."""
+    plus what the LoGo study adds. The study compares local-only SPRInG with its arms (`arms`): retrieval from the
+    items of users who consented (`LoGoMemory(sharing_policy="consented")`, reconciled by a mediator fitted on
+    validation queries), community adapters under the private policy, and both, on the same items and decoding."""
 
     history_cuts: str = field(
         default="0,1,3,5,all",
@@ -37,14 +44,18 @@ class LoGoBenchmarkArguments(BenchmarkArguments):
         default=0.5,
         metadata={"help": "... while the user's most frequent topic makes up at least this share."},
     )
-    min_contributors: int = field(
-        default=DEFAULT_MIN_CONTRIBUTORS,
-        metadata={"help": "The sharing rule: distinct users, the author included, whose closely matching content a "
-                  "global item needs before it is served (1 turns the rule off)."},
+    arms: str = field(
+        default="consented,community,both",
+        metadata={"help": "Comma-separated arms measured against local-only SPRInG: 'consented' (retrieval from every "
+                  "consenting user's items, served verbatim: news headlines are published), 'community' (the "
+                  "user's adapter starts from their community's adapter; with no history, the community adapter "
+                  "nearest the query decodes), 'both'."},
     )  # fmt: skip
-    match_threshold: float = field(
-        default=DEFAULT_MATCH_THRESHOLD,
-        metadata={"help": "The encoder cosine at which two users' items match (the sharing rule)."},
+    community_min_users: int = field(
+        default=3, metadata={"help": "The fewest users of a community adapter (train_community_adapters' min_users)."}
+    )
+    community_max_items_per_user: int = field(
+        default=64, metadata={"help": "The most (latest) items each member gives a community adapter."}
     )
     min_community_users: int = field(
         default=5, metadata={"help": "Smallest community allowed to feed the global memory."}
@@ -56,22 +67,26 @@ class LoGoBenchmarkArguments(BenchmarkArguments):
     mediator_min_examples: int = field(
         default=10, metadata={"help": "Fewest validation queries a mediator cell needs for a rule of its own."}
     )
-    compare_open: bool = field(
-        default=False,
-        metadata={"help": "Also measure LoGo with the sharing rule off (min_contributors=1, its own fitted mediator): "
-                  "what the privacy rule costs."},
-    )  # fmt: skip
     out: str = field(default="logo-bench-out", metadata={"help": "Output directory."})
 
     def __post_init__(self):
         super().__post_init__()
         self.cuts()
         self.weight_grid()
-        check_support_rule(self.min_contributors, self.match_threshold)
+        self.arm_names()
+        check_int(self.community_min_users, "community_min_users", minimum=1)
+        check_int(self.community_max_items_per_user, "community_max_items_per_user", minimum=1)
         for name in ("bias_rare_share", "bias_dominant_share"):
             check_float(getattr(self, name), name, minimum=0.0, maximum=1.0)
         check_int(self.min_community_users, "min_community_users", minimum=1)
         check_int(self.mediator_min_examples, "mediator_min_examples", minimum=2)
+
+    def arm_names(self) -> list[str]:
+        """The arms, in the order given (checked: known, at least one, no repeat)."""
+        names = [part.strip() for part in self.arms.split(",") if part.strip()]
+        if not names or len(set(names)) != len(names) or set(names) - set(LOGO_ARMS):
+            raise ValueError(f"`arms` must be comma-separated names among {list(LOGO_ARMS)}, got {self.arms!r}.")
+        return names
 
     def cuts(self) -> list[int | None]:
         """The history sizes, ascending, `None` for 'all' (last)."""

@@ -474,8 +474,15 @@ def rebuild_report(results: dict[str, Any], heavy_min_items: int = HEAVY_MIN_ITE
 
 
 # ------------------------------------------------------------------------------------------------------ LoGo study
-LOGO_LABELS = {"spring-local": "SPRInG (local only)", "spring-logo": "SPRInG + LoGo",
-               "spring-logo-open": "SPRInG + LoGo, sharing rule off"}  # fmt: skip
+LOGO_LABELS = {
+    "spring-local": "SPRInG (local only)",
+    "spring-logo-consented": "SPRInG + consented retrieval",
+    "spring-community": "SPRInG + community adapter",
+    "spring-community-consented": "SPRInG + community adapter + consented retrieval",
+    # the arms of studies run before the sharing policy (their results.json still report)
+    "spring-logo": "SPRInG + LoGo",
+    "spring-logo-open": "SPRInG + LoGo, sharing rule off",
+}
 COLD_START_MAX_CUT = 5
 
 
@@ -570,9 +577,16 @@ def logo_markdown(results: dict[str, Any]) -> str:
                 lines.append(
                     f"| {bucket} | {LOGO_LABELS[method]} | {_interval(d['nll'])} | {_interval(d['rougeL'])} |"
                 )
-    rule = results.get("rule", {})
-    lines += ["", f"Sharing rule: min_contributors={rule.get('min_contributors')}, "
-              f"match_threshold={rule.get('match_threshold')}; gate σ={results.get('gate_sigma')}."]  # fmt: skip
+    rule, policy = results.get("rule"), results.get("policy")
+    if policy:
+        lines += ["", f"Sharing policy: {policy.get('sharing_policy')} ({policy.get('consenting_users')} users "
+                  f"consented); gate σ={results.get('gate_sigma')}."]  # fmt: skip
+        for fold, adapters in (results.get("communities") or {}).items():
+            sizes = ", ".join(f"{a['members']} users / {a['items']} items" for a in adapters) or "none"
+            lines.append(f"Community adapters used by fold {fold}: {sizes}.")
+    elif rule:
+        lines += ["", f"Sharing rule: min_contributors={rule.get('min_contributors')}, "
+                  f"match_threshold={rule.get('match_threshold')}; gate σ={results.get('gate_sigma')}."]  # fmt: skip
     return "\n".join(lines)
 
 
@@ -591,7 +605,11 @@ def plot_logo_gain(results: dict[str, Any], path: str | os.PathLike) -> Path | N
     summary = results["summary"]
     cuts = [key for key in summary if key.startswith("m=")]
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
-    for offset, method in ((-0.08, "spring-logo"), (0.08, "spring-logo-open")):
+    arms = [
+        m for m in LOGO_LABELS if m != "spring-local" and any(f"{m} - spring-local" in e for e in summary.values())
+    ]
+    for i, method in enumerate(arms):
+        offset = 0.16 * (i - (len(arms) - 1) / 2)
         key = f"{method} - spring-local"
         points = [(i, summary[c][key]["nll"]) for i, c in enumerate(cuts) if key in summary[c]]
         points = [(i, d) for i, d in points if d["n"]]
@@ -606,7 +624,7 @@ def plot_logo_gain(results: dict[str, Any], path: str | os.PathLike) -> Path | N
     ax.set_xticks(range(len(cuts)), [c[2:] for c in cuts])
     ax.set_xlabel("history size m (the user's first m items)")
     ax.set_ylabel("NLL gain over local-only SPRInG (nats/token)")
-    ax.set_title("LoGo's global memory: NLL gain by history size")
+    ax.set_title("Collective knowledge: NLL gain by history size")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
