@@ -119,10 +119,7 @@ def test_cut_histories_hold_only_the_first_m_items_and_the_arms_share_their_adap
         assert all(hit.interaction.timestamp < row.item.timestamp for hit in row.history)
         if n_local == 0:
             assert not local
-            if row.method in (LOCAL, CONSENTED):
-                assert row.adapter == "__base__"
-            else:  # the community adapter nearest the query (the base model when none is near enough)
-                assert row.adapter == "__base__" or row.adapter.startswith("__community_")
+            assert row.adapter == "__base__"  # no item: the base model, as SpringForCausalLM decodes such a user
         if row.method in (LOCAL, COMMUNITY):
             assert not any(hit.source == "global" for hit in row.history)
     # LOCAL and CONSENTED decode with the user's adapter, COMMUNITY and BOTH with the community-started one.
@@ -141,13 +138,13 @@ def test_community_adapters_are_cross_fitted(run):
     bench, results, captured, *_ = run
     users = list(bench._fold)
     assert {bench._fold[u] for u in users} == {0, 1} and set(results["communities"]) == {"0", "1"}
-    routed = 0
-    for row, _, n_local in captured:
-        if row.method == COMMUNITY and n_local == 0 and row.adapter != "__base__":  # routed by the query
-            table = bench._communities[bench._fold[row.item.user_id]]
-            assert row.adapter in table.names and row.item.user_id not in table[row.adapter].members
-            routed += 1
-    assert routed
+    started = [r for r in results["records"] if r["method"] in (COMMUNITY, BOTH) and r["community"] is not None]
+    assert started  # the community arms' adapters started from a community adapter ...
+    for r in started:  # ... trained on the other fold's users only
+        table = bench._communities[bench._fold[r["user"]]]
+        assert r["community"] in table.names and r["user"] not in table[r["community"]].members
+        assert r["adapter"].endswith("__cutc")
+    assert all(r["community"] is None for r in results["records"] if r["method"] in (LOCAL, CONSENTED))
 
 
 def test_mediators_are_fitted_on_validation_queries_before_any_test_item(run):
@@ -214,6 +211,8 @@ def test_results_are_saved_with_table_and_plot(run):
         ({"arms": ""}, "arms"),
         ({"community_min_users": 0}, "community_min_users"),
         ({"mediator_min_examples": 1}, "mediator_min_examples"),
+        ({"retrieval_region": "everywhere"}, "retrieval_region"),
+        ({"gate": "auto"}, "gate"),
         ({"bias_rare_share": 1.5}, "bias_rare_share"),
     ],
 )
@@ -229,9 +228,10 @@ def test_the_study_needs_its_own_arguments(tmp_path):
         LoGoBenchmark(BenchmarkArguments(encoder="hashing"), model=torch.nn.Module())
 
 
-def test_a_stopped_study_resumes_from_its_checkpoint_with_the_same_results(tmp_path):
-    """A run stopped after its first test user continues from the checkpoint: the records equal an uninterrupted
-    run's, and the finished users are not decoded again."""
+@pytest.mark.parametrize("phase", ["_validate_user", "_test_user"])
+def test_a_stopped_study_resumes_from_its_checkpoint_with_the_same_results(tmp_path, phase):
+    """A run stopped after its first user's validation or test pass continues from the checkpoint: the records equal
+    an uninterrupted run's, and the finished users are not done again."""
     from transformers_spring.evaluation.checkpoint import save_checkpoint  # noqa: F401 (the file format)
 
     def bench(**kwargs):
@@ -240,9 +240,9 @@ def test_a_stopped_study_resumes_from_its_checkpoint_with_the_same_results(tmp_p
         return LoGoBenchmark(args, model, tokenizer, stream())
 
     whole = bench().run(progress=False)
-    checkpoint = tmp_path / "checkpoint.json"
+    checkpoint = tmp_path / "logo_checkpoint.json"
     stopped = bench()
-    original, calls = stopped._test_user, []
+    original, calls = getattr(stopped, phase), []
 
     def stop_after_one(user, *args):
         if calls:
@@ -250,15 +250,15 @@ def test_a_stopped_study_resumes_from_its_checkpoint_with_the_same_results(tmp_p
         calls.append(user)
         return original(user, *args)
 
-    stopped._test_user = stop_after_one
+    setattr(stopped, phase, stop_after_one)
     with pytest.raises(KeyboardInterrupt):
         stopped.run(progress=False, checkpoint=checkpoint)
     saved = json.loads(checkpoint.read_text())
-    assert saved["done"] == calls and len(saved["validated"]) == len(USERS) and "gate_sigma" in saved
+    assert saved["validated" if phase == "_validate_user" else "done"] == calls and "gate_sigma" in saved
     resumed_bench = bench()
     decoded = []
-    original_resumed = resumed_bench._test_user
-    resumed_bench._test_user = lambda user, *args: decoded.append(user) or original_resumed(user, *args)
+    original_resumed = getattr(resumed_bench, phase)
+    setattr(resumed_bench, phase, lambda user, *args: decoded.append(user) or original_resumed(user, *args))
     resumed = resumed_bench.run(progress=False, checkpoint=checkpoint)
     assert resumed["resumed"] and calls[0] not in decoded
     key = lambda r: (r["method"], r["user"], r["test_id"], str(r["cut"]))  # noqa: E731

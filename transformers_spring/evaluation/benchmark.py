@@ -479,7 +479,15 @@ class ContinualBenchmark:
         return {m.adapter for m in self.methods if m.adapter is not None}
 
     def _train(
-        self, args, user: str, period: int, items, name: str, memory=None, init_from: str | None = None
+        self,
+        args,
+        user: str,
+        period: int,
+        items,
+        name: str,
+        memory=None,
+        init_from: str | None = None,
+        score_cache=None,
     ) -> None:
         """One period of `user`'s adapter `name` ([`SpringTrainer`]); a new adapter starts from adapter `init_from`'s
         weights when given (as [`ContinualPersonalizer`] starts a new user from their community's adapter)."""
@@ -491,7 +499,8 @@ class ContinualBenchmark:
         tick = time.perf_counter()
         trainer = SpringTrainer(
             model=self.peft_model, args=args, user_id=user, period=period, train_interactions=list(items),
-            memory=memory, processing_class=self.tokenizer, score_cache=self.score_cache, adapter_name=name,
+            memory=memory, processing_class=self.tokenizer, adapter_name=name,
+            score_cache=score_cache if score_cache is not None else self.score_cache,
         )  # fmt: skip
         for callback in (PrinterCallback, ProgressCallback):  # the benchmark has its own progress bar
             trainer.remove_callback(callback)

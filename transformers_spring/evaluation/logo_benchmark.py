@@ -35,6 +35,7 @@ from .report import save_logo_results
 logger = logging.get_logger(__name__)
 
 LOCAL = "spring-local"
+LOGO_CHECKPOINT = "logo_checkpoint.json"  # (not `spring bench`'s checkpoint.json: the two may share an --out)
 CONSENTED, COMMUNITY, BOTH = LOGO_ARMS["consented"], LOGO_ARMS["community"], LOGO_ARMS["both"]
 MEDIATED = (CONSENTED, BOTH)  # the arms whose context a fitted mediator builds from local and global hits
 # Which adapter each arm decodes with: the user's own ("local") or the one started from their community's.
@@ -157,6 +158,9 @@ class LoGoBenchmark(ContinualBenchmark):
         self._mediated = [arm for arm in self._arms if arm in MEDIATED]
         self._community_on = any(ADAPTER_KIND[arm] == "community" for arm in self._arms)
         self._fold = {user: i % 2 for i, user in enumerate(splits)}
+        from ..training import BaseLogProbCache
+
+        self._community_cache = BaseLogProbCache(str(args.model))  # the community chains' (never the local chains')
 
         def save() -> None:
             state["timing_s"] = dict(self._timing)
@@ -170,28 +174,34 @@ class LoGoBenchmark(ContinualBenchmark):
                 workdir, [], wrap_encoder=_CachedEncoder, use_global=True, num_threads=1, seed=args.seed,
                 sharing_policy="consented", min_community_users=args.min_community_users,
             )  # fmt: skip
-            for user in splits:  # published headlines: every author consents to be quoted
-                self.memory.set_sharing(user, True)
-            self.memory.add_many(train_items)
+            self._train_items = train_items
+            self._reset_memory()
             if "selection" not in state:
                 state["selection"] = self._selection(splits, training_args)
                 save()
             chosen = state["selection"]["chosen"]
             spring_args = training_args[(chosen["learning_rate"], chosen["num_train_epochs"])][0]
-            self._communities = self._train_communities(splits, spring_args, workdir) if self._community_on else {}
+            pending = len(state["done"]) < len(splits)
+            self._communities = (
+                self._train_communities(splits, spring_args, workdir) if self._community_on and pending else {}
+            )
 
             # σ is frozen before any validation or test query: the Q3 of the buffer scores of every user's period-0
             # training queries (the validation folds' rest), so validation and test rows are gated alike.
+            # Validation feeds the mediators (and σ); without a mediated arm and a quantile gate it is not needed.
             todo = [user for user in splits if user not in set(state["validated"])]
+            if not self._mediated and args.gate != "quantile":
+                todo = []
             fitted = {
                 user: self._fit_adapter(user, splits[user], spring_args)
                 for user in tqdm(todo, desc="validation adapters", disable=not progress)
             }
             if "gate_sigma" not in state:
-                state["gate_sigma"] = self._sigma()
+                state["gate_sigma"] = self._sigma() if args.gate == "quantile" else None
                 save()
             self._frozen_sigma = state["gate_sigma"]
             for user in tqdm(todo, desc="validation", disable=not progress):
+                self._reset_memory()  # every pass starts from one memory state, resumed or not
                 examples, ids = self._validate_user(user, splits[user], spring_args, fitted[user])
                 for arm, rows in examples.items():
                     state["examples"].setdefault(arm, []).extend(_example_json(e) for e in rows)
@@ -211,6 +221,7 @@ class LoGoBenchmark(ContinualBenchmark):
             for user in tqdm(list(splits), desc="test", disable=not progress):
                 if user in done:
                     continue
+                self._reset_memory()
                 state["records"] += self._test_user(user, splits[user], spring_args)
                 state["done"].append(user)
                 save()
@@ -283,32 +294,46 @@ class LoGoBenchmark(ContinualBenchmark):
             return None
         return table.route(self.memory.embed(list(texts)).mean(axis=0))
 
-    def _adapters(self, spring_args, user: str, history: Sequence[Interaction], name: str) -> dict[str, str | None]:
-        """The adapters of a cut: `local` (trained on `history`, also setting the residual buffer; the base model
-        for an empty history) and, with community arms, `community` (the same training started from the community
-        adapter nearest `history`, without touching the buffer; None for an empty history: routed per query)."""
-        adapters = {"local": self._train_cut(spring_args, user, history, name)}
-        if self._community_on:
+    def _adapters(
+        self, spring_args, user: str, history: Sequence[Interaction], name: str, community_arms: bool = True
+    ) -> dict[str, str | None]:
+        """The adapters of a cut: `local` (trained on `history`; the base model for an empty history) and, with
+        community arms, `community` (the same training started from the community adapter nearest `history`, as
+        [`ContinualPersonalizer`] starts a new user, with its own base log-prob cache; for an empty history the base
+        model, as [`SpringForCausalLM`] decodes a user the memory holds nothing of) and `community_from` (the
+        community adapter it started from, None when none was near enough: then it is the local adapter)."""
+        adapters = {"local": self._train_cut(spring_args, user, history, name), "community_from": None}
+        if self._community_on and community_arms:
             community = self._route(user, [it.text for it in history])
-            if not history:
-                adapters["community"] = None
-            elif community is None:  # no community adapter for this fold: the local adapter
+            if not history or community is None:  # nothing to start from: the local adapter (the base model at m=0)
                 adapters["community"] = adapters["local"]
             else:
                 self._drop_adapters([f"{name}c"])
-                self._train(spring_args, user, 0, history, f"{name}c", None, init_from=community)
-                adapters["community"] = f"{name}c"
+                self._train(
+                    spring_args, user, 0, history, f"{name}c", None, init_from=community,
+                    score_cache=self._community_cache,
+                )  # fmt: skip
+                adapters["community"], adapters["community_from"] = f"{name}c", community
         return adapters
 
     def _adapter_for(self, arm: str, item: Interaction, adapters: dict[str, str | None]) -> str:
-        """The adapter a row of `arm` decodes `item` with: a cut's, or with no history the community adapter nearest
-        the query (the base model when there is none)."""
-        name = adapters[ADAPTER_KIND[arm]]
-        if name is None:
-            name = self._route(item.user_id, [item.prompt]) or BASE_ADAPTER
-        return name
+        """The adapter a row of `arm` decodes `item` with."""
+        return adapters[ADAPTER_KIND[arm]] or BASE_ADAPTER
 
     # ------------------------------------------------------------------------------------------------ memory state
+    def _reset_memory(self) -> None:
+        """A fresh consented memory holding every user's training items in the run's order: each user's pass starts
+        from this state (the cut passes re-add a user's items, which reorders users and labels: a resumed run must
+        not see another order than an uninterrupted one)."""
+        from ..memory import LoGoMemory
+
+        users = list(dict.fromkeys(it.user_id for it in self._train_items))
+        memory = LoGoMemory(self.memory.encoder, **self._memory_settings)
+        for user in users:  # published headlines: every author consents to be quoted
+            memory.set_sharing(user, True)
+        memory.add_many(self._train_items)
+        self.memory = self.spring_model.memory = memory
+
     def _set_history(self, user: str, items: Sequence[Interaction]) -> None:
         """The user's memory holds exactly `items` (their global contributions too, with their consent); the buffer is
         emptied."""
@@ -356,8 +381,9 @@ class LoGoBenchmark(ContinualBenchmark):
         stream = [it for split in periods for it in split.train]
         try:
             self._set_history(user, fit)
-            adapters = self._adapters(spring_args, user, fit, name)
-            self._observe_gate(user, fit)  # training queries only calibrate σ
+            adapters = self._adapters(spring_args, user, fit, name, community_arms=BOTH in self._arms)
+            if self.args.gate == "quantile":
+                self._observe_gate(user, fit)  # training queries only calibrate σ
             buffer = (self.memory.buffer(user), self.memory.buffer_scores(user))
         finally:
             self._set_history(user, stream)
@@ -386,13 +412,13 @@ class LoGoBenchmark(ContinualBenchmark):
                 else:
                     history = stream[:m]
                     self._set_history(user, history)
-                    adapters = self._adapters(spring_args, user, history, name)
+                    adapters = self._adapters(spring_args, user, history, name, community_arms=BOTH in self._arms)
                 for arm, tables in self._tables(user, rows, adapters, len(history))[0].items():
                     examples[arm] += [t["example"] for t in tables]
             history, late = self._late_fold(periods)
             if late and history:  # a warm user: the whole stream before the fold, as the test's "all" cut has it
                 self._set_history(user, history)
-                adapters = self._adapters(spring_args, user, history, name)
+                adapters = self._adapters(spring_args, user, history, name, community_arms=BOTH in self._arms)
                 for arm, tables in self._tables(user, late, adapters, len(history))[0].items():
                     examples[arm] += [t["example"] for t in tables]
         finally:
@@ -412,18 +438,23 @@ class LoGoBenchmark(ContinualBenchmark):
                 if m is None:  # the full SPRInG chain; each period's test items under the state after its update
                     self._set_history(user, [])
                     self._drop_adapters([name, f"{name}c"])
-                    adapters = {"local": name, "community": f"{name}c" if self._community_on else None}
+                    adapters = {"local": name, "community": name, "community_from": None}
                     seen: list[Interaction] = []
                     for t, split in enumerate(periods):
                         self.memory.add_many(list(split.train))
                         seen += split.train
                         self._train(spring_args, user, t, split.train, name, self.memory)
                         if self._community_on:
-                            start = self._route(user, [it.text for it in split.train]) if t == 0 else None
-                            if t == 0 and start is None:  # no community adapter: the local chain's
-                                adapters["community"] = name
-                            elif adapters["community"] != name:
-                                self._train(spring_args, user, t, split.train, f"{name}c", None, init_from=start)
+                            if t == 0:
+                                start = self._route(user, [it.text for it in split.train])
+                                if start is not None:  # (none near enough: the community arms use the local chain)
+                                    adapters["community"], adapters["community_from"] = f"{name}c", start
+                            if adapters["community"] != name:
+                                self._train(
+                                    spring_args, user, t, split.train, f"{name}c", None,
+                                    init_from=adapters["community_from"] if t == 0 else None,
+                                    score_cache=self._community_cache,
+                                )  # fmt: skip
                         if t >= 1:
                             records += self._score_and_decode(user, list(split.test), adapters, list(seen), None, t)
                     continue
@@ -445,7 +476,12 @@ class LoGoBenchmark(ContinualBenchmark):
         self.memory.gate = RelevanceGate(self._frozen_sigma)
         try:
             context = self.memory.retrieve_context(
-                user, item.prompt, k=self.args.spring_k, region="buffer", use_global=True, before=item.timestamp
+                user,
+                item.prompt,
+                k=self.args.spring_k,
+                region=self.args.retrieval_region,
+                use_global=True,
+                before=item.timestamp,
             )
         finally:
             self.memory.gate = RelevanceGate(None)
@@ -550,6 +586,7 @@ class LoGoBenchmark(ContinualBenchmark):
             records.append({
                 "method": row.method, "user": user, "period": period, "cut": "all" if m is None else m,
                 "n_local": len(history), "adapter": row.personalization.adapter,
+                "community": adapters["community_from"] if ADAPTER_KIND[row.method] == "community" else None,
                 "test_id": item.id, "category": category, "category_share": share,
                 "bias": bool(m is None and share is not None and share < args.bias_rare_share
                              and top_share >= args.bias_dominant_share),
@@ -584,7 +621,7 @@ def _context_key(adapter: str, item: Interaction, context) -> tuple:
 def run_logo_benchmark(args: LoGoBenchmarkArguments, progress: bool = True, **kwargs: Any) -> dict[str, Any]:
     """Runs [`LoGoBenchmark`]`(args, **kwargs)` and saves its results to `args.out` (see [`save_logo_results`]);
     with `args.resume` (the default) a checkpoint in `args.out` carries the run across stops."""
-    checkpoint = Path(args.out) / "checkpoint.json" if args.resume else None
+    checkpoint = Path(args.out) / LOGO_CHECKPOINT if args.resume else None
     results = LoGoBenchmark(args, **kwargs).run(progress=progress, checkpoint=checkpoint)
     save_logo_results(results, args.out)
     if checkpoint is not None:

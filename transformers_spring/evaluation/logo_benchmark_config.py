@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..utils.validation import check_float, check_int
+from ..utils.validation import check_choice, check_float, check_int
 from .benchmark_config import BenchmarkArguments
 
 # The study's arms: the `arms` option's names -> the method names its records carry.
@@ -23,6 +23,21 @@ class LoGoBenchmarkArguments(BenchmarkArguments):
     items of users who consented (`LoGoMemory(sharing_policy="consented")`, reconciled by a mediator fitted on
     validation queries), community adapters under the private policy, and both, on the same items and decoding."""
 
+    interpolation_weight: float = field(
+        default=0.25,
+        metadata={"help": "λ of local-only SPRInG, the baseline every arm is measured against, and the mediators' "
+                  "local decision (the measured decoding preset's 0.25; the paper's is 0.5)."},
+    )  # fmt: skip
+    retrieval_region: str = field(
+        default="all",
+        metadata={"help": "Where local hits come from: 'all' (the user's whole history, the measured preset) or "
+                  "'buffer' (SPRInG's residual buffer, the paper's; empty after a period 0)."},
+    )  # fmt: skip
+    gate: str = field(
+        default="off",
+        metadata={"help": "The relevance gate on local hits: 'off' (the measured preset) or 'quantile' (σ = the "
+                  "gate_quantile of training queries' scores, frozen before any validation or test query)."},
+    )  # fmt: skip
     history_cuts: str = field(
         default="0,1,3,5,all",
         metadata={
@@ -74,6 +89,8 @@ class LoGoBenchmarkArguments(BenchmarkArguments):
         self.cuts()
         self.weight_grid()
         self.arm_names()
+        check_choice(self.retrieval_region, "retrieval_region", ("all", "buffer", "history"))
+        check_choice(self.gate, "gate", ("off", "quantile"))
         check_int(self.community_min_users, "community_min_users", minimum=1)
         check_int(self.community_max_items_per_user, "community_max_items_per_user", minimum=1)
         for name in ("bias_rare_share", "bias_dominant_share"):
