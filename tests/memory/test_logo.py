@@ -722,6 +722,10 @@ def test_a_hostile_policy_or_consent_is_refused_on_load(make_memory, tmp_path):
         path.write_text(json.dumps({**config, field: value}))
         with pytest.raises(ValueError, match=match):
             LoGoMemory.from_pretrained(tmp_path / "mem")
+    # u1's consent edited away and the default turned on, loaded with the default overridden off: still refused.
+    path.write_text(json.dumps({**config, "sharing": {}, "share_by_default": True}))
+    with pytest.raises(ValueError, match="u1.*does not share, has a global label"):
+        LoGoMemory.from_pretrained(tmp_path / "mem", share_by_default=False)
 
 
 def test_a_policy_change_keeps_a_tightened_rule_and_the_current_default(make_memory):
@@ -732,14 +736,3 @@ def test_a_policy_change_keeps_a_tightened_rule_and_the_current_default(make_mem
     memory.set_sharing_policy("consented")
     memory.set_sharing_policy("private", share_by_default=True)
     assert memory.global_memory.min_contributors == 5 and memory.min_contributors == 5
-
-
-def test_a_consented_memory_refuses_labels_without_consent_whatever_the_load_overrides(make_memory, tmp_path):
-    memory = populated(make_memory, users=4, n_communities=1, min_community_users=1, sharing_policy="consented")
-    memory.set_sharing("u1", True)
-    memory.save_pretrained(tmp_path / "mem")
-    path = tmp_path / "mem" / "config.json"
-    config = json.loads(path.read_text())
-    path.write_text(json.dumps({**config, "sharing": {}, "share_by_default": True}))  # u1's consent edited away
-    with pytest.raises(ValueError, match="u1.*does not share, has a global label"):
-        LoGoMemory.from_pretrained(tmp_path / "mem", share_by_default=False)
