@@ -62,8 +62,8 @@ def test_settings_are_one_dataclass_with_the_saved_keys(make_memory):
     config = memory.config()
     assert set(config) == {
         "encoder", "dim", "metric", "normalized", "scorer", "gate", "gate_quantile", "use_global", "global_scope",
-        "min_community_users", "sharing_policy", "min_contributors", "match_threshold", "max_matches", "exact_match_below",
-        "n_communities", "capacity", "dedup_threshold", "buffer_size", "bm25_idf", "max_text_chars",
+        "min_community_users", "sharing_policy", "min_contributors", "match_threshold", "max_matches",
+        "exact_match_below", "n_communities", "capacity", "dedup_threshold", "buffer_size", "bm25_idf", "max_text_chars",
         "share_by_default", "hnsw_M", "hnsw_ef_construction", "hnsw_ef", "exact_below", "seed",
     }  # fmt: skip
     assert set(config) - {"encoder", "dim", "metric", "normalized"} == set(LoGoMemoryConfig.names())

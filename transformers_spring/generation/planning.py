@@ -18,8 +18,8 @@ decides, in this order:
 6. **the adapter**: `Personalization.adapter` when given (it must exist), else the user's adapter by the one naming
    rule ([`adapter_name_for`] with `SpringConfig.adapter_name_template`); a user without one decodes with the
    community adapter nearest the mean embedding of their memory items ([`CommunityAdapters.route`]) when the model
-   has community adapters, else with the base model, logged once per user. A user who has no adapter *and* of whom the memory holds no record is unknown
-   (usually a typo): `SpringConfig.unknown_user="error"` refuses them before anything is retrieved.
+   has community adapters, else with the base model, logged once per user. A user who has no adapter *and* of whom
+   the memory holds no record is unknown (usually a typo): `SpringConfig.unknown_user="error"` refuses them before anything is retrieved.
 """
 
 from __future__ import annotations
