@@ -255,7 +255,9 @@ def test_a_stopped_study_resumes_from_its_checkpoint_with_the_same_results(tmp_p
         stopped.run(progress=False, checkpoint=checkpoint)
     saved = json.loads(checkpoint.read_text())
     assert saved["validated" if phase == "_validate_user" else "done"] == calls and "gate_sigma" in saved
+    assert (tmp_path / "logo_communities" / "fold-0" / "community_adapters.json").is_file()
     resumed_bench = bench()
+    resumed_bench._train_communities = lambda *a: pytest.fail("the saved community adapters are loaded, not retrained")
     decoded = []
     original_resumed = getattr(resumed_bench, phase)
     setattr(resumed_bench, phase, lambda user, *args: decoded.append(user) or original_resumed(user, *args))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import tempfile
 import time
 from collections import Counter, defaultdict
@@ -36,6 +37,7 @@ logger = logging.get_logger(__name__)
 
 LOCAL = "spring-local"
 LOGO_CHECKPOINT = "logo_checkpoint.json"  # (not `spring bench`'s checkpoint.json: the two may share an --out)
+LOGO_COMMUNITIES = "logo_communities"  # the community adapters of a checkpointed run, next to its checkpoint
 CONSENTED, COMMUNITY, BOTH = LOGO_ARMS["consented"], LOGO_ARMS["community"], LOGO_ARMS["both"]
 MEDIATED = (CONSENTED, BOTH)  # the arms whose context a fitted mediator builds from local and global hits
 # Which adapter each arm decodes with: the user's own ("local") or the one started from their community's.
@@ -105,8 +107,8 @@ class LoGoBenchmark(ContinualBenchmark):
       `bias_dominant_share` of them.
     - **Checkpoint.** With `checkpoint=`, the state is saved after the selection, after σ, after every user's
       validation and after every user's test pass; a rerun with the same settings, model and data continues after
-      the last finished user (the community adapters and the fitted validation adapters of unfinished users are
-      trained again: deterministic, and cheaper to retrain than to store).
+      the last finished user. The community adapters are saved next to the checkpoint (`logo_communities/`) and
+      loaded back; the fitted validation adapters of unfinished users are trained again (deterministic).
 
     Args:
         args ([`LoGoBenchmarkArguments`]): the settings.
@@ -183,7 +185,9 @@ class LoGoBenchmark(ContinualBenchmark):
             spring_args = training_args[(chosen["learning_rate"], chosen["num_train_epochs"])][0]
             pending = len(state["done"]) < len(splits)
             self._communities = (
-                self._train_communities(splits, spring_args, workdir) if self._community_on and pending else {}
+                self._communities_for(splits, spring_args, workdir, checkpoint, state, save)
+                if self._community_on and pending
+                else {}
             )
 
             # σ is frozen before any validation or test query: the Q3 of the buffer scores of every user's period-0
@@ -256,6 +260,35 @@ class LoGoBenchmark(ContinualBenchmark):
         return results
 
     # ------------------------------------------------------------------------------------------------ communities
+    def _communities_for(self, splits, spring_args, workdir: str, checkpoint: Path | None, state: dict, save):
+        """The folds' community adapters: trained, or with a checkpoint, loaded from the copy saved next to it when
+        this run saved one (`logo_communities/`; bit-exact safetensors, so a resumed run decodes as an uninterrupted
+        one), else trained and saved there."""
+        from ..persistence.community_files import read_community_adapters, write_community_adapters
+
+        where = checkpoint.parent / LOGO_COMMUNITIES if checkpoint is not None else None
+        if where is not None and state.get("communities_saved"):
+            tables = {}
+            for fold in (0, 1):
+                folder = where / f"fold-{fold}"
+                table = read_community_adapters(folder, {p.name for p in folder.iterdir() if p.is_dir()})
+                for adapter in table:
+                    self.peft_model.load_adapter(str(folder / adapter.name), adapter_name=adapter.name)
+                tables[fold] = table
+            self.peft_model.eval()
+            return tables
+        tables = self._train_communities(splits, spring_args, workdir)
+        if where is not None:
+            for fold, table in tables.items():
+                folder = where / f"fold-{fold}"
+                folder.mkdir(parents=True, exist_ok=True)
+                if len(table):
+                    self.peft_model.save_pretrained(str(folder), selected_adapters=table.names)
+                write_community_adapters(folder, table)
+            state["communities_saved"] = True
+            save()
+        return tables
+
     def _train_communities(self, splits: dict[str, list], spring_args, workdir: str) -> dict[int, Any]:
         """Per fold, the community adapters trained on the other fold's users (through the library's
         [`ContinualPersonalizer.train_community_adapters`], on the study's model), so a user never decodes with a
@@ -626,4 +659,5 @@ def run_logo_benchmark(args: LoGoBenchmarkArguments, progress: bool = True, **kw
     save_logo_results(results, args.out)
     if checkpoint is not None:
         checkpoint.unlink(missing_ok=True)  # the results hold everything it did
+        shutil.rmtree(checkpoint.parent / LOGO_COMMUNITIES, ignore_errors=True)
     return results
