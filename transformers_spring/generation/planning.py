@@ -105,6 +105,7 @@ class PersonalizationPlanner:
     ):
         self.model = model
         self.communities = communities
+        self._routes: dict[str, str | None] = {}  # user -> community adapter, per `plan` call
         self.memory = memory
         self.config = config
         self.tokenizer = tokenizer
@@ -126,6 +127,7 @@ class PersonalizationPlanner:
             the memory holds no record (checked before anything is retrieved).
         """
         router = AdapterRouter(self.model)
+        self._routes = {}  # this call's view of the memory: a user's items may change between calls
         memory_users: dict[str, set[str] | None] = {}  # this call's view of the memory's users (thread-local)
         for row in rows:
             if row is not None:
@@ -295,9 +297,11 @@ class PersonalizationPlanner:
         items, among those the model holds; None without community adapters or items."""
         if self.communities is None or not len(self.communities):
             return None
-        user_vector = getattr(self.memory, "user_vector", None)
-        vector = user_vector(user) if callable(user_vector) else None
-        return self.communities.route(vector, available=router.adapters)
+        if user not in self._routes:  # asked by `_check_user` and `_route` for the same rows: computed once
+            user_vector = getattr(self.memory, "user_vector", None)
+            vector = user_vector(user) if callable(user_vector) else None
+            self._routes[user] = self.communities.route(vector, available=router.adapters)
+        return self._routes[user]
 
     def _route(
         self, infos: list[RowPersonalization | None], rows: Sequence[Personalization | None], router: AdapterRouter
