@@ -27,7 +27,7 @@ def test_usage_and_unknown_command(capsys):
     assert "unknown command 'benchmark'" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", ["demo", "train", "memory", "bench", "bench-logo"])
+@pytest.mark.parametrize("command", ["demo", "train", "memory", "serve", "bench", "bench-logo"])
 def test_every_help_renders_without_formatting_artefacts(command, capsys):
     # argparse %-formats help text: an unescaped "30 % selection" used to print the option's internals as a dict.
     with pytest.raises(SystemExit) as exit_info:
@@ -39,6 +39,28 @@ def test_every_help_renders_without_formatting_artefacts(command, capsys):
         assert artefact not in text, (command, artefact)
     if command in ("demo", "bench"):
         assert "random-30 % selection" in text
+
+
+def test_serve_help_documents_every_option(capsys):
+    import dataclasses
+
+    from transformers_spring.server import ServeArguments
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for f in dataclasses.fields(ServeArguments):
+        assert f"--{f.name}" in out and f.metadata["help"].split()[0] in out, f.name
+
+
+def test_serve_refuses_to_start_without_keys_or_a_state(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("SPRING_SERVE_API_KEYS", raising=False)
+    (tmp_path / "empty").mkdir()
+    assert main(["serve", "--state", str(tmp_path / "empty")]) == 2
+    assert "no API keys" in capsys.readouterr().err
+    assert main(["serve", "--state", str(tmp_path / "empty"), "--no_auth", "--workdir", str(tmp_path / "w")]) == 2
+    assert "neither a ContinualPersonalizer folder" in capsys.readouterr().err
 
 
 def test_bench_help_lists_the_options(capsys):

@@ -16,7 +16,7 @@ PUBLIC = {
     "Mediator", "CalibratedMediator", "Interaction", "RetrievedItem", "MediatedContext", "PeriodSplit",
     "convert_news_category", "read_interactions_jsonl", "read_lamp", "read_news_jsonl", "write_interactions_jsonl",
     "select_users", "temporal_split", "BenchmarkArguments", "ContinualBenchmark", "run_benchmark", "rouge_scores",
-    "resolve_encoder", "PersonalizationTuner", "TuningArguments", "__version__",
+    "resolve_encoder", "PersonalizationTuner", "TuningArguments", "ServeArguments", "BackgroundServer", "__version__",
 }  # fmt: skip
 
 # internals that were top-level once -> the subpackage that keeps exporting them

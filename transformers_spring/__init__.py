@@ -30,6 +30,7 @@ _EXPORTS = {
         "RelevanceGate", "VectorBackend", "resolve_encoder",
     ),
     "records": ("Interaction", "MediatedContext", "RetrievedItem"),
+    "server": ("BackgroundServer", "ServeArguments"),
     "training": (
         "ContinualPersonalizer", "PersonalizationTuner", "SpringPeriodOutput", "SpringTrainer",
         "SpringTrainingArguments", "TuningArguments", "UserShard", "claim_user_shard", "drift_scores",
@@ -46,6 +47,7 @@ _MOVED = {
 
 __all__ = [
     "BackendError",
+    "BackgroundServer",
     "BenchmarkArguments",
     "CalibratedMediator",
     "ContinualBenchmark",
@@ -62,6 +64,7 @@ __all__ = [
     "RelevanceGate",
     "RetrievalInterpolationLogitsProcessor",
     "RetrievedItem",
+    "ServeArguments",
     "SpringConfig",
     "SpringForCausalLM",
     "SpringPeriodOutput",
@@ -133,6 +136,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, eagerly
         resolve_encoder,
     )
     from .records import Interaction, MediatedContext, RetrievedItem
+    from .server import BackgroundServer, ServeArguments
     from .training import (
         ContinualPersonalizer,
         PersonalizationTuner,

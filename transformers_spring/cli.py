@@ -14,7 +14,7 @@ from pathlib import Path
 from .evaluation.benchmark_config import BenchmarkArguments
 from .training.train_job_config import BENCH_CHOSEN_TRAINING
 
-USAGE = """usage: spring {demo,train,tune,memory,bench,bench-logo,report} [options]
+USAGE = """usage: spring {demo,train,tune,memory,serve,bench,bench-logo,report} [options]
 
   spring demo   SPRInG end to end on the shipped news subset (SmolLM2-135M-Instruct, a few authors, 5 periods):
                 prints the per-period ROUGE table against Base and RAG and saves results + a PNG plot.
@@ -29,6 +29,9 @@ USAGE = """usage: spring {demo,train,tune,memory,bench,bench-logo,report} [optio
   spring memory DIR [--user ID [--show_text]]
                 what a state or memory folder holds: users, counts, periods and sharing flags (text only for one
                 user, when asked).
+  spring serve --state DIR --api_keys keys.json
+                serves a state over an OpenAI-compatible HTTP API (/v1/chat/completions with `user`), records
+                users' interactions and runs their period updates (needs the `serve` extra; `spring serve --help`).
   spring bench  the continual-personalization benchmark: every method on the same model, users and splits
                 (`spring bench --help` lists the options).
   spring bench-logo
@@ -312,6 +315,30 @@ def _memory(argv: Sequence[str]) -> int:
     return 0
 
 
+def _serve(argv: Sequence[str]) -> int:
+    try:
+        from .server import ServeArguments, serve
+    except ImportError as err:
+        print(f"spring serve: {err}; install the server with `pip install transformers-spring[serve]`.",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    from transformers import HfArgumentParser
+
+    parser = escape_help(HfArgumentParser(ServeArguments, prog="spring serve", description=(
+        "Personalized generation over an OpenAI-compatible HTTP API: POST /v1/chat/completions and /v1/completions "
+        "(`user` = whom to personalize for), POST /v1/interactions (recorded durably; a user's period update runs "
+        "when --period_size of them are pending), GET and DELETE /v1/users/{user}, /health and /metrics. See "
+        "docs/serving.md."
+    )))  # fmt: skip
+    (args,) = parser.parse_args_into_dataclasses(args=list(argv))
+    try:
+        serve(args)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"spring serve: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `spring` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -334,6 +361,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _tune(rest)
     if command == "memory":
         return _memory(rest)
+    if command == "serve":
+        return _serve(rest)
     if command == "bench":
         args = _parse(rest, {}, "spring bench")
         return _run(args, "SPRInG benchmark")

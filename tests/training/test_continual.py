@@ -667,6 +667,10 @@ def test_export_for_serving_records_the_base_model_id_given(tmp_path):
     p.observe("alice", stream("alice", 0))
     manifest = p.export_for_serving(tmp_path / "serve", base_model_id="org/tiny-llama")
     assert manifest["base_model_name_or_path"] == "org/tiny-llama"
+    # vLLM's filesystem LoRA resolver serves a folder only when its adapter_config names the served model.
+    (entry,) = manifest["adapters"]
+    config = json.loads((tmp_path / "serve" / entry["path"] / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "org/tiny-llama"
     with pytest.raises(ValueError, match="`base_model_id`"):
         p.export_for_serving(tmp_path / "other", base_model_id="/not/a/repo/id")
     assert not (tmp_path / "other").exists()

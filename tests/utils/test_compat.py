@@ -189,3 +189,42 @@ def test_deprecated_names_used_by_our_code_fail_the_suite():
             namespace["old_kwarg"](model, ids[:, -1:], compat.output_cache(outputs))
         with pytest.raises(AssertionError, match="deprecated"):
             namespace["old_property"](outputs)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_batched_lora_routing_equals_peft_mixed_batch_forward(arch):
+    """The router adds plain LoRA deltas with batched matmuls (two ranks and scalings, rows without an adapter); a
+    layer whose adapters it cannot batch (a DoRA variant, active dropout) is left to peft."""
+    from peft import LoraConfig
+    from peft.tuners.lora.layer import Linear
+    from testing_utils import LORA_TARGETS, make_adapted_model
+
+    from transformers_spring.generation.adapters import AdapterRouter
+
+    model = make_adapted_model(arch)
+    targets = LORA_TARGETS.get(arch, ["q_proj", "v_proj"])
+    model.add_adapter("bob", LoraConfig(r=2, lora_alpha=3, target_modules=targets))  # another rank and scaling
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name and ".bob." in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+    model.eval()
+    ids = torch.randint(3, 40, (4, 7), generator=generator)
+    names = ["alice", "__base__", "bob", "alice"]
+    with torch.no_grad():
+        expected = model(input_ids=ids, adapter_names=names).logits  # peft's own mixed-batch forward
+        with AdapterRouter(model).activate(names):
+            got = model(input_ids=ids).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+    model.add_adapter("dora", LoraConfig(r=2, lora_alpha=4, target_modules=targets, use_dora=True, lora_dropout=0.5))
+    layer = next(m for m in model.modules() if isinstance(m, Linear))
+    x = torch.zeros(2, 3, layer.in_features)
+    assert compat._batched_lora_applies(layer, ["alice", "bob"], x)
+    assert not compat._batched_lora_applies(layer, ["alice", "dora"], x)  # a variant: peft's forward
+    assert not compat._batched_lora_applies(layer, ["alice"], x)  # not one name per row
+    layer.train()
+    assert compat._batched_lora_applies(layer, ["alice", "bob"], x)  # no dropout on these two
+    layer.lora_dropout["bob"] = torch.nn.Dropout(0.5)
+    assert not compat._batched_lora_applies(layer, ["alice", "bob"], x)

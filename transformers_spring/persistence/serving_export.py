@@ -92,6 +92,7 @@ def export_adapters_for_serving(
             # Read under the folder's lock: two exports at once never hand out one id for different weights.
             previous = previous_serving_ids(directory)
             entries = []
+            base, base_fields = serving_base_model(model, base_model_id)
             for user, name in adapters.items():
                 folder = tmp / name
                 source = offloaded_folder(name)
@@ -108,12 +109,17 @@ def export_adapters_for_serving(
                 check_adapter_folder(folder, base_model=model, check_values=False, where=source or folder)
                 check_vllm_lora(folder, max_lora_rank)
                 config = json.loads((folder / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+                if config.get("base_model_name_or_path") != base:
+                    # vLLM's filesystem LoRA resolver serves a folder only when this names the served model.
+                    config["base_model_name_or_path"] = base
+                    (folder / ADAPTER_CONFIG).write_text(
+                        json.dumps(config, indent=2, sort_keys=True), encoding="utf-8"
+                    )
                 digest = file_sha256(folder / ADAPTER_WEIGHTS)
                 entries.append(
                     {"user_id": user, "lora_name": name, "path": name, "rank": lora_rank(config), "sha256": digest}
                 )
             assign_lora_int_ids(entries, previous)
-            base, base_fields = serving_base_model(model, base_model_id)
             manifest = write_serving_manifest(
                 tmp, entries, base, max_lora_rank, retired=previous.retired(entries), **base_fields
             )

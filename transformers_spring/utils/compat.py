@@ -271,17 +271,107 @@ def find_adapter_layers(model: nn.Module) -> tuple[list[nn.Module], set[str]]:
     return layers, names
 
 
-def add_adapter_names_hook(layer: nn.Module, names_getter) -> Any:
-    """Registers a forward pre-hook that passes `adapter_names=names_getter()` to a LoRA layer, peft's per-row
-    routing keyword (peft >= 0.10, what `PeftModel.generate(adapter_names=)` injects). Returns the hook handle."""
+def _lora_linear_class() -> type | None:
+    try:
+        from peft.tuners.lora.layer import Linear
+    except ImportError:
+        return None
+    return Linear
 
-    def hook(module, args, kwargs):
+
+class _HookPair:
+    """Two hook handles removed together (the handle [`add_adapter_names_hook`] returns)."""
+
+    def __init__(self, *handles):
+        self.handles = handles
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def _batched_lora_applies(layer: nn.Module, names: Sequence[str], x: Any) -> bool:
+    """Whether [`add_adapter_names_hook`] may add `layer`'s per-row LoRA deltas itself: a peft LoRA `Linear` whose
+    routed adapters are all vanilla LoRA (no DoRA or other variant, no `lora_bias`, no active dropout), adapters
+    enabled and unmerged, and one name per row of `x`. Anything else goes through peft's own mixed-batch forward."""
+    if not isinstance(x, torch.Tensor) or x.dim() < 2 or x.shape[0] != len(names):
+        return False
+    if getattr(layer, "disable_adapters", False) or getattr(layer, "merged", False):
+        return False
+    variants, biases = getattr(layer, "lora_variant", {}), getattr(layer, "lora_bias", {})
+    for name in set(names):
+        if name not in layer.lora_A:
+            continue
+        if name in variants or biases.get(name, False):
+            return False
+        dropout = layer.lora_dropout[name]
+        if layer.training and getattr(dropout, "p", 0.0) > 0:
+            return False
+    return True
+
+
+def add_adapter_names_hook(layer: nn.Module, names_getter) -> Any:
+    """Routes each row of a LoRA layer's input to its own adapter (`names_getter()`: one adapter name per row, or None
+    for no routing), as peft's `adapter_names=` keyword does (peft >= 0.10, what `PeftModel.generate(adapter_names=)`
+    injects). Returns a handle whose `remove()` undoes it.
+
+    peft's mixed-batch forward loops over the batch's distinct adapters, a few small matmuls each; with one adapter
+    per row (the server's batches) that loop cost a third of a decoding step on CPU (`benchmarks/bench_serve.py`).
+    So for a plain LoRA `Linear` the layer runs its base weights only (every row routed to `"__base__"`) and the
+    per-row deltas `B_i(A_i x_i) * scaling_i` are added by two batched matmuls over the adapters' weights stacked once
+    per routing (the same products, in the same order, as peft's). Other layers and adapter kinds go through peft.
+    """
+    linear = _lora_linear_class()
+    state: dict[str, Any] = {"pending": None, "stacks": {}}
+
+    def pre_hook(module, args, kwargs):
         names = names_getter()
-        if names is not None:
+        state["pending"] = None
+        if names is None:
+            return args, kwargs
+        x = args[0] if args else kwargs.get("x")
+        if linear is not None and isinstance(module, linear) and _batched_lora_applies(module, names, x):
+            kwargs["adapter_names"] = ["__base__"] * len(names)
+            state["pending"] = (list(names), x)
+        else:
             kwargs["adapter_names"] = names
         return args, kwargs
 
-    return layer.register_forward_pre_hook(hook, with_kwargs=True)
+    def post_hook(module, args, kwargs, output):
+        pending, state["pending"] = state["pending"], None
+        if pending is None:
+            return output
+        names, x = pending
+        present = sorted({name for name in names if name in module.lora_A})
+        if not present:
+            return output
+        key = tuple(present)
+        stacks = state["stacks"].get(key)
+        if stacks is None:  # the adapters' weights, stacked once per routing (zero-padded to the largest rank)
+            rank = max(module.lora_A[name].weight.shape[0] for name in present)
+            a0 = module.lora_A[present[0]].weight
+            b0 = module.lora_B[present[0]].weight
+            a = a0.new_zeros((len(present) + 1, rank, a0.shape[1]))  # the last slot: rows without an adapter
+            b = b0.new_zeros((len(present) + 1, b0.shape[0], rank))
+            scaling = torch.zeros(len(present) + 1, dtype=torch.float64)
+            for i, name in enumerate(present):
+                r = module.lora_A[name].weight.shape[0]
+                a[i, :r] = module.lora_A[name].weight.detach()
+                b[i, :, :r] = module.lora_B[name].weight.detach()
+                scaling[i] = float(module.scaling[name])
+            stacks = state["stacks"][key] = (a, b, scaling, {name: i for i, name in enumerate(present)})
+        a, b, scaling, index = stacks
+        rows = torch.tensor([index.get(name, len(present)) for name in names], device=a.device)
+        flat = x.to(a.dtype).reshape(x.shape[0], -1, x.shape[-1])
+        delta = torch.bmm(torch.bmm(flat, a[rows].transpose(1, 2)), b[rows].transpose(1, 2))
+        scale = scaling[rows].to(delta.dtype).view(-1, 1, 1)
+        delta = (delta * scale).reshape(*output.shape[:-1], delta.shape[-1])
+        return output + delta.to(output.dtype)
+
+    return _HookPair(
+        layer.register_forward_pre_hook(pre_hook, with_kwargs=True),
+        layer.register_forward_hook(post_hook, with_kwargs=True),
+    )
 
 
 def active_adapter_of(layers: Sequence[nn.Module], adapters: set[str], base_name: str) -> str | None:
