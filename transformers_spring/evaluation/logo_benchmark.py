@@ -108,7 +108,8 @@ class LoGoBenchmark(ContinualBenchmark):
     - **Checkpoint.** With `checkpoint=`, the state is saved after the selection, after σ, after every user's
       validation and after every user's test pass; a rerun with the same settings, model and data continues after
       the last finished user. The community adapters are saved next to the checkpoint (`logo_communities/`) and
-      loaded back; the fitted validation adapters of unfinished users are trained again (deterministic).
+      loaded back; the fitted validation adapters of unfinished users are trained again (deterministic). Without a
+      quantile gate each user's fit is trained right before their validation, so no finished user's work is lost.
 
     Args:
         args ([`LoGoBenchmarkArguments`]): the settings.
@@ -196,17 +197,23 @@ class LoGoBenchmark(ContinualBenchmark):
             todo = [user for user in splits if user not in set(state["validated"])]
             if not self._mediated and args.gate != "quantile":
                 todo = []
+            # σ needs every user's fit first; without a quantile gate each user's fit is trained right before their
+            # validation, so a stopped run keeps every user it validated (fits are not checkpointed).
+            eager = args.gate == "quantile"
             fitted = {
                 user: self._fit_adapter(user, splits[user], spring_args)
-                for user in tqdm(todo, desc="validation adapters", disable=not progress)
+                for user in tqdm(todo if eager else [], desc="validation adapters", disable=not progress)
             }
             if "gate_sigma" not in state:
                 state["gate_sigma"] = self._sigma() if args.gate == "quantile" else None
                 save()
             self._frozen_sigma = state["gate_sigma"]
             for user in tqdm(todo, desc="validation", disable=not progress):
+                if not eager:
+                    self._reset_memory()
+                    fitted[user] = self._fit_adapter(user, splits[user], spring_args)
                 self._reset_memory()  # every pass starts from one memory state, resumed or not
-                examples, ids = self._validate_user(user, splits[user], spring_args, fitted[user])
+                examples, ids = self._validate_user(user, splits[user], spring_args, fitted.pop(user))
                 for arm, rows in examples.items():
                     state["examples"].setdefault(arm, []).extend(_example_json(e) for e in rows)
                 state["validation_ids"] += ids
