@@ -60,3 +60,21 @@ def test_serve_state_round_trip_and_errors(tmp_path):
     (tmp_path / "serve.json").write_text("[1]")
     with pytest.raises(ValueError, match="serve.json must hold a JSON object"):
         read_serve_state(tmp_path)
+
+
+def test_a_recorded_id_is_refused_and_a_failed_write_leaves_no_cut_line(tmp_path, monkeypatch):
+    journal = InteractionJournal(tmp_path)
+    journal.append(items("a", 1))
+    with pytest.raises(KeyError, match="a-0"):
+        journal.append(items("a", 1))
+    assert journal.holds("a", "a-0") and not journal.holds("b", "a-0")
+
+    def full_disk(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("os.fsync", full_disk)
+    with pytest.raises(OSError):
+        journal.append(items("a", 1, 1))
+    monkeypatch.undo()
+    journal.append(items("a", 1, 2))
+    assert [it.id for _, it in InteractionJournal(tmp_path).entries()] == ["a-0", "a-2"]

@@ -194,6 +194,10 @@ def test_bad_requests_get_openai_errors(tmp_path, served_state):
         assert status == 400 and reply["error"]["param"] == "prompt"
         status, reply = raw(server, "/v1/interactions", {"user": "a/b", "prompt": "a", "response": "b"})
         assert status == 400 and reply["error"]["param"] == "user"
+        assert raw(server, "/v1/users/%20x", method="DELETE")[0] == 400
+        assert raw(server, "/v1/users/%20x")[0] == 400
+        status, reply = raw(server, "/v1/chat/completions", {"messages": PROMPT, "seed": 2**70})
+        assert status == 400 and reply["error"]["param"] == "seed"
         once = {"user": "alice", "prompt": "a", "response": "b", "id": "x-1"}
         assert raw(server, "/v1/interactions", once)[0] == 200
         status, reply = raw(server, "/v1/interactions", once)

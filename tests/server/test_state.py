@@ -69,3 +69,23 @@ def test_a_folder_that_is_no_state_is_refused(tmp_path):
     (tmp_path / "x").mkdir()
     with pytest.raises(ValueError, match="neither a ContinualPersonalizer folder"):
         ServerState(tmp_path / "x", tmp_path / "w")
+
+
+def test_a_bad_user_id_is_refused_before_anything_is_marked(tmp_path, served_state):
+    state = ServerState(served_state, tmp_path / "w")
+    with pytest.raises(ValueError):
+        state.forget_user(" x/y")
+    assert read_serve_state(tmp_path / "w")["erasing"] == []
+    ServerState(served_state, tmp_path / "w")  # still starts
+
+
+def test_erasure_in_a_spring_model_folder_survives_a_restart(tmp_path, served_state):
+    from transformers_spring.generation import SpringForCausalLM
+
+    SpringForCausalLM.from_pretrained(served_state).save_pretrained(tmp_path / "model")
+    state = ServerState(tmp_path / "model", tmp_path / "w")
+    assert state.personalizer is None and state.is_known("bob")
+    assert state.forget_user("bob")
+    again = ServerState(tmp_path / "model", tmp_path / "w")
+    assert not again.is_known("bob") and again.is_known("alice")
+    assert SpringForCausalLM.from_pretrained(tmp_path / "model").memory.has_user("bob")  # `--state` is not touched

@@ -221,10 +221,12 @@ def test_batched_lora_routing_equals_peft_mixed_batch_forward(arch):
     model.add_adapter("dora", LoraConfig(r=2, lora_alpha=4, target_modules=targets, use_dora=True, lora_dropout=0.5))
     layer = next(m for m in model.modules() if isinstance(m, Linear))
     x = torch.zeros(2, 3, layer.in_features)
-    assert compat._batched_lora_applies(layer, ["alice", "bob"], x)
-    assert not compat._batched_lora_applies(layer, ["alice", "dora"], x)  # a variant: peft's forward
-    assert not compat._batched_lora_applies(layer, ["alice"], x)  # not one name per row
-    layer.train()
-    assert compat._batched_lora_applies(layer, ["alice", "bob"], x)  # no dropout on these two
-    layer.lora_dropout["bob"] = torch.nn.Dropout(0.5)
-    assert not compat._batched_lora_applies(layer, ["alice", "bob"], x)
+    assert not compat._batched_lora_applies(layer, ["alice", "bob"], x)  # gradients recorded: peft's forward
+    with torch.no_grad():
+        assert compat._batched_lora_applies(layer, ["alice", "bob"], x)
+        assert not compat._batched_lora_applies(layer, ["alice", "dora"], x)  # a variant: peft's forward
+        assert not compat._batched_lora_applies(layer, ["alice"], x)  # not one name per row
+        layer.train()
+        assert compat._batched_lora_applies(layer, ["alice", "bob"], x)  # no dropout on these two
+        layer.lora_dropout["bob"] = torch.nn.Dropout(0.5)
+        assert not compat._batched_lora_applies(layer, ["alice", "bob"], x)

@@ -62,6 +62,7 @@ class InteractionJournal:
         self.fsync = bool(fsync)
         self._lock = threading.Lock()
         self._entries: list[tuple[int, Interaction]] = self._read()
+        self._ids = {(it.user_id, it.id) for _, it in self._entries}
         self._next_seq = (self._entries[-1][0] + 1) if self._entries else 0
 
     def _read(self) -> list[tuple[int, Interaction]]:
@@ -96,24 +97,43 @@ class InteractionJournal:
             os.fsync(f.fileno())
 
     def append(self, items: Iterable[Interaction]) -> list[int]:
-        """Appends `items` and returns their sequence numbers; on disk (fsynced) when it returns."""
+        """Appends `items` and returns their sequence numbers; on disk (fsynced) when it returns.
+
+        Raises:
+            `KeyError`: an item whose `(user_id, id)` the journal holds already (nothing is written).
+        """
         items = list(items)
         with self._lock:
+            keys = [(it.user_id, it.id) for it in items]
+            taken = [key for key in keys if key in self._ids]
+            if taken or len(set(keys)) < len(keys):
+                raise KeyError(f"interaction id {(taken or keys)[0][1]!r} is already recorded.")
             seqs = list(range(self._next_seq, self._next_seq + len(items)))
             payload = "".join(
                 json.dumps(_record(s, it), ensure_ascii=False) + "\n" for s, it in zip(seqs, items, strict=True)
             )
             created = not self.path.exists()
             with open(self.path, "ab") as f:
-                f.write(payload.encode("utf-8"))
-                f.flush()
-                if self.fsync:
-                    os.fsync(f.fileno())
+                start = f.tell()
+                try:
+                    f.write(payload.encode("utf-8"))
+                    f.flush()
+                    if self.fsync:
+                        os.fsync(f.fileno())
+                except BaseException:  # (e.g. a full disk) no cut line may stay before the next append
+                    f.truncate(start)
+                    raise
             if created and self.fsync:
                 _fsync_directory(self.directory)
             self._entries += list(zip(seqs, items, strict=True))
+            self._ids.update(keys)
             self._next_seq += len(items)
         return seqs
+
+    def holds(self, user_id: str, interaction_id: str) -> bool:
+        """Whether the journal holds that interaction (False once its user was erased)."""
+        with self._lock:
+            return (user_id, interaction_id) in self._ids
 
     def entries(self, user_id: str | None = None) -> list[tuple[int, Interaction]]:
         """`(seq, interaction)` pairs in order, of one user or of everyone."""
@@ -129,6 +149,7 @@ class InteractionJournal:
                 payload = "".join(json.dumps(_record(s, it), ensure_ascii=False) + "\n" for s, it in kept)
                 atomic_write_bytes(self.path, payload.encode("utf-8"))
                 self._entries = kept
+                self._ids = {key for key in self._ids if key[0] != user_id}
             return removed
 
     def __len__(self) -> int:

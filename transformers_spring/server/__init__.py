@@ -9,9 +9,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from transformers.utils import logging
+
 from .auth import ApiKey, ApiKeys
 from .engine import GenerationJob, RowController, RowSampler, ServingEngine
 from .state import ServerState, limit_malloc_arenas
+
+logger = logging.get_logger(__name__)
 
 
 @dataclass
@@ -62,6 +66,10 @@ def build_app(args: ServeArguments):
     if keys is None and not args.no_auth:
         raise ValueError(
             "no API keys: pass `--api_keys FILE`, set SPRING_SERVE_API_KEYS, or pass `--no_auth` for local use."
+        )
+    if args.no_auth and args.host not in ("127.0.0.1", "localhost", "::1"):
+        logger.warning(
+            f"serving on {args.host} without API keys (--no_auth): anyone who reaches it acts for every user."
         )
     limit_malloc_arenas()
     state = ServerState(

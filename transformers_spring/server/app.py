@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from transformers.utils import logging
 
-from ..records import Interaction
+from ..records import Interaction, check_user_id
 from .auth import ApiKeys
 from .engine import GenerationJob, ServingEngine
 
@@ -83,7 +83,7 @@ class _Sampling(_Strict):
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)
     n: int = 1
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
@@ -177,6 +177,8 @@ class Metrics:
 
     def render(self, engine: ServingEngine, streams: int) -> str:
         stats, state = engine.stats, engine.state
+        sizes = _snapshot(stats.batch_size_counts)  # (the engine thread changes them meanwhile)
+        pending = sum(len(v) for v in _snapshot(state.pending).values())
         lines = [
             "# HELP spring_requests_total HTTP requests by path and status.",
             "# TYPE spring_requests_total counter",
@@ -194,8 +196,8 @@ class Metrics:
             "# TYPE spring_batch_rows_total counter", f"spring_batch_rows_total {stats.batch_rows}",
             "# HELP spring_batch_size Batches by number of rows.", "# TYPE spring_batch_size gauge",
         ]  # fmt: skip
-        lines += [f'spring_batch_size{{rows="{k}"}} {v}' for k, v in sorted(stats.batch_size_counts.items())]
-        durations = state.update_seconds
+        lines += [f'spring_batch_size{{rows="{k}"}} {v}' for k, v in sorted(sizes.items())]
+        durations = list(state.update_seconds)
         lines += [
             "# TYPE spring_queue_depth gauge", f"spring_queue_depth {engine.queue_depth}",
             "# TYPE spring_open_streams gauge", f"spring_open_streams {streams}",
@@ -203,7 +205,7 @@ class Metrics:
             f"spring_update_seconds_count {len(durations)}",
             "# TYPE spring_update_failures_total counter", f"spring_update_failures_total {state.update_failures}",
             "# TYPE spring_pending_interactions gauge",
-            f"spring_pending_interactions {sum(len(v) for v in state.pending.values())}",
+            f"spring_pending_interactions {pending}",
             "# TYPE spring_uptime_seconds gauge", f"spring_uptime_seconds {uptime:.1f}",
         ]  # fmt: skip
         return "\n".join(lines) + "\n"
@@ -226,6 +228,7 @@ def create_app(
     metrics = Metrics()
     state = engine.state
     tokenizer = state.tokenizer
+    context = getattr(state.spring.base_model.config, "max_position_embeddings", None)
     open_streams = {"n": 0}
 
     @app.exception_handler(ApiError)
@@ -293,6 +296,12 @@ def create_app(
         if user is not None and not key.may_act_for(user):
             raise ApiError(403, f"this key may not act for user {user!r}.", "user")
 
+    def valid_user(user: str) -> str:
+        try:
+            return check_user_id(user)
+        except (TypeError, ValueError) as err:
+            raise ApiError(400, str(err), "user") from None
+
     def max_tokens_of(req: _Sampling, extra: int | None = None) -> int:
         value = extra or req.max_tokens or limits.default_max_tokens
         if value > limits.max_tokens:
@@ -304,6 +313,11 @@ def create_app(
             raise ApiError(
                 400, f"the prompt has {len(input_ids)} tokens, over the limit of {limits.max_prompt_tokens}.",
                 "messages" if isinstance(req, ChatCompletionRequest) else "prompt", "prompt_too_long",
+            )  # fmt: skip
+        if context is not None and len(input_ids) + max_tokens > context:
+            raise ApiError(
+                400, f"the prompt ({len(input_ids)} tokens) plus max_tokens ({max_tokens}) is over the model's context "
+                f"of {context} tokens.", "max_tokens", "context_length_exceeded",
             )  # fmt: skip
         if engine.queue_depth >= limits.max_queue:
             raise ApiError(429, "the server is busy; retry later.", code="queue_full")
@@ -322,8 +336,13 @@ def create_app(
         if not req.stream:
             engine.submit(job)
             try:
-                while (await events.get())[0] != "done":
-                    pass
+                while True:
+                    try:
+                        if (await asyncio.wait_for(events.get(), timeout=1.0))[0] == "done":
+                            break
+                    except TimeoutError:  # nobody is waiting any more: the row stops at its next step
+                        if await request.is_disconnected():
+                            job.cancelled.set()
             except asyncio.CancelledError:
                 job.cancelled.set()
                 raise
@@ -344,8 +363,6 @@ def create_app(
             raise ApiError(
                 429, f"at most {limits.max_concurrent_streams} concurrent streams.", code="too_many_streams"
             )
-        open_streams["n"] += 1
-        engine.submit(job)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
         def chunk(delta: dict | str | None, finish: str | None) -> str:
@@ -362,6 +379,9 @@ def create_app(
             return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
         async def stream() -> AsyncIterator[str]:
+            # The slot and the job start with the stream itself: a client gone before its first byte costs nothing.
+            open_streams["n"] += 1
+            engine.submit(job)
             try:
                 if kind == "chat":
                     yield chunk({"role": "assistant", "content": ""}, None)
@@ -420,29 +440,36 @@ def create_app(
             )  # fmt: skip
         except (TypeError, ValueError) as err:
             raise ApiError(400, str(err), _field_of(str(err))) from None
-        if req.id is not None:  # (the memory is read on the engine thread, between batches)
-            held = await asyncio.wrap_future(engine.call(lambda: state.memory.get(item.user_id, item.id)))
-            if held is not None or any(it.id == item.id for _, it in state.journal.entries(item.user_id)):
-                raise ApiError(409, f"interaction id {item.id!r} is already recorded.", "id", "duplicate_id")
-        # Durable before it is acknowledged: journaled and fsynced (in a thread: fsync blocks).
-        (seq,) = await asyncio.to_thread(state.journal.append, [item])
+        duplicate = ApiError(409, f"interaction id {item.id!r} is already recorded.", "id", "duplicate_id")
+        if req.id is not None and state.memory is not None:  # (the memory is read on the engine thread)
+            if await asyncio.wrap_future(engine.call(lambda: state.memory.get(item.user_id, item.id))) is not None:
+                raise duplicate
+        # Durable before it is acknowledged: journaled and fsynced (in a thread: fsync blocks). The journal refuses
+        # an id it holds, under its lock, so two concurrent posts of one id cannot both be recorded.
+        try:
+            (seq,) = await asyncio.to_thread(state.journal.append, [item])
+        except KeyError:
+            raise duplicate from None
         engine.call(lambda: _record_and_update(engine, [item])).add_done_callback(_log_failure)
         return {"id": item.id, "seq": seq, "user": item.user_id, "object": "interaction"}
 
     @app.get("/v1/users/{user}")
     async def get_user(user: str, request: Request):
+        user = valid_user(user)
         authorize(request, user)
         summary = await asyncio.wrap_future(engine.call(lambda: state.user_summary(user)))
         return {"object": "user", **summary}
 
     @app.delete("/v1/users/{user}")
     async def delete_user(user: str, request: Request):
+        user = valid_user(user)
         authorize(request, user)
         known = await asyncio.wrap_future(engine.call(lambda: state.forget_user(user)))
         return {"object": "user.deleted", "user": user, "deleted": bool(known)}
 
     @app.post("/v1/users/{user}/update")
     async def update_user(user: str, request: Request):
+        user = valid_user(user)
         authorize(request, user)
         result = await asyncio.wrap_future(engine.call(lambda: state.update(user)))
         return {"object": "user.update", "user": user, "update": result}
@@ -466,6 +493,16 @@ def create_app(
 
 
 _PATHS = {"/v1/chat/completions", "/v1/completions", "/v1/interactions", "/health", "/metrics", "/v1/models"}
+
+
+def _snapshot(mapping: dict) -> dict:
+    """A copy of a dict another thread may be changing (retried when a change lands mid-copy)."""
+    for _ in range(10):
+        try:
+            return {k: list(v) if isinstance(v, list) else v for k, v in list(mapping.items())}
+        except RuntimeError:
+            continue
+    return {}
 
 
 def _usage(job: GenerationJob) -> dict[str, int]:

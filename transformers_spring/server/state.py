@@ -20,7 +20,6 @@ from __future__ import annotations
 import ctypes
 import gc
 import os
-import threading
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -31,7 +30,7 @@ from transformers.utils import logging
 from ..generation.config import SPRING_CONFIG_NAME, SpringConfig
 from ..persistence.continual_state import STATE_FILE, read_continual_state
 from ..persistence.journal import InteractionJournal, read_serve_state, write_serve_state
-from ..records import Interaction
+from ..records import Interaction, check_user_id
 
 logger = logging.get_logger(__name__)
 
@@ -94,9 +93,10 @@ class ServerState:
         self.journal = InteractionJournal(self.workdir, fsync=fsync)
         self.update_seconds: list[float] = []
         self.update_failures = 0
-        self.lock = threading.RLock()  # the engine thread holds it while it changes or reads the state
+        self._unsaved = False  # an update trained but its save failed: the next change saves again
         saved = self.workdir / STATE_DIR
-        folder = Path(saved if (saved / STATE_FILE).is_file() else source)
+        ours = (saved / STATE_FILE).is_file() or (saved / SPRING_CONFIG_NAME).is_file()
+        folder = Path(saved if ours else source)  # `--state` itself is never written to
         self.source = str(folder)
         self.personalizer = None
         if (folder / STATE_FILE).is_file():
@@ -114,7 +114,7 @@ class ServerState:
             from ..generation import SpringForCausalLM
 
             kwargs = {"base_model_name_or_path": base_model} if base_model else {}
-            self.spring = SpringForCausalLM.from_pretrained(str(source), **kwargs)
+            self.spring = SpringForCausalLM.from_pretrained(str(folder), **kwargs)
             self.spring.eval()
         else:
             raise ValueError(
@@ -189,8 +189,20 @@ class ServerState:
             return False
         if self.personalizer is not None and user in self.personalizer.users:
             return True
+        if self.personalizer is None and self._adapter_of(user) is not None:
+            return True
         memory = self.memory
         return memory is not None and memory.has_user(user)
+
+    def _adapter_of(self, user: str) -> str | None:
+        """The wrapper's adapter of `user` (a `SpringForCausalLM` folder's), or None."""
+        from ..generation.adapters import adapter_name_for
+
+        try:
+            name = adapter_name_for(user, self.spring.spring_config.adapter_name_template)
+        except ValueError:
+            return None
+        return name if name in (getattr(self.spring.base_model, "peft_config", None) or {}) else None
 
     def personalization_for(self, user: str | None):
         """How a row of `user` decodes: `user` (the state's configured pipeline) or None (the base model)."""
@@ -208,8 +220,9 @@ class ServerState:
     def record(self, items: list[Interaction]) -> list[str]:
         """Adds journaled `items` to the memory and to their users' pending updates; returns the users whose
         pending items reached `period_size`."""
+        items = [it for it in items if self.journal.holds(it.user_id, it.id)]  # (its user may have been erased since)
         memory = self.memory
-        if memory is not None:
+        if memory is not None and items:
             memory.add_many(items)
         due = []
         if self.personalizer is None:
@@ -231,16 +244,15 @@ class ServerState:
         started = time.perf_counter()
         try:
             output = self.personalizer.observe(user, items)
-            self._rebuild_wrapper()
-            self.personalizer.save_pretrained(self.workdir / STATE_DIR)
         except Exception as err:
             self.update_failures += 1
             logger.error(f"the period update of {user!r} failed; the previous adapter keeps serving: {err!r}")
-            self._rebuild_wrapper()
             return None
         finally:
+            self._rebuild_wrapper()
             self.spring.eval()
-        self.pending[user] = self.pending[user][len(items) :]
+        self.pending[user] = self.pending[user][len(items) :]  # trained: never trained twice, saved or not
+        self.save()
         release_memory()  # training's buffers: given back, so a long-running server stays flat
         seconds = time.perf_counter() - started
         self.update_seconds.append(seconds)
@@ -250,6 +262,7 @@ class ServerState:
     def forget_user(self, user: str) -> bool:
         """Erases `user`: memory, adapter, community contributions, journal lines and pending items. Marked in
         `serve.json` first, so a crash midway is finished at the next start."""
+        user = check_user_id(user)
         erasing = self._serve.setdefault("erasing", [])
         if user not in erasing:
             erasing.append(user)
@@ -258,15 +271,36 @@ class ServerState:
         if self.personalizer is not None:
             known = bool(self.personalizer.forget_user(user))
             self._rebuild_wrapper()
-            self.personalizer.save_pretrained(self.workdir / STATE_DIR)
-        elif self.spring is not None:
+        else:
             known = bool(self.spring.forget_user(user))
+        self._unsaved = True
+        if not self.save():  # the erasure must reach the saved state before it is done
+            raise RuntimeError(f"the erasure of {user!r} could not be saved; it is finished at the next start.")
         known = bool(self.journal.forget_user(user)) or known
         getattr(self, "pending", {}).pop(user, None)
         self._serve["initial_observed"].pop(user, None)
         erasing.remove(user)
         write_serve_state(self.workdir, self._serve)
         return known
+
+    def save(self) -> bool:
+        """Saves the state atomically to `<workdir>/state` (a `ContinualPersonalizer` folder, or the wrapper's
+        `SpringForCausalLM` folder); returns whether it did. A failed save is logged and retried at the next change.
+        """
+        try:
+            if self.personalizer is not None:
+                self.personalizer.save_pretrained(self.workdir / STATE_DIR)
+            else:
+                self.spring.save_pretrained(self.workdir / STATE_DIR)
+        except Exception as err:
+            self._unsaved = True
+            self.update_failures += 1
+            logger.error(
+                f"saving the state to {self.workdir / STATE_DIR} failed (retried at the next change): {err!r}"
+            )
+            return False
+        self._unsaved = False
+        return True
 
     def user_summary(self, user: str) -> dict[str, Any]:
         """Counts, never content."""

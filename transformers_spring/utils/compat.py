@@ -294,8 +294,8 @@ def _batched_lora_applies(layer: nn.Module, names: Sequence[str], x: Any) -> boo
     """Whether [`add_adapter_names_hook`] may add `layer`'s per-row LoRA deltas itself: a peft LoRA `Linear` whose
     routed adapters are all vanilla LoRA (no DoRA or other variant, no `lora_bias`, no active dropout), adapters
     enabled and unmerged, and one name per row of `x`. Anything else goes through peft's own mixed-batch forward."""
-    if not isinstance(x, torch.Tensor) or x.dim() < 2 or x.shape[0] != len(names):
-        return False
+    if not isinstance(x, torch.Tensor) or x.dim() < 2 or x.shape[0] != len(names) or torch.is_grad_enabled():
+        return False  # (the stacked weights are detached copies: inference only)
     if getattr(layer, "disable_adapters", False) or getattr(layer, "merged", False):
         return False
     variants, biases = getattr(layer, "lora_variant", {}), getattr(layer, "lora_bias", {})
@@ -319,7 +319,8 @@ def add_adapter_names_hook(layer: nn.Module, names_getter) -> Any:
     per row (the server's batches) that loop cost a third of a decoding step on CPU (`benchmarks/bench_serve.py`).
     So for a plain LoRA `Linear` the layer runs its base weights only (every row routed to `"__base__"`) and the
     per-row deltas `B_i(A_i x_i) * scaling_i` are added by two batched matmuls over the adapters' weights stacked once
-    per routing (the same products, in the same order, as peft's). Other layers and adapter kinds go through peft.
+    per routing: the same products as peft's, by another kernel (equal to float rounding, tested against peft's
+    forward). Other layers and adapter kinds, and any forward that records gradients, go through peft.
     """
     linear = _lora_linear_class()
     state: dict[str, Any] = {"pending": None, "stacks": {}}
@@ -353,7 +354,7 @@ def add_adapter_names_hook(layer: nn.Module, names_getter) -> Any:
             b0 = module.lora_B[present[0]].weight
             a = a0.new_zeros((len(present) + 1, rank, a0.shape[1]))  # the last slot: rows without an adapter
             b = b0.new_zeros((len(present) + 1, b0.shape[0], rank))
-            scaling = torch.zeros(len(present) + 1, dtype=torch.float64)
+            scaling = torch.zeros(len(present) + 1, dtype=torch.float32, device=a0.device)
             for i, name in enumerate(present):
                 r = module.lora_A[name].weight.shape[0]
                 a[i, :r] = module.lora_A[name].weight.detach()
@@ -364,9 +365,9 @@ def add_adapter_names_hook(layer: nn.Module, names_getter) -> Any:
         rows = torch.tensor([index.get(name, len(present)) for name in names], device=a.device)
         flat = x.to(a.dtype).reshape(x.shape[0], -1, x.shape[-1])
         delta = torch.bmm(torch.bmm(flat, a[rows].transpose(1, 2)), b[rows].transpose(1, 2))
-        scale = scaling[rows].to(delta.dtype).view(-1, 1, 1)
-        delta = (delta * scale).reshape(*output.shape[:-1], delta.shape[-1])
-        return output + delta.to(output.dtype)
+        # peft multiplies by a Python float: at float32 precision, whatever the weights' dtype.
+        delta = (delta.float() * scaling[rows].view(-1, 1, 1)).to(delta.dtype)
+        return output + delta.reshape(*output.shape[:-1], delta.shape[-1]).to(output.dtype)
 
     return _HookPair(
         layer.register_forward_pre_hook(pre_hook, with_kwargs=True),
