@@ -90,32 +90,13 @@ class _Sampling(_Strict):
     logprobs: bool | int | None = None
     logit_bias: dict[str, float] | None = None
 
-    @field_validator("n")
+    # Fields of OpenAI's schema this server does not implement: accepted only at their defaults.
+    @field_validator("n", "frequency_penalty", "presence_penalty", "logprobs", "logit_bias")
     @classmethod
-    def _one_choice(cls, value: int) -> int:
-        if value != 1:
-            raise ValueError("only n=1 is supported")
-        return value
-
-    @field_validator("frequency_penalty", "presence_penalty")
-    @classmethod
-    def _no_penalty(cls, value: float) -> float:
-        if value != 0:
-            raise ValueError("only 0 is supported")
-        return value
-
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, value):
-        if value:
-            raise ValueError("log-probabilities are not returned")
-        return value
-
-    @field_validator("logit_bias")
-    @classmethod
-    def _no_bias(cls, value):
-        if value:
-            raise ValueError("logit_bias is not supported")
+    def _only_the_default(cls, value, info):
+        default = cls.model_fields[info.field_name].default
+        if value != default and not (default is None and not value):
+            raise ValueError(f"only {default!r} is supported")
         return value
 
     def stops(self) -> list[str]:
